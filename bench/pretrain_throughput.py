@@ -19,7 +19,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from lightning.fabric.utilities.throughput import get_available_flops
 from transformers import get_cosine_schedule_with_warmup
 
@@ -44,8 +43,7 @@ def config(args: argparse.Namespace, run_dir: str):
 
 def setup(cfg):
     L.seed_everything(cfg.seed)
-    model, tokenizer = build_trainable_model(cfg)
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    model, tokenizer, datamodule = build_trainable_model(cfg)
     datamodule.setup("fit")
     return model, datamodule
 

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
 from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,8 +55,7 @@ def config(args: argparse.Namespace, run_dir: str):
 def setup(cfg, width: int):
     """Fresh seeded LoRA model and its datamodule, batches padded to `width` tokens."""
     L.seed_everything(cfg.seed)
-    model, tokenizer = build_trainable_model(cfg)
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    model, tokenizer, datamodule = build_trainable_model(cfg)
     collate = datamodule.collate
 
     def fixed_width(examples):

@@ -90,6 +90,14 @@ class TextDataModule(L.LightningDataModule):
         """Extracted answers and 0/1 `exact_match_*` scores of one generation."""
         raise NotImplementedError
 
+    def corpus_metrics(self, generations: list[str], references: list[str]) -> dict[str, float]:
+        """Metrics over the whole evaluation set (e.g. corpus BLEU); none by default."""
+        return {}
+
+    def evaluation_records(self) -> list[dict[str, Any]]:
+        """The examples evaluate.py generates for: the test records, by default."""
+        return self.records("test")
+
     def generation_prompt(self, record: Mapping[str, Any], exemplars: list[Mapping[str, Any]]) -> str:
         """k-shot prompt: each exemplar's prompt and target, a blank line, then the record's prompt."""
         shots = "".join(prompt + target + "\n\n" for prompt, target in map(self.format_example, exemplars))

@@ -13,14 +13,18 @@ parameters when a method freezes the base model, so a LoRA checkpoint holds the 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
 from torchmetrics import MeanMetric
-from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel
 
 from datamodules.base import IGNORE_INDEX
+from lightning_modules import methods
+from lightning_modules.optim import adamw_with_cosine, log_grad_norm, trainable_only
 
 METRICS = ("loss", "token_acc", "top5_acc", "confidence")
 TRAIN_SAMPLE = 512
@@ -51,16 +55,22 @@ class CausalLMModule(L.LightningModule):
             {f"{stage}_{name}": MeanMetric() for stage in ("train", "val", "test") for name in METRICS}
         )
 
-    def forward(self, **batch: torch.Tensor) -> Any:
-        return self.model(**batch)
+    @classmethod
+    def from_config(cls, model: PreTrainedModel, cfg: DictConfig, datamodule: Any) -> CausalLMModule:
+        """The module for a train.py config (`cfg.optim`); the DataModule is unused here."""
+        return cls(model, **cfg.optim)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        output = self.model(**batch)
+        output = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss = output.loss
         with torch.no_grad():
             target = batch["labels"][:, 1:]
             supervised = target != IGNORE_INDEX  # [B, T-1]
-            logits = output.logits[:, :-1][supervised].float()  # [N, V]: predictions of supervised tokens
+            # prompt tuning returns logits for its virtual tokens too: keep the last T positions
+            logits = output.logits[:, -target.shape[1] - 1 : -1][supervised].float()  # [N, V]
             labels = target[supervised]
             # train: top-5 and confidence on an evenly strided sample of at most TRAIN_SAMPLE positions
             stride = math.ceil(len(labels) / TRAIN_SAMPLE) if stage == "train" else 1
@@ -105,29 +115,19 @@ class CausalLMModule(L.LightningModule):
             self.log(f"{stage}/ppl", math.exp(min(loss.compute().item(), 50.0)))
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        gradients = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if gradients:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(gradients))
+        log_grad_norm(self)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        decay, no_decay = [], []
-        for parameter in self.model.parameters():
-            if parameter.requires_grad:
-                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return adamw_with_cosine(self, self.lr, self.weight_decay, self.betas, self.warmup_ratio)
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Everything when all parameters train; only the trainable ones when the base is frozen."""
         state = super().state_dict(*args, **kwargs)
-        if not self.base_is_frozen:
-            return state
-        prefix = kwargs.get("prefix", "")
-        trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
-        return {key: value for key, value in state.items() if key in trainable}
+        return trainable_only(self, state, kwargs.get("prefix", "")) if self.base_is_frozen else state
+
+    def export(self, target: Path, method_cfg: DictConfig) -> None:
+        """Save what training changed to `target` (see lightning_modules.methods.export)."""
+        methods.export(self.model, method_cfg, target)
 
 
 

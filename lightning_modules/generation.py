@@ -1,4 +1,9 @@
-"""Batched text generation for evaluation: left padding, KV cache, stop strings, greedy or sampled."""
+"""Batched text generation for evaluation: left padding, KV cache, stop strings, greedy or sampled.
+
+Prompt-learning peft models (prompt tuning) drop position ids, so under left padding a model with
+absolute positions (GPT-2) would see shifted positions; for them a batch holds prompts of one token
+length only (no padding), which keeps batched and one-by-one decoding identical.
+"""
 
 from __future__ import annotations
 
@@ -33,11 +38,9 @@ def generate(
     """`num_samples` completions per prompt, in prompt order. Prompts are batched longest-first."""
     model.eval()
     tokenizer.padding_side = "left"
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     completions: dict[int, list[str]] = {}
     sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-    for first in range(0, len(order), batch_size):
-        indices = order[first : first + batch_size]
+    for indices in _batches(model, tokenizer, prompts, batch_size):
         encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(model.device)
         output = model.generate(
             **encoded,
@@ -54,3 +57,14 @@ def generate(
             completions[index] = [truncate_at_stop(t, stop_strings) for t in samples]
         log.info("generated %d / %d prompts", len(completions), len(prompts))
     return [completions[i] for i in range(len(prompts))]
+
+
+def _batches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], size: int) -> list[list[int]]:
+    """Prompt indices in batches of at most `size`, longest first; one token length per batch for prompt learning."""
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    if not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        return [order[first : first + size] for first in range(0, len(order), size)]
+    groups: dict[int, list[int]] = {}
+    for index in order:
+        groups.setdefault(len(tokenizer(prompts[index])["input_ids"]), []).append(index)
+    return [group[first : first + size] for group in groups.values() for first in range(0, len(group), size)]

@@ -17,14 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_modules import models
+from lightning_modules import methods, models
+from lightning_modules.classifier import HEAD_CONFIG, ClassificationMetrics, ClassifierModule, plot_confusion
 from lightning_modules.generation import generate
+from lightning_modules.label_lm import LabelLMModule
 from runtime.results import RESULTS_FILE, write_results
 from runtime.training import overrides, write_config
 
@@ -33,26 +36,34 @@ log = logging.getLogger(__name__)
 CLEAN_TASK = "gsm8k"
 
 
+def checkpoint_dir(cfg: DictConfig) -> Path | None:
+    """The directory `cfg.ckpt` names (a run dir's final/ when given a run dir), or None for the base model."""
+    if not cfg.get("ckpt"):
+        return None
+    directory = Path(cfg.ckpt)
+    return directory / "final" if (directory / "final").is_dir() else directory
+
+
 def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The base model of `cfg.model`, or the fine-tuned one that `cfg.ckpt` points to."""
-    if not cfg.get("ckpt"):
+    directory = checkpoint_dir(cfg)
+    if directory is None:
         return models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-    directory = Path(cfg.ckpt)
-    if (directory / "final").is_dir():
-        directory = directory / "final"
-    if (directory / "adapter_config.json").exists():
+    if (directory / "adapter_config.json").exists() or (directory / methods.METHOD_FILE).exists():
         base, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
         if (directory / "tokenizer_config.json").exists():
             tokenizer = AutoTokenizer.from_pretrained(directory)
-        return PeftModel.from_pretrained(base, directory), tokenizer
+        if (directory / "adapter_config.json").exists():
+            return PeftModel.from_pretrained(base, directory), tokenizer
+        return methods.restore(base, directory, cfg.model), tokenizer
     if (directory / "config.json").exists():
         model_cfg = cfg.model.copy()
         with open_dict(model_cfg):
             model_cfg.path = str(directory)  # architecture comes from the saved config.json
         return models.build(model_cfg)
     raise FileNotFoundError(
-        f"ckpt={cfg.ckpt}: expected a train.py run dir (with final/), a LoRA adapter dir (adapter_config.json) "
-        "or a save_pretrained dir (config.json)"
+        f"ckpt={cfg.ckpt}: expected a train.py run dir (with final/), a peft adapter dir (adapter_config.json), "
+        f"a frozen-base method dir ({methods.METHOD_FILE}) or a save_pretrained dir (config.json)"
     )
 
 
@@ -70,30 +81,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     model, tokenizer = load_model(cfg)
     datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
-    records = datamodule.records("test")[: cfg.get("limit")]
-    shots = cfg.prompting.num_fewshot
-    exemplars = random.Random(cfg.prompting.fewshot_seed).sample(datamodule.records("train"), shots) if shots else []
-    prompts = [datamodule.generation_prompt(record, exemplars) for record in records]
-    completions = generate(model, tokenizer, prompts, **OmegaConf.to_container(cfg.generation, resolve=True))
-
-    rows, samples = [], cfg.generation.num_samples
-    for index, (record, prompt, generations) in enumerate(zip(records, prompts, completions, strict=True)):
-        reference = datamodule.reference(record)
-        scores = [datamodule.score(text, reference) for text in generations]
-        row = {"index": index, "where": record.get("_where"), "prompt": prompt, "generation": generations[0], "gold": reference}
-        row |= scores[0]
-        for mode in ("strict", "flexible"):
-            right = int(sum(s[f"exact_match_{mode}"] for s in scores))
-            row[f"pass@1_{mode}"] = right / samples
-            if samples > 1:
-                row[f"pass@{samples}_{mode}"] = pass_at_k(samples, right, samples)
-        if samples > 1:
-            row["generations"] = generations
-        rows.append(row)
-
-    metric_keys = [key for key in rows[0] if key.startswith("pass@")] if rows else []
-    metrics = {key: sum(row[key] for row in rows) / len(rows) for key in metric_keys}
-    metrics["num_problems"] = len(rows)
+    if cfg.task.get("evaluation") == "classify":
+        rows, metrics = _classification_rows(cfg, model, datamodule, run_dir)
+    else:
+        rows, metrics = _generation_rows(cfg, model, tokenizer, datamodule)
     with (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
@@ -110,9 +101,70 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "metrics": metrics,
         "run_dir": str(run_dir),
     }
-    log.info("Pass@1 strict %.4f flexible %.4f on %d problems: %s", metrics.get("pass@1_strict", float("nan")),
-             metrics.get("pass@1_flexible", float("nan")), len(rows), write_results(run_dir, results))
+    log.info("%s on %d examples: %s", {k: round(v, 4) for k, v in metrics.items()}, len(rows), write_results(run_dir, results))
     return results
+
+
+def _generation_rows(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+                     datamodule: Any) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Generate for every test example and score it: pass@ per `exact_match_*` score, means of the other scores."""
+    records = datamodule.evaluation_records()[: cfg.get("limit")]
+    shots = cfg.prompting.num_fewshot
+    exemplars = random.Random(cfg.prompting.fewshot_seed).sample(datamodule.records("train"), shots) if shots else []
+    prompts = [datamodule.generation_prompt(record, exemplars) for record in records]
+    completions = generate(model, tokenizer, prompts, **OmegaConf.to_container(cfg.generation, resolve=True))
+
+    rows, samples = [], cfg.generation.num_samples
+    for index, (record, prompt, generations) in enumerate(zip(records, prompts, completions, strict=True)):
+        reference = datamodule.reference(record)
+        scores = [datamodule.score(text, reference) for text in generations]
+        row = {"index": index, "where": record.get("_where"), "prompt": prompt, "generation": generations[0], "gold": reference}
+        row |= scores[0]
+        for mode in [key.removeprefix("exact_match_") for key in scores[0] if key.startswith("exact_match_")]:
+            right = int(sum(s[f"exact_match_{mode}"] for s in scores))
+            row[f"pass@1_{mode}"] = right / samples
+            if samples > 1:
+                row[f"pass@{samples}_{mode}"] = pass_at_k(samples, right, samples)
+        if samples > 1:
+            row["generations"] = generations
+        rows.append(row)
+
+    metric_keys = [k for k, v in rows[0].items() if k.startswith("pass@") or (
+        isinstance(v, float) and not k.startswith("exact_match_"))] if rows else []
+    metrics = {key: sum(row[key] for row in rows if row[key] is not None) / max(1, sum(row[key] is not None for row in rows))
+               for key in metric_keys}
+    metrics |= datamodule.corpus_metrics([row["generation"] for row in rows], [row["gold"] for row in rows])
+    metrics["num_problems"] = len(rows)
+    return rows, metrics
+
+
+def _classification_rows(cfg: DictConfig, model: PreTrainedModel, datamodule: Any,
+                         run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Classify every test example (label likelihood, or the saved projection head); accuracy and macro F1."""
+    directory = checkpoint_dir(cfg)
+    if directory is not None and (directory / HEAD_CONFIG).exists():
+        module = ClassifierModule.load(model, directory)
+    else:
+        module = LabelLMModule(model, datamodule.label_token_ids(), datamodule.class_names, datamodule.tokenizer.pad_token_id)
+    module.eval()
+    records = datamodule.records("test")[: cfg.get("limit")]
+    examples = datamodule.tokenize_all(records, "test")
+    metrics, rows, size = ClassificationMetrics(len(datamodule.class_names)), [], cfg.generation.batch_size
+    with torch.no_grad():
+        for first in range(0, len(examples), size):
+            batch = datamodule.collate(examples[first : first + size])
+            scores = module.predict_classes({k: v.to(module.device) for k, v in batch.items()}).cpu()  # [B, C]
+            predicted = scores.argmax(-1)
+            metrics.update(predicted, batch["class_index"])
+            for offset, (record, guess, truth) in enumerate(zip(records[first : first + size], predicted.tolist(),
+                                                                batch["class_index"].tolist(), strict=True)):
+                rows.append({"index": first + offset, "where": record.get("_where"),
+                             "text": record[datamodule.text_column], "gold": datamodule.class_names[truth],
+                             "predicted": datamodule.class_names[guess], "correct": float(guess == truth),
+                             "scores": dict(zip(datamodule.class_names, scores[offset].tolist(), strict=True))})
+    values, matrix = metrics.compute()
+    plot_confusion(matrix, datamodule.class_names, run_dir / "confusion_matrix.png", f"{cfg.model.name} on {cfg.task.name}")
+    return rows, {**values, "num_examples": len(rows)}
 
 
 def performance_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -134,6 +186,7 @@ def performance_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def write_grid(results: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     """`<stage>_performance.csv` and `.png` in `out_dir` for every stage (zero_shot, sft) among `results`."""
+    results = [r for r in results if "pass@1_flexible" in r["metrics"]]  # GSM8K-style runs
     written = []
     for stage in sorted({r["stage"] for r in results}):
         rows = performance_table([r for r in results if r["stage"] == stage])

@@ -16,20 +16,22 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_modules import models, module_class
-from lightning_modules.methods import count_parameters
+from lightning_modules.methods import MethodContext, count_parameters
 from runtime.loggers import print_config_tree
 from runtime.results import write_results
-from runtime.validate import check_config
+from runtime.validate import check_config, task_module
 
 log = logging.getLogger(__name__)
 
 
-def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Build `cfg.model` and turn it into the trainable model with `cfg.method`."""
+def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, L.LightningDataModule]:
+    """Build `cfg.model` and the task's DataModule, and turn the model into the trainable one with `cfg.method`."""
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-    model = get_method(cfg.method.apply)(model, cfg.method, cfg.model)
+    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    context = MethodContext(tokenizer=tokenizer, datamodule=datamodule, run_dir=Path(cfg.paths.output_dir))
+    model = get_method(cfg.method.apply)(model, cfg.method, cfg.model, context)
     model.train()  # from_pretrained leaves eval mode (dropout off); training needs train mode
-    return model, tokenizer
+    return model, tokenizer, datamodule
 
 
 def build_trainer(cfg: DictConfig, model: PreTrainedModel) -> L.Trainer:
@@ -50,11 +52,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
 
-    model, tokenizer = build_trainable_model(cfg)
-    trainable, total = count_parameters(model)
+    model, tokenizer, datamodule = build_trainable_model(cfg)
+    module = module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+    trainable, total = count_parameters(module)
     log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
-    module = module_class(cfg.task.module)(model, **cfg.optim)
     trainer = build_trainer(cfg, model)
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
@@ -79,19 +80,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "run_dir": str(run_dir),
         }
         if trainer.is_global_zero:
-            results["final_dir"] = _export(trainer, module.model, tokenizer, run_dir / "final")
+            results["final_dir"] = _export(trainer, module, tokenizer, cfg.method, run_dir / "final")
             log.info("results: %s", write_results(run_dir, results))
         return results
     finally:
         _finish_wandb()
 
 
-def _export(trainer: L.Trainer, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, target: Path) -> str | None:
-    """save_pretrained what training changed: the adapter for peft models, the whole model otherwise."""
+def _export(trainer: L.Trainer, module: L.LightningModule, tokenizer: PreTrainedTokenizerBase,
+            method_cfg: DictConfig, target: Path) -> str | None:
+    """Save what training changed (adapter, trained weights + method, or the whole model) and the tokenizer."""
     if isinstance(trainer.strategy, FSDPStrategy):
         log.info("FSDP: weights are in the sharded Lightning checkpoints; no save_pretrained export")
         return None
-    model.save_pretrained(target, safe_serialization=True)
+    module.export(target, method_cfg)
     tokenizer.save_pretrained(target)
     return str(target)
 

@@ -11,6 +11,11 @@ class ConfigError(ValueError):
     """The composed config is inconsistent; the message names the config key."""
 
 
+def task_module(cfg: DictConfig) -> str:
+    """The LightningModule this run trains with: the method's `module` when it sets one, else the task's."""
+    return cfg.method.get("module") or cfg.task.module
+
+
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for a model without weight source, a method that cannot train the task, a missing ckpt_path."""
     model = cfg.model
@@ -18,7 +23,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(f"model '{model.name}' has no weight source: set model.hub_id, model.path or model.scratch")
     if model.get("path") and model.get("scratch"):
         raise ConfigError("model.path and model.scratch are both set: pick one (a saved model or a fresh architecture)")
-    module, method = cfg.task.module, cfg.method
+    module, method = task_module(cfg), cfg.method
+    offered = list(cfg.task.get("modules") or [cfg.task.module])
+    if module not in offered:
+        raise ConfigError(
+            f"method '{method.name}' trains with the '{module}' module, which task '{cfg.task.name}' does not offer "
+            f"(task.modules: {offered}); e.g. method=projection_head needs task=classification"
+        )
     if module not in method.supports:
         raise ConfigError(
             f"method '{method.name}' cannot train task '{cfg.task.name}': the task uses the '{module}' module "

@@ -9,7 +9,6 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import open_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
@@ -71,8 +70,7 @@ def test_lora_checkpoint_holds_only_the_lora_weights(tiny_config) -> None:
 def test_overfitting_one_batch_lowers_the_loss_by_a_clear_margin(tiny_config) -> None:
     cfg = tiny_config("model=tiny_llama", "method=full", "optim.lr=3e-3", "optim.warmup_ratio=0")
     L.seed_everything(cfg.seed)
-    model, tokenizer = build_trainable_model(cfg)
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    model, tokenizer, datamodule = build_trainable_model(cfg)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     module = module_class("causal_lm")(model, **cfg.optim)

@@ -1,8 +1,35 @@
-"""Methods turn a built model into the trainable model. Each module exposes `apply(model, cfg, model_cfg)`."""
+"""Methods turn a built model into the trainable model.
+
+Each method module exposes `apply(model, cfg, model_cfg, context=None)`; `context` carries what a
+method may need beyond the model (the tokenizer, the task's data, the run dir). `export` and
+`restore` save and reload exactly what a method trained, whatever the method.
+"""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import torch
+from hydra.utils import get_method
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+TRAINABLE_FILE = "trainable.safetensors"
+METHOD_FILE = "method.json"
+
+
+@dataclass
+class MethodContext:
+    """What a method may use besides the model: tokenizer, the task's DataModule, the run dir."""
+
+    tokenizer: PreTrainedTokenizerBase | None = None
+    datamodule: Any = None
+    run_dir: Path | None = None
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
@@ -10,3 +37,37 @@ def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The trainable parameters by name, detached and contiguous (what a frozen-base method saves)."""
+    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def export(model: PreTrainedModel, method_cfg: DictConfig, target: Path) -> None:
+    """Save what training changed: a peft adapter, the whole model (full), or the trainable weights + method."""
+    target.mkdir(parents=True, exist_ok=True)
+    trainable, total = count_parameters(model)
+    if isinstance(model, PeftModel) or trainable == total:
+        model.save_pretrained(target, safe_serialization=True)
+        return
+    state = trainable_state(model)
+    if state:
+        save_file(state, target / TRAINABLE_FILE)
+    (target / METHOD_FILE).write_text(json.dumps(OmegaConf.to_container(method_cfg, resolve=True), indent=2) + "\n")
+
+
+def restore(base: PreTrainedModel, directory: Path, model_cfg: DictConfig) -> PreTrainedModel:
+    """Re-apply the method saved by `export` in `directory` to `base` and load its trained weights."""
+    method_cfg = OmegaConf.create(json.loads((directory / METHOD_FILE).read_text()))
+    model = get_method(method_cfg.apply)(base, method_cfg, model_cfg, None)
+    if (directory / TRAINABLE_FILE).exists():
+        state = load_file(directory / TRAINABLE_FILE)
+        expected = set(trainable_state(model))
+        if set(state) != expected:
+            raise ValueError(
+                f"{directory / TRAINABLE_FILE}: saved weights do not match method '{method_cfg.name}' on this model "
+                f"(missing {sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]})"
+            )
+        model.load_state_dict(state, strict=False)
+    return model

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
+
+from lightning_modules.methods import MethodContext
 
 
 def target_modules(cfg: DictConfig, model_cfg: DictConfig) -> list[str]:
@@ -18,15 +22,20 @@ def target_modules(cfg: DictConfig, model_cfg: DictConfig) -> list[str]:
     return [str(name) for name in targets]
 
 
-def apply(model: PreTrainedModel, cfg: DictConfig, model_cfg: DictConfig) -> PeftModel:
-    """Freeze the base and add LoRA adapters (rank `r`, scaling `alpha / r`) on the target modules."""
-    config = LoraConfig(
-        r=cfg.r,
-        lora_alpha=cfg.alpha,
-        lora_dropout=cfg.dropout,
-        target_modules=target_modules(cfg, model_cfg),
-        bias="none",
-        task_type="CAUSAL_LM",
-        fan_in_fan_out=bool(model_cfg.get("conv1d_weights")),
-    )
-    return get_peft_model(model, config)
+def lora_config(cfg: DictConfig, model_cfg: DictConfig, **overrides: Any) -> LoraConfig:
+    """The peft LoraConfig of `cfg` (rank `r`, scaling `alpha / r`) on the model's target modules."""
+    settings = {
+        "r": cfg.r,
+        "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout,
+        "target_modules": target_modules(cfg, model_cfg),
+        "bias": "none",
+        "task_type": "CAUSAL_LM",
+        "fan_in_fan_out": bool(model_cfg.get("conv1d_weights")),
+    }
+    return LoraConfig(**(settings | overrides))
+
+
+def apply(model: PreTrainedModel, cfg: DictConfig, model_cfg: DictConfig, context: MethodContext | None = None) -> PeftModel:
+    """Freeze the base and add LoRA adapters on the target modules."""
+    return get_peft_model(model, lora_config(cfg, model_cfg))

@@ -1,0 +1,20 @@
+"""Projection-head classifier: the backbone stays frozen; only the classifier head trains.
+
+The head itself (pooling, LayerNorm -> Linear -> activation -> Dropout -> Linear) belongs to the
+`classifier` LightningModule (lightning_modules/classifier.py), which this method selects.
+"""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig
+from transformers import PreTrainedModel
+
+from lightning_modules.methods import MethodContext
+
+
+def apply(
+    model: PreTrainedModel, cfg: DictConfig, model_cfg: DictConfig, context: MethodContext | None = None
+) -> PreTrainedModel:
+    """Return `model` with every parameter frozen (the classifier head adds the trainable ones)."""
+    model.requires_grad_(False)
+    return model

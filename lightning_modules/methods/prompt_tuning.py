@@ -1,0 +1,35 @@
+"""Prompt tuning (Lester et al. 2021) through peft: `num_virtual_tokens` trainable embeddings before the input.
+
+`init: random` draws the virtual tokens at random; `init: text` copies the word embeddings of
+`init_text` (repeated or cut to the number of virtual tokens). The text init is done here with the
+run's own tokenizer, because peft's would call `AutoTokenizer.from_pretrained(<hub id>)`, which needs
+the hub (and cannot load the byte-level or GGUF tokenizers).
+"""
+
+from __future__ import annotations
+
+import torch
+from omegaconf import DictConfig
+from peft import PeftModel, PromptTuningConfig, PromptTuningInit, get_peft_model
+from transformers import PreTrainedModel
+
+from lightning_modules.methods import MethodContext
+
+
+def apply(model: PreTrainedModel, cfg: DictConfig, model_cfg: DictConfig, context: MethodContext | None = None) -> PeftModel:
+    """Freeze the model and prepend `cfg.num_virtual_tokens` trainable prompt embeddings."""
+    if cfg.init not in ("random", "text"):
+        raise ValueError(f"method.init must be 'random' or 'text', got {cfg.init!r}")
+    config = PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=cfg.num_virtual_tokens, prompt_tuning_init=PromptTuningInit.RANDOM
+    )
+    peft_model = get_peft_model(model, config)
+    if cfg.init == "text" and context is not None and context.tokenizer is not None:
+        ids = context.tokenizer(cfg.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("method.init_text tokenizes to nothing; give a non-empty text or use method.init=random")
+        ids = (ids * -(-cfg.num_virtual_tokens // len(ids)))[: cfg.num_virtual_tokens]
+        with torch.no_grad():
+            vectors = model.get_input_embeddings()(torch.tensor(ids, device=model.device))  # [V, H]
+            peft_model.prompt_encoder["default"].embedding.weight.copy_(vectors)
+    return peft_model

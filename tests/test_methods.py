@@ -1,0 +1,204 @@
+"""The method family on every tiny architecture: what trains, save/load round trips, and each method's own rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+from peft.tuners.lora import LoraLayer
+
+from lightning_modules import methods, models
+from lightning_modules.classifier import SequenceClassifier
+from lightning_modules.methods import MethodContext, adapter, svd_lora
+from runtime import evaluation
+from runtime.training import build_trainable_model, run
+from tests.conftest import compose_config
+
+TINY_MODELS = ["tiny_llama", "tiny_diffllama", "tiny_qwen2", "tiny_gpt2"]
+# which parameter names each method may train
+TRAINS = {
+    "svd_lora": lambda name: "lora_" in name,
+    "prompt_tuning": lambda name: "prompt_encoder" in name,
+    "adapter": lambda name: "_adapter." in name,
+}
+
+
+def nudge(model: torch.nn.Module) -> None:
+    """Move every trainable parameter off its initial value (LoRA B and adapter up-projections start at 0)."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn_like(parameter) * 0.05)
+
+
+@pytest.mark.parametrize("method", sorted(TRAINS))
+@pytest.mark.parametrize("model_name", TINY_MODELS)
+def test_method_trains_only_its_parameters_and_round_trips(tiny_config, tmp_path: Path, model_name: str, method: str) -> None:
+    cfg = tiny_config(f"model={model_name}", f"method={method}", "method.rank_eval_steps=2" if method == "svd_lora" else "data.batch_size=4")
+    L.seed_everything(0)
+    model, tokenizer, datamodule = build_trainable_model(cfg)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    model(**batch).loss.backward()
+    with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert with_grad and with_grad <= trainable
+    assert trainable == {name for name, _ in model.named_parameters() if TRAINS[method](name)}
+
+    nudge(model)
+    model.eval()
+    expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    methods.export(model, cfg.method, tmp_path / "saved")
+    tokenizer.save_pretrained(tmp_path / "saved")
+    saved_bytes = sum(f.stat().st_size for f in (tmp_path / "saved").glob("*.safetensors"))
+    assert saved_bytes < 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 10_000  # trained part only
+
+    eval_cfg = compose_config(f"model={model_name}", f"ckpt={tmp_path / 'saved'}", config_name="evaluate")
+    L.seed_everything(0)  # the same random base weights (tiny models are built from scratch)
+    restored, _ = evaluation.load_model(eval_cfg)
+    restored.eval()
+    actual = restored(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("model_name", TINY_MODELS)
+def test_adapters_at_init_leave_the_model_output_unchanged(model_name: str) -> None:
+    cfg = compose_config(f"model={model_name}", "method=adapter")
+    model, _ = models.build(cfg.model)
+    model.eval()
+    input_ids = torch.randint(3, 200, (2, 9))
+    before = model(input_ids=input_ids).logits
+    adapted = adapter.apply(model, cfg.method, cfg.model)
+    assert len(adapter.transformer_blocks(adapted)) == adapted.config.num_hidden_layers
+    torch.testing.assert_close(adapted(input_ids=input_ids).logits, before, rtol=0, atol=0)
+    nudge(adapted)
+    assert not torch.allclose(adapted(input_ids=input_ids).logits, before)  # the hooks are live
+
+
+def spectrum_matrix(singular_values: list[float], shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.linalg.qr(torch.randn(shape[0], len(singular_values), generator=generator, dtype=torch.float64)).Q
+    v = torch.linalg.qr(torch.randn(shape[1], len(singular_values), generator=generator, dtype=torch.float64)).Q
+    return u @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ v.T
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_svd_rank_is_exact_on_a_known_spectrum(exact: bool) -> None:
+    cfg = OmegaConf.create({"tau": 0.95, "min_rank": 1, "max_rank": 16, "oversample": 10, "power_iters": 2, "exact_below": 0})
+    # energies 50, 30, 10, 5, 3, 2 (of 100): coverage 0.50, 0.80, 0.90, 0.95 -> rank 4
+    gradient = spectrum_matrix([50**0.5, 30**0.5, 10**0.5, 5**0.5, 3**0.5, 2**0.5], (120, 90))
+    assert svd_lora.select_rank(gradient, cfg, exact=exact) == 4
+    assert svd_lora.select_rank(gradient, OmegaConf.merge(cfg, {"tau": 0.9}), exact=exact) == 3
+    assert svd_lora.select_rank(gradient, OmegaConf.merge(cfg, {"min_rank": 5}), exact=exact) == 5
+
+
+def test_svd_coverage_uses_the_full_energy_of_the_gradient() -> None:
+    cfg = OmegaConf.create({"tau": 0.95, "min_rank": 1, "max_rank": 8, "oversample": 10, "power_iters": 2, "exact_below": 1000})
+    flat = spectrum_matrix([1.0] * 40, (64, 48))  # top 8 of 40 equal values cover 20% of the energy
+    assert svd_lora.select_rank(flat, cfg) == 8  # never reaches tau within k = max_rank
+    assert svd_lora.coverage_rank(torch.tensor([3.0, 1.0]), total_energy=100.0, tau=0.95) == 2
+    assert svd_lora.coverage_rank(torch.tensor([3.0, 1.0]), total_energy=10.0, tau=0.95) == 2
+    assert svd_lora.coverage_rank(torch.tensor([3.0, 1.0]), total_energy=9.5, tau=0.9) == 1
+
+
+def test_rank_map_sets_the_lora_shapes_and_keeps_the_scaling(tmp_path: Path) -> None:
+    cfg = compose_config("model=tiny_llama", "method=svd_lora")
+    names = ["model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    (tmp_path / "ranks.json").write_text(json.dumps({names[0]: 3, names[1]: 6}))
+    with open_dict(cfg):
+        cfg.method.rank_map = str(tmp_path / "ranks.json")
+    model = svd_lora.apply(models.build(cfg.model)[0], cfg.method, cfg.model)
+    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert set(layers) == set(names)
+    assert layers[names[0]].lora_A["default"].weight.shape[0] == 3
+    assert layers[names[1]].lora_B["default"].weight.shape[1] == 6
+    assert all(layer.scaling["default"] == pytest.approx(cfg.method.alpha / cfg.method.r) for layer in layers.values())
+
+
+def test_svd_lora_run_writes_a_rank_map_that_a_second_run_reuses(tiny_config, tmp_path: Path) -> None:
+    first = run(tiny_config("model=tiny_gpt2", "method=svd_lora", "method.rank_eval_steps=2", "method.tau=0.5",
+                            "trainer.max_steps=2", "data.max_train_samples=8", run_dir=tmp_path / "first"))
+    ranks = json.loads((tmp_path / "first" / "rank_map.json").read_text())
+    assert (tmp_path / "first" / "rank_map.png").exists()
+    assert set(ranks) == {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert all(2 <= r <= 32 for r in ranks.values())
+    second = run(tiny_config("model=tiny_gpt2", "method=svd_lora", f"method.rank_map={tmp_path / 'first' / 'rank_map.json'}",
+                             "trainer.max_steps=2", "data.max_train_samples=8", run_dir=tmp_path / "second"))
+    assert second["trainable_params"] == first["trainable_params"]
+    adapter_config = json.loads((Path(second["final_dir"]) / "adapter_config.json").read_text())
+    assert adapter_config["rank_pattern"] == ranks
+
+
+def test_svd_lora_without_data_or_rank_map_says_what_to_pass() -> None:
+    cfg = compose_config("model=tiny_llama", "method=svd_lora")
+    with pytest.raises(ValueError, match="method.rank_map="):
+        svd_lora.apply(models.build(cfg.model)[0], cfg.method, cfg.model, MethodContext())
+
+
+def test_prompt_tuning_text_init_copies_the_word_embeddings() -> None:
+    cfg = compose_config("model=tiny_llama", "method=prompt_tuning", "method.num_virtual_tokens=7", "method.init=text",
+                         "method.init_text=abc")
+    model, tokenizer = models.build(cfg.model)
+    tuned = methods.prompt_tuning.apply(model, cfg.method, cfg.model, MethodContext(tokenizer=tokenizer))
+    ids = tokenizer("abcabca", add_special_tokens=False)["input_ids"]
+    expected = model.get_input_embeddings().weight[ids]
+    torch.testing.assert_close(tuned.prompt_encoder["default"].embedding.weight, expected)
+
+
+@pytest.mark.parametrize("extra_token", [False, True])
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
+def test_projection_head_reads_the_whole_text_and_ignores_padding(model_name: str, extra_token: bool) -> None:
+    torch.manual_seed(0)
+    model, tokenizer = models.build(compose_config(f"model={model_name}").model)
+    classifier = SequenceClassifier(model.requires_grad_(False), num_classes=3, extra_token=extra_token).eval()
+    texts = ["The match ended in a draw", "The match ended in a loss", "Shares fell sharply after the results"]
+    tokenizer.padding_side = "right"
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    logits = classifier(batch["input_ids"], batch["attention_mask"])
+    assert not torch.allclose(logits[0], logits[1])  # the texts differ only in their last word
+    alone = tokenizer(texts[:1], return_tensors="pt")
+    torch.testing.assert_close(classifier(alone["input_ids"], alone["attention_mask"])[0], logits[0])
+    assert {n for n, p in classifier.named_parameters() if p.requires_grad} == (
+        {n for n, _ in classifier.head.named_parameters(prefix="head")} | ({"extra_token"} if extra_token else set())
+    )
+
+
+def test_projection_head_trains_saves_and_evaluates_from_its_run_dir(tiny_config, tmp_path: Path) -> None:
+    results = run(tiny_config("model=tiny_qwen2", "task=classification", "method=projection_head", "trainer.max_epochs=2",
+                              "optim.lr=1e-2", run_dir=tmp_path / "train"))
+    head_size = 2 * 64 + 64 * 128 + 128 + 128 * 4 + 4  # LayerNorm + Linear(h,128) + Linear(128,4)
+    assert results["trainable_params"] == head_size
+    assert (tmp_path / "train" / "confusion_matrix" / "val_epoch1.png").exists()
+    assert {"val/accuracy", "val/macro_f1", "test/accuracy"} <= set(results["metrics"])
+    final = Path(results["final_dir"])
+    assert {p.name for p in final.glob("*.safetensors")} == {"classifier_head.safetensors"}
+
+    cfg = compose_config("model=tiny_qwen2", "task=classification", "task.source=bundled", f"ckpt={tmp_path / 'train'}",
+                         "print_config=false", config_name="evaluate")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "eval")
+    metrics = evaluation.run(cfg)["metrics"]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert metrics["num_examples"] == len(rows) == 12
+    assert metrics["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 12)
+    assert metrics["accuracy"] == pytest.approx(results["metrics"]["test/accuracy"])  # same head, same test set
+    assert (tmp_path / "eval" / "confusion_matrix.png").exists()
+
+
+def test_each_method_reports_its_trainable_share(tiny_config, tmp_path: Path) -> None:
+    written = {}
+    for method in ("full", "lora", "adapter", "prompt_tuning"):
+        run(tiny_config("model=tiny_llama", f"method={method}", "trainer.max_steps=1", "data.max_train_samples=4",
+                        "test_after_fit=false", run_dir=tmp_path / method))
+        written[method] = json.loads((tmp_path / method / "results.json").read_text())
+    total = written["full"]["total_params"]
+    assert written["full"]["trainable_share"] == 1.0
+    assert written["prompt_tuning"]["trainable_params"] == 20 * 64  # 20 virtual tokens x hidden 64
+    assert written["adapter"]["trainable_params"] == 2 * 2 * (64 * 8 + 8 + 8 * 64 + 64)  # 2 blocks x 2 adapters
+    for method in ("adapter", "prompt_tuning"):
+        assert written[method]["total_params"] == total + written[method]["trainable_params"]
+        assert written[method]["trainable_share"] == pytest.approx(written[method]["trainable_params"] / written[method]["total_params"])
