@@ -55,6 +55,9 @@ class EpochSeededSampler(Sampler[int]):
 class TextDataModule(L.LightningDataModule):
     """Tokenized examples of one task: (prompt, target) pairs with the loss on the target only, by default."""
 
+    # stop strings evaluate.py adds to generation.stop_strings for this task
+    extra_stop_strings: tuple[str, ...] = ()
+
     def __init__(
         self,
         tokenizer: PreTrainedTokenizerBase,
@@ -111,7 +114,7 @@ class TextDataModule(L.LightningDataModule):
         if "val" in self.splits:
             val = load_split(self.source, self.splits["val"], "val")
         else:
-            count = int(self.val_size * len(train)) if self.val_size < 1 else int(self.val_size)
+            count = max(1, int(self.val_size * len(train))) if self.val_size < 1 else int(self.val_size)
             if not 0 < count < len(train):
                 raise ValueError(
                     f"data.val_size={self.val_size} leaves no train or no validation examples "
@@ -130,7 +133,7 @@ class TextDataModule(L.LightningDataModule):
 
     def tokenize_all(self, records: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
         """Tokenize records, dropping (and counting) those truncated to no target tokens."""
-        examples = [self.tokenize(*self.format_example(record)) for record in records]
+        examples = [self.tokenize_record(record) for record in records]
         kept = [example for example in examples if any(label != IGNORE_INDEX for label in example["labels"])]
         if len(kept) < len(examples):
             log.warning(
@@ -138,6 +141,10 @@ class TextDataModule(L.LightningDataModule):
                 split, len(examples) - len(kept), len(examples), self.max_length,
             )
         return kept
+
+    def tokenize_record(self, record: Mapping[str, Any]) -> dict[str, list[int]]:
+        """Token ids and labels of one record: its (prompt, target) pair by default."""
+        return self.tokenize(*self.format_example(record))
 
     def tokenize(self, prompt: str, target: str) -> dict[str, list[int]]:
         """Token ids of prompt + target + EOS, with labels masked to IGNORE_INDEX on the prompt."""

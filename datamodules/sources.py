@@ -79,8 +79,10 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
         raise DataSourceError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from error
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
+    elif isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):  # {id: record}
+        data = [{"id": key, **value} for key, value in data.items()]
     if not isinstance(data, list):
-        raise DataSourceError(f"{path}: expected a JSON list of records (or {{'data': [...]}})")
+        raise DataSourceError(f"{path}: expected a JSON list of records, {{'data': [...]}} or {{id: record}}")
     return [{**record, "_where": f"{path}[{i}]"} for i, record in enumerate(data)]
 
 

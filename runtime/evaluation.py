@@ -112,7 +112,9 @@ def _generation_rows(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrai
     shots = cfg.prompting.num_fewshot
     exemplars = random.Random(cfg.prompting.fewshot_seed).sample(datamodule.records("train"), shots) if shots else []
     prompts = [datamodule.generation_prompt(record, exemplars) for record in records]
-    completions = generate(model, tokenizer, prompts, **OmegaConf.to_container(cfg.generation, resolve=True))
+    settings = OmegaConf.to_container(cfg.generation, resolve=True)
+    settings["stop_strings"] = [*settings["stop_strings"], *datamodule.extra_stop_strings]
+    completions = generate(model, tokenizer, prompts, **settings)
 
     rows, samples = [], cfg.generation.num_samples
     for index, (record, prompt, generations) in enumerate(zip(records, prompts, completions, strict=True)):

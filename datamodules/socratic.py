@@ -1,0 +1,212 @@
+"""Socratic math tutoring: multi-turn teacher (assistant) / student (user) dialogues.
+
+Three input formats, recognised per record:
+- SocraticMATH: `{"id", "conversations": [{"from": "user"|"assistant", "value"}]}`;
+- SocraTeach: a problem `{"question", "answer", "analysis", "steps", "dialogues": {id: [{"system": teacher turn,
+  "user": student reply}, ...]}}` (a JSON object of such problems keyed by id is read as a list);
+- GSM8K Socratic (`openai/gsm8k` config `socratic`, or `test_socratic.jsonl`): solution lines
+  `sub-question ** step` become teacher questions and student answers (`gsm8k_dialogue`).
+
+Dialogues are rendered with the tokenizer's chat template (or, when it has none, a plain
+"Student: / Teacher:" template); the loss covers the teacher turns only: the text each assistant turn
+adds after the generation prompt. Evaluation generates a teacher turn from the dialogue before it and
+scores it against the reference with BLEU and ROUGE-L (`text_metrics.tokenize`: `13a` for English,
+`zh` or `char` for Chinese, i.e. characters, not whitespace) and, on the final teacher turn of a
+dialogue that has an answer, whether the generated turn states it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from datamodules.base import IGNORE_INDEX, TextDataModule
+from datamodules.gsm8k import CALCULATOR_ANNOTATION, FLEXIBLE, extract_flexible, normalise
+from datamodules.sources import DataSourceError, read_file
+
+PLAIN_ROLES = {"system": "System", "user": "Student", "assistant": "Teacher"}
+SOCRATICMATH_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+CJK_OR_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+")
+
+
+def gsm8k_dialogue(question: str, solution: str) -> dict[str, Any]:
+    """A tutoring dialogue from a GSM8K Socratic solution: teacher asks each sub-question, student answers it."""
+    messages = [{"role": "user", "content": f"Can you help me solve this problem? {question.strip()}"}]
+    lines = [line.strip() for line in solution.split("####")[0].splitlines() if line.strip()]
+    for line in lines:
+        ask, _, step = line.partition(" ** ")
+        if not step:
+            ask, step = "What do you get next?", ask
+        messages += [{"role": "assistant", "content": ask.strip()},
+                     {"role": "user", "content": CALCULATOR_ANNOTATION.sub("", step).strip()}]
+    answer = normalise(solution.split("####")[-1])
+    messages.append({"role": "assistant", "content": f"Well done! So the answer is {answer}."})
+    return {"messages": messages, "answer": answer}
+
+
+def dialogues_of(record: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The dialogues ({messages, answer, id}) of one record in any of the three formats."""
+    where = record.get("_where", "?")
+    if isinstance(record.get("conversations"), list):
+        messages = []
+        for turn in record["conversations"]:
+            role = SOCRATICMATH_ROLES.get(str(turn.get("from")))
+            if role is None or not isinstance(turn.get("value"), str):
+                raise DataSourceError(f"{where}: SocraticMATH turn needs 'from' in {sorted(SOCRATICMATH_ROLES)} and a string 'value'")
+            messages.append({"role": role, "content": turn["value"]})
+        return [{"id": record.get("id"), "messages": messages, "answer": record.get("answer")}]
+    if isinstance(record.get("dialogues"), Mapping):
+        opening = f"Please guide me to solve this problem: {record.get('question', '').strip()}"
+        dialogues = []
+        for key, rounds in record["dialogues"].items():
+            messages = [{"role": "user", "content": opening}]
+            for turn in rounds:
+                if isinstance(turn.get("system"), str):
+                    messages.append({"role": "assistant", "content": turn["system"]})
+                if isinstance(turn.get("user"), str):
+                    messages.append({"role": "user", "content": turn["user"]})
+            dialogues.append({"id": f"{record.get('id')}/{key}", "messages": messages, "answer": record.get("answer")})
+        return dialogues
+    if isinstance(record.get("question"), str) and " ** " in str(record.get("answer", "")):
+        return [{"id": record.get("id"), **gsm8k_dialogue(record["question"], record["answer"])}]
+    raise DataSourceError(
+        f"{where}: not a tutoring dialogue: expected SocraticMATH ('conversations'), SocraTeach ('dialogues') or "
+        f"GSM8K Socratic ('question' + 'answer' with ' ** ') fields; got {sorted(k for k in record if k != '_where')}"
+    )
+
+
+def states_answer(text: str, answer: str) -> bool:
+    """Whether `text` states `answer`: a numeric answer as its last number (GSM8K flexible match), else verbatim."""
+    if FLEXIBLE.fullmatch(answer.strip()):
+        return extract_flexible(text) == normalise(answer)
+    return answer.strip() in text
+
+
+def text_tokens(text: str, tokenize: str) -> list[str]:
+    """Tokens for ROUGE: lower-cased words (`13a`), CJK characters + words (`zh`), or characters (`char`)."""
+    if tokenize == "char":
+        return [c for c in text if not c.isspace()]
+    if tokenize == "zh":
+        return CJK_OR_WORD.findall(text.lower())
+    return re.findall(r"[^\W_]+", text.lower())
+
+
+class SocraticDataModule(TextDataModule):
+    """Tutoring dialogues: teacher-turn loss for training, next-teacher-turn generation for evaluation."""
+
+    extra_stop_strings = ("\nStudent:",)
+
+    def __init__(self, system_prompt: str | None = None, eval_turns: str = "last",
+                 text_metrics: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if eval_turns not in ("last", "all"):
+            raise ValueError(f"task.eval_turns must be 'last' or 'all', got {eval_turns!r}")
+        self.system_prompt, self.eval_turns = system_prompt, eval_turns
+        self.tokenize_mode = (text_metrics or {}).get("tokenize", "13a")
+
+    def records(self, stage: str) -> list[dict[str, Any]]:
+        dialogues = []
+        for record in super().records(stage):
+            for dialogue in dialogues_of(record):
+                messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + dialogue["messages"]
+                if not any(m["role"] == "assistant" for m in messages):
+                    raise DataSourceError(f"{record.get('_where', '?')}: dialogue has no teacher (assistant) turn")
+                dialogues.append({**dialogue, "messages": messages, "_where": record.get("_where")})
+        return dialogues
+
+    def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
+        """The dialogue as text: the tokenizer's chat template, or the plain Student/Teacher template."""
+        if self.tokenizer.chat_template:
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = "".join(f"{PLAIN_ROLES[m['role']]}: {m['content']}\n" for m in messages)
+        return text + ("Teacher:" if add_generation_prompt else "")
+
+    def segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
+        """The rendered dialogue cut into (text, is_teacher_turn) pieces that concatenate to the whole."""
+        pieces, done = [], ""
+        for index, message in enumerate(messages):
+            if message["role"] != "assistant":
+                continue
+            before = self.render(messages[:index], add_generation_prompt=True)
+            after = self.render(messages[: index + 1])
+            if not (before.startswith(done) and after.startswith(before)):
+                raise ValueError("the chat template does not render dialogues prefix by prefix; teacher turns cannot be masked")
+            pieces += [(before[len(done):], False), (after[len(before):], True)]
+            done = after
+        return pieces + [(self.render(messages)[len(done):], False)]
+
+    def tokenize_record(self, record: Mapping[str, Any]) -> dict[str, list[int]]:
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for number, (text, supervised) in enumerate(self.segments(record["messages"])):
+            ids = self.tokenizer(text, add_special_tokens=number == 0)["input_ids"] if text else []
+            input_ids += ids
+            labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+        return {"input_ids": input_ids[: self.max_length], "labels": labels[: self.max_length]}
+
+    def evaluation_records(self) -> list[dict[str, Any]]:
+        """One example per teacher turn (`eval_turns: all`) or per dialogue's last teacher turn (`last`)."""
+        examples = []
+        for dialogue in self.records("test"):
+            turns = [i for i, m in enumerate(dialogue["messages"]) if m["role"] == "assistant"]
+            for index in turns if self.eval_turns == "all" else turns[-1:]:
+                examples.append({**dialogue, "messages": dialogue["messages"][:index],
+                                 "turn": dialogue["messages"][index]["content"], "final": index == turns[-1]})
+        return examples
+
+    def generation_prompt(self, record: Mapping[str, Any], exemplars: list[Mapping[str, Any]]) -> str:
+        return self.render(list(record["messages"]), add_generation_prompt=True)
+
+    def reference(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        answer = record.get("answer") if record.get("final") else None
+        return {"turn": record["turn"], "answer": None if answer is None else str(answer)}
+
+    def score(self, generation: str, reference: Mapping[str, Any]) -> dict[str, Any]:
+        """Sentence BLEU (smoothed) and ROUGE-L F1 of one generated turn; answer_correct on final turns."""
+        from torchmetrics.functional.text import rouge_score, sacre_bleu_score
+
+        rouge = rouge_score(generation, reference["turn"], rouge_keys="rougeL", normalizer=lambda text: text,
+                            tokenizer=lambda text: text_tokens(text, self.tokenize_mode))
+        return {
+            "bleu": float(sacre_bleu_score([generation], [[reference["turn"]]], tokenize=self.tokenize_mode, smooth=True)),
+            "rouge_l": float(rouge["rougeL_fmeasure"]),
+            "answer_correct": None if reference["answer"] is None else float(states_answer(generation, reference["answer"])),
+        }
+
+    def corpus_metrics(self, generations: list[str], references: list[Any]) -> dict[str, float]:
+        """Corpus BLEU and mean ROUGE-L F1 (torchmetrics) over all generated teacher turns."""
+        from torchmetrics.text import ROUGEScore, SacreBLEUScore
+
+        if not generations:
+            return {}
+        turns = [reference["turn"] for reference in references]
+        bleu = SacreBLEUScore(tokenize=self.tokenize_mode)(generations, [[turn] for turn in turns])
+        rouge = ROUGEScore(rouge_keys=("rougeL",), normalizer=lambda text: text,
+                           tokenizer=lambda text: text_tokens(text, self.tokenize_mode))(generations, turns)
+        return {"corpus_bleu": float(bleu), "corpus_rouge_l": float(rouge["rougeL_fmeasure"])}
+
+
+def convert(input_path: Path, output_path: Path) -> int:
+    """Write the dialogues of a GSM8K Socratic / SocraTeach / SocraticMATH file as SocraticMATH JSON; return the count."""
+    records = [
+        {"id": dialogue.get("id") or f"{input_path.stem}-{i}",
+         "conversations": [{"from": m["role"], "value": m["content"]} for m in dialogue["messages"]],
+         "answer": dialogue.get("answer")}
+        for i, dialogue in enumerate(d for record in read_file(input_path) for d in dialogues_of(record))
+    ]
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    output_path.write_text(json.dumps(records, ensure_ascii=False, indent=1) + "\n", encoding="utf-8")
+    return len(records)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Convert GSM8K Socratic / SocraTeach dialogues to SocraticMATH JSON")
+    parser.add_argument("--input", type=Path, required=True, help="e.g. ../shared/data/gsm8k/test_socratic.jsonl")
+    parser.add_argument("--output", type=Path, required=True, help="e.g. data/socratic_gsm8k.json")
+    arguments = parser.parse_args()
+    print(f"{convert(arguments.input, arguments.output)} dialogues -> {arguments.output}")
