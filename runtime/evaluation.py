@@ -131,10 +131,12 @@ def _generation_rows(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrai
             row["generations"] = generations
         rows.append(row)
 
-    metric_keys = [k for k, v in rows[0].items() if k.startswith("pass@") or (
-        isinstance(v, float) and not k.startswith("exact_match_"))] if rows else []
-    metrics = {key: sum(row[key] for row in rows if row[key] is not None) / max(1, sum(row[key] is not None for row in rows))
-               for key in metric_keys}
+    # every float score (None where it does not apply to a row) is averaged over the rows that have it
+    metric_keys = dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, float) and not k.startswith("exact_match_"))
+    metrics = {}
+    for key in metric_keys:
+        values = [row[key] for row in rows if row.get(key) is not None]
+        metrics[key] = sum(values) / len(values)
     metrics |= datamodule.corpus_metrics([row["generation"] for row in rows], [row["gold"] for row in rows])
     metrics["num_problems"] = len(rows)
     return rows, metrics
