@@ -143,3 +143,22 @@ def ripple_panels(matrix: np.ndarray, pairs: dict[str, np.ndarray], experiments:
                    color=["tab:green", "tab:red"])
     axes[1, 2].set(title="MEMIT edit outcomes")
     return _save(figure, path)
+
+
+def coupling_comparison(matrices: list[np.ndarray], pairs: list[dict[str, np.ndarray]], rows: list[dict[str, Any]], path: Path) -> Path:
+    """Three panels across models: GradSim distribution, ripple-strength distribution, Spearman r with its CI."""
+    labels = [row["model"] for row in rows]
+    figure, axes = plt.subplots(1, 3, figsize=(4 + 2.2 * len(labels), 4))
+    axes[0].boxplot([m[np.triu_indices(len(m), k=1)] for m in matrices])
+    axes[0].set(title="GradSim (pairs of pieces)", ylabel="GradSim")
+    axes[1].boxplot([p["ripple"] for p in pairs])
+    axes[1].set(title="Ripple strength", ylabel="|delta log P|")
+    r = np.array([row["spearman_r"] for row in rows])
+    errors = np.array([[row["spearman_r"] - row["spearman_ci_low"] for row in rows], [row["spearman_ci_high"] - row["spearman_r"] for row in rows]])
+    colours = ["tab:green" if row["hypothesis_held"] else "tab:gray" for row in rows]
+    axes[2].bar(range(1, len(rows) + 1), r, yerr=errors, color=colours, capsize=4)
+    axes[2].axhline(0, color="black", linewidth=0.8)
+    axes[2].set(title="GradSim-ripple Spearman r (green: held)", ylabel="Spearman r")
+    for axis in axes:
+        axis.set_xticks(range(1, len(labels) + 1), labels, rotation=30, ha="right")
+    return _save(figure, path)

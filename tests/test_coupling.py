@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -16,7 +19,7 @@ from analysis import gradsim, memit, ripple
 from datamodules.hotpotqa import knowledge_pieces
 from datamodules.sources import load_split
 from lightning_modules import models
-from tests.conftest import compose_config
+from tests.conftest import ROOT, compose_config
 
 BUNDLED = {"kind": "bundled", "bundled": "hotpotqa"}
 
@@ -164,3 +167,39 @@ def test_local_hotpotqa_file_is_read_for_the_test_stage(tmp_path: Path) -> None:
     datamodule = instantiate(cfg.task.datamodule, tokenizer=models.byte_level_tokenizer(), **cfg.data)
     pieces = datamodule.records("test")
     assert len(pieces) == 12 and pieces[0]["_where"] == f"{path}[0]"
+
+
+def fake_ripple_run(run_dir: Path, model: str, coupled: bool, seed: int) -> None:
+    """The files of a finished ripple run with 8 pieces in 4 chains, ripple = GradSim (coupled) or reversed."""
+    rng = np.random.default_rng(seed)
+    vectors = rng.normal(size=(8, 5))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    matrix = vectors @ vectors.T
+    chains = [f"c{i // 2}" for i in range(8)]
+    sign = 1.0 if coupled else -1.0
+    experiments = [{"index": i, "success": i % 2 == 0, "delta_log_prob": [1.0 + sign * float(matrix[i, j]) for j in range(8)]}
+                   for i in range(8)]  # every delta > 0, so the ripple strength |delta| follows +-GradSim
+    pairs = ripple.ripple_pairs(experiments, matrix, chains)
+    settings = OmegaConf.create({"bootstrap_samples": 200, "confidence": 0.95})
+    analysis = {"model": model, "edits": 8, "edit_success_rate": 0.5, "correlation": ripple.analyse_pairs(pairs, settings, seed=0)}
+    run_dir.mkdir(parents=True)
+    np.save(run_dir / "coupling_matrix.npy", matrix)
+    (run_dir / "knowledge_pieces.json").write_text(json.dumps([{"id": str(i), "chain": c} for i, c in enumerate(chains)]))
+    (run_dir / "ripple_experiments.json").write_text(json.dumps(experiments))
+    (run_dir / "correlation_analysis.json").write_text(json.dumps(analysis))
+
+
+def test_compare_joins_runs_into_one_table_and_a_verdict(tmp_path: Path) -> None:
+    fake_ripple_run(tmp_path / "a", "gpt2", coupled=True, seed=1)
+    fake_ripple_run(tmp_path / "b", "smollm2_135m", coupled=False, seed=2)
+    subprocess.run([sys.executable, "-m", "analysis.ripple", "compare", str(tmp_path / "a"), str(tmp_path / "b"),
+                    "--out", str(tmp_path / "cmp")], cwd=ROOT, check=True, capture_output=True)
+    rows = list(csv.DictReader((tmp_path / "cmp" / "coupling_comparison.csv").open()))
+    assert [(r["model"], r["hypothesis_held"]) for r in rows] == [("gpt2", "True"), ("smollm2_135m", "False")]
+    assert float(rows[0]["spearman_r"]) > 0.9 and float(rows[1]["spearman_r"]) < 0
+    matrix = np.load(tmp_path / "a" / "coupling_matrix.npy")
+    assert float(rows[0]["gradsim_mean"]) == pytest.approx(matrix[np.triu_indices(8, k=1)].mean())
+    assert "inconsistent: held for 1 of 2 models" in (tmp_path / "cmp" / "coupling_comparison.md").read_text()
+    assert (tmp_path / "cmp" / "coupling_comparison.png").stat().st_size > 10_000
+    with pytest.raises(FileNotFoundError, match="not a finished"):
+        ripple.compare([tmp_path / "cmp"], tmp_path / "x")

@@ -137,3 +137,19 @@ def test_embedded_smollm2_is_dequantised_once_and_reloaded_from_safetensors(tmp_
     ids = tokenizer("Question: 2+3?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(model.eval()(ids).logits, again.eval()(ids).logits)
+
+
+@pytest.mark.parametrize(("name", "trusted"), [("minimind2", True), ("diffllama", False), ("qwen1_5_7b_chat", False)])
+def test_trust_remote_code_reaches_the_loaders_only_when_the_model_config_turns_it_on(
+    monkeypatch: pytest.MonkeyPatch, name: str, trusted: bool
+) -> None:
+    seen = []
+
+    def record(*args, **kwargs):
+        seen.append(kwargs.get("trust_remote_code"))
+        raise OSError("offline")
+
+    monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", record)
+    with pytest.raises(models.ModelLoadError, match="model.path="):
+        models.build(compose_config(f"model={name}").model)
+    assert seen == [trusted]
