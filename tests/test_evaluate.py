@@ -10,9 +10,10 @@ from pathlib import Path
 
 import lightning as L
 import pytest
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from peft import PeftModel
 
+from analysis import noise_study
 from datamodules.gsm8k import extract_flexible, extract_strict, gold_answer
 from lightning_modules import models
 from lightning_modules.generation import generate, truncate_at_stop
@@ -164,3 +165,30 @@ def test_quick_noise_study_runs_every_stage_and_writes_the_tables(tmp_path: Path
         assert len((tmp_path / f"{stage}_performance.csv").read_text().splitlines()) == 1 + 8
         assert (tmp_path / f"{stage}_performance.png").exists()
     assert (tmp_path / "sft" / "tiny_llama" / "train" / "final" / "model.safetensors").exists()
+    with (tmp_path / "attention_allocation.csv").open() as handle:
+        allocation = list(csv.DictReader(handle))
+    assert len(allocation) == 2 * 2 * 3  # models x (base, fine-tuned) x noisy sets
+    assert all(abs(sum(float(r[f"{c}_ratio"]) for c in ("KMI", "NI", "OC")) - 1) < 1e-6 for r in allocation)
+    report = (tmp_path / "study_report.md").read_text()
+    assert report.count("| zero_shot | gsm8k_") == report.count("| sft | gsm8k_") == 3  # one verdict per noise type
+    assert "95% bootstrap CI over problems" in report
+
+
+def fake_evaluation(directory: Path, stage: str, model: str, task: str, correct: list[float]) -> dict:
+    directory.mkdir(parents=True)
+    (directory / "predictions.jsonl").write_text("".join(json.dumps({"pass@1_flexible": c}) + "\n" for c in correct))
+    return {"stage": stage, "model": model, "task": task, "run_dir": str(directory)}
+
+
+@pytest.mark.parametrize(("robust_model", "verdict"), [("diff", "diff more robust"), ("base", "diff less robust")])
+def test_robustness_difference_has_a_bootstrap_interval_over_problems(tmp_path: Path, robust_model: str, verdict: str) -> None:
+    n = 40
+    noisy_of = {robust_model: [1.0] * n, ("base" if robust_model == "diff" else "diff"): [1.0] * 8 + [0.0] * (n - 8)}
+    results = [fake_evaluation(tmp_path / m / "clean", "zero_shot", m, "gsm8k", [1.0] * n) for m in ("diff", "base")]
+    results += [fake_evaluation(tmp_path / m / "inf", "zero_shot", m, "gsm8k_inf", noisy_of[m]) for m in ("diff", "base")]
+    settings = OmegaConf.create({"mode": "flexible", "bootstrap_samples": 500, "confidence": 0.95, "seed": 0})
+    [row] = noise_study.robustness(results, ["diff", "base"], settings)
+    assert row["problems"] == n and row["verdict"] == verdict
+    expected = 0.8 if robust_model == "diff" else -0.8
+    assert row["advantage"] == pytest.approx(expected)
+    assert row["ci_low"] < expected < row["ci_high"] and (row["ci_low"] > 0 or row["ci_high"] < 0)
