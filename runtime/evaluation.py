@@ -1,5 +1,8 @@
 """The evaluation run behind evaluate.py: generate answers for a task's test split and score them.
 
+With `judge=openai_compatible`, an LLM judge also scores every prediction (runtime/judge.py):
+`judge_accuracy` and its agreement with exact match are reported beside the automatic metrics.
+
 Pass@1 is the mean exact match over problems (over samples too when `generation.num_samples` > 1);
 pass@k uses the unbiased estimator of Chen et al. (2021): 1 - C(n-c, k) / C(n, k).
 A `-m` grid of runs is joined by `EvaluationGrid` into `<stage>_performance.csv` (Pass@1 per model and
@@ -28,6 +31,7 @@ from lightning_modules import methods, models
 from lightning_modules.classifier import HEAD_CONFIG, ClassificationMetrics, ClassifierModule, plot_confusion
 from lightning_modules.generation import generate
 from lightning_modules.label_lm import LabelLMModule
+from runtime.judge import judge_rows
 from runtime.results import RESULTS_FILE, write_results
 from runtime.training import overrides, write_config
 
@@ -85,6 +89,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rows, metrics = _classification_rows(cfg, model, datamodule, run_dir)
     else:
         rows, metrics = _generation_rows(cfg, model, tokenizer, datamodule)
+    if cfg.get("judge") and rows:
+        reference = next((k for k in ("correct", "exact_match_flexible") if k in rows[0]), None)
+        metrics |= judge_rows(cfg.judge, cfg.task.name, rows, reference)
     with (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
         handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
