@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
@@ -24,7 +23,7 @@ from transformers import PreTrainedModel
 
 from datamodules.base import IGNORE_INDEX
 from lightning_modules import methods
-from lightning_modules.optim import adamw_with_cosine, log_grad_norm, trainable_only
+from lightning_modules.optim import OptimisedModule
 
 METRICS = ("loss", "token_acc", "top5_acc", "confidence")
 TRAIN_SAMPLE = 512
@@ -34,7 +33,7 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite."""
 
 
-class CausalLMModule(L.LightningModule):
+class CausalLMModule(OptimisedModule):
     """Next-token loss, perplexity and token accuracy for any HF causal LM (plain or peft-wrapped)."""
 
     def __init__(
@@ -45,12 +44,8 @@ class CausalLMModule(L.LightningModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.1,
     ) -> None:
-        super().__init__()
+        super().__init__(model, lr, weight_decay, betas, warmup_ratio)
         self.model = model
-        self.lr, self.weight_decay, self.betas = lr, weight_decay, tuple(betas)
-        self.warmup_ratio = warmup_ratio
-        self.base_is_frozen = any(not p.requires_grad for p in model.parameters())
-        self.strict_loading = not self.base_is_frozen
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("train", "val", "test") for name in METRICS}
         )
@@ -114,21 +109,8 @@ class CausalLMModule(L.LightningModule):
         if loss.update_count:
             self.log(f"{stage}/ppl", math.exp(min(loss.compute().item(), 50.0)))
 
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        log_grad_norm(self)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_with_cosine(self, self.lr, self.weight_decay, self.betas, self.warmup_ratio)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Everything when all parameters train; only the trainable ones when the base is frozen."""
-        state = super().state_dict(*args, **kwargs)
-        return trainable_only(self, state, kwargs.get("prefix", "")) if self.base_is_frozen else state
-
     def export(self, target: Path, method_cfg: DictConfig) -> None:
         """Save what training changed to `target` (see lightning_modules.methods.export)."""
         methods.export(self.model, method_cfg, target)
-
-
 
 MODULE = CausalLMModule

@@ -26,7 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from transformers import PreTrainedModel
 
 from lightning_modules import methods
-from lightning_modules.optim import adamw_with_cosine, log_grad_norm, trainable_only
+from lightning_modules.optim import OptimisedModule
 
 HEAD_FILE = "classifier_head.safetensors"
 HEAD_CONFIG = "classifier.json"
@@ -135,20 +135,17 @@ def text_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
     return batch["input_ids"][:, :width] * mask, mask
 
 
-class ClassifierModule(L.LightningModule):
+class ClassifierModule(OptimisedModule):
     """Cross-entropy training of a SequenceClassifier; accuracy, macro F1 and confusion matrix per stage."""
 
     def __init__(self, model: PreTrainedModel, class_names: list[str], hidden: int = 128, activation: str = "gelu",
                  dropout: float = 0.1, extra_token: bool = False, lr: float = 1e-3, weight_decay: float = 0.0,
                  betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.1) -> None:
-        super().__init__()
+        super().__init__(model, lr, weight_decay, betas, warmup_ratio)
         self.class_names = list(class_names)
         self.head_config = {"class_names": self.class_names, "hidden": hidden, "activation": activation,
                             "dropout": dropout, "extra_token": extra_token}
         self.classifier = SequenceClassifier(model, len(class_names), hidden, activation, dropout, extra_token)
-        self.lr, self.weight_decay, self.betas, self.warmup_ratio = lr, weight_decay, tuple(betas), warmup_ratio
-        self.base_is_frozen = any(not p.requires_grad for p in model.parameters())
-        self.strict_loading = not self.base_is_frozen
         self.losses = nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("train", "val", "test")})
         self.scores = nn.ModuleDict({stage: ClassificationMetrics(len(class_names)) for stage in ("val", "test")})
 
@@ -192,17 +189,6 @@ class ClassifierModule(L.LightningModule):
 
     def on_test_epoch_end(self) -> None:
         log_classification_epoch(self, self.scores["test"], "test", self.class_names)
-
-    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        log_grad_norm(self)
-
-    def configure_optimizers(self) -> dict[str, Any]:
-        return adamw_with_cosine(self, self.lr, self.weight_decay, self.betas, self.warmup_ratio)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        """Everything when all parameters train; only the head (and trained backbone weights) otherwise."""
-        state = super().state_dict(*args, **kwargs)
-        return trainable_only(self, state, kwargs.get("prefix", "")) if self.base_is_frozen else state
 
     def export(self, target: Path, method_cfg: DictConfig) -> None:
         """The backbone as its method saves it, plus `classifier_head.safetensors` and `classifier.json`."""

@@ -1,4 +1,4 @@
-"""The optimiser and schedule every lmlab LightningModule uses, and the frozen-base checkpoint filter."""
+"""What every lmlab LightningModule shares: AdamW + warmup/cosine, the gradient-norm log, frozen-base checkpoints."""
 
 from __future__ import annotations
 
@@ -9,29 +9,39 @@ import torch
 from transformers import get_cosine_schedule_with_warmup
 
 
-def adamw_with_cosine(
-    module: L.LightningModule, lr: float, weight_decay: float, betas: tuple[float, float], warmup_ratio: float
-) -> dict[str, Any]:
-    """AdamW over the trainable parameters (no decay on 1-D ones), linear warmup then cosine decay per step."""
-    decay, no_decay = [], []
-    for parameter in module.parameters():
-        if parameter.requires_grad:
-            (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=tuple(betas))
-    total = max(1, int(module.trainer.estimated_stepping_batches))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(warmup_ratio * total), total)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+class OptimisedModule(L.LightningModule):
+    """Base of the task modules: optimiser and schedule from `optim.*`; checkpoints keep only trainable weights
+    when the backbone is frozen (a LoRA checkpoint is the LoRA weights)."""
 
+    def __init__(self, backbone: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                 warmup_ratio: float) -> None:
+        super().__init__()
+        self.lr, self.weight_decay, self.betas, self.warmup_ratio = lr, weight_decay, tuple(betas), warmup_ratio
+        self.base_is_frozen = any(not p.requires_grad for p in backbone.parameters())
+        self.strict_loading = not self.base_is_frozen
 
-def trainable_only(module: torch.nn.Module, state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
-    """The entries of `state` (a state_dict of `module`) that are trainable parameters."""
-    trainable = {prefix + name for name, p in module.named_parameters() if p.requires_grad}
-    return {key: value for key, value in state.items() if key in trainable}
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the trainable parameters (no decay on 1-D ones), linear warmup then cosine decay per step."""
+        decay, no_decay = [], []
+        for parameter in self.parameters():
+            if parameter.requires_grad:
+                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        gradients = [p.grad for p in self.parameters() if p.grad is not None]
+        if gradients:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(gradients))
 
-def log_grad_norm(module: L.LightningModule) -> None:
-    """Log the total gradient norm of `module` as train/grad_norm."""
-    gradients = [p.grad for p in module.parameters() if p.grad is not None]
-    if gradients:
-        module.log("train/grad_norm", torch.nn.utils.get_total_norm(gradients))
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        """Everything when all parameters train; only the trainable ones when the backbone is frozen."""
+        state = super().state_dict(*args, **kwargs)
+        if not self.base_is_frozen:
+            return state
+        prefix = kwargs.get("prefix", "")
+        trainable = {prefix + name for name, p in self.named_parameters() if p.requires_grad}
+        return {key: value for key, value in state.items() if key in trainable}
