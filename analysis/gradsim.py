@@ -142,7 +142,7 @@ def compute(model: torch.nn.Module, datamodule, settings: DictConfig, seed: int)
     pieces = datamodule.records(settings.split)[: settings.max_pieces]
     if len(pieces) < 2:
         raise ValueError(f"{len(pieces)} knowledge pieces in split '{settings.split}'; GradSim needs at least 2")
-    examples = [datamodule.tokenize(*datamodule.format_example(p)) for p in pieces]
+    examples = [datamodule.answer_example(p["prompt"], p["answer"]) for p in pieces]
     gradients = PerExampleGradients(model, list(settings.layers), settings.projection_dim, seed)
     size = settings.batch_size
     vectors = torch.cat([gradients(datamodule.collate(examples[i : i + size])) for i in range(0, len(examples), size)])

@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 def score_pieces(model, datamodule, pieces: list[dict[str, Any]], answers: list[str] | None = None) -> dict[str, np.ndarray]:
     """log P(answer | prompt) and exact match of every piece (answers default to the pieces' own)."""
     answers = answers or [p["answer"] for p in pieces]
-    examples = [datamodule.tokenize(p["prompt"], " " + a) for p, a in zip(pieces, answers, strict=True)]
+    examples = [datamodule.answer_example(p["prompt"], a) for p, a in zip(pieces, answers, strict=True)]
     log_probs, matches = [], []
     for start in range(0, len(examples), 8):
         batch = datamodule.collate(examples[start : start + 8])

@@ -5,8 +5,9 @@ and the bundled sample, cycled to 64): lmlab's batched hook computation (batch 8
 piece, same layers (the model's MEMIT layers), same exact gradients; prints both times and the largest
 difference between the two GradSim matrices.
 Part 2: 20 single MEMIT edits of real HotpotQA pieces (each to another piece's answer): seconds per
-edit, edit success (exact match of the new answer) and neighbourhood specificity (share of the other
-pieces whose own answer stays more likely than the edit's new answer). Covariance statistics come
+edit, edit success (greedy exact match of every token of the new answer), efficacy (MEMIT's efficacy score:
+P(new answer) > P(old answer) after the edit) and neighbourhood specificity (share of the other pieces
+whose own answer stays more likely than the edit's new answer). Covariance statistics come
 from ../shared GSM8K train text (offline stand-in for Wikipedia), cached under ~/.cache/lmlab.
     ratio gradsim_batched_vs_loop = <x> (goal >= 3.0)
 
@@ -56,7 +57,7 @@ def main() -> None:
     bundled.source = {"kind": "bundled", "bundled": "hotpotqa"}
     pool = real + bundled.records("test")
     pieces = [pool[i % len(pool)] for i in range(args.pieces)]
-    examples = [datamodule.tokenize(*datamodule.format_example(p)) for p in pieces]
+    examples = [datamodule.answer_example(p["prompt"], p["answer"]) for p in pieces]
     layers = list(cfg.analysis.gradsim.layers)
 
     start = time.perf_counter()
@@ -87,7 +88,7 @@ def main() -> None:
         hparams.mom2_n_samples = args.stats_samples
     moments = memit.second_moments(model, tokenizer, hparams, texts, Path(cfg.paths.cache_dir) / "memit_stats" / cfg.model.name)
     edit_pieces = real[: args.edits]
-    seconds, successes, specific, neighbours = [], 0, 0, 0
+    seconds, successes, efficacious, specific, neighbours = [], 0, 0, 0, 0
     for index, piece in enumerate(edit_pieces):
         new_answer = ripple.counterfactual(edit_pieces, index)
         request = {"prompt": piece["prompt"], "subject": piece["subject"], "target_new": new_answer}
@@ -95,7 +96,9 @@ def main() -> None:
         start = time.perf_counter()
         with memit.edited(model, tokenizer, [request], hparams, moments):
             seconds.append(time.perf_counter() - start)
-            successes += int(ripple.score_pieces(model, datamodule, [piece], [new_answer])["exact_match"][0])
+            edit = ripple.score_pieces(model, datamodule, [piece], [new_answer])
+            successes += int(edit["exact_match"][0])
+            efficacious += int(edit["log_prob"][0] > ripple.score_pieces(model, datamodule, [piece])["log_prob"][0])
             own = ripple.score_pieces(model, datamodule, others)["log_prob"]
             new = ripple.score_pieces(model, datamodule, others, [new_answer] * len(others))["log_prob"]
             specific += int((own > new).sum())
@@ -104,7 +107,8 @@ def main() -> None:
     print(f"model={args.model} pieces={len(pieces)} layers={layers} threads={torch.get_num_threads()}")
     print(f"gradsim batched: {batched_seconds:.1f} s; per-example loop: {loop_seconds:.1f} s; "
           f"max |GradSim difference| = {difference:.2e}")
-    print(f"memit: {np.mean(seconds):.1f} s per edit over {len(seconds)} edits; success {successes}/{len(seconds)}; "
+    print(f"memit (lambda {hparams.mom2_update_weight}, layers {list(hparams.layers)}): {np.mean(seconds):.1f} s per edit over "
+          f"{len(seconds)} edits; success {successes}/{len(seconds)}; efficacy {efficacious}/{len(seconds)}; "
           f"neighbourhood specificity {specific / max(1, neighbours):.3f}")
     print(f"ratio gradsim_batched_vs_loop = {loop_seconds / batched_seconds:.2f} (goal >= 3.0)")
 

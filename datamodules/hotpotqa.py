@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from datamodules.base import TextDataModule
+from datamodules.base import IGNORE_INDEX, TextDataModule
 
 
 def _paragraphs(record: Mapping[str, Any]) -> tuple[dict[str, list[str]], list[tuple[str, int]]]:
@@ -71,3 +71,9 @@ class HotpotQADataModule(TextDataModule):
 
     def format_example(self, record: Mapping[str, Any]) -> tuple[str, str]:
         return record["prompt"], " " + record["answer"]
+
+    def answer_example(self, prompt: str, answer: str) -> dict[str, list[int]]:
+        """prompt + " answer" tokens with labels on the answer only and no EOS: what log P(answer | prompt) scores."""
+        prompt_ids = self.tokenizer(prompt)["input_ids"]
+        answer_ids = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}

@@ -67,7 +67,7 @@ def test_gradsim_is_symmetric_unit_diagonal_and_equals_a_per_example_loop(name: 
     loop = []
     for piece in pieces:
         model.zero_grad()
-        batch = datamodule.collate([datamodule.tokenize(*datamodule.format_example(piece))])
+        batch = datamodule.collate([datamodule.answer_example(piece["prompt"], piece["answer"])])
         gradsim.answer_log_probs(model, batch).sum().backward()
         loop.append(module.weight.grad.flatten().clone())
     expected = gradsim.cosine_matrix(torch.stack(loop))
