@@ -3,13 +3,13 @@
 import hydra
 from omegaconf import DictConfig
 
-from runtime.evaluation import run
+from runtime.evaluation import primary_metric, run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
 def main(cfg: DictConfig) -> float:
-    """Hydra entrypoint; returns flexible Pass@1 for sweepers."""
-    return run(cfg)["metrics"]["pass@1_flexible"]
+    """Hydra entrypoint; returns the task's headline metric (flexible Pass@1, accuracy, BLEU) for sweepers."""
+    return primary_metric(run(cfg)["metrics"])
 
 
 if __name__ == "__main__":

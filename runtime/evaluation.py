@@ -178,6 +178,14 @@ def _classification_rows(cfg: DictConfig, model: PreTrainedModel, datamodule: An
     return rows, {**values, "num_examples": len(rows)}
 
 
+def primary_metric(metrics: dict[str, float]) -> float:
+    """The headline number of an evaluation: flexible Pass@1 (GSM8K), accuracy (classification) or corpus BLEU."""
+    for key in ("pass@1_flexible", "accuracy", "corpus_bleu"):
+        if key in metrics:
+            return metrics[key]
+    return float("nan")
+
+
 def performance_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rows (model, dataset, Pass@1, drop from the clean set) for the runs of one stage."""
     clean = {r["model"]: r["metrics"] for r in results if r["task"] == CLEAN_TASK}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -64,3 +65,27 @@ def test_wandb_offline_run_records_the_logged_metrics_and_never_the_key(tmp_path
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
     leaked = [p for p in tmp_path.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
     assert leaked == []
+
+
+def test_method_sweep_on_classification_gives_one_summary(tmp_path: Path) -> None:
+    train(
+        "task=classification", "method=lora,adapter,projection_head", "data.max_train_samples=8", "test_after_fit=false",
+        f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}", multirun=True,
+    )
+    with (tmp_path / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    methods = [next(o for o in row["overrides"].split() if o.startswith("method=")) for row in rows]
+    assert methods == ["method=lora", "method=adapter", "method=projection_head"]
+    assert all(0 <= float(row["val/accuracy"]) <= 1 for row in rows)
+    assert all((tmp_path / str(i) / "confusion_matrix" / "val_epoch0.png").exists() for i in range(3))
+
+
+def test_evaluate_entrypoint_runs_classification_and_socratic_tasks(tmp_path: Path) -> None:
+    command = [sys.executable, "evaluate.py", "-m", "model=tiny_llama", "task=classification,socratic_math", "task.source=bundled",
+               "generation.max_new_tokens=4", "print_config=false", "logger=csv", f"hydra.sweep.dir={tmp_path}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    classification = json.loads((tmp_path / "0" / "metrics.json").read_text())
+    socratic = json.loads((tmp_path / "1" / "metrics.json").read_text())
+    assert classification["num_examples"] == 12 and 0 <= classification["accuracy"] <= 1
+    assert socratic["num_problems"] == 3 and 0 <= socratic["corpus_bleu"] <= 100
