@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_modules import models, module_class
-from lightning_modules.methods import MethodContext, count_parameters
+from lightning_modules.methods import METHOD_METRICS_FILE, MethodContext, count_parameters
 from runtime.loggers import print_config_tree
 from runtime.results import write_results
 from runtime.validate import check_config, task_module
@@ -57,9 +58,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     trainable, total = count_parameters(module)
     log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     trainer = build_trainer(cfg, model)
+    metrics_file = run_dir / METHOD_METRICS_FILE
+    method_metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
     for logger in trainer.loggers:
         logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_metrics({"params/trainable": trainable, "params/total": total}, step=0)
+        logger.log_metrics({"params/trainable": trainable, "params/total": total, **method_metrics}, step=0)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}

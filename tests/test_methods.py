@@ -126,6 +126,8 @@ def test_svd_lora_run_writes_a_rank_map_that_a_second_run_reuses(tiny_config, tm
     assert (tmp_path / "first" / "rank_map.png").exists()
     assert set(ranks) == {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
     assert all(2 <= r <= 32 for r in ranks.values())
+    logged = (tmp_path / "first" / "metrics" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {f"svd_lora/rank/{name}" for name in ranks} | {"svd_lora/mean_rank"} <= set(logged)
     second = run(tiny_config("model=tiny_gpt2", "method=svd_lora", f"method.rank_map={tmp_path / 'first' / 'rank_map.json'}",
                              "trainer.max_steps=2", "data.max_train_samples=8", run_dir=tmp_path / "second"))
     assert second["trainable_params"] == first["trainable_params"]

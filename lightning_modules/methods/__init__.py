@@ -21,6 +21,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 TRAINABLE_FILE = "trainable.safetensors"
 METHOD_FILE = "method.json"
+# numbers a method reports about itself (e.g. svd_lora's ranks); train.py logs them to every logger at step 0
+METHOD_METRICS_FILE = "method_metrics.json"
 
 
 @dataclass

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from lightning_modules.methods import MethodContext
+from lightning_modules.methods import METHOD_METRICS_FILE, MethodContext
 from lightning_modules.methods.lora import lora_config, target_modules
 
 log = logging.getLogger(__name__)
@@ -125,7 +125,7 @@ def read_rank_map(path: str | Path) -> dict[str, int]:
 
 
 def write_rank_map(ranks: dict[str, int], run_dir: Path) -> Path:
-    """`rank_map.json` and a layer x module heatmap `rank_map.png` in `run_dir`."""
+    """`rank_map.json`, a layer x module heatmap `rank_map.png` and the ranks as method metrics in `run_dir`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,6 +134,9 @@ def write_rank_map(ranks: dict[str, int], run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RANK_MAP_FILE
     path.write_text(json.dumps(ranks, indent=2) + "\n")
+    metrics = {f"svd_lora/rank/{name}": rank for name, rank in ranks.items()}
+    metrics["svd_lora/mean_rank"] = sum(ranks.values()) / len(ranks)
+    (run_dir / METHOD_METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
     layers = sorted({int(n) for name in ranks for n in name.split(".") if n.isdigit()}) or [0]
     kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in ranks))
     grid = torch.zeros(len(layers), len(kinds))
