@@ -13,7 +13,8 @@ from peft.tuners.lora import LoraLayer
 
 from lightning_modules import methods, models
 from lightning_modules.classifier import SequenceClassifier
-from lightning_modules.methods import MethodContext, adapter, svd_lora
+from lightning_modules.generation import generate
+from lightning_modules.methods import MethodContext, adapter, prompt_tuning, svd_lora
 from runtime import evaluation
 from runtime.training import build_trainable_model, run
 from tests.conftest import compose_config
@@ -145,7 +146,7 @@ def test_prompt_tuning_text_init_copies_the_word_embeddings() -> None:
     cfg = compose_config("model=tiny_llama", "method=prompt_tuning", "method.num_virtual_tokens=7", "method.init=text",
                          "method.init_text=abc")
     model, tokenizer = models.build(cfg.model)
-    tuned = methods.prompt_tuning.apply(model, cfg.method, cfg.model, MethodContext(tokenizer=tokenizer))
+    tuned = prompt_tuning.apply(model, cfg.method, cfg.model, MethodContext(tokenizer=tokenizer))
     ids = tokenizer("abcabca", add_special_tokens=False)["input_ids"]
     expected = model.get_input_embeddings().weight[ids]
     torch.testing.assert_close(tuned.prompt_encoder["default"].embedding.weight, expected)
@@ -204,3 +205,17 @@ def test_each_method_reports_its_trainable_share(tiny_config, tmp_path: Path) ->
     for method in ("adapter", "prompt_tuning"):
         assert written[method]["total_params"] == total + written[method]["trainable_params"]
         assert written[method]["trainable_share"] == pytest.approx(written[method]["trainable_params"] / written[method]["total_params"])
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
+def test_prompt_tuned_generation_is_the_same_batched_and_one_by_one(model_name: str) -> None:
+    cfg = compose_config(f"model={model_name}", "method=prompt_tuning")
+    torch.manual_seed(0)
+    model, tokenizer = models.build(cfg.model)
+    tuned = prompt_tuning.apply(model, cfg.method, cfg.model, MethodContext(tokenizer=tokenizer))
+    with torch.no_grad():
+        tuned.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)  # a prompt that steers the output
+    prompts = ["Question: 2+3?\nAnswer:", "Q:", "Question: Tom has 5 apples and buys 7 more. How many?\nAnswer:", "Q: 1+1?"]
+    batched = generate(tuned, tokenizer, prompts, batch_size=4, max_new_tokens=10)
+    alone = [generate(tuned, tokenizer, [p], batch_size=1, max_new_tokens=10)[0] for p in prompts]
+    assert batched == alone  # GPT-2's absolute positions would shift under left padding (peft drops position ids)
