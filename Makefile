@@ -27,6 +27,8 @@ bench: $(STAMP)
 	$(PY) bench/eval_throughput.py
 	$(PY) bench/attention_memory.py
 	$(PY) bench/pretrain_throughput.py
+	$(PY) bench/gradsim.py
+	$(PY) bench/methods.py
 
 clean-outputs:
 	rm -rf outputs multirun
