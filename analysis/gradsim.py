@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from datamodules.base import IGNORE_INDEX
+from lightning_modules.causal_lm import answer_log_probs
 from runtime.evaluation import load_model
 from runtime.training import write_config
 
@@ -46,14 +46,6 @@ def mlp_output_modules(model: torch.nn.Module, layers: list[int]) -> list[tuple[
     if hasattr(base, "transformer") and hasattr(base.transformer, "h"):  # GPT-2: Conv1D, weight [in, out]
         return [(f"transformer.h.{i}.mlp.c_proj", base.transformer.h[i].mlp.c_proj, True) for i in layers]
     return [(f"model.layers.{i}.mlp.down_proj", base.model.layers[i].mlp.down_proj, False) for i in layers]
-
-
-def answer_log_probs(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """log P(answer | question) of every example: the sum over its supervised tokens, shape [B]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
-    token_nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
-    return -token_nll.sum(-1)
 
 
 class PerExampleGradients:

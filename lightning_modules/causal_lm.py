@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
@@ -27,6 +28,15 @@ from lightning_modules.optim import OptimisedModule
 
 METRICS = ("loss", "token_acc", "top5_acc", "confidence")
 TRAIN_SAMPLE = 512
+
+
+def answer_log_probs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed log-probability of each sequence's supervised tokens (labels != IGNORE_INDEX): [B], differentiable."""
+    labels = batch["labels"][:, 1:]  # [B, T-1]
+    # prompt tuning returns logits for its virtual tokens too: keep the last T positions
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -labels.shape[1] - 1 : -1]
+    token_nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    return -token_nll.sum(-1)
 
 
 class NonFiniteLossError(FloatingPointError):

@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from datamodules.base import IGNORE_INDEX
-from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.causal_lm import CausalLMModule, answer_log_probs
 from lightning_modules.classifier import ClassificationMetrics, log_classification_epoch
 
 
@@ -26,13 +26,12 @@ def label_logprobs(model: PreTrainedModel, prompts: list[list[int]], labels: lis
     targets = [[IGNORE_INDEX] * len(prompt) + label for prompt in prompts for label in labels]
     width = max(map(len, sequences))
     device = next(model.parameters()).device
-    input_ids = torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], device=device)  # [P*L, T]
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
-    target = torch.tensor([t + [IGNORE_INDEX] * (width - len(t)) for t in targets], device=device)[:, 1:]  # [P*L, T-1]
-    logits = model(input_ids=input_ids, attention_mask=mask).logits[:, -width:-1].float()  # [P*L, T-1, V]
-    scored = target != IGNORE_INDEX
-    token_logprobs = logits.log_softmax(-1).gather(-1, target.clamp(min=0)[..., None])[..., 0]
-    return (token_logprobs * scored).sum(-1).view(len(prompts), len(labels))
+    batch = {  # right-padded [P*L, T]
+        "input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], device=device),
+        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device),
+        "labels": torch.tensor([t + [IGNORE_INDEX] * (width - len(t)) for t in targets], device=device),
+    }
+    return answer_log_probs(model, batch).view(len(prompts), len(labels))
 
 
 class LabelLMModule(CausalLMModule):
