@@ -14,10 +14,10 @@ from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from datamodules.sources import load_split
+from datamodules.sources import DataSourceError, load_split
 
 log = logging.getLogger(__name__)
 
@@ -34,22 +34,36 @@ def sequence_length(batch: dict[str, torch.Tensor]) -> int:
     return batch["input_ids"].shape[1]
 
 
-class EpochSeededSampler(Sampler[int]):
-    """Shuffles with a permutation fixed by (seed, epoch), so resumed runs see the same order."""
+class EpochSeededSampler(DistributedSampler):
+    """Shuffles with a permutation fixed by (seed, epoch), shards it over `num_replicas` ranks and can start
+    `start_batch` batches into epoch `start_epoch`, so a run resumed mid-epoch sees exactly the batches it had left.
 
-    def __init__(self, length: int, seed: int) -> None:
-        self.length, self.seed, self.epoch = length, seed, 0
+    It subclasses DistributedSampler so Lightning shards nothing a second time; with one replica the order is the
+    plain permutation. `len()` is the whole epoch's share, as Lightning's progress counters expect.
+    """
+
+    def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0, batch_size: int = 1,
+                 start_epoch: int = 0, start_batch: int = 0) -> None:
+        super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        self.length, self.batch_size = length, batch_size
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+        # the DataLoader draws its worker base seed from this generator, reseeded per epoch, not from the global RNG:
+        # dropout draws then do not depend on whether a run was interrupted, and worker seeds follow (seed, epoch)
+        self.loader_generator = torch.Generator()
+        self.set_epoch(start_epoch)
 
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
-        self.epoch = epoch
+        super().set_epoch(epoch)
+        self.loader_generator.manual_seed(self.seed + epoch)
 
     def __iter__(self) -> Iterator[int]:
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.length
+        order = torch.randperm(self.length, generator=generator).tolist()
+        order += order[: self.total_size - len(order)]  # pad so every rank gets num_samples indices
+        shard = order[self.rank : self.total_size : self.num_replicas]
+        skip = self.start_batch * self.batch_size if self.epoch == self.start_epoch else 0
+        return iter(shard[skip:])
 
 
 class TextDataModule(L.LightningDataModule):
@@ -80,6 +94,8 @@ class TextDataModule(L.LightningDataModule):
         self.max_train_samples, self.max_eval_samples = max_train_samples, max_eval_samples
         self.num_workers, self.seed = num_workers, seed
         self.datasets: dict[str, list[dict[str, Any]]] = {}
+        # (epoch, batches done) to continue from, restored from a checkpoint by load_state_dict
+        self.resume_position = (0, 0)
 
     def format_example(self, record: Mapping[str, Any]) -> tuple[str, str]:
         """Return (prompt, target) text for one validated record."""
@@ -135,6 +151,11 @@ class TextDataModule(L.LightningDataModule):
         """Tokenize records, dropping (and counting) those truncated to no target tokens."""
         examples = [self.tokenize_record(record) for record in records]
         kept = [example for example in examples if any(label != IGNORE_INDEX for label in example["labels"])]
+        if examples and not kept:
+            raise DataSourceError(
+                f"{split}: data.max_length={self.max_length} cuts off the target of all {len(examples)} examples "
+                f"(the prompt alone fills it, e.g. {records[0].get('_where', 'the first record')}): raise data.max_length"
+            )
         if len(kept) < len(examples):
             log.warning(
                 "%s: dropped %d of %d examples whose target was cut off by data.max_length=%d",
@@ -168,12 +189,32 @@ class TextDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train"]
+        trainer = self.trainer
+        epoch, batch = self.resume_position
+        sampler = EpochSeededSampler(
+            len(data), self.seed, num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0, batch_size=self.batch_size, start_epoch=epoch, start_batch=batch,
+        )
+        return self._loader(data, self.batch_size, sampler)
+
+    def state_dict(self) -> dict[str, int]:
+        """Where training stands in the data order (saved in every checkpoint): the epoch and its batches done."""
+        trainer = self.trainer
+        if trainer is None:
+            return {}
+        return {"epoch": trainer.current_epoch, "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue the data order where a checkpoint left it (the next train_dataloader starts there)."""
+        if state:
+            self.resume_position = (int(state["epoch"]), int(state["batches_done"]))
+
+    def _loader(self, data: list[dict[str, Any]], batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
+        # creating an iterator draws a worker seed from the loader's generator: never from the global RNG
+        generator = sampler.loader_generator if isinstance(sampler, EpochSeededSampler) else torch.Generator().manual_seed(self.seed)
         return DataLoader(
-            data,
-            batch_size=self.batch_size,
-            sampler=EpochSeededSampler(len(data), self.seed),
-            collate_fn=self.collate,
-            num_workers=self.num_workers,
+            data, batch_size=batch_size, sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
+            generator=generator,
         )
 
     def val_dataloader(self) -> DataLoader:
@@ -183,6 +224,4 @@ class TextDataModule(L.LightningDataModule):
         return self._eval_loader("test")
 
     def _eval_loader(self, split: str) -> DataLoader:
-        return DataLoader(
-            self.datasets[split], batch_size=self.eval_batch_size, collate_fn=self.collate, num_workers=self.num_workers
-        )
+        return self._loader(self.datasets[split], self.eval_batch_size)

@@ -7,6 +7,7 @@ that any later validation error can name the exact record it is about.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import json
 from collections.abc import Mapping
@@ -53,28 +54,42 @@ def read_file(path: Path) -> list[dict[str, Any]]:
     reader = readers.get(path.suffix)
     if reader is None:
         raise DataSourceError(f"{path}: unsupported extension '{path.suffix}' (use one of {sorted(readers)})")
-    return reader(path)
+    records = reader(path)
+    if not records:
+        raise DataSourceError(f"{path}: the file holds no records (empty); point task.data_files at a file with data")
+    return records
+
+
+def read_text(path: Path) -> str:
+    """The UTF-8 text of `path`; bytes that are not UTF-8 raise DataSourceError naming the file and line."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        raise DataSourceError(
+            f"{path}:{line}: not UTF-8 (byte {data[error.start]:#04x} at offset {error.start}); re-encode the file as UTF-8"
+        ) from error
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
     records = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataSourceError(f"{path}:{line_number}: malformed JSON ({error.msg})") from error
-            if not isinstance(record, dict):
-                raise DataSourceError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
-            records.append({**record, "_where": f"{path}:{line_number}"})
+    for line_number, line in enumerate(read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataSourceError(f"{path}:{line_number}: malformed JSON ({error.msg})") from error
+        if not isinstance(record, dict):
+            raise DataSourceError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+        records.append({**record, "_where": f"{path}:{line_number}"})
     return records
 
 
 def _read_json(path: Path) -> list[dict[str, Any]]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(read_text(path))
     except json.JSONDecodeError as error:
         raise DataSourceError(f"{path}:{error.lineno}: malformed JSON ({error.msg})") from error
     if isinstance(data, dict) and isinstance(data.get("data"), list):
@@ -87,17 +102,13 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8", newline="") as handle:
-        return [{**row, "_where": f"{path}:{i + 2}"} for i, row in enumerate(csv.DictReader(handle))]
+    rows = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    return [{**row, "_where": f"{path}:{i + 2}"} for i, row in enumerate(rows)]
 
 
 def _read_txt(path: Path) -> list[dict[str, Any]]:
-    with path.open(encoding="utf-8") as handle:
-        return [
-            {"text": line.rstrip("\n"), "_where": f"{path}:{i}"}
-            for i, line in enumerate(handle, start=1)
-            if line.strip()
-        ]
+    lines = read_text(path).split("\n")
+    return [{"text": line.rstrip("\r"), "_where": f"{path}:{i}"} for i, line in enumerate(lines, start=1) if line.strip()]
 
 
 def _read_hub(hub_id: str, hub_config: str | None, split: str, streaming: bool, limit: int | None) -> list[dict[str, Any]]:

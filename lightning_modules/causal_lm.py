@@ -3,7 +3,7 @@
 Metrics per stage: loss, perplexity, next-token accuracy, top-5 accuracy and the mean probability of
 the predicted token (confidence), token-weighted over the epoch (in training, top-5 and confidence use
 an evenly strided sample of at most 512 positions per batch, to keep large-vocabulary steps cheap);
-the gradient norm at every step.
+the gradient norm at every step. A non-finite training loss stops the run (OptimisedModule).
 
 Optimiser: AdamW with no weight decay on 1-D parameters (norms, biases, scalars), linear warmup then
 cosine decay. Clipping and accumulation are Trainer settings. Checkpoints hold only the trainable
@@ -37,10 +37,6 @@ def answer_log_probs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> 
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -labels.shape[1] - 1 : -1]
     token_nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
     return -token_nll.sum(-1)
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite."""
 
 
 class CausalLMModule(OptimisedModule):
@@ -93,14 +89,7 @@ class CausalLMModule(OptimisedModule):
         return loss
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self._shared_step(batch, "train")
-        if not torch.isfinite(loss):
-            raise NonFiniteLossError(
-                f"training loss is {loss.item()} at global step {self.global_step} (batch {batch_idx}). "
-                "Stopped; the last good checkpoint is untouched (checkpoints/last.ckpt in the run dir, "
-                "resume with ckpt_path=...). Try a lower optim.lr or trainer.precision=32-true."
-            )
-        return loss
+        return self._shared_step(batch, "train")
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from transformers import get_cosine_schedule_with_warmup
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite. The checkpoint callbacks fill in the checkpoint that is still good."""
+
+    def __init__(self, loss: float, step: int, batch_idx: int) -> None:
+        super().__init__(loss, step, batch_idx)
+        self.loss, self.step, self.batch_idx = loss, step, batch_idx
+        self.checkpoint_dir: Path | None = None
+        self.good_checkpoint: tuple[int, Path] | None = None  # (global step, file)
+
+    def __str__(self) -> str:
+        if self.good_checkpoint is not None:
+            step, path = self.good_checkpoint
+            resume = f"The last good checkpoint is {path} (step {step}); resume with ckpt_path={path}."
+        elif self.checkpoint_dir is not None:
+            resume = f"No good checkpoint was written before this step (in {self.checkpoint_dir}); nothing to resume from."
+        else:
+            resume = "No checkpoint callback is configured; nothing to resume from."
+        return (f"training loss is {self.loss} at global step {self.step} (batch {self.batch_idx}). Stopped. {resume} "
+                "Try a lower optim.lr or trainer.precision=32-true.")
 
 
 class OptimisedModule(L.LightningModule):
@@ -31,6 +53,11 @@ class OptimisedModule(L.LightningModule):
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_before_backward(self, loss: torch.Tensor) -> None:
+        """Stop on a NaN/inf training loss before it reaches the weights (NonFiniteLossError)."""
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(loss.item(), self.global_step, self.trainer.fit_loop.epoch_loop.batch_idx)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         gradients = [p.grad for p in self.parameters() if p.grad is not None]

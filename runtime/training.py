@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +19,16 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_modules import models, module_class
 from lightning_modules.methods import METHOD_METRICS_FILE, MethodContext, count_parameters
+from runtime.checkpointing import AtomicCheckpointIO, RestoreRNG, remove_partial_files
 from runtime.loggers import print_config_tree
 from runtime.results import write_results
 from runtime.validate import check_config, task_module
 
 log = logging.getLogger(__name__)
+
+# lmlab's DataModules restore the data position themselves (TextDataModule.state_dict): Lightning's warning that a
+# mid-epoch resume replays batches does not apply to them
+warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, L.LightningDataModule]:
@@ -38,12 +44,13 @@ def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedT
 def build_trainer(cfg: DictConfig, model: PreTrainedModel) -> L.Trainer:
     """The Lightning Trainer of `cfg.trainer`, with the configured callbacks and loggers."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(RestoreRNG())  # exact resume is not optional: every checkpoint carries the RNG states
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
     extra: dict[str, Any] = {}
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, DictConfig):  # a strategy factory that needs the model (FSDP wrap units)
         extra["strategy"] = instantiate(strategy)(model)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **extra)
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **extra)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -54,7 +61,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
 
     model, tokenizer, datamodule = build_trainable_model(cfg)
+    check_data(cfg, datamodule)
     module = module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+    if cfg.get("ckpt_path"):
+        for path in remove_partial_files(Path(cfg.ckpt_path).parent):
+            log.info("removed %s, a partial checkpoint write of a killed run", path)
     trainable, total = count_parameters(module)
     log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     trainer = build_trainer(cfg, model)
@@ -79,15 +90,43 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "trainable_params": trainable,
             "total_params": total,
             "trainable_share": trainable / total,
+            **divergence(module, cfg.divergence_max_abs_weight),
             "metrics": metrics,
             "run_dir": str(run_dir),
         }
+        if results["diverged"]:
+            log.warning("RUN DIVERGED: %s. Its metrics and final/ are not a trained model; results.json says "
+                        "diverged: true. Lower optim.lr.", results["divergence_reason"])
         if trainer.is_global_zero:
             results["final_dir"] = _export(trainer, module, tokenizer, cfg.method, run_dir / "final")
             log.info("results: %s", write_results(run_dir, results))
         return results
     finally:
         _finish_wandb()
+
+
+def check_data(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
+    """Fail before training when a split the run needs has no usable example (the message names the cause)."""
+    datamodule.setup("fit")
+    if cfg.test_after_fit:
+        datamodule.setup("test")
+        if not datamodule.datasets["test"]:
+            raise ValueError(
+                f"task '{cfg.task.name}': the test split has no examples, so test_after_fit=true would report no test "
+                "metrics; point task.data_files.test at a non-empty file or set test_after_fit=false"
+            )
+
+
+def divergence(module: L.LightningModule, max_abs_weight: float) -> dict[str, Any]:
+    """`diverged` (and why) when the trainable weights are not finite or larger than `max_abs_weight`."""
+    largest = max((p.detach().abs().max().item() for p in module.parameters() if p.requires_grad), default=0.0)
+    report: dict[str, Any] = {"diverged": False, "max_abs_trainable_weight": largest}
+    if not largest < float("inf") or largest != largest:
+        report |= {"diverged": True, "divergence_reason": "trainable weights are not finite"}
+    elif largest > max_abs_weight:
+        report |= {"diverged": True, "divergence_reason": f"a trainable weight reached {largest:.3g} "
+                   f"(> divergence_max_abs_weight={max_abs_weight:g})"}
+    return report
 
 
 def _export(trainer: L.Trainer, module: L.LightningModule, tokenizer: PreTrainedTokenizerBase,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -35,7 +36,26 @@ def check_config(cfg: DictConfig) -> None:
             f"method '{method.name}' cannot train task '{cfg.task.name}': the task uses the '{module}' module "
             f"and method.supports is {list(method.supports)}"
         )
+    _check_data_and_optim(cfg)
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (runs keep them in <run dir>/checkpoints)")
+    if cfg.get("ckpt_path") and Path(cfg.ckpt_path).stat().st_size == 0:
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: the checkpoint file is empty (0 bytes); resume from another "
+                          f"checkpoint in {Path(cfg.ckpt_path).parent} (last.ckpt.previous or best-*.ckpt)")
     if cfg.trainer.get("fast_dev_run") and cfg.get("ckpt_path"):
         raise ConfigError("trainer=debug (fast_dev_run) writes no checkpoints; drop ckpt_path or use another trainer")
+
+
+def _check_data_and_optim(cfg: DictConfig) -> None:
+    """Batch sizes and lengths are positive; `optim` holds only the keys the task module's optimiser takes."""
+    for key in ("batch_size", "eval_batch_size", "max_length"):
+        value = (cfg.get("data") or {}).get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ConfigError(f"data.{key}={value}: must be a positive integer")
+    if "optim" in cfg:
+        from lightning_modules.optim import OptimisedModule
+
+        accepted = [name for name in inspect.signature(OptimisedModule.__init__).parameters if name not in ("self", "backbone")]
+        unknown = sorted(set(cfg.optim) - set(accepted))
+        if unknown:
+            raise ConfigError(f"optim.{unknown[0]}: unknown optimiser key; optim takes {accepted}")

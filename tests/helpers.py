@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -44,3 +46,16 @@ class DumpWeightsPerRank(L.Callback):
         self.dirpath.mkdir(parents=True, exist_ok=True)
         state = {n: p.detach().clone().contiguous() for n, p in pl_module.named_parameters() if p.requires_grad}
         save_file(state, self.dirpath / f"weights_rank{trainer.global_rank}.safetensors")
+
+
+class InterruptAtStep(L.Callback):
+    """Simulates a kill before optimizer step `step` runs: Ctrl-C (KeyboardInterrupt) or a real SIGKILL of the process."""
+
+    def __init__(self, step: int, kill: bool = False) -> None:
+        self.step, self.kill = step, kill
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.step:
+            if self.kill:
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise KeyboardInterrupt

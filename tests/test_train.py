@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from lightning_modules import module_class
-from lightning_modules.causal_lm import NonFiniteLossError
+from lightning_modules.optim import NonFiniteLossError
 from runtime.training import build_trainable_model, run
 
 TINY_MODELS = ["tiny_llama", "tiny_diffllama", "tiny_gpt2", "tiny_qwen2"]

@@ -1,0 +1,213 @@
+"""Checkpoints a resumed run can trust.
+
+- Writes are atomic: a temp file in the checkpoint's own directory, fsync, then `os.replace`; a failure (a kill,
+  Ctrl-C, a full disk) removes the temp file and leaves the previous checkpoint as it was. Lightning's own
+  writer stages in /tmp and moves the file, which truncates the target first when /tmp is another filesystem.
+- Every RNG (python, numpy, torch CPU and CUDA) of every rank is saved and restored right before the first
+  training step after a resume; the data position is the DataModule's (`TextDataModule.state_dict`).
+- No checkpoint holds non-finite weights; when the loss turns non-finite at step k, a `last.ckpt` written with
+  the weights of step k (their loss is that non-finite one) is rolled back to the one before it.
+- Loading reads with `torch.load(weights_only=True)` and names the file when it is empty, truncated or corrupt.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from lightning_modules.optim import NonFiniteLossError
+
+log = logging.getLogger(__name__)
+
+RNG_KEY = "lmlab_rng_states"
+PREVIOUS_SUFFIX = ".previous"
+TEMP_SUFFIX = ".partial"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file cannot be used; the message names the file."""
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write `path` through `write(handle)` so that it holds either its old content or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the rename itself survives a power loss
+    finally:
+        os.close(directory)
+
+
+def remove_partial_files(directory: str | os.PathLike) -> list[Path]:
+    """Delete temp files that a killed writer left in `directory` (their process is gone); return them."""
+    removed = []
+    for path in Path(directory).glob(f".*{TEMP_SUFFIX}"):
+        pid = path.name.removesuffix(TEMP_SUFFIX).rsplit(".", 1)[-1]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None) -> dict[str, Any]:
+    """A checkpoint read with weights_only=True; a missing, empty, truncated or corrupt file raises CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file (runs keep them in <run dir>/checkpoints)")
+    hint = f"Resume from another checkpoint in {path.parent} (last.ckpt, {path.name}{PREVIOUS_SUFFIX} or best-*.ckpt)."
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes). {hint}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as error:  # torch raises EOFError, RuntimeError or UnpicklingError for damaged files
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(error).__name__}: {error}). {hint}") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict). {hint}")
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO with atomic writes and weights-only, file-naming loads."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        write_atomically(path, lambda handle: torch.save(checkpoint, handle))
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        return load_checkpoint_file(path, map_location)
+
+
+def rng_states() -> dict[str, Any]:
+    """This process's python, numpy, torch and CUDA RNG states, in types torch.load(weights_only=True) reads."""
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    states: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    """Restore the RNG states `rng_states` returned."""
+    version, internal, gauss = states["python"]
+    random.setstate((version, tuple(internal), gauss))
+    numpy = states["numpy"]
+    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+
+
+class RestoreRNG(L.Callback):
+    """Saves every rank's RNG states in each checkpoint and restores them right before the first training step
+    after a resume, the point where an uninterrupted run draws its next random number (dropout)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, Any] | None = None
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        states = rng_states()
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
+            gathered: list[Any] = [None] * trainer.world_size
+            torch.distributed.all_gather_object(gathered, states)
+        else:
+            gathered = [states]
+        checkpoint[RNG_KEY] = gathered
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        saved = checkpoint.get(RNG_KEY)
+        if not saved:
+            log.warning("the checkpoint holds no RNG states (written before lmlab saved them): dropout after resume "
+                        "differs from an uninterrupted run")
+            return
+        if len(saved) != trainer.world_size:
+            log.warning("the checkpoint was written by %d processes, this run has %d: RNG states are not restored, "
+                        "so the resumed run is not bit-identical", len(saved), trainer.world_size)
+            return
+        self.pending = saved[trainer.global_rank]
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.pending is not None:
+            set_rng_states(self.pending)
+            self.pending = None
+
+
+class SafeModelCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that writes no non-finite weights or monitored value, and keeps the file it overwrites as
+    `<name>.previous`: an unmonitored checkpoint's weights are known good only once they gave a finite loss."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.written: dict[Path, int] = {}  # file -> global step of the weights it holds
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        monitored = trainer.callback_metrics.get(self.monitor) if self.monitor else None
+        weights = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
+        if (monitored is not None and not torch.isfinite(monitored)) or not all(torch.isfinite(p).all() for p in weights):
+            log.warning("not writing %s at step %d: the weights or %s are not finite", filepath, trainer.global_step, self.monitor)
+            return
+        path = Path(filepath)
+        if trainer.is_global_zero and path in self.written and path.exists():
+            previous = path.with_name(path.name + PREVIOUS_SUFFIX)
+            os.replace(path, previous)
+            self.written[previous] = self.written[path]
+        super()._save_checkpoint(trainer, filepath)
+        self.written[path] = trainer.global_step
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if not isinstance(exception, NonFiniteLossError) or not trainer.is_global_zero:
+            return
+        if self.monitor is None:  # the weights of step k gave the non-finite loss: undo files written at step k
+            for path in [p for p, step in self.written.items() if step >= exception.step and not p.name.endswith(PREVIOUS_SUFFIX)]:
+                self._roll_back(path)
+        exception.checkpoint_dir = Path(self.dirpath) if self.dirpath else None
+        good = [(step, path) for path, step in self.written.items() if step < exception.step and path.exists()]
+        candidates = [c for c in (exception.good_checkpoint, max(good, default=None)) if c is not None]
+        exception.good_checkpoint = max(candidates, default=None)
+
+    def _roll_back(self, path: Path) -> None:
+        """Replace `path` with the file it overwrote, or delete it when there is none."""
+        previous = path.with_name(path.name + PREVIOUS_SUFFIX)
+        if previous.exists():
+            os.replace(previous, path)
+            self.written[path] = self.written.pop(previous)
+            log.warning("%s held the weights whose loss was not finite: restored the checkpoint it replaced", path)
+        else:
+            path.unlink(missing_ok=True)
+            self.written.pop(path)
+            log.warning("deleted %s: it held the weights whose loss was not finite", path)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
