@@ -15,16 +15,27 @@ from collections.abc import Mapping
 from typing import Any
 
 from datamodules.base import IGNORE_INDEX, TextDataModule
+from datamodules.sources import DataSourceError
 
 
 def _paragraphs(record: Mapping[str, Any]) -> tuple[dict[str, list[str]], list[tuple[str, int]]]:
+    where = record.get("_where", "a record")
+    for key in ("context", "supporting_facts", "answer"):
+        if key not in record:
+            raise DataSourceError(f"{where}: HotpotQA record without '{key}' (needs context, supporting_facts, answer)")
     context, facts = record["context"], record["supporting_facts"]
-    if isinstance(context, Mapping):  # hub format
-        paragraphs = dict(zip(context["title"], context["sentences"], strict=True))
-        supporting = list(zip(facts["title"], facts["sent_id"], strict=True))
-    else:
-        paragraphs = {title: sentences for title, sentences in context}
-        supporting = [(title, sentence) for title, sentence in facts]
+    try:
+        if isinstance(context, Mapping):  # hub format
+            paragraphs = dict(zip(context["title"], context["sentences"], strict=True))
+            supporting = list(zip(facts["title"], facts["sent_id"], strict=True))
+        else:
+            paragraphs = {title: sentences for title, sentences in context}
+            supporting = [(title, int(sentence)) for title, sentence in facts]
+    except (KeyError, TypeError, ValueError) as error:
+        raise DataSourceError(
+            f"{where}: malformed HotpotQA context/supporting_facts ({type(error).__name__}: {error}); expected "
+            "context [[title, [sentences]], ...] and supporting_facts [[title, sentence index], ...] (or the hub's columns)"
+        ) from error
     return paragraphs, supporting
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
@@ -201,7 +201,7 @@ class ClassifierModule(OptimisedModule):
     def load(cls, model: PreTrainedModel, directory: Path) -> ClassifierModule:
         """The classifier saved by `export` in `directory`, on the (restored) backbone `model`."""
         module = cls(model, **json.loads((directory / HEAD_CONFIG).read_text()))
-        head = load_file(directory / HEAD_FILE)
+        head = methods.read_safetensors(directory / HEAD_FILE)
         missing, unexpected = module.classifier.load_state_dict(head, strict=False)
         missing = [name for name in missing if not name.startswith("model.")]
         if missing or unexpected:

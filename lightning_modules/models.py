@@ -10,6 +10,7 @@ Where weights come from, first match wins:
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -33,6 +34,10 @@ log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+# where a model built by lmlab keeps the identity of its base model (set before a method changes it)
+BASE_IDENTITY_ATTR = "lmlab_base_model"
+
+
 class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says which option fixes it."""
 
@@ -49,6 +54,34 @@ def build(cfg: DictConfig, cache_dir: str | os.PathLike | None = None) -> tuple[
     if cfg.get("gguf"):
         return _from_directory(cfg, gguf_cache_dir(cfg, cache_dir))
     return _from_hub(cfg)
+
+
+def base_identity(model: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
+    """What a trained method must be applied to: config name, weight source, architecture class, and a fingerprint
+    (sha256 of every parameter's name and shape), taken from the base model before a method changes it."""
+    shapes = "\n".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
+    source = cfg.get("path") or cfg.get("hub_id") or (cfg.gguf.file if cfg.get("gguf") else None) or "scratch"
+    return {
+        "name": cfg.name,
+        "source": str(source),
+        "revision": cfg.get("revision"),
+        "architecture": type(model).__name__,
+        "fingerprint": hashlib.sha256(shapes.encode()).hexdigest()[:16],
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    }
+
+
+def check_same_base(saved: dict[str, Any] | None, current: dict[str, Any] | None, where: str, allow: bool) -> None:
+    """Raise ModelLoadError when `saved` (from a checkpoint or export at `where`) names another base model than
+    `current`, unless `allow` (the allow_base_mismatch override)."""
+    if not saved or not current or saved["fingerprint"] == current["fingerprint"] or allow:
+        return
+    raise ModelLoadError(
+        f"{where} was trained on model '{saved['name']}' ({saved['architecture']}, {saved['source']}, fingerprint "
+        f"{saved['fingerprint']}), but this run built model '{current['name']}' ({current['architecture']}, "
+        f"{current['source']}, fingerprint {current['fingerprint']}). Pass model={saved['name']} (or leave model= out "
+        "for evaluate.py), or allow_base_mismatch=true if you really mean to apply it to another base."
+    )
 
 
 def build_tokenizer(cfg: DictConfig, cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
@@ -120,13 +153,21 @@ def _from_directory(cfg: DictConfig, directory: Path) -> tuple[PreTrainedModel, 
         )
     has_tokenizer = (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists()
     tokenizer = _load_tokenizer(directory, cfg) if has_tokenizer else build_tokenizer(cfg)
-    return AutoModelForCausalLM.from_pretrained(directory, **_load_kwargs(cfg)), tokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, **_load_kwargs(cfg))
+    except Exception as error:  # a damaged file surfaces as SafetensorError, OSError, ValueError or RuntimeError
+        weights = sorted(p.name for p in directory.glob("*.safetensors")) or ["no *.safetensors file"]
+        raise ModelLoadError(
+            f"model.path={directory}: its weights ({', '.join(weights)}) could not be read, truncated or corrupt? ({error}) "
+            "Re-save the model with save_pretrained."
+        ) from error
+    return model, tokenizer
 
 
 def _from_hub(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     tokenizer = build_tokenizer(cfg)
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, **_load_kwargs(cfg))
+        model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, **_load_kwargs(cfg), **_revision(cfg))
     except OSError as error:
         raise ModelLoadError(_hub_hint(cfg, error)) from error
     return model, tokenizer
@@ -151,7 +192,8 @@ def _random_init_of(cfg: DictConfig, cache_dir: str | os.PathLike | None) -> tup
     """Fresh random weights with the architecture (config.json) of the model's path, GGUF or hub id."""
     source = cfg.get("path") or (gguf_cache_dir(cfg, cache_dir) if cfg.get("gguf") else cfg.hub_id)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code")))
+        config = AutoConfig.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code")),
+                                            **({} if Path(str(source)).is_dir() else _revision(cfg)))
     except OSError as error:
         raise ModelLoadError(_hub_hint(cfg, error)) from error
     tokenizer = _load_tokenizer(cfg.path, cfg) if cfg.get("path") else build_tokenizer(cfg, cache_dir)
@@ -160,7 +202,8 @@ def _random_init_of(cfg: DictConfig, cache_dir: str | os.PathLike | None) -> tup
 
 def _load_tokenizer(name_or_dir: str | Path, cfg: DictConfig) -> PreTrainedTokenizerBase:
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=bool(cfg.get("trust_remote_code")))
+        revision = {} if Path(name_or_dir).is_dir() else _revision(cfg)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=bool(cfg.get("trust_remote_code")), **revision)
     except OSError as error:
         raise ModelLoadError(_hub_hint(cfg, error)) from error
     if tokenizer.pad_token is None:
@@ -176,6 +219,11 @@ def _load_kwargs(cfg: DictConfig) -> dict[str, Any]:
     if cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = cfg.attn_implementation
     return kwargs
+
+
+def _revision(cfg: DictConfig) -> dict[str, str]:
+    """`revision=` for hub loads when `model.revision` pins a commit, tag or branch."""
+    return {"revision": str(cfg.revision)} if cfg.get("revision") else {}
 
 
 def _hub_hint(cfg: DictConfig, error: Exception) -> str:

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
 import torch
 from transformers import get_cosine_schedule_with_warmup
+
+from lightning_modules.models import BASE_IDENTITY_ATTR, ModelLoadError, check_same_base
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,6 +44,8 @@ class OptimisedModule(L.LightningModule):
         self.lr, self.weight_decay, self.betas, self.warmup_ratio = lr, weight_decay, tuple(betas), warmup_ratio
         self.base_is_frozen = any(not p.requires_grad for p in backbone.parameters())
         self.strict_loading = not self.base_is_frozen
+        self.base_model_identity = getattr(backbone, BASE_IDENTITY_ATTR, None)
+        self.allow_base_mismatch = False
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over the trainable parameters (no decay on 1-D ones), linear warmup then cosine decay per step."""
@@ -63,6 +68,28 @@ class OptimisedModule(L.LightningModule):
         gradients = [p.grad for p in self.parameters() if p.grad is not None]
         if gradients:
             self.log("train/grad_norm", torch.nn.utils.get_total_norm(gradients))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the base model the trained weights belong to."""
+        checkpoint[BASE_IDENTITY_ATTR] = self.base_model_identity
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another base model (unless allow_base_mismatch)."""
+        check_same_base(checkpoint.get(BASE_IDENTITY_ATTR), self.base_model_identity, "the checkpoint (ckpt_path)",
+                        self.allow_base_mismatch)
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """Load weights; with a frozen base (strict loading off) every saved key must be used and every trainable
+        weight present, so an adapter never half-loads onto a different model."""
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        if self.base_is_frozen:
+            missing = sorted({name for name, p in self.named_parameters() if p.requires_grad} - set(state_dict))
+            if result.unexpected_keys or missing:
+                raise ModelLoadError(
+                    f"checkpoint weights do not fit this model: unused {sorted(result.unexpected_keys)[:3]}, "
+                    f"missing trainable {missing[:3]}"
+                )
+        return result
 
     def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         """Everything when all parameters train; only the trainable ones when the backbone is frozen."""

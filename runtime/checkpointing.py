@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -174,7 +175,7 @@ class SafeModelCheckpoint(ModelCheckpoint):
         path = Path(filepath)
         if trainer.is_global_zero and path in self.written and path.exists():
             previous = path.with_name(path.name + PREVIOUS_SUFFIX)
-            os.replace(path, previous)
+            _keep_copy(path, previous)  # last.ckpt itself stays in place until the new one replaces it whole
             self.written[previous] = self.written[path]
         super()._save_checkpoint(trainer, filepath)
         self.written[path] = trainer.global_step
@@ -201,6 +202,17 @@ class SafeModelCheckpoint(ModelCheckpoint):
             path.unlink(missing_ok=True)
             self.written.pop(path)
             log.warning("deleted %s: it held the weights whose loss was not finite", path)
+
+
+def _keep_copy(path: Path, copy: Path) -> None:
+    """Make `copy` hold `path`'s current content: a hard link (free), or a real copy where links are not supported."""
+    staging = copy.with_name(f".{copy.name}.{os.getpid()}{TEMP_SUFFIX}")
+    staging.unlink(missing_ok=True)
+    try:
+        os.link(path, staging)
+    except OSError:
+        shutil.copy2(path, staging)
+    os.replace(staging, copy)
 
 
 def _process_alive(pid: int) -> bool:

@@ -48,17 +48,32 @@ def checkpoint_dir(cfg: DictConfig) -> Path | None:
     return directory / "final" if (directory / "final").is_dir() else directory
 
 
+def checkpoint_model(cfg: DictConfig) -> DictConfig:
+    """The model config to evaluate: the one a `ckpt=` export was trained on when the command line chose no
+    `model=` (its base_model.json), else `cfg.model`."""
+    directory = checkpoint_dir(cfg)
+    saved = _saved_identity(directory) if directory is not None else None
+    chosen = any(o.lstrip("+~").startswith("model") for o in overrides())
+    if saved is None or chosen or "config" not in saved:
+        return cfg.model
+    log.info("ckpt=%s was trained on model '%s': evaluating that model (pass model=... to choose another)", cfg.ckpt, saved["name"])
+    return OmegaConf.create(saved["config"])
+
+
 def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model of `cfg.model`, or the fine-tuned one that `cfg.ckpt` points to."""
+    """The base model of `cfg.model`, or the fine-tuned one that `cfg.ckpt` points to (refused when it was
+    trained on another base model, unless allow_base_mismatch)."""
     directory = checkpoint_dir(cfg)
     if directory is None:
         return models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     if (directory / "adapter_config.json").exists() or (directory / methods.METHOD_FILE).exists():
         base, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
+        models.check_same_base(_saved_identity(directory), models.base_identity(base, cfg.model), f"ckpt={cfg.ckpt}",
+                               bool(cfg.get("allow_base_mismatch")))
         if (directory / "tokenizer_config.json").exists():
             tokenizer = AutoTokenizer.from_pretrained(directory)
         if (directory / "adapter_config.json").exists():
-            return PeftModel.from_pretrained(base, directory), tokenizer
+            return _load_adapter(base, directory), tokenizer
         return methods.restore(base, directory, cfg.model), tokenizer
     if (directory / "config.json").exists():
         model_cfg = cfg.model.copy()
@@ -71,6 +86,19 @@ def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     )
 
 
+def _saved_identity(directory: Path) -> dict[str, Any] | None:
+    path = directory / methods.BASE_MODEL_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _load_adapter(base: PreTrainedModel, directory: Path) -> PeftModel:
+    """A peft adapter on `base`; a corrupt adapter file raises ValueError naming it."""
+    weights = directory / "adapter_model.safetensors"
+    if weights.exists():
+        methods.read_safetensors(weights)
+    return PeftModel.from_pretrained(base, directory)
+
+
 def pass_at_k(samples: int, correct: int, k: int) -> float:
     """Unbiased pass@k for one problem with `correct` of `samples` completions right."""
     if samples - correct < k:
@@ -81,6 +109,8 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one (model, task, checkpoint); write predictions.jsonl, metrics.json and results.json."""
     run_dir = Path(cfg.paths.output_dir)
+    with open_dict(cfg):
+        cfg.model = checkpoint_model(cfg)
     write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
     model, tokenizer = load_model(cfg)

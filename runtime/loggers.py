@@ -5,8 +5,10 @@ from __future__ import annotations
 import logging
 import netrc
 import os
+import threading
 from typing import Any
 
+import httpx
 import rich
 import rich.syntax
 import rich.tree
@@ -26,10 +28,35 @@ def wandb_has_credentials() -> bool:
         return False
 
 
+def wandb_reachable(timeout: float = 3.0) -> bool:
+    """True when the W&B server (WANDB_BASE_URL, default api.wandb.ai) answers HTTP within `timeout` seconds."""
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    answered = threading.Event()
+
+    def probe() -> None:
+        try:
+            httpx.get(url, timeout=timeout)
+            answered.set()
+        except httpx.HTTPError:
+            pass
+
+    thread = threading.Thread(target=probe, daemon=True)  # a thread bounds DNS look-ups too, which ignore timeouts
+    thread.start()
+    thread.join(timeout + 1.0)
+    return answered.is_set()
+
+
 def wandb_logger(**kwargs: Any) -> WandbLogger:
-    """A WandbLogger that runs offline (no network wait) when there are no credentials or WANDB_MODE=offline."""
+    """A WandbLogger that runs offline (no network wait) when there are no credentials, WANDB_MODE=offline, or
+    the W&B server does not answer within seconds (a key set on an offline machine)."""
     offline = os.environ.get("WANDB_MODE") in ("offline", "disabled") or not wandb_has_credentials()
-    if offline:
+    if not offline and not wandb_reachable():
+        offline = True
+        os.environ["WANDB_MODE"] = "offline"
+        log.warning("W&B: credentials found but %s does not answer; logging offline under %s/wandb instead "
+                    "(upload later with `wandb sync`)", os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"),
+                    kwargs.get("save_dir", "."))
+    elif offline:
         os.environ.setdefault("WANDB_MODE", "offline")
         log.info(
             "W&B: no credentials found (WANDB_API_KEY / wandb login), logging offline under %s/wandb; "

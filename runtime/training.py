@@ -11,14 +11,14 @@ from typing import Any
 
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_method, instantiate
+from hydra.utils import instantiate
 from lightning.pytorch.strategies import FSDPStrategy
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_modules import models, module_class
-from lightning_modules.methods import METHOD_METRICS_FILE, MethodContext, count_parameters
+from lightning_modules.methods import METHOD_METRICS_FILE, MethodContext, count_parameters, resolve_apply
 from runtime.checkpointing import AtomicCheckpointIO, RestoreRNG, remove_partial_files
 from runtime.loggers import print_config_tree
 from runtime.results import write_results
@@ -34,9 +34,11 @@ warnings.filterwarnings("ignore", message="You're resuming from a checkpoint tha
 def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, L.LightningDataModule]:
     """Build `cfg.model` and the task's DataModule, and turn the model into the trainable one with `cfg.method`."""
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
+    identity = models.base_identity(model, cfg.model)
     datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
     context = MethodContext(tokenizer=tokenizer, datamodule=datamodule, run_dir=Path(cfg.paths.output_dir))
-    model = get_method(cfg.method.apply)(model, cfg.method, cfg.model, context)
+    model = resolve_apply(cfg.method.apply, "method.apply")(model, cfg.method, cfg.model, context)
+    setattr(model, models.BASE_IDENTITY_ATTR, identity)  # recorded in every checkpoint and export
     model.train()  # from_pretrained leaves eval mode (dropout off); training needs train mode
     return model, tokenizer, datamodule
 
@@ -63,6 +65,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model, tokenizer, datamodule = build_trainable_model(cfg)
     check_data(cfg, datamodule)
     module = module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+    module.allow_base_mismatch = bool(cfg.get("allow_base_mismatch"))
     if cfg.get("ckpt_path"):
         for path in remove_partial_files(Path(cfg.ckpt_path).parent):
             log.info("removed %s, a partial checkpoint write of a killed run", path)

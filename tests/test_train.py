@@ -110,14 +110,15 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, tmp_path: Path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config, tmp_path: Path) -> None:
+def test_nan_loss_stops_the_run_and_rolls_back_the_checkpoint_of_the_nan_weights(tiny_config, tmp_path: Path) -> None:
     cfg = tiny_config("model=tiny_llama", "method=full", "trainer.max_steps=10", "callbacks.last_checkpoint.every_n_train_steps=1")
     with open_dict(cfg):
         cfg.callbacks.poison = {"_target_": "tests.helpers.PoisonWeightsAtStep", "step": 3}
-    with pytest.raises(NonFiniteLossError, match="training loss is nan at global step 3.*last good checkpoint"):
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    with pytest.raises(NonFiniteLossError, match=f"training loss is nan at global step 3 .*The last good checkpoint is {last} \\(step 2\\)"):
         run(cfg)
-    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["global_step"] == 3
+    checkpoint = torch.load(last, weights_only=True)
+    assert checkpoint["global_step"] == 2  # the step-3 file held the weights whose loss was NaN: rolled back
     assert all(torch.isfinite(t).all() for t in checkpoint["state_dict"].values())
 
 

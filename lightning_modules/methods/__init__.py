@@ -10,19 +10,46 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from hydra.utils import get_method
+import importlib
+import pkgutil
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_modules.models import BASE_IDENTITY_ATTR
+
 TRAINABLE_FILE = "trainable.safetensors"
 METHOD_FILE = "method.json"
 # numbers a method reports about itself (e.g. svd_lora's ranks); train.py logs them to every logger at step 0
 METHOD_METRICS_FILE = "method_metrics.json"
+# the base model an export was trained on (lightning_modules.models.base_identity)
+BASE_MODEL_FILE = "base_model.json"
+
+
+class UnknownMethodError(ValueError):
+    """A config or checkpoint names a method that is not one of lmlab's method modules."""
+
+
+def method_names() -> list[str]:
+    """The registered methods: the modules of this package."""
+    return sorted(module.name for module in pkgutil.iter_modules(__path__))
+
+
+def resolve_apply(dotted: str, where: str) -> Callable[..., PreTrainedModel]:
+    """The `apply` function named by `dotted`, only when it is `lightning_modules.methods.<registered name>.apply`:
+    a checkpoint's method.json can select one of lmlab's methods, never run any other importable function."""
+    prefix, _, name = dotted.removesuffix(".apply").rpartition(".")
+    if prefix != __name__ or name not in method_names() or not dotted.endswith(".apply"):
+        raise UnknownMethodError(
+            f"{where}: '{dotted}' is not a registered lmlab method; apply must be "
+            f"{__name__}.<name>.apply with <name> one of {method_names()}"
+        )
+    return importlib.import_module(f"{__name__}.{name}").apply
 
 
 @dataclass
@@ -49,6 +76,9 @@ def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def export(model: PreTrainedModel, method_cfg: DictConfig, target: Path) -> None:
     """Save what training changed: a peft adapter, the whole model (full), or the trainable weights + method."""
     target.mkdir(parents=True, exist_ok=True)
+    identity = getattr(model, BASE_IDENTITY_ATTR, None)
+    if identity is not None:
+        (target / BASE_MODEL_FILE).write_text(json.dumps(identity, indent=2) + "\n")
     trainable, total = count_parameters(model)
     if isinstance(model, PeftModel) or trainable == total:
         model.save_pretrained(target, safe_serialization=True)
@@ -62,9 +92,9 @@ def export(model: PreTrainedModel, method_cfg: DictConfig, target: Path) -> None
 def restore(base: PreTrainedModel, directory: Path, model_cfg: DictConfig) -> PreTrainedModel:
     """Re-apply the method saved by `export` in `directory` to `base` and load its trained weights."""
     method_cfg = OmegaConf.create(json.loads((directory / METHOD_FILE).read_text()))
-    model = get_method(method_cfg.apply)(base, method_cfg, model_cfg, None)
+    model = resolve_apply(str(method_cfg.get("apply")), str(directory / METHOD_FILE))(base, method_cfg, model_cfg, None)
     if (directory / TRAINABLE_FILE).exists():
-        state = load_file(directory / TRAINABLE_FILE)
+        state = read_safetensors(directory / TRAINABLE_FILE)
         expected = set(trainable_state(model))
         if set(state) != expected:
             raise ValueError(
@@ -73,3 +103,11 @@ def restore(base: PreTrainedModel, directory: Path, model_cfg: DictConfig) -> Pr
             )
         model.load_state_dict(state, strict=False)
     return model
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a corrupt or truncated file raises ValueError naming it."""
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises SafetensorError / OSError for damaged files
+        raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({error}); re-export it") from error
