@@ -7,15 +7,15 @@ method may need beyond the model (the tokenizer, the task's data, the run dir). 
 
 from __future__ import annotations
 
+import importlib
 import json
+import pkgutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 import torch
-import importlib
-import pkgutil
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
