@@ -31,6 +31,8 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
         row = {"job": path.parent.name, "overrides": " ".join(result.get("overrides", []))}
         row.update(result.get("metrics", {}))
         row["trainable_params"] = result.get("trainable_params")
+        if "diverged" in result:
+            row["diverged"] = result["diverged"]
         rows.append(row)
     return rows
 

@@ -95,11 +95,11 @@ def test_loss_mask_covers_exactly_the_target_tokens() -> None:
     assert tokenizer.decode(labels) == target + tokenizer.eos_token
 
 
-def test_examples_truncated_to_no_target_are_dropped(tmp_path: Path) -> None:
+def test_a_max_length_that_cuts_off_every_target_is_an_error(tmp_path: Path) -> None:
     module = gsm8k_module({"kind": "bundled", "bundled": "gsm8k"}, max_length=64, val_size=4)
-    module.setup("fit")
-    assert all(len(e["input_ids"]) <= 64 for e in module.datasets["train"])
-    assert len(module.datasets["train"]) == 0  # every bundled prompt is longer than 64 bytes
+    # every bundled prompt is longer than 64 bytes: nothing would train
+    with pytest.raises(DataSourceError, match="train: data.max_length=64 cuts off the target of all 28 examples"):
+        module.setup("fit")
 
 
 def test_collate_right_pads_and_masks_padding() -> None:
@@ -130,3 +130,16 @@ def test_sampler_order_depends_only_on_seed_and_epoch() -> None:
     assert list(first) == list(again)
     assert list(first) != list(other)
     assert sorted(other) == list(range(10))
+
+
+def test_sampler_shards_over_ranks_and_resumes_at_a_batch_of_its_epoch() -> None:
+    ranks = [EpochSeededSampler(10, seed=3, num_replicas=2, rank=r, batch_size=2) for r in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(1)
+    shards = [list(sampler) for sampler in ranks]
+    assert sorted(shards[0] + shards[1]) == list(range(10)) and len(shards[0]) == len(ranks[0]) == 5
+    resumed = EpochSeededSampler(10, seed=3, num_replicas=2, rank=1, batch_size=2, start_epoch=1, start_batch=2)
+    assert list(resumed) == shards[1][4:]  # two batches of two already done in epoch 1
+    resumed.set_epoch(2)
+    ranks[1].set_epoch(2)
+    assert list(resumed) == list(ranks[1])  # later epochs start at their beginning

@@ -26,10 +26,13 @@ def test_wandb_without_credentials_runs_offline_and_says_so_once(
     assert "no credentials found" in caplog.records[0].message
 
 
-def test_wandb_with_a_key_goes_online(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+@pytest.mark.parametrize("reachable", [True, False])
+def test_wandb_with_a_key_goes_online_only_when_the_server_answers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                                  reachable: bool) -> None:
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.delenv("WANDB_MODE", raising=False)
-    assert loggers.wandb_logger(project="lmlab", save_dir=str(tmp_path))._offline is False
+    monkeypatch.setattr(loggers, "wandb_reachable", lambda: reachable)
+    assert loggers.wandb_logger(project="lmlab", save_dir=str(tmp_path))._offline is not reachable
 
 
 def test_summary_has_one_row_per_job_in_job_order(tmp_path: Path) -> None:

@@ -23,6 +23,7 @@ from lightning_modules.models import ModelLoadError
 from lightning_modules.optim import NonFiniteLossError
 from runtime import checkpointing
 from runtime.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file, write_atomically
+from runtime.results import summarize
 from runtime.run_dir import create_unique_dir
 from runtime.training import run
 from runtime.validate import ConfigError
@@ -221,6 +222,8 @@ def test_a_diverged_lora_run_is_marked_in_results(tiny_config) -> None:
     assert json.loads((Path(results["run_dir"]) / "results.json").read_text())["diverged"] is True
     healthy = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=2", run_dir=Path(results["run_dir"]).parent / "ok"))
     assert healthy["diverged"] is False and healthy["max_abs_trainable_weight"] < 10
+    rows = {row["job"]: row for row in summarize(Path(results["run_dir"]).parent)}  # a sweep's summary shows it too
+    assert rows["run"]["diverged"] is True and rows["ok"]["diverged"] is False
 
 
 # -- run dirs -----------------------------------------------------------------------------------------------------
