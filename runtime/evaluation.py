@@ -145,7 +145,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def _generation_rows(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
                      datamodule: Any) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Generate for every test example and score it: pass@ per `exact_match_*` score, means of the other scores."""
-    records = datamodule.evaluation_records()[: cfg.get("limit")]
+    records = _nonempty(datamodule.evaluation_records()[: cfg.get("limit")], cfg)
     shots = cfg.prompting.num_fewshot
     exemplars = random.Random(cfg.prompting.fewshot_seed).sample(datamodule.records("train"), shots) if shots else []
     prompts = [datamodule.generation_prompt(record, exemplars) for record in records]
@@ -188,7 +188,7 @@ def _classification_rows(cfg: DictConfig, model: PreTrainedModel, datamodule: An
     else:
         module = LabelLMModule(model, datamodule.label_token_ids(), datamodule.class_names, datamodule.tokenizer.pad_token_id)
     module.eval()
-    records = datamodule.records("test")[: cfg.get("limit")]
+    records = _nonempty(datamodule.records("test")[: cfg.get("limit")], cfg)
     examples = datamodule.tokenize_all(records, "test")
     metrics, rows, size = ClassificationMetrics(len(datamodule.class_names)), [], cfg.generation.batch_size
     with torch.no_grad():
@@ -206,6 +206,16 @@ def _classification_rows(cfg: DictConfig, model: PreTrainedModel, datamodule: An
     values, matrix = metrics.compute()
     plot_confusion(matrix, datamodule.class_names, run_dir / "confusion_matrix.png", f"{cfg.model.name} on {cfg.task.name}")
     return rows, {**values, "num_examples": len(rows)}
+
+
+def _nonempty(records: list[dict[str, Any]], cfg: DictConfig) -> list[dict[str, Any]]:
+    """`records`, or a ValueError when there is nothing to evaluate (a metric over no examples means nothing)."""
+    if not records:
+        raise ValueError(
+            f"task '{cfg.task.name}': the test split has no examples to evaluate (limit={cfg.get('limit')}); "
+            "check task.data_files.test (or the task's source) and limit"
+        )
+    return records
 
 
 def primary_metric(metrics: dict[str, float]) -> float:

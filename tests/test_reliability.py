@@ -364,6 +364,11 @@ def test_empty_files_and_splits_are_named(tiny_config, tmp_path: Path) -> None:
         cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "e"), str(tmp_path / "cache")
     with pytest.raises(ValueError, match=f"{blank_test}: the file holds no records"):
         evaluate(cfg)
+    cfg = compose_config(*TINY[:1], "model=tiny_llama", "logger=csv", "limit=0", config_name="evaluate")
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "e0"), str(tmp_path / "cache")
+    with pytest.raises(ValueError, match="task 'gsm8k': the test split has no examples to evaluate \\(limit=0\\)"):
+        evaluate(cfg)
 
 
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
@@ -437,3 +442,24 @@ def test_a_wandb_key_without_a_reachable_server_falls_back_to_offline_in_seconds
     assert list(tmp_path.glob("wandb/offline-run-*"))
     assert not any("k" * 86 in p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".log", ".yaml", ".json"))
 
+
+
+@pytest.mark.parametrize("config_name", ["train", "evaluate", "attention", "gradsim", "ripple", "noise_study"])
+def test_every_entrypoint_run_dir_is_created_exclusively(config_name: str, tmp_path: Path, monkeypatch) -> None:
+    """Two runs whose time stamps collide still get two directories, in every entrypoint's config."""
+    import datetime
+
+    import hydra.core.utils
+
+    from tests.conftest import compose_config
+
+    class FrozenClock(datetime.datetime):
+        @classmethod
+        def now(cls, tz=None):  # noqa: ANN001, ANN206
+            return datetime.datetime(2026, 1, 2, 3, 4, 5, 678)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(hydra.core.utils, "datetime", FrozenClock)  # Hydra's ${now:} resolver reads this clock
+    dirs = [compose_config(config_name=config_name, hydra_config=True).hydra.run.dir for _ in range(2)]
+    assert dirs[0].endswith("2026-01-02_03-04-05-000678") and dirs[1] == dirs[0] + "-1"
+    assert all(Path(d).is_dir() for d in dirs)

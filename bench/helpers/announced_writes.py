@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import runpy
 import sys
 import time
 from pathlib import Path
@@ -41,6 +42,4 @@ checkpointing.write_atomically = announced_write
 
 if __name__ == "__main__":
     sys.argv[0] = str(ROOT / "train.py")
-    import train
-
-    train.main()
+    runpy.run_path(sys.argv[0], run_name="__main__")
