@@ -1,38 +1,69 @@
 """MEMIT (Meng et al., ICLR 2023): mass-editing factual associations in the MLP output weights.
 
 Pure functions over a model; `edited(...)` applies a batch of edits and restores the original weights
-bit for bit on exit. Written here because no maintained library fits these versions (the reference
-code is kmeng01/memit; EasyEdit has a second implementation). The steps, as in the paper:
+bit for bit on exit. Written here because no maintained library fits these versions. It computes the
+reference implementation's algorithm (kmeng01/memit: `memit_main.py`, `compute_z.py`, `compute_ks.py`,
+`rome/layer_stats.py`, `util/generate.py`), step by step:
 
-1. C (per edited layer): the uncentred second moment E[k k^T] of the MLP down-projection inputs over
-   a text corpus, cached on disk keyed by model, layer and sample count.
-2. z (per request): optimise a delta added to the output of the last edited block at the subject's
-   last token: NLL of the new answer over several context prefixes + kl_factor * KL(original || edited)
-   on "<subject> is a" + v_weight_decay * ||delta||^2 / ||h||^2, Adam for v_num_grad_steps steps, delta
-   clamped to clamp_norm_factor * ||h||. z = h + delta.
-3. For each edited layer i in order: keys K (down-projection inputs at the subject's last token, mean
-   over the context prefixes), the residual R = z - h (h recomputed with the layers edited so far),
-   spread as R / (L - i) over the L - i layers left, and dW = R K^T (lambda C + K K^T)^-1, solved in
-   float64. GPT-2's Conv1D stores W transposed ([in, out]); the update is transposed to match.
-Prompts are right-padded when batched.
+1. C (per edited layer): the uncentred second moment E[k k^T] of the MLP down-projection inputs over the
+   first `mom2_n_samples` *texts* of a corpus (each truncated to `stats.max_tokens` tokens), cached on disk
+   keyed by model, layer, corpus and count; which corpus and how many texts/tokens are recorded.
+2. Context templates: `[["{}"], [<prefix>. {}, ... x5]]`: the bare prompt, plus five prefixes that the
+   model being edited generates from "The", "Therefore", "Because", "I", "You" (10 tokens, top-5
+   sampling), seeded (`context_seed`) and cached per model so runs are reproducible.
+3. z (per request), at the last edited layer L: a delta added to L's block output at the subject's last
+   token of every prompt, optimised with Adam (`v_lr`, at most `v_num_grad_steps` iterations) on
+       NLL of the new answer, mean over the rewrite prompts (each template + prompt + answer[:-1])
+     + kl_factor * KL(edited || original), next-token distributions at the subject's last token of
+       "<subject> is a"
+     + v_weight_decay * ||delta|| / ||h||^2,   h = L's output at the subject's last token of the bare prompt;
+   it stops when the total falls under 5e-2 and takes no step on the last iteration; after each step the
+   delta is clamped to clamp_norm_factor * ||h||. z = h + delta.
+4. For each edited layer i in order: keys K (down-projection inputs at the subject's last token, averaged
+   within each template group, then across groups, so the bare prompt weighs 1/2), the residual
+   R = (z - h_now) / (number of layers left), h_now recomputed with the layers edited so far, and
+   dW = R K^T (lambda C + K K^T)^-1, solved in float64. GPT-2's Conv1D stores W as [in, out]; dW is
+   transposed to match.
+
+Where lmlab generalises the reference (which only ran GPT-2 / GPT-J): the subject's last token is found
+by tokenizing the text up to the subject's end (the reference tokenizes prefix and subject apart, which
+is the same for GPT-2 but off by the BOS token for Llama tokenizers); the answer is tokenized without
+special tokens and appended as ids (the reference re-tokenizes "prompt + answer[:-1]" as one string);
+prompts are right-padded when batched, as the reference's GPT-2 tokenizer does.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
+import unicodedata
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from analysis.gradsim import mlp_output_modules
 
 log = logging.getLogger(__name__)
+
+STOP_LOSS = 5e-2  # the reference's early-stop threshold on the total z loss
+
+
+@dataclass
+class LayerUpdate:
+    """One edited layer: dW in the module's weight layout, and the K [in, n] and R [out, n] it came from."""
+
+    delta: torch.Tensor
+    keys: torch.Tensor
+    residual: torch.Tensor
 
 
 def blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -49,176 +80,287 @@ def subject_position(tokenizer, prompt: str, subject: str | None) -> int:
     return len(tokenizer(prompt)["input_ids"]) - 1
 
 
+def _pad(rows: Sequence[Sequence[int]], pad: int) -> dict[str, torch.Tensor]:
+    """Right-padded input_ids and attention_mask, each [N, T]."""
+    width = max(len(ids) for ids in rows)
+    input_ids = torch.full((len(rows), width), pad)
+    mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(rows):
+        input_ids[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(list(ids)), 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 def _batch(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-    tokenizer.padding_side = "right"
-    return tokenizer(list(texts), return_tensors="pt", padding=True)
+    return _pad([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
 
 
-def layer_second_moment(
-    model: torch.nn.Module, tokenizer, layer: int, texts: Sequence[str], samples: int, cache: Path | None
-) -> torch.Tensor:
-    """E[k k^T] of the down-projection inputs of `layer` over up to `samples` tokens of `texts` (cached)."""
-    path = cache / f"layer{layer}_{samples}.safetensors" if cache else None
-    if path is not None and path.exists():
-        return load_file(path)["second_moment"]
-    (_, module, _) = mlp_output_modules(model, [layer])[0]
-    total, count = None, 0
+def _capture(model, module: torch.nn.Module, encoded: dict[str, torch.Tensor], inputs: bool) -> torch.Tensor:
+    """The input (or output) of `module` in one no-grad forward pass: [N, T, d]."""
     captured: list[torch.Tensor] = []
-    handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+    if inputs:
+        handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
+    else:
+        handle = module.register_forward_hook(lambda m, a, o: captured.append((o[0] if isinstance(o, tuple) else o).detach()))
     try:
-        for start in range(0, len(texts), 8):
-            if count >= samples:
-                break
-            encoded = _batch(tokenizer, texts[start : start + 8])
-            captured.clear()
+        with torch.no_grad():
+            model(**encoded)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+# -- 1. covariance statistics -------------------------------------------------------------------------------------
+
+def second_moments(model, tokenizer, hparams: DictConfig, texts: Sequence[str], cache: Path | None,
+                   corpus: str = "texts") -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """C = E[k k^T] of each edited layer's down-projection inputs over the first `hparams.mom2_n_samples` texts
+    (each cut to `hparams.stats.max_tokens` tokens), one pass for all layers; and {corpus, texts, tokens}.
+    Cached per (layer, corpus, count, max_tokens)."""
+    samples, max_tokens = hparams.mom2_n_samples, hparams.stats.get("max_tokens", 1024)
+    tag = hashlib.sha256(corpus.encode()).hexdigest()[:10]
+    paths = {layer: cache / f"layer{layer}_{tag}_{samples}texts_{max_tokens}tok.safetensors" if cache else None
+             for layer in hparams.layers}
+    if all(path is not None and path.exists() for path in paths.values()):
+        moments = {}
+        for layer, path in paths.items():
+            with safe_open(str(path), "pt") as handle:
+                info = json.loads(handle.metadata()["info"])
+                moments[layer] = handle.get_tensor("second_moment")
+        return moments, info
+    modules = dict(zip(hparams.layers, [m for _, m, _ in mlp_output_modules(model, list(hparams.layers))], strict=True))
+    chosen = list(texts[:samples])
+    totals: dict[int, torch.Tensor] = {}
+    captured: dict[int, torch.Tensor] = {}
+    handles = [module.register_forward_pre_hook(lambda m, args, layer=layer: captured.__setitem__(layer, args[0].detach()))
+               for layer, module in modules.items()]
+    count = 0
+    try:
+        for start in range(0, len(chosen), 8):
+            encoded = _pad([tokenizer(t)["input_ids"][:max_tokens] for t in chosen[start : start + 8]], tokenizer.pad_token_id)
             with torch.no_grad():
                 model(**encoded)
-            keys = captured[0][encoded["attention_mask"].bool()].double()[: samples - count]  # [N, in]
-            total = keys.T @ keys if total is None else total + keys.T @ keys
-            count += len(keys)
+            real = encoded["attention_mask"].bool()
+            for layer in modules:
+                keys = captured[layer][real].double()  # [N, in]
+                totals[layer] = keys.T @ keys + totals.get(layer, 0)
+            count += int(real.sum())
     finally:
-        handle.remove()
-    second_moment = (total / count).float()
+        for handle in handles:
+            handle.remove()
+    if not count:
+        raise ValueError(f"MEMIT statistics: no tokens in the corpus {corpus} (analysis.memit.stats)")
+    if len(chosen) < samples:
+        log.warning("MEMIT statistics: the corpus has %d texts, fewer than mom2_n_samples=%d", len(chosen), samples)
+    info = {"corpus": corpus, "texts": len(chosen), "tokens": count, "max_tokens_per_text": max_tokens}
+    moments = {layer: (total / count).float() for layer, total in totals.items()}
+    for layer, path in paths.items():
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file({"second_moment": moments[layer]}, path, metadata={"info": json.dumps(info)})
+    return moments, info
+
+
+# -- 2. context templates -----------------------------------------------------------------------------------------
+
+def generate_prefix(model, tokenizer, starter: str, length: int, top_k: int, generator: torch.Generator) -> str:
+    """Top-k sampled continuation of `starter` to `length` tokens in all, as text (the reference's generate_fast)."""
+    device = next(model.parameters()).device
+    ids = tokenizer(starter, return_tensors="pt")["input_ids"].to(device)
+    current, past = ids, None
+    with torch.no_grad():
+        while ids.shape[1] < length:
+            output = model(input_ids=current, past_key_values=past, use_cache=True)
+            past = output.past_key_values
+            top = output.logits[0, -1].float().softmax(-1).topk(top_k)
+            pick = torch.multinomial((top.values / top.values.sum()).cpu(), 1, generator=generator)
+            current = top.indices[pick.to(device)].view(1, 1)
+            ids = torch.cat([ids, current], dim=1)
+    text = unicodedata.normalize("NFKD", tokenizer.decode(ids[0], skip_special_tokens=True)).replace("\n\n", " ")
+    return text
+
+
+def context_templates(model, tokenizer, hparams: DictConfig, cache: Path | None) -> list[list[str]]:
+    """Template groups: `[["{}"], [five "<generated prefix>. {}"]]` (cached per model and seed), or the groups
+    that `hparams.context_templates` lists."""
+    if not isinstance(hparams.context_templates, str):
+        return [list(group) for group in hparams.context_templates]
+    if hparams.context_templates != "generated":
+        raise ValueError(f"analysis.memit.context_templates={hparams.context_templates!r}: 'generated' or a list of groups")
+    settings = (list(hparams.context_starters), hparams.context_length, hparams.context_top_k, hparams.context_seed)
+    path = cache / f"context_templates_{hashlib.sha256(repr(settings).encode()).hexdigest()[:10]}.json" if cache else None
+    if path is not None and path.exists():
+        return json.loads(path.read_text())
+    generator = torch.Generator().manual_seed(hparams.context_seed)
+    prefixes = [generate_prefix(model, tokenizer, s, hparams.context_length, hparams.context_top_k, generator)
+                for s in hparams.context_starters]
+    groups = [["{}"], [p.replace("{", " ").replace("}", " ") + ". {}" for p in prefixes]]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"second_moment": second_moment}, path)
-    return second_moment
+        path.write_text(json.dumps(groups, indent=1) + "\n")
+    log.info("MEMIT context templates: %s", groups)
+    return groups
 
 
-def _mean_keys(model, tokenizer, layer: int, prompts: list[str], positions: list[int]) -> torch.Tensor:
-    """Down-projection inputs of `layer` at `positions` of `prompts`: [len(prompts), in]."""
-    (_, module, _) = mlp_output_modules(model, [layer])[0]
-    captured = []
-    handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
-    try:
-        with torch.no_grad():
-            model(**_batch(tokenizer, prompts))
-    finally:
-        handle.remove()
-    return captured[0][torch.arange(len(prompts)), positions]
+def _flat(templates: list[list[str]]) -> list[str]:
+    return [template for group in templates for template in group]
 
 
-def _block_outputs(model, tokenizer, layer: int, prompts: list[str], positions: list[int]) -> torch.Tensor:
-    captured = []
-    handle = blocks(model)[layer].register_forward_hook(
-        lambda m, a, o: captured.append((o[0] if isinstance(o, tuple) else o).detach())
-    )
-    try:
-        with torch.no_grad():
-            model(**_batch(tokenizer, prompts))
-    finally:
-        handle.remove()
-    return captured[0][torch.arange(len(prompts)), positions]  # [N, hidden]
+# -- 3. the target vector z ---------------------------------------------------------------------------------------
 
+class ZObjective:
+    """The z loss of one request as a function of delta: `terms(delta)` gives each term (section 3)."""
 
-def target_vector(model, tokenizer, request: dict[str, Any], hparams: DictConfig) -> torch.Tensor:
-    """z: the last edited block's output at the subject's last token that makes the new answer likely."""
-    layer = hparams.layers[-1]
-    if layer >= len(blocks(model)) - 1:
-        raise ValueError(
-            f"MEMIT: the last edited layer ({layer}) must be followed by another block, or the edit cannot reach "
-            f"the answer tokens; the model has {len(blocks(model))} blocks (analysis.layers / model.memit.layers)"
-        )
-    target_ids = tokenizer(hparams.target_prefix + request["target_new"], add_special_tokens=False)["input_ids"]
-    contexts = [c.format(request["prompt"]) for c in hparams.context_templates]
-    rewrite_ids = [tokenizer(c)["input_ids"] + target_ids for c in contexts]
-    kl_prompts = [f"{request['subject'] or request['prompt']} is a"]
-    texts = contexts + kl_prompts
-    positions = [subject_position(tokenizer, t, request["subject"]) for t in texts]
-    width = max(len(ids) for ids in rewrite_ids + [tokenizer(k)["input_ids"] for k in kl_prompts])
-    pad = tokenizer.pad_token_id
-    input_ids = torch.full((len(texts), width), pad)
-    mask = torch.zeros_like(input_ids)
-    labels = torch.full_like(input_ids, -100)
-    for row, ids in enumerate(rewrite_ids + [tokenizer(k)["input_ids"] for k in kl_prompts]):
-        input_ids[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(ids), 1
-        if row < len(contexts):
-            labels[row, len(ids) - len(target_ids) : len(ids)] = torch.tensor(target_ids)
-    kl_rows = torch.arange(len(contexts), len(texts))
-    kl_last = mask[kl_rows].sum(-1) - 1
+    def __init__(self, model, tokenizer, request: dict[str, Any], hparams: DictConfig, templates: list[list[str]]) -> None:
+        self.model, self.hparams, self.layer = model, hparams, hparams.layers[-1]
+        if self.layer >= len(blocks(model)) - 1:
+            raise ValueError(
+                f"MEMIT: the last edited layer ({self.layer}) must be followed by another block, or the edit cannot reach "
+                f"the answer tokens; the model has {len(blocks(model))} blocks (analysis.layers / model.memit.layers)"
+            )
+        subject = request["subject"]
+        target_ids = tokenizer(hparams.target_prefix + request["target_new"], add_special_tokens=False)["input_ids"]
+        rewrites = [template.format(request["prompt"]) for template in _flat(templates)]
+        kl_prompt = f"{subject or request['prompt']} is a"
+        rows = [tokenizer(text)["input_ids"] + target_ids[:-1] for text in rewrites] + [tokenizer(kl_prompt)["input_ids"]]
+        self.encoded = _pad(rows, tokenizer.pad_token_id)
+        self.positions = [subject_position(tokenizer, text, subject) for text in [*rewrites, kl_prompt]]
+        self.rewrite_count, self.target_length = len(rewrites), len(target_ids)
+        # labels[i, p] = the answer token predicted at position p (the last len(target) positions of each rewrite)
+        self.labels = torch.full((len(rewrites), self.encoded["input_ids"].shape[1]), -100)
+        for row, ids in enumerate(rows[: len(rewrites)]):
+            self.labels[row, len(ids) - len(target_ids) : len(ids)] = torch.tensor(target_ids)
+        self.delta: torch.Tensor | None = None
+        handle = blocks(model)[self.layer].register_forward_hook(self._add_delta)
+        try:
+            with torch.no_grad():
+                logits = model(**self.encoded).logits
+        finally:
+            handle.remove()
+        self.original_kl = F.log_softmax(logits[-1, self.positions[-1]].float(), -1)  # [V], delta = 0
+        self.h = self.captured_h  # L's output at the subject of the bare prompt (the first rewrite): [hidden]
 
-    original = _block_outputs(model, tokenizer, layer, contexts[:1], positions[:1])[0]
-    delta = torch.zeros_like(original, requires_grad=True)
-    max_norm = hparams.clamp_norm_factor * original.norm()
-
-    def add_delta(module, args, output):
+    def _add_delta(self, module, args, output):
         hidden = output[0] if isinstance(output, tuple) else output
+        if self.delta is None:
+            self.captured_h = hidden[0, self.positions[0]].detach().clone()
+            return output
         hidden = hidden.clone()
-        hidden[torch.arange(len(texts)), positions] += delta
+        hidden[torch.arange(len(self.positions)), self.positions] += self.delta
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    with torch.no_grad():
-        reference = F.log_softmax(model(input_ids=input_ids, attention_mask=mask).logits[kl_rows, kl_last], -1)
+    def terms(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
+        """nll, kl (already times kl_factor), weight_decay and total at `delta`, differentiable in delta."""
+        self.delta = delta
+        handle = blocks(self.model)[self.layer].register_forward_hook(self._add_delta)
+        try:
+            logits = self.model(**self.encoded).logits
+        finally:
+            handle.remove()
+            self.delta = None
+        log_probs = F.log_softmax(logits[: self.rewrite_count].float(), -1)  # [R, T, V]
+        mask = self.labels != -100
+        picked = log_probs.gather(2, self.labels.clamp(min=0).unsqueeze(2)).squeeze(2)  # [R, T]
+        nll = (-(picked * mask).sum(1) / self.target_length).mean()
+        edited_kl = F.log_softmax(logits[-1, self.positions[-1]].float(), -1)
+        kl = self.hparams.kl_factor * (edited_kl.exp() * (edited_kl - self.original_kl)).sum()  # KL(edited || original)
+        weight_decay = self.hparams.v_weight_decay * delta.norm() / self.h.norm() ** 2
+        return {"nll": nll, "kl": kl, "weight_decay": weight_decay, "total": nll + kl + weight_decay}
+
+
+def target_vector(model, tokenizer, request: dict[str, Any], hparams: DictConfig, templates: list[list[str]],
+                  trace: list[dict[str, float]] | None = None) -> torch.Tensor:
+    """z: the last edited block's output at the subject's last token that makes the new answer likely.
+    `trace`, when given, receives each iteration's terms and whether an optimiser step followed."""
+    objective = ZObjective(model, tokenizer, request, hparams, templates)
+    delta = torch.zeros_like(objective.h, requires_grad=True)
+    max_norm = hparams.clamp_norm_factor * objective.h.norm()
     optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-    handle = blocks(model)[layer].register_forward_hook(add_delta)
     model.requires_grad_(False)
-    try:
-        for _ in range(hparams.v_num_grad_steps):
-            logits = model(input_ids=input_ids, attention_mask=mask).logits
-            token_nll = F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), labels[:, 1:], reduction="none")
-            nll = (token_nll.sum(-1)[: len(contexts)] / len(target_ids)).mean()
-            kl = F.kl_div(F.log_softmax(logits[kl_rows, kl_last].float(), -1), reference, log_target=True, reduction="batchmean")
-            loss = nll + hparams.kl_factor * kl + hparams.v_weight_decay * delta.norm() ** 2 / original.norm() ** 2
-            log.debug("z step: nll %.4f kl %.4f |delta| %.4f", nll.item(), kl.item(), delta.norm().item())
-            if nll.item() < 5e-2:
-                break
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                if delta.norm() > max_norm:
-                    delta.mul_(max_norm / delta.norm())
-    finally:
-        handle.remove()
-    return (original + delta).detach()
+    for iteration in range(hparams.v_num_grad_steps):
+        terms = objective.terms(delta)
+        stop = terms["total"].item() < STOP_LOSS or iteration == hparams.v_num_grad_steps - 1
+        if trace is not None:
+            trace.append({**{k: v.item() for k, v in terms.items()}, "stepped": not stop})
+        if stop:
+            break
+        optimizer.zero_grad()
+        terms["total"].backward()
+        optimizer.step()
+        with torch.no_grad():
+            if delta.norm() > max_norm:
+                delta.mul_(max_norm / delta.norm())
+    return (objective.h + delta).detach()
 
 
-def compute_updates(
-    model, tokenizer, requests: list[dict[str, Any]], hparams: DictConfig, second_moments: dict[int, torch.Tensor]
-) -> dict[int, torch.Tensor]:
-    """The weight change dW of each edited layer (in the module's own weight layout); applies them as it goes."""
-    targets = torch.stack([target_vector(model, tokenizer, r, hparams) for r in requests])  # [n, hidden]
+# -- 4. the update ------------------------------------------------------------------------------------------------
+
+def request_keys(model, tokenizer, layer: int, requests: list[dict[str, Any]], templates: list[list[str]]) -> torch.Tensor:
+    """K: `layer`'s down-projection inputs at the subject's last token, mean within each template group, then
+    across groups: [in, n]."""
+    module = mlp_output_modules(model, [layer])[0][1]
+    texts = [template.format(r["prompt"]) for r in requests for template in _flat(templates)]
+    subjects = [r["subject"] for r in requests for _ in _flat(templates)]
+    inputs = _capture(model, module, _batch(tokenizer, texts), inputs=True)
+    positions = [subject_position(tokenizer, t, s) for t, s in zip(texts, subjects, strict=True)]
+    keys = inputs[torch.arange(len(texts)), positions].double()  # [n * templates, in]
+    per_request = keys.view(len(requests), len(texts) // len(requests), -1)
+    bounds = torch.tensor([0] + [len(group) for group in templates]).cumsum(0).tolist()
+    groups = [per_request[:, start:end].mean(1) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+    return torch.stack(groups).mean(0).T
+
+
+def _outputs_at_subject(model, tokenizer, layer: int, requests: list[dict[str, Any]]) -> torch.Tensor:
     prompts = [r["prompt"] for r in requests]
     positions = [subject_position(tokenizer, p, r["subject"]) for p, r in zip(prompts, requests, strict=True)]
+    outputs = _capture(model, blocks(model)[layer], _batch(tokenizer, prompts), inputs=False)
+    return outputs[torch.arange(len(prompts)), positions]  # [n, hidden]
+
+
+def layer_delta(keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor, weight: float) -> torch.Tensor:
+    """dW = R K^T (lambda C + K K^T)^-1 in float64: [out, in]."""
+    keys, residual = keys.double(), residual.double()
+    adjusted = torch.linalg.solve(weight * second_moment.double() + keys @ keys.T, keys)  # [in, n]
+    return residual @ adjusted.T
+
+
+def compute_updates(model, tokenizer, requests: list[dict[str, Any]], hparams: DictConfig,
+                    moments: dict[int, torch.Tensor], templates: list[list[str]]) -> dict[int, LayerUpdate]:
+    """Each edited layer's update (section 4), applied as it goes."""
+    targets = torch.stack([target_vector(model, tokenizer, r, hparams, templates) for r in requests])  # [n, hidden]
     updates = {}
     for index, layer in enumerate(hparams.layers):
-        keys = []
-        for template in hparams.context_templates:
-            texts = [template.format(p) for p in prompts]
-            spots = [subject_position(tokenizer, t, r["subject"]) for t, r in zip(texts, requests, strict=True)]
-            keys.append(_mean_keys(model, tokenizer, layer, texts, spots))
-        keys = torch.stack(keys).mean(0).double().T  # [in, n]
-        current = _block_outputs(model, tokenizer, hparams.layers[-1], prompts, positions)  # [n, hidden]
+        keys = request_keys(model, tokenizer, layer, requests, templates)  # [in, n]
+        current = _outputs_at_subject(model, tokenizer, hparams.layers[-1], requests)  # [n, hidden]
         residual = ((targets - current) / (len(hparams.layers) - index)).double().T  # [hidden, n]
-        moment = second_moments[layer].double()
-        adjusted = torch.linalg.solve(hparams.mom2_update_weight * moment + keys @ keys.T, keys)  # [in, n]
-        change = residual @ adjusted.T  # [out, in]
+        change = layer_delta(keys, residual, moments[layer], hparams.mom2_update_weight)
         (_, module, conv1d) = mlp_output_modules(model, [layer])[0]
         change = (change.T if conv1d else change).to(module.weight.dtype)
         with torch.no_grad():
             module.weight.add_(change)
-        updates[layer] = change
+        updates[layer] = LayerUpdate(change, keys, residual)
     return updates
 
 
 @contextlib.contextmanager
-def edited(
-    model, tokenizer, requests: list[dict[str, Any]], hparams: DictConfig, second_moments: dict[int, torch.Tensor]
-) -> Iterator[dict[int, torch.Tensor]]:
+def edited(model, tokenizer, requests: list[dict[str, Any]], hparams: DictConfig, moments: dict[int, torch.Tensor],
+           templates: list[list[str]]) -> Iterator[dict[int, LayerUpdate]]:
     """Apply MEMIT edits for `requests` ({prompt, subject, target_new}); restore the exact weights on exit."""
     modules = {layer: mlp_output_modules(model, [layer])[0][1] for layer in hparams.layers}
     saved = {layer: module.weight.detach().clone() for layer, module in modules.items()}
     try:
-        yield compute_updates(model, tokenizer, requests, hparams, second_moments)
+        yield compute_updates(model, tokenizer, requests, hparams, moments, templates)
     finally:
         with torch.no_grad():
             for layer, module in modules.items():
                 module.weight.copy_(saved[layer])
 
 
-def second_moments(model, tokenizer, hparams: DictConfig, texts: Sequence[str], cache: Path | None) -> dict[int, torch.Tensor]:
-    """C for every edited layer (from the cache when present)."""
-    return {
-        layer: layer_second_moment(model, tokenizer, layer, texts, hparams.mom2_n_samples, cache)
-        for layer in hparams.layers
-    }
+def corpus_name(stats: DictConfig) -> str:
+    """A description of the statistics corpus (cache key and record): data files, or hub id/config/split."""
+    source = stats.source
+    if source.get("data_files"):
+        return f"files:{source.data_files}:{stats.text_field}"
+    if source.get("kind") == "bundled":
+        return f"bundled:{source.bundled}/{stats.split}:{stats.text_field}"
+    return f"hub:{source.hub_id}/{source.get('hub_config')}/{stats.split}:{stats.text_field}"
+

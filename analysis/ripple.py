@@ -124,13 +124,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     stats_records = load_split(hparams.stats.source, hparams.stats.split)
     texts = [r[hparams.stats.text_field] for r in stats_records if str(r.get(hparams.stats.text_field, "")).strip()]
     cache = Path(cfg.paths.cache_dir) / "memit_stats" / cfg.model.name
-    moments = memit.second_moments(model, tokenizer, hparams, texts, cache)
+    moments, statistics = memit.second_moments(model, tokenizer, hparams, texts, cache, memit.corpus_name(hparams.stats))
+    templates = memit.context_templates(model, tokenizer, hparams, cache)
+    # which statistics and templates these edits rest on, so runs with different ones are never compared unknowingly
+    (run_dir / "memit_statistics.json").write_text(json.dumps({**statistics, "context_templates": templates}, indent=1) + "\n")
     before = score_pieces(model, datamodule, pieces)
     experiments = []
     for index in range(min(cfg.analysis.num_edits, len(pieces))):
         piece = pieces[index]
         request = {"prompt": piece["prompt"], "subject": piece["subject"], "target_new": counterfactual(pieces, index)}
-        with memit.edited(model, tokenizer, [request], hparams, moments):
+        with memit.edited(model, tokenizer, [request], hparams, moments, templates):
             after = score_pieces(model, datamodule, pieces)
             edit = score_pieces(model, datamodule, [piece], [request["target_new"]])
         experiments.append({

@@ -86,7 +86,9 @@ def main() -> None:
     hparams = cfg.analysis.memit
     with open_dict(hparams):
         hparams.mom2_n_samples = args.stats_samples
-    moments = memit.second_moments(model, tokenizer, hparams, texts, Path(cfg.paths.cache_dir) / "memit_stats" / cfg.model.name)
+    cache = Path(cfg.paths.cache_dir) / "memit_stats" / cfg.model.name
+    moments, statistics = memit.second_moments(model, tokenizer, hparams, texts, cache, f"files:{stats_path}:question+answer")
+    templates = memit.context_templates(model, tokenizer, hparams, cache)
     edit_pieces = real[: args.edits]
     seconds, successes, efficacious, specific, neighbours = [], 0, 0, 0, 0
     for index, piece in enumerate(edit_pieces):
@@ -94,7 +96,7 @@ def main() -> None:
         request = {"prompt": piece["prompt"], "subject": piece["subject"], "target_new": new_answer}
         others = [p for p in edit_pieces if p["id"] != piece["id"]]
         start = time.perf_counter()
-        with memit.edited(model, tokenizer, [request], hparams, moments):
+        with memit.edited(model, tokenizer, [request], hparams, moments, templates):
             seconds.append(time.perf_counter() - start)
             edit = ripple.score_pieces(model, datamodule, [piece], [new_answer])
             successes += int(edit["exact_match"][0])

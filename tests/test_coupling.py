@@ -91,37 +91,29 @@ def test_memit_makes_the_new_answer_the_top_prediction_and_restores_weights(name
     cfg, model, tokenizer, _ = tiny(name)
     hparams = cfg.analysis.memit.copy()
     with open_dict(hparams):
-        hparams.target_prefix, hparams.clamp_norm_factor, hparams.mom2_n_samples = "", 100.0, 2000
+        hparams.target_prefix, hparams.clamp_norm_factor, hparams.mom2_n_samples = "", 100.0, 40
+        hparams.v_weight_decay = 1e-3  # ||delta|| / ||h||^2 is large where ||h|| is a tiny model's
     texts = [r["question"] for r in load_split({"kind": "bundled", "bundled": "gsm8k"}, "train")]
-    moments = memit.second_moments(model, tokenizer, hparams, texts, tmp_path)
+    moments, _ = memit.second_moments(model, tokenizer, hparams, texts, tmp_path)
+    templates = memit.context_templates(model, tokenizer, hparams, tmp_path)
     request = {"prompt": "The capital of Zorbia is", "subject": None, "target_new": "Q"}
     prompt = tokenizer(request["prompt"], return_tensors="pt")["input_ids"]
     new_token = tokenizer("Q", add_special_tokens=False)["input_ids"][0]
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         assert model(prompt).logits[0, -1].argmax().item() != new_token
-    with memit.edited(model, tokenizer, [request], hparams, moments) as updates:
+    with memit.edited(model, tokenizer, [request], hparams, moments, templates) as updates:
         assert set(updates) == set(hparams.layers)
         with torch.no_grad():
             assert model(prompt).logits[0, -1].argmax().item() == new_token
     assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())
 
 
-def test_memit_statistics_are_cached_and_reused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg, model, tokenizer, _ = tiny("tiny_llama")
-    texts = [r["question"] for r in load_split({"kind": "bundled", "bundled": "gsm8k"}, "train")]
-    first = memit.layer_second_moment(model, tokenizer, 0, texts, 500, tmp_path)
-    assert (tmp_path / "layer0_500.safetensors").exists()
-    assert torch.allclose(first, first.T) and first.shape == (128, 128)
-    monkeypatch.setattr(model, "forward", lambda *a, **k: pytest.fail("statistics recomputed"))
-    assert torch.equal(memit.layer_second_moment(model, tokenizer, 0, texts, 500, tmp_path), first)
-
-
 def test_last_edited_layer_must_be_followed_by_a_block() -> None:
     cfg, model, tokenizer, _ = tiny("tiny_llama")
     hparams = OmegaConf.merge(cfg.analysis.memit, {"layers": [1]})
     with pytest.raises(ValueError, match="must be followed by another block"):
-        memit.target_vector(model, tokenizer, {"prompt": "a b c", "subject": None, "target_new": "x"}, hparams)
+        memit.target_vector(model, tokenizer, {"prompt": "a b c", "subject": None, "target_new": "x"}, hparams, [["{}"]])
 
 
 def test_ripple_pairs_and_correlations_on_a_hand_built_case() -> None:
@@ -144,7 +136,7 @@ def test_ripple_pairs_and_correlations_on_a_hand_built_case() -> None:
 def test_ripple_study_writes_every_output(tmp_path: Path) -> None:
     cfg = compose_config(
         "model=tiny_gpt2", "task.source=bundled", "analysis.memit.stats.source.kind=bundled",
-        "analysis.memit.stats.text_field=question", "analysis.memit.mom2_n_samples=1000", "analysis.num_edits=3",
+        "analysis.memit.stats.text_field=question", "analysis.memit.mom2_n_samples=30", "analysis.num_edits=3",
         "analysis.bootstrap_samples=50", config_name="ripple",
     )
     with open_dict(cfg):
@@ -157,6 +149,9 @@ def test_ripple_study_writes_every_output(tmp_path: Path) -> None:
     assert (run_dir / "comprehensive_analysis.png").stat().st_size > 10_000
     assert "Hypothesis" in (run_dir / "report.md").read_text()
     assert np.load(run_dir / "coupling_matrix.npy").shape == (12, 12)
+    statistics = json.loads((run_dir / "memit_statistics.json").read_text())
+    assert statistics["corpus"] == "bundled:gsm8k/train:question" and statistics["texts"] == 30
+    assert statistics["context_templates"][0] == ["{}"] and len(statistics["context_templates"][1]) == 5
 
 
 def test_local_hotpotqa_file_is_read_for_the_test_stage(tmp_path: Path) -> None:
