@@ -29,6 +29,7 @@ bench: $(STAMP)
 	$(PY) bench/pretrain_throughput.py
 	$(PY) bench/gradsim.py
 	$(PY) bench/methods.py
+	$(PY) bench/fault_tolerance.py
 
 clean-outputs:
 	rm -rf outputs multirun

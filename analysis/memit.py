@@ -166,15 +166,11 @@ def generate_prefix(model, tokenizer, starter: str, length: int, top_k: int, gen
     """Top-k sampled continuation of `starter` to `length` tokens in all, as text (the reference's generate_fast)."""
     device = next(model.parameters()).device
     ids = tokenizer(starter, return_tensors="pt")["input_ids"].to(device)
-    current, past = ids, None
     with torch.no_grad():
-        while ids.shape[1] < length:
-            output = model(input_ids=current, past_key_values=past, use_cache=True)
-            past = output.past_key_values
-            top = output.logits[0, -1].float().softmax(-1).topk(top_k)
+        while ids.shape[1] < length:  # ten tokens: a full forward per token costs nothing worth a KV cache
+            top = model(input_ids=ids).logits[0, -1].float().softmax(-1).topk(top_k)
             pick = torch.multinomial((top.values / top.values.sum()).cpu(), 1, generator=generator)
-            current = top.indices[pick.to(device)].view(1, 1)
-            ids = torch.cat([ids, current], dim=1)
+            ids = torch.cat([ids, top.indices[pick.to(device)].view(1, 1)], dim=1)
     text = unicodedata.normalize("NFKD", tokenizer.decode(ids[0], skip_special_tokens=True)).replace("\n\n", " ")
     return text
 

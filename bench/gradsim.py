@@ -7,8 +7,10 @@ difference between the two GradSim matrices.
 Part 2: 20 single MEMIT edits of real HotpotQA pieces (each to another piece's answer): seconds per
 edit, edit success (greedy exact match of every token of the new answer), efficacy (MEMIT's efficacy score:
 P(new answer) > P(old answer) after the edit) and neighbourhood specificity (share of the other pieces
-whose own answer stays more likely than the edit's new answer). Covariance statistics come
-from ../shared GSM8K train text (offline stand-in for Wikipedia), cached under ~/.cache/lmlab.
+whose own answer stays more likely than the edit's new answer). MEMIT is the reference algorithm with the
+model config's settings; covariance statistics come from the first --stats-samples (200) ../shared GSM8K
+train texts, an offline stand-in for Wikipedia (the reference's 100,000 texts take hours on 2 CPU cores),
+cached under ~/.cache/lmlab; the corpus, text and token counts and the generated templates are printed.
     ratio gradsim_batched_vs_loop = <x> (goal >= 3.0)
 
     python bench/gradsim.py [--pieces 64] [--edits 20]
@@ -42,7 +44,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--pieces", type=int, default=64)
     parser.add_argument("--edits", type=int, default=20)
-    parser.add_argument("--stats-samples", type=int, default=20000)
+    parser.add_argument("--stats-samples", type=int, default=200, help="texts for the covariance (a CPU-sized stand-in)")
     args = parser.parse_args()
 
     shared_hotpot = SHARED / "hotpotqa" / "hotpot_dev_distractor_sample.json"
@@ -107,6 +109,7 @@ def main() -> None:
             neighbours += len(others)
 
     print(f"model={args.model} pieces={len(pieces)} layers={layers} threads={torch.get_num_threads()}")
+    print(f"memit statistics: {statistics}; context templates: {templates}")
     print(f"gradsim batched: {batched_seconds:.1f} s; per-example loop: {loop_seconds:.1f} s; "
           f"max |GradSim difference| = {difference:.2e}")
     print(f"memit (lambda {hparams.mom2_update_weight}, layers {list(hparams.layers)}): {np.mean(seconds):.1f} s per edit over "
