@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -124,7 +125,7 @@ def divergence(module: L.LightningModule, max_abs_weight: float) -> dict[str, An
     """`diverged` (and why) when the trainable weights are not finite or larger than `max_abs_weight`."""
     largest = max((p.detach().abs().max().item() for p in module.parameters() if p.requires_grad), default=0.0)
     report: dict[str, Any] = {"diverged": False, "max_abs_trainable_weight": largest}
-    if not largest < float("inf") or largest != largest:
+    if not math.isfinite(largest):
         report |= {"diverged": True, "divergence_reason": "trainable weights are not finite"}
     elif largest > max_abs_weight:
         report |= {"diverged": True, "divergence_reason": f"a trainable weight reached {largest:.3g} "
