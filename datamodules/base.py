@@ -195,7 +195,7 @@ class TextDataModule(L.LightningDataModule):
             len(data), self.seed, num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0, batch_size=self.batch_size, start_epoch=epoch, start_batch=batch,
         )
-        return self._loader(data, self.batch_size, sampler)
+        return self._loader(data, self.batch_size, sampler, sampler.loader_generator)
 
     def state_dict(self) -> dict[str, int]:
         """Where training stands in the data order (saved in every checkpoint): the epoch and its batches done."""
@@ -209,12 +209,12 @@ class TextDataModule(L.LightningDataModule):
         if state:
             self.resume_position = (int(state["epoch"]), int(state["batches_done"]))
 
-    def _loader(self, data: list[dict[str, Any]], batch_size: int, sampler: Sampler[int] | None = None) -> DataLoader:
+    def _loader(self, data: list[dict[str, Any]], batch_size: int, sampler: Sampler[int] | None = None,
+                generator: torch.Generator | None = None) -> DataLoader:
         # creating an iterator draws a worker seed from the loader's generator: never from the global RNG
-        generator = sampler.loader_generator if isinstance(sampler, EpochSeededSampler) else torch.Generator().manual_seed(self.seed)
         return DataLoader(
             data, batch_size=batch_size, sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
-            generator=generator,
+            generator=generator if generator is not None else torch.Generator().manual_seed(self.seed),
         )
 
     def val_dataloader(self) -> DataLoader:

@@ -93,10 +93,13 @@ def _saved_identity(directory: Path) -> dict[str, Any] | None:
 
 def _load_adapter(base: PreTrainedModel, directory: Path) -> PeftModel:
     """A peft adapter on `base`; a corrupt adapter file raises ValueError naming it."""
-    weights = directory / "adapter_model.safetensors"
-    if weights.exists():
-        methods.read_safetensors(weights)
-    return PeftModel.from_pretrained(base, directory)
+    try:
+        return PeftModel.from_pretrained(base, directory)
+    except Exception:
+        weights = directory / "adapter_model.safetensors"
+        if weights.exists():
+            methods.read_safetensors(weights)  # raises the error that names a damaged file
+        raise
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
