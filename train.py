@@ -3,13 +3,15 @@
 import hydra
 from omegaconf import DictConfig
 
+from runtime.session import optimized_value
 from runtime.training import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
-def main(cfg: DictConfig) -> float | None:
-    """Hydra entrypoint; returns the validation loss for sweepers."""
-    return run(cfg)["metrics"].get("val/loss")
+def main(cfg: DictConfig) -> float:
+    """Hydra entrypoint; returns `optimized_metric` (default val/loss) for sweepers."""
+    results = run(cfg)
+    return optimized_value(results, results["optimized_metric"])
 
 
 if __name__ == "__main__":

@@ -20,31 +20,21 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from omegaconf import OmegaConf
 
 from analysis.plots import ablation_figures
-from runtime.wandb_offline import find_run_files, read_history
+from runtime.results import logged_rows
+from runtime.session import start_report
 
 CURVES = ("train/loss_step", "val/loss", "val/token_acc", "train/grad_norm", "train/device/batches_per_sec",
           "train/device/items_per_sec")
-
-
-def read_rows(job_dir: Path) -> list[dict[str, float]]:
-    """Logged metric rows of one job (with a `step` key): from the CSV log, else the offline W&B run."""
-    csv_path = job_dir / "metrics" / "metrics.csv"
-    if csv_path.exists():
-        with csv_path.open() as handle:
-            return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
-    run_files = find_run_files(job_dir)
-    if not run_files:
-        raise FileNotFoundError(f"{job_dir}: no metrics/metrics.csv and no offline W&B run")
-    return [{**row, "step": row.get("trainer/global_step", row.get("_step", 0))} for row in read_history(run_files[0])]
 
 
 def read_run(job_dir: Path) -> dict[str, Any]:
     """One run: its name, config, curves (metric -> [(step, value)]) and final metrics."""
     config = yaml.safe_load((job_dir / "config.yaml").read_text())
     curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for row in read_rows(job_dir):
+    for row in logged_rows(job_dir):
         for key in CURVES:
             if key in row and math.isfinite(row[key]):
                 curves[key].append((row["step"], row[key]))
@@ -104,11 +94,20 @@ def _cell(value: Any) -> str:
 
 
 def main() -> None:
-    """Command line: write the ablation report of a multirun directory."""
+    """Command line: write the ablation report of a multirun directory (and log it to the sweep's W&B group
+    when its jobs logged to W&B)."""
     parser = argparse.ArgumentParser(description="Report of a pre-training ablation multirun.")
     parser.add_argument("sweep_dir", type=Path)
-    for path in write_report(parser.parse_args().sweep_dir):
+    sweep_dir = parser.parse_args().sweep_dir
+    paths = write_report(sweep_dir)
+    for path in paths:
         print(path)
+    first_job = min(p for p in sweep_dir.iterdir() if (p / "config.yaml").exists())
+    logger_cfg = OmegaConf.load(first_job / "config.yaml").get("logger")
+    with start_report(sweep_dir, logger_cfg, "analysis", f"ablation {sweep_dir.name}") as session:
+        with (sweep_dir / "performance_metrics.csv").open() as handle:
+            session.log_table("ablation", list(csv.DictReader(handle)))
+        session.log_images({path.stem: path for path in paths if path.suffix == ".png"})
 
 
 if __name__ == "__main__":

@@ -36,17 +36,15 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 import numpy as np
 import torch
-from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from analysis import plots
 from runtime.evaluation import load_model
-from runtime.results import write_results
-from runtime.training import overrides, write_config
+from runtime.session import Session, overrides, start
+from runtime.sweeps import MultirunSummary
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +56,11 @@ ANALYSIS_FILE = "attention_analysis.json"
 def token_classes(offsets: list[tuple[int, int]], spans: list[tuple[int, int, str]], text: str) -> list[str]:
     """Class of each token from character spans (majority of non-whitespace characters, ties KMI > NI > OC)."""
     char_class = ["OC"] * len(text)
-    for start, end, label in spans:
-        char_class[start:end] = [label] * (end - start)
+    for first, last, label in spans:
+        char_class[first:last] = [label] * (last - first)
     classes = []
-    for start, end in offsets:
-        chars = [i for i in range(start, end) if not text[i].isspace()] or list(range(start, end))
+    for first, last in offsets:
+        chars = [i for i in range(first, last) if not text[i].isspace()] or list(range(first, last))
         counts = {c: sum(char_class[i] == c for i in chars) for c in CLASSES}
         classes.append(min(CLASSES, key=lambda c: (-counts[c], PRIORITY[c])))
     return classes
@@ -137,14 +135,36 @@ def allocation(rows: torch.Tensor, classes: list[str], keep_sink: bool) -> tuple
 
 def analyse(cfg: DictConfig) -> dict[str, Any]:
     """Capture and summarise the attention allocation of `cfg.analysis.num_problems` problems; write outputs."""
-    run_dir = Path(cfg.paths.output_dir)
-    write_config(cfg, run_dir)
-    L.seed_everything(cfg.seed)
-    model, tokenizer = load_model(cfg)
-    model.set_attn_implementation("eager")
-    model.eval()
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
-    records = datamodule.records(cfg.analysis.split)[: cfg.analysis.num_problems]
+    with start(cfg, job_type="analysis") as session:
+        model, tokenizer = load_model(cfg)
+        model.set_attn_implementation("eager")
+        model.eval()
+        datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+        records = datamodule.records(cfg.analysis.split)[: cfg.analysis.num_problems]
+        per_problem, example = capture_allocations(cfg, model, tokenizer, datamodule, records)
+        summary = summarise(per_problem)
+        result = {
+            "model": cfg.model.name, "task": cfg.task.name, "ckpt": cfg.get("ckpt"), "num_problems": len(records),
+            "keep_sink": cfg.analysis.keep_sink, "generated_tokens": cfg.analysis.generated_tokens, "maps": summary,
+        }
+        (session.run_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1) + "\n")
+        figures = {
+            "attention_heatmap": plots.attention_heatmap(example, list(cfg.analysis.heatmap_heads),
+                                                         session.run_dir / "attention_heatmap.png"),
+            "allocation_by_layer": plots.allocation_by_layer(summary, session.run_dir / "allocation_by_layer.png",
+                                                             f"{cfg.model.name} on {cfg.task.name}"),
+        }
+        headline = {f"attention/{m}/{k}": v for m, s in summary.items() for k, v in s["table3"].items() if v is not None}
+        session.log_metrics(headline)
+        session.log_images(figures)
+        session.finish({**{k: result[k] for k in ("model", "task", "ckpt", "num_problems")}, "overrides": overrides(),
+                        "metrics": headline, "figures": [str(f) for f in figures.values()]})
+    return result
+
+
+def capture_allocations(cfg: DictConfig, model: Any, tokenizer: Any, datamodule: Any,
+                        records: list[dict[str, Any]]) -> tuple[dict[str, list[np.ndarray]], dict[str, Any]]:
+    """Per-problem allocation ratios and scores [L, H, 3] of every captured map, and the heatmap example."""
     capture = AttentionCapture(model, list(cfg.analysis.maps))
     per_problem: dict[str, list[np.ndarray]] = {}
     example: dict[str, Any] = {}
@@ -170,22 +190,7 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
                            "layers": layers}
     finally:
         capture.remove()
-    summary = summarise(per_problem)
-    result = {
-        "model": cfg.model.name, "task": cfg.task.name, "ckpt": cfg.get("ckpt"), "num_problems": len(records),
-        "keep_sink": cfg.analysis.keep_sink, "generated_tokens": cfg.analysis.generated_tokens, "maps": summary,
-    }
-    (run_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1) + "\n")
-    figures = [
-        plots.attention_heatmap(example, list(cfg.analysis.heatmap_heads), run_dir / "attention_heatmap.png"),
-        plots.allocation_by_layer(summary, run_dir / "allocation_by_layer.png", f"{cfg.model.name} on {cfg.task.name}"),
-    ]
-    for logger in [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]:
-        logger.log_metrics({f"attention/{m}/{k}": v for m, s in summary.items() for k, v in s["table3"].items()}, step=0)
-        logger.finalize("success")
-    write_results(run_dir, {**{k: result[k] for k in ("model", "task", "ckpt", "num_problems")},
-                            "overrides": overrides(), "figures": [str(f) for f in figures], "run_dir": str(run_dir)})
-    return result
+    return per_problem, example
 
 
 def summarise(per_problem: dict[str, list[np.ndarray]]) -> dict[str, Any]:
@@ -215,14 +220,16 @@ def _float(value: float) -> float | None:
     return None if np.isnan(value) else float(value)
 
 
-class AttentionComparison(Callback):
-    """Hydra callback: after a `-m` run over models, a side-by-side bar chart of their allocations."""
+class AttentionComparison(MultirunSummary):
+    """Hydra callback: after a `-m` run over models, the sweep summary and a side-by-side bar chart of their
+    allocations."""
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+    def report(self, sweep_dir: Path, session: Session) -> None:
         results = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{ANALYSIS_FILE}"))]
         if results:
-            log.info("Attention comparison: %s", plots.allocation_comparison(results, sweep_dir / "attention_comparison.png"))
+            figure = plots.allocation_comparison(results, sweep_dir / "attention_comparison.png")
+            log.info("Attention comparison: %s", figure)
+            session.log_images({"attention_comparison": figure})
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="attention")

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import hydra
-import lightning as L
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -35,7 +34,7 @@ from omegaconf import DictConfig
 
 from lightning_modules.causal_lm import answer_log_probs
 from runtime.evaluation import load_model
-from runtime.training import write_config
+from runtime.session import overrides, start
 
 log = logging.getLogger(__name__)
 
@@ -141,11 +140,8 @@ def compute(model: torch.nn.Module, datamodule, settings: DictConfig, seed: int)
     return pieces, cosine_matrix(vectors)
 
 
-def coupling_stage(cfg: DictConfig, settings: DictConfig) -> tuple[Any, Any, Any, list[dict[str, Any]], np.ndarray]:
+def coupling_stage(cfg: DictConfig, settings: DictConfig, run_dir: Path) -> tuple[Any, Any, Any, list[dict[str, Any]], np.ndarray]:
     """Load the model and task, compute GradSim, write knowledge_pieces.json and coupling_matrix.npy."""
-    run_dir = Path(cfg.paths.output_dir)
-    write_config(cfg, run_dir)
-    L.seed_everything(cfg.seed)
     model, tokenizer = load_model(cfg)
     model.eval()
     datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
@@ -160,15 +156,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Stage 1: write the pieces, the coupling matrix, its statistics and heatmap into the run dir."""
     from analysis import plots
 
-    model, _, _, pieces, matrix = coupling_stage(cfg, cfg.analysis)
-    run_dir = Path(cfg.paths.output_dir)
-    analysis = {
-        "model": cfg.model.name, "task": cfg.task.name, "layers": [n for n, _, _ in mlp_output_modules(model, list(cfg.analysis.layers))],
-        "projection_dim": cfg.analysis.projection_dim, "pieces": len(pieces),
-        "statistics": coupling_statistics(matrix, [p["chain"] for p in pieces]),
-    }
-    (run_dir / "coupling_analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")
-    plots.coupling_heatmap(matrix, [p["id"] for p in pieces], run_dir / "coupling_heatmap.png")
+    with start(cfg, job_type="analysis") as session:
+        model, _, _, pieces, matrix = coupling_stage(cfg, cfg.analysis, session.run_dir)
+        analysis = {
+            "model": cfg.model.name, "task": cfg.task.name,
+            "layers": [n for n, _, _ in mlp_output_modules(model, list(cfg.analysis.layers))],
+            "projection_dim": cfg.analysis.projection_dim, "pieces": len(pieces),
+            "statistics": coupling_statistics(matrix, [p["chain"] for p in pieces]),
+        }
+        (session.run_dir / "coupling_analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")
+        heatmap = plots.coupling_heatmap(matrix, [p["id"] for p in pieces], session.run_dir / "coupling_heatmap.png")
+        statistics = analysis["statistics"]
+        headline = {"gradsim/mean": statistics["mean"], "gradsim/within_chain": statistics["within_chain"]["mean"],
+                    "gradsim/across_chain": statistics["across_chain"]["mean"]}
+        headline = {k: v for k, v in headline.items() if v is not None}
+        session.log_metrics(headline)
+        session.log_images({"coupling_heatmap": heatmap})
+        session.finish({"model": cfg.model.name, "task": cfg.task.name, "ckpt": cfg.get("ckpt"), "pieces": len(pieces),
+                        "overrides": overrides(), "metrics": headline})
     return analysis
 
 

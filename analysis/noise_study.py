@@ -29,6 +29,7 @@ from omegaconf import DictConfig, open_dict
 
 from analysis import attention, plots
 from runtime import evaluation, training
+from runtime.session import overrides, start
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +186,15 @@ def report(study: DictConfig, rows: list[dict[str, Any]], comparisons: list[dict
 @hydra.main(version_base="1.3", config_path="../conf", config_name="noise_study")
 def main(cfg: DictConfig) -> None:
     """Hydra entrypoint of the study driver."""
-    study_dir = Path(cfg.paths.output_dir)
-    run_study(cfg.study, study_dir)
-    log.info("noise study tables: %s", study_dir)
+    with start(cfg, job_type="analysis") as session:
+        rows = run_study(cfg.study, session.run_dir)
+        mode = cfg.study.report.mode
+        headline = {f"{r['stage']}/{r['model']}/{r['dataset']}/pass@1_{mode}": r[f"pass@1_{mode}"] for r in rows
+                    if f"pass@1_{mode}" in r}
+        session.log_metrics(headline)
+        session.log_table("study_summary", rows)
+        session.log_images({path.stem: path for path in sorted(session.run_dir.glob("*.png"))})
+        session.finish({"study": cfg.study.name, "overrides": overrides(), "metrics": headline})
 
 
 if __name__ == "__main__":

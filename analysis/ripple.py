@@ -39,6 +39,7 @@ from scipy import stats
 from analysis import gradsim, memit, plots
 from datamodules.base import IGNORE_INDEX
 from datamodules.sources import load_split
+from runtime.session import overrides, start
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ def score_pieces(model, datamodule, pieces: list[dict[str, Any]], answers: list[
     answers = answers or [p["answer"] for p in pieces]
     examples = [datamodule.answer_example(p["prompt"], a) for p, a in zip(pieces, answers, strict=True)]
     log_probs, matches = [], []
-    for start in range(0, len(examples), 8):
-        batch = datamodule.collate(examples[start : start + 8])
+    for first in range(0, len(examples), 8):
+        batch = datamodule.collate(examples[first : first + 8])
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
         labels = batch["labels"][:, 1:]
@@ -116,9 +117,23 @@ def analyse_pairs(pairs: dict[str, np.ndarray], settings: DictConfig, seed: int)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
-    """Stages 1-3 for one model; writes every output into the run dir."""
-    run_dir = Path(cfg.paths.output_dir)
-    model, tokenizer, datamodule, pieces, matrix = gradsim.coupling_stage(cfg, cfg.analysis.gradsim)
+    """Stages 1-3 for one model in one run (runtime/session.py); returns the correlation analysis."""
+    with start(cfg, job_type="analysis") as session:
+        analysis = ripple_study(cfg, session.run_dir)
+        spearman = analysis["correlation"]["all"]["spearman"] or {}
+        headline = {"ripple/edit_success_rate": analysis["edit_success_rate"], "ripple/spearman_r": spearman.get("r"),
+                    "ripple/spearman_p": spearman.get("p"), "ripple/hypothesis_held": float(analysis["correlation"]["hypothesis_held"])}
+        headline = {k: v for k, v in headline.items() if v is not None}
+        session.log_metrics(headline)
+        session.log_images({"ripple": session.run_dir / "comprehensive_analysis.png"})
+        session.finish({"model": cfg.model.name, "task": cfg.task.name, "ckpt": cfg.get("ckpt"), "edits": analysis["edits"],
+                        "overrides": overrides(), "metrics": headline})
+    return analysis
+
+
+def ripple_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """GradSim, one MEMIT edit per piece and the ripple of each on every piece; writes every output into run_dir."""
+    model, tokenizer, datamodule, pieces, matrix = gradsim.coupling_stage(cfg, cfg.analysis.gradsim, run_dir)
 
     hparams = cfg.analysis.memit
     stats_records = load_split(hparams.stats.source, hparams.stats.split)

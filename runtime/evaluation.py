@@ -19,9 +19,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
-from hydra.experimental.callback import Callback
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
@@ -32,8 +30,9 @@ from lightning_modules.classifier import HEAD_CONFIG, ClassificationMetrics, Cla
 from lightning_modules.generation import generate
 from lightning_modules.label_lm import LabelLMModule
 from runtime.judge import judge_rows
-from runtime.results import RESULTS_FILE, write_results
-from runtime.training import overrides, write_config
+from runtime.results import RESULTS_FILE
+from runtime.session import Session, overrides, start
+from runtime.sweeps import MultirunSummary
 
 log = logging.getLogger(__name__)
 
@@ -111,38 +110,35 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one (model, task, checkpoint); write predictions.jsonl, metrics.json and results.json."""
-    run_dir = Path(cfg.paths.output_dir)
     with open_dict(cfg):
         cfg.model = checkpoint_model(cfg)
-    write_config(cfg, run_dir)
-    L.seed_everything(cfg.seed, workers=True)
-    model, tokenizer = load_model(cfg)
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
-    if cfg.task.get("evaluation") == "classify":
-        rows, metrics = _classification_rows(cfg, model, datamodule, run_dir)
-    else:
-        rows, metrics = _generation_rows(cfg, model, tokenizer, datamodule)
-    if cfg.get("judge") and rows:
-        reference = next((k for k in ("correct", "exact_match_flexible") if k in rows[0]), None)
-        metrics |= judge_rows(cfg.judge, cfg.task.name, rows, reference)
-    with (run_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
-        handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    for logger in [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_metrics({f"eval/{k}": v for k, v in metrics.items()}, step=0)
-        logger.finalize("success")
-    results = {
-        "model": cfg.model.name,
-        "task": cfg.task.name,
-        "stage": "sft" if cfg.get("ckpt") else "zero_shot",
-        "ckpt": cfg.get("ckpt"),
-        "overrides": overrides(),
-        "metrics": metrics,
-        "run_dir": str(run_dir),
-    }
-    log.info("%s on %d examples: %s", {k: round(v, 4) for k, v in metrics.items()}, len(rows), write_results(run_dir, results))
-    return results
+    with start(cfg, job_type="evaluate") as session:
+        model, tokenizer = load_model(cfg)
+        datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+        if cfg.task.get("evaluation") == "classify":
+            rows, metrics = _classification_rows(cfg, model, datamodule, session.run_dir)
+        else:
+            rows, metrics = _generation_rows(cfg, model, tokenizer, datamodule)
+        if cfg.get("judge") and rows:
+            reference = next((k for k in ("correct", "exact_match_flexible") if k in rows[0]), None)
+            metrics |= judge_rows(cfg.judge, cfg.task.name, rows, reference)
+        with (session.run_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        (session.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        session.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
+        session.log_table("predictions", rows)
+        session.log_images({"confusion_matrix": session.run_dir / "confusion_matrix.png"})
+        results = {
+            "model": cfg.model.name,
+            "task": cfg.task.name,
+            "stage": "sft" if cfg.get("ckpt") else "zero_shot",
+            "ckpt": cfg.get("ckpt"),
+            "overrides": overrides(),
+            "optimized_metric": cfg.optimized_metric or primary_metric_name(metrics),
+            "metrics": metrics,
+        }
+        log.info("%s on %d examples", {k: round(v, 4) for k, v in metrics.items()}, len(rows))
+        return session.finish(results)
 
 
 def _generation_rows(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
@@ -221,12 +217,9 @@ def _nonempty(records: list[dict[str, Any]], cfg: DictConfig) -> list[dict[str, 
     return records
 
 
-def primary_metric(metrics: dict[str, float]) -> float:
-    """The headline number of an evaluation: flexible Pass@1 (GSM8K), accuracy (classification) or corpus BLEU."""
-    for key in ("pass@1_flexible", "accuracy", "corpus_bleu"):
-        if key in metrics:
-            return metrics[key]
-    return float("nan")
+def primary_metric_name(metrics: dict[str, float]) -> str:
+    """The headline metric of an evaluation: flexible Pass@1 (GSM8K), accuracy (classification) or corpus BLEU."""
+    return next((key for key in ("pass@1_flexible", "accuracy", "corpus_bleu") if key in metrics), next(iter(metrics)))
 
 
 def performance_table(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -285,11 +278,16 @@ def _bar_chart(rows: list[dict[str, Any]], path: Path, stage: str) -> Path:
     return path
 
 
-class EvaluationGrid(Callback):
-    """Hydra callback: after an evaluate.py `-m` grid, write the performance tables and charts."""
+class EvaluationGrid(MultirunSummary):
+    """Hydra callback: after an evaluate.py `-m` grid, the sweep summary plus the Pass@1 tables and charts
+    (one W&B table per stage in the sweep's summary run)."""
 
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
+    def report(self, sweep_dir: Path, session: Session) -> None:
         results = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{RESULTS_FILE}"))]
         for path in write_grid(results, sweep_dir):
             log.info("Evaluation grid: %s", path)
+            if path.suffix == ".csv":
+                with path.open() as handle:
+                    session.log_table(path.stem, list(csv.DictReader(handle)))
+            else:
+                session.log_images({path.stem: path})

@@ -11,8 +11,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 
 def create_unique_dir(path: str) -> str:
     """Create `path`, or the first free `path-<n>`, exclusively; return the directory created."""
@@ -27,8 +25,3 @@ def create_unique_dir(path: str) -> str:
         return str(candidate)
     raise FileExistsError(f"{base}: 10,000 run dirs of this name exist; clean up outputs/ or change hydra.run.dir")
 
-
-def register_resolver() -> None:
-    """Make `${unique_dir:...}` available to configs (idempotent)."""
-    if not OmegaConf.has_resolver("unique_dir"):
-        OmegaConf.register_new_resolver("unique_dir", create_unique_dir, use_cache=True)

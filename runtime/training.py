@@ -5,24 +5,21 @@ from __future__ import annotations
 import json
 import logging
 import math
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import FSDPStrategy
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_modules import models, module_class
 from lightning_modules.methods import METHOD_METRICS_FILE, MethodContext, count_parameters, resolve_apply
 from runtime.checkpointing import AtomicCheckpointIO, RestoreRNG, remove_partial_files
-from runtime.loggers import print_config_tree
-from runtime.results import write_results
+from runtime.session import RecordRunId, overrides, start
 from runtime.validate import check_config, task_module
 
 log = logging.getLogger(__name__)
@@ -44,11 +41,12 @@ def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedT
     return model, tokenizer, datamodule
 
 
-def build_trainer(cfg: DictConfig, model: PreTrainedModel) -> L.Trainer:
-    """The Lightning Trainer of `cfg.trainer`, with the configured callbacks and loggers."""
+def build_trainer(cfg: DictConfig, model: PreTrainedModel, loggers: list[Logger], wandb_run_id: str | None = None) -> L.Trainer:
+    """The Lightning Trainer of `cfg.trainer`, with the configured callbacks and the session's loggers."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(RestoreRNG())  # exact resume is not optional: every checkpoint carries the RNG states
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    if wandb_run_id:
+        callbacks.append(RecordRunId(wandb_run_id))
     extra: dict[str, Any] = {}
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, DictConfig):  # a strategy factory that needs the model (FSDP wrap units)
@@ -59,26 +57,22 @@ def build_trainer(cfg: DictConfig, model: PreTrainedModel) -> L.Trainer:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, test and save one run; return (and write to results.json) its final metrics."""
     check_config(cfg)
-    run_dir = Path(cfg.paths.output_dir)
-    write_config(cfg, run_dir)
-    L.seed_everything(cfg.seed, workers=True)
-
-    model, tokenizer, datamodule = build_trainable_model(cfg)
-    check_data(cfg, datamodule)
-    module = module_class(task_module(cfg)).from_config(model, cfg, datamodule)
-    module.allow_base_mismatch = bool(cfg.get("allow_base_mismatch"))
-    if cfg.get("ckpt_path"):
-        for path in remove_partial_files(Path(cfg.ckpt_path).parent):
-            log.info("removed %s, a partial checkpoint write of a killed run", path)
-    trainable, total = count_parameters(module)
-    log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
-    trainer = build_trainer(cfg, model)
-    metrics_file = run_dir / METHOD_METRICS_FILE
-    method_metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
-    for logger in trainer.loggers:
-        logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
-        logger.log_metrics({"params/trainable": trainable, "params/total": total, **method_metrics}, step=0)
-    try:
+    with start(cfg, job_type="train") as session:
+        model, tokenizer, datamodule = build_trainable_model(cfg)
+        check_data(cfg, datamodule)
+        module = module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+        module.allow_base_mismatch = bool(cfg.get("allow_base_mismatch"))
+        if cfg.get("ckpt_path"):
+            for path in remove_partial_files(Path(cfg.ckpt_path).parent):
+                log.info("removed %s, a partial checkpoint write of a killed run", path)
+        trainable, total = count_parameters(module)
+        log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        trainer = build_trainer(cfg, model, session.loggers, session.wandb_run_id)
+        metrics_file = session.run_dir / METHOD_METRICS_FILE
+        method_metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
+        session.log_config()
+        if not cfg.get("ckpt_path"):  # a resumed run logged these at step 0 already
+            session.log_metrics({"params/trainable": trainable, "params/total": total, **method_metrics})
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
         metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
         if cfg.test_after_fit:
@@ -90,23 +84,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "task": cfg.task.name,
             "method": cfg.method.name,
             "overrides": overrides(),
+            "optimized_metric": cfg.optimized_metric,
             "global_step": trainer.global_step,
             "trainable_params": trainable,
             "total_params": total,
             "trainable_share": trainable / total,
             **divergence(module, cfg.divergence_max_abs_weight),
             "metrics": metrics,
-            "run_dir": str(run_dir),
         }
         if results["diverged"]:
             log.warning("RUN DIVERGED: %s. Its metrics and final/ are not a trained model; results.json says "
                         "diverged: true. Lower optim.lr.", results["divergence_reason"])
         if trainer.is_global_zero:
-            results["final_dir"] = _export(trainer, module, tokenizer, cfg.method, run_dir / "final")
-            log.info("results: %s", write_results(run_dir, results))
-        return results
-    finally:
-        _finish_wandb()
+            results["final_dir"] = _export(trainer, module, tokenizer, cfg.method, session.run_dir / "final")
+        return session.finish(results)
 
 
 def check_data(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
@@ -142,24 +133,3 @@ def _export(trainer: L.Trainer, module: L.LightningModule, tokenizer: PreTrained
     module.export(target, method_cfg)
     tokenizer.save_pretrained(target)
     return str(target)
-
-
-@rank_zero_only
-def write_config(cfg: DictConfig, run_dir: Path) -> None:
-    """Create the run dir, print the config tree (if `print_config`) and save the resolved config."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if cfg.get("print_config"):
-        print_config_tree(cfg)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
-
-
-def overrides() -> list[str]:
-    """The command-line overrides of this Hydra job (empty outside Hydra)."""
-    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
-
-
-def _finish_wandb() -> None:
-    """End the W&B run of this job, so the next job of a sweep starts its own."""
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from lightning_modules import models
 from lightning_modules.generation import generate, truncate_at_stop
 from runtime import evaluation
 from runtime.training import run as train
+from runtime.wandb_offline import find_run_files, read_run
 from tests.conftest import ROOT, compose_config
 
 EVAL_TINY = [
@@ -152,11 +154,18 @@ def test_grid_drop_is_relative_to_the_clean_score() -> None:
 
 
 def test_quick_noise_study_runs_every_stage_and_writes_the_tables(tmp_path: Path) -> None:
-    command = [sys.executable, "-m", "analysis.noise_study", "study=diffllama_noise_quick", f"hydra.run.dir={tmp_path}"]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    command = [sys.executable, "-m", "analysis.noise_study", "study=diffllama_noise_quick", "logger=wandb", f"hydra.run.dir={tmp_path}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
     with (tmp_path / "study_summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
+    (run_file,) = find_run_files(tmp_path)  # the study's own W&B run: its Pass@1 grid as the summary
+    study_run = read_run(run_file)
+    assert study_run.job_type == "analysis" and len(study_run.summary) >= len(rows)
+    for row in rows:
+        key = f"{row['stage']}/{row['model']}/{row['dataset']}/pass@1_flexible"
+        assert study_run.summary[key] == pytest.approx(float(row["pass@1_flexible"]))
     assert len(rows) == 2 * 4 * 2
     assert {(r["stage"], r["model"]) for r in rows} == {
         (stage, model) for stage in ("zero_shot", "sft") for model in ("tiny_diffllama", "tiny_llama")

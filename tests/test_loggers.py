@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from runtime import loggers
-from runtime.results import write_results, write_summary
+from runtime.results import write_results
+from runtime.sweeps import summarize, write_summary
 
 
 def test_wandb_without_credentials_runs_offline_and_says_so_once(
@@ -39,7 +40,7 @@ def test_summary_has_one_row_per_job_in_job_order(tmp_path: Path) -> None:
     for job, lr in [(10, 0.3), (2, 0.1)]:
         (tmp_path / str(job)).mkdir()
         write_results(tmp_path / str(job), {"overrides": [f"optim.lr={lr}"], "metrics": {"val/loss": lr * 10}})
-    write_summary(tmp_path)
+    write_summary(tmp_path, summarize(tmp_path))
     rows = (tmp_path / "summary.csv").read_text().splitlines()
     assert rows[0] == "job,overrides,val/loss,trainable_params"
     assert rows[1].startswith("2,optim.lr=0.1,1.0") and rows[2].startswith("10,optim.lr=0.3,3.0")

@@ -10,9 +10,12 @@ from pathlib import Path
 import pytest
 from hydra.utils import instantiate
 
+from analysis.ablation import main as ablation_main
 from analysis.ablation import read_run, write_report
 from datamodules.cosmopedia import pack
 from runtime.training import run
+from runtime.wandb_offline import find_run_files
+from runtime.wandb_offline import read_run as read_wandb
 from tests.conftest import ROOT, compose_config
 
 EXPERIMENTS = ["baseline", "high_lr", "low_lr", "large_batch", "short_seq", "small_model"]
@@ -64,7 +67,7 @@ def test_tiny_experiments_train_a_few_steps(tiny_config, name: str) -> None:
     assert results["metrics"]["val/top5_acc"] >= results["metrics"]["val/token_acc"]
 
 
-def test_report_from_a_real_sweep_from_csv_and_from_wandb(tmp_path: Path) -> None:
+def test_report_from_a_real_sweep_from_csv_and_from_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     command = [
         sys.executable, "train.py", "-m", "experiment=ablation_tiny/baseline,ablation_tiny/small_model",
         "trainer.max_steps=4", "trainer.val_check_interval=2", "logger=wandb", "print_config=false",
@@ -73,6 +76,15 @@ def test_report_from_a_real_sweep_from_csv_and_from_wandb(tmp_path: Path) -> Non
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                             env={**__import__("os").environ, "WANDB_MODE": "offline"})
     assert result.returncode == 0, result.stderr[-3000:]
+    before = set(find_run_files(tmp_path))  # the sweep's summary run
+    monkeypatch.setattr(sys, "argv", ["analysis.ablation", str(tmp_path)])
+    ablation_main()
+    (report_file,) = set(find_run_files(tmp_path)) - before
+    report_run, jobs = read_wandb(report_file), [read_wandb(find_run_files(tmp_path / n)[0]) for n in ("0", "1")]
+    assert report_run.job_type == "analysis" and report_run.group == jobs[0].group == jobs[1].group
+    assert jobs[0].run_id != jobs[1].run_id
+    assert {"training_loss_curves", "convergence"} <= {p.name.rsplit("_", 2)[0] for p in
+                                                     report_file.parent.glob("files/media/images/*.png")}
     paths = write_report(tmp_path)
     assert {p.name for p in paths} == {
         "performance_metrics.csv", "results.md", "research_data.json", "training_loss_curves.png",

@@ -23,8 +23,8 @@ from lightning_modules.models import ModelLoadError
 from lightning_modules.optim import NonFiniteLossError
 from runtime import checkpointing
 from runtime.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file, write_atomically
-from runtime.results import summarize
 from runtime.run_dir import create_unique_dir
+from runtime.sweeps import summarize
 from runtime.training import run
 from runtime.validate import ConfigError
 from tests.conftest import ROOT, TINY
