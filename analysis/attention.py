@@ -1,31 +1,27 @@
-"""Attention allocation to key math information (KMI), noise (NI) and other context (OC).
+"""Where a model looks: attention maps of any task's inputs or of free text, and the allocation to token classes.
 
     python -m analysis.attention model=diffllama task=gsm8k_inf [ckpt=<run dir>] [analysis.num_problems=32]
-    python -m analysis.attention -m model=diffllama,llama task=gsm8k_inf      # + comparison chart
+    python -m analysis.attention model=llama task=classification ckpt=<a LoRA run>     # any task
+    python -m analysis.attention model=llama analysis.text="Tom has 3 apples." [analysis.save_maps=true]
+    python -m analysis.attention -m model=diffllama,llama task=gsm8k_inf                # + comparison chart
 
-Written here because no maintained library labels attention by problem spans. For each problem the
-model runs with eager attention; a forward hook on every attention module keeps only the rows of the
-answer-side query positions (the last prompt token, optionally generated tokens) over the prompt keys,
-so a layer's full [B, H, T, T] map is dropped as soon as the layer is done (bounded memory).
-
-DiffLlama (transformers' `DiffLlamaAttention`, checked against the installed source): one softmax map
-A = softmax(QK^T * scale) of shape [B, H, T, T] is computed and returned (both attention calls share
-Q and K; V is split into two halves along the KV heads, each tiled back to all KV heads, and the two
-outputs are concatenated along the feature axis, [B, T, H, 2*head_dim]). The outputs are then chunked
-along the head axis into the first and second halves and combined as out[h] - lambda_full * out[h + H/2]
-for h < H/2, with lambda_full = exp(sum(lambda_q1 * lambda_k1)) - exp(sum(lambda_q2 * lambda_k2)) +
-lambda_init and lambda_init = 0.8 - 0.6 * exp(-0.3 * layer_idx); heads h and h + H/2 read the same
-value vectors, so this equals (A[:, h] - lambda_full * A[:, h + H/2]) @ V_pair(h): the differential map
-of head h. The layer then applies an RMSNorm over 2*head_dim (no affine) per head and scales by
-(1 - lambda_init). The analysed map is the differential one (H/2 heads); `analysis.maps` can add the
-raw halves `a1` (heads 0..H/2-1) and `a2` (heads H/2..H-1). Other models use their ordinary maps.
+Task mode: for each record the model reads the task's input (`DataModule.attention_input`: the evaluation
+prompt) with eager attention; hooks (analysis/attention_maps.py) keep only the answer-side query rows (the
+last prompt token, optionally generated tokens) over the prompt keys (bounded memory). Where the task labels
+token classes (`DataModule.attention_classes`: KMI / NI / OC on the GSM8K sets, LABEL / TEXT / OTHER in
+classification prompts, STUDENT / TEACHER / OTHER in Socratic dialogues) the allocation to each class is
+reported; other tasks get the maps and the heatmap only. Free-text mode (`analysis.text` or
+`analysis.text_file`, one prompt per line): the full query x key maps of each prompt, one figure each.
+`analysis.save_maps=true` writes the maps of the chosen `analysis.layers` / `analysis.heads` to
+`attention_maps.safetensors` (keys `<input>/<map>`, [layers, heads, queries, keys]) with
+`attention_maps.json` (texts, tokens, query positions, layers, heads) for notebooks.
 
 Allocation of class c for one query row a over the included prompt keys K (the first token, the
 attention sink, is excluded unless `analysis.keep_sink`): ratio_c = sum_{t in K_c} a_t / sum_{t in K} a_t
-(the three ratios sum to 1; a differential row is divided by its own signed total), and the
-normalised score ratio_c / (|K_c| / |K|) (1.0 = as much as a uniform spread). A token's class is the
-class of the majority of its non-whitespace characters (all characters if it is only whitespace);
-ties go to KMI, then NI, then OC; template text around the question is OC.
+(the ratios sum to 1; a differential row is divided by its own signed total), and the normalised score
+ratio_c / (|K_c| / |K|) (1.0 = as much as a uniform spread). A token's class is the class of the majority
+of its non-whitespace characters (all characters if it is only whitespace); ties go to the class listed
+first; text outside every span gets the last class (OC, OTHER).
 """
 
 from __future__ import annotations
@@ -38,123 +34,67 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import save_file
 
+import datamodules
 from analysis import plots
+from analysis.attention_maps import AttentionCapture, attention_maps, select, token_strings
 from runtime.evaluation import load_model
 from runtime.session import Session, overrides, start
 from runtime.sweeps import MultirunSummary
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("KMI", "NI", "OC")
-PRIORITY = {"KMI": 0, "NI": 1, "OC": 2}
+CLASSES = ("KMI", "NI", "OC")  # the GSM8K noise classes (the noise study's allocation table)
 ANALYSIS_FILE = "attention_analysis.json"
+MAPS_FILE = "attention_maps.safetensors"
 
 
-def token_classes(offsets: list[tuple[int, int]], spans: list[tuple[int, int, str]], text: str) -> list[str]:
-    """Class of each token from character spans (majority of non-whitespace characters, ties KMI > NI > OC)."""
-    char_class = ["OC"] * len(text)
+def token_classes(offsets: list[tuple[int, int]], spans: list[tuple[int, int, str]], text: str,
+                  classes: tuple[str, ...] = CLASSES) -> list[str]:
+    """Class of each token from character spans (majority of non-whitespace characters, ties to the class
+    listed first; characters outside every span get the last class)."""
+    char_class = [classes[-1]] * len(text)
     for first, last, label in spans:
         char_class[first:last] = [label] * (last - first)
-    classes = []
+    labels = []
     for first, last in offsets:
         chars = [i for i in range(first, last) if not text[i].isspace()] or list(range(first, last))
-        counts = {c: sum(char_class[i] == c for i in chars) for c in CLASSES}
-        classes.append(min(CLASSES, key=lambda c: (-counts[c], PRIORITY[c])))
-    return classes
+        counts = {c: sum(char_class[i] == c for i in chars) for c in classes}
+        labels.append(min(classes, key=lambda c: (-counts[c], classes.index(c))))
+    return labels
 
 
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention module of every layer, in layer order."""
-    modules = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
-    return [m for m in modules if not any(type(c).__name__.endswith("Attention") for c in m.children())]
-
-
-def differential_maps(module: torch.nn.Module, weights: torch.Tensor, maps: list[str]) -> dict[str, torch.Tensor]:
-    """Named maps of one layer: `standard` for ordinary attention; `diff`, `a1`, `a2` for DiffLlama."""
-    if not hasattr(module, "lambda_q1"):
-        return {"standard": weights}
-    half = weights.shape[1] // 2
-    lambda_1 = torch.exp(torch.sum(module.lambda_q1 * module.lambda_k1, dtype=torch.float32))
-    lambda_2 = torch.exp(torch.sum(module.lambda_q2 * module.lambda_k2, dtype=torch.float32))
-    lambda_full = lambda_1 - lambda_2 + module.lambda_init
-    named = {"diff": weights[:, :half] - lambda_full * weights[:, half:], "a1": weights[:, :half], "a2": weights[:, half:]}
-    return {name: named[name] for name in maps}
-
-
-class AttentionCapture:
-    """Forward hooks that keep rows `queries` x keys [0, keys) of every layer's map(s): [layer] -> {map: [H, Q, K]}."""
-
-    def __init__(self, model: torch.nn.Module, maps: list[str]) -> None:
-        self.maps, self.layers, self.active = maps, [], False
-        self.queries: list[int] = []
-        self.keys = 0
-        self.handles = [m.register_forward_hook(self._hook) for m in attention_modules(model)]
-        if not self.handles:
-            raise ValueError(f"{type(model).__name__}: no attention modules found")
-
-    def _hook(self, module: torch.nn.Module, args: Any, output: tuple) -> None:
-        if not self.active:  # e.g. the model.generate calls that produce the generated query tokens
-            return
-        weights = output[1]
-        if weights is None:
-            raise RuntimeError("attention weights are None: the model must run with attn_implementation='eager'")
-        rows = weights[:, :, self.queries, : self.keys].float()  # [1, H, Q, K]
-        self.layers.append({k: v[0].detach().cpu() for k, v in differential_maps(module, rows, self.maps).items()})
-
-    def run(self, model: torch.nn.Module, input_ids: torch.Tensor, queries: list[int], keys: int) -> list[dict]:
-        """Per-layer captured maps of one forward pass."""
-        self.layers, self.queries, self.keys, self.active = [], queries, keys, True
-        try:
-            with torch.no_grad():
-                model(input_ids=input_ids)
-        finally:
-            self.active = False
-        return self.layers
-
-    def remove(self) -> None:
-        """Detach the hooks."""
-        for handle in self.handles:
-            handle.remove()
-
-
-def allocation(rows: torch.Tensor, classes: list[str], keep_sink: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Ratios and normalised scores [H, 3] (KMI, NI, OC) of query rows [H, Q, K], averaged over queries."""
-    included = torch.ones(len(classes), dtype=torch.bool)
+def allocation(rows: torch.Tensor, labels: list[str], keep_sink: bool,
+               classes: tuple[str, ...] = CLASSES) -> tuple[np.ndarray, np.ndarray]:
+    """Ratios and normalised scores [H, C] of query rows [H, Q, K] (key t of class labels[t]), averaged over queries."""
+    included = torch.ones(len(labels), dtype=torch.bool)
     if not keep_sink:
         included[0] = False
-    masks = torch.stack([torch.tensor([c == name for c in classes]) & included for name in CLASSES])  # [3, K]
-    mass = torch.einsum("hqk,ck->hqc", rows, masks.float())  # [H, Q, 3]
-    ratios = (mass / mass.sum(-1, keepdim=True)).mean(1)  # [H, 3]
+    masks = torch.stack([torch.tensor([c == name for c in labels]) & included for name in classes])  # [C, K]
+    mass = torch.einsum("hqk,ck->hqc", rows, masks.float())  # [H, Q, C]
+    ratios = (mass / mass.sum(-1, keepdim=True)).mean(1)  # [H, C]
     share = masks.sum(-1).float() / included.sum()
     scores = torch.where(share > 0, ratios / share.clamp_min(1e-12), torch.full_like(ratios, float("nan")))
     return ratios.numpy(), scores.numpy()
 
 
 def analyse(cfg: DictConfig) -> dict[str, Any]:
-    """Capture and summarise the attention allocation of `cfg.analysis.num_problems` problems; write outputs."""
+    """The attention analysis of `cfg` (free text when `analysis.text` / `analysis.text_file` is set, else the
+    task's records) in one run; returns what attention_analysis.json holds."""
     with start(cfg, job_type="analysis") as session:
         model, tokenizer = load_model(cfg)
-        model.set_attn_implementation("eager")
-        model.eval()
-        datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
-        records = datamodule.records(cfg.analysis.split)[: cfg.analysis.num_problems]
-        per_problem, example = capture_allocations(cfg, model, tokenizer, datamodule, records)
-        summary = summarise(per_problem)
-        result = {
-            "model": cfg.model.name, "task": cfg.task.name, "ckpt": cfg.get("ckpt"), "num_problems": len(records),
-            "keep_sink": cfg.analysis.keep_sink, "generated_tokens": cfg.analysis.generated_tokens, "maps": summary,
-        }
+        if cfg.analysis.get("text") or cfg.analysis.get("text_file"):
+            result = analyse_texts(cfg, model, tokenizer, session.run_dir)
+        else:
+            result = analyse_task(cfg, model, tokenizer, datamodules.build(cfg, tokenizer), session.run_dir)
+        figures = {Path(f).stem: Path(f) for f in result.pop("figures")}
         (session.run_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1) + "\n")
-        figures = {
-            "attention_heatmap": plots.attention_heatmap(example, list(cfg.analysis.heatmap_heads),
-                                                         session.run_dir / "attention_heatmap.png"),
-            "allocation_by_layer": plots.allocation_by_layer(summary, session.run_dir / "allocation_by_layer.png",
-                                                             f"{cfg.model.name} on {cfg.task.name}"),
-        }
-        headline = {f"attention/{m}/{k}": v for m, s in summary.items() for k, v in s["table3"].items() if v is not None}
+        headline = {f"attention/{m}/{c}_score": v["mean"] for m, s in result["maps"].items() for c, v in s["score"].items()
+                    if v["mean"] is not None}
+        headline |= {f"attention/{m}/{k}": v for m, s in result["maps"].items() for k, v in s.get("table3", {}).items()
+                     if v is not None}
         session.log_metrics(headline)
         session.log_images(figures)
         session.finish({**{k: result[k] for k in ("model", "task", "ckpt", "num_problems")}, "overrides": overrides(),
@@ -162,44 +102,121 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def capture_allocations(cfg: DictConfig, model: Any, tokenizer: Any, datamodule: Any,
-                        records: list[dict[str, Any]]) -> tuple[dict[str, list[np.ndarray]], dict[str, Any]]:
-    """Per-problem allocation ratios and scores [L, H, 3] of every captured map, and the heatmap example."""
-    capture = AttentionCapture(model, list(cfg.analysis.maps))
+def analyse_task(cfg: DictConfig, model: Any, tokenizer: Any, datamodule: Any, run_dir: Path) -> dict[str, Any]:
+    """Capture the answer-side rows of `cfg.analysis.num_problems` records of the task; summarise the class
+    allocation where the task labels classes; write the heatmap, the allocation figure and (save_maps) the maps."""
+    settings = cfg.analysis
+    records = datamodule.records(settings.split)[: settings.num_problems]
+    if not records:
+        raise ValueError(f"task '{cfg.task.name}': split '{settings.split}' has no records to analyse")
+    classes = tuple(getattr(datamodule, "attention_classes", ()))
+    inputs = [attention_input(datamodule, record, cfg.task.name) for record in records]
+    model.set_attn_implementation("eager")
+    model.eval()
+    capture = AttentionCapture(model, list(settings.maps))
     per_problem: dict[str, list[np.ndarray]] = {}
     example: dict[str, Any] = {}
+    saved: dict[str, torch.Tensor] = {}
+    described = []
     try:
-        for index, record in enumerate(records):
-            prompt, spans = datamodule.prompt_spans(record)
+        for index, (prompt, spans) in enumerate(inputs):
             encoded = tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
             input_ids, length = encoded["input_ids"], encoded["input_ids"].shape[1]
-            classes = token_classes(encoded["offset_mapping"][0].tolist(), spans, prompt)
-            if cfg.analysis.generated_tokens:
-                input_ids = model.generate(
-                    input_ids, max_new_tokens=cfg.analysis.generated_tokens, do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
+            labels = token_classes(encoded["offset_mapping"][0].tolist(), spans, prompt, classes) if classes else []
+            if settings.generated_tokens:
+                input_ids = model.generate(input_ids, max_new_tokens=settings.generated_tokens, do_sample=False,
+                                           pad_token_id=tokenizer.pad_token_id)
             queries = list(range(length - 1, input_ids.shape[1]))
             layers = capture.run(model, input_ids, queries, length)
-            for name in layers[0]:
-                stacked = [allocation(layer[name], classes, cfg.analysis.keep_sink) for layer in layers]
-                per_problem.setdefault(f"{name}/ratio", []).append(np.stack([s[0] for s in stacked]))  # [L, H, 3]
+            for name in layers[0] if classes else []:
+                stacked = [allocation(layer[name], labels, settings.keep_sink, classes) for layer in layers]
+                per_problem.setdefault(f"{name}/ratio", []).append(np.stack([s[0] for s in stacked]))  # [L, H, C]
                 per_problem.setdefault(f"{name}/score", []).append(np.stack([s[1] for s in stacked]))
-            if index == cfg.analysis.heatmap_problem:
-                example = {"tokens": tokenizer.convert_ids_to_tokens(encoded["input_ids"][0]), "classes": classes,
+            if index == settings.heatmap_problem:
+                example = {"tokens": token_strings(tokenizer, encoded["input_ids"][0].tolist()), "classes": labels,
                            "layers": layers}
+            if settings.save_maps:
+                saved |= selected_maps(index, layers, settings)
+                described.append({"text": prompt, "tokens": token_strings(tokenizer, input_ids[0].tolist()),
+                                  "queries": queries, "classes": labels})
     finally:
         capture.remove()
-    return per_problem, example
+    summary = summarise(per_problem, classes)
+    figures = [plots.attention_heatmap(example, list(settings.heatmap_heads), run_dir / "attention_heatmap.png")] if example else []
+    if summary:
+        figures.append(plots.allocation_by_layer(summary, run_dir / "allocation_by_layer.png", f"{cfg.model.name} on {cfg.task.name}"))
+    if settings.save_maps:
+        write_maps(run_dir, saved, described, settings)
+    return {"model": cfg.model.name, "task": cfg.task.name, "ckpt": cfg.get("ckpt"), "num_problems": len(records),
+            "classes": list(classes), "keep_sink": settings.keep_sink, "generated_tokens": settings.generated_tokens,
+            "maps": summary, "figures": figures}
 
 
-def summarise(per_problem: dict[str, list[np.ndarray]]) -> dict[str, Any]:
-    """Mean/std over problems of the ratios and normalised scores: overall, per layer and per head, per map."""
+def attention_input(datamodule: Any, record: dict[str, Any], task: str) -> tuple[str, list[tuple[int, int, str]]]:
+    """The text the model reads for `record` and its class spans; a task whose DataModule cannot say is named."""
+    try:
+        return datamodule.attention_input(record)
+    except (NotImplementedError, AttributeError) as error:
+        raise ValueError(
+            f"task '{task}' cannot be analysed: its DataModule ({type(datamodule).__name__}) does not say what text "
+            "the model reads (implement attention_input, or format_example); analyse free text instead with "
+            "analysis.text='...' or analysis.text_file=<file>"
+        ) from error
+
+
+def analyse_texts(cfg: DictConfig, model: Any, tokenizer: Any, run_dir: Path) -> dict[str, Any]:
+    """Full query x key maps of each free-text prompt: one heatmap per prompt, the maps (save_maps) for notebooks."""
+    settings = cfg.analysis
+    texts = [settings.text] if settings.get("text") else read_prompts(Path(settings.text_file))
+    results = attention_maps(model, tokenizer, texts, _list(settings.layers), _list(settings.heads), tuple(settings.maps))
+    figures = [plots.text_heatmap(r, [list(p) for p in settings.heatmap_heads], run_dir / f"attention_text_{i}.png")
+               for i, r in enumerate(results)]
+    if settings.save_maps:
+        saved = {f"{i}/{name}": values for i, r in enumerate(results) for name, values in r.maps.items()}
+        described = [{"text": r.text, "tokens": r.tokens, "queries": list(range(len(r.tokens)))} for r in results]
+        write_maps(run_dir, saved, described, settings, results[0].layers, results[0].heads)
+    return {"model": cfg.model.name, "task": "text", "ckpt": cfg.get("ckpt"), "num_problems": len(texts), "classes": [],
+            "texts": texts, "maps": {}, "figures": figures}
+
+
+def read_prompts(path: Path) -> list[str]:
+    """The non-empty lines of a prompt file (a missing or empty file is an error naming it)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"analysis.text_file={path}: no such file")
+    prompts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"analysis.text_file={path}: no non-empty line to analyse")
+    return prompts
+
+
+def selected_maps(index: int, layers: list[dict[str, torch.Tensor]], settings: DictConfig) -> dict[str, torch.Tensor]:
+    """The captured rows of one input for the chosen layers and heads: `<index>/<map>` -> [L, H, Q, K]."""
+    chosen = select(_list(settings.layers), len(layers), "layers")
+    maps = {}
+    for name in layers[0]:
+        stacked = torch.stack([layers[i][name] for i in chosen])  # [L, H, Q, K]
+        maps[f"{index}/{name}"] = stacked[:, select(_list(settings.heads), stacked.shape[1], "heads")].contiguous()
+    return maps
+
+
+def write_maps(run_dir: Path, maps: dict[str, torch.Tensor], inputs: list[dict[str, Any]], settings: DictConfig,
+               layers: list[int] | None = None, heads: list[int] | None = None) -> None:
+    """attention_maps.safetensors and its description attention_maps.json."""
+    save_file(maps, run_dir / MAPS_FILE)
+    description = {"layers": layers if layers is not None else _list(settings.layers),
+                   "heads": heads if heads is not None else _list(settings.heads), "inputs": inputs,
+                   "keys": "<input index>/<map name>: [layers, heads, queries, keys]"}
+    (run_dir / "attention_maps.json").write_text(json.dumps(description, indent=1, ensure_ascii=False) + "\n")
+
+
+def summarise(per_problem: dict[str, list[np.ndarray]], classes: tuple[str, ...] = CLASSES) -> dict[str, Any]:
+    """Mean/std over problems of the ratios and normalised scores: overall, per layer and per head, per map
+    (`table3`: KMI and NI scores and their ratio, for the GSM8K noise classes)."""
     summary: dict[str, Any] = {}
     for key, values in per_problem.items():
         name, kind = key.split("/")
-        stacked = np.stack(values)  # [N, L, H, 3]
-        overall = np.nanmean(stacked, axis=(1, 2))  # [N, 3]
+        stacked = np.stack(values)  # [N, L, H, C]
+        overall = np.nanmean(stacked, axis=(1, 2))  # [N, C]
         entry = summary.setdefault(name, {})
         entry[kind] = {
             c: {
@@ -208,12 +225,17 @@ def summarise(per_problem: dict[str, list[np.ndarray]]) -> dict[str, Any]:
                 "per_layer": [_float(v) for v in np.nanmean(stacked[..., i], axis=(0, 2))],
                 "per_head": [[_float(v) for v in row] for row in np.nanmean(stacked[..., i], axis=0)],
             }
-            for i, c in enumerate(CLASSES)
+            for i, c in enumerate(classes)
         }
-    for entry in summary.values():
-        kmi, ni = entry["score"]["KMI"]["mean"], entry["score"]["NI"]["mean"]
-        entry["table3"] = {"kmi_score": kmi, "ni_score": ni, "kmi_to_ni": kmi / ni if ni else None}
+    if {"KMI", "NI"} <= set(classes):
+        for entry in summary.values():
+            kmi, ni = entry["score"]["KMI"]["mean"], entry["score"]["NI"]["mean"]
+            entry["table3"] = {"kmi_score": kmi, "ni_score": ni, "kmi_to_ni": kmi / ni if ni else None}
     return summary
+
+
+def _list(value: Any) -> list[int] | None:
+    return None if value is None else [int(v) for v in value]
 
 
 def _float(value: float) -> float | None:
@@ -226,6 +248,7 @@ class AttentionComparison(MultirunSummary):
 
     def report(self, sweep_dir: Path, session: Session) -> None:
         results = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{ANALYSIS_FILE}"))]
+        results = [r for r in results if r["maps"]]
         if results:
             figure = plots.allocation_comparison(results, sweep_dir / "attention_comparison.png")
             log.info("Attention comparison: %s", figure)
@@ -237,7 +260,8 @@ def main(cfg: DictConfig) -> None:
     """Hydra entrypoint of the attention analysis."""
     result = analyse(cfg)
     for name, entry in result["maps"].items():
-        log.info("%s map: %s", name, OmegaConf.to_yaml(entry["table3"]).strip().replace("\n", ", "))
+        scores = {c: v["mean"] for c, v in entry["score"].items()}
+        log.info("%s map, normalised scores: %s", name, OmegaConf.to_yaml(scores).strip().replace("\n", ", "))
 
 
 if __name__ == "__main__":

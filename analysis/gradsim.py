@@ -29,9 +29,9 @@ import hydra
 import numpy as np
 import torch
 import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+import datamodules
 from lightning_modules.causal_lm import answer_log_probs
 from runtime.evaluation import load_model
 from runtime.session import overrides, start
@@ -144,7 +144,7 @@ def coupling_stage(cfg: DictConfig, settings: DictConfig, run_dir: Path) -> tupl
     """Load the model and task, compute GradSim, write knowledge_pieces.json and coupling_matrix.npy."""
     model, tokenizer = load_model(cfg)
     model.eval()
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    datamodule = datamodules.build(cfg, tokenizer)
     pieces, matrix = compute(model, datamodule, settings, cfg.seed)
     clean = [{k: v for k, v in p.items() if k != "_where"} for p in pieces]
     (run_dir / "knowledge_pieces.json").write_text(json.dumps(clean, indent=1, ensure_ascii=False) + "\n")

@@ -11,11 +11,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-CLASS_COLOURS = {"KMI": "tab:green", "NI": "tab:red", "OC": "tab:gray"}
+CLASS_COLOURS = {"KMI": "tab:green", "NI": "tab:red", "OC": "tab:gray", "LABEL": "tab:green", "TEXT": "tab:blue",
+                 "STUDENT": "tab:blue", "TEACHER": "tab:orange", "OTHER": "tab:gray"}
+PALETTE = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+
+
+def class_colours(classes: list[str]) -> dict[str, str]:
+    """A colour per token class: the fixed ones for the shipped tasks' classes, a palette for others."""
+    unknown = [c for c in dict.fromkeys(classes) if c not in CLASS_COLOURS]
+    return {c: CLASS_COLOURS.get(c) or PALETTE[unknown.index(c) % len(PALETTE)] for c in dict.fromkeys(classes)}
+
+
+def _token_labels(tokens: list[str]) -> list[str]:
+    return [t.replace("Ġ", " ").replace("Ċ", "\\n").replace("\n", "\\n") for t in tokens]
 
 
 def attention_heatmap(example: dict[str, Any], heads: list[list[int]], path: Path) -> Path:
-    """Token-level heatmap of one problem: layer-averaged map and selected (layer, head) rows, tokens coloured by class."""
+    """Token-level heatmap of one input: layer-averaged map and selected (layer, head) rows from the answer
+    position; tokens coloured by class when the task labels classes."""
     name = next(iter(example["layers"][0]))
     maps = np.stack([layer[name].mean(1).numpy() for layer in example["layers"]])  # [L, H, K]
     rows, labels = [maps.mean((0, 1))], [f"{name}: mean of layers+heads"]
@@ -27,11 +40,36 @@ def attention_heatmap(example: dict[str, Any], heads: list[list[int]], path: Pat
     figure, axis = plt.subplots(figsize=(max(8.0, 0.16 * len(tokens)), 1.2 + 0.45 * len(rows)))
     image = axis.imshow(np.stack(rows), aspect="auto", cmap="viridis")
     axis.set_yticks(range(len(rows)), labels, fontsize=7)
-    axis.set_xticks(range(len(tokens)), [t.replace("Ġ", " ").replace("Ċ", "\\n") for t in tokens], rotation=90, fontsize=5)
-    for tick, cls in zip(axis.get_xticklabels(), classes, strict=True):
-        tick.set_color(CLASS_COLOURS[cls])
+    axis.set_xticks(range(len(tokens)), _token_labels(tokens), rotation=90, fontsize=5)
+    colours = class_colours(classes)
+    for tick, cls in zip(axis.get_xticklabels(), classes, strict=False):
+        tick.set_color(colours[cls])
     figure.colorbar(image, ax=axis, fraction=0.02)
-    axis.set_title("attention from the answer position (token colours: KMI green, NI red, OC grey)", fontsize=8)
+    legend = ", ".join(f"{c} {colour.removeprefix('tab:')}" for c, colour in colours.items())
+    axis.set_title("attention from the answer position" + (f" (token colours: {legend})" if legend else ""), fontsize=8)
+    return _save(figure, path)
+
+
+def text_heatmap(text_maps: Any, pairs: list[list[int]], path: Path) -> Path:
+    """Query x key heatmaps of one text, tokens on both axes: the mean over the chosen layers and heads, then each
+    (layer, head) of `pairs` that was chosen."""
+    name = next(iter(text_maps.maps))
+    values = text_maps.maps[name].numpy()  # [L, H, T, T]
+    panels = [(f"{name}: mean of {len(text_maps.layers)} layers x {len(text_maps.heads)} heads", values.mean((0, 1)))]
+    for layer, head in pairs:
+        layer, head = layer % text_maps.num_layers, head % text_maps.num_heads
+        if layer in text_maps.layers and head in text_maps.heads:
+            panels.append((f"layer {layer} head {head}", values[text_maps.layers.index(layer), text_maps.heads.index(head)]))
+    size = min(16.0, 2.5 + 0.22 * len(text_maps.tokens))
+    figure, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
+    labels = _token_labels(text_maps.tokens)
+    for axis, (title, matrix) in zip(axes[0], panels, strict=True):
+        image = axis.imshow(matrix, cmap="viridis")
+        axis.set_xticks(range(len(labels)), labels, rotation=90, fontsize=6)
+        axis.set_yticks(range(len(labels)), labels, fontsize=6)
+        axis.set(xlabel="key", ylabel="query")
+        axis.set_title(title, fontsize=8)
+        figure.colorbar(image, ax=axis, fraction=0.04)
     return _save(figure, path)
 
 
@@ -39,7 +77,7 @@ def allocation_by_layer(summary: dict[str, Any], path: Path, title: str) -> Path
     """Per-layer allocation ratio of each class, one panel per analysed map."""
     figure, axes = plt.subplots(1, len(summary), figsize=(4.5 * len(summary), 3.4), squeeze=False)
     for axis, (name, entry) in zip(axes[0], summary.items(), strict=True):
-        for cls, colour in CLASS_COLOURS.items():
+        for cls, colour in class_colours(list(entry["ratio"])).items():
             values = [np.nan if v is None else v for v in entry["ratio"][cls]["per_layer"]]
             axis.plot(range(len(values)), values, marker="o", markersize=3, color=colour, label=cls)
         axis.set_xlabel("layer")
@@ -51,14 +89,16 @@ def allocation_by_layer(summary: dict[str, Any], path: Path, title: str) -> Path
 
 
 def allocation_comparison(results: list[dict[str, Any]], path: Path) -> Path:
-    """Side-by-side bars: mean allocation ratio of KMI / NI / OC per model (first map of each), with std."""
+    """Side-by-side bars: mean allocation ratio of each class per run (first map of each), with std."""
+    entries = [next(iter(r["maps"].values()))["ratio"] for r in results]
+    colours = class_colours([c for entry in entries for c in entry])
     figure, axis = plt.subplots(figsize=(2.0 + 1.8 * len(results), 3.6))
-    width = 0.8 / 3
-    for i, cls in enumerate(CLASS_COLOURS):
-        means = [next(iter(r["maps"].values()))["ratio"][cls]["mean"] or 0.0 for r in results]
-        stds = [next(iter(r["maps"].values()))["ratio"][cls]["std"] or 0.0 for r in results]
-        axis.bar(np.arange(len(results)) + i * width, means, width, yerr=stds, color=CLASS_COLOURS[cls], label=cls)
-    axis.set_xticks(np.arange(len(results)) + width, [f"{r['model']}\n{r['task']}" for r in results], fontsize=8)
+    width = 0.8 / len(colours)
+    for i, (cls, colour) in enumerate(colours.items()):
+        means = [(entry.get(cls) or {}).get("mean") or 0.0 for entry in entries]
+        stds = [(entry.get(cls) or {}).get("std") or 0.0 for entry in entries]
+        axis.bar(np.arange(len(results)) + i * width, means, width, yerr=stds, color=colour, label=cls)
+    axis.set_xticks(np.arange(len(results)) + width * (len(colours) - 1) / 2, [f"{r['model']}\n{r['task']}" for r in results], fontsize=8)
     axis.set_ylabel("allocation ratio")
     axis.legend()
     return _save(figure, path)

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import datamodules  # noqa: E402
 from lightning_modules import models  # noqa: E402
 from lightning_modules.generation import generate, truncate_at_stop  # noqa: E402
 
@@ -60,7 +60,7 @@ def main() -> None:
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"model={args.model}", "task.source=bundled", *data])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    datamodule = datamodules.build(cfg, tokenizer)
     prompts = [datamodule.generation_prompt(r, []) for r in datamodule.records("test")[: args.problems]]
     stops = list(cfg.generation.stop_strings)
 

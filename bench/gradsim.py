@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import datamodules  # noqa: E402
 from analysis import gradsim, memit, ripple  # noqa: E402
 from datamodules.sources import SAMPLES_DIR, read_file  # noqa: E402
 from lightning_modules import models  # noqa: E402
@@ -53,9 +53,9 @@ def main() -> None:
         cfg = compose("ripple", overrides=[f"model={args.model}", *data])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     model.eval()
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    datamodule = datamodules.build(cfg, tokenizer)
     real = datamodule.records("test")
-    bundled = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    bundled = datamodules.build(cfg, tokenizer)
     bundled.source = {"kind": "bundled", "bundled": "hotpotqa"}
     pool = real + bundled.records("test")
     pieces = [pool[i % len(pool)] for i in range(args.pieces)]

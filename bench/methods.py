@@ -135,6 +135,7 @@ def one_method(args: argparse.Namespace) -> None:
 
 def rank_selection(args: argparse.Namespace) -> dict[str, float]:
     """Randomized vs exact SVD rank selection on the same accumulated gradients."""
+    import datamodules
     from lightning_modules.methods import svd_lora
     from lightning_modules.methods.lora import target_modules
     from lightning_modules.models import build
@@ -143,9 +144,8 @@ def rank_selection(args: argparse.Namespace) -> dict[str, float]:
                         "data.batch_size=4", "data.val_size=4"], tempfile.mkdtemp())
     L.seed_everything(cfg.seed)
     model, tokenizer = build(cfg.model, cache_dir=cfg.paths.cache_dir)
-    from hydra.utils import instantiate
 
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    datamodule = datamodules.build(cfg, tokenizer)
     datamodule.setup("fit")
     batches = list(datamodule.train_dataloader())[:4]
     gradients = svd_lora.accumulated_gradients(model, svd_lora.target_weights(model, target_modules(cfg.method, cfg.model)), batches)

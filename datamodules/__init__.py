@@ -1,0 +1,18 @@
+"""The tasks' DataModules (one per task, sharing `base.TextDataModule`); `build` makes the one a config names."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from datamodules.base import TextDataModule
+
+
+def build(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> TextDataModule:
+    """The DataModule of `cfg.task` with the run's data settings (`cfg.data`)."""
+    return instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)

@@ -97,6 +97,10 @@ class TextDataModule(L.LightningDataModule):
         # (epoch, batches done) to continue from, restored from a checkpoint by load_state_dict
         self.resume_position = (0, 0)
 
+    # token classes the attention analysis can label in this task's inputs (attention_input), in tie-break
+    # order; the last one is every unlabelled character. Empty: the task labels none (maps only).
+    attention_classes: tuple[str, ...] = ()
+
     def format_example(self, record: Mapping[str, Any]) -> tuple[str, str]:
         """Return (prompt, target) text for one validated record."""
         raise NotImplementedError
@@ -121,6 +125,11 @@ class TextDataModule(L.LightningDataModule):
         """k-shot prompt: each exemplar's prompt and target, a blank line, then the record's prompt."""
         shots = "".join(prompt + target + "\n\n" for prompt, target in map(self.format_example, exemplars))
         return shots + self.format_example(record)[0]
+
+    def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
+        """The text the model reads for `record` (its zero-shot evaluation prompt) and the (start, end, class)
+        character spans of its parts labelled with `attention_classes` (none by default)."""
+        return self.generation_prompt(record, []), []
 
     def records(self, stage: str) -> list[dict[str, Any]]:
         """Raw records of `stage` (train / val / test), split and subsampled; test falls back to val."""

@@ -8,6 +8,7 @@ log-likelihood of each full label string; head mode (`classifier`) reads only th
 
 from __future__ import annotations
 
+import string
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,6 +56,25 @@ class ClassificationDataModule(TextDataModule):
         index = self.class_index(record)
         prompt = self.prompt_template.format(text=record[self.text_column].strip(), labels=", ".join(self.class_names))
         return prompt, " " + self.class_names[index]
+
+    attention_classes = ("LABEL", "TEXT", "OTHER")
+
+    def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
+        """The classification prompt (as format_example builds it): the text is TEXT, each class name in the
+        list of labels is LABEL, the template around them OTHER."""
+        prompt, spans = "", []
+        for literal, field, _, _ in string.Formatter().parse(self.prompt_template):
+            prompt += literal
+            if field == "text":
+                value = record[self.text_column].strip()
+                spans.append((len(prompt), len(prompt) + len(value), "TEXT"))
+                prompt += value
+            elif field == "labels":
+                for number, name in enumerate(self.class_names):
+                    prompt += ", " if number else ""
+                    spans.append((len(prompt), len(prompt) + len(name), "LABEL"))
+                    prompt += name
+        return prompt, spans
 
     def label_token_ids(self) -> list[list[int]]:
         """Token ids of each full label string as the target tokenizes it: " <name>" + EOS."""

@@ -80,7 +80,9 @@ class GSM8KDataModule(TextDataModule):
             return inject(question, self.noise["type"], self.noise["seed"], self.noise.get("sentences", 1))
         return annotate(question)
 
-    def prompt_spans(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
+    attention_classes = ("KMI", "NI", "OC")
+
+    def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
         """The prompt and the (start, end, label) character spans of its question; template text is OC."""
         problem = self.problem(record)
         offset = self.prompt_template.index("{question}")

@@ -147,6 +147,23 @@ class SocraticDataModule(TextDataModule):
             labels += ids if supervised else [IGNORE_INDEX] * len(ids)
         return {"input_ids": input_ids[: self.max_length], "labels": labels[: self.max_length]}
 
+    attention_classes = ("STUDENT", "TEACHER", "OTHER")
+
+    def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
+        """The dialogue before its last teacher turn, as the model reads it to generate that turn: student turns
+        are STUDENT, earlier teacher turns TEACHER, the template and system prompt OTHER."""
+        messages = list(record["messages"])
+        context = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+        text = self.render(context, add_generation_prompt=True)
+        spans, done = [], 0
+        for message in context:
+            label = {"user": "STUDENT", "assistant": "TEACHER"}.get(message["role"])
+            start = text.find(message["content"], done)
+            if label and message["content"] and start >= 0:
+                spans.append((start, start + len(message["content"]), label))
+                done = start + len(message["content"])
+        return text, spans
+
     def evaluation_records(self) -> list[dict[str, Any]]:
         """One example per teacher turn (`eval_turns: all`) or per dialogue's last teacher turn (`last`)."""
         examples = []

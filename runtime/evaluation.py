@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+import datamodules
 from lightning_modules import methods, models
 from lightning_modules.classifier import HEAD_CONFIG, ClassificationMetrics, ClassifierModule, plot_confusion
 from lightning_modules.generation import generate
@@ -114,7 +114,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.model = checkpoint_model(cfg)
     with start(cfg, job_type="evaluate") as session:
         model, tokenizer = load_model(cfg)
-        datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+        datamodule = datamodules.build(cfg, tokenizer)
         if cfg.task.get("evaluation") == "classify":
             rows, metrics = _classification_rows(cfg, model, datamodule, session.run_dir)
         else:

@@ -257,11 +257,14 @@ def overrides() -> list[str]:
 
 
 def optimized_value(results: dict[str, Any], metric: str) -> float:
-    """The value of `metric` (the config's `optimized_metric`) among a run's metrics, for Hydra sweepers."""
+    """The value of `metric` (the config's `optimized_metric`) among a run's metrics, for Hydra sweepers; NaN
+    with a warning naming the metrics the run has when it has no such metric (a sweeper counts the job as
+    failed, the other jobs go on)."""
     metrics = results.get("metrics", {})
     if metric not in metrics:
-        raise KeyError(f"optimized_metric={metric!r} is not among this run's metrics ({', '.join(sorted(metrics))}); "
-                       f"results are in {results.get('run_dir')}")
+        log.warning("optimized_metric=%r is not among this run's metrics (%s): returning NaN to the sweeper; results "
+                    "are in %s", metric, ", ".join(sorted(metrics)), results.get("run_dir"))
+        return float("nan")
     return float(metrics[metric])
 
 

@@ -16,6 +16,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+import datamodules
 from lightning_modules import models, module_class
 from lightning_modules.methods import METHOD_METRICS_FILE, MethodContext, count_parameters, resolve_apply
 from runtime.checkpointing import AtomicCheckpointIO, RestoreRNG, remove_partial_files
@@ -33,7 +34,7 @@ def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedT
     """Build `cfg.model` and the task's DataModule, and turn the model into the trainable one with `cfg.method`."""
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     identity = models.base_identity(model, cfg.model)
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    datamodule = datamodules.build(cfg, tokenizer)
     context = MethodContext(tokenizer=tokenizer, datamodule=datamodule, run_dir=Path(cfg.paths.output_dir))
     model = resolve_apply(cfg.method.apply, "method.apply")(model, cfg.method, cfg.model, context)
     setattr(model, models.BASE_IDENTITY_ATTR, identity)  # recorded in every checkpoint and export

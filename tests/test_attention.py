@@ -12,17 +12,14 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import open_dict
+from safetensors.torch import load_file
 
-from analysis.attention import (
-    CLASSES,
-    AttentionCapture,
-    allocation,
-    analyse,
-    attention_modules,
-    token_classes,
-)
+import datamodules
+from analysis.attention import CLASSES, MAPS_FILE, allocation, analyse, analyse_task, token_classes
+from analysis.attention_maps import AttentionCapture, attention_maps, attention_modules, differential_maps
 from datamodules.gsm8k import GSM8KDataModule
 from lightning_modules import models
+from runtime.training import run as train
 from tests.conftest import ROOT, compose_config
 
 
@@ -41,7 +38,7 @@ def test_token_classes_follow_the_injected_spans_through_the_tokenizer() -> None
         prompt_template="Q: {question}\nA:", noise={"type": "inf", "seed": 0, "sentences": 1},
     )
     record = module.records("test")[0]
-    prompt, spans = module.prompt_spans(record)
+    prompt, spans = module.attention_input(record)
     encoded = tokenizer(prompt, return_offsets_mapping=True)
     classes = token_classes(encoded["offset_mapping"], spans, prompt)
     noise = "".join(prompt[s:e] for (s, e), c in zip(encoded["offset_mapping"], classes, strict=True) if c == "NI")
@@ -70,10 +67,9 @@ def test_forced_uniform_attention_gives_the_class_shares(name: str, keep_sink: b
     model.set_attn_implementation("eager")
     for module in attention_modules(model):
         torch.nn.init.zeros_(module.q_proj.weight)  # every score 0 -> uniform over the causal window
-    from hydra.utils import instantiate
 
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
-    prompt, spans = datamodule.prompt_spans(datamodule.records("test")[0])
+    datamodule = datamodules.build(cfg, tokenizer)
+    prompt, spans = datamodule.attention_input(datamodule.records("test")[0])
     encoded = tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
     classes = token_classes(encoded["offset_mapping"][0].tolist(), spans, prompt)
     length = len(classes)
@@ -155,3 +151,100 @@ def test_multirun_over_models_writes_the_comparison_chart(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "attention_comparison.png").stat().st_size > 5000
     assert json.loads((tmp_path / "1" / "attention_analysis.json").read_text())["model"] == "tiny_diffllama"
+
+
+def expected_maps(model: torch.nn.Module, input_ids: torch.Tensor, name: str) -> list[torch.Tensor]:
+    """Every layer's map from the model's own `output_attentions=True`: [H, T, T] (DiffLlama: the differential one)."""
+    with torch.no_grad():
+        attentions = model(input_ids=input_ids, output_attentions=True).attentions  # per layer [1, H, T, T]
+    modules = attention_modules(model)
+    return [differential_maps(module, weights, [name])[name][0] if name != "standard" else weights[0]
+            for module, weights in zip(modules, attentions, strict=True)]
+
+
+@pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_diffllama"])
+@pytest.mark.parametrize("task", ["classification", "socratic_math"])
+def test_task_maps_equal_output_attentions_and_classes_come_from_the_task(task: str, model_name: str, tmp_path: Path) -> None:
+    cfg = compose_config(f"model={model_name}", f"task={task}", "task.source=bundled", "analysis.num_problems=2",
+                         "analysis.save_maps=true", config_name="attention")
+    L.seed_everything(0)
+    model, tokenizer = models.build(cfg.model)
+    datamodule = datamodules.build(cfg, tokenizer)
+    result = analyse_task(cfg, model, tokenizer, datamodule, tmp_path)
+    classes = {"classification": ["LABEL", "TEXT", "OTHER"], "socratic_math": ["STUDENT", "TEACHER", "OTHER"]}[task]
+    assert result["classes"] == classes and result["num_problems"] == 2
+    name = "diff" if model_name == "tiny_diffllama" else "standard"
+    ratios = result["maps"][name]["ratio"]
+    assert sum(ratios[c]["mean"] for c in classes) == pytest.approx(1.0)
+    saved, described = load_file(tmp_path / MAPS_FILE), json.loads((tmp_path / "attention_maps.json").read_text())
+    for index, record in enumerate(datamodule.records("test")[:2]):
+        prompt, spans = datamodule.attention_input(record)
+        assert described["inputs"][index]["text"] == prompt
+        assert set(classes[:2]) <= set(described["inputs"][index]["classes"])  # both labelled classes occur
+        input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        length = input_ids.shape[1]
+        for layer, expected in enumerate(expected_maps(model, input_ids, name)):
+            assert torch.allclose(saved[f"{index}/{name}"][layer], expected[:, [length - 1], :length], atol=1e-6)
+    if task == "classification":
+        record = datamodule.records("test")[0]
+        prompt, spans = datamodule.attention_input(record)
+        assert prompt == datamodule.format_example(record)[0]
+        assert [prompt[a:b] for a, b, label in spans if label == "LABEL"] == datamodule.class_names
+        assert [prompt[a:b] for a, b, label in spans if label == "TEXT"] == [record[datamodule.text_column].strip()]
+    else:
+        record = datamodule.records("test")[0]
+        prompt, spans = datamodule.attention_input(record)
+        messages = record["messages"]
+        context = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
+        assert prompt == datamodule.render(context, add_generation_prompt=True)
+        for role, label in (("user", "STUDENT"), ("assistant", "TEACHER")):
+            assert [prompt[a:b] for a, b, kind in spans if kind == label] == [m["content"] for m in context if m["role"] == role]
+
+
+def test_free_text_maps_change_after_lora_training_and_match_the_notebook_api(tiny_config, tmp_path: Path) -> None:
+    trained = train(tiny_config("model=tiny_llama", "method=lora", "optim.lr=5e-2", "trainer.max_steps=4",
+                                "data.max_train_samples=8", "test_after_fit=false", run_dir=tmp_path / "lora"))
+    text = "Tom has 3 apples and eats 1. How many are left?"
+    runs = {}
+    for label, ckpt in (("base", []), ("lora", [f"ckpt={trained['run_dir']}"])):
+        cfg = compose_config("model=tiny_llama", f"analysis.text={text!r}", "analysis.save_maps=true",
+                             "analysis.layers=[0,-1]", *ckpt, config_name="attention")
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / label)
+            cfg.paths.cache_dir = str(tmp_path / "cache")
+        analyse(cfg)
+        runs[label] = load_file(tmp_path / label / MAPS_FILE)["0/standard"]  # [2 layers, H, T, T]
+        assert (tmp_path / label / "attention_text_0.png").stat().st_size > 5000
+    described = json.loads((tmp_path / "lora" / "attention_maps.json").read_text())
+    length = len(described["inputs"][0]["tokens"])
+    assert described["layers"] == [0, 1] and runs["base"].shape == (2, 4, length, length)
+    assert torch.allclose(runs["base"].sum(-1), torch.ones(2, 4, length), atol=1e-5)  # softmax rows
+    assert (runs["lora"] - runs["base"]).abs().max() > 1e-3
+    # the notebook API on the base model gives the entrypoint's maps
+    L.seed_everything(42)
+    model, tokenizer = models.build(compose_config("model=tiny_llama").model)
+    [notebook] = attention_maps(model, tokenizer, text, layers=[-1], heads=[1, 2])
+    assert notebook.tokens == described["inputs"][0]["tokens"] and notebook.layers == [1] and notebook.heads == [1, 2]
+    assert torch.allclose(notebook.maps["standard"][0], runs["base"][1, [1, 2]], atol=1e-6)
+
+
+def test_a_task_that_cannot_be_analysed_is_named(tmp_path: Path) -> None:
+    cfg = compose_config("model=tiny_llama", "task=cosmopedia", "task.source=bundled", "task.text_fields=[question,answer]",
+                         config_name="attention")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    with pytest.raises(ValueError, match="task 'cosmopedia' cannot be analysed: .*PretrainDataModule.*analysis.text="):
+        analyse(cfg)
+
+
+def test_the_readme_notebook_example_runs_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's notebook snippet, with the tiny Llama in place of SmolLM2 (same architecture class)."""
+    readme = (ROOT / "README.md").read_text()
+    snippet = readme.split("**In a notebook.**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(ROOT)
+    namespace: dict = {}
+    exec(snippet.replace("smollm2_135m", "tiny_llama"), namespace)  # noqa: S102
+    maps = namespace["maps"]
+    assert maps.layers == [0, 1] and maps.heads == [0, 1]
+    assert maps.maps["standard"].shape == (2, 2, len(maps.tokens), len(maps.tokens))
+    assert "".join(maps.tokens) == "Tom has 3 apples and eats 1."

@@ -12,9 +12,9 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+import datamodules
 from analysis import gradsim, memit, ripple
 from datamodules.hotpotqa import knowledge_pieces
 from datamodules.sources import load_split
@@ -29,7 +29,7 @@ def tiny(name: str):
     cfg = compose_config(f"model={name}", "task.source=bundled", config_name="ripple")
     model, tokenizer = models.build(cfg.model)
     model.eval()
-    return cfg, model, tokenizer, instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    return cfg, model, tokenizer, datamodules.build(cfg, tokenizer)
 
 
 def test_bridge_questions_become_two_hop_cloze_pieces() -> None:
@@ -159,7 +159,7 @@ def test_local_hotpotqa_file_is_read_for_the_test_stage(tmp_path: Path) -> None:
     path = tmp_path / "dev.json"
     path.write_text(json.dumps([{k: v for k, v in r.items() if k != "_where"} for r in records]))
     cfg = compose_config("model=tiny_llama", f"task.data_files={{test: {path}}}", config_name="ripple")
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=models.byte_level_tokenizer(), **cfg.data)
+    datamodule = datamodules.build(cfg, models.byte_level_tokenizer())
     pieces = datamodule.records("test")
     assert len(pieces) == 12 and pieces[0]["_where"] == f"{path}[0]"
 

@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra.utils import instantiate
 
+import datamodules
 from analysis.ablation import main as ablation_main
 from analysis.ablation import read_run, write_report
 from datamodules.cosmopedia import pack
@@ -39,7 +39,7 @@ def test_pretrain_datamodule_holds_out_validation_documents() -> None:
     from lightning_modules import models
 
     _, tokenizer = models.build(cfg.model)
-    datamodule = instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    datamodule = datamodules.build(cfg, tokenizer)
     datamodule.setup("fit")
     train, val = datamodule.datasets["train"], datamodule.datasets["val"]
     assert all(len(b["input_ids"]) == cfg.data.max_length and b["labels"] == b["input_ids"] for b in train + val)

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.utils import instantiate
 from omegaconf import open_dict
 
+import datamodules
 from datamodules.base import IGNORE_INDEX
 from datamodules.socratic import dialogues_of, gsm8k_dialogue, text_tokens
 from datamodules.sources import DataSourceError, read_file
@@ -35,7 +35,7 @@ SOCRATIC_GSM8K = {
 def datamodule(task: str, *overrides: str):
     cfg = compose_config("model=tiny_llama", f"task={task}", "task.source=bundled", *overrides)
     _, tokenizer = models.build(cfg.model)
-    return instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    return datamodules.build(cfg, tokenizer)
 
 
 def test_label_scores_sum_every_token_of_each_label() -> None:
