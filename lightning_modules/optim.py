@@ -8,6 +8,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from transformers import get_cosine_schedule_with_warmup
 
 from lightning_modules.models import BASE_IDENTITY_ATTR, ModelLoadError, check_same_base
@@ -66,8 +67,22 @@ class OptimisedModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         gradients = [p.grad for p in self.parameters() if p.grad is not None]
-        if gradients:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(gradients))
+        norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())
+        if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard: sum the squares over ranks
+            norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
+        if gradients or isinstance(self.trainer.strategy, FSDPStrategy):
+            self.log("train/grad_norm", norm)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Clip by the global norm; under FSDP through the sharded module (Lightning's FSDP precision refuses
+        `gradient_clip_algorithm='norm'`, and a per-shard norm would be wrong)."""
+        if isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_val:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: FSDP clips by norm only")
+            self.trainer.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the base model the trained weights belong to."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+from torch.distributed.fsdp._common_utils import clean_tensor_name
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
@@ -16,11 +18,40 @@ def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
     return classes
 
 
+class LayerFSDPStrategy(FSDPStrategy):
+    """FSDP with one unit per decoder layer, optionally with activation checkpointing of those layers (through
+    the model's own `gradient_checkpointing_enable`, which knows how its layers are called). Also runs on CPU
+    processes over gloo: Lightning refuses only the exact FSDPStrategy type on a CPU accelerator, and torch FSDP
+    shards CPU tensors once it is told the device."""
+
+    def __init__(self, model: torch.nn.Module, activation_checkpointing: bool = False, **kwargs) -> None:
+        if activation_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        super().__init__(auto_wrap_policy=decoder_layer_classes(model), **kwargs)
+
+    def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.root_device.type != "cpu":
+            return super()._setup_model(model)
+        # Lightning passes device_id=root_device.index, None on CPU, which torch FSDP reads as "use the accelerator"
+        return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                                        sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs)
+
+
+    def lightning_module_state_dict(self) -> dict:
+        """The module's weights as a single-device run saves them: a frozen base keeps only its trainable ones."""
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            state = super().lightning_module_state_dict()
+        else:  # torch's full state dict with offload_to_cpu=True (Lightning's choice, for GPUs) crashes on CPU shards
+            config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+            with FullyShardedDataParallel.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
+                state = self.model.state_dict()
+        module = self.lightning_module
+        if not getattr(module, "base_is_frozen", False):
+            return state
+        trainable = {clean_tensor_name(name) for name, p in module.named_parameters() if p.requires_grad}
+        return {key: value for key, value in state.items() if key in trainable}
+
+
 def fsdp(model: torch.nn.Module, activation_checkpointing: bool = False, **kwargs) -> FSDPStrategy:
     """FSDP with one unit per decoder layer, optionally with activation checkpointing of those layers."""
-    layers = decoder_layer_classes(model)
-    return FSDPStrategy(
-        auto_wrap_policy=layers,
-        activation_checkpointing_policy=layers if activation_checkpointing else None,
-        **kwargs,
-    )
+    return LayerFSDPStrategy(model, activation_checkpointing, **kwargs)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
 from lightning.pytorch.strategies import FSDPStrategy
@@ -115,7 +116,10 @@ def check_data(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
 
 def divergence(module: L.LightningModule, max_abs_weight: float) -> dict[str, Any]:
     """`diverged` (and why) when the trainable weights are not finite or larger than `max_abs_weight`."""
-    largest = max((p.detach().abs().max().item() for p in module.parameters() if p.requires_grad), default=0.0)
+    local = max((p.detach().abs().max().item() for p in module.parameters() if p.requires_grad and p.numel()), default=0.0)
+    largest = float(local)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # FSDP: each rank holds a shard
+        largest = float(module.trainer.strategy.reduce(torch.tensor(local), reduce_op=torch.distributed.ReduceOp.MAX))
     report: dict[str, Any] = {"diverged": False, "max_abs_trainable_weight": largest}
     if not math.isfinite(largest):
         report |= {"diverged": True, "divergence_reason": "trainable weights are not finite"}
