@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
 from lightning.pytorch.strategies import FSDPStrategy
 from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
 from torch.distributed.fsdp._common_utils import clean_tensor_name
@@ -37,14 +38,21 @@ class LayerFSDPStrategy(FSDPStrategy):
                                         sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs)
 
 
+    def full_state_dict(self) -> dict:
+        """Every weight of the module, gathered to rank 0 (other ranks get an empty dict); all ranks must call it."""
+        if self.root_device.type != "cpu":
+            with _get_full_state_dict_context(self.model, world_size=self.world_size):  # offloads to CPU as it gathers
+                return self.model.state_dict()
+        # torch's full state dict with offload_to_cpu=True crashes on CPU shards; on CPU there is nothing to offload
+        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
+        with FullyShardedDataParallel.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
+            return self.model.state_dict()
+
     def lightning_module_state_dict(self) -> dict:
         """The module's weights as a single-device run saves them: a frozen base keeps only its trainable ones."""
-        if self.root_device.type != "cpu" or self._state_dict_type != "full":
-            state = super().lightning_module_state_dict()
-        else:  # torch's full state dict with offload_to_cpu=True (Lightning's choice, for GPUs) crashes on CPU shards
-            config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
-            with FullyShardedDataParallel.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
-                state = self.model.state_dict()
+        if self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        state = self.full_state_dict()
         module = self.lightning_module
         if not getattr(module, "base_is_frozen", False):
             return state

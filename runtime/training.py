@@ -97,8 +97,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if results["diverged"]:
             log.warning("RUN DIVERGED: %s. Its metrics and final/ are not a trained model; results.json says "
                         "diverged: true. Lower optim.lr.", results["divergence_reason"])
+        final_dir = export(cfg, trainer, module, tokenizer, session.run_dir / "final")
         if trainer.is_global_zero:
-            results["final_dir"] = _export(trainer, module, tokenizer, cfg.method, session.run_dir / "final")
+            results["final_dir"] = final_dir
         return session.finish(results)
 
 
@@ -129,12 +130,20 @@ def divergence(module: L.LightningModule, max_abs_weight: float) -> dict[str, An
     return report
 
 
-def _export(trainer: L.Trainer, module: L.LightningModule, tokenizer: PreTrainedTokenizerBase,
-            method_cfg: DictConfig, target: Path) -> str | None:
-    """Save what training changed (adapter, trained weights + method, or the whole model) and the tokenizer."""
+def export(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, tokenizer: PreTrainedTokenizerBase,
+           target: Path) -> str | None:
+    """Save what training changed (adapter, trained weights + method, or the whole model) and the tokenizer, on
+    rank 0. Under FSDP every rank takes part in gathering the weights; rank 0 loads them into an unsharded copy
+    of the same model and method and exports that, so an FSDP run's final/ is a single-device run's."""
     if isinstance(trainer.strategy, FSDPStrategy):
-        log.info("FSDP: weights are in the sharded Lightning checkpoints; no save_pretrained export")
+        state = trainer.strategy.full_state_dict()
+        if not trainer.is_global_zero:
+            return None
+        model, _, datamodule = build_trainable_model(cfg)
+        module = module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+        module.load_state_dict(state)
+    elif not trainer.is_global_zero:
         return None
-    module.export(target, method_cfg)
+    module.export(target, cfg.method)
     tokenizer.save_pretrained(target)
     return str(target)

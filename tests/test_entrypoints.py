@@ -43,7 +43,7 @@ def logged_steps(run_dir: Path, key: str) -> list[float]:
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
-def test_fsdp_on_two_cpu_processes_trains_like_ddp(method: str, tmp_path: Path) -> None:
+def test_fsdp_on_two_cpu_processes_trains_like_ddp_and_exports_what_it_trained(method: str, tmp_path: Path) -> None:
     """FSDP (one unit per decoder layer, activation checkpointing, gloo) and DDP on the same seed and data: the
     same loss at every step. Tolerance 1e-5 relative: the two reduce gradients in a different order (reduce-scatter
     of shards vs all-reduce of buckets), which changes float32 sums in the last bits, nothing more."""
@@ -63,6 +63,38 @@ def test_fsdp_on_two_cpu_processes_trains_like_ddp(method: str, tmp_path: Path) 
     ddp, fsdp = (torch.load(tmp_path / s / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for s in ("ddp", "fsdp"))
     assert ddp.keys() == fsdp.keys()
     assert max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp) < 1e-5
+    # final/ is what a single-device run exports: evaluate.py's model from it has the logits of the unsharded
+    # model carrying the weights FSDP trained (the base rebuilt with the run's seed, then last.ckpt)
+    assert_export_matches_checkpoint(tmp_path / "fsdp", method, fsdp)
+
+
+def assert_export_matches_checkpoint(run_dir: Path, method: str, trained: dict[str, torch.Tensor]) -> None:
+    import lightning as L
+    from omegaconf import open_dict
+
+    from lightning_modules import module_class
+    from runtime.evaluation import load_model
+    from runtime.training import build_trainable_model
+    from tests.conftest import compose_config
+
+    assert (run_dir / "final" / ("adapter_config.json" if method == "lora" else "model.safetensors")).exists()
+    evaluate_cfg = compose_config("model=tiny_llama", f"ckpt={run_dir}", config_name="evaluate")
+    train_cfg = compose_config(*TINY, "model=tiny_llama", f"method={method}")
+    for cfg in (evaluate_cfg, train_cfg):
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(run_dir.parent / "reference")
+            cfg.paths.cache_dir = str(run_dir.parent / "cache")
+    L.seed_everything(42)
+    exported, tokenizer = load_model(evaluate_cfg)
+    L.seed_everything(42)
+    model, _, datamodule = build_trainable_model(train_cfg)
+    reference = module_class("causal_lm").from_config(model, train_cfg, datamodule)
+    reference.load_state_dict(trained, strict=reference.strict_loading)  # a frozen base: trainable weights only
+    input_ids = tokenizer("Question: 2 + 3 = ?\nAnswer:", return_tensors="pt")["input_ids"]
+    exported.eval(), reference.eval()
+    with torch.no_grad():
+        expected = reference.model(input_ids=input_ids).logits
+        assert torch.allclose(exported(input_ids=input_ids).logits, expected, atol=1e-5)
 
 
 def test_wandb_offline_run_records_the_logged_metrics_and_never_the_key(tmp_path: Path) -> None:
