@@ -52,6 +52,11 @@ class EpochSeededSampler(DistributedSampler):
         self.loader_generator = torch.Generator()
         self.set_epoch(start_epoch)
 
+    def resume_at(self, epoch: int, batch: int) -> None:
+        """Start `batch` batches into `epoch` (a checkpoint restored after this sampler was built)."""
+        self.start_epoch, self.start_batch = epoch, batch
+        self.set_epoch(epoch)
+
     def set_epoch(self, epoch: int) -> None:
         """Called by Lightning at the start of every epoch."""
         super().set_epoch(epoch)
@@ -96,6 +101,7 @@ class TextDataModule(L.LightningDataModule):
         self.datasets: dict[str, list[dict[str, Any]]] = {}
         # (epoch, batches done) to continue from, restored from a checkpoint by load_state_dict
         self.resume_position = (0, 0)
+        self.train_sampler: EpochSeededSampler | None = None
 
     # token classes the attention analysis can label in this task's inputs (attention_input), in tie-break
     # order; the last one is every unlabelled character. Empty: the task labels none (maps only).
@@ -204,6 +210,7 @@ class TextDataModule(L.LightningDataModule):
             len(data), self.seed, num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0, batch_size=self.batch_size, start_epoch=epoch, start_batch=batch,
         )
+        self.train_sampler = sampler
         return self._loader(data, self.batch_size, sampler, sampler.loader_generator)
 
     def state_dict(self) -> dict[str, int]:
@@ -217,6 +224,8 @@ class TextDataModule(L.LightningDataModule):
         """Continue the data order where a checkpoint left it (the next train_dataloader starts there)."""
         if state:
             self.resume_position = (int(state["epoch"]), int(state["batches_done"]))
+            if self.train_sampler is not None:  # FSDP restores after setup, which built the loader for the LR schedule
+                self.train_sampler.resume_at(*self.resume_position)
 
     def _loader(self, data: list[dict[str, Any]], batch_size: int, sampler: Sampler[int] | None = None,
                 generator: torch.Generator | None = None) -> DataLoader:

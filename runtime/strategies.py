@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
 from lightning.pytorch.strategies import FSDPStrategy
-from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
+from torch.distributed.fsdp import (
+    FullOptimStateDictConfig,
+    FullStateDictConfig,
+    FullyShardedDataParallel,
+    StateDictType,
+)
 from torch.distributed.fsdp._common_utils import clean_tensor_name
+from torch.optim import Optimizer
 
 
 def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
@@ -38,15 +46,29 @@ class LayerFSDPStrategy(FSDPStrategy):
                                         sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs)
 
 
+    def _full_state_context(self) -> Any:
+        """Full (unsharded) state dicts gathered to rank 0: offloaded to CPU as they are gathered on GPUs; on CPU
+        without offloading (torch's offload_to_cpu crashes on CPU shards, and there is nothing to offload)."""
+        if self.root_device.type != "cpu":
+            return _get_full_state_dict_context(self.model, world_size=self.world_size)
+        return FullyShardedDataParallel.state_dict_type(
+            self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True))
+
     def full_state_dict(self) -> dict:
         """Every weight of the module, gathered to rank 0 (other ranks get an empty dict); all ranks must call it."""
-        if self.root_device.type != "cpu":
-            with _get_full_state_dict_context(self.model, world_size=self.world_size):  # offloads to CPU as it gathers
-                return self.model.state_dict()
-        # torch's full state dict with offload_to_cpu=True crashes on CPU shards; on CPU there is nothing to offload
-        config = FullStateDictConfig(offload_to_cpu=False, rank0_only=True)
-        with FullyShardedDataParallel.state_dict_type(self.model, StateDictType.FULL_STATE_DICT, config):
+        with self._full_state_context():
             return self.model.state_dict()
+
+    def optimizer_state(self, optimizer: Optimizer) -> dict:
+        """The optimizer state keyed by parameter names, as FSDP gathers it. Lightning re-keys it by parameter
+        position; a run resumed from that state (AdamW with decay / no-decay groups) left the uninterrupted run's
+        losses from the first step after the checkpoint, keyed by names it resumes exactly (tests/test_reliability)."""
+        if self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one
+        with self._full_state_context():
+            return FullyShardedDataParallel.optim_state_dict(self.model, optimizer)
 
     def lightning_module_state_dict(self) -> dict:
         """The module's weights as a single-device run saves them: a frozen base keeps only its trainable ones."""

@@ -120,6 +120,23 @@ def test_ddp_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path: Path)
     assert_same_run(straight, again)
 
 
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_fsdp_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path: Path, method: str) -> None:
+    """The same kill and resume under FSDP (2 CPU processes, gloo): the consolidated checkpoint is re-sharded on load."""
+    overrides = [*RESUMABLE, *DROPOUT[method], "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
+                 "trainer.precision=32-true", "callbacks.last_checkpoint.every_n_train_steps=2"]
+    assert train_process(*overrides, run_dir=tmp_path / "straight").returncode == 0
+    killed = train_process(*overrides, "+callbacks.kill._target_=tests.helpers.InterruptAtStep", "+callbacks.kill.step=5",
+                           "+callbacks.kill.kill=true", run_dir=tmp_path / "killed")
+    assert killed.returncode != 0
+    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4
+    resumed = train_process(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    straight, again = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "resumed"))
+    assert_same_run(straight, again)
+
+
 # -- checkpoint writes --------------------------------------------------------------------------------------------
 
 def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_partial_file(tiny_config, tmp_path: Path,
