@@ -30,6 +30,7 @@ bench: $(STAMP)
 	$(PY) bench/gradsim.py
 	$(PY) bench/methods.py
 	$(PY) bench/fault_tolerance.py
+	$(PY) bench/fsdp_vs_ddp.py
 
 clean-outputs:
 	rm -rf outputs multirun

@@ -5,29 +5,38 @@ and, when the jobs logged to W&B, one `summary` run in the sweep's group holding
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import math
 from pathlib import Path
 from typing import Any
 
+from hydra.core.utils import JobReturn, JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from runtime.checkpointing import write_atomically
 from runtime.results import RESULTS_FILE, logged_rows
 from runtime.session import Session, start_report
 
 log = logging.getLogger(__name__)
 
 CURVE = "val/loss"
+FAILED_FILE = "failed.json"
 
 
 def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job of a multirun: its overrides, then its final metrics."""
+    """One row per job of a multirun: its overrides, then its final metrics; a failed job's row says so and why."""
+    finished = [*Path(sweep_dir).glob(f"*/{RESULTS_FILE}"), *Path(sweep_dir).glob(f"*/{FAILED_FILE}")]
     rows = []
-    for path in sorted(Path(sweep_dir).glob(f"*/{RESULTS_FILE}"), key=lambda p: _job_number(p.parent.name)):
+    for path in sorted(finished, key=lambda p: _job_number(p.parent.name)):
         result = json.loads(path.read_text())
-        row = {"job": path.parent.name, "overrides": " ".join(result.get("overrides", []))}
+        row = {"job": path.parent.name, "status": "failed" if path.name == FAILED_FILE else "ok",
+               "overrides": " ".join(result.get("overrides", []))}
+        if "error" in result:
+            row["error"] = result["error"]
         row.update(result.get("metrics", {}))
         row["trainable_params"] = result.get("trainable_params")
         if "diverged" in result:
@@ -41,14 +50,16 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
 def write_summary(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
     """Write `summary.csv` and `summary.md` (overrides -> final metrics) in the multirun directory."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    csv_path = Path(sweep_dir) / "summary.csv"
-    with csv_path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(column)) for column in columns) + " |" for row in rows]
-    (Path(sweep_dir) / "summary.md").write_text("\n".join(lines) + "\n")
+    csv_path = Path(sweep_dir) / "summary.csv"
+    # jobs of a parallel launcher rewrite these as they end: replace, never half-write
+    write_atomically(csv_path, lambda handle: handle.write(table.getvalue().encode()))
+    write_atomically(Path(sweep_dir) / "summary.md", lambda handle: handle.write(("\n".join(lines) + "\n").encode()))
     return csv_path
 
 
@@ -120,6 +131,20 @@ class MultirunSummary(Callback):
             session.log_table("summary", rows)
             session.log_images({"sweep": figure})
             self.report(sweep_dir, session)
+
+    def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
+        """In a sweep, record a failed job (`failed.json`: its overrides and error) and rewrite the summary tables,
+        so a failure is reported beside the other jobs even though Hydra then stops before `on_multirun_end`."""
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        job_dir = Path(config.hydra.runtime.output_dir)
+        if job_return.status == JobStatus.FAILED:
+            error = job_return._return_value
+            failure = {"overrides": list(config.hydra.overrides.task), "error": f"{type(error).__name__}: {error}"}
+            (job_dir / FAILED_FILE).write_text(json.dumps(failure) + "\n")
+        rows = summarize(job_dir.parent)
+        if rows:
+            write_summary(job_dir.parent, rows)
 
     def report(self, sweep_dir: Path, session: Session) -> None:
         """Further tables and figures of this kind of sweep (none here)."""

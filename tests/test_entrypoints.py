@@ -150,3 +150,22 @@ def test_slurm_sweep_script_requests_two_nodes_of_eight_gpus_with_one_task_per_g
     assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8", "#SBATCH --gpus-per-node=8", "#SBATCH --time=240",
             "#SBATCH --signal=USR2@120"} <= directives
     assert script.rstrip().endswith("python train.py") and "srun --unbuffered" in script
+
+
+def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_reports_a_failed_one(tmp_path: Path) -> None:
+    """The cluster launcher plugin with its local executor: three jobs, one with an invalid batch size."""
+    command = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", *TINY, "model=tiny_llama", "logger=wandb",
+               "data.batch_size=4,8,0", "data.max_train_samples=8", "trainer.max_steps=2", "test_after_fit=false",
+               f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "WANDB_MODE": "offline"})
+    assert result.returncode != 0  # Hydra reports the failed job ...
+    with (tmp_path / "summary.csv").open() as handle:
+        rows = {row["job"]: row for row in csv.DictReader(handle)}  # ... and the summary still has every job
+    assert [rows[j]["status"] for j in ("0", "1", "2")] == ["ok", "ok", "failed"]
+    assert "data.batch_size=0" in rows["2"]["overrides"] and "data.batch_size" in rows["2"]["error"]
+    assert all(float(rows[j]["train/loss_step"]) > 0 for j in ("0", "1"))
+    assert len(list((tmp_path / ".submitit").iterdir())) >= 1  # submitit's job folders: the jobs ran through it
+    runs = [read_run(find_run_files(tmp_path / j)[0]) for j in ("0", "1")]
+    assert runs[0].run_id != runs[1].run_id and runs[0].group == runs[1].group
+    assert [run.config["data.batch_size"] for run in runs] == [4, 8]

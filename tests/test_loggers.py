@@ -42,6 +42,6 @@ def test_summary_has_one_row_per_job_in_job_order(tmp_path: Path) -> None:
         write_results(tmp_path / str(job), {"overrides": [f"optim.lr={lr}"], "metrics": {"val/loss": lr * 10}})
     write_summary(tmp_path, summarize(tmp_path))
     rows = (tmp_path / "summary.csv").read_text().splitlines()
-    assert rows[0] == "job,overrides,val/loss,trainable_params"
-    assert rows[1].startswith("2,optim.lr=0.1,1.0") and rows[2].startswith("10,optim.lr=0.3,3.0")
+    assert rows[0] == "job,status,overrides,val/loss,trainable_params"
+    assert rows[1].startswith("2,ok,optim.lr=0.1,1.0") and rows[2].startswith("10,ok,optim.lr=0.3,3.0")
     assert json.loads((tmp_path / "2" / "results.json").read_text())["metrics"] == {"val/loss": 1.0}
