@@ -173,10 +173,14 @@ class SafeModelCheckpoint(ModelCheckpoint):
             log.warning("not writing %s at step %d: the weights or %s are not finite", filepath, trainer.global_step, self.monitor)
             return
         path = Path(filepath)
-        if trainer.is_global_zero and path in self.written and path.exists():
+        # rank 0 decides (and its answer reaches every rank, so all of them meet at the barrier): a sharded (FSDP)
+        # checkpoint is a directory every rank writes into, and rank 0 moves the old one away first
+        if path in self.written and trainer.strategy.broadcast(path.exists()):
             previous = path.with_name(path.name + PREVIOUS_SUFFIX)
-            _keep_copy(path, previous)  # last.ckpt itself stays in place until the new one replaces it whole
+            if trainer.is_global_zero:
+                _keep_previous(path, previous)
             self.written[previous] = self.written[path]
+            trainer.strategy.barrier()
         super()._save_checkpoint(trainer, filepath)
         self.written[path] = trainer.global_step
 
@@ -195,13 +199,31 @@ class SafeModelCheckpoint(ModelCheckpoint):
         """Replace `path` with the file it overwrote, or delete it when there is none."""
         previous = path.with_name(path.name + PREVIOUS_SUFFIX)
         if previous.exists():
+            _remove(path)
             os.replace(previous, path)
             self.written[path] = self.written.pop(previous)
             log.warning("%s held the weights whose loss was not finite: restored the checkpoint it replaced", path)
         else:
-            path.unlink(missing_ok=True)
+            _remove(path)
             self.written.pop(path)
             log.warning("deleted %s: it held the weights whose loss was not finite", path)
+
+
+def _keep_previous(path: Path, previous: Path) -> None:
+    """Keep `path` as `previous` before it is overwritten. A file: a copy, so `path` stays whole until the new file
+    replaces it. A sharded checkpoint (a directory, rewritten in place): moved, so the new one starts empty."""
+    if path.is_dir():
+        _remove(previous)
+        os.replace(path, previous)
+    else:
+        _keep_copy(path, previous)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _keep_copy(path: Path, copy: Path) -> None:

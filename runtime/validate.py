@@ -37,9 +37,10 @@ def check_config(cfg: DictConfig) -> None:
             f"and method.supports is {list(method.supports)}"
         )
     _check_data_and_optim(cfg)
-    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+    sharded = cfg.get("ckpt_path") and (Path(cfg.ckpt_path) / "meta.pt").is_file()  # FSDP state_dict_type=sharded
+    if cfg.get("ckpt_path") and not sharded and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (runs keep them in <run dir>/checkpoints)")
-    if cfg.get("ckpt_path") and Path(cfg.ckpt_path).stat().st_size == 0:
+    if cfg.get("ckpt_path") and not sharded and Path(cfg.ckpt_path).stat().st_size == 0:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: the checkpoint file is empty (0 bytes); resume from another "
                           f"checkpoint in {Path(cfg.ckpt_path).parent} (last.ckpt.previous or best-*.ckpt)")
     if cfg.trainer.get("fast_dev_run") and cfg.get("ckpt_path"):

@@ -120,17 +120,20 @@ def test_ddp_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path: Path)
     assert_same_run(straight, again)
 
 
-@pytest.mark.parametrize("method", ["lora", "full"])
-def test_fsdp_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path: Path, method: str) -> None:
-    """The same kill and resume under FSDP (2 CPU processes, gloo): the consolidated checkpoint is re-sharded on load."""
+@pytest.mark.parametrize(("method", "state_dict_type"), [("full", "full"), ("lora", "sharded")])
+def test_fsdp_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path: Path, method: str, state_dict_type: str) -> None:
+    """The same kill and resume under FSDP (2 CPU processes, gloo), from a consolidated checkpoint (re-sharded on
+    load) and from a sharded one (a directory with one file per rank)."""
     overrides = [*RESUMABLE, *DROPOUT[method], "trainer=fsdp", "trainer.accelerator=cpu", "trainer.devices=2",
-                 "trainer.precision=32-true", "callbacks.last_checkpoint.every_n_train_steps=2"]
+                 "trainer.precision=32-true", "callbacks.last_checkpoint.every_n_train_steps=2",
+                 f"+trainer.strategy.state_dict_type={state_dict_type}"]
     assert train_process(*overrides, run_dir=tmp_path / "straight").returncode == 0
     killed = train_process(*overrides, "+callbacks.kill._target_=tests.helpers.InterruptAtStep", "+callbacks.kill.step=5",
                            "+callbacks.kill.kill=true", run_dir=tmp_path / "killed")
     assert killed.returncode != 0
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 4
+    assert last.is_dir() == (state_dict_type == "sharded")
+    assert torch.load(last / "meta.pt" if last.is_dir() else last, weights_only=True)["global_step"] == 4
     resumed = train_process(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight, again = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "resumed"))
