@@ -8,6 +8,7 @@ full/first/middle/last chunks, each a `wandb_internal_pb2.Record`); this wandb v
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +59,19 @@ def _items(items: Any) -> dict[str, Any]:
     return {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in items}
 
 
-def read_run(run_file: str | Path) -> OfflineRun:
-    """The run record, config, final summary and logged metric rows (in logging order) of an offline run file."""
+def read_run(run_file: str | Path, wait: float = 0.0) -> OfflineRun:
+    """The run record, config, final summary and logged metric rows (in logging order) of an offline run file.
+    `wait`: seconds to wait for the run's exit record (wandb's service process writes the file behind the caller,
+    so a run read right after `wandb.finish()` in the same process may still be arriving)."""
+    deadline = time.monotonic() + wait
+    run = _read(run_file)
+    while run.exit_code is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+        run = _read(run_file)
+    return run
+
+
+def _read(run_file: str | Path) -> OfflineRun:
     from wandb.proto import wandb_internal_pb2
 
     data = Path(run_file).read_bytes()

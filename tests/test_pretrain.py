@@ -80,7 +80,7 @@ def test_report_from_a_real_sweep_from_csv_and_from_wandb(tmp_path: Path, monkey
     monkeypatch.setattr(sys, "argv", ["analysis.ablation", str(tmp_path)])
     ablation_main()
     (report_file,) = set(find_run_files(tmp_path)) - before
-    report_run, jobs = read_wandb(report_file), [read_wandb(find_run_files(tmp_path / n)[0]) for n in ("0", "1")]
+    report_run, jobs = read_wandb(report_file, wait=60), [read_wandb(find_run_files(tmp_path / n)[0]) for n in ("0", "1")]
     assert report_run.job_type == "analysis" and report_run.group == jobs[0].group == jobs[1].group
     assert jobs[0].run_id != jobs[1].run_id
     assert {"training_loss_curves", "convergence"} <= {p.name.rsplit("_", 2)[0] for p in

@@ -34,7 +34,7 @@ def entrypoint(*command: str) -> subprocess.CompletedProcess:
 
 def only_run(directory: Path) -> OfflineRun:
     (run_file,) = find_run_files(directory)
-    return read_run(run_file)
+    return read_run(run_file, wait=60)
 
 
 def wandb_table(run_dir: Path, key: str) -> list[dict]:
