@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -222,3 +222,17 @@ def test_ctrl_c_exit_code_is_not_a_success(tmp_path: Path) -> None:
     assert result.returncode not in (0, -signal.SIGKILL)
     assert only_run(tmp_path).exit_code == 1
     assert f"run dir: {tmp_path}" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("config_name", ["train", "evaluate", "attention", "gradsim", "ripple", "noise_study"])
+@pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
+def test_every_entrypoint_config_resolves_its_loggers(config_name: str, logger: str, tmp_path: Path) -> None:
+    """`logger=wandb` / `logger=tensorboard` compose and resolve in every entrypoint's config (names, group, tags)."""
+    cfg = compose_config(f"logger={logger}", config_name=config_name)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    resolved = OmegaConf.to_container(cfg.logger, resolve=True)
+    assert set(resolved) == {"csv", logger}
+    if logger == "wandb":
+        assert resolved["wandb"]["name"] == cfg.run_name and resolved["wandb"]["tags"] == list(cfg.tags)
+        assert resolved["wandb"]["group"] == cfg.get("task", {}).get("name", cfg.run_name)  # no sweep: the task
