@@ -67,11 +67,13 @@ class OptimisedModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         gradients = [p.grad for p in self.parameters() if p.grad is not None]
+        sharded = isinstance(self.trainer.strategy, FSDPStrategy)  # a rank may hold no shard, yet must join the sum
+        if not gradients and not sharded:
+            return
         norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())
-        if isinstance(self.trainer.strategy, FSDPStrategy):  # each rank holds a shard: sum the squares over ranks
+        if sharded:  # each rank holds a shard: sum the squares over ranks
             norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
-        if gradients or isinstance(self.trainer.strategy, FSDPStrategy):
-            self.log("train/grad_norm", norm)
+        self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

@@ -45,7 +45,6 @@ class LayerFSDPStrategy(FSDPStrategy):
         return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
                                         sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs)
 
-
     def _full_state_context(self) -> Any:
         """Full (unsharded) state dicts gathered to rank 0: offloaded to CPU as they are gathered on GPUs; on CPU
         without offloading (torch's offload_to_cpu crashes on CPU shards, and there is nothing to offload)."""
@@ -81,7 +80,3 @@ class LayerFSDPStrategy(FSDPStrategy):
         trainable = {clean_tensor_name(name) for name, p in module.named_parameters() if p.requires_grad}
         return {key: value for key, value in state.items() if key in trainable}
 
-
-def fsdp(model: torch.nn.Module, activation_checkpointing: bool = False, **kwargs) -> FSDPStrategy:
-    """FSDP with one unit per decoder layer, optionally with activation checkpointing of those layers."""
-    return LayerFSDPStrategy(model, activation_checkpointing, **kwargs)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from pathlib import Path
 
+from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from omegaconf import DictConfig
 
 
@@ -37,7 +38,7 @@ def check_config(cfg: DictConfig) -> None:
             f"and method.supports is {list(method.supports)}"
         )
     _check_data_and_optim(cfg)
-    sharded = cfg.get("ckpt_path") and (Path(cfg.ckpt_path) / "meta.pt").is_file()  # FSDP state_dict_type=sharded
+    sharded = cfg.get("ckpt_path") and _is_sharded_checkpoint(Path(cfg.ckpt_path))  # FSDP state_dict_type=sharded
     if cfg.get("ckpt_path") and not sharded and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (runs keep them in <run dir>/checkpoints)")
     if cfg.get("ckpt_path") and not sharded and Path(cfg.ckpt_path).stat().st_size == 0:
