@@ -40,13 +40,14 @@ from safetensors.torch import save_file
 import datamodules
 from analysis import plots
 from analysis.attention_maps import AttentionCapture, attention_maps, select, token_strings
+from datamodules.gsm8k import GSM8KDataModule
 from runtime.evaluation import load_model
 from runtime.session import Session, overrides, start
 from runtime.sweeps import MultirunSummary
 
 log = logging.getLogger(__name__)
 
-CLASSES = ("KMI", "NI", "OC")  # the GSM8K noise classes (the noise study's allocation table)
+CLASSES = GSM8KDataModule.attention_classes  # KMI, NI, OC: the noise study's allocation table
 ANALYSIS_FILE = "attention_analysis.json"
 MAPS_FILE = "attention_maps.safetensors"
 
