@@ -23,8 +23,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
 bench: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) bench/train_overhead.py
 	$(PY) bench/eval_throughput.py
+	$(PY) bench/eval_vs_lm_eval.py
 	$(PY) bench/attention_memory.py
 	$(PY) bench/pretrain_throughput.py
 	$(PY) bench/gradsim.py

@@ -29,11 +29,7 @@ from typing import Any
 
 import torch
 
-
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The self-attention module of every layer, in layer order."""
-    modules = [m for m in model.modules() if type(m).__name__.endswith("Attention")]
-    return [m for m in modules if not any(type(c).__name__.endswith("Attention") for c in m.children())]
+from lightning_modules.architecture import attention_modules
 
 
 def differential_maps(module: torch.nn.Module, weights: torch.Tensor, maps: list[str]) -> dict[str, torch.Tensor]:

@@ -32,19 +32,12 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import datamodules
+from lightning_modules.architecture import mlp_output_modules
 from lightning_modules.causal_lm import answer_log_probs
-from runtime.evaluation import load_model
+from runtime.exports import load_model
 from runtime.session import overrides, start
 
 log = logging.getLogger(__name__)
-
-
-def mlp_output_modules(model: torch.nn.Module, layers: list[int]) -> list[tuple[str, torch.nn.Module, bool]]:
-    """(name, module, is_conv1d) of the MLP output projection of each layer in `layers`."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if hasattr(base, "transformer") and hasattr(base.transformer, "h"):  # GPT-2: Conv1D, weight [in, out]
-        return [(f"transformer.h.{i}.mlp.c_proj", base.transformer.h[i].mlp.c_proj, True) for i in layers]
-    return [(f"model.layers.{i}.mlp.down_proj", base.model.layers[i].mlp.down_proj, False) for i in layers]
 
 
 class PerExampleGradients:

@@ -3,7 +3,7 @@
 Pure functions over a model; `edited(...)` applies a batch of edits and restores the original weights
 bit for bit on exit. Written here because no maintained library fits these versions. It computes the
 reference implementation's algorithm (kmeng01/memit: `memit_main.py`, `compute_z.py`, `compute_ks.py`,
-`rome/layer_stats.py`, `util/generate.py`), step by step:
+`rome/layer_stats.py`, `util/generate.py`), step by step (1 and 2, the cached inputs, in analysis/memit_inputs.py):
 
 1. C (per edited layer): the uncentred second moment E[k k^T] of the MLP down-projection inputs over the
    first `mom2_n_samples` *texts* of a corpus (each truncated to `stats.max_tokens` tokens), cached on disk
@@ -35,22 +35,17 @@ prompts are right-padded when batched, as the reference's GPT-2 tokenizer does.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
-import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from analysis.gradsim import mlp_output_modules
+from analysis.memit_inputs import batch, capture, flat_templates, pad_rows
+from lightning_modules.architecture import decoder_blocks, mlp_output_modules
 
 log = logging.getLogger(__name__)
 
@@ -66,139 +61,12 @@ class LayerUpdate:
     residual: torch.Tensor
 
 
-def blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The transformer blocks of a Llama-family or GPT-2 model."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base.transformer.h if hasattr(base, "transformer") else base.model.layers
-
-
 def subject_position(tokenizer, prompt: str, subject: str | None) -> int:
     """Index of the subject's last token in `prompt` (the prompt's last token when there is no subject)."""
     if subject and subject in prompt:
         end = prompt.rindex(subject) + len(subject)
         return len(tokenizer(prompt[:end])["input_ids"]) - 1
     return len(tokenizer(prompt)["input_ids"]) - 1
-
-
-def _pad(rows: Sequence[Sequence[int]], pad: int) -> dict[str, torch.Tensor]:
-    """Right-padded input_ids and attention_mask, each [N, T]."""
-    width = max(len(ids) for ids in rows)
-    input_ids = torch.full((len(rows), width), pad)
-    mask = torch.zeros_like(input_ids)
-    for row, ids in enumerate(rows):
-        input_ids[row, : len(ids)], mask[row, : len(ids)] = torch.tensor(list(ids)), 1
-    return {"input_ids": input_ids, "attention_mask": mask}
-
-
-def _batch(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
-    return _pad([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
-
-
-def _capture(model, module: torch.nn.Module, encoded: dict[str, torch.Tensor], inputs: bool) -> torch.Tensor:
-    """The input (or output) of `module` in one no-grad forward pass: [N, T, d]."""
-    captured: list[torch.Tensor] = []
-    if inputs:
-        handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
-    else:
-        handle = module.register_forward_hook(lambda m, a, o: captured.append((o[0] if isinstance(o, tuple) else o).detach()))
-    try:
-        with torch.no_grad():
-            model(**encoded)
-    finally:
-        handle.remove()
-    return captured[0]
-
-
-# -- 1. covariance statistics -------------------------------------------------------------------------------------
-
-def second_moments(model, tokenizer, hparams: DictConfig, texts: Sequence[str], cache: Path | None,
-                   corpus: str = "texts") -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """C = E[k k^T] of each edited layer's down-projection inputs over the first `hparams.mom2_n_samples` texts
-    (each cut to `hparams.stats.max_tokens` tokens), one pass for all layers; and {corpus, texts, tokens}.
-    Cached per (layer, corpus, count, max_tokens)."""
-    samples, max_tokens = hparams.mom2_n_samples, hparams.stats.get("max_tokens", 1024)
-    tag = hashlib.sha256(corpus.encode()).hexdigest()[:10]
-    paths = {layer: cache / f"layer{layer}_{tag}_{samples}texts_{max_tokens}tok.safetensors" if cache else None
-             for layer in hparams.layers}
-    if all(path is not None and path.exists() for path in paths.values()):
-        moments = {}
-        for layer, path in paths.items():
-            with safe_open(str(path), "pt") as handle:
-                info = json.loads(handle.metadata()["info"])
-                moments[layer] = handle.get_tensor("second_moment")
-        return moments, info
-    modules = dict(zip(hparams.layers, [m for _, m, _ in mlp_output_modules(model, list(hparams.layers))], strict=True))
-    chosen = list(texts[:samples])
-    totals: dict[int, torch.Tensor] = {}
-    captured: dict[int, torch.Tensor] = {}
-    handles = [module.register_forward_pre_hook(lambda m, args, layer=layer: captured.__setitem__(layer, args[0].detach()))
-               for layer, module in modules.items()]
-    count = 0
-    try:
-        for start in range(0, len(chosen), 8):
-            encoded = _pad([tokenizer(t)["input_ids"][:max_tokens] for t in chosen[start : start + 8]], tokenizer.pad_token_id)
-            with torch.no_grad():
-                model(**encoded)
-            real = encoded["attention_mask"].bool()
-            for layer in modules:
-                keys = captured[layer][real].double()  # [N, in]
-                totals[layer] = keys.T @ keys + totals.get(layer, 0)
-            count += int(real.sum())
-    finally:
-        for handle in handles:
-            handle.remove()
-    if not count:
-        raise ValueError(f"MEMIT statistics: no tokens in the corpus {corpus} (analysis.memit.stats)")
-    if len(chosen) < samples:
-        log.warning("MEMIT statistics: the corpus has %d texts, fewer than mom2_n_samples=%d", len(chosen), samples)
-    info = {"corpus": corpus, "texts": len(chosen), "tokens": count, "max_tokens_per_text": max_tokens}
-    moments = {layer: (total / count).float() for layer, total in totals.items()}
-    for layer, path in paths.items():
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"second_moment": moments[layer]}, path, metadata={"info": json.dumps(info)})
-    return moments, info
-
-
-# -- 2. context templates -----------------------------------------------------------------------------------------
-
-def generate_prefix(model, tokenizer, starter: str, length: int, top_k: int, generator: torch.Generator) -> str:
-    """Top-k sampled continuation of `starter` to `length` tokens in all, as text (the reference's generate_fast)."""
-    device = next(model.parameters()).device
-    ids = tokenizer(starter, return_tensors="pt")["input_ids"].to(device)
-    with torch.no_grad():
-        while ids.shape[1] < length:  # ten tokens: a full forward per token costs nothing worth a KV cache
-            top = model(input_ids=ids).logits[0, -1].float().softmax(-1).topk(top_k)
-            pick = torch.multinomial((top.values / top.values.sum()).cpu(), 1, generator=generator)
-            ids = torch.cat([ids, top.indices[pick.to(device)].view(1, 1)], dim=1)
-    text = unicodedata.normalize("NFKD", tokenizer.decode(ids[0], skip_special_tokens=True)).replace("\n\n", " ")
-    return text
-
-
-def context_templates(model, tokenizer, hparams: DictConfig, cache: Path | None) -> list[list[str]]:
-    """Template groups: `[["{}"], [five "<generated prefix>. {}"]]` (cached per model and seed), or the groups
-    that `hparams.context_templates` lists."""
-    if not isinstance(hparams.context_templates, str):
-        return [list(group) for group in hparams.context_templates]
-    if hparams.context_templates != "generated":
-        raise ValueError(f"analysis.memit.context_templates={hparams.context_templates!r}: 'generated' or a list of groups")
-    settings = (list(hparams.context_starters), hparams.context_length, hparams.context_top_k, hparams.context_seed)
-    path = cache / f"context_templates_{hashlib.sha256(repr(settings).encode()).hexdigest()[:10]}.json" if cache else None
-    if path is not None and path.exists():
-        return json.loads(path.read_text())
-    generator = torch.Generator().manual_seed(hparams.context_seed)
-    prefixes = [generate_prefix(model, tokenizer, s, hparams.context_length, hparams.context_top_k, generator)
-                for s in hparams.context_starters]
-    groups = [["{}"], [p.replace("{", " ").replace("}", " ") + ". {}" for p in prefixes]]
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(groups, indent=1) + "\n")
-    log.info("MEMIT context templates: %s", groups)
-    return groups
-
-
-def _flat(templates: list[list[str]]) -> list[str]:
-    return [template for group in templates for template in group]
 
 
 # -- 3. the target vector z ---------------------------------------------------------------------------------------
@@ -208,17 +76,17 @@ class ZObjective:
 
     def __init__(self, model, tokenizer, request: dict[str, Any], hparams: DictConfig, templates: list[list[str]]) -> None:
         self.model, self.hparams, self.layer = model, hparams, hparams.layers[-1]
-        if self.layer >= len(blocks(model)) - 1:
+        if self.layer >= len(decoder_blocks(model)) - 1:
             raise ValueError(
                 f"MEMIT: the last edited layer ({self.layer}) must be followed by another block, or the edit cannot reach "
-                f"the answer tokens; the model has {len(blocks(model))} blocks (analysis.layers / model.memit.layers)"
+                f"the answer tokens; the model has {len(decoder_blocks(model))} blocks (analysis.layers / model.memit.layers)"
             )
         subject = request["subject"]
         target_ids = tokenizer(hparams.target_prefix + request["target_new"], add_special_tokens=False)["input_ids"]
-        rewrites = [template.format(request["prompt"]) for template in _flat(templates)]
+        rewrites = [template.format(request["prompt"]) for template in flat_templates(templates)]
         kl_prompt = f"{subject or request['prompt']} is a"
         rows = [tokenizer(text)["input_ids"] + target_ids[:-1] for text in rewrites] + [tokenizer(kl_prompt)["input_ids"]]
-        self.encoded = _pad(rows, tokenizer.pad_token_id)
+        self.encoded = pad_rows(rows, tokenizer.pad_token_id)
         self.positions = [subject_position(tokenizer, text, subject) for text in [*rewrites, kl_prompt]]
         self.rewrite_count, self.target_length = len(rewrites), len(target_ids)
         # labels[i, p] = the answer token predicted at position p (the last len(target) positions of each rewrite)
@@ -226,7 +94,7 @@ class ZObjective:
         for row, ids in enumerate(rows[: len(rewrites)]):
             self.labels[row, len(ids) - len(target_ids) : len(ids)] = torch.tensor(target_ids)
         self.delta: torch.Tensor | None = None
-        handle = blocks(model)[self.layer].register_forward_hook(self._add_delta)
+        handle = decoder_blocks(model)[self.layer].register_forward_hook(self._add_delta)
         try:
             with torch.no_grad():
                 logits = model(**self.encoded).logits
@@ -247,7 +115,7 @@ class ZObjective:
     def terms(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
         """nll, kl (already times kl_factor), weight_decay and total at `delta`, differentiable in delta."""
         self.delta = delta
-        handle = blocks(self.model)[self.layer].register_forward_hook(self._add_delta)
+        handle = decoder_blocks(self.model)[self.layer].register_forward_hook(self._add_delta)
         try:
             logits = self.model(**self.encoded).logits
         finally:
@@ -294,9 +162,9 @@ def request_keys(model, tokenizer, layer: int, requests: list[dict[str, Any]], t
     """K: `layer`'s down-projection inputs at the subject's last token, mean within each template group, then
     across groups: [in, n]."""
     module = mlp_output_modules(model, [layer])[0][1]
-    texts = [template.format(r["prompt"]) for r in requests for template in _flat(templates)]
-    subjects = [r["subject"] for r in requests for _ in _flat(templates)]
-    inputs = _capture(model, module, _batch(tokenizer, texts), inputs=True)
+    texts = [template.format(r["prompt"]) for r in requests for template in flat_templates(templates)]
+    subjects = [r["subject"] for r in requests for _ in flat_templates(templates)]
+    inputs = capture(model, module, batch(tokenizer, texts), inputs=True)
     positions = [subject_position(tokenizer, t, s) for t, s in zip(texts, subjects, strict=True)]
     keys = inputs[torch.arange(len(texts)), positions].double()  # [n * templates, in]
     per_request = keys.view(len(requests), len(texts) // len(requests), -1)
@@ -308,7 +176,7 @@ def request_keys(model, tokenizer, layer: int, requests: list[dict[str, Any]], t
 def _outputs_at_subject(model, tokenizer, layer: int, requests: list[dict[str, Any]]) -> torch.Tensor:
     prompts = [r["prompt"] for r in requests]
     positions = [subject_position(tokenizer, p, r["subject"]) for p, r in zip(prompts, requests, strict=True)]
-    outputs = _capture(model, blocks(model)[layer], _batch(tokenizer, prompts), inputs=False)
+    outputs = capture(model, decoder_blocks(model)[layer], batch(tokenizer, prompts), inputs=False)
     return outputs[torch.arange(len(prompts)), positions]  # [n, hidden]
 
 
@@ -349,14 +217,3 @@ def edited(model, tokenizer, requests: list[dict[str, Any]], hparams: DictConfig
         with torch.no_grad():
             for layer, module in modules.items():
                 module.weight.copy_(saved[layer])
-
-
-def corpus_name(stats: DictConfig) -> str:
-    """A description of the statistics corpus (cache key and record): data files, or hub id/config/split."""
-    source = stats.source
-    if source.get("data_files"):
-        return f"files:{source.data_files}:{stats.text_field}"
-    if source.get("kind") == "bundled":
-        return f"bundled:{source.bundled}/{stats.split}:{stats.text_field}"
-    return f"hub:{source.hub_id}/{source.get('hub_config')}/{stats.split}:{stats.text_field}"
-

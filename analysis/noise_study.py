@@ -28,7 +28,7 @@ from hydra import compose
 from omegaconf import DictConfig, open_dict
 
 from analysis import attention, plots
-from runtime import evaluation, training
+from runtime import evaluation, task_grid, training
 from runtime.session import overrides, start
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def _stage(study: DictConfig, study_dir: Path, stage: str, model: str, ckpt: lis
                                    study_dir / stage / model / task)) for task in study.tasks]
     allocations = []
     if study.attention:
-        for task in [t for t in study.tasks if t != evaluation.CLEAN_TASK]:
+        for task in [t for t in study.tasks if t != study.baseline_task]:
             cfg = _job("attention", [*common, *study.attention_overrides, f"model={model}", f"task={task}", *ckpt],
                        study_dir / stage / model / f"attention_{task}")
             allocations.append({"stage": stage, **attention.analyse(cfg)})
@@ -69,17 +69,17 @@ def run_study(study: DictConfig, study_dir: Path) -> list[dict[str, Any]]:
             stage_results, stage_allocations = _stage(study, study_dir, stage, model, ckpt)
             results += stage_results
             allocations += stage_allocations
-    rows = write_tables(results, study_dir)
+    rows = write_tables(results, study_dir, study.baseline_task)
     if allocations:
         write_allocations(allocations, study_dir)
-    comparisons = robustness(results, list(study.models), study.report)
+    comparisons = robustness(results, list(study.models), study.report, study.baseline_task)
     (study_dir / "study_report.md").write_text(report(study, rows, comparisons, allocations))
     return rows
 
 
-def write_tables(results: list[dict[str, Any]], study_dir: Path) -> list[dict[str, Any]]:
-    """Per-stage performance tables and charts, and the before/after summary `study_summary.csv`."""
-    evaluation.write_grid(results, study_dir)
+def write_tables(results: list[dict[str, Any]], study_dir: Path, baseline: str) -> list[dict[str, Any]]:
+    """Per-stage performance tables and charts (drops from `baseline`), and the before/after `study_summary.csv`."""
+    task_grid.write_grid(results, study_dir, baseline)
     rows = [{"stage": r["stage"], "model": r["model"], "dataset": r["task"], **r["metrics"]} for r in results]
     with (study_dir / "study_summary.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -94,8 +94,9 @@ def correct_by_problem(result: dict[str, Any], mode: str) -> np.ndarray:
     return np.array([json.loads(line)[f"pass@1_{mode}"] for line in lines])
 
 
-def robustness(results: list[dict[str, Any]], models: list[str], settings: DictConfig) -> list[dict[str, Any]]:
-    """Per stage and noise type: each model's drop from clean to noisy, and the first model's advantage with a CI.
+def robustness(results: list[dict[str, Any]], models: list[str], settings: DictConfig, baseline: str) -> list[dict[str, Any]]:
+    """Per stage and noise type: each model's drop from the clean `baseline` task to the noisy one, and the first
+    model's advantage with a CI.
 
     advantage = drop(second model) - drop(first model): positive when the first model loses less to the
     noise. The CI resamples problems with replacement, keeping each problem's clean and noisy versions
@@ -108,8 +109,8 @@ def robustness(results: list[dict[str, Any]], models: list[str], settings: DictC
     rng = np.random.default_rng(settings.seed)
     rows = []
     for stage in dict.fromkeys(r["stage"] for r in results):
-        for task in dict.fromkeys(r["task"] for r in results if r["task"] != evaluation.CLEAN_TASK):
-            keys = [(stage, m, t) for m in (first, second) for t in (evaluation.CLEAN_TASK, task)]
+        for task in dict.fromkeys(r["task"] for r in results if r["task"] != baseline):
+            keys = [(stage, m, t) for m in (first, second) for t in (baseline, task)]
             if not all(k in by_key for k in keys):
                 continue
             clean_a, noisy_a, clean_b, noisy_b = (correct_by_problem(by_key[k], settings.mode) for k in keys)

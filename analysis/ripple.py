@@ -36,7 +36,7 @@ import torch
 from omegaconf import DictConfig
 from scipy import stats
 
-from analysis import gradsim, memit, plots
+from analysis import gradsim, memit, memit_inputs, plots
 from datamodules.base import IGNORE_INDEX
 from datamodules.sources import load_split
 from runtime.session import overrides, start
@@ -139,8 +139,8 @@ def ripple_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     stats_records = load_split(hparams.stats.source, hparams.stats.split)
     texts = [r[hparams.stats.text_field] for r in stats_records if str(r.get(hparams.stats.text_field, "")).strip()]
     cache = Path(cfg.paths.cache_dir) / "memit_stats" / cfg.model.name
-    moments, statistics = memit.second_moments(model, tokenizer, hparams, texts, cache, memit.corpus_name(hparams.stats))
-    templates = memit.context_templates(model, tokenizer, hparams, cache)
+    moments, statistics = memit_inputs.second_moments(model, tokenizer, hparams, texts, cache, memit_inputs.corpus_name(hparams.stats))
+    templates = memit_inputs.context_templates(model, tokenizer, hparams, cache)
     # which statistics and templates these edits rest on, so runs with different ones are never compared unknowingly
     (run_dir / "memit_statistics.json").write_text(json.dumps({**statistics, "context_templates": templates}, indent=1) + "\n")
     before = score_pieces(model, datamodule, pieces)

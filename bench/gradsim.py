@@ -32,9 +32,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import datamodules  # noqa: E402
-from analysis import gradsim, memit, ripple  # noqa: E402
+from analysis import gradsim, memit, memit_inputs, ripple  # noqa: E402
 from datamodules.sources import SAMPLES_DIR, read_file  # noqa: E402
-from lightning_modules import models  # noqa: E402
+from lightning_modules import architecture, models  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 
@@ -68,7 +68,7 @@ def main() -> None:
     batched_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
-    targets = [module for _, module, _ in gradsim.mlp_output_modules(model, layers)]
+    targets = [module for _, module, _ in architecture.mlp_output_modules(model, layers)]
     model.requires_grad_(False)
     for module in targets:
         module.weight.requires_grad_(True)
@@ -89,8 +89,8 @@ def main() -> None:
     with open_dict(hparams):
         hparams.mom2_n_samples = args.stats_samples
     cache = Path(cfg.paths.cache_dir) / "memit_stats" / cfg.model.name
-    moments, statistics = memit.second_moments(model, tokenizer, hparams, texts, cache, f"files:{stats_path}:question+answer")
-    templates = memit.context_templates(model, tokenizer, hparams, cache)
+    moments, statistics = memit_inputs.second_moments(model, tokenizer, hparams, texts, cache, f"files:{stats_path}:question+answer")
+    templates = memit_inputs.context_templates(model, tokenizer, hparams, cache)
     edit_pieces = real[: args.edits]
     seconds, successes, efficacious, specific, neighbours = [], 0, 0, 0, 0
     for index, piece in enumerate(edit_pieces):

@@ -76,15 +76,15 @@ class PeakMemory:
 
 def setup(model_name: str, method: str, steps: int, run_dir: str):
     """Seeded model + method + module + the first `steps` training batches of the classification sample."""
-    from lightning_modules import module_class
+    from lightning_modules.registry import task_module_class
     from runtime.training import build_trainable_model
     from runtime.validate import task_module
 
     cfg = bench_config([f"model={model_name}", "task=classification", "task.source=bundled", f"method={method}",
                         "data.batch_size=4", "data.val_size=4", "method.rank_eval_steps=4" if method == "svd_lora" else "seed=42"], run_dir)
     L.seed_everything(cfg.seed)
-    model, _, datamodule = build_trainable_model(cfg)
-    module = module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+    model, _, datamodule, _ = build_trainable_model(cfg)
+    module = task_module_class(task_module(cfg)).from_config(model, cfg, datamodule)
     datamodule.setup("fit")
     batches = []
     while len(batches) < steps:
@@ -137,7 +137,7 @@ def rank_selection(args: argparse.Namespace) -> dict[str, float]:
     """Randomized vs exact SVD rank selection on the same accumulated gradients."""
     import datamodules
     from lightning_modules.methods import svd_lora
-    from lightning_modules.methods.lora import target_modules
+    from lightning_modules.methods.lora import resolve_targets
     from lightning_modules.models import build
 
     cfg = bench_config([f"model={args.model}", "task=classification", "task.source=bundled", "method=svd_lora",
@@ -148,12 +148,15 @@ def rank_selection(args: argparse.Namespace) -> dict[str, float]:
     datamodule = datamodules.build(cfg, tokenizer)
     datamodule.setup("fit")
     batches = list(datamodule.train_dataloader())[:4]
-    gradients = svd_lora.accumulated_gradients(model, svd_lora.target_weights(model, target_modules(cfg.method, cfg.model)), batches)
+    gradients = svd_lora.accumulated_gradients(model, svd_lora.target_weights(model, resolve_targets(cfg.method.target_modules, cfg.model)), batches)
+    knobs = cfg.method
+    selection = svd_lora.RankSelection(knobs.tau, knobs.min_rank, knobs.max_rank, knobs.oversample, knobs.power_iters,
+                                       knobs.exact_below)
     timings, ranks = {}, {}
     for mode in ("randomized", "exact"):
         generator = torch.Generator().manual_seed(0)
         start = time.perf_counter()
-        ranks[mode] = {n: svd_lora.select_rank(g, cfg.method, exact=mode == "exact", generator=generator) for n, g in gradients.items()}
+        ranks[mode] = {n: svd_lora.select_rank(g, selection, exact=mode == "exact", generator=generator) for n, g in gradients.items()}
         timings[mode] = time.perf_counter() - start
     agreement = sum(ranks["exact"][n] == ranks["randomized"][n] for n in gradients) / len(gradients)
     mean_rank = sum(ranks["randomized"].values()) / len(gradients)
@@ -167,13 +170,13 @@ def adalora(args: argparse.Namespace, target_r: int) -> dict[str, float]:
     """peft AdaLoRA on the same model, task and batches, with rank budget `target_r` per layer."""
     from peft import AdaLoraConfig, get_peft_model
 
-    from lightning_modules.methods.lora import target_modules
+    from lightning_modules.methods.lora import resolve_targets
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg, module, batches, held_out = setup(args.model, "full", args.steps + args.warmup, run_dir)
         total_steps = len(batches)
         config = AdaLoraConfig(init_r=max(target_r + 1, round(1.5 * target_r)), target_r=target_r, lora_alpha=16,
-                               lora_dropout=0.05, target_modules=target_modules(cfg.method, cfg.model), task_type="CAUSAL_LM",
+                               lora_dropout=0.05, target_modules=resolve_targets(cfg.method.target_modules, cfg.model), task_type="CAUSAL_LM",
                                tinit=args.warmup, tfinal=2, deltaT=1, total_step=total_steps)
         module.model = get_peft_model(module.model.requires_grad_(False), config)
         trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)

@@ -43,7 +43,7 @@ def config(args: argparse.Namespace, run_dir: str):
 
 def setup(cfg):
     L.seed_everything(cfg.seed)
-    model, tokenizer, datamodule = build_trainable_model(cfg)
+    model, tokenizer, datamodule, _ = build_trainable_model(cfg)
     datamodule.setup("fit")
     return model, datamodule
 

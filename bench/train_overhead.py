@@ -55,7 +55,7 @@ def config(args: argparse.Namespace, run_dir: str):
 def setup(cfg, width: int):
     """Fresh seeded LoRA model and its datamodule, batches padded to `width` tokens."""
     L.seed_everything(cfg.seed)
-    model, tokenizer, datamodule = build_trainable_model(cfg)
+    model, tokenizer, datamodule, _ = build_trainable_model(cfg)
     collate = datamodule.collate
 
     def fixed_width(examples):

@@ -14,5 +14,7 @@ if TYPE_CHECKING:
 
 
 def build(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> TextDataModule:
-    """The DataModule of `cfg.task` with the run's data settings (`cfg.data`)."""
-    return instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data)
+    """The DataModule of `cfg.task` with the run's data settings (`cfg.data`) and, in evaluate.py, its prompt
+    style (`cfg.prompting.style`)."""
+    style = {"prompt_style": cfg.prompting.style} if "prompting" in cfg else {}
+    return instantiate(cfg.task.datamodule, tokenizer=tokenizer, **cfg.data, **style)

@@ -76,6 +76,10 @@ class TextDataModule(L.LightningDataModule):
 
     # stop strings evaluate.py adds to generation.stop_strings for this task
     extra_stop_strings: tuple[str, ...] = ()
+    # the evaluation prompt formats (`prompting.style`) this task can build; the first is the default
+    prompt_styles: tuple[str, ...] = ("lmlab",)
+    # how evaluate.py scores this task: "generation" (generate, then `score`) or "classification"
+    evaluation_kind: str = "generation"
 
     def __init__(
         self,
@@ -90,8 +94,12 @@ class TextDataModule(L.LightningDataModule):
         max_eval_samples: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        prompt_style: str = "lmlab",
     ) -> None:
         super().__init__()
+        if prompt_style not in self.prompt_styles:
+            raise ValueError(f"prompting.style={prompt_style}: {type(self).__name__} builds only {list(self.prompt_styles)}")
+        self.prompt_style = prompt_style
         self.tokenizer = tokenizer
         self.source, self.splits = source, splits
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -126,6 +134,15 @@ class TextDataModule(L.LightningDataModule):
     def evaluation_records(self) -> list[dict[str, Any]]:
         """The examples evaluate.py generates for: the test records, by default."""
         return self.records("test")
+
+    def stop_strings(self, configured: list[str]) -> list[str]:
+        """The stop strings of this task's generations: `generation.stop_strings` plus `extra_stop_strings`."""
+        return [*configured, *self.extra_stop_strings]
+
+    def fewshot_exemplars(self, records: list[dict[str, Any]], count: int, seed: int) -> list[list[dict[str, Any]]]:
+        """The exemplars of each record's k-shot prompt: one seeded draw from the train split, shared by all."""
+        shared = random.Random(seed).sample(self.records("train"), count) if count else []
+        return [shared for _ in records]
 
     def generation_prompt(self, record: Mapping[str, Any], exemplars: list[Mapping[str, Any]]) -> str:
         """k-shot prompt: each exemplar's prompt and target, a blank line, then the record's prompt."""

@@ -21,6 +21,8 @@ from datamodules.sources import DataSourceError
 class ClassificationDataModule(TextDataModule):
     """(text, label) records as prompt -> label-name examples, with the class index in every batch."""
 
+    evaluation_kind = "classification"  # evaluate.py scores label likelihoods (or the saved head), not generations
+
     def __init__(
         self,
         prompt_template: str,

@@ -1,9 +1,10 @@
 """GSM8K grade-school math: question -> step-by-step solution ending in `#### <answer>`.
 
-Answer extraction follows lm-evaluation-harness's GSM8K tasks so scores are comparable:
-strict = the first `#### <number>` (or, for CoT prompts, `The answer is <number>.`); flexible = the
-last number-like match of `(-?[$0-9.,]{2,})|(-?[0-9]+)`. Before comparing, a leading `(?s).*#### `,
+lmlab's prompt style (the task's `prompt_template`) extracts answers in the manner of lm-evaluation-harness's
+GSM8K tasks: strict = the first `#### <number>` (or, for CoT prompts, `The answer is <number>.`); flexible =
+the last number-like match of `(-?[$0-9.,]{2,})|(-?[0-9]+)`. Before comparing, a leading `(?s).*#### `,
 `,` and `$`, and a trailing `.` are removed, and a trailing `.0` is normalised away.
+`prompting.style=lm_eval` builds lm-eval's own prompts and scores exactly as it does (lm_eval_format.py).
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from datamodules import lm_eval_format
 from datamodules.base import TextDataModule
 from datamodules.noise import NoisyProblem, annotate, inject
-from datamodules.sources import DataSourceError
+from datamodules.sources import DataSourceError, load_split
 
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 STRICT = (re.compile(r"#### (\-?[0-9\.\,]+)"), re.compile(r"The answer is (\-?[0-9\.\,]+)\."))
@@ -81,6 +83,28 @@ class GSM8KDataModule(TextDataModule):
         return annotate(question)
 
     attention_classes = ("KMI", "NI", "OC")
+    prompt_styles = ("lmlab", "lm_eval")
+
+    def stop_strings(self, configured: list[str]) -> list[str]:
+        """lm_eval style: exactly lm-eval's (a completion keeps the blank line before "Question:", as lm-eval's does)."""
+        return list(lm_eval_format.STOP_STRINGS) if self.prompt_style == "lm_eval" else super().stop_strings(configured)
+
+    def fewshot_exemplars(self, records: list[dict[str, Any]], count: int, seed: int) -> list[list[dict[str, Any]]]:
+        """lmlab style: one shared draw; lm_eval style: a draw per problem from the whole train split."""
+        if self.prompt_style != "lm_eval":
+            return super().fewshot_exemplars(records, count, seed)
+        pool = load_split(self.source, self.splits["train"], "train") if count else []
+        return lm_eval_format.exemplars_per_problem(pool, len(records), count, seed)
+
+    def generation_prompt(self, record: Mapping[str, Any], exemplars: list[Mapping[str, Any]]) -> str:
+        if self.prompt_style != "lm_eval":
+            return super().generation_prompt(record, exemplars)
+        return lm_eval_format.prompt(self._raw_question(record), [(self._raw_question(e), e["answer"]) for e in exemplars])
+
+    def _raw_question(self, record: Mapping[str, Any]) -> str:
+        """The question as stored (lm-eval does not strip it), or with the configured noise injected."""
+        validate_record(record)
+        return self.problem(record).question if self.noise else record["question"]
 
     def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
         """The prompt and the (start, end, label) character spans of its question; template text is OC."""
@@ -97,9 +121,13 @@ class GSM8KDataModule(TextDataModule):
         return self.prompt_template.format(question=self.problem(record).question), solution
 
     def reference(self, record: Mapping[str, Any]) -> str:
+        if self.prompt_style == "lm_eval":
+            return lm_eval_format.comparable(record["answer"])
         return gold_answer(record["answer"])
 
     def score(self, generation: str, reference: str) -> dict[str, Any]:
+        if self.prompt_style == "lm_eval":
+            return lm_eval_format.score(generation, reference)
         strict, flexible = extract_strict(generation), extract_flexible(generation)
         return {
             "extracted_strict": strict,

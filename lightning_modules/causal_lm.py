@@ -2,8 +2,9 @@
 
 Metrics per stage: loss, perplexity, next-token accuracy, top-5 accuracy and the mean probability of
 the predicted token (confidence), token-weighted over the epoch (in training, top-5 and confidence use
-an evenly strided sample of at most 512 positions per batch, to keep large-vocabulary steps cheap);
-the gradient norm at every step. A non-finite training loss stops the run (OptimisedModule).
+an evenly strided sample of at most 512 positions per batch, to keep large-vocabulary steps cheap).
+Training computes the loss at every step, the other metrics and the gradient norm every
+`metrics.every_n_steps` optimiser steps (their epoch means average those steps). A non-finite training loss stops the run (OptimisedModule).
 
 Optimiser: AdamW with no weight decay on 1-D parameters (norms, biases, scalars), linear warmup then
 cosine decay. Clipping and accumulation are Trainer settings. Checkpoints hold only the trainable
@@ -24,7 +25,7 @@ from transformers import PreTrainedModel
 
 from datamodules.base import IGNORE_INDEX
 from lightning_modules import methods
-from lightning_modules.optim import OptimisedModule
+from lightning_modules.optim import OptimisedModule, module_settings
 
 METRICS = ("loss", "token_acc", "top5_acc", "confidence")
 TRAIN_SAMPLE = 512
@@ -49,8 +50,9 @@ class CausalLMModule(OptimisedModule):
         weight_decay: float = 0.0,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.1,
+        metrics_every_n_steps: int = 1,
     ) -> None:
-        super().__init__(model, lr, weight_decay, betas, warmup_ratio)
+        super().__init__(model, lr, weight_decay, betas, warmup_ratio, metrics_every_n_steps)
         self.model = model
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("train", "val", "test") for name in METRICS}
@@ -58,8 +60,8 @@ class CausalLMModule(OptimisedModule):
 
     @classmethod
     def from_config(cls, model: PreTrainedModel, cfg: DictConfig, datamodule: Any) -> CausalLMModule:
-        """The module for a train.py config (`cfg.optim`); the DataModule is unused here."""
-        return cls(model, **cfg.optim)
+        """The module for a train.py config (`cfg.optim`, `cfg.metrics`); the DataModule is unused here."""
+        return cls(model, **module_settings(cfg))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
@@ -67,26 +69,33 @@ class CausalLMModule(OptimisedModule):
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         output = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
         loss = output.loss
-        with torch.no_grad():
-            target = batch["labels"][:, 1:]
-            supervised = target != IGNORE_INDEX  # [B, T-1]
-            # prompt tuning returns logits for its virtual tokens too: keep the last T positions
-            logits = output.logits[:, -target.shape[1] - 1 : -1][supervised].float()  # [N, V]
-            labels = target[supervised]
-            # train: top-5 and confidence on an evenly strided sample of at most TRAIN_SAMPLE positions
-            stride = math.ceil(len(labels) / TRAIN_SAMPLE) if stage == "train" else 1
-            sampled, sampled_labels = logits[::stride], labels[::stride]
-            values = {
-                "loss": loss.detach(),
-                "token_acc": (logits.argmax(-1) == labels).float().mean(),
-                "top5_acc": (sampled.topk(5, -1).indices == sampled_labels[:, None]).any(-1).float().mean(),
-                "confidence": (sampled.max(-1).values - sampled.logsumexp(-1)).exp().mean(),
-            }
+        values = {"loss": loss.detach()}
+        target = batch["labels"][:, 1:]
+        supervised = target != IGNORE_INDEX  # [B, T-1]
+        if stage != "train" or self.measures_step():
+            values |= self._token_metrics(output.logits, target, supervised, sample=stage == "train")
         for name, value in values.items():
             metric = self.metrics[f"{stage}_{name}"]
             metric(value, supervised.sum())
             self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True, prog_bar=name == "loss")
         return loss
+
+    @staticmethod
+    @torch.no_grad()
+    def _token_metrics(logits: torch.Tensor, target: torch.Tensor, supervised: torch.Tensor,
+                       sample: bool) -> dict[str, torch.Tensor]:
+        """Token accuracy, top-5 accuracy and confidence of logits [B, T, V] against target [B, T-1]; with
+        `sample`, top-5 and confidence use an evenly strided sample of at most TRAIN_SAMPLE positions."""
+        # prompt tuning returns logits for its virtual tokens too: keep the last T positions
+        chosen = logits[:, -target.shape[1] - 1 : -1][supervised].float()  # [N, V]
+        labels = target[supervised]
+        stride = math.ceil(len(labels) / TRAIN_SAMPLE) if sample else 1
+        sampled, sampled_labels = chosen[::stride], labels[::stride]
+        return {
+            "token_acc": (chosen.argmax(-1) == labels).float().mean(),
+            "top5_acc": (sampled.topk(5, -1).indices == sampled_labels[:, None]).any(-1).float().mean(),
+            "confidence": (sampled.max(-1).values - sampled.logsumexp(-1)).exp().mean(),
+        }
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -111,5 +120,3 @@ class CausalLMModule(OptimisedModule):
     def export(self, target: Path, method_cfg: DictConfig) -> None:
         """Save what training changed to `target` (see lightning_modules.methods.export)."""
         methods.export(self.model, method_cfg, target)
-
-MODULE = CausalLMModule

@@ -26,7 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from transformers import PreTrainedModel
 
 from lightning_modules import methods
-from lightning_modules.optim import OptimisedModule
+from lightning_modules.optim import OptimisedModule, module_settings
 
 HEAD_FILE = "classifier_head.safetensors"
 HEAD_CONFIG = "classifier.json"
@@ -140,8 +140,9 @@ class ClassifierModule(OptimisedModule):
 
     def __init__(self, model: PreTrainedModel, class_names: list[str], hidden: int = 128, activation: str = "gelu",
                  dropout: float = 0.1, extra_token: bool = False, lr: float = 1e-3, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.1) -> None:
-        super().__init__(model, lr, weight_decay, betas, warmup_ratio)
+                 betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.1,
+                 metrics_every_n_steps: int = 1) -> None:
+        super().__init__(model, lr, weight_decay, betas, warmup_ratio, metrics_every_n_steps)
         self.class_names = list(class_names)
         self.head_config = {"class_names": self.class_names, "hidden": hidden, "activation": activation,
                             "dropout": dropout, "extra_token": extra_token}
@@ -151,8 +152,9 @@ class ClassifierModule(OptimisedModule):
 
     @classmethod
     def from_config(cls, model: PreTrainedModel, cfg: DictConfig, datamodule: Any) -> ClassifierModule:
-        """The module for a train.py config: classes from the DataModule, head from `method.head`, `cfg.optim`."""
-        return cls(model, datamodule.class_names, **(cfg.method.get("head") or {}), **cfg.optim)
+        """The module for a train.py config: classes from the DataModule, head from `method.head`, `cfg.optim`,
+        `cfg.metrics`."""
+        return cls(model, datamodule.class_names, **(cfg.method.get("head") or {}), **module_settings(cfg))
 
     @property
     def model(self) -> PreTrainedModel:
@@ -207,6 +209,3 @@ class ClassifierModule(OptimisedModule):
         if missing or unexpected:
             raise ValueError(f"{directory / HEAD_FILE}: does not match {HEAD_CONFIG} (missing {missing}, unexpected {unexpected})")
         return module
-
-
-MODULE = ClassifierModule

@@ -1,17 +1,26 @@
-"""Batched text generation for evaluation: left padding, KV cache, stop strings, greedy or sampled.
+"""Batched text generation for evaluation: continuous batching over a shared KV cache, stop strings, greedy
+or sampled.
 
-Prompt-learning peft models (prompt tuning) drop position ids, so under left padding a model with
-absolute positions (GPT-2) would see shifted positions; for them a batch holds prompts of one token
-length only (no padding), which keeps batched and one-by-one decoding identical.
+A batch holds at most `batch_size` rows. A row leaves the batch (and the KV cache) as soon as it hits an EOS
+token, a stop string or `max_new_tokens`, and the longest waiting prompts take its place, so a batch no
+longer costs its slowest row. Rows are left-padded to a common cache length; padding is masked, so a row's
+greedy output is the one `model.generate` gives that prompt alone (tests/test_evaluate.py checks both).
+
+Prompt-learning peft models (prompt tuning) prepend virtual tokens inside `generate`, so they decode
+through `model.generate` instead, in batches of one prompt token length (no padding: such models drop
+position ids, and a model with absolute positions, GPT-2, would see shifted ones under left padding).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 log = logging.getLogger(__name__)
 
@@ -35,36 +44,169 @@ def generate(
     top_p: float = 1.0,
     num_samples: int = 1,
 ) -> list[list[str]]:
-    """`num_samples` completions per prompt, in prompt order. Prompts are batched longest-first."""
+    """`num_samples` completions per prompt, in prompt order, each cut at its first stop string."""
     model.eval()
     tokenizer.padding_side = "left"
-    completions: dict[int, list[str]] = {}
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-    for indices in _batches(model, tokenizer, prompts, batch_size):
-        encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(model.device)
-        output = model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            num_return_sequences=num_samples,
-            stop_strings=list(stop_strings) or None,
-            tokenizer=tokenizer,
-            pad_token_id=tokenizer.pad_token_id,
-            **sampling,
-        )  # [B * num_samples, prompt + new]
-        texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
-        for row, index in enumerate(indices):
-            samples = texts[row * num_samples : (row + 1) * num_samples]
-            completions[index] = [truncate_at_stop(t, stop_strings) for t in samples]
-        log.info("generated %d / %d prompts", len(completions), len(prompts))
-    return [completions[i] for i in range(len(prompts))]
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        texts = _generate_prompt_learning(model, tokenizer, prompts, batch_size, max_new_tokens, stop_strings,
+                                          do_sample, temperature, top_p, num_samples)
+    else:
+        sampler = _Sampler(do_sample, temperature, top_p)
+        decoder = _ContinuousBatch(model, tokenizer, batch_size, max_new_tokens, stop_strings, sampler)
+        requests = [i for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for _ in range(num_samples)]
+        texts = decoder.run(prompts, requests)
+    return [[truncate_at_stop(t, stop_strings) for t in texts[i]] for i in range(len(prompts))]
 
 
-def _batches(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str], size: int) -> list[list[int]]:
-    """Prompt indices in batches of at most `size`, longest first; one token length per batch for prompt learning."""
-    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    if not getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        return [order[first : first + size] for first in range(0, len(order), size)]
+class _Sampler:
+    """Next-token choice: argmax (as `generate` does greedily), or a draw after temperature and top-p."""
+
+    def __init__(self, do_sample: bool, temperature: float, top_p: float) -> None:
+        self.do_sample = do_sample
+        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [B, V] float32 -> next token ids [B]."""
+        if not self.do_sample:
+            return logits.argmax(-1)
+        return torch.multinomial(self.warpers(None, logits).softmax(-1), 1).squeeze(-1)
+
+
+@dataclass
+class _Row:
+    """One request in the running batch: its prompt index and the tokens generated so far."""
+
+    index: int
+    new: list[int] = field(default_factory=list)
+
+
+class _ContinuousBatch:
+    """Decodes requests `batch_size` at a time, dropping finished rows and prefilling waiting prompts."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                 max_new_tokens: int, stop_strings: Sequence[str], sampler: _Sampler) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.max_new_tokens, self.stop_strings, self.sampler = max_new_tokens, list(stop_strings), sampler
+        eos = model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        forward = inspect.signature(model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward)
+        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward.parameters else {}
+        self.rows: list[_Row] = []
+        self.cache: DynamicCache | None = None
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # [B, cache length + 1]: 0 over left padding
+        self.logits = torch.zeros(0, 0)  # [B, V] float32: the next-token logits of every row
+
+    def run(self, prompts: Sequence[str], requests: list[int]) -> dict[int, list[str]]:
+        """Completions (full decoded text, before stop-string truncation) of `requests`, by prompt index."""
+        waiting, done = list(requests), {i: [] for i in requests}
+        while waiting or self.rows:
+            free = self.batch_size - len(self.rows)
+            if waiting and free:
+                self._prefill(prompts, waiting[:free])
+                waiting = waiting[free:]
+            finished = self._step()
+            for row in finished:
+                done[row.index].append(self.tokenizer.decode(row.new, skip_special_tokens=True))
+            if finished:
+                log.info("generated %d / %d completions", sum(map(len, done.values())), len(requests))
+        return done
+
+    def _prefill(self, prompts: Sequence[str], indices: list[int]) -> None:
+        """Run the prompts of `indices` (left-padded among themselves) and join their cache to the batch's."""
+        encoded = self.tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(self.model.device)
+        mask = encoded["attention_mask"]  # [k, P]
+        cache = DynamicCache()
+        output = self.model(input_ids=encoded["input_ids"], attention_mask=mask, position_ids=_positions(mask),
+                            past_key_values=cache, use_cache=True, **self.keep_last)
+        rows = [_Row(i) for i in indices]
+        logits = output.logits[:, -1, :].float()
+        if self.cache is None:
+            self.rows, self.cache, self.mask, self.logits = rows, cache, mask, logits
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        self._pad_left(self.cache, width - self.mask.shape[1])
+        self._pad_left(cache, width - mask.shape[1])
+        for ours, theirs in zip(self.cache.layers, cache.layers, strict=True):
+            ours.keys = torch.cat([ours.keys, theirs.keys])
+            ours.values = torch.cat([ours.values, theirs.values])
+        self.mask = torch.cat([_pad_mask(self.mask, width), _pad_mask(mask, width)])
+        self.rows += rows
+        self.logits = torch.cat([self.logits, logits])
+
+    def _step(self) -> list[_Row]:
+        """Choose every row's next token, retire the rows that finish, and run the rest one position further."""
+        chosen = self.sampler(self.logits).tolist()
+        finished, keep = [], []
+        for position, (row, token) in enumerate(zip(self.rows, chosen, strict=True)):
+            row.new.append(token)
+            if self._is_finished(row):
+                finished.append(row)
+            else:
+                keep.append(position)
+        if len(keep) < len(self.rows):
+            self._select(keep)
+        if self.rows:
+            self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
+            step = torch.tensor([[r.new[-1]] for r in self.rows], device=self.model.device)
+            output = self.model(input_ids=step, attention_mask=self.mask, position_ids=_positions(self.mask)[:, -1:],
+                                past_key_values=self.cache, use_cache=True)
+            self.logits = output.logits[:, -1, :].float()
+        return finished
+
+    def _is_finished(self, row: _Row) -> bool:
+        if row.new[-1] in self.eos or len(row.new) >= self.max_new_tokens:
+            return True
+        text = self.tokenizer.decode(row.new, skip_special_tokens=False)
+        return any(stop in text for stop in self.stop_strings)
+
+    def _select(self, keep: list[int]) -> None:
+        """Keep only the rows at `keep` and drop the left-padding columns no remaining row needs."""
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            self.cache = None
+            return
+        index = torch.tensor(keep, device=self.mask.device)
+        self.mask, self.logits = self.mask[index], self.logits[index]
+        first = int(self.mask.any(0).long().argmax())  # first column some row attends to
+        self.mask = self.mask[:, first:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, first:]  # [B, heads, length, head dim]
+            layer.values = layer.values[index, :, first:]
+
+    @staticmethod
+    def _pad_left(cache: DynamicCache, width: int) -> None:
+        if width:
+            for layer in cache.layers:
+                layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, width, 0))
+                layer.values = torch.nn.functional.pad(layer.values, (0, 0, width, 0))
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows, as `generate` computes them: 0 at each row's first real token."""
+    return (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 1)
+
+
+def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
+
+
+def _generate_prompt_learning(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
+                              batch_size: int, max_new_tokens: int, stop_strings: Sequence[str], do_sample: bool,
+                              temperature: float, top_p: float, num_samples: int) -> dict[int, list[str]]:
+    """Completions through `model.generate`, in batches of prompts of one token length."""
     groups: dict[int, list[int]] = {}
-    for index in order:
+    for index in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
         groups.setdefault(len(tokenizer(prompts[index])["input_ids"]), []).append(index)
-    return [group[first : first + size] for group in groups.values() for first in range(0, len(group), size)]
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    completions: dict[int, list[str]] = {}
+    for group in groups.values():
+        for first in range(0, len(group), batch_size):
+            indices = group[first : first + batch_size]
+            encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(model.device)
+            output = model.generate(**encoded, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
+                                    stop_strings=list(stop_strings) or None, tokenizer=tokenizer,
+                                    pad_token_id=tokenizer.pad_token_id, **sampling)  # [B * num_samples, prompt + new]
+            texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+            for row, index in enumerate(indices):
+                completions[index] = texts[row * num_samples : (row + 1) * num_samples]
+    return completions

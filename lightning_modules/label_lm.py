@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 from datamodules.base import IGNORE_INDEX
 from lightning_modules.causal_lm import CausalLMModule, answer_log_probs
 from lightning_modules.classifier import ClassificationMetrics, log_classification_epoch
+from lightning_modules.optim import module_settings
 
 
 @torch.no_grad()
@@ -46,7 +47,8 @@ class LabelLMModule(CausalLMModule):
     @classmethod
     def from_config(cls, model: PreTrainedModel, cfg: DictConfig, datamodule: Any) -> LabelLMModule:
         """The module for a train.py config: label tokens and class names from the classification DataModule."""
-        return cls(model, datamodule.label_token_ids(), datamodule.class_names, datamodule.tokenizer.pad_token_id, **cfg.optim)
+        return cls(model, datamodule.label_token_ids(), datamodule.class_names, datamodule.tokenizer.pad_token_id,
+                   **module_settings(cfg))
 
     def predict_classes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Label log-likelihoods [B, C] of a classification batch."""
@@ -68,6 +70,3 @@ class LabelLMModule(CausalLMModule):
     def on_test_epoch_end(self) -> None:
         super().on_test_epoch_end()
         log_classification_epoch(self, self.scores["test"], "test", self.class_names)
-
-
-MODULE = LabelLMModule

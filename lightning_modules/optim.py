@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from omegaconf import DictConfig
 from transformers import get_cosine_schedule_with_warmup
 
 from lightning_modules.models import BASE_IDENTITY_ATTR, ModelLoadError, check_same_base
@@ -35,14 +36,25 @@ class NonFiniteLossError(FloatingPointError):
                 "Try a lower optim.lr or trainer.precision=32-true.")
 
 
+def module_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The constructor keywords every task module takes from a train.py config: `optim.*` and
+    `metrics.every_n_steps`."""
+    every = cfg.metrics.every_n_steps
+    if not isinstance(every, int) or every < 1:
+        raise ValueError(f"metrics.every_n_steps={every!r}: expected an integer >= 1")
+    return {**cfg.optim, "metrics_every_n_steps": every}
+
+
 class OptimisedModule(L.LightningModule):
     """Base of the task modules: optimiser and schedule from `optim.*`; checkpoints keep only trainable weights
-    when the backbone is frozen (a LoRA checkpoint is the LoRA weights)."""
+    when the backbone is frozen (a LoRA checkpoint is the LoRA weights). Training metrics beyond the loss
+    (and the gradient norm) are computed on every `metrics_every_n_steps`-th optimiser step only."""
 
     def __init__(self, backbone: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                 warmup_ratio: float) -> None:
+                 warmup_ratio: float, metrics_every_n_steps: int = 1) -> None:
         super().__init__()
         self.lr, self.weight_decay, self.betas, self.warmup_ratio = lr, weight_decay, tuple(betas), warmup_ratio
+        self.metrics_every_n_steps = metrics_every_n_steps
         self.base_is_frozen = any(not p.requires_grad for p in backbone.parameters())
         self.strict_loading = not self.base_is_frozen
         self.base_model_identity = getattr(backbone, BASE_IDENTITY_ATTR, None)
@@ -60,12 +72,18 @@ class OptimisedModule(L.LightningModule):
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def measures_step(self) -> bool:
+        """Whether this training step computes the metrics beyond the loss (every `metrics_every_n_steps`)."""
+        return self.global_step % self.metrics_every_n_steps == 0
+
     def on_before_backward(self, loss: torch.Tensor) -> None:
         """Stop on a NaN/inf training loss before it reaches the weights (NonFiniteLossError)."""
         if not torch.isfinite(loss):
             raise NonFiniteLossError(loss.item(), self.global_step, self.trainer.fit_loop.epoch_loop.batch_idx)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if not self.measures_step():
+            return
         gradients = [p.grad for p in self.parameters() if p.grad is not None]
         sharded = isinstance(self.trainer.strategy, FSDPStrategy)  # a rank may hold no shard, yet must join the sum
         if not gradients and not sharded:

@@ -16,15 +16,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torch.optim import Optimizer
 
-
-def decoder_layer_classes(model: torch.nn.Module) -> set[type[torch.nn.Module]]:
-    """Module classes named by the model's `_no_split_modules` (its transformer blocks)."""
-    base = getattr(model, "get_base_model", lambda: model)()
-    names = set(getattr(base, "_no_split_modules", None) or [])
-    classes = {type(module) for module in base.modules() if type(module).__name__ in names}
-    if not classes:
-        raise ValueError(f"{type(base).__name__} declares no _no_split_modules; FSDP cannot pick its wrap units")
-    return classes
+from lightning_modules import architecture
 
 
 class LayerFSDPStrategy(FSDPStrategy):
@@ -36,7 +28,7 @@ class LayerFSDPStrategy(FSDPStrategy):
     def __init__(self, model: torch.nn.Module, activation_checkpointing: bool = False, **kwargs) -> None:
         if activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        super().__init__(auto_wrap_policy=decoder_layer_classes(model), **kwargs)
+        super().__init__(auto_wrap_policy=architecture.block_classes(model), **kwargs)
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
         if self.root_device.type != "cpu":

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import warnings
@@ -18,8 +17,9 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import datamodules
-from lightning_modules import models, module_class
-from lightning_modules.methods import METHOD_METRICS_FILE, MethodContext, count_parameters, resolve_apply
+from lightning_modules import models
+from lightning_modules.methods import MethodContext, count_parameters
+from lightning_modules.registry import build_method, task_module_class
 from runtime.checkpointing import AtomicCheckpointIO, RestoreRNG, remove_partial_files
 from runtime.session import RecordRunId, overrides, start
 from runtime.validate import check_config, task_module
@@ -31,16 +31,17 @@ log = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
 
 
-def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, L.LightningDataModule]:
-    """Build `cfg.model` and the task's DataModule, and turn the model into the trainable one with `cfg.method`."""
+def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, L.LightningDataModule, dict[str, float]]:
+    """Build `cfg.model` and the task's DataModule, and turn the model into the trainable one with `cfg.method`;
+    also return the metrics the method reports (e.g. svd_lora's ranks)."""
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     identity = models.base_identity(model, cfg.model)
     datamodule = datamodules.build(cfg, tokenizer)
-    context = MethodContext(tokenizer=tokenizer, datamodule=datamodule, run_dir=Path(cfg.paths.output_dir))
-    model = resolve_apply(cfg.method.apply, "method.apply")(model, cfg.method, cfg.model, context)
+    context = MethodContext(cfg.model, tokenizer, datamodule, Path(cfg.paths.output_dir))
+    model = build_method(cfg.method)(model, context)
     setattr(model, models.BASE_IDENTITY_ATTR, identity)  # recorded in every checkpoint and export
     model.train()  # from_pretrained leaves eval mode (dropout off); training needs train mode
-    return model, tokenizer, datamodule
+    return model, tokenizer, datamodule, context.metrics
 
 
 def build_trainer(cfg: DictConfig, model: PreTrainedModel, loggers: list[Logger], wandb_run_id: str | None = None) -> L.Trainer:
@@ -60,9 +61,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, test and save one run; return (and write to results.json) its final metrics."""
     check_config(cfg)
     with start(cfg, job_type="train") as session:
-        model, tokenizer, datamodule = build_trainable_model(cfg)
+        model, tokenizer, datamodule, method_metrics = build_trainable_model(cfg)
         check_data(cfg, datamodule)
-        module = module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+        module = task_module_class(task_module(cfg)).from_config(model, cfg, datamodule)
         module.allow_base_mismatch = bool(cfg.get("allow_base_mismatch"))
         if cfg.get("ckpt_path"):
             for path in remove_partial_files(Path(cfg.ckpt_path).parent):
@@ -70,8 +71,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         trainable, total = count_parameters(module)
         log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
         trainer = build_trainer(cfg, model, session.loggers, session.wandb_run_id)
-        metrics_file = session.run_dir / METHOD_METRICS_FILE
-        method_metrics = json.loads(metrics_file.read_text()) if metrics_file.exists() else {}
         session.log_config()
         if not cfg.get("ckpt_path"):  # a resumed run logged these at step 0 already
             session.log_metrics({"params/trainable": trainable, "params/total": total, **method_metrics})
@@ -139,8 +138,8 @@ def export(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, token
         state = trainer.strategy.full_state_dict()
         if not trainer.is_global_zero:
             return None
-        model, _, datamodule = build_trainable_model(cfg)
-        module = module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+        model, _, datamodule, _ = build_trainable_model(cfg)
+        module = task_module_class(task_module(cfg)).from_config(model, cfg, datamodule)
         module.load_state_dict(state)
     elif not trainer.is_global_zero:
         return None

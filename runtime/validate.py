@@ -26,6 +26,11 @@ def check_config(cfg: DictConfig) -> None:
     if model.get("path") and model.get("scratch"):
         raise ConfigError("model.path and model.scratch are both set: pick one (a saved model or a fresh architecture)")
     module, method = task_module(cfg), cfg.method
+    from lightning_modules.registry import TASK_MODULES
+
+    if module not in TASK_MODULES:
+        raise ConfigError(f"task.module={module}: not a registered task module (lightning_modules/registry.py: "
+                          f"{sorted(TASK_MODULES)})")
     offered = list(cfg.task.get("modules") or [cfg.task.module])
     if module not in offered:
         raise ConfigError(

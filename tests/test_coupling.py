@@ -15,10 +15,10 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 import datamodules
-from analysis import gradsim, memit, ripple
+from analysis import gradsim, memit, memit_inputs, ripple
 from datamodules.hotpotqa import knowledge_pieces
 from datamodules.sources import load_split
-from lightning_modules import models
+from lightning_modules import architecture, models
 from tests.conftest import ROOT, compose_config
 
 BUNDLED = {"kind": "bundled", "bundled": "hotpotqa"}
@@ -63,7 +63,7 @@ def test_gradsim_is_symmetric_unit_diagonal_and_equals_a_per_example_loop(name: 
     assert matrix.shape == (12, 12)
     assert np.allclose(matrix, matrix.T) and np.allclose(np.diag(matrix), 1.0)
 
-    ((_, module, _),) = gradsim.mlp_output_modules(model, list(cfg.analysis.gradsim.layers))
+    ((_, module, _),) = architecture.mlp_output_modules(model, list(cfg.analysis.gradsim.layers))
     loop = []
     for piece in pieces:
         model.zero_grad()
@@ -94,8 +94,8 @@ def test_memit_makes_the_new_answer_the_top_prediction_and_restores_weights(name
         hparams.target_prefix, hparams.clamp_norm_factor, hparams.mom2_n_samples = "", 100.0, 40
         hparams.v_weight_decay = 1e-3  # ||delta|| / ||h||^2 is large where ||h|| is a tiny model's
     texts = [r["question"] for r in load_split({"kind": "bundled", "bundled": "gsm8k"}, "train")]
-    moments, _ = memit.second_moments(model, tokenizer, hparams, texts, tmp_path)
-    templates = memit.context_templates(model, tokenizer, hparams, tmp_path)
+    moments, _ = memit_inputs.second_moments(model, tokenizer, hparams, texts, tmp_path)
+    templates = memit_inputs.context_templates(model, tokenizer, hparams, tmp_path)
     request = {"prompt": "The capital of Zorbia is", "subject": None, "target_new": "Q"}
     prompt = tokenizer(request["prompt"], return_tensors="pt")["input_ids"]
     new_token = tokenizer("Q", add_special_tokens=False)["input_ids"][0]

@@ -72,8 +72,8 @@ def assert_export_matches_checkpoint(run_dir: Path, method: str, trained: dict[s
     import lightning as L
     from omegaconf import open_dict
 
-    from lightning_modules import module_class
-    from runtime.evaluation import load_model
+    from lightning_modules.registry import task_module_class
+    from runtime.exports import load_model
     from runtime.training import build_trainable_model
     from tests.conftest import compose_config
 
@@ -87,8 +87,8 @@ def assert_export_matches_checkpoint(run_dir: Path, method: str, trained: dict[s
     L.seed_everything(42)
     exported, tokenizer = load_model(evaluate_cfg)
     L.seed_everything(42)
-    model, _, datamodule = build_trainable_model(train_cfg)
-    reference = module_class("causal_lm").from_config(model, train_cfg, datamodule)
+    model, _, datamodule, _ = build_trainable_model(train_cfg)
+    reference = task_module_class("causal_lm").from_config(model, train_cfg, datamodule)
     reference.load_state_dict(trained, strict=reference.strict_loading)  # a frozen base: trainable weights only
     input_ids = tokenizer("Question: 2 + 3 = ?\nAnswer:", return_tensors="pt")["input_ids"]
     exported.eval(), reference.eval()

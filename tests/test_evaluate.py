@@ -18,7 +18,7 @@ from analysis import noise_study
 from datamodules.gsm8k import extract_flexible, extract_strict, gold_answer
 from lightning_modules import models
 from lightning_modules.generation import generate, truncate_at_stop
-from runtime import evaluation
+from runtime import evaluation, exports, generation_scoring, task_grid
 from runtime.training import run as train
 from runtime.wandb_offline import find_run_files, read_run
 from tests.conftest import ROOT, compose_config
@@ -59,10 +59,10 @@ def test_stop_strings_cut_the_completion() -> None:
 
 
 def test_pass_at_k_estimator() -> None:
-    assert evaluation.pass_at_k(5, 0, 1) == 0.0
-    assert evaluation.pass_at_k(5, 5, 1) == 1.0
-    assert evaluation.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert evaluation.pass_at_k(4, 1, 2) == pytest.approx(0.5)
+    assert generation_scoring.pass_at_k(5, 0, 1) == 0.0
+    assert generation_scoring.pass_at_k(5, 5, 1) == 1.0
+    assert generation_scoring.pass_at_k(4, 1, 1) == pytest.approx(0.25)
+    assert generation_scoring.pass_at_k(4, 1, 2) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
@@ -74,6 +74,36 @@ def test_batched_greedy_decoding_equals_one_by_one(name: str) -> None:
     alone = [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=12)[0] for p in prompts]
     assert batched == alone
     assert all(len(c[0]) > 0 for c in batched)
+
+
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
+def test_finished_rows_leave_the_batch_and_waiting_prompts_take_their_place(name: str) -> None:
+    """Four prompts through two slots: outputs equal `model.generate` one prompt at a time, and the decode steps
+    run exactly one row per token still to come (a finished row costs nothing, a free slot is refilled)."""
+    L.seed_everything(0)
+    model, tokenizer = models.build(compose_config(f"model={name}").model)
+    prompts = ["Question: 2+3?\nAnswer:", "Tom has 5 apples and buys 7 more. How many?", "Hi there", "Quiet"]
+    encoded = [tokenizer(p, return_tensors="pt") for p in prompts]
+
+    def one_by_one() -> list[list[int]]:
+        return [model.generate(**e, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0,
+                e["input_ids"].shape[1]:].tolist() for e in encoded]
+
+    model.generation_config.eos_token_id = None
+    free_running = one_by_one()
+    model.generation_config.eos_token_id = free_running[0][3]  # an EOS that ends some rows early, others not
+    alone = one_by_one()
+    assert len({len(tokens) for tokens in alone}) > 1
+
+    widths = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    batched = generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=12)
+    hook.remove()
+    assert batched == [[tokenizer.decode(tokens, skip_special_tokens=True)] for tokens in alone]
+    decode_rows = sum(rows for rows, length in widths if length == 1)
+    assert decode_rows == sum(len(tokens) - 1 for tokens in alone)  # the last token of a row is never fed back
+    assert max(rows for rows, _ in widths) == 2
 
 
 def test_evaluate_writes_predictions_and_metrics(tmp_path: Path) -> None:
@@ -103,13 +133,13 @@ def test_fewshot_prompt_prepends_train_exemplars(tmp_path: Path) -> None:
 def test_fine_tuned_checkpoints_load_with_their_own_architecture(tiny_config, tmp_path: Path) -> None:
     lora_run = train(tiny_config("model=tiny_llama", "method=lora", "data.max_train_samples=8", run_dir=tmp_path / "lora"))
     cfg = compose_config("model=tiny_llama", f"ckpt={lora_run['run_dir']}", *EVAL_TINY, config_name="evaluate")
-    model, _ = evaluation.load_model(cfg)
+    model, _ = exports.load_model(cfg)
     assert isinstance(model, PeftModel)
     assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in model.named_parameters())
 
     full_run = train(tiny_config("model=tiny_diffllama", "method=full", "data.max_train_samples=8", run_dir=tmp_path / "full"))
     cfg = compose_config("model=tiny_llama", f"ckpt={full_run['final_dir']}", *EVAL_TINY, config_name="evaluate")
-    model, _ = evaluation.load_model(cfg)
+    model, _ = exports.load_model(cfg)
     assert type(model).__name__ == "DiffLlamaForCausalLM"  # read from the saved config, not from model=
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "eval")
@@ -119,7 +149,7 @@ def test_fine_tuned_checkpoints_load_with_their_own_architecture(tiny_config, tm
 def test_unusable_ckpt_says_what_it_expects(tmp_path: Path) -> None:
     cfg = compose_config("model=tiny_llama", f"ckpt={tmp_path}", config_name="evaluate")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        evaluation.load_model(cfg)
+        exports.load_model(cfg)
 
 
 def test_grid_writes_one_table_with_drops_and_a_chart(tmp_path: Path) -> None:
@@ -146,11 +176,26 @@ def test_grid_drop_is_relative_to_the_clean_score() -> None:
         {"model": "m", "task": "gsm8k", "metrics": {"pass@1_strict": 0.5, "pass@1_flexible": 0.8, "num_problems": 10}},
         {"model": "m", "task": "gsm8k_inf", "metrics": {"pass@1_strict": 0.25, "pass@1_flexible": 0.6, "num_problems": 10}},
     ]
-    clean, noisy = evaluation.performance_table(results)
+    clean, noisy = task_grid.performance_table(results, "gsm8k")
     assert clean["drop_abs_flexible"] is None
     assert noisy["drop_abs_strict"] == pytest.approx(0.25) and noisy["drop_rel_strict"] == pytest.approx(0.5)
     assert noisy["drop_rel_flexible"] == pytest.approx(0.25)
     assert noisy["drop_abs_flexible"] == pytest.approx(0.2)
+
+
+def test_grid_over_classification_reports_accuracy_and_no_gsm8k_baseline(tmp_path: Path) -> None:
+    results = [{"model": model, "task": task, "stage": "zero_shot",
+                "metrics": {"accuracy": accuracy, "macro_f1": 0.2, "num_examples": 12}}
+               for model, task, accuracy in (("a", "news", 0.5), ("a", "bbc", 0.25), ("b", "news", 0.75))]
+    assert task_grid.grid_baseline(results) is None
+    csv_path, chart = task_grid.write_grid(results, tmp_path, None)
+    with csv_path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["model", "dataset", "num_problems", "accuracy"]
+    assert [(r["model"], r["dataset"], float(r["accuracy"])) for r in rows] == [("a", "bbc", 0.25), ("a", "news", 0.5), ("b", "news", 0.75)]
+    assert chart.name == "zero_shot_performance.png" and chart.stat().st_size > 1000
+    with_baseline = task_grid.performance_table(results, "news")
+    assert with_baseline[0]["dataset"] == "news" and with_baseline[1]["drop_abs_accuracy"] == pytest.approx(0.25)
 
 
 def test_quick_noise_study_runs_every_stage_and_writes_the_tables(tmp_path: Path) -> None:
@@ -196,7 +241,7 @@ def test_robustness_difference_has_a_bootstrap_interval_over_problems(tmp_path: 
     results = [fake_evaluation(tmp_path / m / "clean", "zero_shot", m, "gsm8k", [1.0] * n) for m in ("diff", "base")]
     results += [fake_evaluation(tmp_path / m / "inf", "zero_shot", m, "gsm8k_inf", noisy_of[m]) for m in ("diff", "base")]
     settings = OmegaConf.create({"mode": "flexible", "bootstrap_samples": 500, "confidence": 0.95, "seed": 0})
-    [row] = noise_study.robustness(results, ["diff", "base"], settings)
+    [row] = noise_study.robustness(results, ["diff", "base"], settings, "gsm8k")
     assert row["problems"] == n and row["verdict"] == verdict
     expected = 0.8 if robust_model == "diff" else -0.8
     assert row["advantage"] == pytest.approx(expected)

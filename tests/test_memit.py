@@ -14,10 +14,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
-from analysis import memit
-from analysis.gradsim import mlp_output_modules
+from analysis import memit, memit_inputs
 from datamodules.sources import load_split
 from lightning_modules import models
+from lightning_modules.architecture import decoder_blocks, mlp_output_modules
 from tests.conftest import compose_config
 
 TEMPLATES = [["{}"], ["Once upon a time. {}", "Notes. {}", "It was said that. {}"]]
@@ -59,7 +59,7 @@ def forward(model, layer: int, token_ids: list[int], position: int, delta: torch
         hidden[0, position] += delta
         return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
-    handle = memit.blocks(model)[layer].register_forward_hook(hook)
+    handle = decoder_blocks(model)[layer].register_forward_hook(hook)
     try:
         with torch.no_grad():
             logits = model(torch.tensor([token_ids])).logits[0]
@@ -163,7 +163,7 @@ def test_each_layer_update_is_the_closed_form_with_the_residual_spread_over_laye
     with open_dict(hparams):
         hparams.mom2_n_samples, hparams.mom2_update_weight = 30, 5.0
     texts = [r["question"] for r in load_split({"kind": "bundled", "bundled": "gsm8k"}, "train")]
-    moments, info = memit.second_moments(model, tokenizer, hparams, texts, None)
+    moments, info = memit_inputs.second_moments(model, tokenizer, hparams, texts, None)
     assert info["texts"] == 30 and info["tokens"] == sum(len(ids(tokenizer, t)) for t in texts[:30])
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     z = memit.target_vector(model, tokenizer, REQUEST, hparams, TEMPLATES)
@@ -189,18 +189,18 @@ def test_context_templates_are_generated_by_the_model_seeded_and_cached(tmp_path
     model, tokenizer, hparams = tiny("tiny_llama")
     with open_dict(hparams):
         hparams.context_templates = "generated"
-    templates = memit.context_templates(model, tokenizer, hparams, tmp_path)
+    templates = memit_inputs.context_templates(model, tokenizer, hparams, tmp_path)
     assert templates[0] == ["{}"] and len(templates[1]) == 5
     for starter, template in zip(hparams.context_starters, templates[1], strict=True):
         assert template.startswith(starter) and template.endswith(". {}") and template.count("{}") == 1
     prefix = templates[1][0].removesuffix(". {}")
     assert len(ids(tokenizer, prefix)) >= 3  # a generated continuation, not the bare starter
     monkeypatch.setattr(model, "forward", lambda *a, **k: (_ for _ in ()).throw(LookupError("templates regenerated")))
-    assert memit.context_templates(model, tokenizer, hparams, tmp_path) == templates  # from the cache
+    assert memit_inputs.context_templates(model, tokenizer, hparams, tmp_path) == templates  # from the cache
     monkeypatch.undo()
-    again = memit.context_templates(model, tokenizer, hparams, tmp_path / "fresh")
+    again = memit_inputs.context_templates(model, tokenizer, hparams, tmp_path / "fresh")
     assert again == templates  # the same seed gives the same prefixes without the cache
-    other = memit.context_templates(model, tokenizer, OmegaConf.merge(hparams, {"context_seed": 1}), tmp_path)
+    other = memit_inputs.context_templates(model, tokenizer, OmegaConf.merge(hparams, {"context_seed": 1}), tmp_path)
     assert other != templates
 
 
@@ -209,7 +209,7 @@ def test_statistics_count_texts_are_cached_and_recorded(tmp_path: Path, monkeypa
     with open_dict(hparams):
         hparams.mom2_n_samples = 12
     texts = [r["question"] for r in load_split({"kind": "bundled", "bundled": "gsm8k"}, "train")]
-    moments, info = memit.second_moments(model, tokenizer, hparams, texts, tmp_path, "bundled:gsm8k")
+    moments, info = memit_inputs.second_moments(model, tokenizer, hparams, texts, tmp_path, "bundled:gsm8k")
     assert info == {"corpus": "bundled:gsm8k", "texts": 12, "tokens": sum(len(ids(tokenizer, t)) for t in texts[:12]),
                     "max_tokens_per_text": 1024}
     assert all(torch.allclose(m, m.T) for m in moments.values())
@@ -217,10 +217,10 @@ def test_statistics_count_texts_are_cached_and_recorded(tmp_path: Path, monkeypa
         raise LookupError("statistics recomputed")
 
     monkeypatch.setattr(model, "forward", recomputed)
-    cached, cached_info = memit.second_moments(model, tokenizer, hparams, texts, tmp_path, "bundled:gsm8k")
+    cached, cached_info = memit_inputs.second_moments(model, tokenizer, hparams, texts, tmp_path, "bundled:gsm8k")
     assert cached_info == info and all(torch.equal(cached[k], moments[k]) for k in moments)
     with pytest.raises(LookupError, match="statistics recomputed"):  # another corpus is another cache entry
-        memit.second_moments(model, tokenizer, hparams, texts, tmp_path, "bundled:other")
+        memit_inputs.second_moments(model, tokenizer, hparams, texts, tmp_path, "bundled:other")
 
 
 def test_model_configs_carry_memit_z_settings() -> None:

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import lightning as L
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 from peft.tuners.lora import LoraLayer
 
-from lightning_modules import methods, models
+from lightning_modules import architecture, methods, models
 from lightning_modules.classifier import SequenceClassifier
 from lightning_modules.generation import generate
-from lightning_modules.methods import MethodContext, adapter, prompt_tuning, svd_lora
-from runtime import evaluation
+from lightning_modules.methods import MethodContext, adapter, svd_lora
+from lightning_modules.registry import build_method
+from runtime import evaluation, exports
 from runtime.training import build_trainable_model, run
 from tests.conftest import compose_config
 
@@ -41,7 +43,7 @@ def nudge(model: torch.nn.Module) -> None:
 def test_method_trains_only_its_parameters_and_round_trips(tiny_config, tmp_path: Path, model_name: str, method: str) -> None:
     cfg = tiny_config(f"model={model_name}", f"method={method}", "method.rank_eval_steps=2" if method == "svd_lora" else "data.batch_size=4")
     L.seed_everything(0)
-    model, tokenizer, datamodule = build_trainable_model(cfg)
+    model, tokenizer, datamodule, _ = build_trainable_model(cfg)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     model(**batch).loss.backward()
@@ -60,7 +62,7 @@ def test_method_trains_only_its_parameters_and_round_trips(tiny_config, tmp_path
 
     eval_cfg = compose_config(f"model={model_name}", f"ckpt={tmp_path / 'saved'}", config_name="evaluate")
     L.seed_everything(0)  # the same random base weights (tiny models are built from scratch)
-    restored, _ = evaluation.load_model(eval_cfg)
+    restored, _ = exports.load_model(eval_cfg)
     restored.eval()
     actual = restored(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(actual, expected)
@@ -73,8 +75,8 @@ def test_adapters_at_init_leave_the_model_output_unchanged(model_name: str) -> N
     model.eval()
     input_ids = torch.randint(3, 200, (2, 9))
     before = model(input_ids=input_ids).logits
-    adapted = adapter.apply(model, cfg.method, cfg.model)
-    assert len(adapter.transformer_blocks(adapted)) == adapted.config.num_hidden_layers
+    adapted = adapter.apply(model, MethodContext(cfg.model), bottleneck=cfg.method.bottleneck)
+    assert len(architecture.block_parts(adapted)) == adapted.config.num_hidden_layers
     torch.testing.assert_close(adapted(input_ids=input_ids).logits, before, rtol=0, atol=0)
     nudge(adapted)
     assert not torch.allclose(adapted(input_ids=input_ids).logits, before)  # the hooks are live
@@ -89,16 +91,16 @@ def spectrum_matrix(singular_values: list[float], shape: tuple[int, int], seed: 
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_svd_rank_is_exact_on_a_known_spectrum(exact: bool) -> None:
-    cfg = OmegaConf.create({"tau": 0.95, "min_rank": 1, "max_rank": 16, "oversample": 10, "power_iters": 2, "exact_below": 0})
+    cfg = svd_lora.RankSelection(tau=0.95, min_rank=1, max_rank=16, oversample=10, power_iters=2, exact_below=0)
     # energies 50, 30, 10, 5, 3, 2 (of 100): coverage 0.50, 0.80, 0.90, 0.95 -> rank 4
     gradient = spectrum_matrix([50**0.5, 30**0.5, 10**0.5, 5**0.5, 3**0.5, 2**0.5], (120, 90))
     assert svd_lora.select_rank(gradient, cfg, exact=exact) == 4
-    assert svd_lora.select_rank(gradient, OmegaConf.merge(cfg, {"tau": 0.9}), exact=exact) == 3
-    assert svd_lora.select_rank(gradient, OmegaConf.merge(cfg, {"min_rank": 5}), exact=exact) == 5
+    assert svd_lora.select_rank(gradient, replace(cfg, tau=0.9), exact=exact) == 3
+    assert svd_lora.select_rank(gradient, replace(cfg, min_rank=5), exact=exact) == 5
 
 
 def test_svd_coverage_uses_the_full_energy_of_the_gradient() -> None:
-    cfg = OmegaConf.create({"tau": 0.95, "min_rank": 1, "max_rank": 8, "oversample": 10, "power_iters": 2, "exact_below": 1000})
+    cfg = svd_lora.RankSelection(tau=0.95, min_rank=1, max_rank=8, oversample=10, power_iters=2, exact_below=1000)
     flat = spectrum_matrix([1.0] * 40, (64, 48))  # top 8 of 40 equal values cover 20% of the energy
     assert svd_lora.select_rank(flat, cfg) == 8  # never reaches tau within k = max_rank
     assert svd_lora.coverage_rank(torch.tensor([3.0, 1.0]), total_energy=100.0, tau=0.95) == 2
@@ -112,7 +114,7 @@ def test_rank_map_sets_the_lora_shapes_and_keeps_the_scaling(tmp_path: Path) -> 
     (tmp_path / "ranks.json").write_text(json.dumps({names[0]: 3, names[1]: 6}))
     with open_dict(cfg):
         cfg.method.rank_map = str(tmp_path / "ranks.json")
-    model = svd_lora.apply(models.build(cfg.model)[0], cfg.method, cfg.model)
+    model = build_method(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
     layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert set(layers) == set(names)
     assert layers[names[0]].lora_A["default"].weight.shape[0] == 3
@@ -139,14 +141,14 @@ def test_svd_lora_run_writes_a_rank_map_that_a_second_run_reuses(tiny_config, tm
 def test_svd_lora_without_data_or_rank_map_says_what_to_pass() -> None:
     cfg = compose_config("model=tiny_llama", "method=svd_lora")
     with pytest.raises(ValueError, match="method.rank_map="):
-        svd_lora.apply(models.build(cfg.model)[0], cfg.method, cfg.model, MethodContext())
+        build_method(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
 
 
 def test_prompt_tuning_text_init_copies_the_word_embeddings() -> None:
     cfg = compose_config("model=tiny_llama", "method=prompt_tuning", "method.num_virtual_tokens=7", "method.init=text",
                          "method.init_text=abc")
     model, tokenizer = models.build(cfg.model)
-    tuned = prompt_tuning.apply(model, cfg.method, cfg.model, MethodContext(tokenizer=tokenizer))
+    tuned = build_method(cfg.method)(model, MethodContext(cfg.model, tokenizer))
     ids = tokenizer("abcabca", add_special_tokens=False)["input_ids"]
     expected = model.get_input_embeddings().weight[ids]
     torch.testing.assert_close(tuned.prompt_encoder["default"].embedding.weight, expected)
@@ -212,7 +214,7 @@ def test_prompt_tuned_generation_is_the_same_batched_and_one_by_one(model_name: 
     cfg = compose_config(f"model={model_name}", "method=prompt_tuning")
     torch.manual_seed(0)
     model, tokenizer = models.build(cfg.model)
-    tuned = prompt_tuning.apply(model, cfg.method, cfg.model, MethodContext(tokenizer=tokenizer))
+    tuned = build_method(cfg.method)(model, MethodContext(cfg.model, tokenizer))
     with torch.no_grad():
         tuned.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)  # a prompt that steers the output
     prompts = ["Question: 2+3?\nAnswer:", "Q:", "Question: Tom has 5 apples and buys 7 more. How many?\nAnswer:", "Q: 1+1?"]

@@ -10,9 +10,10 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from peft.tuners.lora import LoraLayer
 
-from lightning_modules import models
-from lightning_modules.methods import count_parameters, lora
-from tests.conftest import compose_config
+from lightning_modules import architecture, models
+from lightning_modules.methods import MethodContext, count_parameters, lora
+from lightning_modules.registry import build_method
+from tests.conftest import CONF_DIR, compose_config
 
 TINY_CLASSES = {
     "tiny_llama": "LlamaForCausalLM",
@@ -37,6 +38,37 @@ def test_tiny_models_are_the_real_architecture_classes(name: str) -> None:
     assert type(model).__name__ == TINY_CLASSES[name]
     assert model.config.vocab_size == len(tokenizer)
     assert 10_000 < count_parameters(model)[1] < 500_000
+
+
+TINY_OF_FAMILY = {"llama": "tiny_llama", "diffllama": "tiny_diffllama", "qwen2": "tiny_qwen2", "gpt2": "tiny_gpt2"}
+
+
+def test_every_shipped_model_config_names_a_described_family() -> None:
+    families = {compose_config(f"model={path.stem}").model.family for path in (CONF_DIR / "model").glob("*.yaml")}
+    assert families - {"custom"} == set(architecture.FAMILIES) == set(TINY_OF_FAMILY)
+
+
+@pytest.mark.parametrize("family", sorted(TINY_OF_FAMILY))
+def test_architecture_facts_hold_for_every_family(family: str) -> None:
+    cfg = compose_config(f"model={TINY_OF_FAMILY[family]}").model
+    model, _ = models.build(cfg)
+    assert architecture.family(model) == cfg.family == family
+    blocks = architecture.decoder_blocks(model)
+    assert len(blocks) == model.config.num_hidden_layers and type(blocks[0]) in architecture.block_classes(model)
+    assert all(type(m).__name__.endswith("Attention") for m in architecture.attention_modules(model))
+    assert len(architecture.attention_modules(model)) == len(blocks)
+    names = [name for name, _, _ in architecture.mlp_output_modules(model, [0, 1])]
+    (_, module, conv1d), _ = architecture.mlp_output_modules(model, [0, 1])
+    assert dict(model.named_modules())[names[1]] is blocks[1].get_submodule(architecture.of(model).mlp_output)
+    hidden = model.config.hidden_size
+    assert conv1d == (family == "gpt2") and module.weight.shape[1 if conv1d else 0] == hidden  # writes the residual
+    assert module.weight.shape[0 if conv1d else 1] > hidden  # reads the MLP's inner width
+
+
+def test_unknown_family_says_where_to_describe_it() -> None:
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(architecture.UnknownArchitectureError, match=r"'Linear'.*lightning_modules/architecture.py"):
+        architecture.decoder_blocks(model)
 
 
 def test_saved_model_loads_back_through_model_path(tmp_path) -> None:
@@ -102,7 +134,7 @@ def test_unreachable_hub_points_to_model_path(monkeypatch: pytest.MonkeyPatch) -
 )
 def test_lora_targets_default_per_architecture_family(name: str, expected: set[str]) -> None:
     cfg = compose_config(f"model={name}", "method=lora")
-    model = lora.apply(models.build(cfg.model)[0], cfg.method, cfg.model)
+    model = build_method(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
     wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert wrapped == expected
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
@@ -110,7 +142,7 @@ def test_lora_targets_default_per_architecture_family(name: str, expected: set[s
 
 def test_lora_target_override_wins() -> None:
     cfg = compose_config("model=tiny_llama", "method=lora", "method.target_modules=[q_proj,v_proj]")
-    model = lora.apply(models.build(cfg.model)[0], cfg.method, cfg.model)
+    model = build_method(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
     wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert wrapped == {"q_proj", "v_proj"}
 
@@ -118,7 +150,7 @@ def test_lora_target_override_wins() -> None:
 def test_lora_without_targets_names_the_option() -> None:
     cfg = OmegaConf.create({"name": "mystery", "lora_target_modules": None})
     with pytest.raises(ValueError, match=r"method.target_modules=\[q_proj,v_proj\]"):
-        lora.target_modules(OmegaConf.create({"target_modules": None}), cfg)
+        lora.resolve_targets(None, cfg)
 
 
 def test_embedded_smollm2_is_dequantised_once_and_reloaded_from_safetensors(tmp_path, monkeypatch) -> None:

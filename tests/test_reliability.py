@@ -18,9 +18,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from lightning_modules.methods import UnknownMethodError
 from lightning_modules.models import ModelLoadError
 from lightning_modules.optim import NonFiniteLossError
+from lightning_modules.registry import UnknownMethodError, restore_method
 from runtime import checkpointing
 from runtime.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file, write_atomically
 from runtime.run_dir import create_unique_dir
@@ -220,7 +220,7 @@ def test_lr_1e9_full_stops_naming_a_checkpoint_whose_weights_give_a_finite_loss(
     assert saved["global_step"] == step
     from runtime.training import build_trainable_model
 
-    model, _, datamodule = build_trainable_model(tiny_config("model=tiny_llama", "method=full", run_dir=tmp_path / "check"))
+    model, _, datamodule, _ = build_trainable_model(tiny_config("model=tiny_llama", "method=full", run_dir=tmp_path / "check"))
     model.load_state_dict({k.removeprefix("model."): v for k, v in saved["state_dict"].items()})
     datamodule.setup("fit")
     with torch.no_grad():
@@ -316,10 +316,14 @@ def test_method_json_can_only_name_a_registered_method(tiny_config, tmp_path: Pa
     results = run(tiny_config("model=tiny_llama", "method=adapter", "trainer.max_steps=1", "test_after_fit=false"))
     directory = Path(results["final_dir"])
     spec = json.loads((directory / methods.METHOD_FILE).read_text())
-    (directory / methods.METHOD_FILE).write_text(json.dumps({**spec, "apply": "builtins.print"}))
     cfg = tiny_config("model=tiny_llama")
+    (directory / methods.METHOD_FILE).write_text(json.dumps({**spec, "name": "builtins.print"}))
     with pytest.raises(UnknownMethodError, match="'builtins.print' is not a registered lmlab method"):
-        methods.restore(build(cfg.model)[0], directory, cfg.model)
+        restore_method(build(cfg.model)[0], directory, cfg.model)
+    # a target in the file selects nothing: the registered name does
+    (directory / methods.METHOD_FILE).write_text(json.dumps({**spec, "_target_": "builtins.exec", "apply": "builtins.exec"}))
+    restored = restore_method(build(cfg.model)[0], directory, cfg.model)
+    assert all(hasattr(block, "mlp_adapter") for block in restored.model.layers)
 
 
 def test_model_revision_reaches_every_hub_load(monkeypatch) -> None:
@@ -429,7 +433,7 @@ def test_corrupt_safetensors_are_named(tiny_config, tmp_path: Path) -> None:
     trainable.write_bytes(b"\x00" * 16)
     base = tiny_config("model=tiny_llama")
     with pytest.raises(ValueError, match=f"{trainable}: not a readable safetensors file"):
-        methods.restore(build(base.model)[0], Path(adapter["final_dir"]), base.model)
+        restore_method(build(base.model)[0], Path(adapter["final_dir"]), base.model)
 
     lora = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=1", "test_after_fit=false", run_dir=tmp_path / "lo"))
     adapter_file = Path(lora["final_dir"]) / "adapter_model.safetensors"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import signal
 from pathlib import Path
@@ -13,8 +14,8 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from lightning_modules import module_class
 from lightning_modules.optim import NonFiniteLossError
+from lightning_modules.registry import task_module_class
 from runtime.training import build_trainable_model, run
 
 TINY_MODELS = ["tiny_llama", "tiny_diffllama", "tiny_gpt2", "tiny_qwen2"]
@@ -59,6 +60,22 @@ def test_run_directory_holds_config_metrics_checkpoints_results(tiny_config, tmp
     assert (run_dir / "final" / "adapter_model.safetensors").exists()
 
 
+def test_metrics_beyond_the_loss_are_computed_every_n_steps(tiny_config) -> None:
+    results = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=5", "metrics.every_n_steps=2",
+                              "test_after_fit=false"))
+    with (Path(results["run_dir"]) / "metrics" / "metrics.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+
+    def steps(key: str) -> list[int]:
+        return [int(row["step"]) for row in rows if row.get(key)]
+
+    assert steps("train/loss_step") == [0, 1, 2, 3, 4]
+    assert steps("train/top5_acc_step") == steps("train/token_acc_step") == steps("train/grad_norm") == [0, 2, 4]
+    assert {"val/token_acc", "val/top5_acc", "val/confidence"} <= set(results["metrics"])  # validation measures all
+    with pytest.raises(ValueError, match=r"metrics.every_n_steps=0: expected an integer >= 1"):
+        run(tiny_config("model=tiny_llama", "metrics.every_n_steps=0"))
+
+
 def test_lora_checkpoint_holds_only_the_lora_weights(tiny_config) -> None:
     results = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=2"))
     checkpoint = torch.load(Path(results["run_dir"]) / "checkpoints" / "last.ckpt", weights_only=True)
@@ -70,10 +87,10 @@ def test_lora_checkpoint_holds_only_the_lora_weights(tiny_config) -> None:
 def test_overfitting_one_batch_lowers_the_loss_by_a_clear_margin(tiny_config) -> None:
     cfg = tiny_config("model=tiny_llama", "method=full", "optim.lr=3e-3", "optim.warmup_ratio=0")
     L.seed_everything(cfg.seed)
-    model, tokenizer, datamodule = build_trainable_model(cfg)
+    model, tokenizer, datamodule, _ = build_trainable_model(cfg)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
-    module = module_class("causal_lm")(model, **cfg.optim)
+    module = task_module_class("causal_lm")(model, **cfg.optim)
 
     def loss() -> float:
         with torch.no_grad():

@@ -57,12 +57,13 @@ def bench_config(overrides: list[str], run_dir: str) -> DictConfig:
 
 def lmlab_steps_per_second(cfg: DictConfig, model, datamodule, warmup: int) -> float:
     """Steady-state steps/s of the train.py stack (module, Trainer, callbacks, loggers) on `datamodule`."""
-    from lightning_modules import module_class
+    from lightning_modules.optim import module_settings
+    from lightning_modules.registry import task_module_class
     from runtime.session import build_loggers
     from runtime.training import build_trainer
 
     clock = StepClock(warmup)
     trainer = build_trainer(cfg, model, build_loggers(cfg, "train", None))
     trainer.callbacks.append(LightningClock(clock))
-    trainer.fit(module_class("causal_lm")(model, **cfg.optim), datamodule=datamodule)
+    trainer.fit(task_module_class("causal_lm")(model, **module_settings(cfg)), datamodule=datamodule)
     return clock.rate()

@@ -9,8 +9,8 @@ Why our own module and not AdapterHub's `adapters` (the library with `BnConfig`)
 release (1.3.0) pins `transformers~=4.57`, and lmlab runs on transformers 5.x; peft has no
 bottleneck adapters. The adapters attach with forward hooks on the sublayers, so the base
 model's parameter names (and its checkpoints) stay untouched; they live as `attention_adapter`
-and `mlp_adapter` submodules of each block. Blocks are found by shape: any block with an `mlp` and a
-`self_attn` (Llama, DiffLlama, Qwen2, MiniMind) or `attn` (GPT-2) submodule.
+and `mlp_adapter` submodules of each block. The blocks and their sublayers come from
+lightning_modules/architecture.py.
 """
 
 from __future__ import annotations
@@ -18,13 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 from transformers import PreTrainedModel
 
+from lightning_modules import architecture
 from lightning_modules.methods import MethodContext
-
-ATTENTION_NAMES = ("self_attn", "attn")
 
 
 class BottleneckAdapter(nn.Module):
@@ -50,31 +48,17 @@ def _adapt_output(adapter: BottleneckAdapter):
     return hook
 
 
-def transformer_blocks(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
-    """(block, attention sublayer, MLP sublayer) for every transformer block of `model`, in order."""
-    blocks = []
-    for module in model.modules():
-        attention = next((getattr(module, n) for n in ATTENTION_NAMES if isinstance(getattr(module, n, None), nn.Module)), None)
-        if attention is not None and isinstance(getattr(module, "mlp", None), nn.Module):
-            blocks.append((module, attention, module.mlp))
-    return blocks
-
-
-def apply(model: PreTrainedModel, cfg: DictConfig, model_cfg: DictConfig, context: MethodContext | None = None) -> PreTrainedModel:
-    """Freeze `model` and add a trainable bottleneck adapter after each attention and each MLP sublayer."""
-    blocks = transformer_blocks(model)
-    if not blocks:
-        raise ValueError(
-            f"method=adapter found no transformer blocks in {type(model).__name__} "
-            f"(a block needs an 'mlp' and one of {ATTENTION_NAMES} submodules)"
-        )
+def apply(model: PreTrainedModel, context: MethodContext, bottleneck: int = 8) -> PreTrainedModel:
+    """Freeze `model` and add a trainable bottleneck adapter (hidden -> `bottleneck` -> hidden) after each
+    attention and each MLP sublayer."""
+    blocks = architecture.block_parts(model)
     model.requires_grad_(False)
     parameter = next(model.parameters())
     for block, attention, mlp in blocks:
         if hasattr(block, "attention_adapter"):
             raise ValueError(f"{type(model).__name__} already has adapters; apply method=adapter once")
         for name, sublayer in (("attention_adapter", attention), ("mlp_adapter", mlp)):
-            adapter = BottleneckAdapter(model.config.hidden_size, cfg.bottleneck).to(parameter.device)
+            adapter = BottleneckAdapter(model.config.hidden_size, bottleneck).to(parameter.device)
             block.add_module(name, adapter)
             sublayer.register_forward_hook(_adapt_output(adapter))
     return model

@@ -6,15 +6,12 @@ The head itself (pooling, LayerNorm -> Linear -> activation -> Dropout -> Linear
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from lightning_modules.methods import MethodContext
 
 
-def apply(
-    model: PreTrainedModel, cfg: DictConfig, model_cfg: DictConfig, context: MethodContext | None = None
-) -> PreTrainedModel:
+def apply(model: PreTrainedModel, context: MethodContext) -> PreTrainedModel:
     """Return `model` with every parameter frozen (the classifier head adds the trainable ones)."""
     model.requires_grad_(False)
     return model

@@ -18,15 +18,16 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from lightning_modules.methods import METHOD_METRICS_FILE, MethodContext
-from lightning_modules.methods.lora import lora_config, target_modules
+from lightning_modules.methods import MethodContext
+from lightning_modules.methods.lora import lora_config, resolve_targets
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,19 @@ def coverage_rank(singular_values: torch.Tensor, total_energy: float, tau: float
     return int(reached[0]) + 1 if len(reached) else len(singular_values)
 
 
-def select_rank(gradient: torch.Tensor, cfg: DictConfig, exact: bool | None = None,
+@dataclass(frozen=True)
+class RankSelection:
+    """How a layer's rank is chosen from its gradient's spectrum (the method's knobs of the same names)."""
+
+    tau: float = 0.95
+    min_rank: int = 2
+    max_rank: int = 32
+    oversample: int = 10
+    power_iters: int = 2
+    exact_below: int = 64
+
+
+def select_rank(gradient: torch.Tensor, cfg: RankSelection, exact: bool | None = None,
                 generator: torch.Generator | None = None) -> int:
     """The clamped energy-coverage rank of one gradient matrix (`exact` None: by `exact_below`)."""
     gradient = gradient.double()
@@ -93,22 +106,23 @@ def accumulated_gradients(model: torch.nn.Module, weights: dict[str, torch.nn.Pa
     return gradients
 
 
-def rank_map_from_gradients(model: PreTrainedModel, cfg: DictConfig, model_cfg: DictConfig, context: MethodContext) -> dict[str, int]:
-    """Per target module, the rank that the spectrum of its accumulated gradient asks for."""
-    if context is None or context.datamodule is None:
+def rank_map_from_gradients(model: PreTrainedModel, targets: list[str], selection: RankSelection, steps: int, seed: int,
+                            context: MethodContext) -> dict[str, int]:
+    """Per target module, the rank that the spectrum of its gradient accumulated over `steps` batches asks for."""
+    if context.datamodule is None:
         raise ValueError("method=svd_lora needs training data to choose ranks; or pass method.rank_map=<rank_map.json>")
     datamodule = context.datamodule
     datamodule.setup("fit")
     batches = []
     for batch in datamodule.train_dataloader():
         batches.append({key: value.to(model.device) for key, value in batch.items()})
-        if len(batches) == cfg.rank_eval_steps:
+        if len(batches) == steps:
             break
-    weights = target_weights(model, target_modules(cfg, model_cfg))
+    weights = target_weights(model, targets)
     started = time.perf_counter()
     gradients = accumulated_gradients(model, weights, batches)
-    generator = torch.Generator().manual_seed(int(cfg.seed))
-    ranks = {name: select_rank(gradient, cfg, generator=generator) for name, gradient in gradients.items()}
+    generator = torch.Generator().manual_seed(int(seed))
+    ranks = {name: select_rank(gradient, selection, generator=generator) for name, gradient in gradients.items()}
     log.info("svd_lora: ranks of %d layers from %d batches in %.1f s", len(ranks), len(batches), time.perf_counter() - started)
     return ranks
 
@@ -124,8 +138,15 @@ def read_rank_map(path: str | Path) -> dict[str, int]:
     return ranks
 
 
+def rank_metrics(ranks: dict[str, int]) -> dict[str, float]:
+    """The rank of every layer and their mean, as metrics train.py logs at step 0."""
+    metrics: dict[str, float] = {f"svd_lora/rank/{name}": rank for name, rank in ranks.items()}
+    metrics["svd_lora/mean_rank"] = sum(ranks.values()) / len(ranks)
+    return metrics
+
+
 def write_rank_map(ranks: dict[str, int], run_dir: Path) -> Path:
-    """`rank_map.json`, a layer x module heatmap `rank_map.png` and the ranks as method metrics in `run_dir`."""
+    """`rank_map.json` and a layer x module heatmap `rank_map.png` in `run_dir`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -134,9 +155,6 @@ def write_rank_map(ranks: dict[str, int], run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RANK_MAP_FILE
     path.write_text(json.dumps(ranks, indent=2) + "\n")
-    metrics = {f"svd_lora/rank/{name}": rank for name, rank in ranks.items()}
-    metrics["svd_lora/mean_rank"] = sum(ranks.values()) / len(ranks)
-    (run_dir / METHOD_METRICS_FILE).write_text(json.dumps(metrics, indent=1) + "\n")
     layers = sorted({int(n) for name in ranks for n in name.split(".") if n.isdigit()}) or [0]
     kinds = list(dict.fromkeys(name.rsplit(".", 1)[-1] for name in ranks))
     grid = torch.zeros(len(layers), len(kinds))
@@ -156,20 +174,26 @@ def write_rank_map(ranks: dict[str, int], run_dir: Path) -> Path:
     return path
 
 
-def apply(model: PreTrainedModel, cfg: DictConfig, model_cfg: DictConfig, context: MethodContext | None = None) -> PeftModel:
-    """Choose (or read) the rank map, then freeze the base and add LoRA with those ranks."""
-    if cfg.get("rank_map"):
-        ranks = read_rank_map(cfg.rank_map)
+def apply(model: PreTrainedModel, context: MethodContext, r: int = 8, alpha: float = 16, dropout: float = 0.05,
+          target_modules: Sequence[str] | None = None, rank_eval_steps: int = 8, tau: float = 0.95, min_rank: int = 2,
+          max_rank: int = 32, oversample: int = 10, power_iters: int = 2, exact_below: int = 64, seed: int = 0,
+          rank_map: str | None = None) -> PeftModel:
+    """Choose (or read from `rank_map`) a rank per target layer, then freeze the base and add LoRA with those ranks;
+    the ranks go to `context.metrics`."""
+    if rank_map:
+        ranks = read_rank_map(rank_map)
     else:
-        ranks = rank_map_from_gradients(model, cfg, model_cfg, context)
+        selection = RankSelection(tau, min_rank, max_rank, oversample, power_iters, exact_below)
+        targets = resolve_targets(target_modules, context.model_cfg)
+        ranks = rank_map_from_gradients(model, targets, selection, rank_eval_steps, seed, context)
         if context.run_dir is not None:
             log.info("svd_lora rank map: %s", write_rank_map(ranks, Path(context.run_dir)))
     for name, rank in ranks.items():
         log.info("svd_lora rank %3d  %s", rank, name)
-    scale = cfg.alpha / cfg.r
+    context.metrics.update(rank_metrics(ranks))
+    scale = alpha / r
     return get_peft_model(model, lora_config(
-        cfg, model_cfg,
-        target_modules=sorted(ranks),
+        model, sorted(ranks), r, alpha, dropout,
         rank_pattern=dict(ranks),
         alpha_pattern={name: scale * rank for name, rank in ranks.items()},
     ))

@@ -1,0 +1,115 @@
+"""lmlab's GSM8K evaluation vs lm-evaluation-harness's HF backend: same prompts, same model, same outputs, time.
+
+Needs the optional `bench` extra (`pip install -e .[bench]`, which `make bench` does); installs nothing itself.
+On the first `--problems` problems of ../shared/data/gsm8k/test.jsonl (exemplars from train.jsonl beside it):
+1. lm-eval builds its `gsm8k` task's 5-shot requests (its own yaml, data read from those files) and lmlab builds
+   `evaluate.py prompting.style=lm_eval prompting.num_fewshot=5` prompts; the count of identical prompts is printed.
+2. Both generate greedily from lm-eval's prompt strings with one model object (SmolLM2-135M-Instruct by default),
+   batch 8, 256 new tokens, lm-eval's stop strings: `HFLM(pretrained=model, batch_size=8).generate_until` and
+   lmlab's `generate`, in alternating order, best of 2 each.
+Prints the identical-completion count and
+    ratio lmlab_vs_lm_eval = <lm-eval seconds / lmlab seconds> (goal >= 1.5)
+
+    python bench/eval_vs_lm_eval.py [--problems 32] [--model smollm2_135m] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import datamodules  # noqa: E402
+from lightning_modules import models  # noqa: E402
+from lightning_modules.generation import generate  # noqa: E402
+
+GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
+BATCH, MAX_NEW_TOKENS, SHOTS = 8, 256, 5
+
+
+def lm_eval_requests(problems: int) -> list:
+    """lm-eval's own gsm8k task (its yaml), reading the local GSM8K files, with its requests built."""
+    import lm_eval.tasks
+    import yaml
+    from lm_eval.api.task import ConfigurableTask
+
+    config = yaml.safe_load((Path(lm_eval.tasks.__file__).parent / "gsm8k" / "gsm8k.yaml").read_text())
+    files = {"train": str(GSM8K / "train.jsonl"), "test": str(GSM8K / "test.jsonl")}
+    config |= {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": files}}
+    config.pop("tag", None)
+    task = ConfigurableTask(config=config)
+    task.set_fewshot_seed(1234)  # simple_evaluate's default fewshot_random_seed
+    task.build_all_requests(limit=problems)
+    return sorted(task.instances, key=lambda instance: instance.doc_id)
+
+
+def lmlab_prompts(model_name: str, problems: int) -> tuple:
+    """The model and tokenizer of `model_name`, lmlab's lm_eval-style 5-shot prompts and its stop strings."""
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=[
+            f"model={model_name}", "task=gsm8k", "prompting.style=lm_eval", f"prompting.num_fewshot={SHOTS}",
+            f"task.data_files={{train: {GSM8K / 'train.jsonl'}, test: {GSM8K / 'test.jsonl'}}}",
+        ])
+    model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
+    datamodule = datamodules.build(cfg, tokenizer)
+    records = datamodule.evaluation_records()[:problems]
+    exemplars = datamodule.fewshot_exemplars(records, SHOTS, cfg.prompting.fewshot_seed)
+    prompts = [datamodule.generation_prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
+    stops = datamodule.stop_strings(list(cfg.generation.stop_strings))
+    return model, tokenizer, prompts, stops
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2_135m")
+    parser.add_argument("--problems", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    try:
+        from lm_eval.models.huggingface import HFLM
+    except ImportError:
+        sys.exit("bench/eval_vs_lm_eval.py needs lm-eval: pip install -e '.[bench]'")
+    if not (GSM8K / "test.jsonl").exists():
+        sys.exit(f"bench/eval_vs_lm_eval.py reads {GSM8K}/train.jsonl and test.jsonl; they are missing")
+
+    requests = lm_eval_requests(args.problems)
+    model, tokenizer, prompts, stops = lmlab_prompts(args.model, args.problems)
+    theirs = [r.args[0] for r in requests]
+    print(f"identical prompts: {sum(a == b for a, b in zip(prompts, theirs, strict=True))}/{len(prompts)}")
+    print(f"stop strings: lmlab {stops}, lm-eval {requests[0].args[1]['until']}")
+    harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=BATCH, max_gen_toks=MAX_NEW_TOKENS)
+
+    def run_lm_eval() -> list[str]:
+        return harness.generate_until(requests, disable_tqdm=True)
+
+    def run_lmlab() -> list[str]:
+        return [c[0] for c in generate(model, tokenizer, theirs, BATCH, MAX_NEW_TOKENS, stops)]
+
+    seconds: dict[str, list[float]] = {"lm_eval": [], "lmlab": []}
+    outputs: dict[str, list[str]] = {}
+    for round_index in range(args.rounds):
+        order = [("lm_eval", run_lm_eval), ("lmlab", run_lmlab)]
+        for name, job in order if round_index % 2 == 0 else order[::-1]:
+            start = time.perf_counter()
+            outputs[name] = job()
+            seconds[name].append(time.perf_counter() - start)
+            print(f"round {round_index + 1}: {name} {seconds[name][-1]:.1f} s", flush=True)
+
+    same = sum(a == b for a, b in zip(outputs["lmlab"], outputs["lm_eval"], strict=True))
+    best = {name: min(times) for name, times in seconds.items()}
+    print(f"model={args.model} problems={len(prompts)} batch={BATCH} max_new_tokens={MAX_NEW_TOKENS} "
+          f"threads={torch.get_num_threads()}")
+    print(f"lm-eval HFLM.generate_until: {best['lm_eval']:.1f} s; lmlab generate: {best['lmlab']:.1f} s (best of {args.rounds})")
+    print(f"identical completions: {same}/{len(prompts)}")
+    print(f"ratio lmlab_vs_lm_eval = {best['lm_eval'] / best['lmlab']:.2f} (goal >= 1.5)")
+
+
+if __name__ == "__main__":
+    main()

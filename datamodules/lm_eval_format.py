@@ -1,0 +1,74 @@
+"""lm-evaluation-harness's GSM8K task (`gsm8k`, task version 3.0 in lm-eval 0.4.x), reproduced exactly.
+
+`evaluate.py prompting.style=lm_eval` uses it so a GSM8K score can be compared with lm-eval's published ones:
+- prompt: `num_fewshot` exemplars "Question: <question>\\nAnswer: <full solution, <<calculator>> notes kept>",
+  each followed by a blank line, then "Question: <question>\\nAnswer:";
+- exemplars: drawn per problem from the whole train split by one `random.Random(seed)` (lm-eval's default
+  fewshot seed is 1234) in test order, as lm-eval's ContextSampler does;
+- generation stops at "Question:", "</s>" or "<|im_end|>";
+- strict-match: the first `#### <number>` ("[invalid]" when absent); flexible-extract: the last number-like
+  string; both compared with the gold solution after removing ",", "$", everything up to "#### " and a
+  trailing "." and lower-casing, with no further normalisation ("18.0" does not equal "18").
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+QUESTION_TEMPLATE = "Question: {question}\nAnswer:"
+TARGET_DELIMITER = " "
+FEWSHOT_DELIMITER = "\n\n"
+STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")
+FALLBACK = "[invalid]"
+STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
+FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+IGNORED = (re.compile(","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$"))
+
+
+def prompt(question: str, exemplars: Sequence[tuple[str, str]]) -> str:
+    """The k-shot prompt for `question`; exemplars are (question, full solution) pairs."""
+    shots = "".join(
+        QUESTION_TEMPLATE.format(question=q) + TARGET_DELIMITER + solution + FEWSHOT_DELIMITER for q, solution in exemplars
+    )
+    return shots + QUESTION_TEMPLATE.format(question=question)
+
+
+def exemplars_per_problem(pool: Sequence[Mapping[str, Any]], problems: int, count: int, seed: int) -> list[list[Any]]:
+    """`count` exemplars for each of `problems` test problems, drawn in order from one seeded generator."""
+    generator = random.Random(seed)
+    return [generator.sample(list(pool), count) if count else [] for _ in range(problems)]
+
+
+def strict_match(generation: str) -> str:
+    """The number after the first `#### `, or "[invalid]"."""
+    match = STRICT.search(generation)
+    return match.group(1).strip() if match else FALLBACK
+
+
+def flexible_extract(generation: str) -> str:
+    """The last number-like string of the generation, or "[invalid]"."""
+    matches = FLEXIBLE.findall(generation)
+    if not matches:
+        return FALLBACK
+    return next((group for group in matches[-1] if group), FALLBACK).strip()
+
+
+def comparable(text: str) -> str:
+    """`text` as lm-eval's exact_match compares it for GSM8K (regexes_to_ignore, ignore_case)."""
+    for pattern in IGNORED:
+        text = pattern.sub("", text)
+    return text.lower()
+
+
+def score(generation: str, gold: str) -> dict[str, Any]:
+    """Both lm-eval extractions of `generation` and their 0/1 exact match against `gold` (`comparable(solution)`)."""
+    strict, flexible = strict_match(generation), flexible_extract(generation)
+    return {
+        "extracted_strict": strict,
+        "extracted_flexible": flexible,
+        "exact_match_strict": float(comparable(strict) == gold),
+        "exact_match_flexible": float(comparable(flexible) == gold),
+    }

@@ -1,0 +1,105 @@
+"""The names a config or a checkpoint may use, and the code each one means: task modules and methods.
+
+`task.module` (and a method's `module`) name a LightningModule class in `TASK_MODULES`; `method.name` names an
+`apply` function in `METHODS`. A method config targets its function itself (`_target_`, `_partial_: true`, the
+knobs as keyword arguments), so a reader follows it from YAML to code; `build_method` checks that the target is
+the registered function of that name. A checkpoint's method.json is resolved by its registry name only: nothing
+else in a checkpoint can select code to run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel
+
+from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.classifier import ClassifierModule
+from lightning_modules.label_lm import LabelLMModule
+from lightning_modules.methods import (
+    METHOD_FILE,
+    TRAINABLE_FILE,
+    MethodContext,
+    adapter,
+    full,
+    lora,
+    projection_head,
+    prompt_tuning,
+    read_safetensors,
+    svd_lora,
+    trainable_state,
+)
+
+TASK_MODULES: dict[str, type[L.LightningModule]] = {
+    "causal_lm": CausalLMModule,
+    "label_lm": LabelLMModule,
+    "classifier": ClassifierModule,
+}
+METHODS: dict[str, Callable[..., PreTrainedModel]] = {
+    "full": full.apply,
+    "lora": lora.apply,
+    "svd_lora": svd_lora.apply,
+    "prompt_tuning": prompt_tuning.apply,
+    "adapter": adapter.apply,
+    "projection_head": projection_head.apply,
+}
+# keys of a method config that describe it rather than being knobs of its function (`apply`: the dotted path
+# that exports before the registry recorded, ignored)
+DESCRIPTION_KEYS = ("name", "supports", "module", "head", "apply")
+
+
+class UnknownMethodError(ValueError):
+    """A config or checkpoint names a method that is not in METHODS."""
+
+
+def task_module_class(name: str) -> type[L.LightningModule]:
+    """The LightningModule class registered as `name` (task.module / method.module)."""
+    if name not in TASK_MODULES:
+        raise ValueError(f"task module '{name}' is not registered (task.module / method.module); known: {sorted(TASK_MODULES)}")
+    return TASK_MODULES[name]
+
+
+def method_knobs(method_cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments a method config passes to its function."""
+    config = method_cfg if isinstance(method_cfg, dict) else OmegaConf.to_container(method_cfg, resolve=True)
+    return {k: v for k, v in config.items() if k not in DESCRIPTION_KEYS and not k.startswith("_")}
+
+
+def build_method(method_cfg: DictConfig) -> Callable[[PreTrainedModel, MethodContext], PreTrainedModel]:
+    """`apply(model, context)` of `method_cfg`: its `_target_` with the config's knobs bound."""
+    registered = _registered(method_cfg.get("name"), "method.name")
+    target = method_cfg.get("_target_")
+    if target != f"{registered.__module__}.{registered.__name__}":
+        raise UnknownMethodError(f"method.name={method_cfg.name} is {registered.__module__}.{registered.__name__}, "
+                                 f"but method._target_ is {target!r}")
+    return instantiate({"_target_": target, "_partial_": True, **method_knobs(method_cfg)})
+
+
+def restore_method(base: PreTrainedModel, directory: Path, model_cfg: DictConfig) -> PreTrainedModel:
+    """Re-apply the method an export saved in `directory` (method.json, by registry name) to `base` and load its
+    trained weights."""
+    saved = json.loads((directory / METHOD_FILE).read_text())
+    apply = _registered(saved.get("name"), str(directory / METHOD_FILE))
+    model = apply(base, MethodContext(model_cfg=model_cfg), **method_knobs(saved))
+    if (directory / TRAINABLE_FILE).exists():
+        state = read_safetensors(directory / TRAINABLE_FILE)
+        expected = set(trainable_state(model))
+        if set(state) != expected:
+            raise ValueError(
+                f"{directory / TRAINABLE_FILE}: saved weights do not match method '{saved['name']}' on this model "
+                f"(missing {sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]})"
+            )
+        model.load_state_dict(state, strict=False)
+    return model
+
+
+def _registered(name: Any, where: str) -> Callable[..., PreTrainedModel]:
+    if name not in METHODS:
+        raise UnknownMethodError(f"{where}: {name!r} is not a registered lmlab method; one of {sorted(METHODS)}")
+    return METHODS[name]

@@ -1,0 +1,59 @@
+"""Generation scoring for evaluate.py: generate for every test example of a task and score each completion.
+
+Pass@1 is the mean exact match over problems (over samples too when `generation.num_samples` > 1);
+pass@k uses the unbiased estimator of Chen et al. (2021): 1 - C(n-c, k) / C(n, k). Every other float score
+of a row (BLEU, judge agreement, ...) is averaged over the rows that have it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from lightning_modules.generation import generate
+
+
+def pass_at_k(samples: int, correct: int, k: int) -> float:
+    """Unbiased pass@k for one problem with `correct` of `samples` completions right."""
+    if samples - correct < k:
+        return 1.0
+    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
+
+
+def score(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, datamodule: Any,
+          records: list[dict[str, Any]], run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Generate for every test example and score it: pass@ per `exact_match_*` score, means of the other scores."""
+    exemplars = datamodule.fewshot_exemplars(records, cfg.prompting.num_fewshot, cfg.prompting.fewshot_seed)
+    prompts = [datamodule.generation_prompt(record, shots) for record, shots in zip(records, exemplars, strict=True)]
+    settings = OmegaConf.to_container(cfg.generation, resolve=True)
+    settings["stop_strings"] = datamodule.stop_strings(settings["stop_strings"])
+    completions = generate(model, tokenizer, prompts, **settings)
+
+    rows, samples = [], cfg.generation.num_samples
+    for index, (record, prompt, generations) in enumerate(zip(records, prompts, completions, strict=True)):
+        reference = datamodule.reference(record)
+        scores = [datamodule.score(text, reference) for text in generations]
+        row = {"index": index, "where": record.get("_where"), "prompt": prompt, "generation": generations[0], "gold": reference}
+        row |= scores[0]
+        for mode in [key.removeprefix("exact_match_") for key in scores[0] if key.startswith("exact_match_")]:
+            right = int(sum(s[f"exact_match_{mode}"] for s in scores))
+            row[f"pass@1_{mode}"] = right / samples
+            if samples > 1:
+                row[f"pass@{samples}_{mode}"] = pass_at_k(samples, right, samples)
+        if samples > 1:
+            row["generations"] = generations
+        rows.append(row)
+
+    # every float score (None where it does not apply to a row) is averaged over the rows that have it
+    metric_keys = dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, float) and not k.startswith("exact_match_"))
+    metrics = {}
+    for key in metric_keys:
+        values = [row[key] for row in rows if row.get(key) is not None]
+        metrics[key] = sum(values) / len(values)
+    metrics |= datamodule.corpus_metrics([row["generation"] for row in rows], [row["gold"] for row in rows])
+    metrics["num_problems"] = len(rows)
+    return rows, metrics
