@@ -72,12 +72,16 @@ class CausalLMModule(OptimisedModule):
         values = {"loss": loss.detach()}
         target = batch["labels"][:, 1:]
         supervised = target != IGNORE_INDEX  # [B, T-1]
-        if stage != "train" or self.measures_step():
+        measured = stage == "train" and self.measures_step()
+        if stage != "train" or measured:
             values |= self._token_metrics(output.logits, target, supervised, sample=stage == "train")
         for name, value in values.items():
             metric = self.metrics[f"{stage}_{name}"]
-            metric(value, supervised.sum())
-            self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True, prog_bar=name == "loss")
+            metric(value, supervised.sum())  # the token-weighted epoch mean
+            every_step = stage == "train" and name == "loss"
+            self.log(f"{stage}/{name}", metric, on_step=every_step, on_epoch=True, prog_bar=name == "loss")
+        if measured:
+            self.log_measured({f"train/{name}_step": value for name, value in values.items() if name != "loss"})
         return loss
 
     @staticmethod

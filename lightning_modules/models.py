@@ -42,6 +42,17 @@ class ModelLoadError(RuntimeError):
     """A model or tokenizer could not be loaded; the message says which option fixes it."""
 
 
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def load_config(name: str) -> DictConfig:
+    """`conf/model/<name>.yaml` with its family's settings merged in, as the entrypoints compose it (for notebooks)."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose(overrides=[f"+model={name}"]).model
+
+
 def build(cfg: DictConfig, cache_dir: str | os.PathLike | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return the causal LM and tokenizer that `cfg` (a `conf/model` node) describes."""
     if cfg.get("from_scratch") and not cfg.get("scratch"):

@@ -76,6 +76,13 @@ class OptimisedModule(L.LightningModule):
         """Whether this training step computes the metrics beyond the loss (every `metrics_every_n_steps`)."""
         return self.global_step % self.metrics_every_n_steps == 0
 
+    def log_measured(self, metrics: dict[str, torch.Tensor]) -> None:
+        """Step values of a measured step, straight to the loggers: `self.log(on_step=True)` would repeat the last
+        value on every unmeasured step that follows."""
+        values = {name: float(value) for name, value in metrics.items()}
+        for logger in self.loggers:
+            logger.log_metrics(values, step=self.global_step)
+
     def on_before_backward(self, loss: torch.Tensor) -> None:
         """Stop on a NaN/inf training loss before it reaches the weights (NonFiniteLossError)."""
         if not torch.isfinite(loss):
@@ -91,7 +98,7 @@ class OptimisedModule(L.LightningModule):
         norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())
         if sharded:  # each rank holds a shard: sum the squares over ranks
             norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
-        self.log("train/grad_norm", norm)
+        self.log_measured({"train/grad_norm": norm})
 
     def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
                                     gradient_clip_algorithm: str | None = None) -> None:

@@ -62,7 +62,8 @@ def _check_data_and_optim(cfg: DictConfig) -> None:
     if "optim" in cfg:
         from lightning_modules.optim import OptimisedModule
 
-        accepted = [name for name in inspect.signature(OptimisedModule.__init__).parameters if name not in ("self", "backbone")]
+        accepted = [name for name in inspect.signature(OptimisedModule.__init__).parameters
+                    if name not in ("self", "backbone", "metrics_every_n_steps")]  # the last is metrics.every_n_steps
         unknown = sorted(set(cfg.optim) - set(accepted))
         if unknown:
             raise ConfigError(f"optim.{unknown[0]}: unknown optimiser key; optim takes {accepted}")

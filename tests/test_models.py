@@ -44,7 +44,9 @@ TINY_OF_FAMILY = {"llama": "tiny_llama", "diffllama": "tiny_diffllama", "qwen2":
 
 
 def test_every_shipped_model_config_names_a_described_family() -> None:
-    families = {compose_config(f"model={path.stem}").model.family for path in (CONF_DIR / "model").glob("*.yaml")}
+    configs = {path.stem: compose_config(f"model={path.stem}").model for path in (CONF_DIR / "model").glob("*.yaml")}
+    assert all(models.load_config(name) == cfg for name, cfg in configs.items())  # the notebook helper composes alike
+    families = {cfg.family for cfg in configs.values()}
     assert families - {"custom"} == set(architecture.FAMILIES) == set(TINY_OF_FAMILY)
 
 

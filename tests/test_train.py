@@ -62,7 +62,7 @@ def test_run_directory_holds_config_metrics_checkpoints_results(tiny_config, tmp
 
 def test_metrics_beyond_the_loss_are_computed_every_n_steps(tiny_config) -> None:
     results = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=5", "metrics.every_n_steps=2",
-                              "test_after_fit=false"))
+                              "data.max_train_samples=20", "test_after_fit=false"))  # one epoch of 5 steps, then val
     with (Path(results["run_dir"]) / "metrics" / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
 
@@ -71,6 +71,9 @@ def test_metrics_beyond_the_loss_are_computed_every_n_steps(tiny_config) -> None
 
     assert steps("train/loss_step") == [0, 1, 2, 3, 4]
     assert steps("train/top5_acc_step") == steps("train/token_acc_step") == steps("train/grad_norm") == [0, 2, 4]
+    # the epoch value averages the measured steps only
+    step_values = [float(row["train/token_acc_step"]) for row in rows if row.get("train/token_acc_step")]
+    assert results["metrics"]["train/token_acc"] == pytest.approx(sum(step_values) / 3, abs=0.05)
     assert {"val/token_acc", "val/top5_acc", "val/confidence"} <= set(results["metrics"])  # validation measures all
     with pytest.raises(ValueError, match=r"metrics.every_n_steps=0: expected an integer >= 1"):
         run(tiny_config("model=tiny_llama", "metrics.every_n_steps=0"))
