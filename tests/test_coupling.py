@@ -147,7 +147,10 @@ def test_ripple_study_writes_every_output(tmp_path: Path) -> None:
     assert len(experiments) == 3 and all(len(e["delta_log_prob"]) == 12 for e in experiments)
     assert analysis["correlation"]["all"]["pairs"] == 3 * 11
     assert (run_dir / "comprehensive_analysis.png").stat().st_size > 10_000
-    assert "Hypothesis" in (run_dir / "report.md").read_text()
+    report = (run_dir / "report.md").read_text()  # the verdict and the table are the analysis' own values
+    assert f"**{'held' if analysis['correlation']['hypothesis_held'] else 'not supported'}** for tiny_gpt2" in report
+    spearman = analysis["correlation"]["all"]["spearman"]
+    assert "| all | 33 |" in report and f"{spearman['r']:.3f} ({spearman['p']:.3g})" in report
     assert np.load(run_dir / "coupling_matrix.npy").shape == (12, 12)
     statistics = json.loads((run_dir / "memit_statistics.json").read_text())
     assert statistics["corpus"] == "bundled:gsm8k/train:question" and statistics["texts"] == 30
