@@ -141,6 +141,7 @@ def context_templates(model, tokenizer, hparams: DictConfig, cache: Path | None)
 
 
 def flat_templates(templates: list[list[str]]) -> list[str]:
+    """The template groups as one list, in order."""
     return [template for group in templates for template in group]
 
 

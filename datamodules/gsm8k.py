@@ -19,8 +19,8 @@ from datamodules.noise import NoisyProblem, annotate, inject
 from datamodules.sources import DataSourceError, load_split
 
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
-STRICT = (re.compile(r"#### (\-?[0-9\.\,]+)"), re.compile(r"The answer is (\-?[0-9\.\,]+)\."))
-FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
+STRICT = (lm_eval_format.STRICT, re.compile(r"The answer is (\-?[0-9\.\,]+)\."))
+FLEXIBLE = lm_eval_format.FLEXIBLE
 
 
 def normalise(answer: str) -> str:

@@ -38,8 +38,8 @@ def prompt(question: str, exemplars: Sequence[tuple[str, str]]) -> str:
 
 def exemplars_per_problem(pool: Sequence[Mapping[str, Any]], problems: int, count: int, seed: int) -> list[list[Any]]:
     """`count` exemplars for each of `problems` test problems, drawn in order from one seeded generator."""
-    generator = random.Random(seed)
-    return [generator.sample(list(pool), count) if count else [] for _ in range(problems)]
+    generator, pool = random.Random(seed), list(pool)
+    return [generator.sample(pool, count) if count else [] for _ in range(problems)]
 
 
 def strict_match(generation: str) -> str:

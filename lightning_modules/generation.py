@@ -22,6 +22,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
+from lightning_modules.architecture import bare_model
+
 log = logging.getLogger(__name__)
 
 
@@ -89,7 +91,7 @@ class _ContinuousBatch:
         self.max_new_tokens, self.stop_strings, self.sampler = max_new_tokens, list(stop_strings), sampler
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        forward = inspect.signature(model.get_base_model().forward if hasattr(model, "get_base_model") else model.forward)
+        forward = inspect.signature(bare_model(model).forward)
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward.parameters else {}
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
