@@ -39,7 +39,7 @@ from safetensors.torch import save_file
 
 import datamodules
 from analysis import plots
-from analysis.attention_maps import AttentionCapture, attention_maps, select, token_strings
+from analysis.attention_maps import AttentionCapture, attention_maps, prefer_eager, select, token_strings
 from datamodules.gsm8k import GSM8KDataModule
 from runtime.exports import load_model
 from runtime.session import Session, overrides, start
@@ -112,8 +112,7 @@ def analyse_task(cfg: DictConfig, model: Any, tokenizer: Any, datamodule: Any, r
         raise ValueError(f"task '{cfg.task.name}': split '{settings.split}' has no records to analyse")
     classes = tuple(getattr(datamodule, "attention_classes", ()))
     inputs = [attention_input(datamodule, record, cfg.task.name) for record in records]
-    model.set_attn_implementation("eager")
-    model.eval()
+    prefer_eager(model)
     capture = AttentionCapture(model, list(settings.maps))
     per_problem: dict[str, list[np.ndarray]] = {}
     example: dict[str, Any] = {}

@@ -6,8 +6,14 @@ the function notebooks call.
     maps.tokens                 # the token strings, in order
     maps.maps["standard"]       # [layers, heads, T, T] (DiffLlama: maps.maps["diff"], the differential map)
 
-The model runs with eager attention (the only implementation that returns the weights). The hooks keep only
-the rows and keys asked for, so a layer's full [B, H, T, T] map is dropped as soon as the layer is done.
+The maps are taken where the attention computes them, whatever the model's code: while a block's attention module
+runs, a torch function mode watches its calls, and the attention weights are the output of its softmax over the
+keys, or, where it calls `scaled_dot_product_attention` (which never returns them), softmax(QK^T * scale + mask)
+computed from the same q, k, mask and scale (grouped kv heads repeated as sdpa does). The attention modules are
+found in the model (lightning_modules/architecture.py), so remote-code models that never return weights are
+analysed like transformers' own; models whose attention implementation can be chosen run with eager attention.
+The hooks keep only the rows and keys asked for, so a layer's full [B, H, T, T] map is dropped as soon as the
+layer is done.
 
 DiffLlama (transformers' `DiffLlamaAttention`, checked against the installed source): one softmax map
 A = softmax(QK^T * scale) of shape [B, H, T, T] is computed and returned (both attention calls share
@@ -28,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from lightning_modules.architecture import attention_modules
 
@@ -44,24 +51,74 @@ def differential_maps(module: torch.nn.Module, weights: torch.Tensor, maps: list
     return {name: named[name] for name in maps}
 
 
+SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
+
+
+def sdpa_weights(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
+                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
+                 enable_gqa: bool = False) -> torch.Tensor:
+    """The weights [B, H, L, S] that `scaled_dot_product_attention` applies to `value` for these arguments (float32)."""
+    query, key = query.float(), key.float()
+    if key.shape[-3] != query.shape[-3]:  # grouped kv heads serve consecutive query heads
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+    scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)  # [B, H, L, S]
+    if is_causal:
+        allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.softmax(-1)
+
+
+class _WeightProbe(TorchFunctionMode):
+    """Active inside one attention call: records the attention weights of its softmax or sdpa calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.found: list[torch.Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
+        if func is torch.nn.functional.scaled_dot_product_attention:
+            self.found.append(sdpa_weights(*args, **kwargs))
+        elif func in SOFTMAXES and isinstance(result, torch.Tensor) and result.dim() == 4:
+            dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+            if dim in (-1, 3):
+                self.found.append(result)
+        return result
+
+
 class AttentionCapture:
-    """Forward hooks that keep rows `queries` x keys [0, keys) of every layer's map(s): [layer] -> {map: [H, Q, K]}."""
+    """Hooks on every attention module that keep rows `queries` x keys [0, keys) of its map(s):
+    [layer] -> {map: [H, Q, K]}."""
 
     def __init__(self, model: torch.nn.Module, maps: list[str]) -> None:
         self.maps, self.layers, self.active = maps, [], False
         self.queries: list[int] = []
         self.keys = 0
-        self.handles = [m.register_forward_hook(self._hook) for m in attention_modules(model)]
-        if not self.handles:
+        self.probe: _WeightProbe | None = None
+        modules = attention_modules(model)
+        if not modules:
             raise ValueError(f"{type(model).__name__}: no attention modules found")
+        self.handles = [handle for m in modules for handle in (m.register_forward_pre_hook(self._enter),
+                                                                m.register_forward_hook(self._leave))]
 
-    def _hook(self, module: torch.nn.Module, args: Any, output: tuple) -> None:
-        if not self.active:  # e.g. the model.generate calls that produce the generated query tokens
+    def _enter(self, module: torch.nn.Module, args: Any) -> None:
+        if self.active:  # not during e.g. the model.generate calls that produce the generated query tokens
+            self.probe = _WeightProbe()
+            self.probe.__enter__()
+
+    def _leave(self, module: torch.nn.Module, args: Any, output: Any) -> None:
+        if self.probe is None:
             return
-        weights = output[1]
-        if weights is None:
-            raise RuntimeError("attention weights are None: the model must run with attn_implementation='eager'")
-        rows = weights[:, :, self.queries, : self.keys].float()  # [1, H, Q, K]
+        probe, self.probe = self.probe, None
+        probe.__exit__(None, None, None)
+        distinct = [w for i, w in enumerate(probe.found) if not any(torch.equal(w, v) for v in probe.found[:i])]
+        if len(distinct) != 1:
+            raise RuntimeError(f"{type(module).__name__}: expected one attention map per call (a softmax over the keys "
+                               f"or a scaled_dot_product_attention call), saw {len(distinct)}")
+        rows = distinct[0][:, :, self.queries, : self.keys].float()  # [1, H, Q, K]
         self.layers.append({k: v[0].detach().cpu() for k, v in differential_maps(module, rows, self.maps).items()})
 
     def run(self, model: torch.nn.Module, input_ids: torch.Tensor, queries: list[int], keys: int) -> list[dict]:
@@ -72,12 +129,22 @@ class AttentionCapture:
                 model(input_ids=input_ids)
         finally:
             self.active = False
+            if self.probe is not None:  # the forward failed inside an attention module
+                self.probe.__exit__(None, None, None)
+                self.probe = None
         return self.layers
 
     def remove(self) -> None:
         """Detach the hooks."""
         for handle in self.handles:
             handle.remove()
+
+
+def prefer_eager(model: torch.nn.Module) -> None:
+    """Eager attention where the model lets its implementation be chosen (remote code often ignores the choice; its
+    own attention is then watched as it is), and eval mode."""
+    model.set_attn_implementation("eager")
+    model.eval()
 
 
 @dataclass
@@ -113,8 +180,7 @@ def attention_maps(model: torch.nn.Module, tokenizer: Any, texts: str | list[str
     """The full attention maps of each text ([layers, heads, T, T] per map name) with its token strings, for the
     chosen `layers` and `heads` (None: all; negative indices count from the end). `maps` picks DiffLlama's
     maps (`diff`, `a1`, `a2`); other models give `standard`. Switches the model to eager attention, eval mode."""
-    model.set_attn_implementation("eager")
-    model.eval()
+    prefer_eager(model)
     capture = AttentionCapture(model, list(maps))
     results = []
     try:

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import datamodules
-from lightning_modules.architecture import mlp_output_modules
+from lightning_modules.architecture import as_sequence, mlp_output_modules
 from lightning_modules.causal_lm import answer_log_probs
 from runtime.exports import load_model
 from runtime.session import overrides, start
@@ -63,8 +63,8 @@ class PerExampleGradients:
         handles = []
         for index, (_, module, _) in enumerate(self.targets):
             def forward_hook(module, args, output, index=index):
-                inputs[index] = args[0].detach()  # [B, T, in]
-                output.register_hook(lambda grad, index=index: grads.__setitem__(index, grad.detach()))  # [B, T, out]
+                inputs[index] = args[0].detach()  # [B, T, in] (or [B * T, in])
+                output.register_hook(lambda grad, index=index: grads.__setitem__(index, grad.detach()))
 
             handles.append(module.register_forward_hook(forward_hook))
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -82,8 +82,9 @@ class PerExampleGradients:
             for parameter in trainable:
                 parameter.requires_grad_(True)
         vectors = []
+        shape = batch["input_ids"].shape
         for index, (_, _, conv1d) in enumerate(self.targets):
-            x, delta = inputs[index].float(), grads[index].float()
+            x, delta = (as_sequence(t, *shape).float() for t in (inputs[index], grads[index]))  # [B, T, in], [B, T, out]
             if self.projections:
                 a, b = self.projections[index]
                 vectors.append(torch.einsum("btk,btl->bkl", delta @ a.T, x @ b.T).flatten(1))

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lightning_modules.architecture import mlp_output_modules
+from lightning_modules.architecture import as_sequence, mlp_output_modules
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +49,7 @@ def capture(model, module: torch.nn.Module, encoded: dict[str, torch.Tensor], in
             model(**encoded)
     finally:
         handle.remove()
-    return captured[0]
+    return as_sequence(captured[0], *encoded["input_ids"].shape)
 
 
 # -- 1. covariance statistics -------------------------------------------------------------------------------------
@@ -84,7 +84,7 @@ def second_moments(model, tokenizer, hparams: DictConfig, texts: Sequence[str], 
                 model(**encoded)
             real = encoded["attention_mask"].bool()
             for layer in modules:
-                keys = captured[layer][real].double()  # [N, in]
+                keys = as_sequence(captured[layer], *real.shape)[real].double()  # [N, in]
                 totals[layer] = keys.T @ keys + totals.get(layer, 0)
             count += int(real.sum())
     finally:

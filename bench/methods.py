@@ -148,7 +148,7 @@ def rank_selection(args: argparse.Namespace) -> dict[str, float]:
     datamodule = datamodules.build(cfg, tokenizer)
     datamodule.setup("fit")
     batches = list(datamodule.train_dataloader())[:4]
-    gradients = svd_lora.accumulated_gradients(model, svd_lora.target_weights(model, resolve_targets(cfg.method.target_modules, cfg.model)), batches)
+    gradients = svd_lora.accumulated_gradients(model, svd_lora.target_weights(model, resolve_targets(cfg.method.target_modules, cfg.model, model)), batches)
     knobs = cfg.method
     selection = svd_lora.RankSelection(knobs.tau, knobs.min_rank, knobs.max_rank, knobs.oversample, knobs.power_iters,
                                        knobs.exact_below)
@@ -176,7 +176,7 @@ def adalora(args: argparse.Namespace, target_r: int) -> dict[str, float]:
         cfg, module, batches, held_out = setup(args.model, "full", args.steps + args.warmup, run_dir)
         total_steps = len(batches)
         config = AdaLoraConfig(init_r=max(target_r + 1, round(1.5 * target_r)), target_r=target_r, lora_alpha=16,
-                               lora_dropout=0.05, target_modules=resolve_targets(cfg.method.target_modules, cfg.model), task_type="CAUSAL_LM",
+                               lora_dropout=0.05, target_modules=resolve_targets(cfg.method.target_modules, cfg.model, module.model), task_type="CAUSAL_LM",
                                tinit=args.warmup, tfinal=2, deltaT=1, total_step=total_steps)
         module.model = get_peft_model(module.model.requires_grad_(False), config)
         trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)

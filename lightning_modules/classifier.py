@@ -1,9 +1,10 @@
 """Projection-head classifier over a (frozen) causal-LM backbone, and the classification metrics.
 
-The text is encoded by the backbone's decoder (no LM head); the representation of the last non-pad
-token is pooled: under a causal mask it is the only position that has seen the whole text (position 0
-has seen nothing but the first token). With `extra_token`, a trainable embedding is appended after
-the text and pooled instead. Head: LayerNorm -> Linear(h, hidden) -> activation -> Dropout ->
+The text runs through the backbone (its LM head on one position at most); the decoder's final hidden state
+(the output of its final norm, taken through a hook: lightning_modules/architecture.py) of the last non-pad
+token is pooled: under a causal mask it is the only position that has seen the whole text (position 0 has
+seen nothing but the first token). With `extra_token`, a trainable embedding is placed after the text
+(through the embedding layer: lightning_modules/injection.py) and pooled instead. Head: LayerNorm -> Linear(h, hidden) -> activation -> Dropout ->
 Linear(hidden, num_classes); loss: cross-entropy.
 
 Metrics (torchmetrics): accuracy (micro), macro F1 and the confusion matrix, whose image is written to
@@ -25,7 +26,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from transformers import PreTrainedModel
 
-from lightning_modules import methods
+from lightning_modules import architecture, injection, methods
 from lightning_modules.optim import OptimisedModule, module_settings
 
 HEAD_FILE = "classifier_head.safetensors"
@@ -102,29 +103,41 @@ class SequenceClassifier(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"method.head.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.model = model
-        size = model.config.hidden_size
+        final, size = architecture.final_hidden_module(model)
         self.extra_token = nn.Parameter(torch.randn(size) * 0.02) if extra_token else None
         self.head = nn.Sequential(
             nn.LayerNorm(size), nn.Linear(size, hidden), ACTIVATIONS[activation](), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
         )
+        self.slots = injection.EmbeddingSlots(model) if extra_token else None
+        self.keep_one_logit = {"logits_to_keep": 1} if architecture.forward_accepts(model, "logits_to_keep") else {}
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Class logits [B, C] of right-padded texts input_ids / attention_mask [B, T]."""
-        decoder = self.model.base_model  # the transformer without its LM head
         last = attention_mask.sum(1) - 1  # [B]: index of the last non-pad token
         rows = torch.arange(len(input_ids), device=input_ids.device)
-        if self.extra_token is None:
-            hidden = decoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, T, H]
-            pooled = hidden[rows, last]
-        else:
-            embeddings = decoder.get_input_embeddings()(input_ids)  # [B, T, H]
-            embeddings = torch.cat([embeddings, embeddings[:, :1]], 1)  # [B, T+1, H]
-            embeddings[rows, last + 1] = self.extra_token.to(embeddings.dtype)
-            mask = torch.cat([attention_mask, attention_mask[:, :1]], 1)
-            mask[rows, last + 1] = 1
-            hidden = decoder(inputs_embeds=embeddings, attention_mask=mask).last_hidden_state  # [B, T+1, H]
-            pooled = hidden[rows, last + 1]
-        return self.head(pooled.to(self.head[0].weight.dtype))
+        if self.extra_token is not None:  # one more position after each text, holding the trainable token
+            input_ids = torch.cat([input_ids, input_ids[:, :1]], 1)  # [B, T+1]; its id is overwritten below
+            attention_mask = torch.cat([attention_mask, attention_mask[:, :1]], 1)
+            last = last + 1
+            attention_mask[rows, last] = 1
+            self.slots.place(rows, last, self.extra_token.expand(len(rows), -1))
+        hidden = final_hidden_states(self.model, input_ids=input_ids, attention_mask=attention_mask,
+                                     **self.keep_one_logit)  # [B, T(+1), H]
+        return self.head(hidden[rows, last].to(self.head[0].weight.dtype))
+
+
+def final_hidden_states(model: PreTrainedModel, **inputs: Any) -> torch.Tensor:
+    """The decoder's last hidden states [B, T, H] (after its final norm) for `inputs`, taken through a hook on the
+    module the LM head reads from, so that no output format is assumed."""
+    module, _ = architecture.final_hidden_module(model)
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(lambda m, args, output: captured.append(
+        output if isinstance(output, torch.Tensor) else next(o for o in output if isinstance(o, torch.Tensor))))
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return captured[-1]
 
 
 def text_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

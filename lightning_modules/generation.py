@@ -6,6 +6,12 @@ token, a stop string or `max_new_tokens`, and the longest waiting prompts take i
 longer costs its slowest row. Rows are left-padded to a common cache length; padding is masked, so a row's
 greedy output is the one `model.generate` gives that prompt alone (tests/test_evaluate.py checks both).
 
+Continuous batching needs a model that honours position ids and keeps its keys and values in a transformers
+`Cache` (checked on the model: a two-token forward must fill a DynamicCache). Any other model (remote code with
+its own cache format, or one that ignores position ids, such as MiniMind; prompt tuning at the embedding layer)
+decodes prompts of one token length together, without padding, masks or position ids, passing back whatever
+cache the model returns (or none): its greedy outputs are those of a plain forward-only greedy decode.
+
 Prompt-learning peft models (prompt tuning) prepend virtual tokens inside `generate`, so they decode
 through `model.generate` instead, in batches of one prompt token length (no padding: such models drop
 position ids, and a model with absolute positions, GPT-2, would see shifted ones under left padding).
@@ -13,16 +19,17 @@ position ids, and a model with absolute positions, GPT-2, would see shifted ones
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from lightning_modules.architecture import bare_model
+from lightning_modules.architecture import forward_accepts
+from lightning_modules.methods.prompt_tuning import embedding_prompt
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +61,21 @@ def generate(
                                           do_sample, temperature, top_p, num_samples)
     else:
         sampler = _Sampler(do_sample, temperature, top_p)
-        decoder = _ContinuousBatch(model, tokenizer, batch_size, max_new_tokens, stop_strings, sampler)
+        stopping = _Stopping(model, tokenizer, max_new_tokens, stop_strings)
         requests = [i for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for _ in range(num_samples)]
-        texts = decoder.run(prompts, requests)
+        decoder = _ContinuousBatch if batches_continuously(model) else _SameLengthBatches
+        texts = decoder(model, tokenizer, batch_size, stopping, sampler).run(prompts, requests)
     return [[truncate_at_stop(t, stop_strings) for t in texts[i]] for i in range(len(prompts))]
+
+
+def batches_continuously(model: PreTrainedModel) -> bool:
+    """Whether `model` can decode in a continuous batch: it names position ids in its forward, extends no inputs
+    itself, and keeps its keys and values in a transformers Cache (a two-token forward fills a DynamicCache)."""
+    if not forward_accepts(model, "position_ids") or embedding_prompt(model) is not None:
+        return False
+    cache = DynamicCache()
+    model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device), past_key_values=cache, use_cache=True)
+    return cache.get_seq_length() == 2
 
 
 class _Sampler:
@@ -82,17 +100,30 @@ class _Row:
     new: list[int] = field(default_factory=list)
 
 
+class _Stopping:
+    """When a row is done: an EOS token, `max_new_tokens` tokens, or a stop string in its decoded text."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
+                 stop_strings: Sequence[str]) -> None:
+        eos = model.generation_config.eos_token_id
+        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.tokenizer, self.max_new_tokens, self.stop_strings = tokenizer, max_new_tokens, list(stop_strings)
+
+    def __call__(self, row: _Row) -> bool:
+        if row.new[-1] in self.eos or len(row.new) >= self.max_new_tokens:
+            return True
+        text = self.tokenizer.decode(row.new, skip_special_tokens=False)
+        return any(stop in text for stop in self.stop_strings)
+
+
 class _ContinuousBatch:
     """Decodes requests `batch_size` at a time, dropping finished rows and prefilling waiting prompts."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
-                 max_new_tokens: int, stop_strings: Sequence[str], sampler: _Sampler) -> None:
+                 stopping: _Stopping, sampler: _Sampler) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.max_new_tokens, self.stop_strings, self.sampler = max_new_tokens, list(stop_strings), sampler
-        eos = model.generation_config.eos_token_id
-        self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        forward = inspect.signature(bare_model(model).forward)
-        self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in forward.parameters else {}
+        self.stopping, self.sampler = stopping, sampler
+        self.keep_last = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # [B, cache length + 1]: 0 over left padding
@@ -141,7 +172,7 @@ class _ContinuousBatch:
         finished, keep = [], []
         for position, (row, token) in enumerate(zip(self.rows, chosen, strict=True)):
             row.new.append(token)
-            if self._is_finished(row):
+            if self.stopping(row):
                 finished.append(row)
             else:
                 keep.append(position)
@@ -154,12 +185,6 @@ class _ContinuousBatch:
                                 past_key_values=self.cache, use_cache=True)
             self.logits = output.logits[:, -1, :].float()
         return finished
-
-    def _is_finished(self, row: _Row) -> bool:
-        if row.new[-1] in self.eos or len(row.new) >= self.max_new_tokens:
-            return True
-        text = self.tokenizer.decode(row.new, skip_special_tokens=False)
-        return any(stop in text for stop in self.stop_strings)
 
     def _select(self, keep: list[int]) -> None:
         """Keep only the rows at `keep` and drop the left-padding columns no remaining row needs."""
@@ -181,6 +206,55 @@ class _ContinuousBatch:
             for layer in cache.layers:
                 layer.keys = torch.nn.functional.pad(layer.keys, (0, 0, width, 0))
                 layer.values = torch.nn.functional.pad(layer.values, (0, 0, width, 0))
+
+
+class _SameLengthBatches:
+    """Decodes prompts of one token length together, `batch_size` at a time, with no padding, mask or position
+    ids, passing back the cache the model returns in whatever format (a model that returns none gets the whole
+    sequence at every step). Finished rows keep their place until the whole batch is done."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+                 stopping: _Stopping, sampler: _Sampler) -> None:
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.stopping, self.sampler = stopping, sampler
+        self.caches = forward_accepts(model, "past_key_values") and forward_accepts(model, "use_cache")
+
+    def run(self, prompts: Sequence[str], requests: list[int]) -> dict[int, list[str]]:
+        """Completions (full decoded text, before stop-string truncation) of `requests`, by prompt index."""
+        groups: dict[int, list[int]] = {}
+        for index in requests:
+            groups.setdefault(len(self.tokenizer(prompts[index])["input_ids"]), []).append(index)
+        done: dict[int, list[str]] = {i: [] for i in requests}
+        for group in groups.values():
+            for first in range(0, len(group), self.batch_size):
+                for row in self._decode(prompts, group[first : first + self.batch_size]):
+                    done[row.index].append(self.tokenizer.decode(row.new, skip_special_tokens=True))
+            log.info("generated %d / %d completions", sum(map(len, done.values())), len(requests))
+        return done
+
+    def _decode(self, prompts: Sequence[str], indices: list[int]) -> list[_Row]:
+        encoded = self.tokenizer([prompts[i] for i in indices], return_tensors="pt")
+        sequence = encoded["input_ids"].to(self.model.device)  # [k, P], all of one length
+        rows, running = [_Row(i) for i in indices], set(range(len(indices)))
+        step, cache = sequence, None
+        while running:
+            extra = {"past_key_values": cache, "use_cache": True} if self.caches else {}
+            output = self.model(input_ids=step, **extra)
+            chosen = self.sampler(output.logits[:, -1, :].float())  # [k]
+            for position in sorted(running):
+                rows[position].new.append(int(chosen[position]))
+                if self.stopping(rows[position]):
+                    running.discard(position)
+            sequence = torch.cat([sequence, chosen[:, None]], dim=1)
+            cache = _returned_cache(output) if self.caches else None
+            step = sequence[:, -1:] if cache is not None else sequence
+        return rows
+
+
+def _returned_cache(output: Any) -> Any:
+    """The cache a forward returned (`cache` in transformers >= 5.24 outputs, `past_key_values` before), or None."""
+    cache = output.get("cache")
+    return output.get("past_key_values") if cache is None else cache
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -28,6 +29,8 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+
+from lightning_modules import architecture
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,17 @@ def load_config(name: str) -> DictConfig:
 
 
 def build(cfg: DictConfig, cache_dir: str | os.PathLike | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return the causal LM and tokenizer that `cfg` (a `conf/model` node) describes."""
+    """Return the causal LM and tokenizer that `cfg` (a `conf/model` node) describes, checked: its family claim,
+    its stated structure paths, every parameter and buffer finite."""
+    model, tokenizer = _load(cfg, cache_dir)
+    _check_family(cfg, model)
+    if any(value is not None for value in (cfg.get("structure") or {}).values()):
+        architecture.attach(model, cfg.structure)
+    check_finite(model, f"model '{cfg.name}'")
+    return model, tokenizer
+
+
+def _load(cfg: DictConfig, cache_dir: str | os.PathLike | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if cfg.get("from_scratch") and not cfg.get("scratch"):
         return _random_init_of(cfg, cache_dir)
     if cfg.get("path"):
@@ -65,6 +78,45 @@ def build(cfg: DictConfig, cache_dir: str | os.PathLike | None = None) -> tuple[
     if cfg.get("gguf"):
         return _from_directory(cfg, gguf_cache_dir(cfg, cache_dir))
     return _from_hub(cfg)
+
+
+def _check_family(cfg: DictConfig, model: PreTrainedModel) -> None:
+    """`model.family` is a claim about the built model (its config.json model_type); `custom` claims nothing."""
+    claimed, built = cfg.get("family"), getattr(model.config, "model_type", None)
+    if claimed and claimed != "custom" and claimed != built:
+        raise ModelLoadError(
+            f"model '{cfg.name}': model.family={claimed}, but the weights it loads are a '{built}' model "
+            f"({type(model).__name__}). Fix model.family (or model=hf_causal_lm, which claims no family)."
+        )
+
+
+def check_finite(model: torch.nn.Module, what: str) -> None:
+    """Refuse a model with a non-finite parameter or buffer, naming them (a bad checkpoint or uninitialised memory)."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    bad = [name for name, tensor in tensors if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ModelLoadError(f"{what}: non-finite values (NaN or inf) in {len(bad)} tensor(s) after loading: "
+                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. The checkpoint is damaged or the "
+                             "model's code leaves them uninitialised; re-save it or fix its initialisation.")
+
+
+def rebuild_unsaved_buffers(model: PreTrainedModel) -> None:
+    """Set the buffers no checkpoint holds (non-persistent: rotary tables, masks) to the values the model's own
+    construction gives them. transformers 5 loads into uninitialised memory and re-initialises only what the model's
+    `_init_weights` knows, which remote code often does not; the skeleton built here has its parameters on the meta
+    device, so this costs the buffers alone."""
+    from accelerate import init_empty_weights
+
+    unsaved = [(module, name) for module in model.modules() for name in module._non_persistent_buffers_set
+               if module._buffers.get(name) is not None]
+    if not unsaved:
+        return
+    with init_empty_weights(include_buffers=False):
+        skeleton = type(model)(model.config)
+    built = dict(zip(model.modules(), skeleton.modules(), strict=True))
+    for module, name in unsaved:
+        buffer, fresh = module._buffers[name], built[module]._buffers[name]
+        module._buffers[name] = fresh.to(device=buffer.device, dtype=buffer.dtype)
 
 
 def base_identity(model: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
@@ -162,6 +214,13 @@ def _from_directory(cfg: DictConfig, directory: Path) -> tuple[PreTrainedModel, 
             f"model.path={directory}: no config.json there. Point model.path at a directory written by "
             "save_pretrained (for example <run dir>/final/model)."
         )
+    code = json.loads((directory / "config.json").read_text()).get("auto_map")
+    if code and not cfg.get("trust_remote_code"):
+        files = sorted(p.name for p in directory.glob("*.py"))
+        raise ModelLoadError(
+            f"model.path={directory}: the model ships its own modelling code ({', '.join(files) or code}), which "
+            "loading would run on this machine. Read it, then set model.trust_remote_code=true."
+        )
     has_tokenizer = (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists()
     tokenizer = _load_tokenizer(directory, cfg) if has_tokenizer else build_tokenizer(cfg)
     try:
@@ -172,6 +231,7 @@ def _from_directory(cfg: DictConfig, directory: Path) -> tuple[PreTrainedModel, 
             f"model.path={directory}: its weights ({', '.join(weights)}) could not be read, truncated or corrupt? ({error}) "
             "Re-save the model with save_pretrained."
         ) from error
+    rebuild_unsaved_buffers(model)
     return model, tokenizer
 
 
@@ -181,6 +241,7 @@ def _from_hub(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
         model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, **_load_kwargs(cfg), **_revision(cfg))
     except OSError as error:
         raise ModelLoadError(_hub_hint(cfg, error)) from error
+    rebuild_unsaved_buffers(model)
     return model, tokenizer
 
 

@@ -57,7 +57,8 @@ def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     if (directory / "config.json").exists():
         model_cfg = cfg.model.copy()
         with open_dict(model_cfg):
-            model_cfg.path = str(directory)  # architecture comes from the saved config.json
+            model_cfg.path = str(directory)  # architecture comes from the saved config.json, whatever model= claims
+            model_cfg.family = "custom"
         return models.build(model_cfg)
     raise FileNotFoundError(
         f"ckpt={cfg.ckpt}: expected a train.py run dir (with final/), a peft adapter dir (adapter_config.json), "

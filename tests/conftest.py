@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -46,3 +48,30 @@ def tiny_config(tmp_path: Path) -> Callable[..., DictConfig]:
         return cfg
 
     return make
+
+
+@pytest.fixture(scope="session")
+def minimind_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random MiniMind (the remote-code fixture) saved as a hub checkpoint is: loaded with model.path=."""
+    from tests.remote_code import save_tiny_minimind
+
+    return save_tiny_minimind(tmp_path_factory.mktemp("minimind"))
+
+
+@pytest.fixture(scope="session")
+def family_model(minimind_dir: Path) -> Callable[[str], tuple[DictConfig, Any, Any]]:
+    """Factory: (train config, model, tokenizer) of a family's tiny model (tests/families.py), built once per session
+    from seed 0 and shared by the capability tests; they leave it as they found it."""
+    import lightning as L
+
+    from lightning_modules import models
+    from tests.families import overrides
+
+    @functools.cache
+    def build(name: str) -> tuple[DictConfig, Any, Any]:
+        cfg = compose_config(*TINY, *overrides(name, minimind_dir))
+        L.seed_everything(0)
+        model, tokenizer = models.build(cfg.model)
+        return cfg, model.eval(), tokenizer
+
+    return build

@@ -59,3 +59,41 @@ class InterruptAtStep(L.Callback):
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise KeyboardInterrupt
+
+
+class RecordOutputs(L.Callback):
+    """At the end of fit, writes the first validation batch and the trained module's outputs on it (eval mode) to
+    `path`: the LM logits, or the class scores of a classifier."""
+
+    def __init__(self, path: str) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        batch = next(iter(trainer.datamodule.val_dataloader()))
+        batch = {key: value.to(pl_module.device) for key, value in batch.items()}
+        pl_module.eval()
+        with torch.no_grad():
+            outputs = module_outputs(pl_module, batch)
+        pl_module.train()
+        save_file({"outputs": outputs.contiguous(), **{k: v.contiguous() for k, v in batch.items()}}, self.path)
+
+
+def module_outputs(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A task module's outputs on `batch`: class scores [B, C] (a classifier), else the LM logits [B, T, V]."""
+    if hasattr(module, "predict_classes"):
+        return module.predict_classes(batch)
+    return module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+
+
+def greedy_without_cache(model: torch.nn.Module, tokenizer, prompt: str, steps: int) -> str:
+    """The reference greedy decode: a full forward of the whole sequence for every new token, no cache."""
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    new: list[int] = []
+    with torch.no_grad():
+        for _ in range(steps):
+            token = int(model(input_ids=ids).logits[0, -1].argmax())
+            new.append(token)
+            if token == tokenizer.eos_token_id:
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return tokenizer.decode(new, skip_special_tokens=True)

@@ -1,5 +1,5 @@
-"""DEVELOPERS.md's worked example, run as written: a model family, a model, a method and a task added by its
-code blocks alone train, export, reload and evaluate."""
+"""DEVELOPERS.md's worked example, run as written: a model of a family lmlab has no file for, a method and a task
+added by its code blocks alone train, export, reload and evaluate."""
 
 from __future__ import annotations
 
@@ -60,8 +60,7 @@ def compose_in(conf: Path, config_name: str, *overrides: str) -> DictConfig:
 def test_worked_example_trains_exports_reloads_and_evaluates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     blocks = worked_example()
     assert [path for path, _, _ in blocks] == [
-        "conf/model_family/mistral.yaml", "lightning_modules/architecture.py", "conf/model/tiny_mistral.yaml",
-        "lightning_modules/methods/bitfit.py", "lightning_modules/registry.py", "conf/method/bitfit.yaml",
+        "conf/model/tiny_mistral.yaml", "lightning_modules/methods/bitfit.py", "lightning_modules/registry.py", "conf/method/bitfit.yaml",
         "datamodules/reverse.py", "conf/task/reverse.yaml",
     ]
     conf = add_to_repository(tmp_path, monkeypatch)
@@ -89,7 +88,7 @@ def test_worked_example_trains_exports_reloads_and_evaluates(tmp_path: Path, mon
     restored, _ = exports.load_model(eval_cfg)
     norms = {n: p for n, p in restored.named_parameters() if "norm" in n}
     assert len(norms) == 5 and any(not torch.equal(p, torch.ones_like(p)) for p in norms.values())  # trained norms
-    assert architecture.of(restored).mlp_output == "mlp.down_proj" and "bitfit" in registry.METHODS
+    assert architecture.structure(restored).mlp_output == "mlp.down_proj" and "bitfit" in registry.METHODS
     metrics = evaluation.run(eval_cfg)["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [row["gold"] for row in rows] == [" ".join(s.split()[::-1]) for s in sentences]

@@ -331,15 +331,25 @@ def test_model_revision_reaches_every_hub_load(monkeypatch) -> None:
     from tests.conftest import compose_config
 
     seen = []
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: seen.append(("model", k)) or 1)
+
+    def load_model(*args, **kwargs):
+        seen.append(("model", kwargs))
+        raise _Loaded
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", load_model)
     monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", lambda *a, **k: seen.append(("tokenizer", k)) or _Tok())
-    models.build(compose_config("model=minimind2", "model.revision=abc123").model)
+    with pytest.raises(_Loaded):
+        models.build(compose_config("model=minimind2", "model.revision=abc123").model)
     assert {kind: kwargs.get("revision") for kind, kwargs in seen} == {"model": "abc123", "tokenizer": "abc123"}
     assert all(kwargs["trust_remote_code"] is True for _, kwargs in seen)
 
 
 class _Tok:
     pad_token, eos_token = "x", "x"
+
+
+class _Loaded(Exception):
+    """The model loader was reached (with the keyword arguments recorded)."""
 
 
 # -- bad input ----------------------------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def apply(model: PreTrainedModel, context: MethodContext, r: int = 8, alpha: flo
         ranks = read_rank_map(rank_map)
     else:
         selection = RankSelection(tau, min_rank, max_rank, oversample, power_iters, exact_below)
-        targets = resolve_targets(target_modules, context.model_cfg)
+        targets = resolve_targets(target_modules, context.model_cfg, model)
         ranks = rank_map_from_gradients(model, targets, selection, rank_eval_steps, seed, context)
         if context.run_dir is not None:
             log.info("svd_lora rank map: %s", write_rank_map(ranks, Path(context.run_dir)))

@@ -1,0 +1,56 @@
+"""The decoder-only families every capability that reaches inside a model is tested on (tests/test_families.py).
+
+Each is a tiny random model built offline from config fields through `model=hf_causal_lm`, exactly as a user
+brings a family lmlab has no config for; `minimind` is the remote-code stand-in (tests/fixtures/minimind) loaded
+from a local directory through `trust_remote_code`. `structure` is what discovery must find in it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lightning_modules.architecture import Structure
+
+TINY_FIELDS = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 1024}
+LLAMA_LIKE = Structure("model.layers", "self_attn", "mlp", "mlp.down_proj")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A family's expected structure and the config fields it needs beyond TINY_FIELDS."""
+
+    structure: Structure
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(LLAMA_LIKE),
+    "diffllama": Family(LLAMA_LIKE),
+    "qwen2": Family(LLAMA_LIKE),
+    "gpt2": Family(Structure("transformer.h", "attn", "mlp", "mlp.c_proj", conv1d=True)),
+    "mistral": Family(LLAMA_LIKE),
+    "qwen3": Family(LLAMA_LIKE, {"head_dim": 16}),
+    "gemma2": Family(LLAMA_LIKE, {"head_dim": 16}),
+    "olmo2": Family(LLAMA_LIKE),
+    "phi3": Family(LLAMA_LIKE),
+    "gpt_neox": Family(Structure("gpt_neox.layers", "attention", "mlp", "mlp.dense_4h_to_h")),
+    "opt": Family(Structure("model.decoder.layers", "self_attn", "fc2", "fc2"), {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "falcon": Family(Structure("transformer.h", "self_attention", "mlp", "mlp.dense_4h_to_h")),
+    "bloom": Family(Structure("transformer.h", "self_attention", "mlp", "mlp.dense_4h_to_h")),
+    "gpt_bigcode": Family(Structure("transformer.h", "attn", "mlp", "mlp.c_proj")),
+    "minimind": Family(LLAMA_LIKE),  # remote code
+}
+REMOTE_CODE = {"minimind"}
+
+
+def overrides(name: str, minimind_dir: Path) -> list[str]:
+    """The command-line overrides that build family `name`'s tiny model (MEMIT on its first block)."""
+    memit = ["model.memit.layers=[0]", "model.memit.mom2_update_weight=1"]
+    if name in REMOTE_CODE:
+        return ["model=minimind2", f"model.path={minimind_dir}", *memit]
+    fields = {"model_type": name, **TINY_FIELDS, **FAMILIES[name].fields}
+    scratch = ",".join(f"{key}:{value}" for key, value in fields.items())
+    return ["model=hf_causal_lm", f"model.name=tiny_{name}", "model.tokenizer=byte", f"model.scratch={{{scratch}}}", *memit]
