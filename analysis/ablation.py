@@ -1,7 +1,9 @@
 """Report of a pre-training ablation sweep: curves, final comparison, efficiency, convergence, tables.
 
-    python train.py -m 'experiment=glob(ablation/*)'           # the six runs (ablation_tiny/*: CPU scale)
+    python train.py -m task=cosmopedia experiment=ablation/baseline,ablation/high_lr,ablation/low_lr,ablation/large_batch,ablation/short_seq,ablation/small_model
     python -m analysis.ablation multirun/cosmopedia/<time>     # the report, written into that directory
+
+(ablation_tiny/*: the same six at CPU scale.)
 
 Reads every job's metrics from its CSV log (`metrics/metrics.csv`) or, when there is none, from its
 offline W&B run file, and its config from `config.yaml`. Writes `training_loss_curves.png`,

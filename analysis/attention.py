@@ -41,7 +41,7 @@ import datamodules
 from analysis import plots
 from analysis.attention_maps import AttentionCapture, attention_maps, prefer_eager, select, token_strings
 from datamodules.gsm8k import GSM8KDataModule
-from runtime.exports import load_model
+from runtime.exports import load_model, use_checkpoint_model
 from runtime.session import Session, overrides, start
 from runtime.sweeps import MultirunSummary
 
@@ -84,6 +84,7 @@ def allocation(rows: torch.Tensor, labels: list[str], keep_sink: bool,
 def analyse(cfg: DictConfig) -> dict[str, Any]:
     """The attention analysis of `cfg` (free text when `analysis.text` / `analysis.text_file` is set, else the
     task's records) in one run; returns what attention_analysis.json holds."""
+    use_checkpoint_model(cfg)
     with start(cfg, job_type="analysis") as session:
         model, tokenizer = load_model(cfg)
         if cfg.analysis.get("text") or cfg.analysis.get("text_file"):

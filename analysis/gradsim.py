@@ -1,7 +1,7 @@
 """GradSim: cosine similarity of per-example gradients of log P(answer | question) (knowledge coupling).
 
     python -m analysis.gradsim model=gpt2 task=hotpotqa \
-        'task.data_files={test: ../shared/data/hotpotqa/hotpot_dev_distractor_sample.json}'
+        'task.data_files={test: data/hotpotqa/hotpot_dev_distractor.json}'
 
 g_i is the gradient of the summed answer-token log-probability with respect to the MLP output weights
 of the target layers (Llama family `model.layers.{i}.mlp.down_proj`, GPT-2 `transformer.h.{i}.mlp.c_proj`;
@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 import datamodules
 from lightning_modules.architecture import as_sequence, mlp_output_modules
 from lightning_modules.causal_lm import answer_log_probs
-from runtime.exports import load_model
+from runtime.exports import load_model, use_checkpoint_model
 from runtime.session import overrides, start
 
 log = logging.getLogger(__name__)
@@ -150,6 +150,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Stage 1: write the pieces, the coupling matrix, its statistics and heatmap into the run dir."""
     from analysis import plots
 
+    use_checkpoint_model(cfg)
     with start(cfg, job_type="analysis") as session:
         model, _, _, pieces, matrix = coupling_stage(cfg, cfg.analysis, session.run_dir)
         analysis = {

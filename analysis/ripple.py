@@ -1,7 +1,7 @@
 """Does GradSim predict ripple effects? Edit knowledge pieces with MEMIT and correlate.
 
     python -m analysis.ripple model=gpt2 task=hotpotqa \
-        'task.data_files={test: ../shared/data/hotpotqa/hotpot_dev_distractor_sample.json}'
+        'task.data_files={test: data/hotpotqa/hotpot_dev_distractor.json}'
 
 Stage 1 computes GradSim over the task's knowledge pieces (analysis/gradsim.py). Stage 2 edits the
 first `analysis.num_edits` pieces one at a time with MEMIT (analysis/memit.py), each to the answer of
@@ -39,6 +39,7 @@ from scipy import stats
 from analysis import gradsim, memit, memit_inputs, plots
 from datamodules.base import IGNORE_INDEX
 from datamodules.sources import load_split
+from runtime.exports import use_checkpoint_model
 from runtime.session import overrides, start
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,7 @@ def analyse_pairs(pairs: dict[str, np.ndarray], settings: DictConfig, seed: int)
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Stages 1-3 for one model in one run (runtime/session.py); returns the correlation analysis."""
+    use_checkpoint_model(cfg)
     with start(cfg, job_type="analysis") as session:
         analysis = ripple_study(cfg, session.run_dir)
         spearman = analysis["correlation"]["all"]["spearman"] or {}

@@ -17,6 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
+from datamodules import packing
 from datamodules.sources import DataSourceError, load_split
 
 log = logging.getLogger(__name__)
@@ -25,27 +26,28 @@ IGNORE_INDEX = -100
 
 
 def batch_size(batch: dict[str, torch.Tensor]) -> int:
-    """Number of sequences in a collated batch (for Lightning's ThroughputMonitor)."""
-    return batch["input_ids"].shape[0]
+    """Number of examples in a collated batch, padded or packed (for Lightning's ThroughputMonitor)."""
+    return packing.sequences(batch)
 
 
-def sequence_length(batch: dict[str, torch.Tensor]) -> int:
-    """Padded sequence length of a collated batch (tokens per sample, for ThroughputMonitor)."""
-    return batch["input_ids"].shape[1]
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of a collated batch that are not padding (ThroughputMonitor's items: tokens/s)."""
+    return int(batch["input_ids"].numel() if packing.is_packed(batch) else batch["attention_mask"].sum())
 
 
 class EpochSeededSampler(DistributedSampler):
-    """Shuffles with a permutation fixed by (seed, epoch), shards it over `num_replicas` ranks and can start
-    `start_batch` batches into epoch `start_epoch`, so a run resumed mid-epoch sees exactly the batches it had left.
+    """Shuffles with a permutation fixed by (seed, epoch), optionally groups it by length (`lengths`), shards it over
+    `num_replicas` ranks and can start `start_batch` batches into epoch `start_epoch`, so a run resumed mid-epoch sees
+    exactly the batches it had left.
 
     It subclasses DistributedSampler so Lightning shards nothing a second time; with one replica the order is the
     plain permutation. `len()` is the whole epoch's share, as Lightning's progress counters expect.
     """
 
     def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0, batch_size: int = 1,
-                 start_epoch: int = 0, start_batch: int = 0) -> None:
+                 start_epoch: int = 0, start_batch: int = 0, lengths: list[int] | None = None) -> None:
         super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        self.length, self.batch_size = length, batch_size
+        self.length, self.batch_size, self.lengths = length, batch_size, lengths
         self.start_epoch, self.start_batch = start_epoch, start_batch
         # the DataLoader draws its worker base seed from this generator, reseeded per epoch, not from the global RNG:
         # dropout draws then do not depend on whether a run was interrupted, and worker seeds follow (seed, epoch)
@@ -66,9 +68,21 @@ class EpochSeededSampler(DistributedSampler):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.length, generator=generator).tolist()
         order += order[: self.total_size - len(order)]  # pad so every rank gets num_samples indices
+        if self.lengths is not None:
+            order = self._grouped_by_length(order)
         shard = order[self.rank : self.total_size : self.num_replicas]
         skip = self.start_batch * self.batch_size if self.epoch == self.start_epoch else 0
         return iter(shard[skip:])
+
+    def _grouped_by_length(self, order: list[int]) -> list[int]:
+        """HF Trainer's `group_by_length`: the shuffled order cut into megabatches of 50 global batches, each
+        sorted by length, longest first; the megabatch holding the longest example goes first (so an out-of-memory
+        error shows at once)."""
+        size = 50 * self.batch_size * self.num_replicas
+        megabatches = [sorted(order[i : i + size], key=lambda index: -self.lengths[index]) for i in range(0, len(order), size)]
+        longest = max(range(len(megabatches)), key=lambda m: self.lengths[megabatches[m][0]])
+        megabatches.insert(0, megabatches.pop(longest))
+        return [index for megabatch in megabatches for index in megabatch]
 
 
 class TextDataModule(L.LightningDataModule):
@@ -76,6 +90,8 @@ class TextDataModule(L.LightningDataModule):
 
     # stop strings evaluate.py adds to generation.stop_strings for this task
     extra_stop_strings: tuple[str, ...] = ()
+    # whether its batches can be padding-free (datamodules/packing.py): each example is one sequence with its own labels
+    packable: bool = True
     # the evaluation prompt formats (`prompting.style`) this task can build; the first is the default
     prompt_styles: tuple[str, ...] = ("lmlab",)
     # how evaluate.py scores this task: "generation" (generate, then `score`) or "classification"
@@ -95,6 +111,8 @@ class TextDataModule(L.LightningDataModule):
         num_workers: int = 0,
         seed: int = 0,
         prompt_style: str = "lmlab",
+        padding_free: bool = True,
+        group_by_length: bool = False,
     ) -> None:
         super().__init__()
         if prompt_style not in self.prompt_styles:
@@ -110,6 +128,10 @@ class TextDataModule(L.LightningDataModule):
         # (epoch, batches done) to continue from, restored from a checkpoint by load_state_dict
         self.resume_position = (0, 0)
         self.train_sampler: EpochSeededSampler | None = None
+        # data.padding_free asks for padding-free batches; the training run turns them on (`padding_free`) once the
+        # task allows them (`packable`) and the model keeps packed examples apart (lightning_modules/packing.py)
+        self.padding_free_requested, self.padding_free = padding_free, False
+        self.group_by_length = group_by_length
 
     # token classes the attention analysis can label in this task's inputs (attention_input), in tie-break
     # order; the last one is every unlabelled character. Empty: the task labels none (maps only).
@@ -208,7 +230,10 @@ class TextDataModule(L.LightningDataModule):
         return {"input_ids": input_ids, "labels": labels}
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """Right-pad to the longest example: input_ids, attention_mask, labels, each [B, T]."""
+        """Padding-free, one row of the examples (`padding_free`: datamodules/packing.py), else right-padded to
+        the longest example: input_ids, attention_mask, labels, each [B, T]."""
+        if self.padding_free:
+            return packing.pack(examples)
         width = max(len(example["input_ids"]) for example in examples)
         pad = self.tokenizer.pad_token_id
 
@@ -226,6 +251,7 @@ class TextDataModule(L.LightningDataModule):
         sampler = EpochSeededSampler(
             len(data), self.seed, num_replicas=trainer.world_size if trainer else 1,
             rank=trainer.global_rank if trainer else 0, batch_size=self.batch_size, start_epoch=epoch, start_batch=batch,
+            lengths=[len(example["input_ids"]) for example in data] if self.group_by_length else None,
         )
         self.train_sampler = sampler
         return self._loader(data, self.batch_size, sampler, sampler.loader_generator)

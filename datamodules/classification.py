@@ -21,6 +21,9 @@ from datamodules.sources import DataSourceError
 class ClassificationDataModule(TextDataModule):
     """(text, label) records as prompt -> label-name examples, with the class index in every batch."""
 
+    # the label scorer reads a padded batch (prompt_length per row)
+    packable = False
+
     evaluation_kind = "classification"  # evaluate.py scores label likelihoods (or the saved head), not generations
 
     def __init__(

@@ -24,6 +24,9 @@ def pack(documents: list[list[int]], block_size: int, separator: int) -> list[li
 class PretrainDataModule(TextDataModule):
     """Packed next-token prediction over documents whose text is in `text_fields`."""
 
+    # its blocks are full already: no padding to remove
+    packable = False
+
     def __init__(self, text_fields: Sequence[str] = ("text",), **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.text_fields = list(text_fields)

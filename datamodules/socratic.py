@@ -223,7 +223,7 @@ if __name__ == "__main__":
     import argparse
 
     parser = argparse.ArgumentParser(description="Convert GSM8K Socratic / SocraTeach dialogues to SocraticMATH JSON")
-    parser.add_argument("--input", type=Path, required=True, help="e.g. ../shared/data/gsm8k/test_socratic.jsonl")
+    parser.add_argument("--input", type=Path, required=True, help="e.g. data/gsm8k/test_socratic.jsonl")
     parser.add_argument("--output", type=Path, required=True, help="e.g. data/socratic_gsm8k.json")
     arguments = parser.parse_args()
     print(f"{convert(arguments.input, arguments.output)} dialogues -> {arguments.output}")

@@ -42,7 +42,7 @@ def load_split(source: Mapping[str, Any], split: str, stage: str | None = None) 
     if kind == "bundled":
         return read_file(SAMPLES_DIR / source["bundled"] / f"{split}.jsonl")[:limit]
     if kind == "hub":
-        return _read_hub(source["hub_id"], source.get("hub_config"), split, bool(source.get("streaming")), limit)
+        return read_hub(source["hub_id"], source.get("hub_config"), split, bool(source.get("streaming")), limit)
     raise DataSourceError(f"task.source must be 'hub' or 'bundled' (or set task.data_files), got {kind!r}")
 
 
@@ -111,7 +111,8 @@ def _read_txt(path: Path) -> list[dict[str, Any]]:
     return [{"text": line.rstrip("\r"), "_where": f"{path}:{i}"} for i, line in enumerate(lines, start=1) if line.strip()]
 
 
-def _read_hub(hub_id: str, hub_config: str | None, split: str, streaming: bool, limit: int | None) -> list[dict[str, Any]]:
+def read_hub(hub_id: str, hub_config: str | None, split: str, streaming: bool, limit: int | None) -> list[dict[str, Any]]:
+    """The first `limit` records (None: all) of a hub dataset split, through `datasets`."""
     from datasets import load_dataset
 
     try:

@@ -11,9 +11,9 @@ model are handled alike:
   token run through the model, stopped after the first block: the attention is the outermost module below the
   block whose input is the same at every later position while its output is not. Projections, norms and the MLP
   act on each position alone, so none of them passes;
-- MLP output projection: the one linear map outside the attention that writes the block's hidden width (the matrix
-  MEMIT edits and GradSim differentiates); its weight layout, nn.Linear's [out, in] or GPT-2's Conv1D [in, out],
-  is read off the widths it was called with;
+- MLP output projection: the one linear map outside the attention from another width back to the block's hidden
+  width (the matrix MEMIT edits and GradSim differentiates; a router reads the hidden width, so it is not one);
+  its weight layout, nn.Linear's [out, in] or GPT-2's Conv1D [in, out], is read off the widths it was called with;
 - MLP: the outermost module of the block that holds that projection but not the attention (OPT keeps fc1 and fc2
   directly in its block: its MLP is fc2).
 
@@ -352,17 +352,15 @@ def _find_mlp_output(block: nn.Module, calls: dict[str, _Call], attention: str |
         call = calls.get(name)
         if call is None or call.input is None or call.output is None or (attention and _inside(attention, name)):
             continue
-        if call.output.shape[-1] == width:
-            writers.append((name, module, call.input.shape[-1], call.output.shape[-1]))
+        if call.output.shape[-1] == width != call.input.shape[-1]:  # from another (the inner) width to the hidden one
+            writers.append((name, module, call.input.shape[-1]))
     if len(writers) != 1:
         found = ", ".join(name for name, *_ in writers) or "none"
-        unresolved["mlp_output"] = (f"expected one linear map back to the hidden width ({width}) outside the attention "
-                                    f"of {type(block).__name__}, found {found}")
+        unresolved["mlp_output"] = (f"expected one linear map from an inner width back to the hidden width ({width}) "
+                                    f"outside the attention of {type(block).__name__}, found {found}")
         return None, False
-    name, module, inputs, outputs = writers[0]
-    if inputs != outputs:  # the widths it was called with tell the layout
-        return name, tuple(module.weight.shape) == (inputs, outputs)
-    return name, _is_conv1d(module)
+    name, module, inputs = writers[0]
+    return name, tuple(module.weight.shape) == (inputs, width)  # the widths it was called with tell the layout
 
 
 def _is_conv1d(module: nn.Module) -> bool:

@@ -24,6 +24,7 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from datamodules.base import IGNORE_INDEX
+from datamodules.packing import model_inputs
 from lightning_modules import methods
 from lightning_modules.optim import OptimisedModule, module_settings
 
@@ -67,7 +68,7 @@ class CausalLMModule(OptimisedModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        output = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
+        output = self.model(**model_inputs(batch))  # padded [B, T], or one padding-free row [1, N]
         loss = output.loss
         values = {"loss": loss.detach()}
         target = batch["labels"][:, 1:]

@@ -4,7 +4,10 @@ or sampled.
 A batch holds at most `batch_size` rows. A row leaves the batch (and the KV cache) as soon as it hits an EOS
 token, a stop string or `max_new_tokens`, and the longest waiting prompts take its place, so a batch no
 longer costs its slowest row. Rows are left-padded to a common cache length; padding is masked, so a row's
-greedy output is the one `model.generate` gives that prompt alone (tests/test_evaluate.py checks both).
+greedy output is the one `model.generate` gives that prompt alone (tests/test_evaluate.py checks both). When all
+prompts start with the same tokens (k-shot exemplars drawn once for all problems, a fixed instruction), those are
+prefilled once and their keys and values copied into every row, after which the row's own tokens are prefilled
+(with any padding between the two masked); the outputs are those of prefilling every prompt in full.
 
 Continuous batching needs a model that honours position ids and keeps its keys and values in a transformers
 `Cache` (checked on the model: a two-token forward must fill a DynamicCache). Any other model (remote code with
@@ -19,6 +22,7 @@ position ids, and a model with absolute positions, GPT-2, would see shifted ones
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -32,6 +36,8 @@ from lightning_modules.architecture import forward_accepts
 from lightning_modules.methods.prompt_tuning import embedding_prompt
 
 log = logging.getLogger(__name__)
+
+MIN_SHARED_PREFIX = 16  # tokens every prompt must share before that prefix is prefilled once
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -52,8 +58,10 @@ def generate(
     temperature: float = 1.0,
     top_p: float = 1.0,
     num_samples: int = 1,
+    prefix_cache: bool = True,
 ) -> list[list[str]]:
-    """`num_samples` completions per prompt, in prompt order, each cut at its first stop string."""
+    """`num_samples` completions per prompt, in prompt order, each cut at its first stop string (`prefix_cache`: the
+    prefix all prompts share is prefilled once)."""
     model.eval()
     tokenizer.padding_side = "left"
     if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
@@ -63,8 +71,11 @@ def generate(
         sampler = _Sampler(do_sample, temperature, top_p)
         stopping = _Stopping(model, tokenizer, max_new_tokens, stop_strings)
         requests = [i for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for _ in range(num_samples)]
-        decoder = _ContinuousBatch if batches_continuously(model) else _SameLengthBatches
-        texts = decoder(model, tokenizer, batch_size, stopping, sampler).run(prompts, requests)
+        if batches_continuously(model):
+            decoder = _ContinuousBatch(model, tokenizer, batch_size, stopping, sampler, prefix_cache)
+        else:
+            decoder = _SameLengthBatches(model, tokenizer, batch_size, stopping, sampler)
+        texts = decoder.run(prompts, requests)
     return [[truncate_at_stop(t, stop_strings) for t in texts[i]] for i in range(len(prompts))]
 
 
@@ -117,25 +128,32 @@ class _Stopping:
 
 
 class _ContinuousBatch:
-    """Decodes requests `batch_size` at a time, dropping finished rows and prefilling waiting prompts."""
+    """Decodes requests `batch_size` at a time, dropping finished rows and prefilling waiting prompts. When every
+    prompt starts with the same tokens (few-shot exemplars, an instruction), that prefix is prefilled once and its
+    keys and values are copied into each new row's cache, so only the rest of each prompt is prefilled."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
-                 stopping: _Stopping, sampler: _Sampler) -> None:
+                 stopping: _Stopping, sampler: _Sampler, prefix_cache: bool = True) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
-        self.stopping, self.sampler = stopping, sampler
+        self.stopping, self.sampler, self.prefix_cache = stopping, sampler, prefix_cache
         self.keep_last = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
-        self.mask = torch.zeros(0, 0, dtype=torch.long)  # [B, cache length + 1]: 0 over left padding
+        self.mask = torch.zeros(0, 0, dtype=torch.long)  # [B, cache length + 1]: 0 over padding
         self.logits = torch.zeros(0, 0)  # [B, V] float32: the next-token logits of every row
+        self.prefix: list[int] = []  # the token ids every prompt starts with, prefilled once into `prefix_kv`
+        self.prefix_kv: DynamicCache | None = None
 
     def run(self, prompts: Sequence[str], requests: list[int]) -> dict[int, list[str]]:
         """Completions (full decoded text, before stop-string truncation) of `requests`, by prompt index."""
+        ids = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
+        if self.prefix_cache:
+            self._prefill_shared_prefix([ids[i] for i in dict.fromkeys(requests)])
         waiting, done = list(requests), {i: [] for i in requests}
         while waiting or self.rows:
             free = self.batch_size - len(self.rows)
             if waiting and free:
-                self._prefill(prompts, waiting[:free])
+                self._prefill([ids[i] for i in waiting[:free]], waiting[:free])
                 waiting = waiting[free:]
             finished = self._step()
             for row in finished:
@@ -144,12 +162,33 @@ class _ContinuousBatch:
                 log.info("generated %d / %d completions", sum(map(len, done.values())), len(requests))
         return done
 
-    def _prefill(self, prompts: Sequence[str], indices: list[int]) -> None:
-        """Run the prompts of `indices` (left-padded among themselves) and join their cache to the batch's."""
-        encoded = self.tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(self.model.device)
-        mask = encoded["attention_mask"]  # [k, P]
-        cache = DynamicCache()
-        output = self.model(input_ids=encoded["input_ids"], attention_mask=mask, position_ids=_positions(mask),
+    def _prefill_shared_prefix(self, prompts: list[list[int]]) -> None:
+        """Prefill the tokens all `prompts` start with (when they are at least MIN_SHARED_PREFIX and every prompt
+        has more), once, for one row."""
+        shared = len(prompts[0])
+        for ids in prompts[1:]:
+            shared = next((i for i, (a, b) in enumerate(zip(ids[:shared], prompts[0], strict=False)) if a != b),
+                          min(shared, len(ids)))
+        shared = min(shared, min(map(len, prompts)) - 1)  # every row keeps a token of its own to prefill
+        if len(prompts) < 2 or shared < MIN_SHARED_PREFIX:
+            return
+        self.prefix, self.prefix_kv = prompts[0][:shared], DynamicCache()
+        self.model(input_ids=torch.tensor([self.prefix], device=self.model.device), past_key_values=self.prefix_kv,
+                   use_cache=True, **self.keep_last)
+
+    def _prefill(self, prompts: list[list[int]], indices: list[int]) -> None:
+        """Run `prompts` (left-padded among themselves, after the shared prefix's cache where there is one) and join
+        their cache to the batch's."""
+        shared = len(self.prefix)
+        rest = [ids[shared:] for ids in prompts]
+        width = max(map(len, rest))
+        input_ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(r)) + r for r in rest], device=self.model.device)
+        mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in rest], device=self.model.device)
+        cache = DynamicCache()  # [k, P + S]: prefix, then each row's left-padded rest
+        if self.prefix_kv is not None:
+            cache = copy.deepcopy(self.prefix_kv)
+            cache.batch_repeat_interleave(len(rest))
+        output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask)[:, shared:],
                             past_key_values=cache, use_cache=True, **self.keep_last)
         rows = [_Row(i) for i in indices]
         logits = output.logits[:, -1, :].float()

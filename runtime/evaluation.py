@@ -12,11 +12,11 @@ import json
 import logging
 from typing import Any
 
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
 import datamodules
 from runtime import classification_scoring, generation_scoring
-from runtime.exports import checkpoint_model, load_model
+from runtime.exports import load_model, use_checkpoint_model
 from runtime.judge import judge_rows
 from runtime.session import overrides, start
 from runtime.task_grid import headline_metric
@@ -29,8 +29,7 @@ SCORERS = {"generation": generation_scoring.score, "classification": classificat
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one (model, task, checkpoint); write predictions.jsonl, metrics.json and results.json."""
-    with open_dict(cfg):
-        cfg.model = checkpoint_model(cfg)
+    use_checkpoint_model(cfg)
     with start(cfg, job_type="evaluate") as session:
         model, tokenizer = load_model(cfg)
         datamodule = datamodules.build(cfg, tokenizer)

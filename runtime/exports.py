@@ -27,9 +27,15 @@ def checkpoint_dir(cfg: DictConfig) -> Path | None:
     return directory / "final" if (directory / "final").is_dir() else directory
 
 
+def use_checkpoint_model(cfg: DictConfig) -> None:
+    """Set `cfg.model` to the model a `ckpt=` export was trained on when the command line chose no `model=`."""
+    with open_dict(cfg):
+        cfg.model = checkpoint_model(cfg)
+
+
 def checkpoint_model(cfg: DictConfig) -> DictConfig:
-    """The model config to evaluate: the one a `ckpt=` export was trained on when the command line chose no
-    `model=` (its base_model.json), else `cfg.model`."""
+    """The model config to evaluate or analyse: the one a `ckpt=` export was trained on when the command line chose
+    no `model=` (its base_model.json), else `cfg.model`."""
     directory = checkpoint_dir(cfg)
     saved = _saved_identity(directory) if directory is not None else None
     chosen = any(o.lstrip("+~").startswith("model") for o in overrides())

@@ -3,8 +3,9 @@
     python -m runtime.slurm model=llama2_13b trainer=fsdp trainer.devices=8 trainer.num_nodes=2 method=lora
 
 composes train.py's config with `hydra/launcher=submitit_slurm` (conf/hydra/launcher/submitit_slurm.yaml) and
-prints the script that Hydra's submitit launcher would hand to `sbatch`: the same executor, built from the
-same launcher parameters the same way (hydra_submitit_launcher's `launch`), so what it prints is what runs.
+prints the script that Hydra's submitit launcher would hand to `sbatch`: submitit's own SLURM executor and script
+writer, given the same launcher parameters the same way (hydra_submitit_launcher's `launch`), so what it prints
+is what runs. It works on any machine: no `srun` is needed to prepare a submission.
 """
 
 from __future__ import annotations
@@ -15,23 +16,32 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
+from submitit import AutoExecutor
+from submitit.slurm.slurm import SlurmExecutor
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 INIT_KEYS = {"submitit_folder", "max_num_timeout"}  # executor constructor arguments in the launcher
 
 
-def sbatch_script(launcher: DictConfig, command: str = "python train.py") -> str:
-    """The sbatch file text for a job array of the SLURM launcher config `launcher` (hydra.launcher). submitit
-    needs `srun` on the PATH (a SLURM login node) to build it."""
-    import submitit
-    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+class _ScriptOnlySlurmExecutor(SlurmExecutor):
+    """submitit's SLURM executor for writing the script only: submitit refuses to build one where `srun` is
+    missing, and a submission is prepared on any machine, so this one never looks for it (it never submits)."""
 
-    params = {k: v for k, v in OmegaConf.to_container(launcher, resolve=True).items() if k != "_target_"}
-    executor = submitit.AutoExecutor(cluster="slurm", folder=params["submitit_folder"],
-                                     slurm_max_num_timeout=params.get("max_num_timeout", 0))
-    base = set(OmegaConf.structured(BaseQueueConf).keys())
-    executor.update_parameters(**{k if k in base else f"slurm_{k}": v for k, v in params.items() if k not in INIT_KEYS})
-    return executor._executor._make_submission_file_text(command, "sweep")
+    @classmethod
+    def affinity(cls) -> int:
+        return 1
+
+
+def sbatch_script(launcher: DictConfig, command: str = "python train.py") -> str:
+    """The sbatch file text for a job array of the SLURM launcher config `launcher` (hydra.launcher): as submitit's
+    AutoExecutor passes them, unset (None) parameters dropped, the generic ones converted to SLURM's names, the
+    others as they are."""
+    params = {k: v for k, v in OmegaConf.to_container(launcher, resolve=True).items() if k != "_target_" and v is not None}
+    executor = _ScriptOnlySlurmExecutor(folder=params["submitit_folder"], max_num_timeout=params.get("max_num_timeout", 0))
+    generic = set(AutoExecutor._typed_parameters())
+    executor.update_parameters(**executor._convert_parameters({k: v for k, v in params.items() if k in generic}),
+                               **{k: v for k, v in params.items() if k not in generic | INIT_KEYS})
+    return executor._make_submission_file_text(command, "sweep")
 
 
 def main(overrides: list[str]) -> str:

@@ -29,13 +29,21 @@ class LayerFSDPStrategy(FSDPStrategy):
         if activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         super().__init__(auto_wrap_policy=architecture.block_classes(model), **kwargs)
+        self.wrapped: FullyShardedDataParallel | None = None
 
     def _setup_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Wrap the module, once: a later stage of the same run (trainer.test after fit) gets the wrapper fit
+        trained. Its units hold the sharded weights; wrapping the module again would find them already wrapped,
+        and dropping the outer wrapper would leave the module's own weights as shards."""
+        if self.wrapped is not None and self.wrapped.module is model:
+            return self.wrapped
         if self.root_device.type != "cpu":
-            return super()._setup_model(model)
-        # Lightning passes device_id=root_device.index, None on CPU, which torch FSDP reads as "use the accelerator"
-        return FullyShardedDataParallel(module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
-                                        sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs)
+            self.wrapped = super()._setup_model(model)
+        else:  # Lightning passes device_id=root_device.index, None on CPU, which torch FSDP reads as "use the accelerator"
+            self.wrapped = FullyShardedDataParallel(
+                module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+                sharding_strategy=self.sharding_strategy, device_id=self.root_device, **self.kwargs)
+        return self.wrapped
 
     def _full_state_context(self) -> Any:
         """Full (unsharded) state dicts gathered to rank 0: offloaded to CPU as they are gathered on GPUs; on CPU

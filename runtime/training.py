@@ -18,7 +18,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import datamodules
 from lightning_modules import models
+from lightning_modules.architecture import bare_model
 from lightning_modules.methods import MethodContext, count_parameters
+from lightning_modules.packing import packs_sequences
 from lightning_modules.registry import build_method, task_module_class
 from runtime.checkpointing import AtomicCheckpointIO, RestoreRNG, remove_partial_files
 from runtime.session import RecordRunId, overrides, start
@@ -40,8 +42,24 @@ def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedT
     context = MethodContext(cfg.model, tokenizer, datamodule, Path(cfg.paths.output_dir))
     model = build_method(cfg.method)(model, context)
     setattr(model, models.BASE_IDENTITY_ATTR, identity)  # recorded in every checkpoint and export
+    datamodule.padding_free = padding_free(model, datamodule)
     model.train()  # from_pretrained leaves eval mode (dropout off); training needs train mode
     return model, tokenizer, datamodule, context.metrics
+
+
+def padding_free(model: PreTrainedModel, datamodule: L.LightningDataModule) -> bool:
+    """Padding-free batches where `data.padding_free` asks for them, the task's examples allow them and the model
+    keeps packed examples apart; one log line where a run pads instead."""
+    if not datamodule.padding_free_requested:
+        return False
+    if not datamodule.packable:
+        log.info("data.padding_free: %s batches are padded (its batches do not pack)", type(datamodule).__name__)
+        return False
+    if not packs_sequences(model):
+        log.info("data.padding_free: %s does not keep packed examples apart (it ignores position ids, or the method "
+                 "drops them): batches are padded", type(bare_model(model)).__name__)
+        return False
+    return True
 
 
 def build_trainer(cfg: DictConfig, model: PreTrainedModel, loggers: list[Logger], wandb_run_id: str | None = None) -> L.Trainer:
@@ -75,10 +93,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if not cfg.get("ckpt_path"):  # a resumed run logged these at step 0 already
             session.log_metrics({"params/trainable": trainable, "params/total": total, **method_metrics})
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
-        metrics = {key: float(value) for key, value in trainer.callback_metrics.items()}
-        if cfg.test_after_fit:
-            trainer.test(module, datamodule=datamodule)
-            metrics.update({key: float(value) for key, value in trainer.callback_metrics.items()})
         results = {
             "run_name": cfg.run_name,
             "model": cfg.model.name,
@@ -90,16 +104,41 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "trainable_params": trainable,
             "total_params": total,
             "trainable_share": trainable / total,
+            "padding_free": datamodule.padding_free,
             **divergence(module, cfg.divergence_max_abs_weight),
-            "metrics": metrics,
+            "metrics": {key: float(value) for key, value in trainer.callback_metrics.items()},
         }
         if results["diverged"]:
             log.warning("RUN DIVERGED: %s. Its metrics and final/ are not a trained model; results.json says "
                         "diverged: true. Lower optim.lr.", results["divergence_reason"])
-        final_dir = export(cfg, trainer, module, tokenizer, session.run_dir / "final")
+        final_dir = export(cfg, trainer, module, tokenizer, session.run_dir / "final")  # before any later stage
         if trainer.is_global_zero:
             results["final_dir"] = final_dir
+        if cfg.test_after_fit:
+            try:
+                results["tested"] = test(cfg, trainer, module, datamodule)
+            except Exception:
+                log.error("the test stage failed after training; the trained weights are exported to %s",
+                          session.run_dir / "final")
+                raise
+            results["metrics"].update({key: float(value) for key, value in trainer.callback_metrics.items()})
         return session.finish(results)
+
+
+def test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, Any]:
+    """`trainer.test` on the weights `test_ckpt` names: `last` (as training ended) or `best` (the checkpoint with
+    the lowest validation loss); return which weights were measured."""
+    if cfg.test_ckpt == "last":
+        trainer.test(module, datamodule=datamodule)
+        return {"weights": "last", "global_step": trainer.global_step}
+    best = next((c for c in trainer.checkpoint_callbacks if c.monitor and c.best_model_path), None)
+    if best is None:
+        raise ValueError("test_ckpt=best: no best-by-validation checkpoint was written (no validation ran, or "
+                         "callbacks.model_checkpoint is off); use test_ckpt=last")
+    path = best.best_model_path
+    trainer.test(module, datamodule=datamodule, ckpt_path=path)
+    return {"weights": "best", "checkpoint": path, "global_step": getattr(best, "written", {}).get(Path(path)),
+            best.monitor: float(best.best_model_score)}
 
 
 def check_data(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:

@@ -8,6 +8,9 @@ from pathlib import Path
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from omegaconf import DictConfig
 
+# the weights train.py's test stage measures: as training ended, or the best-by-validation checkpoint
+TEST_CHECKPOINTS = ("last", "best")
+
 
 class ConfigError(ValueError):
     """The composed config is inconsistent; the message names the config key."""
@@ -49,6 +52,8 @@ def check_config(cfg: DictConfig) -> None:
     if cfg.get("ckpt_path") and not sharded and Path(cfg.ckpt_path).stat().st_size == 0:
         raise ConfigError(f"ckpt_path={cfg.ckpt_path}: the checkpoint file is empty (0 bytes); resume from another "
                           f"checkpoint in {Path(cfg.ckpt_path).parent} (last.ckpt.previous or best-*.ckpt)")
+    if cfg.get("test_ckpt", "last") not in TEST_CHECKPOINTS:
+        raise ConfigError(f"test_ckpt={cfg.test_ckpt}: one of {', '.join(TEST_CHECKPOINTS)}")
     if cfg.trainer.get("fast_dev_run") and cfg.get("ckpt_path"):
         raise ConfigError("trainer=debug (fast_dev_run) writes no checkpoints; drop ckpt_path or use another trainer")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -17,6 +18,10 @@ CONF_DIR = ROOT / "conf"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# one thread per process: the suite runs as parallel pytest workers (make test: -n auto), and tiny models gain
+# nothing from more; workers (and the subprocesses they start) sharing the cores would spin against each other
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # The settings every test run shares: bundled data, CPU, no progress bars, no config tree.
 TINY = [
@@ -28,6 +33,15 @@ TINY = [
     "print_config=false",
     "data.max_length=512",
 ]
+
+
+# the modules of long subprocess runs go first, so parallel workers (make test: -n auto) do not end on them
+FIRST = ("test_docs.py", "test_reliability.py", "test_entrypoints.py", "test_session.py", "test_pretrain.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Run the modules in FIRST before the others (each module's own order kept)."""
+    items.sort(key=lambda item: FIRST.index(item.path.name) if item.path.name in FIRST else len(FIRST))
 
 
 def compose_config(*overrides: str, config_name: str = "train", hydra_config: bool = False) -> DictConfig:

@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
+from datamodules.packing import model_inputs
+
 
 class InterruptAtEpoch(L.Callback):
     """Simulates Ctrl-C at the start of epoch `epoch` (after the previous epoch's checkpoint)."""
@@ -61,6 +63,13 @@ class InterruptAtStep(L.Callback):
             raise KeyboardInterrupt
 
 
+class FailAtTest(L.Callback):
+    """Fails the test stage as it starts (after fit), as a crash in a later stage would."""
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        raise RuntimeError("the test stage broke")
+
+
 class RecordOutputs(L.Callback):
     """At the end of fit, writes the first validation batch and the trained module's outputs on it (eval mode) to
     `path`: the LM logits, or the class scores of a classifier."""
@@ -82,7 +91,12 @@ def module_outputs(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> t
     """A task module's outputs on `batch`: class scores [B, C] (a classifier), else the LM logits [B, T, V]."""
     if hasattr(module, "predict_classes"):
         return module.predict_classes(batch)
-    return module.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return lm_logits(module.model, batch)
+
+
+def lm_logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A causal LM's logits on a collated batch, padded [B, T, V] or padding-free [1, N, V]."""
+    return model(**model_inputs({key: value for key, value in batch.items() if key != "labels"})).logits
 
 
 def greedy_without_cache(model: torch.nn.Module, tokenizer, prompt: str, steps: int) -> str:

@@ -1,4 +1,4 @@
-"""DEVELOPERS.md's worked example, run as written: a model of a family lmlab has no file for, a method and a task
+"""docs/extending.md's worked example, run as written: a model of a family lmlab has no file for, a method and a task
 added by its code blocks alone train, export, reload and evaluate."""
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ BLOCK = re.compile(r"```(?:yaml|python)\n# (\S+?)(?:, in (\w+)[^\n]*)?\n(.*?)```
 
 
 def worked_example() -> list[tuple[str, str | None, str]]:
-    text = (ROOT / "DEVELOPERS.md").read_text()
-    return BLOCK.findall(text[text.index("### Worked example") :])
+    text = (ROOT / "docs" / "extending.md").read_text()
+    return BLOCK.findall(text[text.index("## Worked example") :])
 
 
 def add_to_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:

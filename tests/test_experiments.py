@@ -20,50 +20,42 @@ def test_every_experiment_is_listed() -> None:
     assert len(EXPERIMENTS) == 15 and {"demo", "ablation/baseline", "ablation_tiny/small_model", "socratic_math"} <= set(EXPERIMENTS)
 
 
-@pytest.fixture(scope="module")
-def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One model cache for all experiments: the SmolLM2 GGUF is dequantised once, not once per experiment."""
-    return tmp_path_factory.mktemp("cache")
-
-
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_experiment_runs_one_fast_dev_run_step(experiment: str, tmp_path: Path, shared_cache: Path) -> None:
-    # the bundled sample stands in for the experiment's data, a quarter of it held out
-    overrides = [f"experiment={experiment}", "trainer=debug", "task.source=bundled", "data.val_size=0.25", "logger=csv",
-                 "print_config=false"]
-    composed = compose_config(*overrides)
-    if "text_fields" in composed.task:  # the bundled pre-training sample is GSM8K text
-        overrides.append("task.text_fields=[question,answer]")
-    model = composed.model
+def test_experiment_keeps_its_settings_when_scaled_down(experiment: str) -> None:
+    """Every experiment runs in tests/test_docs.py (the docs' sweeps over all of them, scaled down): the scale-down
+    used there (the bundled data, a hub model swapped for the tiny model of its family) keeps what the experiment
+    pins: its optimiser, method, task and run name."""
+    overrides = [f"experiment={experiment}", "trainer=debug", "task.source=bundled"]
+    model = compose_config(*overrides).model
     if model.get("hub_id") and not (model.get("gguf") or model.get("scratch")):
         overrides.append(f"model={TINY_OF_FAMILY[model.family]}")
-    cfg = compose_config(*overrides)
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-        cfg.paths.cache_dir = str(shared_cache)
-    reference = compose_config(f"experiment={experiment}")
-    assert (cfg.optim, cfg.method, cfg.task.name) == (reference.optim, reference.method, reference.task.name)
-    results = run(cfg)
-    assert results["global_step"] == 1 and results["run_name"] == reference.run_name
-    assert all(value == value for value in results["metrics"].values())  # no NaN on a real batch
+    cfg, reference = compose_config(*overrides), compose_config(f"experiment={experiment}")
+    assert (cfg.optim, cfg.method, cfg.task.name, cfg.run_name) == (
+        reference.optim, reference.method, reference.task.name, reference.run_name)
+    assert cfg.model.scratch or cfg.model.gguf  # buildable offline
 
 
 # per-step training losses of 3 steps on tiny_llama, seed 42, the first 12 bundled GSM8K problems (batch 4), recorded
 # at commit time: any change in the model build, data order, masking, dropout, loss or optimiser path moves them.
-# Step 0 is the same for both: nothing has trained yet.
+# Step 0 is the same for all: nothing has trained yet. Padding-free batches (the default) give the padded run's
+# losses but one: LoRA's step 1 differs by 1.4e-5, because Adam's first update divides each gradient entry by its own
+# magnitude, so float32 rounding differences (4e-8 here) in near-zero entries of the zero-initialised LoRA B turn into
+# lr-sized steps; full fine-tuning agrees to every digit.
 GOLDEN_LOSSES = {
-    "lora": [5.536789, 5.554510, 5.546232],
-    "full": [5.536789, 5.523860, 5.491010],
+    ("lora", "padded"): [5.536789, 5.554510, 5.546232],
+    ("lora", "padding_free"): [5.536789, 5.554524, 5.546232],
+    ("full", "padded"): [5.536789, 5.523860, 5.491010],
+    ("full", "padding_free"): [5.536789, 5.523860, 5.491010],
 }
 
 
-@pytest.mark.parametrize("method", sorted(GOLDEN_LOSSES))
-def test_training_reproduces_golden_losses(method: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("method", "batches"), sorted(GOLDEN_LOSSES))
+def test_training_reproduces_golden_losses(method: str, batches: str, tmp_path: Path) -> None:
     cfg = compose_config(*TINY, "model=tiny_llama", f"method={method}", "trainer.max_steps=3", "test_after_fit=false",
-                         "data.max_train_samples=12")
+                         "data.max_train_samples=12", f"data.padding_free={batches == 'padding_free'}")
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
-    run(cfg)
+    assert run(cfg)["padding_free"] is (batches == "padding_free")
     with (tmp_path / "run" / "metrics" / "metrics.csv").open() as handle:
         losses = [float(row["train/loss_step"]) for row in csv.DictReader(handle) if row.get("train/loss_step")]
-    assert losses == pytest.approx(GOLDEN_LOSSES[method], abs=1e-5, rel=0)
+    assert losses == pytest.approx(GOLDEN_LOSSES[method, batches], abs=1e-5, rel=0)

@@ -19,7 +19,7 @@ from analysis.attention_maps import AttentionCapture, differential_maps, prefer_
 from datamodules.sources import load_split
 from lightning_modules import architecture, models
 from lightning_modules.classifier import ClassifierModule
-from lightning_modules.generation import generate
+from lightning_modules.generation import batches_continuously, generate
 from runtime import exports
 from runtime.training import run
 from tests.conftest import compose_config
@@ -29,6 +29,7 @@ from tests.helpers import greedy_without_cache, module_outputs
 NATIVE = sorted(set(FAMILIES) - REMOTE_CODE)
 METHODS = ["full", "lora", "svd_lora", "prompt_tuning", "adapter", "projection_head"]
 PROMPTS = ["Tom has 3 apples and eats one. How many are left?", "2 + 2 =", "Once upon a time", "Q: 7 * 6?\nA:"]
+SHARED = "Answer in one word, as in these examples.\nQ: Colour of the sky?\nA: Blue.\n"
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -92,6 +93,25 @@ def test_batched_generation_equals_a_greedy_decode_one_prompt_at_a_time(family_m
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_a_shared_prefix_prefilled_once_gives_the_completions_of_full_prompts(family_model, name: str) -> None:
+    _, model, tokenizer = family_model(name)
+    prompts = [SHARED + prompt for prompt in PROMPTS]  # the few-shot case: one prefix, then each problem
+    widths = []
+    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
+                                           with_kwargs=True)
+    try:
+        shared = generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=5)
+    finally:
+        hook.remove()
+    full = generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=5, prefix_cache=False)
+    assert shared == full == [[greedy_without_cache(model, tokenizer, p, 5)] for p in prompts]
+    if batches_continuously(model):  # the prefix ran once, as one row; every later prefill holds only a prompt's own tokens
+        prefix = len(tokenizer(SHARED)["input_ids"]) - 1
+        assert widths[1][0] == 1 and widths[1][1] >= prefix
+        assert all(length < prefix for rows, length in widths[2:] if length > 1)
 
 
 @pytest.mark.parametrize("name", NATIVE)

@@ -12,6 +12,7 @@ import torch
 from omegaconf import open_dict
 from peft.tuners.lora import LoraLayer
 
+from datamodules.packing import model_inputs
 from lightning_modules import architecture, methods, models
 from lightning_modules.classifier import SequenceClassifier
 from lightning_modules.generation import generate
@@ -20,6 +21,7 @@ from lightning_modules.registry import build_method
 from runtime import evaluation, exports
 from runtime.training import build_trainable_model, run
 from tests.conftest import compose_config
+from tests.helpers import lm_logits
 
 TINY_MODELS = ["tiny_llama", "tiny_diffllama", "tiny_qwen2", "tiny_gpt2"]
 # which parameter names each method may train
@@ -46,7 +48,7 @@ def test_method_trains_only_its_parameters_and_round_trips(tiny_config, tmp_path
     model, tokenizer, datamodule, _ = build_trainable_model(cfg)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
-    model(**batch).loss.backward()
+    model(**model_inputs(batch)).loss.backward()
     with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert with_grad and with_grad <= trainable
@@ -54,7 +56,7 @@ def test_method_trains_only_its_parameters_and_round_trips(tiny_config, tmp_path
 
     nudge(model)
     model.eval()
-    expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected = lm_logits(model, batch)
     methods.export(model, cfg.method, tmp_path / "saved")
     tokenizer.save_pretrained(tmp_path / "saved")
     saved_bytes = sum(f.stat().st_size for f in (tmp_path / "saved").glob("*.safetensors"))
@@ -64,7 +66,7 @@ def test_method_trains_only_its_parameters_and_round_trips(tiny_config, tmp_path
     L.seed_everything(0)  # the same random base weights (tiny models are built from scratch)
     restored, _ = exports.load_model(eval_cfg)
     restored.eval()
-    actual = restored(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    actual = lm_logits(restored, batch)
     torch.testing.assert_close(actual, expected)
 
 

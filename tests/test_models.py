@@ -75,7 +75,7 @@ def test_a_part_discovery_cannot_find_says_which_key_states_it() -> None:
         num_key_value_heads=2, num_local_experts=2))
     found = architecture.structure(model)  # the experts are fused 3-D weights: no single linear map back
     assert found.attention == "self_attn" and found.mlp_output is None
-    with pytest.raises(architecture.StructureError, match=r"one linear map back to the hidden width.*"
+    with pytest.raises(architecture.StructureError, match=r"one linear map from an inner width back to the hidden width.*"
                                                           r"model.structure.mlp_output="):
         architecture.mlp_output_modules(model, [0])
 

@@ -18,6 +18,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from datamodules.packing import model_inputs
 from lightning_modules.models import ModelLoadError
 from lightning_modules.optim import NonFiniteLossError
 from lightning_modules.registry import UnknownMethodError, restore_method
@@ -224,7 +225,7 @@ def test_lr_1e9_full_stops_naming_a_checkpoint_whose_weights_give_a_finite_loss(
     model.load_state_dict({k.removeprefix("model."): v for k, v in saved["state_dict"].items()})
     datamodule.setup("fit")
     with torch.no_grad():
-        losses = [model(**batch).loss.item() for batch in datamodule.train_dataloader()]
+        losses = [model(**model_inputs(batch)).loss.item() for batch in datamodule.train_dataloader()]
     assert all(math.isfinite(loss) for loss in losses)
 
 

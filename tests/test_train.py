@@ -14,6 +14,7 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
+from datamodules.packing import model_inputs
 from lightning_modules.optim import NonFiniteLossError
 from lightning_modules.registry import task_module_class
 from runtime.training import build_trainable_model, run
@@ -97,7 +98,7 @@ def test_overfitting_one_batch_lowers_the_loss_by_a_clear_margin(tiny_config) ->
 
     def loss() -> float:
         with torch.no_grad():
-            return model(**batch).loss.item()
+            return model(**model_inputs(batch)).loss.item()
 
     before = loss()
     trainer = L.Trainer(
@@ -145,3 +146,36 @@ def test_nan_loss_stops_the_run_and_rolls_back_the_checkpoint_of_the_nan_weights
 def test_bf16_mixed_precision_trains_on_cpu(tiny_config) -> None:
     results = run(tiny_config("model=tiny_qwen2", "method=lora", "trainer.precision=bf16-mixed", "data.max_train_samples=8"))
     assert torch.isfinite(torch.tensor(results["metrics"]["val/loss"]))
+
+
+def test_a_failing_test_stage_leaves_the_export_written_and_says_where(tiny_config, tmp_path: Path, caplog) -> None:
+    cfg = tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=2", "data.max_train_samples=8",
+                      "+callbacks.fail._target_=tests.helpers.FailAtTest", run_dir=tmp_path / "run")
+    with pytest.raises(RuntimeError, match="the test stage broke"):
+        run(cfg)
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
+    assert f"the trained weights are exported to {tmp_path / 'run' / 'final'}" in caplog.text
+
+
+def test_test_ckpt_best_measures_the_lowest_validation_loss_checkpoint(tiny_config, tmp_path: Path) -> None:
+    cfg = tiny_config("model=tiny_llama", "method=full", "trainer.max_epochs=3", "data.max_train_samples=16",
+                      "optim.lr=3e-3", "test_ckpt=best", run_dir=tmp_path / "run")
+    results = run(cfg)
+    tested = results["tested"]
+    with (tmp_path / "run" / "metrics" / "metrics.csv").open() as handle:
+        validation = [(float(row["val/loss"]), int(row["step"])) for row in csv.DictReader(handle) if row.get("val/loss")]
+    assert len(validation) == 3 and tested["weights"] == "best"
+    assert tested["val/loss"] == pytest.approx(min(validation)[0]) and tested["global_step"] == min(validation)[1] + 1
+    # an independent measurement: a fresh module carrying the checkpoint's weights, tested by a new Trainer
+    L.seed_everything(cfg.seed)
+    model, _, datamodule, _ = build_trainable_model(cfg)
+    module = task_module_class("causal_lm").from_config(model, cfg, datamodule)
+    module.load_state_dict(torch.load(tested["checkpoint"], weights_only=True)["state_dict"])
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (measured,) = trainer.test(module, datamodule=datamodule, verbose=False)
+    assert results["metrics"]["test/loss"] == pytest.approx(measured["test/loss"], rel=1e-6)
+
+
+def test_test_ckpt_must_be_last_or_best(tiny_config) -> None:
+    with pytest.raises(ValueError, match="test_ckpt=newest: one of last, best"):
+        run(tiny_config("model=tiny_llama", "test_ckpt=newest"))

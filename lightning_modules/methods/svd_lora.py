@@ -26,6 +26,7 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
+from datamodules.packing import model_inputs
 from lightning_modules.methods import MethodContext
 from lightning_modules.methods.lora import lora_config, resolve_targets
 
@@ -97,7 +98,7 @@ def accumulated_gradients(model: torch.nn.Module, weights: dict[str, torch.nn.Pa
         weight.requires_grad_(True)
         weight.grad = None
     for batch in batches:
-        model(**batch).loss.backward()
+        model(**model_inputs(batch)).loss.backward()
     gradients = {name: weight.grad.detach().clone() for name, weight in weights.items()}
     for name, parameter in model.named_parameters():
         parameter.requires_grad_(flags[name])
