@@ -9,7 +9,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmlab-installed
 
-.PHONY: demo test lint bench clean-outputs
+.PHONY: demo test lint bench gpu-check clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) train.py experiment=demo
 
-# parallel workers, one thread each (tests/conftest.py)
+# parallel workers, one thread each (tests/conftest.py); the tests that start several processes share one worker
 test: $(STAMP)
-	$(PY) -m pytest -q -n auto
+	$(PY) -m pytest -q -n auto --dist loadgroup
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
@@ -40,6 +40,12 @@ bench: $(STAMP)
 	$(PY) bench/fault_tolerance.py
 	$(PY) bench/fsdp_vs_ddp.py
 	$(PY) bench/structure_discovery.py
+	$(PY) bench/sft_throughput.py
+	$(PY) bench/eval_prefix_cache.py
+
+# on a CUDA machine: lmlab's fast paths on the GPU, written to gpu_check.json (bench/gpu_check.py)
+gpu-check: $(STAMP)
+	$(PY) bench/gpu_check.py --out gpu_check.json
 
 clean-outputs:
 	rm -rf outputs multirun

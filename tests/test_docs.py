@@ -541,7 +541,11 @@ def workspace(tmp_path: Path, minimind_dir: Path, monkeypatch: pytest.MonkeyPatc
 
 # -- the tests -------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+SEVERAL_PROCESSES = {"fsdp_on_cpu", "submitit_local"}  # one test at a time that starts several training processes
+
+
+@pytest.mark.parametrize("scenario", [pytest.param(name, marks=pytest.mark.xdist_group("processes"))
+                                      if name in SEVERAL_PROCESSES else name for name in sorted(SCENARIOS)])
 def test_documented_commands_run_and_keep_their_promises(workspace: Workspace, scenario: str) -> None:
     done: dict[tuple[str, ...], subprocess.CompletedProcess] = {}
     for step in SCENARIOS[scenario]:

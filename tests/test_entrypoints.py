@@ -26,6 +26,7 @@ def train(*overrides: str, multirun: bool = False, env: dict[str, str] | None = 
     return result
 
 
+@pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
 def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(tmp_path: Path) -> None:
     train(
         "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "method=lora", "data.max_train_samples=16",
@@ -43,6 +44,7 @@ def logged_steps(run_dir: Path, key: str) -> list[float]:
         return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
 
 
+@pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
 @pytest.mark.parametrize("method", ["full", "lora"])
 def test_fsdp_on_two_cpu_processes_trains_like_ddp_and_exports_what_it_trained(method: str, tmp_path: Path) -> None:
     """FSDP (one unit per decoder layer, activation checkpointing, gloo) and DDP on the same seed and data: the
@@ -142,6 +144,7 @@ def test_slurm_sweep_script_requests_two_nodes_of_eight_gpus_with_one_task_per_g
     assert script.rstrip().endswith("python train.py") and "srun --unbuffered" in script
 
 
+@pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
 def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_reports_a_failed_one(tmp_path: Path) -> None:
     """The cluster launcher plugin with its local executor: three jobs, one with an invalid batch size."""
     command = [sys.executable, "train.py", "-m", "hydra/launcher=submitit_local", *TINY, "model=tiny_llama", "logger=wandb",

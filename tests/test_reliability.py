@@ -104,6 +104,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     assert_same_run(straight, again)
 
 
+@pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
 def test_ddp_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path: Path) -> None:
     overrides = [*RESUMABLE, *DROPOUT["lora"], "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
                  "callbacks.last_checkpoint.every_n_train_steps=2"]
@@ -121,6 +122,7 @@ def test_ddp_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path: Path)
     assert_same_run(straight, again)
 
 
+@pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
 @pytest.mark.parametrize(("method", "state_dict_type"), [("full", "full"), ("lora", "sharded")])
 def test_fsdp_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path: Path, method: str, state_dict_type: str) -> None:
     """The same kill and resume under FSDP (2 CPU processes, gloo), from a consolidated checkpoint (re-sharded on
@@ -254,6 +256,7 @@ def _create(base: str, barrier, queue) -> None:
     queue.put(create_unique_dir(base))
 
 
+@pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
 def test_two_processes_asking_for_one_run_dir_at_the_same_instant_get_two(tmp_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
     barrier, queue = context.Barrier(4), context.Queue()
@@ -264,6 +267,7 @@ def test_two_processes_asking_for_one_run_dir_at_the_same_instant_get_two(tmp_pa
     assert created == [str(tmp_path / name) for name in ("run", "run-1", "run-2", "run-3")]
 
 
+@pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
 def test_two_train_py_started_together_write_two_run_dirs(tmp_path: Path) -> None:
     command = [sys.executable, str(ROOT / "train.py"), *TINY, "model=tiny_llama", "trainer=debug",
                f"paths.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir=${{unique_dir:{tmp_path}/runs/same}}"]
