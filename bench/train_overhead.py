@@ -18,28 +18,17 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from transformers import Trainer, TrainerCallback, TrainingArguments, get_cosine_schedule_with_warmup
+from transformers import Trainer, TrainingArguments, get_cosine_schedule_with_warmup
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers.timing import StepClock, bench_config, lmlab_steps_per_second  # noqa: E402
+from helpers.timing import HFClock, StepClock, bench_config, lmlab_steps_per_second  # noqa: E402
 
 from runtime.training import build_trainable_model  # noqa: E402
 
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-
-
-class HFClock(TrainerCallback):
-    def __init__(self, clock: StepClock) -> None:
-        self.clock = clock
-
-    def on_step_begin(self, args, state, control, **kwargs) -> None:
-        self.clock.step_begin(state.global_step)
-
-    def on_step_end(self, args, state, control, **kwargs) -> None:
-        self.clock.step_end(state.global_step - 1)
 
 
 def config(args: argparse.Namespace, run_dir: str):

@@ -24,7 +24,7 @@ model are handled alike:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,11 +70,15 @@ def bare_model(model: nn.Module) -> nn.Module:
 
 def structure(model: nn.Module) -> Structure:
     """The structure of `model`: the one attached at load (`attach`), else discovered now and kept on the model."""
-    bare = bare_model(model)
-    found = getattr(bare, STRUCTURE_ATTR, None)
+    return _kept(bare_model(model), STRUCTURE_ATTR, discover)
+
+
+def _kept(bare: nn.Module, attribute: str, find: Callable[[nn.Module], Any]) -> Any:
+    """What `find(bare)` gives, computed once per model and kept on it as `attribute`."""
+    found = getattr(bare, attribute, None)
     if found is None:
-        found = discover(bare)
-        setattr(bare, STRUCTURE_ATTR, found)
+        found = find(bare)
+        setattr(bare, attribute, found)
     return found
 
 
@@ -158,12 +162,7 @@ def final_hidden_module(model: nn.Module) -> tuple[nn.Module, int]:
     """(module, width) whose output is what the LM head reads: the decoder's final norm (or whatever a model has in
     its place), found once by a forward pass and kept on the model. Its output, taken through a hook, is the
     decoder's last hidden state for any model, whether or not its outputs carry `last_hidden_state`."""
-    bare = bare_model(model)
-    found = getattr(bare, FINAL_HIDDEN_ATTR, None)
-    if found is None:
-        found = _find_final_hidden(bare)
-        setattr(bare, FINAL_HIDDEN_ATTR, found)
-    return found
+    return _kept(bare_model(model), FINAL_HIDDEN_ATTR, _find_final_hidden)
 
 
 def _find_final_hidden(bare: nn.Module) -> tuple[nn.Module, int]:

@@ -85,8 +85,13 @@ def batches_continuously(model: PreTrainedModel) -> bool:
     if not forward_accepts(model, "position_ids") or embedding_prompt(model) is not None:
         return False
     cache = DynamicCache()
-    model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device), past_key_values=cache, use_cache=True)
+    model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device), use_cache=True, **cache_argument(model, cache))
     return cache.get_seq_length() == 2
+
+
+def cache_argument(model: PreTrainedModel, cache: object) -> dict[str, object]:
+    """`cache` as the keyword the model's forward names: `cache` (transformers >= 5.24), else `past_key_values`."""
+    return {"cache": cache} if forward_accepts(model, "cache") else {"past_key_values": cache}
 
 
 class _Sampler:
@@ -173,8 +178,8 @@ class _ContinuousBatch:
         if len(prompts) < 2 or shared < MIN_SHARED_PREFIX:
             return
         self.prefix, self.prefix_kv = prompts[0][:shared], DynamicCache()
-        self.model(input_ids=torch.tensor([self.prefix], device=self.model.device), past_key_values=self.prefix_kv,
-                   use_cache=True, **self.keep_last)
+        self.model(input_ids=torch.tensor([self.prefix], device=self.model.device), use_cache=True, **self.keep_last,
+                   **cache_argument(self.model, self.prefix_kv))
 
     def _prefill(self, prompts: list[list[int]], indices: list[int]) -> None:
         """Run `prompts` (left-padded among themselves, after the shared prefix's cache where there is one) and join
@@ -189,7 +194,7 @@ class _ContinuousBatch:
             cache = copy.deepcopy(self.prefix_kv)
             cache.batch_repeat_interleave(len(rest))
         output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask)[:, shared:],
-                            past_key_values=cache, use_cache=True, **self.keep_last)
+                            use_cache=True, **self.keep_last, **cache_argument(self.model, cache))
         rows = [_Row(i) for i in indices]
         logits = output.logits[:, -1, :].float()
         if self.cache is None:
@@ -221,7 +226,7 @@ class _ContinuousBatch:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
             step = torch.tensor([[r.new[-1]] for r in self.rows], device=self.model.device)
             output = self.model(input_ids=step, attention_mask=self.mask, position_ids=_positions(self.mask)[:, -1:],
-                                past_key_values=self.cache, use_cache=True)
+                                use_cache=True, **cache_argument(self.model, self.cache))
             self.logits = output.logits[:, -1, :].float()
         return finished
 
@@ -256,7 +261,8 @@ class _SameLengthBatches:
                  stopping: _Stopping, sampler: _Sampler) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stopping, self.sampler = stopping, sampler
-        self.caches = forward_accepts(model, "past_key_values") and forward_accepts(model, "use_cache")
+        self.caches = (forward_accepts(model, "past_key_values") or forward_accepts(model, "cache")) and forward_accepts(
+            model, "use_cache")
 
     def run(self, prompts: Sequence[str], requests: list[int]) -> dict[int, list[str]]:
         """Completions (full decoded text, before stop-string truncation) of `requests`, by prompt index."""
@@ -277,7 +283,7 @@ class _SameLengthBatches:
         rows, running = [_Row(i) for i in indices], set(range(len(indices)))
         step, cache = sequence, None
         while running:
-            extra = {"past_key_values": cache, "use_cache": True} if self.caches else {}
+            extra = {"use_cache": True, **cache_argument(self.model, cache)} if self.caches else {}
             output = self.model(input_ids=step, **extra)
             chosen = self.sampler(output.logits[:, -1, :].float())  # [k]
             for position in sorted(running):

@@ -1,9 +1,16 @@
-"""Test-only Lightning callbacks, passed to the real entrypoint with `+callbacks.<name>._target_=...`."""
+"""Test-only helpers: Lightning callbacks passed to the real entrypoint with `+callbacks.<name>._target_=...`,
+model outputs of a collated batch, a reference greedy decode and a fake OpenAI-compatible judge endpoint."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import lightning as L
@@ -111,3 +118,43 @@ def greedy_without_cache(model: torch.nn.Module, tokenizer, prompt: str, steps: 
                 break
             ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
     return tokenizer.decode(new, skip_special_tokens=True)
+
+
+class FakeEndpoint(BaseHTTPRequestHandler):
+    """Chat completions whose behaviour the prompt chooses: SLOW, FAIL500, FLAKY (two 500/429 then ok), BAD."""
+
+    calls: dict[str, int] = {}
+    auth: list[str] = []
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][0]["content"]
+        FakeEndpoint.auth.append(self.headers.get("Authorization", ""))
+        count = FakeEndpoint.calls[prompt] = FakeEndpoint.calls.get(prompt, 0) + 1
+        if "SLOW" in prompt:
+            time.sleep(1.0)
+        if "FAIL500" in prompt or ("FLAKY" in prompt and count <= 2):
+            self.send_response(429 if count == 1 and "FLAKY" in prompt else 500)
+            self.end_headers()
+            return
+        reply = "Maybe, it depends." if "BAD" in prompt else ("Yes." if "Predicted label: World" in prompt else "no")
+        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """An OpenAI-compatible base URL on 127.0.0.1 answered by `handler`, for the duration of the block."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()

@@ -14,15 +14,14 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import ROOT
+from tests.helpers import FakeEndpoint, serving
 
 FENCE = re.compile(r"```bash\n(.*?)```", re.S)
 
@@ -492,22 +491,6 @@ GSM8K_SOCRATIC = [
 ]
 
 
-class Judge(BaseHTTPRequestHandler):
-    """An OpenAI-compatible chat endpoint standing in for the user's: every prediction is judged correct."""
-
-    def do_POST(self) -> None:
-        self.rfile.read(int(self.headers["Content-Length"]))
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": "Yes."}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
-
-
 @pytest.fixture
 def workspace(tmp_path: Path, minimind_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Workspace]:
     """What the docs' commands read, written small: data/gsm8k, data/hotpotqa, saved models, prompts.txt."""
@@ -533,10 +516,8 @@ def workspace(tmp_path: Path, minimind_dir: Path, monkeypatch: pytest.MonkeyPatc
         tokenizer.save_pretrained(tmp_path / "saved" / directory)
     (tmp_path / "prompts.txt").write_text("Tom has 3 apples.\nThe sky is blue.\n")
     monkeypatch.setenv("LMLAB_CACHE", str(minimind_dir.parent / "lmlab_cache"))  # SmolLM2 dequantised once
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Judge)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield Workspace(tmp_path, minimind_dir, f"http://127.0.0.1:{server.server_address[1]}/v1")
-    server.shutdown()
+    with serving(FakeEndpoint) as judge:  # the user's OpenAI-compatible endpoint
+        yield Workspace(tmp_path, minimind_dir, judge)
 
 
 # -- the tests -------------------------------------------------------------------------------------------------------

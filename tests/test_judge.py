@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import threading
-import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -15,47 +12,16 @@ from omegaconf import OmegaConf, open_dict
 from runtime import evaluation
 from runtime.judge import Judge, judge_rows, parse_verdict
 from tests.conftest import compose_config
+from tests.helpers import FakeEndpoint, serving
 
 SECRET = "sk-test-never-written-anywhere"
-
-
-class FakeEndpoint(BaseHTTPRequestHandler):
-    """Chat completions whose behaviour the prompt chooses: SLOW, FAIL500, FLAKY (two 500/429 then ok), BAD."""
-
-    calls: dict[str, int] = {}
-    auth: list[str] = []
-
-    def do_POST(self) -> None:
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        prompt = body["messages"][0]["content"]
-        FakeEndpoint.auth.append(self.headers.get("Authorization", ""))
-        count = FakeEndpoint.calls[prompt] = FakeEndpoint.calls.get(prompt, 0) + 1
-        if "SLOW" in prompt:
-            time.sleep(1.0)
-        if "FAIL500" in prompt or ("FLAKY" in prompt and count <= 2):
-            self.send_response(429 if count == 1 and "FLAKY" in prompt else 500)
-            self.end_headers()
-            return
-        reply = "Maybe, it depends." if "BAD" in prompt else ("Yes." if "Predicted label: World" in prompt else "no")
-        payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args: object) -> None:
-        pass
 
 
 @pytest.fixture
 def endpoint() -> Iterator[str]:
     FakeEndpoint.calls, FakeEndpoint.auth = {}, []
-    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeEndpoint)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
+    with serving(FakeEndpoint) as url:
+        yield url
 
 
 def settings(url: str, cache: Path, **changes: object):

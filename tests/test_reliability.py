@@ -482,10 +482,12 @@ def test_a_wandb_key_without_a_reachable_server_falls_back_to_offline_in_seconds
     assert not any("k" * 86 in p.read_text(errors="ignore") for p in tmp_path.rglob("*") if p.is_file() and p.suffix in (".log", ".yaml", ".json"))
 
 
-
+@pytest.mark.parametrize("kind", ["run", "sweep"])
 @pytest.mark.parametrize("config_name", ["train", "evaluate", "attention", "gradsim", "ripple", "noise_study"])
-def test_every_entrypoint_run_dir_is_created_exclusively(config_name: str, tmp_path: Path, monkeypatch) -> None:
-    """Two runs whose time stamps collide still get two directories, in every entrypoint's config."""
+def test_every_entrypoint_run_and_sweep_dir_is_created_exclusively(config_name: str, kind: str, tmp_path: Path,
+                                                                   monkeypatch) -> None:
+    """Two runs (or two `-m` sweeps) whose time stamps collide still get two directories, in every entrypoint's
+    config."""
     import datetime
 
     import hydra.core.utils
@@ -499,6 +501,6 @@ def test_every_entrypoint_run_dir_is_created_exclusively(config_name: str, tmp_p
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(hydra.core.utils, "datetime", FrozenClock)  # Hydra's ${now:} resolver reads this clock
-    dirs = [compose_config(config_name=config_name, hydra_config=True).hydra.run.dir for _ in range(2)]
+    dirs = [compose_config(config_name=config_name, hydra_config=True).hydra[kind].dir for _ in range(2)]
     assert dirs[0].endswith("2026-01-02_03-04-05-000678") and dirs[1] == dirs[0] + "-1"
     assert all(Path(d).is_dir() for d in dirs)

@@ -8,6 +8,7 @@ from pathlib import Path
 import lightning as L
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_CPU = [
@@ -32,6 +33,19 @@ class StepClock:
 
     def rate(self) -> float:
         return self.steps / (self.end - self.start)
+
+
+class HFClock(TrainerCallback):
+    """The step clock inside an HF Trainer."""
+
+    def __init__(self, clock: StepClock) -> None:
+        self.clock = clock
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        self.clock.step_begin(state.global_step)
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self.clock.step_end(state.global_step - 1)
 
 
 class LightningClock(L.Callback):
