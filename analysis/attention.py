@@ -41,7 +41,7 @@ import datamodules
 from analysis import plots
 from analysis.attention_maps import AttentionCapture, attention_maps, prefer_eager, select, token_strings
 from datamodules.gsm8k import GSM8KDataModule
-from runtime.exports import load_model, use_checkpoint_model
+from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import Session, overrides, start
 from runtime.sweeps import MultirunSummary
 

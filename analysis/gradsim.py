@@ -34,7 +34,7 @@ from omegaconf import DictConfig
 import datamodules
 from lightning_modules.architecture import as_sequence, mlp_output_modules
 from lightning_modules.causal_lm import answer_log_probs
-from runtime.exports import load_model, use_checkpoint_model
+from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import overrides, start
 
 log = logging.getLogger(__name__)

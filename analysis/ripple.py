@@ -39,7 +39,7 @@ from scipy import stats
 from analysis import gradsim, memit, memit_inputs, plots
 from datamodules.base import IGNORE_INDEX
 from datamodules.sources import load_split
-from runtime.exports import use_checkpoint_model
+from runtime.saved_run import use_checkpoint_model
 from runtime.session import overrides, start
 
 log = logging.getLogger(__name__)

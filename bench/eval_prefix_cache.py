@@ -47,11 +47,11 @@ def main() -> None:
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     datamodule = datamodules.build(cfg, tokenizer)
     records = datamodule.evaluation_records()[: args.problems]
-    exemplars = datamodule.fewshot_exemplars(records, args.shots, cfg.prompting.fewshot_seed)
-    prompts = [datamodule.generation_prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
-    stops = datamodule.stop_strings(list(cfg.generation.stop_strings))
+    exemplars = datamodule.prompt_format.fewshot_exemplars(records, args.shots, cfg.prompting.fewshot_seed)
+    prompts = [datamodule.prompt_format.prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
+    stops = datamodule.prompt_format.stop_strings(list(cfg.generation.stop_strings))
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
-    prefix = len(tokenizer(datamodule.generation_prompt(records[0], exemplars[0]).rsplit("Question:", 1)[0])["input_ids"])
+    prefix = len(tokenizer(datamodule.prompt_format.prompt(records[0], exemplars[0]).rsplit("Question:", 1)[0])["input_ids"])
 
     seconds: dict[bool, float] = {}
     outputs: dict[bool, list[list[str]]] = {}

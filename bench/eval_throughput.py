@@ -61,7 +61,7 @@ def main() -> None:
         cfg = compose("evaluate", overrides=[f"model={args.model}", "task.source=bundled", *data])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     datamodule = datamodules.build(cfg, tokenizer)
-    prompts = [datamodule.generation_prompt(r, []) for r in datamodule.records("test")[: args.problems]]
+    prompts = [datamodule.prompt_format.prompt(r, []) for r in datamodule.records("test")[: args.problems]]
     stops = list(cfg.generation.stop_strings)
 
     start = time.perf_counter()

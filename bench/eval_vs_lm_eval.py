@@ -60,9 +60,9 @@ def lmlab_prompts(model_name: str, problems: int) -> tuple:
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     datamodule = datamodules.build(cfg, tokenizer)
     records = datamodule.evaluation_records()[:problems]
-    exemplars = datamodule.fewshot_exemplars(records, SHOTS, cfg.prompting.fewshot_seed)
-    prompts = [datamodule.generation_prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
-    stops = datamodule.stop_strings(list(cfg.generation.stop_strings))
+    exemplars = datamodule.prompt_format.fewshot_exemplars(records, SHOTS, cfg.prompting.fewshot_seed)
+    prompts = [datamodule.prompt_format.prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
+    stops = datamodule.prompt_format.stop_strings(list(cfg.generation.stop_strings))
     return model, tokenizer, prompts, stops
 
 

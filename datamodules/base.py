@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator, Mapping
+from types import MappingProxyType
 from typing import Any
 
 import lightning as L
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from datamodules import packing
+from datamodules.prompt_format import PromptFormat
 from datamodules.sources import DataSourceError, load_split
 
 log = logging.getLogger(__name__)
@@ -92,8 +94,8 @@ class TextDataModule(L.LightningDataModule):
     extra_stop_strings: tuple[str, ...] = ()
     # whether its batches can be padding-free (datamodules/packing.py): each example is one sequence with its own labels
     packable: bool = True
-    # the evaluation prompt formats (`prompting.style`) this task can build; the first is the default
-    prompt_styles: tuple[str, ...] = ("lmlab",)
+    # the evaluation prompt formats this task can build, by `prompting.style` name (datamodules/prompt_format.py)
+    prompt_formats: Mapping[str, type[PromptFormat]] = MappingProxyType({"lmlab": PromptFormat})
     # how evaluate.py scores this task: "generation" (generate, then `score`) or "classification"
     evaluation_kind: str = "generation"
 
@@ -115,9 +117,12 @@ class TextDataModule(L.LightningDataModule):
         group_by_length: bool = False,
     ) -> None:
         super().__init__()
-        if prompt_style not in self.prompt_styles:
-            raise ValueError(f"prompting.style={prompt_style}: {type(self).__name__} builds only {list(self.prompt_styles)}")
-        self.prompt_style = prompt_style
+        if prompt_style not in self.prompt_formats:
+            raise ValueError(
+                f"prompting.style={prompt_style}: {type(self).__name__} builds only {list(self.prompt_formats)}"
+            )
+        # how evaluation prompts are built and generations scored (prompting.style)
+        self.prompt_format = self.prompt_formats[prompt_style](self)
         self.tokenizer = tokenizer
         self.source, self.splits = source, splits
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -157,24 +162,10 @@ class TextDataModule(L.LightningDataModule):
         """The examples evaluate.py generates for: the test records, by default."""
         return self.records("test")
 
-    def stop_strings(self, configured: list[str]) -> list[str]:
-        """The stop strings of this task's generations: `generation.stop_strings` plus `extra_stop_strings`."""
-        return [*configured, *self.extra_stop_strings]
-
-    def fewshot_exemplars(self, records: list[dict[str, Any]], count: int, seed: int) -> list[list[dict[str, Any]]]:
-        """The exemplars of each record's k-shot prompt: one seeded draw from the train split, shared by all."""
-        shared = random.Random(seed).sample(self.records("train"), count) if count else []
-        return [shared for _ in records]
-
-    def generation_prompt(self, record: Mapping[str, Any], exemplars: list[Mapping[str, Any]]) -> str:
-        """k-shot prompt: each exemplar's prompt and target, a blank line, then the record's prompt."""
-        shots = "".join(prompt + target + "\n\n" for prompt, target in map(self.format_example, exemplars))
-        return shots + self.format_example(record)[0]
-
     def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
         """The text the model reads for `record` (its zero-shot evaluation prompt) and the (start, end, class)
         character spans of its parts labelled with `attention_classes` (none by default)."""
-        return self.generation_prompt(record, []), []
+        return self.prompt_format.prompt(record, []), []
 
     def records(self, stage: str) -> list[dict[str, Any]]:
         """Raw records of `stage` (train / val / test), split and subsampled; test falls back to val."""

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from datamodules import lm_eval_format
 from datamodules.base import TextDataModule
+from datamodules.lm_eval_format import LmEvalGSM8KFormat
 from datamodules.noise import NoisyProblem, annotate, inject
-from datamodules.sources import DataSourceError, load_split
+from datamodules.prompt_format import PromptFormat
+from datamodules.sources import DataSourceError
 
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 STRICT = (lm_eval_format.STRICT, re.compile(r"The answer is (\-?[0-9\.\,]+)\."))
@@ -82,29 +85,13 @@ class GSM8KDataModule(TextDataModule):
             return inject(question, self.noise["type"], self.noise["seed"], self.noise.get("sentences", 1))
         return annotate(question)
 
-    attention_classes = ("KMI", "NI", "OC")
-    prompt_styles = ("lmlab", "lm_eval")
-
-    def stop_strings(self, configured: list[str]) -> list[str]:
-        """lm_eval style: exactly lm-eval's (a completion keeps the blank line before "Question:", as lm-eval's does)."""
-        return list(lm_eval_format.STOP_STRINGS) if self.prompt_style == "lm_eval" else super().stop_strings(configured)
-
-    def fewshot_exemplars(self, records: list[dict[str, Any]], count: int, seed: int) -> list[list[dict[str, Any]]]:
-        """lmlab style: one shared draw; lm_eval style: a draw per problem from the whole train split."""
-        if self.prompt_style != "lm_eval":
-            return super().fewshot_exemplars(records, count, seed)
-        pool = load_split(self.source, self.splits["train"], "train") if count else []
-        return lm_eval_format.exemplars_per_problem(pool, len(records), count, seed)
-
-    def generation_prompt(self, record: Mapping[str, Any], exemplars: list[Mapping[str, Any]]) -> str:
-        if self.prompt_style != "lm_eval":
-            return super().generation_prompt(record, exemplars)
-        return lm_eval_format.prompt(self._raw_question(record), [(self._raw_question(e), e["answer"]) for e in exemplars])
-
-    def _raw_question(self, record: Mapping[str, Any]) -> str:
-        """The question as stored (lm-eval does not strip it), or with the configured noise injected."""
+    def stored_question(self, record: Mapping[str, Any]) -> str:
+        """The question as stored (not stripped, as lm-eval reads it), or with the configured noise injected."""
         validate_record(record)
         return self.problem(record).question if self.noise else record["question"]
+
+    attention_classes = ("KMI", "NI", "OC")
+    prompt_formats = MappingProxyType({"lmlab": PromptFormat, "lm_eval": LmEvalGSM8KFormat})
 
     def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
         """The prompt and the (start, end, label) character spans of its question; template text is OC."""
@@ -121,13 +108,9 @@ class GSM8KDataModule(TextDataModule):
         return self.prompt_template.format(question=self.problem(record).question), solution
 
     def reference(self, record: Mapping[str, Any]) -> str:
-        if self.prompt_style == "lm_eval":
-            return lm_eval_format.comparable(record["answer"])
         return gold_answer(record["answer"])
 
     def score(self, generation: str, reference: str) -> dict[str, Any]:
-        if self.prompt_style == "lm_eval":
-            return lm_eval_format.score(generation, reference)
         strict, flexible = extract_strict(generation), extract_flexible(generation)
         return {
             "extracted_strict": strict,

@@ -18,6 +18,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from datamodules.prompt_format import PromptFormat
+from datamodules.sources import load_split
+
 QUESTION_TEMPLATE = "Question: {question}\nAnswer:"
 TARGET_DELIMITER = " "
 FEWSHOT_DELIMITER = "\n\n"
@@ -72,3 +75,28 @@ def score(generation: str, gold: str) -> dict[str, Any]:
         "exact_match_strict": float(comparable(strict) == gold),
         "exact_match_flexible": float(comparable(flexible) == gold),
     }
+
+
+class LmEvalGSM8KFormat(PromptFormat):
+    """`prompting.style=lm_eval` of the GSM8K tasks: lm-eval's prompts, exemplar draws, stop strings and scoring
+    (the question noise-injected where the task injects noise)."""
+
+    def fewshot_exemplars(self, records: list[dict[str, Any]], count: int, seed: int) -> list[list[dict[str, Any]]]:
+        """A draw per problem from the whole train split (no validation part held out)."""
+        pool = load_split(self.task.source, self.task.splits["train"], "train") if count else []
+        return exemplars_per_problem(pool, len(records), count, seed)
+
+    def prompt(self, record: Mapping[str, Any], exemplars: list[Mapping[str, Any]]) -> str:
+        question = self.task.stored_question
+        return prompt(question(record), [(question(e), e["answer"]) for e in exemplars])
+
+    def stop_strings(self, configured: list[str]) -> list[str]:
+        """Exactly lm-eval's, in place of the configured ones (a completion keeps the blank line before
+        "Question:", as lm-eval's does)."""
+        return list(STOP_STRINGS)
+
+    def reference(self, record: Mapping[str, Any]) -> str:
+        return comparable(record["answer"])
+
+    def score(self, generation: str, reference: str) -> dict[str, Any]:
+        return score(generation, reference)

@@ -21,10 +21,12 @@ import json
 import re
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from datamodules.base import IGNORE_INDEX, TextDataModule
 from datamodules.gsm8k import CALCULATOR_ANNOTATION, FLEXIBLE, extract_flexible, normalise
+from datamodules.prompt_format import PromptFormat
 from datamodules.sources import DataSourceError, read_file
 
 PLAIN_ROLES = {"system": "System", "user": "Student", "assistant": "Teacher"}
@@ -94,10 +96,19 @@ def text_tokens(text: str, tokenize: str) -> list[str]:
     return re.findall(r"[^\W_]+", text.lower())
 
 
+class DialoguePromptFormat(PromptFormat):
+    """lmlab's style for dialogues: the conversation before the teacher turn, in the chat template, with the
+    generation prompt of the next turn (no exemplars)."""
+
+    def prompt(self, record: Mapping[str, Any], exemplars: list[Mapping[str, Any]]) -> str:
+        return self.task.render(list(record["messages"]), add_generation_prompt=True)
+
+
 class SocraticDataModule(TextDataModule):
     """Tutoring dialogues: teacher-turn loss for training, next-teacher-turn generation for evaluation."""
 
     extra_stop_strings = ("\nStudent:",)
+    prompt_formats = MappingProxyType({"lmlab": DialoguePromptFormat})
 
     def __init__(self, system_prompt: str | None = None, eval_turns: str = "last",
                  text_metrics: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
@@ -173,9 +184,6 @@ class SocraticDataModule(TextDataModule):
                 examples.append({**dialogue, "messages": dialogue["messages"][:index],
                                  "turn": dialogue["messages"][index]["content"], "final": index == turns[-1]})
         return examples
-
-    def generation_prompt(self, record: Mapping[str, Any], exemplars: list[Mapping[str, Any]]) -> str:
-        return self.render(list(record["messages"]), add_generation_prompt=True)
 
     def reference(self, record: Mapping[str, Any]) -> dict[str, Any]:
         answer = record.get("answer") if record.get("final") else None

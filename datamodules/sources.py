@@ -42,6 +42,9 @@ def load_split(source: Mapping[str, Any], split: str, stage: str | None = None) 
     if kind == "bundled":
         return read_file(SAMPLES_DIR / source["bundled"] / f"{split}.jsonl")[:limit]
     if kind == "hub":
+        if not source.get("hub_id"):
+            raise DataSourceError("task.source=hub but the task names no hub dataset (task.hub_id); set "
+                                  "task.hub_id=<dataset id> or task.data_files=<local file>")
         return read_hub(source["hub_id"], source.get("hub_config"), split, bool(source.get("streaming")), limit)
     raise DataSourceError(f"task.source must be 'hub' or 'bundled' (or set task.data_files), got {kind!r}")
 

@@ -14,7 +14,6 @@ parameters when a method freezes the base model, so a LoRA checkpoint holds the 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,7 +24,6 @@ from transformers import PreTrainedModel
 
 from datamodules.base import IGNORE_INDEX
 from datamodules.packing import model_inputs
-from lightning_modules import methods
 from lightning_modules.optim import OptimisedModule, module_settings
 
 METRICS = ("loss", "token_acc", "top5_acc", "confidence")
@@ -121,7 +119,3 @@ class CausalLMModule(OptimisedModule):
         loss = self.metrics[f"{stage}_loss"]
         if loss.update_count:
             self.log(f"{stage}/ppl", math.exp(min(loss.compute().item(), 50.0)))
-
-    def export(self, target: Path, method_cfg: DictConfig) -> None:
-        """Save what training changed to `target` (see lightning_modules.methods.export)."""
-        methods.export(self.model, method_cfg, target)

@@ -13,24 +13,20 @@ Metrics (torchmetrics): accuracy (micro), macro F1 and the confusion matrix, who
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
 from omegaconf import DictConfig
-from safetensors.torch import save_file
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from transformers import PreTrainedModel
 
-from lightning_modules import architecture, injection, methods
+from lightning_modules import architecture, injection
 from lightning_modules.optim import OptimisedModule, module_settings
 
-HEAD_FILE = "classifier_head.safetensors"
-HEAD_CONFIG = "classifier.json"
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 
 
@@ -204,21 +200,3 @@ class ClassifierModule(OptimisedModule):
 
     def on_test_epoch_end(self) -> None:
         log_classification_epoch(self, self.scores["test"], "test", self.class_names)
-
-    def export(self, target: Path, method_cfg: DictConfig) -> None:
-        """The backbone as its method saves it, plus `classifier_head.safetensors` and `classifier.json`."""
-        methods.export(self.model, method_cfg, target)
-        head = {name: p.detach().contiguous() for name, p in self.classifier.named_parameters() if not name.startswith("model.")}
-        save_file(head, target / HEAD_FILE)
-        (target / HEAD_CONFIG).write_text(json.dumps(self.head_config, indent=2) + "\n")
-
-    @classmethod
-    def load(cls, model: PreTrainedModel, directory: Path) -> ClassifierModule:
-        """The classifier saved by `export` in `directory`, on the (restored) backbone `model`."""
-        module = cls(model, **json.loads((directory / HEAD_CONFIG).read_text()))
-        head = methods.read_safetensors(directory / HEAD_FILE)
-        missing, unexpected = module.classifier.load_state_dict(head, strict=False)
-        missing = [name for name in missing if not name.startswith("model.")]
-        if missing or unexpected:
-            raise ValueError(f"{directory / HEAD_FILE}: does not match {HEAD_CONFIG} (missing {missing}, unexpected {unexpected})")
-        return module

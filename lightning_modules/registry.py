@@ -9,9 +9,7 @@ else in a checkpoint can select code to run.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -23,17 +21,13 @@ from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.label_lm import LabelLMModule
 from lightning_modules.methods import (
-    METHOD_FILE,
-    TRAINABLE_FILE,
     MethodContext,
     adapter,
     full,
     lora,
     projection_head,
     prompt_tuning,
-    read_safetensors,
     svd_lora,
-    trainable_state,
 )
 
 TASK_MODULES: dict[str, type[L.LightningModule]] = {
@@ -73,7 +67,7 @@ def method_knobs(method_cfg: DictConfig | dict[str, Any]) -> dict[str, Any]:
 
 def build_method(method_cfg: DictConfig) -> Callable[[PreTrainedModel, MethodContext], PreTrainedModel]:
     """`apply(model, context)` of `method_cfg`: its `_target_` with the config's knobs bound."""
-    registered = _registered(method_cfg.get("name"), "method.name")
+    registered = registered_method(method_cfg.get("name"), "method.name")
     target = method_cfg.get("_target_")
     if target != f"{registered.__module__}.{registered.__name__}":
         raise UnknownMethodError(f"method.name={method_cfg.name} is {registered.__module__}.{registered.__name__}, "
@@ -81,25 +75,9 @@ def build_method(method_cfg: DictConfig) -> Callable[[PreTrainedModel, MethodCon
     return instantiate({"_target_": target, "_partial_": True, **method_knobs(method_cfg)})
 
 
-def restore_method(base: PreTrainedModel, directory: Path, model_cfg: DictConfig) -> PreTrainedModel:
-    """Re-apply the method an export saved in `directory` (method.json, by registry name) to `base` and load its
-    trained weights."""
-    saved = json.loads((directory / METHOD_FILE).read_text())
-    apply = _registered(saved.get("name"), str(directory / METHOD_FILE))
-    model = apply(base, MethodContext(model_cfg=model_cfg), **method_knobs(saved))
-    if (directory / TRAINABLE_FILE).exists():
-        state = read_safetensors(directory / TRAINABLE_FILE)
-        expected = set(trainable_state(model))
-        if set(state) != expected:
-            raise ValueError(
-                f"{directory / TRAINABLE_FILE}: saved weights do not match method '{saved['name']}' on this model "
-                f"(missing {sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]})"
-            )
-        model.load_state_dict(state, strict=False)
-    return model
-
-
-def _registered(name: Any, where: str) -> Callable[..., PreTrainedModel]:
+def registered_method(name: Any, where: str) -> Callable[..., PreTrainedModel]:
+    """The method function registered as `name`; UnknownMethodError naming `where` (the config key or file) when
+    there is none."""
     if name not in METHODS:
         raise UnknownMethodError(f"{where}: {name!r} is not a registered lmlab method; one of {sorted(METHODS)}")
     return METHODS[name]

@@ -10,19 +10,18 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_modules.classifier import HEAD_CONFIG, ClassificationMetrics, ClassifierModule, plot_confusion
+from lightning_modules.classifier import ClassificationMetrics, plot_confusion
 from lightning_modules.label_lm import LabelLMModule
-from runtime.exports import checkpoint_dir
+from runtime.saved_run import load_classifier
 
 
 def score(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, datamodule: Any,
           records: list[dict[str, Any]], run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Classify every test example (label likelihood, or the saved projection head); accuracy and macro F1."""
-    directory = checkpoint_dir(cfg)
-    if directory is not None and (directory / HEAD_CONFIG).exists():
-        module = ClassifierModule.load(model, directory)
-    else:
-        module = LabelLMModule(model, datamodule.label_token_ids(), datamodule.class_names, datamodule.tokenizer.pad_token_id)
+    module = load_classifier(model, cfg)
+    if module is None:  # no saved head: the label likelihood
+        module = LabelLMModule(model, datamodule.label_token_ids(), datamodule.class_names,
+                               datamodule.tokenizer.pad_token_id)
     module.eval()
     examples = datamodule.tokenize_all(records, "test")
     metrics, rows, size = ClassificationMetrics(len(datamodule.class_names)), [], cfg.generation.batch_size

@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 
 import datamodules
 from runtime import classification_scoring, generation_scoring
-from runtime.exports import load_model, use_checkpoint_model
 from runtime.judge import judge_rows
+from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import overrides, start
 from runtime.task_grid import headline_metric
 

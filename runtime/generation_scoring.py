@@ -27,16 +27,17 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
 def score(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, datamodule: Any,
           records: list[dict[str, Any]], run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Generate for every test example and score it: pass@ per `exact_match_*` score, means of the other scores."""
-    exemplars = datamodule.fewshot_exemplars(records, cfg.prompting.num_fewshot, cfg.prompting.fewshot_seed)
-    prompts = [datamodule.generation_prompt(record, shots) for record, shots in zip(records, exemplars, strict=True)]
+    style = datamodule.prompt_format
+    exemplars = style.fewshot_exemplars(records, cfg.prompting.num_fewshot, cfg.prompting.fewshot_seed)
+    prompts = [style.prompt(record, shots) for record, shots in zip(records, exemplars, strict=True)]
     settings = OmegaConf.to_container(cfg.generation, resolve=True)
-    settings["stop_strings"] = datamodule.stop_strings(settings["stop_strings"])
+    settings["stop_strings"] = style.stop_strings(settings["stop_strings"])
     completions = generate(model, tokenizer, prompts, **settings)
 
     rows, samples = [], cfg.generation.num_samples
     for index, (record, prompt, generations) in enumerate(zip(records, prompts, completions, strict=True)):
-        reference = datamodule.reference(record)
-        scores = [datamodule.score(text, reference) for text in generations]
+        reference = style.reference(record)
+        scores = [style.score(text, reference) for text in generations]
         row = {"index": index, "where": record.get("_where"), "prompt": prompt, "generation": generations[0], "gold": reference}
         row |= scores[0]
         for mode in [key.removeprefix("exact_match_") for key in scores[0] if key.startswith("exact_match_")]:

@@ -12,7 +12,6 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.loggers import Logger
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -22,6 +21,7 @@ from lightning_modules.architecture import bare_model
 from lightning_modules.methods import MethodContext, count_parameters
 from lightning_modules.packing import packs_sequences
 from lightning_modules.registry import build_method, task_module_class
+from runtime import saved_run
 from runtime.checkpointing import AtomicCheckpointIO, RestoreRNG, remove_partial_files
 from runtime.session import RecordRunId, overrides, start
 from runtime.validate import check_config, task_module
@@ -75,6 +75,12 @@ def build_trainer(cfg: DictConfig, model: PreTrainedModel, loggers: list[Logger]
     return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **extra)
 
 
+def trainable_module(cfg: DictConfig) -> L.LightningModule:
+    """The task module of `cfg` around a freshly built trainable model (an FSDP run's unsharded copy for export)."""
+    model, _, datamodule, _ = build_trainable_model(cfg)
+    return task_module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, test and save one run; return (and write to results.json) its final metrics."""
     check_config(cfg)
@@ -111,7 +117,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if results["diverged"]:
             log.warning("RUN DIVERGED: %s. Its metrics and final/ are not a trained model; results.json says "
                         "diverged: true. Lower optim.lr.", results["divergence_reason"])
-        final_dir = export(cfg, trainer, module, tokenizer, session.run_dir / "final")  # before any later stage
+        final_dir = saved_run.write_final(trainer, module, cfg.method, tokenizer, session.run_dir / "final",
+                                          unsharded=lambda: trainable_module(cfg))  # before any later stage
         if trainer.is_global_zero:
             results["final_dir"] = final_dir
         if cfg.test_after_fit:
@@ -166,22 +173,3 @@ def divergence(module: L.LightningModule, max_abs_weight: float) -> dict[str, An
         report |= {"diverged": True, "divergence_reason": f"a trainable weight reached {largest:.3g} "
                    f"(> divergence_max_abs_weight={max_abs_weight:g})"}
     return report
-
-
-def export(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, tokenizer: PreTrainedTokenizerBase,
-           target: Path) -> str | None:
-    """Save what training changed (adapter, trained weights + method, or the whole model) and the tokenizer, on
-    rank 0. Under FSDP every rank takes part in gathering the weights; rank 0 loads them into an unsharded copy
-    of the same model and method and exports that, so an FSDP run's final/ is a single-device run's."""
-    if isinstance(trainer.strategy, FSDPStrategy):
-        state = trainer.strategy.full_state_dict()
-        if not trainer.is_global_zero:
-            return None
-        model, _, datamodule, _ = build_trainable_model(cfg)
-        module = task_module_class(task_module(cfg)).from_config(model, cfg, datamodule)
-        module.load_state_dict(state)
-    elif not trainer.is_global_zero:
-        return None
-    module.export(target, cfg.method)
-    tokenizer.save_pretrained(target)
-    return str(target)

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from lightning_modules import architecture, registry
-from runtime import evaluation, exports
+from runtime import evaluation, saved_run
 from runtime.training import run
 from tests.conftest import CONF_DIR, ROOT
 
@@ -85,7 +85,7 @@ def test_worked_example_trains_exports_reloads_and_evaluates(tmp_path: Path, mon
     eval_cfg = compose_in(conf, "evaluate", *common, f"ckpt={tmp_path / 'train'}", "generation.max_new_tokens=4")
     with open_dict(eval_cfg):
         eval_cfg.paths.output_dir = str(tmp_path / "eval")
-    restored, _ = exports.load_model(eval_cfg)
+    restored, _ = saved_run.load_model(eval_cfg)
     norms = {n: p for n, p in restored.named_parameters() if "norm" in n}
     assert len(norms) == 5 and any(not torch.equal(p, torch.ones_like(p)) for p in norms.values())  # trained norms
     assert architecture.structure(restored).mlp_output == "mlp.down_proj" and "bitfit" in registry.METHODS

@@ -12,6 +12,7 @@ from datamodules.base import IGNORE_INDEX, EpochSeededSampler
 from datamodules.gsm8k import GSM8KDataModule
 from datamodules.sources import DataSourceError, load_split, read_file
 from lightning_modules.models import byte_level_tokenizer
+from tests.conftest import compose_config
 
 TEMPLATE = "Question: {question}\nAnswer:"
 
@@ -78,6 +79,12 @@ def test_unreachable_hub_says_how_to_load_local_files(monkeypatch: pytest.Monkey
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataSourceError, match="task.data_files=.*task.source=bundled"):
         load_split({"kind": "hub", "hub_id": "openai/gsm8k", "hub_config": "main"}, "train")
+
+
+def test_a_task_without_a_hub_dataset_asks_for_one_or_for_local_files() -> None:
+    cfg = compose_config("task=gsm8k", "task.hub_id=null")
+    with pytest.raises(DataSourceError, match="task.hub_id=<dataset id> or task.data_files=<local file>"):
+        load_split(cfg.task.datamodule.source, "train")
 
 
 def test_loss_mask_covers_exactly_the_target_tokens() -> None:

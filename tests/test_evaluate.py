@@ -15,7 +15,7 @@ from analysis import noise_study
 from datamodules.gsm8k import extract_flexible, extract_strict, gold_answer
 from lightning_modules import models
 from lightning_modules.generation import generate, truncate_at_stop
-from runtime import evaluation, exports, generation_scoring, task_grid
+from runtime import evaluation, generation_scoring, saved_run, task_grid
 from runtime.training import run as train
 from tests.conftest import compose_config
 
@@ -129,13 +129,13 @@ def test_fewshot_prompt_prepends_train_exemplars(tmp_path: Path) -> None:
 def test_fine_tuned_checkpoints_load_with_their_own_architecture(tiny_config, tmp_path: Path) -> None:
     lora_run = train(tiny_config("model=tiny_llama", "method=lora", "data.max_train_samples=8", run_dir=tmp_path / "lora"))
     cfg = compose_config("model=tiny_llama", f"ckpt={lora_run['run_dir']}", *EVAL_TINY, config_name="evaluate")
-    model, _ = exports.load_model(cfg)
+    model, _ = saved_run.load_model(cfg)
     assert isinstance(model, PeftModel)
     assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in model.named_parameters())
 
     full_run = train(tiny_config("model=tiny_diffllama", "method=full", "data.max_train_samples=8", run_dir=tmp_path / "full"))
     cfg = compose_config("model=tiny_llama", f"ckpt={full_run['final_dir']}", *EVAL_TINY, config_name="evaluate")
-    model, _ = exports.load_model(cfg)
+    model, _ = saved_run.load_model(cfg)
     assert type(model).__name__ == "DiffLlamaForCausalLM"  # read from the saved config, not from model=
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "eval")
@@ -145,7 +145,7 @@ def test_fine_tuned_checkpoints_load_with_their_own_architecture(tiny_config, tm
 def test_unusable_ckpt_says_what_it_expects(tmp_path: Path) -> None:
     cfg = compose_config("model=tiny_llama", f"ckpt={tmp_path}", config_name="evaluate")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        exports.load_model(cfg)
+        saved_run.load_model(cfg)
 
 
 def test_grid_drop_is_relative_to_the_clean_score() -> None:

@@ -18,9 +18,8 @@ from analysis import gradsim, memit, memit_inputs
 from analysis.attention_maps import AttentionCapture, differential_maps, prefer_eager
 from datamodules.sources import load_split
 from lightning_modules import architecture, models
-from lightning_modules.classifier import ClassifierModule
 from lightning_modules.generation import batches_continuously, generate
-from runtime import exports
+from runtime import saved_run
 from runtime.training import run
 from tests.conftest import compose_config
 from tests.families import FAMILIES, REMOTE_CODE, overrides
@@ -66,8 +65,9 @@ def test_method_trains_two_steps_and_reloads_from_its_export(tiny_config, minimi
     eval_cfg = compose_config(*overrides(name, minimind_dir), *task, "task.source=bundled", f"ckpt={cfg.paths.output_dir}",
                               config_name="evaluate")
     L.seed_everything(cfg.seed)  # the same random base weights as the training run (tiny models are built from seed)
-    model, _ = exports.load_model(eval_cfg)
-    module = ClassifierModule.load(model, Path(results["final_dir"])) if method == "projection_head" else None
+    model, _ = saved_run.load_model(eval_cfg)
+    module = saved_run.load_classifier(model, eval_cfg)
+    assert (module is not None) == (method == "projection_head")
     with torch.no_grad():
         reloaded = module_outputs(module.eval() if module else _Wrapped(model.eval()), batch)
     torch.testing.assert_close(reloaded, saved["outputs"], rtol=1e-5, atol=1e-5)

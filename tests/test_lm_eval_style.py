@@ -45,7 +45,7 @@ def lm_eval_datamodule(*overrides: str):
 def test_prompt_is_lm_evals_text_with_exemplars_drawn_per_problem(gsm8k_files: str) -> None:
     datamodule = lm_eval_datamodule(gsm8k_files)
     records = datamodule.evaluation_records()
-    exemplars = datamodule.fewshot_exemplars(records, 2, 1234)
+    exemplars = datamodule.prompt_format.fewshot_exemplars(records, 2, 1234)
     # lm-eval's ContextSampler: one Random(seed) draws each test problem's exemplars in test order, from the
     # whole train split (lmlab's own style holds out a validation part and shares one draw)
     draw = random.Random(1234)
@@ -54,7 +54,7 @@ def test_prompt_is_lm_evals_text_with_exemplars_drawn_per_problem(gsm8k_files: s
     assert exemplars[0] != exemplars[1]
 
     first, second = exemplars[0]
-    prompt = datamodule.generation_prompt(records[0], exemplars[0])
+    prompt = datamodule.prompt_format.prompt(records[0], exemplars[0])
     assert prompt == (
         f"Question: {first['question']}\nAnswer: {first['answer']}\n\n"
         f"Question: {second['question']}\nAnswer: {second['answer']}\n\n"
@@ -63,9 +63,9 @@ def test_prompt_is_lm_evals_text_with_exemplars_drawn_per_problem(gsm8k_files: s
     # calculator notes and the question's own trailing space are kept, as lm-eval keeps them
     shots = {e["question"]: e for e in TRAIN}
     assert "<<" in prompt and all(e["question"] in shots for e in exemplars[0])
-    assert datamodule.generation_prompt(records[1], []) == "Question: Flo bakes 6 pies and sells 4. How many left?\nAnswer:"
+    assert datamodule.prompt_format.prompt(records[1], []) == "Question: Flo bakes 6 pies and sells 4. How many left?\nAnswer:"
     # lm-eval's `until`, replacing generation.stop_strings: "\n\nQuestion:" would also cut the blank line it keeps
-    assert datamodule.stop_strings(["\n\nQuestion:"]) == ["Question:", "</s>", "<|im_end|>"]
+    assert datamodule.prompt_format.stop_strings(["\n\nQuestion:"]) == ["Question:", "</s>", "<|im_end|>"]
 
 
 def test_lmlab_style_is_unchanged(gsm8k_files: str) -> None:
@@ -73,11 +73,11 @@ def test_lmlab_style_is_unchanged(gsm8k_files: str) -> None:
     _, tokenizer = models.build(cfg.model)
     datamodule = datamodules.build(cfg, tokenizer)
     records = datamodule.evaluation_records()
-    exemplars = datamodule.fewshot_exemplars(records, 1, 1234)
+    exemplars = datamodule.prompt_format.fewshot_exemplars(records, 1, 1234)
     assert exemplars[0] == exemplars[1]
-    prompt = datamodule.generation_prompt(records[0], exemplars[0])
+    prompt = datamodule.prompt_format.prompt(records[0], exemplars[0])
     assert prompt.endswith("Question: Ed has 7 cats and gets 1 more. How many cats?\nAnswer: Let's think step by step.\n")
-    assert "<<" not in prompt and datamodule.stop_strings(["Q:"]) == ["Q:"]
+    assert "<<" not in prompt and datamodule.prompt_format.stop_strings(["Q:"]) == ["Q:"]
 
 
 @pytest.mark.parametrize(

@@ -229,4 +229,18 @@ def test_model_configs_carry_memit_z_settings() -> None:
             gpt2_xl.mom2_update_weight, list(gpt2_xl.layers)) == (0.75, 0.5, 20, 0.0625, 20000, [13, 14, 15, 16, 17])
     llama = compose_config("model=llama2_7b", config_name="ripple").analysis.memit
     assert (llama.clamp_norm_factor, llama.v_weight_decay, llama.v_num_grad_steps) == (4.0, 1e-3, 25)
+    any_model = compose_config("model=hf_causal_lm", "model.memit.layers=[0]", "model.memit.mom2_update_weight=1",
+                               config_name="ripple").analysis.memit
+    assert (any_model.clamp_norm_factor, any_model.v_weight_decay, any_model.v_num_grad_steps) == (0.75, 0.5, 20)
     assert json.loads(json.dumps(OmegaConf.to_container(gpt2_xl.stats, resolve=True)))["source"]["max_records"] == 100000
+
+
+def test_a_model_file_states_only_the_memit_settings_that_differ_from_its_family() -> None:
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    base = OmegaConf.load(conf / "model_family" / "base.yaml")
+    for path in sorted((conf / "model").glob("*.yaml")):
+        stated = OmegaConf.load(path)
+        family_file = next(entry for entry in stated.defaults if str(entry).startswith("/model_family/"))
+        family = OmegaConf.merge(base, OmegaConf.load(conf / f"{family_file.split('@')[0].lstrip('/')}.yaml"))
+        repeated = {key for key, value in stated.get("memit", {}).items() if family.memit.get(key) == value}
+        assert not repeated, f"{path.name} repeats its family's memit settings {sorted(repeated)}"

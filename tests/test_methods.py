@@ -13,12 +13,12 @@ from omegaconf import open_dict
 from peft.tuners.lora import LoraLayer
 
 from datamodules.packing import model_inputs
-from lightning_modules import architecture, methods, models
+from lightning_modules import architecture, models
 from lightning_modules.classifier import SequenceClassifier
 from lightning_modules.generation import generate
 from lightning_modules.methods import MethodContext, adapter, svd_lora
 from lightning_modules.registry import build_method
-from runtime import evaluation, exports
+from runtime import evaluation, saved_run
 from runtime.training import build_trainable_model, run
 from tests.conftest import compose_config
 from tests.helpers import lm_logits
@@ -57,14 +57,14 @@ def test_method_trains_only_its_parameters_and_round_trips(tiny_config, tmp_path
     nudge(model)
     model.eval()
     expected = lm_logits(model, batch)
-    methods.export(model, cfg.method, tmp_path / "saved")
+    saved_run.write_model(model, cfg.method, tmp_path / "saved")
     tokenizer.save_pretrained(tmp_path / "saved")
     saved_bytes = sum(f.stat().st_size for f in (tmp_path / "saved").glob("*.safetensors"))
     assert saved_bytes < 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 10_000  # trained part only
 
     eval_cfg = compose_config(f"model={model_name}", f"ckpt={tmp_path / 'saved'}", config_name="evaluate")
     L.seed_everything(0)  # the same random base weights (tiny models are built from scratch)
-    restored, _ = exports.load_model(eval_cfg)
+    restored, _ = saved_run.load_model(eval_cfg)
     restored.eval()
     actual = lm_logits(restored, batch)
     torch.testing.assert_close(actual, expected)

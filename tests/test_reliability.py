@@ -21,10 +21,11 @@ from omegaconf import open_dict
 from datamodules.packing import model_inputs
 from lightning_modules.models import ModelLoadError
 from lightning_modules.optim import NonFiniteLossError
-from lightning_modules.registry import UnknownMethodError, restore_method
+from lightning_modules.registry import UnknownMethodError
 from runtime import checkpointing
 from runtime.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file, write_atomically
 from runtime.run_dir import create_unique_dir
+from runtime.saved_run import METHOD_FILE, TRAINABLE_FILE, restore_method
 from runtime.sweeps import summarize
 from runtime.training import run
 from runtime.validate import ConfigError
@@ -315,18 +316,17 @@ def test_a_checkpoint_with_unused_keys_is_refused(tiny_config, tmp_path: Path) -
 
 
 def test_method_json_can_only_name_a_registered_method(tiny_config, tmp_path: Path) -> None:
-    from lightning_modules import methods
     from lightning_modules.models import build
 
     results = run(tiny_config("model=tiny_llama", "method=adapter", "trainer.max_steps=1", "test_after_fit=false"))
     directory = Path(results["final_dir"])
-    spec = json.loads((directory / methods.METHOD_FILE).read_text())
+    spec = json.loads((directory / METHOD_FILE).read_text())
     cfg = tiny_config("model=tiny_llama")
-    (directory / methods.METHOD_FILE).write_text(json.dumps({**spec, "name": "builtins.print"}))
+    (directory / METHOD_FILE).write_text(json.dumps({**spec, "name": "builtins.print"}))
     with pytest.raises(UnknownMethodError, match="'builtins.print' is not a registered lmlab method"):
         restore_method(build(cfg.model)[0], directory, cfg.model)
     # a target in the file selects nothing: the registered name does
-    (directory / methods.METHOD_FILE).write_text(json.dumps({**spec, "_target_": "builtins.exec", "apply": "builtins.exec"}))
+    (directory / METHOD_FILE).write_text(json.dumps({**spec, "_target_": "builtins.exec", "apply": "builtins.exec"}))
     restored = restore_method(build(cfg.model)[0], directory, cfg.model)
     assert all(hasattr(block, "mlp_adapter") for block in restored.model.layers)
 
@@ -433,7 +433,6 @@ def test_malformed_hotpotqa_records_are_named(tmp_path: Path) -> None:
 
 
 def test_corrupt_safetensors_are_named(tiny_config, tmp_path: Path) -> None:
-    from lightning_modules import methods
     from lightning_modules.models import build
 
     full = run(tiny_config("model=tiny_llama", "method=full", "trainer.max_steps=1", "test_after_fit=false", run_dir=tmp_path / "full"))
@@ -444,7 +443,7 @@ def test_corrupt_safetensors_are_named(tiny_config, tmp_path: Path) -> None:
         build(cfg.model)
 
     adapter = run(tiny_config("model=tiny_llama", "method=adapter", "trainer.max_steps=1", "test_after_fit=false", run_dir=tmp_path / "ad"))
-    trainable = Path(adapter["final_dir"]) / methods.TRAINABLE_FILE
+    trainable = Path(adapter["final_dir"]) / TRAINABLE_FILE
     trainable.write_bytes(b"\x00" * 16)
     base = tiny_config("model=tiny_llama")
     with pytest.raises(ValueError, match=f"{trainable}: not a readable safetensors file"):
