@@ -1,6 +1,7 @@
 """Report of a pre-training ablation sweep: curves, final comparison, efficiency, convergence, tables.
 
-    python train.py -m task=cosmopedia experiment=ablation/baseline,ablation/high_lr,ablation/low_lr,ablation/large_batch,ablation/short_seq,ablation/small_model
+    python train.py -m task=cosmopedia
+    experiment=ablation/baseline,ablation/high_lr,ablation/low_lr,ablation/large_batch,ablation/short_seq,ablation/small_model
     python -m analysis.ablation multirun/cosmopedia/<time>     # the report, written into that directory
 
 (ablation_tiny/*: the same six at CPU scale.)
@@ -28,8 +29,14 @@ from analysis.plots import ablation_figures
 from runtime.results import logged_rows
 from runtime.session import start_report
 
-CURVES = ("train/loss_step", "val/loss", "val/token_acc", "train/grad_norm", "train/device/batches_per_sec",
-          "train/device/items_per_sec")
+CURVES = (
+    "train/loss_step",
+    "val/loss",
+    "val/token_acc",
+    "train/grad_norm",
+    "train/device/batches_per_sec",
+    "train/device/items_per_sec",
+)
 
 
 def read_run(job_dir: Path) -> dict[str, Any]:
@@ -58,21 +65,43 @@ def read_run(job_dir: Path) -> dict[str, Any]:
     }
     name = str(config.get("run_name", job_dir.name)).split("-", 1)[-1]
     settings = {
-        "model": config["model"]["name"], "lr": config["optim"]["lr"], "batch_size": config["data"]["batch_size"],
-        "seq_len": config["data"]["max_length"], "max_steps": config["trainer"]["max_steps"],
+        "model": config["model"]["name"],
+        "lr": config["optim"]["lr"],
+        "batch_size": config["data"]["batch_size"],
+        "seq_len": config["data"]["max_length"],
+        "max_steps": config["trainer"]["max_steps"],
     }
-    return {"name": name, "job_dir": str(job_dir), "settings": settings, "config": config, "final": final,
-            "curves": {k: [list(p) for p in v] for k, v in curves.items()}}
+    return {
+        "name": name,
+        "job_dir": str(job_dir),
+        "settings": settings,
+        "config": config,
+        "final": final,
+        "curves": {k: [list(p) for p in v] for k, v in curves.items()},
+    }
 
 
 def write_report(sweep_dir: Path) -> list[Path]:
     """Read every job of `sweep_dir` and write the figures and tables into it."""
     jobs = sorted((p for p in sweep_dir.iterdir() if (p / "config.yaml").exists()), key=lambda p: p.name)
     if not jobs:
-        raise FileNotFoundError(f"{sweep_dir}: no job directories with a config.yaml (is this a multirun dir?)")
+        raise FileNotFoundError(
+            f"{sweep_dir}: no job directories with a config.yaml (is this a multirun dir?)"
+        )
     runs = [read_run(job) for job in jobs]
-    columns = ["config", "model", "lr", "batch_size", "seq_len", "train_loss", "val_loss", "val_token_acc",
-               "val_perplexity", "steps_per_s", "tokens_per_s"]
+    columns = [
+        "config",
+        "model",
+        "lr",
+        "batch_size",
+        "seq_len",
+        "train_loss",
+        "val_loss",
+        "val_token_acc",
+        "val_perplexity",
+        "steps_per_s",
+        "tokens_per_s",
+    ]
     rows = [{"config": r["name"], **r["settings"], **r["final"]} for r in runs]
     table = sweep_dir / "performance_metrics.csv"
     with table.open("w", newline="") as handle:

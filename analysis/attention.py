@@ -1,4 +1,5 @@
-"""Where a model looks: attention maps of any task's inputs or of free text, and the allocation to token classes.
+"""Where a model looks: attention maps of any task's inputs or of free text, and the allocation to token
+classes.
 
     python -m analysis.attention model=diffllama task=gsm8k_inf [ckpt=<run dir>] [analysis.num_problems=32]
     python -m analysis.attention model=llama task=classification ckpt=<a LoRA run>     # any task
@@ -52,8 +53,12 @@ ANALYSIS_FILE = "attention_analysis.json"
 MAPS_FILE = "attention_maps.safetensors"
 
 
-def token_classes(offsets: list[tuple[int, int]], spans: list[tuple[int, int, str]], text: str,
-                  classes: tuple[str, ...] = CLASSES) -> list[str]:
+def token_classes(
+    offsets: list[tuple[int, int]],
+    spans: list[tuple[int, int, str]],
+    text: str,
+    classes: tuple[str, ...] = CLASSES,
+) -> list[str]:
     """Class of each token from character spans (majority of non-whitespace characters, ties to the class
     listed first; characters outside every span get the last class)."""
     char_class = [classes[-1]] * len(text)
@@ -67,9 +72,11 @@ def token_classes(offsets: list[tuple[int, int]], spans: list[tuple[int, int, st
     return labels
 
 
-def allocation(rows: torch.Tensor, labels: list[str], keep_sink: bool,
-               classes: tuple[str, ...] = CLASSES) -> tuple[np.ndarray, np.ndarray]:
-    """Ratios and normalised scores [H, C] of query rows [H, Q, K] (key t of class labels[t]), averaged over queries."""
+def allocation(
+    rows: torch.Tensor, labels: list[str], keep_sink: bool, classes: tuple[str, ...] = CLASSES
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ratios and normalised scores [H, C] of query rows [H, Q, K] (key t of class labels[t]), averaged over
+    queries."""
     included = torch.ones(len(labels), dtype=torch.bool)
     if not keep_sink:
         included[0] = False
@@ -93,20 +100,37 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
             result = analyse_task(cfg, model, tokenizer, datamodules.build(cfg, tokenizer), session.run_dir)
         figures = {Path(f).stem: Path(f) for f in result.pop("figures")}
         (session.run_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1) + "\n")
-        headline = {f"attention/{m}/{c}_score": v["mean"] for m, s in result["maps"].items() for c, v in s["score"].items()
-                    if v["mean"] is not None}
-        headline |= {f"attention/{m}/{k}": v for m, s in result["maps"].items() for k, v in s.get("table3", {}).items()
-                     if v is not None}
+        headline = {
+            f"attention/{m}/{c}_score": v["mean"]
+            for m, s in result["maps"].items()
+            for c, v in s["score"].items()
+            if v["mean"] is not None
+        }
+        headline |= {
+            f"attention/{m}/{k}": v
+            for m, s in result["maps"].items()
+            for k, v in s.get("table3", {}).items()
+            if v is not None
+        }
         session.log_metrics(headline)
         session.log_images(figures)
-        session.finish({**{k: result[k] for k in ("model", "task", "ckpt", "num_problems")}, "overrides": overrides(),
-                        "metrics": headline, "figures": [str(f) for f in figures.values()]})
+        session.finish(
+            {
+                **{k: result[k] for k in ("model", "task", "ckpt", "num_problems")},
+                "overrides": overrides(),
+                "metrics": headline,
+                "figures": [str(f) for f in figures.values()],
+            }
+        )
     return result
 
 
-def analyse_task(cfg: DictConfig, model: Any, tokenizer: Any, datamodule: Any, run_dir: Path) -> dict[str, Any]:
+def analyse_task(
+    cfg: DictConfig, model: Any, tokenizer: Any, datamodule: Any, run_dir: Path
+) -> dict[str, Any]:
     """Capture the answer-side rows of `cfg.analysis.num_problems` records of the task; summarise the class
-    allocation where the task labels classes; write the heatmap, the allocation figure and (save_maps) the maps."""
+    allocation where the task labels classes; write the heatmap, the allocation figure and (save_maps) the
+    maps."""
     settings = cfg.analysis
     records = datamodule.records(settings.split)[: settings.num_problems]
     if not records:
@@ -123,61 +147,115 @@ def analyse_task(cfg: DictConfig, model: Any, tokenizer: Any, datamodule: Any, r
         for index, (prompt, spans) in enumerate(inputs):
             encoded = tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
             input_ids, length = encoded["input_ids"], encoded["input_ids"].shape[1]
-            labels = token_classes(encoded["offset_mapping"][0].tolist(), spans, prompt, classes) if classes else []
+            labels = (
+                token_classes(encoded["offset_mapping"][0].tolist(), spans, prompt, classes)
+                if classes
+                else []
+            )
             if settings.generated_tokens:
-                input_ids = model.generate(input_ids, max_new_tokens=settings.generated_tokens, do_sample=False,
-                                           pad_token_id=tokenizer.pad_token_id)
+                input_ids = model.generate(
+                    input_ids,
+                    max_new_tokens=settings.generated_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
             queries = list(range(length - 1, input_ids.shape[1]))
             layers = capture.run(model, input_ids, queries, length)
             for name in layers[0] if classes else []:
                 stacked = [allocation(layer[name], labels, settings.keep_sink, classes) for layer in layers]
-                per_problem.setdefault(f"{name}/ratio", []).append(np.stack([s[0] for s in stacked]))  # [L, H, C]
+                per_problem.setdefault(f"{name}/ratio", []).append(
+                    np.stack([s[0] for s in stacked])
+                )  # [L, H, C]
                 per_problem.setdefault(f"{name}/score", []).append(np.stack([s[1] for s in stacked]))
             if index == settings.heatmap_problem:
-                example = {"tokens": token_strings(tokenizer, encoded["input_ids"][0].tolist()), "classes": labels,
-                           "layers": layers}
+                example = {
+                    "tokens": token_strings(tokenizer, encoded["input_ids"][0].tolist()),
+                    "classes": labels,
+                    "layers": layers,
+                }
             if settings.save_maps:
                 saved |= selected_maps(index, layers, settings)
-                described.append({"text": prompt, "tokens": token_strings(tokenizer, input_ids[0].tolist()),
-                                  "queries": queries, "classes": labels})
+                described.append(
+                    {
+                        "text": prompt,
+                        "tokens": token_strings(tokenizer, input_ids[0].tolist()),
+                        "queries": queries,
+                        "classes": labels,
+                    }
+                )
     finally:
         capture.remove()
     summary = summarise(per_problem, classes)
-    figures = [plots.attention_heatmap(example, list(settings.heatmap_heads), run_dir / "attention_heatmap.png")] if example else []
+    figures = (
+        [plots.attention_heatmap(example, list(settings.heatmap_heads), run_dir / "attention_heatmap.png")]
+        if example
+        else []
+    )
     if summary:
-        figures.append(plots.allocation_by_layer(summary, run_dir / "allocation_by_layer.png", f"{cfg.model.name} on {cfg.task.name}"))
+        figures.append(
+            plots.allocation_by_layer(
+                summary, run_dir / "allocation_by_layer.png", f"{cfg.model.name} on {cfg.task.name}"
+            )
+        )
     if settings.save_maps:
         write_maps(run_dir, saved, described, settings)
-    return {"model": cfg.model.name, "task": cfg.task.name, "ckpt": cfg.get("ckpt"), "num_problems": len(records),
-            "classes": list(classes), "keep_sink": settings.keep_sink, "generated_tokens": settings.generated_tokens,
-            "maps": summary, "figures": figures}
+    return {
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "ckpt": cfg.get("ckpt"),
+        "num_problems": len(records),
+        "classes": list(classes),
+        "keep_sink": settings.keep_sink,
+        "generated_tokens": settings.generated_tokens,
+        "maps": summary,
+        "figures": figures,
+    }
 
 
-def attention_input(datamodule: Any, record: dict[str, Any], task: str) -> tuple[str, list[tuple[int, int, str]]]:
-    """The text the model reads for `record` and its class spans; a task whose DataModule cannot say is named."""
+def attention_input(
+    datamodule: Any, record: dict[str, Any], task: str
+) -> tuple[str, list[tuple[int, int, str]]]:
+    """The text the model reads for `record` and its class spans; a task whose DataModule cannot say is
+    named."""
     try:
         return datamodule.attention_input(record)
     except (NotImplementedError, AttributeError) as error:
         raise ValueError(
-            f"task '{task}' cannot be analysed: its DataModule ({type(datamodule).__name__}) does not say what text "
+            f"task '{task}' cannot be analysed: its DataModule ({type(datamodule).__name__}) does not say "
+            "what text "
             "the model reads (implement attention_input, or format_example); analyse free text instead with "
             "analysis.text='...' or analysis.text_file=<file>"
         ) from error
 
 
 def analyse_texts(cfg: DictConfig, model: Any, tokenizer: Any, run_dir: Path) -> dict[str, Any]:
-    """Full query x key maps of each free-text prompt: one heatmap per prompt, the maps (save_maps) for notebooks."""
+    """Full query x key maps of each free-text prompt: one heatmap per prompt, the maps (save_maps) for
+    notebooks."""
     settings = cfg.analysis
     texts = [settings.text] if settings.get("text") else read_prompts(Path(settings.text_file))
-    results = attention_maps(model, tokenizer, texts, _list(settings.layers), _list(settings.heads), tuple(settings.maps))
-    figures = [plots.text_heatmap(r, [list(p) for p in settings.heatmap_heads], run_dir / f"attention_text_{i}.png")
-               for i, r in enumerate(results)]
+    results = attention_maps(
+        model, tokenizer, texts, _list(settings.layers), _list(settings.heads), tuple(settings.maps)
+    )
+    figures = [
+        plots.text_heatmap(r, [list(p) for p in settings.heatmap_heads], run_dir / f"attention_text_{i}.png")
+        for i, r in enumerate(results)
+    ]
     if settings.save_maps:
         saved = {f"{i}/{name}": values for i, r in enumerate(results) for name, values in r.maps.items()}
-        described = [{"text": r.text, "tokens": r.tokens, "queries": list(range(len(r.tokens)))} for r in results]
+        described = [
+            {"text": r.text, "tokens": r.tokens, "queries": list(range(len(r.tokens)))} for r in results
+        ]
         write_maps(run_dir, saved, described, settings, results[0].layers, results[0].heads)
-    return {"model": cfg.model.name, "task": "text", "ckpt": cfg.get("ckpt"), "num_problems": len(texts), "classes": [],
-            "texts": texts, "maps": {}, "figures": figures}
+    return {
+        "model": cfg.model.name,
+        "task": "text",
+        "ckpt": cfg.get("ckpt"),
+        "num_problems": len(texts),
+        "classes": [],
+        "texts": texts,
+        "maps": {},
+        "figures": figures,
+    }
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -190,23 +268,36 @@ def read_prompts(path: Path) -> list[str]:
     return prompts
 
 
-def selected_maps(index: int, layers: list[dict[str, torch.Tensor]], settings: DictConfig) -> dict[str, torch.Tensor]:
+def selected_maps(
+    index: int, layers: list[dict[str, torch.Tensor]], settings: DictConfig
+) -> dict[str, torch.Tensor]:
     """The captured rows of one input for the chosen layers and heads: `<index>/<map>` -> [L, H, Q, K]."""
     chosen = select(_list(settings.layers), len(layers), "layers")
     maps = {}
     for name in layers[0]:
         stacked = torch.stack([layers[i][name] for i in chosen])  # [L, H, Q, K]
-        maps[f"{index}/{name}"] = stacked[:, select(_list(settings.heads), stacked.shape[1], "heads")].contiguous()
+        maps[f"{index}/{name}"] = stacked[
+            :, select(_list(settings.heads), stacked.shape[1], "heads")
+        ].contiguous()
     return maps
 
 
-def write_maps(run_dir: Path, maps: dict[str, torch.Tensor], inputs: list[dict[str, Any]], settings: DictConfig,
-               layers: list[int] | None = None, heads: list[int] | None = None) -> None:
+def write_maps(
+    run_dir: Path,
+    maps: dict[str, torch.Tensor],
+    inputs: list[dict[str, Any]],
+    settings: DictConfig,
+    layers: list[int] | None = None,
+    heads: list[int] | None = None,
+) -> None:
     """attention_maps.safetensors and its description attention_maps.json."""
     save_file(maps, run_dir / MAPS_FILE)
-    description = {"layers": layers if layers is not None else _list(settings.layers),
-                   "heads": heads if heads is not None else _list(settings.heads), "inputs": inputs,
-                   "keys": "<input index>/<map name>: [layers, heads, queries, keys]"}
+    description = {
+        "layers": layers if layers is not None else _list(settings.layers),
+        "heads": heads if heads is not None else _list(settings.heads),
+        "inputs": inputs,
+        "keys": "<input index>/<map name>: [layers, heads, queries, keys]",
+    }
     (run_dir / "attention_maps.json").write_text(json.dumps(description, indent=1, ensure_ascii=False) + "\n")
 
 

@@ -6,14 +6,14 @@ the function notebooks call.
     maps.tokens                 # the token strings, in order
     maps.maps["standard"]       # [layers, heads, T, T] (DiffLlama: maps.maps["diff"], the differential map)
 
-The maps are taken where the attention computes them, whatever the model's code: while a block's attention module
-runs, a torch function mode watches its calls, and the attention weights are the output of its softmax over the
-keys, or, where it calls `scaled_dot_product_attention` (which never returns them), softmax(QK^T * scale + mask)
-computed from the same q, k, mask and scale (grouped kv heads repeated as sdpa does). The attention modules are
-found in the model (lightning_modules/architecture.py), so remote-code models that never return weights are
-analysed like transformers' own; models whose attention implementation can be chosen run with eager attention.
-The hooks keep only the rows and keys asked for, so a layer's full [B, H, T, T] map is dropped as soon as the
-layer is done.
+The maps are taken where the attention computes them, whatever the model's code: while a block's attention
+module runs, a torch function mode watches its calls, and the attention weights are the output of its softmax
+over the keys, or, where it calls `scaled_dot_product_attention` (which never returns them), softmax(QK^T *
+scale + mask) computed from the same q, k, mask and scale (grouped kv heads repeated as sdpa does). The
+attention modules are found in the model (lightning_modules/architecture.py), so remote-code models that never
+return weights are analysed like transformers' own; models whose attention implementation can be chosen run
+with eager attention. The hooks keep only the rows and keys asked for, so a layer's full [B, H, T, T] map is
+dropped as soon as the layer is done.
 
 DiffLlama (transformers' `DiffLlamaAttention`, checked against the installed source): one softmax map
 A = softmax(QK^T * scale) of shape [B, H, T, T] is computed and returned (both attention calls share
@@ -39,7 +39,9 @@ from torch.overrides import TorchFunctionMode
 from lightning_modules.architecture import attention_modules
 
 
-def differential_maps(module: torch.nn.Module, weights: torch.Tensor, maps: list[str]) -> dict[str, torch.Tensor]:
+def differential_maps(
+    module: torch.nn.Module, weights: torch.Tensor, maps: list[str]
+) -> dict[str, torch.Tensor]:
     """Named maps of one layer: `standard` for ordinary attention; `diff`, `a1`, `a2` for DiffLlama."""
     if not hasattr(module, "lambda_q1"):
         return {"standard": weights}
@@ -47,26 +49,44 @@ def differential_maps(module: torch.nn.Module, weights: torch.Tensor, maps: list
     lambda_1 = torch.exp(torch.sum(module.lambda_q1 * module.lambda_k1, dtype=torch.float32))
     lambda_2 = torch.exp(torch.sum(module.lambda_q2 * module.lambda_k2, dtype=torch.float32))
     lambda_full = lambda_1 - lambda_2 + module.lambda_init
-    named = {"diff": weights[:, :half] - lambda_full * weights[:, half:], "a1": weights[:, :half], "a2": weights[:, half:]}
+    named = {
+        "diff": weights[:, :half] - lambda_full * weights[:, half:],
+        "a1": weights[:, :half],
+        "a2": weights[:, half:],
+    }
     return {name: named[name] for name in maps}
 
 
 SOFTMAXES = (torch.softmax, torch.nn.functional.softmax, torch.Tensor.softmax)
 
 
-def sdpa_weights(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None,
-                 dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
-                 enable_gqa: bool = False) -> torch.Tensor:
-    """The weights [B, H, L, S] that `scaled_dot_product_attention` applies to `value` for these arguments (float32)."""
+def sdpa_weights(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """The weights [B, H, L, S] that `scaled_dot_product_attention` applies to `value` for these arguments
+    (float32)."""
     query, key = query.float(), key.float()
     if key.shape[-3] != query.shape[-3]:  # grouped kv heads serve consecutive query heads
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
-    scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)  # [B, H, L, S]
+    scores = (
+        query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
+    )  # [B, H, L, S]
     if is_causal:
         allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))
     if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+        scores = (
+            scores.masked_fill(~attn_mask, float("-inf"))
+            if attn_mask.dtype == torch.bool
+            else scores + attn_mask
+        )
     return scores.softmax(-1)
 
 
@@ -101,8 +121,11 @@ class AttentionCapture:
         modules = attention_modules(model)
         if not modules:
             raise ValueError(f"{type(model).__name__}: no attention modules found")
-        self.handles = [handle for m in modules for handle in (m.register_forward_pre_hook(self._enter),
-                                                                m.register_forward_hook(self._leave))]
+        self.handles = [
+            handle
+            for m in modules
+            for handle in (m.register_forward_pre_hook(self._enter), m.register_forward_hook(self._leave))
+        ]
 
     def _enter(self, module: torch.nn.Module, args: Any) -> None:
         if self.active:  # not during e.g. the model.generate calls that produce the generated query tokens
@@ -114,14 +137,22 @@ class AttentionCapture:
             return
         probe, self.probe = self.probe, None
         probe.__exit__(None, None, None)
-        distinct = [w for i, w in enumerate(probe.found) if not any(torch.equal(w, v) for v in probe.found[:i])]
+        distinct = [
+            w for i, w in enumerate(probe.found) if not any(torch.equal(w, v) for v in probe.found[:i])
+        ]
         if len(distinct) != 1:
-            raise RuntimeError(f"{type(module).__name__}: expected one attention map per call (a softmax over the keys "
-                               f"or a scaled_dot_product_attention call), saw {len(distinct)}")
+            raise RuntimeError(
+                f"{type(module).__name__}: expected one attention map per call (a softmax over the keys "
+                f"or a scaled_dot_product_attention call), saw {len(distinct)}"
+            )
         rows = distinct[0][:, :, self.queries, : self.keys].float()  # [1, H, Q, K]
-        self.layers.append({k: v[0].detach().cpu() for k, v in differential_maps(module, rows, self.maps).items()})
+        self.layers.append(
+            {k: v[0].detach().cpu() for k, v in differential_maps(module, rows, self.maps).items()}
+        )
 
-    def run(self, model: torch.nn.Module, input_ids: torch.Tensor, queries: list[int], keys: int) -> list[dict]:
+    def run(
+        self, model: torch.nn.Module, input_ids: torch.Tensor, queries: list[int], keys: int
+    ) -> list[dict]:
         """Per-layer captured maps of one forward pass."""
         self.layers, self.queries, self.keys, self.active = [], queries, keys, True
         try:
@@ -141,15 +172,16 @@ class AttentionCapture:
 
 
 def prefer_eager(model: torch.nn.Module) -> None:
-    """Eager attention where the model lets its implementation be chosen (remote code often ignores the choice; its
-    own attention is then watched as it is), and eval mode."""
+    """Eager attention where the model lets its implementation be chosen (remote code often ignores the
+    choice; its own attention is then watched as it is), and eval mode."""
     model.set_attn_implementation("eager")
     model.eval()
 
 
 @dataclass
 class TextMaps:
-    """The attention maps of one text: `maps[name]` is [layers, heads, T, T] for the chosen layers and heads."""
+    """The attention maps of one text: `maps[name]` is [layers, heads, T, T] for the chosen layers and
+    heads."""
 
     text: str
     tokens: list[str]
@@ -175,11 +207,18 @@ def token_strings(tokenizer: Any, input_ids: list[int]) -> list[str]:
     return [tokenizer.decode([token]) for token in input_ids]
 
 
-def attention_maps(model: torch.nn.Module, tokenizer: Any, texts: str | list[str], layers: list[int] | None = None,
-                   heads: list[int] | None = None, maps: tuple[str, ...] = ("diff",)) -> list[TextMaps]:
-    """The full attention maps of each text ([layers, heads, T, T] per map name) with its token strings, for the
-    chosen `layers` and `heads` (None: all; negative indices count from the end). `maps` picks DiffLlama's
-    maps (`diff`, `a1`, `a2`); other models give `standard`. Switches the model to eager attention, eval mode."""
+def attention_maps(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    texts: str | list[str],
+    layers: list[int] | None = None,
+    heads: list[int] | None = None,
+    maps: tuple[str, ...] = ("diff",),
+) -> list[TextMaps]:
+    """The full attention maps of each text ([layers, heads, T, T] per map name) with its token strings, for
+    the chosen `layers` and `heads` (None: all; negative indices count from the end). `maps` picks DiffLlama's
+    maps (`diff`, `a1`, `a2`); other models give `standard`. Switches the model to eager attention, eval
+    mode."""
     prefer_eager(model)
     capture = AttentionCapture(model, list(maps))
     results = []
@@ -189,12 +228,22 @@ def attention_maps(model: torch.nn.Module, tokenizer: Any, texts: str | list[str
             length = input_ids.shape[1]
             captured = capture.run(model, input_ids.to(model.device), list(range(length)), length)
             chosen_layers = select(layers, len(captured), "layers")
-            stacked = {name: torch.stack([captured[i][name] for i in chosen_layers]) for name in captured[0]}  # [L, H, T, T]
+            stacked = {
+                name: torch.stack([captured[i][name] for i in chosen_layers]) for name in captured[0]
+            }  # [L, H, T, T]
             num_heads = next(iter(stacked.values())).shape[1]
             chosen_heads = select(heads, num_heads, "heads")
-            results.append(TextMaps(text, token_strings(tokenizer, input_ids[0].tolist()), chosen_layers, chosen_heads,
-                                    {name: values[:, chosen_heads].contiguous() for name, values in stacked.items()},
-                                    len(captured), num_heads))
+            results.append(
+                TextMaps(
+                    text,
+                    token_strings(tokenizer, input_ids[0].tolist()),
+                    chosen_layers,
+                    chosen_heads,
+                    {name: values[:, chosen_heads].contiguous() for name, values in stacked.items()},
+                    len(captured),
+                    num_heads,
+                )
+            )
     finally:
         capture.remove()
     return results

@@ -43,7 +43,9 @@ log = logging.getLogger(__name__)
 class PerExampleGradients:
     """Per-example gradients (optionally Kronecker-projected) of the target layers' weights."""
 
-    def __init__(self, model: torch.nn.Module, layers: list[int], projection_dim: int | None = None, seed: int = 0):
+    def __init__(
+        self, model: torch.nn.Module, layers: list[int], projection_dim: int | None = None, seed: int = 0
+    ):
         self.model, self.targets = model, mlp_output_modules(model, layers)
         self.projections: list[tuple[torch.Tensor, torch.Tensor]] = []
         if projection_dim:
@@ -52,8 +54,10 @@ class PerExampleGradients:
             for _, module, conv1d in self.targets:
                 out_features, in_features = _shape(module, conv1d)
                 self.projections.append(
-                    (torch.randn(side, out_features, generator=generator) / math.sqrt(side),
-                     torch.randn(side, in_features, generator=generator) / math.sqrt(side))
+                    (
+                        torch.randn(side, out_features, generator=generator) / math.sqrt(side),
+                        torch.randn(side, in_features, generator=generator) / math.sqrt(side),
+                    )
                 )
 
     def __call__(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -62,6 +66,7 @@ class PerExampleGradients:
         grads: dict[int, torch.Tensor] = {}
         handles = []
         for index, (_, module, _) in enumerate(self.targets):
+
             def forward_hook(module, args, output, index=index):
                 inputs[index] = args[0].detach()  # [B, T, in] (or [B * T, in])
                 output.register_hook(lambda grad, index=index: grads.__setitem__(index, grad.detach()))
@@ -84,14 +89,20 @@ class PerExampleGradients:
         vectors = []
         shape = batch["input_ids"].shape
         for index, (_, _, conv1d) in enumerate(self.targets):
-            x, delta = (as_sequence(t, *shape).float() for t in (inputs[index], grads[index]))  # [B, T, in], [B, T, out]
+            x, delta = (
+                as_sequence(t, *shape).float() for t in (inputs[index], grads[index])
+            )  # [B, T, in], [B, T, out]
             if self.projections:
                 a, b = self.projections[index]
                 vectors.append(torch.einsum("btk,btl->bkl", delta @ a.T, x @ b.T).flatten(1))
             elif conv1d:
-                vectors.append(torch.einsum("bti,bto->bio", x, delta).flatten(1))  # like Conv1D weight [in, out]
+                vectors.append(
+                    torch.einsum("bti,bto->bio", x, delta).flatten(1)
+                )  # like Conv1D weight [in, out]
             else:
-                vectors.append(torch.einsum("bto,bti->boi", delta, x).flatten(1))  # like Linear weight [out, in]
+                vectors.append(
+                    torch.einsum("bto,bti->boi", delta, x).flatten(1)
+                )  # like Linear weight [out, in]
         return torch.cat(vectors, dim=1)
 
 
@@ -115,26 +126,36 @@ def coupling_statistics(matrix: np.ndarray, chains: list[str]) -> dict[str, Any]
         "pairs": int(values.size),
         "mean": float(values.mean()) if values.size else None,
         "std": float(values.std()) if values.size else None,
-        "quantiles": {str(q): float(np.quantile(values, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)} if values.size else {},
+        "quantiles": {str(q): float(np.quantile(values, q)) for q in (0.05, 0.25, 0.5, 0.75, 0.95)}
+        if values.size
+        else {},
     }
     for name, mask in (("within_chain", within), ("across_chain", ~within)):
         summary[name] = {"pairs": int(mask.sum()), "mean": float(values[mask].mean()) if mask.any() else None}
     return summary
 
 
-def compute(model: torch.nn.Module, datamodule, settings: DictConfig, seed: int) -> tuple[list[dict[str, Any]], np.ndarray]:
+def compute(
+    model: torch.nn.Module, datamodule, settings: DictConfig, seed: int
+) -> tuple[list[dict[str, Any]], np.ndarray]:
     """Knowledge pieces of the datamodule's `settings.split` and their GradSim matrix."""
     pieces = datamodule.records(settings.split)[: settings.max_pieces]
     if len(pieces) < 2:
-        raise ValueError(f"{len(pieces)} knowledge pieces in split '{settings.split}'; GradSim needs at least 2")
+        raise ValueError(
+            f"{len(pieces)} knowledge pieces in split '{settings.split}'; GradSim needs at least 2"
+        )
     examples = [datamodule.answer_example(p["prompt"], p["answer"]) for p in pieces]
     gradients = PerExampleGradients(model, list(settings.layers), settings.projection_dim, seed)
     size = settings.batch_size
-    vectors = torch.cat([gradients(datamodule.collate(examples[i : i + size])) for i in range(0, len(examples), size)])
+    vectors = torch.cat(
+        [gradients(datamodule.collate(examples[i : i + size])) for i in range(0, len(examples), size)]
+    )
     return pieces, cosine_matrix(vectors)
 
 
-def coupling_stage(cfg: DictConfig, settings: DictConfig, run_dir: Path) -> tuple[Any, Any, Any, list[dict[str, Any]], np.ndarray]:
+def coupling_stage(
+    cfg: DictConfig, settings: DictConfig, run_dir: Path
+) -> tuple[Any, Any, Any, list[dict[str, Any]], np.ndarray]:
     """Load the model and task, compute GradSim, write knowledge_pieces.json and coupling_matrix.npy."""
     model, tokenizer = load_model(cfg)
     model.eval()
@@ -154,21 +175,36 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with start(cfg, job_type="analysis") as session:
         model, _, _, pieces, matrix = coupling_stage(cfg, cfg.analysis, session.run_dir)
         analysis = {
-            "model": cfg.model.name, "task": cfg.task.name,
+            "model": cfg.model.name,
+            "task": cfg.task.name,
             "layers": [n for n, _, _ in mlp_output_modules(model, list(cfg.analysis.layers))],
-            "projection_dim": cfg.analysis.projection_dim, "pieces": len(pieces),
+            "projection_dim": cfg.analysis.projection_dim,
+            "pieces": len(pieces),
             "statistics": coupling_statistics(matrix, [p["chain"] for p in pieces]),
         }
         (session.run_dir / "coupling_analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")
-        heatmap = plots.coupling_heatmap(matrix, [p["id"] for p in pieces], session.run_dir / "coupling_heatmap.png")
+        heatmap = plots.coupling_heatmap(
+            matrix, [p["id"] for p in pieces], session.run_dir / "coupling_heatmap.png"
+        )
         statistics = analysis["statistics"]
-        headline = {"gradsim/mean": statistics["mean"], "gradsim/within_chain": statistics["within_chain"]["mean"],
-                    "gradsim/across_chain": statistics["across_chain"]["mean"]}
+        headline = {
+            "gradsim/mean": statistics["mean"],
+            "gradsim/within_chain": statistics["within_chain"]["mean"],
+            "gradsim/across_chain": statistics["across_chain"]["mean"],
+        }
         headline = {k: v for k, v in headline.items() if v is not None}
         session.log_metrics(headline)
         session.log_images({"coupling_heatmap": heatmap})
-        session.finish({"model": cfg.model.name, "task": cfg.task.name, "ckpt": cfg.get("ckpt"), "pieces": len(pieces),
-                        "overrides": overrides(), "metrics": headline})
+        session.finish(
+            {
+                "model": cfg.model.name,
+                "task": cfg.task.name,
+                "ckpt": cfg.get("ckpt"),
+                "pieces": len(pieces),
+                "overrides": overrides(),
+                "metrics": headline,
+            }
+        )
     return analysis
 
 
@@ -176,8 +212,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     """Hydra entrypoint of stage 1."""
     statistics = run(cfg)["statistics"]
-    log.info("GradSim over %d pairs: mean %.4f; within chain %s, across %s", statistics["pairs"], statistics["mean"],
-             statistics["within_chain"]["mean"], statistics["across_chain"]["mean"])
+    log.info(
+        "GradSim over %d pairs: mean %.4f; within chain %s, across %s",
+        statistics["pairs"],
+        statistics["mean"],
+        statistics["within_chain"]["mean"],
+        statistics["across_chain"]["mean"],
+    )
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """MEMIT (Meng et al., ICLR 2023): mass-editing factual associations in the MLP output weights.
 
-Pure functions over a model; `edited(...)` applies a batch of edits and restores the original weights
-bit for bit on exit. Written here because no maintained library fits these versions. It computes the
-reference implementation's algorithm (kmeng01/memit: `memit_main.py`, `compute_z.py`, `compute_ks.py`,
-`rome/layer_stats.py`, `util/generate.py`), step by step (1 and 2, the cached inputs, in analysis/memit_inputs.py):
+Pure functions over a model; `edited(...)` applies a batch of edits and restores the original weights bit for
+bit on exit. Written here because no maintained library fits these versions. It computes the reference
+implementation's algorithm (kmeng01/memit: `memit_main.py`, `compute_z.py`, `compute_ks.py`,
+`rome/layer_stats.py`, `util/generate.py`), step by step (1 and 2, the cached inputs, in
+analysis/memit_inputs.py):
 
 1. C (per edited layer): the uncentred second moment E[k k^T] of the MLP down-projection inputs over the
    first `mom2_n_samples` *texts* of a corpus (each truncated to `stats.max_tokens` tokens), cached on disk
@@ -69,27 +70,38 @@ def subject_position(tokenizer, prompt: str, subject: str | None) -> int:
     return len(tokenizer(prompt)["input_ids"]) - 1
 
 
-# -- 3. the target vector z ---------------------------------------------------------------------------------------
+# -- 3. the target vector z
+# ---------------------------------------------------------------------------------------
+
 
 class ZObjective:
     """The z loss of one request as a function of delta: `terms(delta)` gives each term (section 3)."""
 
-    def __init__(self, model, tokenizer, request: dict[str, Any], hparams: DictConfig, templates: list[list[str]]) -> None:
+    def __init__(
+        self, model, tokenizer, request: dict[str, Any], hparams: DictConfig, templates: list[list[str]]
+    ) -> None:
         self.model, self.hparams, self.layer = model, hparams, hparams.layers[-1]
         if self.layer >= len(decoder_blocks(model)) - 1:
             raise ValueError(
-                f"MEMIT: the last edited layer ({self.layer}) must be followed by another block, or the edit cannot reach "
-                f"the answer tokens; the model has {len(decoder_blocks(model))} blocks (analysis.layers / model.memit.layers)"
+                f"MEMIT: the last edited layer ({self.layer}) must be followed by another block, or the edit "
+                "cannot reach "
+                f"the answer tokens; the model has {len(decoder_blocks(model))} blocks (analysis.layers / "
+                "model.memit.layers)"
             )
         subject = request["subject"]
-        target_ids = tokenizer(hparams.target_prefix + request["target_new"], add_special_tokens=False)["input_ids"]
+        target_ids = tokenizer(hparams.target_prefix + request["target_new"], add_special_tokens=False)[
+            "input_ids"
+        ]
         rewrites = [template.format(request["prompt"]) for template in flat_templates(templates)]
         kl_prompt = f"{subject or request['prompt']} is a"
-        rows = [tokenizer(text)["input_ids"] + target_ids[:-1] for text in rewrites] + [tokenizer(kl_prompt)["input_ids"]]
+        rows = [tokenizer(text)["input_ids"] + target_ids[:-1] for text in rewrites] + [
+            tokenizer(kl_prompt)["input_ids"]
+        ]
         self.encoded = pad_rows(rows, tokenizer.pad_token_id)
         self.positions = [subject_position(tokenizer, text, subject) for text in [*rewrites, kl_prompt]]
         self.rewrite_count, self.target_length = len(rewrites), len(target_ids)
-        # labels[i, p] = the answer token predicted at position p (the last len(target) positions of each rewrite)
+        # labels[i, p] = the answer token predicted at position p (the last len(target) positions of each
+        # rewrite)
         self.labels = torch.full((len(rewrites), self.encoded["input_ids"].shape[1]), -100)
         for row, ids in enumerate(rows[: len(rewrites)]):
             self.labels[row, len(ids) - len(target_ids) : len(ids)] = torch.tensor(target_ids)
@@ -126,13 +138,21 @@ class ZObjective:
         picked = log_probs.gather(2, self.labels.clamp(min=0).unsqueeze(2)).squeeze(2)  # [R, T]
         nll = (-(picked * mask).sum(1) / self.target_length).mean()
         edited_kl = F.log_softmax(logits[-1, self.positions[-1]].float(), -1)
-        kl = self.hparams.kl_factor * (edited_kl.exp() * (edited_kl - self.original_kl)).sum()  # KL(edited || original)
+        kl = (
+            self.hparams.kl_factor * (edited_kl.exp() * (edited_kl - self.original_kl)).sum()
+        )  # KL(edited || original)
         weight_decay = self.hparams.v_weight_decay * delta.norm() / self.h.norm() ** 2
         return {"nll": nll, "kl": kl, "weight_decay": weight_decay, "total": nll + kl + weight_decay}
 
 
-def target_vector(model, tokenizer, request: dict[str, Any], hparams: DictConfig, templates: list[list[str]],
-                  trace: list[dict[str, float]] | None = None) -> torch.Tensor:
+def target_vector(
+    model,
+    tokenizer,
+    request: dict[str, Any],
+    hparams: DictConfig,
+    templates: list[list[str]],
+    trace: list[dict[str, float]] | None = None,
+) -> torch.Tensor:
     """z: the last edited block's output at the subject's last token that makes the new answer likely.
     `trace`, when given, receives each iteration's terms and whether an optimiser step followed."""
     objective = ZObjective(model, tokenizer, request, hparams, templates)
@@ -156,9 +176,13 @@ def target_vector(model, tokenizer, request: dict[str, Any], hparams: DictConfig
     return (objective.h + delta).detach()
 
 
-# -- 4. the update ------------------------------------------------------------------------------------------------
+# -- 4. the update
+# ------------------------------------------------------------------------------------------------
 
-def request_keys(model, tokenizer, layer: int, requests: list[dict[str, Any]], templates: list[list[str]]) -> torch.Tensor:
+
+def request_keys(
+    model, tokenizer, layer: int, requests: list[dict[str, Any]], templates: list[list[str]]
+) -> torch.Tensor:
     """K: `layer`'s down-projection inputs at the subject's last token, mean within each template group, then
     across groups: [in, n]."""
     module = mlp_output_modules(model, [layer])[0][1]
@@ -180,17 +204,27 @@ def _outputs_at_subject(model, tokenizer, layer: int, requests: list[dict[str, A
     return outputs[torch.arange(len(prompts)), positions]  # [n, hidden]
 
 
-def layer_delta(keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor, weight: float) -> torch.Tensor:
+def layer_delta(
+    keys: torch.Tensor, residual: torch.Tensor, second_moment: torch.Tensor, weight: float
+) -> torch.Tensor:
     """dW = R K^T (lambda C + K K^T)^-1 in float64: [out, in]."""
     keys, residual = keys.double(), residual.double()
     adjusted = torch.linalg.solve(weight * second_moment.double() + keys @ keys.T, keys)  # [in, n]
     return residual @ adjusted.T
 
 
-def compute_updates(model, tokenizer, requests: list[dict[str, Any]], hparams: DictConfig,
-                    moments: dict[int, torch.Tensor], templates: list[list[str]]) -> dict[int, LayerUpdate]:
+def compute_updates(
+    model,
+    tokenizer,
+    requests: list[dict[str, Any]],
+    hparams: DictConfig,
+    moments: dict[int, torch.Tensor],
+    templates: list[list[str]],
+) -> dict[int, LayerUpdate]:
     """Each edited layer's update (section 4), applied as it goes."""
-    targets = torch.stack([target_vector(model, tokenizer, r, hparams, templates) for r in requests])  # [n, hidden]
+    targets = torch.stack(
+        [target_vector(model, tokenizer, r, hparams, templates) for r in requests]
+    )  # [n, hidden]
     updates = {}
     for index, layer in enumerate(hparams.layers):
         keys = request_keys(model, tokenizer, layer, requests, templates)  # [in, n]
@@ -206,8 +240,14 @@ def compute_updates(model, tokenizer, requests: list[dict[str, Any]], hparams: D
 
 
 @contextlib.contextmanager
-def edited(model, tokenizer, requests: list[dict[str, Any]], hparams: DictConfig, moments: dict[int, torch.Tensor],
-           templates: list[list[str]]) -> Iterator[dict[int, LayerUpdate]]:
+def edited(
+    model,
+    tokenizer,
+    requests: list[dict[str, Any]],
+    hparams: DictConfig,
+    moments: dict[int, torch.Tensor],
+    templates: list[list[str]],
+) -> Iterator[dict[int, LayerUpdate]]:
     """Apply MEMIT edits for `requests` ({prompt, subject, target_new}); restore the exact weights on exit."""
     modules = {layer: mlp_output_modules(model, [layer])[0][1] for layer in hparams.layers}
     saved = {layer: module.weight.detach().clone() for layer, module in modules.items()}

@@ -1,6 +1,6 @@
-"""The inputs a MEMIT edit reuses across requests, computed once and cached on disk (analysis/memit.py, steps 1-2):
-the second moment C of each edited layer's MLP keys over a text corpus, and the context templates the edited
-model generates. Also the batching and activation-capture helpers both halves share."""
+"""The inputs a MEMIT edit reuses across requests, computed once and cached on disk (analysis/memit.py, steps
+1-2): the second moment C of each edited layer's MLP keys over a text corpus, and the context templates the
+edited model generates. Also the batching and activation-capture helpers both halves share."""
 
 from __future__ import annotations
 
@@ -43,7 +43,9 @@ def capture(model, module: torch.nn.Module, encoded: dict[str, torch.Tensor], in
     if inputs:
         handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
     else:
-        handle = module.register_forward_hook(lambda m, a, o: captured.append((o[0] if isinstance(o, tuple) else o).detach()))
+        handle = module.register_forward_hook(
+            lambda m, a, o: captured.append((o[0] if isinstance(o, tuple) else o).detach())
+        )
     try:
         with torch.no_grad():
             model(**encoded)
@@ -52,17 +54,22 @@ def capture(model, module: torch.nn.Module, encoded: dict[str, torch.Tensor], in
     return as_sequence(captured[0], *encoded["input_ids"].shape)
 
 
-# -- 1. covariance statistics -------------------------------------------------------------------------------------
+# -- 1. covariance statistics
+# -------------------------------------------------------------------------------------
 
-def second_moments(model, tokenizer, hparams: DictConfig, texts: Sequence[str], cache: Path | None,
-                   corpus: str = "texts") -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """C = E[k k^T] of each edited layer's down-projection inputs over the first `hparams.mom2_n_samples` texts
-    (each cut to `hparams.stats.max_tokens` tokens), one pass for all layers; and {corpus, texts, tokens}.
-    Cached per (layer, corpus, count, max_tokens)."""
+
+def second_moments(
+    model, tokenizer, hparams: DictConfig, texts: Sequence[str], cache: Path | None, corpus: str = "texts"
+) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """C = E[k k^T] of each edited layer's down-projection inputs over the first `hparams.mom2_n_samples`
+    texts (each cut to `hparams.stats.max_tokens` tokens), one pass for all layers; and {corpus, texts,
+    tokens}. Cached per (layer, corpus, count, max_tokens)."""
     samples, max_tokens = hparams.mom2_n_samples, hparams.stats.get("max_tokens", 1024)
     tag = hashlib.sha256(corpus.encode()).hexdigest()[:10]
-    paths = {layer: cache / f"layer{layer}_{tag}_{samples}texts_{max_tokens}tok.safetensors" if cache else None
-             for layer in hparams.layers}
+    paths = {
+        layer: cache / f"layer{layer}_{tag}_{samples}texts_{max_tokens}tok.safetensors" if cache else None
+        for layer in hparams.layers
+    }
     if all(path is not None and path.exists() for path in paths.values()):
         moments = {}
         for layer, path in paths.items():
@@ -70,16 +77,25 @@ def second_moments(model, tokenizer, hparams: DictConfig, texts: Sequence[str], 
                 info = json.loads(handle.metadata()["info"])
                 moments[layer] = handle.get_tensor("second_moment")
         return moments, info
-    modules = dict(zip(hparams.layers, [m for _, m, _ in mlp_output_modules(model, list(hparams.layers))], strict=True))
+    modules = dict(
+        zip(hparams.layers, [m for _, m, _ in mlp_output_modules(model, list(hparams.layers))], strict=True)
+    )
     chosen = list(texts[:samples])
     totals: dict[int, torch.Tensor] = {}
     captured: dict[int, torch.Tensor] = {}
-    handles = [module.register_forward_pre_hook(lambda m, args, layer=layer: captured.__setitem__(layer, args[0].detach()))
-               for layer, module in modules.items()]
+    handles = [
+        module.register_forward_pre_hook(
+            lambda m, args, layer=layer: captured.__setitem__(layer, args[0].detach())
+        )
+        for layer, module in modules.items()
+    ]
     count = 0
     try:
         for start in range(0, len(chosen), 8):
-            encoded = pad_rows([tokenizer(t)["input_ids"][:max_tokens] for t in chosen[start : start + 8]], tokenizer.pad_token_id)
+            encoded = pad_rows(
+                [tokenizer(t)["input_ids"][:max_tokens] for t in chosen[start : start + 8]],
+                tokenizer.pad_token_id,
+            )
             with torch.no_grad():
                 model(**encoded)
             real = encoded["attention_mask"].bool()
@@ -93,7 +109,9 @@ def second_moments(model, tokenizer, hparams: DictConfig, texts: Sequence[str], 
     if not count:
         raise ValueError(f"MEMIT statistics: no tokens in the corpus {corpus} (analysis.memit.stats)")
     if len(chosen) < samples:
-        log.warning("MEMIT statistics: the corpus has %d texts, fewer than mom2_n_samples=%d", len(chosen), samples)
+        log.warning(
+            "MEMIT statistics: the corpus has %d texts, fewer than mom2_n_samples=%d", len(chosen), samples
+        )
     info = {"corpus": corpus, "texts": len(chosen), "tokens": count, "max_tokens_per_text": max_tokens}
     moments = {layer: (total / count).float() for layer, total in totals.items()}
     for layer, path in paths.items():
@@ -103,10 +121,15 @@ def second_moments(model, tokenizer, hparams: DictConfig, texts: Sequence[str], 
     return moments, info
 
 
-# -- 2. context templates -----------------------------------------------------------------------------------------
+# -- 2. context templates
+# -----------------------------------------------------------------------------------------
 
-def generate_prefix(model, tokenizer, starter: str, length: int, top_k: int, generator: torch.Generator) -> str:
-    """Top-k sampled continuation of `starter` to `length` tokens in all, as text (the reference's generate_fast)."""
+
+def generate_prefix(
+    model, tokenizer, starter: str, length: int, top_k: int, generator: torch.Generator
+) -> str:
+    """Top-k sampled continuation of `starter` to `length` tokens in all, as text (the reference's
+    generate_fast)."""
     device = next(model.parameters()).device
     ids = tokenizer(starter, return_tensors="pt")["input_ids"].to(device)
     with torch.no_grad():
@@ -114,7 +137,9 @@ def generate_prefix(model, tokenizer, starter: str, length: int, top_k: int, gen
             top = model(input_ids=ids).logits[0, -1].float().softmax(-1).topk(top_k)
             pick = torch.multinomial((top.values / top.values.sum()).cpu(), 1, generator=generator)
             ids = torch.cat([ids, top.indices[pick.to(device)].view(1, 1)], dim=1)
-    text = unicodedata.normalize("NFKD", tokenizer.decode(ids[0], skip_special_tokens=True)).replace("\n\n", " ")
+    text = unicodedata.normalize("NFKD", tokenizer.decode(ids[0], skip_special_tokens=True)).replace(
+        "\n\n", " "
+    )
     return text
 
 
@@ -124,14 +149,27 @@ def context_templates(model, tokenizer, hparams: DictConfig, cache: Path | None)
     if not isinstance(hparams.context_templates, str):
         return [list(group) for group in hparams.context_templates]
     if hparams.context_templates != "generated":
-        raise ValueError(f"analysis.memit.context_templates={hparams.context_templates!r}: 'generated' or a list of groups")
-    settings = (list(hparams.context_starters), hparams.context_length, hparams.context_top_k, hparams.context_seed)
-    path = cache / f"context_templates_{hashlib.sha256(repr(settings).encode()).hexdigest()[:10]}.json" if cache else None
+        raise ValueError(
+            f"analysis.memit.context_templates={hparams.context_templates!r}: 'generated' or a list of groups"
+        )
+    settings = (
+        list(hparams.context_starters),
+        hparams.context_length,
+        hparams.context_top_k,
+        hparams.context_seed,
+    )
+    path = (
+        cache / f"context_templates_{hashlib.sha256(repr(settings).encode()).hexdigest()[:10]}.json"
+        if cache
+        else None
+    )
     if path is not None and path.exists():
         return json.loads(path.read_text())
     generator = torch.Generator().manual_seed(hparams.context_seed)
-    prefixes = [generate_prefix(model, tokenizer, s, hparams.context_length, hparams.context_top_k, generator)
-                for s in hparams.context_starters]
+    prefixes = [
+        generate_prefix(model, tokenizer, s, hparams.context_length, hparams.context_top_k, generator)
+        for s in hparams.context_starters
+    ]
     groups = [["{}"], [p.replace("{", " ").replace("}", " ") + ". {}" for p in prefixes]]
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,4 +191,3 @@ def corpus_name(stats: DictConfig) -> str:
     if source.get("kind") == "bundled":
         return f"bundled:{source.bundled}/{stats.split}:{stats.text_field}"
     return f"hub:{source.hub_id}/{source.get('hub_config')}/{stats.split}:{stats.text_field}"
-

@@ -44,26 +44,43 @@ def _job(config_name: str, overrides: list[str], run_dir: Path) -> DictConfig:
 def _stage(study: DictConfig, study_dir: Path, stage: str, model: str, ckpt: list[str]) -> tuple[list, list]:
     """Evaluate `model` (base or `ckpt`) on every task, then analyse its attention on the noisy ones."""
     common = list(study.common)
-    results = [evaluation.run(_job("evaluate", [*common, *study.evaluate, f"model={model}", f"task={task}", *ckpt],
-                                   study_dir / stage / model / task)) for task in study.tasks]
+    results = [
+        evaluation.run(
+            _job(
+                "evaluate",
+                [*common, *study.evaluate, f"model={model}", f"task={task}", *ckpt],
+                study_dir / stage / model / task,
+            )
+        )
+        for task in study.tasks
+    ]
     allocations = []
     if study.attention:
         for task in [t for t in study.tasks if t != study.baseline_task]:
-            cfg = _job("attention", [*common, *study.attention_overrides, f"model={model}", f"task={task}", *ckpt],
-                       study_dir / stage / model / f"attention_{task}")
+            cfg = _job(
+                "attention",
+                [*common, *study.attention_overrides, f"model={model}", f"task={task}", *ckpt],
+                study_dir / stage / model / f"attention_{task}",
+            )
             allocations.append({"stage": stage, **attention.analyse(cfg)})
     return results, allocations
 
 
 def run_study(study: DictConfig, study_dir: Path) -> list[dict[str, Any]]:
-    """Run every stage of `study` under `study_dir`; write the tables, figures and report; return the summary rows."""
+    """Run every stage of `study` under `study_dir`; write the tables, figures and report; return the summary
+    rows."""
     results: list[dict[str, Any]] = []
     allocations: list[dict[str, Any]] = []
     for model in study.models:
         stages = [("zero_shot", [])]
         if study.sft:
-            trained = training.run(_job("train", [*study.common, *study.train, f"model={model}", "task=gsm8k"],
-                                        study_dir / "sft" / model / "train"))
+            trained = training.run(
+                _job(
+                    "train",
+                    [*study.common, *study.train, f"model={model}", "task=gsm8k"],
+                    study_dir / "sft" / model / "train",
+                )
+            )
             stages.append(("sft", [f"ckpt={trained['final_dir']}"]))
         for stage, ckpt in stages:
             stage_results, stage_allocations = _stage(study, study_dir, stage, model, ckpt)
@@ -78,7 +95,8 @@ def run_study(study: DictConfig, study_dir: Path) -> list[dict[str, Any]]:
 
 
 def write_tables(results: list[dict[str, Any]], study_dir: Path, baseline: str) -> list[dict[str, Any]]:
-    """Per-stage performance tables and charts (drops from `baseline`), and the before/after `study_summary.csv`."""
+    """Per-stage performance tables and charts (drops from `baseline`), and the before/after
+    `study_summary.csv`."""
     task_grid.write_grid(results, study_dir, baseline)
     rows = [{"stage": r["stage"], "model": r["model"], "dataset": r["task"], **r["metrics"]} for r in results]
     with (study_dir / "study_summary.csv").open("w", newline="") as handle:
@@ -94,9 +112,11 @@ def correct_by_problem(result: dict[str, Any], mode: str) -> np.ndarray:
     return np.array([json.loads(line)[f"pass@1_{mode}"] for line in lines])
 
 
-def robustness(results: list[dict[str, Any]], models: list[str], settings: DictConfig, baseline: str) -> list[dict[str, Any]]:
-    """Per stage and noise type: each model's drop from the clean `baseline` task to the noisy one, and the first
-    model's advantage with a CI.
+def robustness(
+    results: list[dict[str, Any]], models: list[str], settings: DictConfig, baseline: str
+) -> list[dict[str, Any]]:
+    """Per stage and noise type: each model's drop from the clean `baseline` task to the noisy one, and the
+    first model's advantage with a CI.
 
     advantage = drop(second model) - drop(first model): positive when the first model loses less to the
     noise. The CI resamples problems with replacement, keeping each problem's clean and noisy versions
@@ -122,9 +142,19 @@ def robustness(results: list[dict[str, Any]], models: list[str], settings: DictC
             low, high = np.quantile(advantages, [tail, 1 - tail])
             advantage = float(drop_b.mean() - drop_a.mean())
             verdict = "more robust" if low > 0 else "less robust" if high < 0 else "no clear difference"
-            rows.append({"stage": stage, "noise": task, "problems": n, f"drop_{first}": float(drop_a.mean()),
-                         f"drop_{second}": float(drop_b.mean()), "advantage": advantage, "ci_low": float(low),
-                         "ci_high": float(high), "verdict": f"{first} {verdict}"})
+            rows.append(
+                {
+                    "stage": stage,
+                    "noise": task,
+                    "problems": n,
+                    f"drop_{first}": float(drop_a.mean()),
+                    f"drop_{second}": float(drop_b.mean()),
+                    "advantage": advantage,
+                    "ci_low": float(low),
+                    "ci_high": float(high),
+                    "verdict": f"{first} {verdict}",
+                }
+            )
     return rows
 
 
@@ -133,9 +163,17 @@ def write_allocations(allocations: list[dict[str, Any]], study_dir: Path) -> Pat
     rows = []
     for result in allocations:
         name, entry = next(iter(result["maps"].items()))
-        rows.append({"stage": result["stage"], "model": result["model"], "dataset": result["task"], "map": name,
-                     "problems": result["num_problems"], **{f"{c}_ratio": entry["ratio"][c]["mean"] for c in attention.CLASSES},
-                     "kmi_to_ni_score": entry["table3"]["kmi_to_ni"]})
+        rows.append(
+            {
+                "stage": result["stage"],
+                "model": result["model"],
+                "dataset": result["task"],
+                "map": name,
+                "problems": result["num_problems"],
+                **{f"{c}_ratio": entry["ratio"][c]["mean"] for c in attention.CLASSES},
+                "kmi_to_ni_score": entry["table3"]["kmi_to_ni"],
+            }
+        )
     with (study_dir / "attention_allocation.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -144,42 +182,77 @@ def write_allocations(allocations: list[dict[str, Any]], study_dir: Path) -> Pat
     return plots.allocation_comparison(labelled, study_dir / "attention_allocation.png")
 
 
-def report(study: DictConfig, rows: list[dict[str, Any]], comparisons: list[dict[str, Any]],
-           allocations: list[dict[str, Any]]) -> str:
+def report(
+    study: DictConfig,
+    rows: list[dict[str, Any]],
+    comparisons: list[dict[str, Any]],
+    allocations: list[dict[str, Any]],
+) -> str:
     """The study's markdown report: Pass@1 tables, robustness verdicts with CIs, attention allocation."""
     mode = study.report.mode
-    lines = [f"# Noise-robustness study `{study.name}`", "",
-             f"Models: {', '.join(study.models)}; sets: {', '.join(study.tasks)}; SFT: {bool(study.sft)}; "
-             f"attention analysis: {bool(study.attention)}. Pass@1 ({mode} extraction).", ""]
+    lines = [
+        f"# Noise-robustness study `{study.name}`",
+        "",
+        f"Models: {', '.join(study.models)}; sets: {', '.join(study.tasks)}; SFT: {bool(study.sft)}; "
+        f"attention analysis: {bool(study.attention)}. Pass@1 ({mode} extraction).",
+        "",
+    ]
     for stage in dict.fromkeys(r["stage"] for r in rows):
-        lines += [f"## Pass@1 ({stage.replace('_', '-')})", "", "| model | " + " | ".join(study.tasks) + " |",
-                  "|---|" + "---|" * len(study.tasks)]
+        lines += [
+            f"## Pass@1 ({stage.replace('_', '-')})",
+            "",
+            "| model | " + " | ".join(study.tasks) + " |",
+            "|---|" + "---|" * len(study.tasks),
+        ]
         for model in study.models:
-            scores = {r["dataset"]: r.get(f"pass@1_{mode}") for r in rows if r["stage"] == stage and r["model"] == model}
-            lines.append(f"| {model} | " + " | ".join(f"{scores[t]:.3f}" if scores.get(t) is not None else "-" for t in study.tasks) + " |")
+            scores = {
+                r["dataset"]: r.get(f"pass@1_{mode}")
+                for r in rows
+                if r["stage"] == stage and r["model"] == model
+            }
+            lines.append(
+                f"| {model} | "
+                + " | ".join(f"{scores[t]:.3f}" if scores.get(t) is not None else "-" for t in study.tasks)
+                + " |"
+            )
         lines += ["", f"![{stage}]({stage}_performance.png)", ""]
     if comparisons:
         first, second = list(study.models)[:2]
         confidence = f"{study.report.confidence:.0%}"
-        lines += ["## Is differential attention more robust?", "",
-                  f"Advantage = drop of {second} - drop of {first} (clean -> noisy Pass@1); > 0: {first} loses less. "
-                  f"{confidence} bootstrap CI over problems.", "",
-                  f"| stage | noise | problems | drop {first} | drop {second} | advantage [{confidence} CI] | verdict |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Is differential attention more robust?",
+            "",
+            f"Advantage = drop of {second} - drop of {first} (clean -> noisy Pass@1); > 0: {first} loses "
+            "less. "
+            f"{confidence} bootstrap CI over problems.",
+            "",
+            f"| stage | noise | problems | drop {first} | drop {second} | advantage [{confidence} CI] | "
+            "verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for c in comparisons:
-            lines.append(f"| {c['stage']} | {c['noise']} | {c['problems']} | {c[f'drop_{first}']:.3f} | {c[f'drop_{second}']:.3f} | "
-                         f"{c['advantage']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['verdict']} |")
+            lines.append(
+                f"| {c['stage']} | {c['noise']} | {c['problems']} | {c[f'drop_{first}']:.3f} | "
+                f"{c[f'drop_{second}']:.3f} | "
+                f"{c['advantage']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['verdict']} |"
+            )
         lines.append("")
     if allocations:
-        lines += ["## Attention allocation on the noisy sets", "", "| stage | model | set | problems | KMI | NI | OC | KMI/NI score |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "## Attention allocation on the noisy sets",
+            "",
+            "| stage | model | set | problems | KMI | NI | OC | KMI/NI score |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for result in allocations:
             entry = next(iter(result["maps"].values()))
             ratio = {c: entry["ratio"][c]["mean"] for c in attention.CLASSES}
             kmi_to_ni = entry["table3"]["kmi_to_ni"]
-            lines.append(f"| {result['stage']} | {result['model']} | {result['task']} | {result['num_problems']} | "
-                         + " | ".join("-" if ratio[c] is None else f"{ratio[c]:.3f}" for c in attention.CLASSES)
-                         + f" | {'-' if kmi_to_ni is None else f'{kmi_to_ni:.3f}'} |")
+            lines.append(
+                f"| {result['stage']} | {result['model']} | {result['task']} | {result['num_problems']} | "
+                + " | ".join("-" if ratio[c] is None else f"{ratio[c]:.3f}" for c in attention.CLASSES)
+                + f" | {'-' if kmi_to_ni is None else f'{kmi_to_ni:.3f}'} |"
+            )
         lines += ["", "![allocation](attention_allocation.png)", ""]
     return "\n".join(lines)
 
@@ -190,8 +263,11 @@ def main(cfg: DictConfig) -> None:
     with start(cfg, job_type="analysis") as session:
         rows = run_study(cfg.study, session.run_dir)
         mode = cfg.study.report.mode
-        headline = {f"{r['stage']}/{r['model']}/{r['dataset']}/pass@1_{mode}": r[f"pass@1_{mode}"] for r in rows
-                    if f"pass@1_{mode}" in r}
+        headline = {
+            f"{r['stage']}/{r['model']}/{r['dataset']}/pass@1_{mode}": r[f"pass@1_{mode}"]
+            for r in rows
+            if f"pass@1_{mode}" in r
+        }
         session.log_metrics(headline)
         session.log_table("study_summary", rows)
         session.log_images({path.stem: path for path in sorted(session.run_dir.glob("*.png"))})

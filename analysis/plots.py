@@ -11,15 +11,25 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-CLASS_COLOURS = {"KMI": "tab:green", "NI": "tab:red", "OC": "tab:gray", "LABEL": "tab:green", "TEXT": "tab:blue",
-                 "STUDENT": "tab:blue", "TEACHER": "tab:orange", "OTHER": "tab:gray"}
+CLASS_COLOURS = {
+    "KMI": "tab:green",
+    "NI": "tab:red",
+    "OC": "tab:gray",
+    "LABEL": "tab:green",
+    "TEXT": "tab:blue",
+    "STUDENT": "tab:blue",
+    "TEACHER": "tab:orange",
+    "OTHER": "tab:gray",
+}
 PALETTE = ["tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 
 
 def class_colours(classes: list[str]) -> dict[str, str]:
     """A colour per token class: the fixed ones for the shipped tasks' classes, a palette for others."""
     unknown = [c for c in dict.fromkeys(classes) if c not in CLASS_COLOURS]
-    return {c: CLASS_COLOURS.get(c) or PALETTE[unknown.index(c) % len(PALETTE)] for c in dict.fromkeys(classes)}
+    return {
+        c: CLASS_COLOURS.get(c) or PALETTE[unknown.index(c) % len(PALETTE)] for c in dict.fromkeys(classes)
+    }
 
 
 def _token_labels(tokens: list[str]) -> list[str]:
@@ -46,20 +56,32 @@ def attention_heatmap(example: dict[str, Any], heads: list[list[int]], path: Pat
         tick.set_color(colours[cls])
     figure.colorbar(image, ax=axis, fraction=0.02)
     legend = ", ".join(f"{c} {colour.removeprefix('tab:')}" for c, colour in colours.items())
-    axis.set_title("attention from the answer position" + (f" (token colours: {legend})" if legend else ""), fontsize=8)
+    axis.set_title(
+        "attention from the answer position" + (f" (token colours: {legend})" if legend else ""), fontsize=8
+    )
     return _save(figure, path)
 
 
 def text_heatmap(text_maps: Any, pairs: list[list[int]], path: Path) -> Path:
-    """Query x key heatmaps of one text, tokens on both axes: the mean over the chosen layers and heads, then each
-    (layer, head) of `pairs` that was chosen."""
+    """Query x key heatmaps of one text, tokens on both axes: the mean over the chosen layers and heads, then
+    each (layer, head) of `pairs` that was chosen."""
     name = next(iter(text_maps.maps))
     values = text_maps.maps[name].numpy()  # [L, H, T, T]
-    panels = [(f"{name}: mean of {len(text_maps.layers)} layers x {len(text_maps.heads)} heads", values.mean((0, 1)))]
+    panels = [
+        (
+            f"{name}: mean of {len(text_maps.layers)} layers x {len(text_maps.heads)} heads",
+            values.mean((0, 1)),
+        )
+    ]
     for layer, head in pairs:
         layer, head = layer % text_maps.num_layers, head % text_maps.num_heads
         if layer in text_maps.layers and head in text_maps.heads:
-            panels.append((f"layer {layer} head {head}", values[text_maps.layers.index(layer), text_maps.heads.index(head)]))
+            panels.append(
+                (
+                    f"layer {layer} head {head}",
+                    values[text_maps.layers.index(layer), text_maps.heads.index(head)],
+                )
+            )
     size = min(16.0, 2.5 + 0.22 * len(text_maps.tokens))
     figure, axes = plt.subplots(1, len(panels), figsize=(size * len(panels), size), squeeze=False)
     labels = _token_labels(text_maps.tokens)
@@ -98,7 +120,11 @@ def allocation_comparison(results: list[dict[str, Any]], path: Path) -> Path:
         means = [(entry.get(cls) or {}).get("mean") or 0.0 for entry in entries]
         stds = [(entry.get(cls) or {}).get("std") or 0.0 for entry in entries]
         axis.bar(np.arange(len(results)) + i * width, means, width, yerr=stds, color=colour, label=cls)
-    axis.set_xticks(np.arange(len(results)) + width * (len(colours) - 1) / 2, [f"{r['model']}\n{r['task']}" for r in results], fontsize=8)
+    axis.set_xticks(
+        np.arange(len(results)) + width * (len(colours) - 1) / 2,
+        [f"{r['model']}\n{r['task']}" for r in results],
+        fontsize=8,
+    )
     axis.set_ylabel("allocation ratio")
     axis.legend()
     return _save(figure, path)
@@ -117,8 +143,12 @@ def ablation_figures(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
 
     names = [r["name"] for r in runs]
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for axis, key, label in zip(axes, ("val_loss", "val_token_acc", "val_perplexity"),
-                                ("validation loss", "next-token accuracy", "perplexity"), strict=True):
+    for axis, key, label in zip(
+        axes,
+        ("val_loss", "val_token_acc", "val_perplexity"),
+        ("validation loss", "next-token accuracy", "perplexity"),
+        strict=True,
+    ):
         axis.bar(names, [r["final"][key] or 0.0 for r in runs], color="tab:blue")
         axis.set_title(label)
         axis.tick_params(axis="x", rotation=45, labelsize=7)
@@ -127,7 +157,9 @@ def ablation_figures(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     figure, axis = plt.subplots(figsize=(5.5, 4))
     for run in runs:
         axis.scatter(run["final"]["steps_per_s"] or 0.0, run["final"]["val_loss"] or np.nan)
-        axis.annotate(run["name"], (run["final"]["steps_per_s"] or 0.0, run["final"]["val_loss"] or 0.0), fontsize=7)
+        axis.annotate(
+            run["name"], (run["final"]["steps_per_s"] or 0.0, run["final"]["val_loss"] or 0.0), fontsize=7
+        )
     axis.set(xlabel="steps / s", ylabel="final validation loss", title="Efficiency vs quality")
     paths.append(_save(figure, out_dir / "efficiency.png"))
 
@@ -162,8 +194,11 @@ def coupling_heatmap(matrix: np.ndarray, labels: list[str], path: Path) -> Path:
     return _save(figure, path)
 
 
-def ripple_panels(matrix: np.ndarray, pairs: dict[str, np.ndarray], experiments: list[dict[str, Any]], path: Path) -> Path:
-    """Six panels: GradSim and ripple distributions, their scatter, within/across-chain splits, edit outcomes."""
+def ripple_panels(
+    matrix: np.ndarray, pairs: dict[str, np.ndarray], experiments: list[dict[str, Any]], path: Path
+) -> Path:
+    """Six panels: GradSim and ripple distributions, their scatter, within/across-chain splits, edit
+    outcomes."""
     figure, axes = plt.subplots(2, 3, figsize=(13, 7.5))
     upper = matrix[np.triu_indices(len(matrix), k=1)]
     axes[0, 0].hist(upper, bins=30, color="tab:blue")
@@ -173,20 +208,29 @@ def ripple_panels(matrix: np.ndarray, pairs: dict[str, np.ndarray], experiments:
     colours = np.where(pairs["within"], "tab:red", "tab:gray")
     axes[0, 2].scatter(pairs["gradsim"], pairs["ripple"], c=colours, s=8)
     axes[0, 2].set(title="GradSim vs ripple (red: same chain)", xlabel="GradSim", ylabel="|delta log P|")
-    for axis, key, title in ((axes[1, 0], "gradsim", "GradSim by pair type"), (axes[1, 1], "ripple", "Ripple by pair type")):
+    for axis, key, title in (
+        (axes[1, 0], "gradsim", "GradSim by pair type"),
+        (axes[1, 1], "ripple", "Ripple by pair type"),
+    ):
         groups = [pairs[key][pairs["within"]], pairs[key][~pairs["within"]]]
         axis.boxplot([g if len(g) else [np.nan] for g in groups])
         axis.set_xticks([1, 2], ["within chain", "across chains"])
         axis.set(title=title)
     successes = [e["success"] for e in experiments]
-    axes[1, 2].bar(["edit succeeded", "edit failed"], [sum(successes), len(successes) - sum(successes)],
-                   color=["tab:green", "tab:red"])
+    axes[1, 2].bar(
+        ["edit succeeded", "edit failed"],
+        [sum(successes), len(successes) - sum(successes)],
+        color=["tab:green", "tab:red"],
+    )
     axes[1, 2].set(title="MEMIT edit outcomes")
     return _save(figure, path)
 
 
-def coupling_comparison(matrices: list[np.ndarray], pairs: list[dict[str, np.ndarray]], rows: list[dict[str, Any]], path: Path) -> Path:
-    """Three panels across models: GradSim distribution, ripple-strength distribution, Spearman r with its CI."""
+def coupling_comparison(
+    matrices: list[np.ndarray], pairs: list[dict[str, np.ndarray]], rows: list[dict[str, Any]], path: Path
+) -> Path:
+    """Three panels across models: GradSim distribution, ripple-strength distribution, Spearman r with its
+    CI."""
     labels = [row["model"] for row in rows]
     figure, axes = plt.subplots(1, 3, figsize=(4 + 2.2 * len(labels), 4))
     axes[0].boxplot([m[np.triu_indices(len(m), k=1)] for m in matrices])
@@ -194,7 +238,12 @@ def coupling_comparison(matrices: list[np.ndarray], pairs: list[dict[str, np.nda
     axes[1].boxplot([p["ripple"] for p in pairs])
     axes[1].set(title="Ripple strength", ylabel="|delta log P|")
     r = np.array([row["spearman_r"] for row in rows])
-    errors = np.array([[row["spearman_r"] - row["spearman_ci_low"] for row in rows], [row["spearman_ci_high"] - row["spearman_r"] for row in rows]])
+    errors = np.array(
+        [
+            [row["spearman_r"] - row["spearman_ci_low"] for row in rows],
+            [row["spearman_ci_high"] - row["spearman_r"] for row in rows],
+        ]
+    )
     colours = ["tab:green" if row["hypothesis_held"] else "tab:gray" for row in rows]
     axes[2].bar(range(1, len(rows) + 1), r, yerr=errors, color=colours, capsize=4)
     axes[2].axhline(0, color="black", linewidth=0.8)

@@ -45,7 +45,9 @@ from runtime.session import overrides, start
 log = logging.getLogger(__name__)
 
 
-def score_pieces(model, datamodule, pieces: list[dict[str, Any]], answers: list[str] | None = None) -> dict[str, np.ndarray]:
+def score_pieces(
+    model, datamodule, pieces: list[dict[str, Any]], answers: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """log P(answer | prompt) and exact match of every piece (answers default to the pieces' own)."""
     answers = answers or [p["answer"] for p in pieces]
     examples = [datamodule.answer_example(p["prompt"], a) for p, a in zip(pieces, answers, strict=True)]
@@ -53,17 +55,22 @@ def score_pieces(model, datamodule, pieces: list[dict[str, Any]], answers: list[
     for first in range(0, len(examples), 8):
         batch = datamodule.collate(examples[first : first + 8])
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+                :, :-1
+            ]
         labels = batch["labels"][:, 1:]
         supervised = labels != IGNORE_INDEX
-        token_log_probs = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0)[..., None])[..., 0]
+        token_log_probs = torch.log_softmax(logits.float(), -1).gather(-1, labels.clamp_min(0)[..., None])[
+            ..., 0
+        ]
         log_probs += (token_log_probs * supervised).sum(-1).tolist()
         matches += ((logits.argmax(-1) == labels) | ~supervised).all(-1).float().tolist()
     return {"log_prob": np.array(log_probs), "exact_match": np.array(matches)}
 
 
 def counterfactual(pieces: list[dict[str, Any]], index: int) -> str:
-    """A new answer for piece `index`: the answer of the next piece of the same hop that differs from its own."""
+    """A new answer for piece `index`: the answer of the next piece of the same hop that differs from its
+    own."""
     own = pieces[index]
     order = pieces[index + 1 :] + pieces[:index]
     for other in order:
@@ -91,7 +98,9 @@ def correlation(x: np.ndarray, y: np.ndarray, samples: int, confidence: float, s
     return result
 
 
-def ripple_pairs(experiments: list[dict[str, Any]], matrix: np.ndarray, chains: list[str]) -> dict[str, np.ndarray]:
+def ripple_pairs(
+    experiments: list[dict[str, Any]], matrix: np.ndarray, chains: list[str]
+) -> dict[str, np.ndarray]:
     """Per (edited i, other j) pair: GradSim, ripple strength |delta log P| and whether both share a chain."""
     sims, strengths, within = [], [], []
     for experiment in experiments:
@@ -107,13 +116,22 @@ def ripple_pairs(experiments: list[dict[str, Any]], matrix: np.ndarray, chains: 
 def analyse_pairs(pairs: dict[str, np.ndarray], settings: DictConfig, seed: int) -> dict[str, Any]:
     """Correlations overall, within chain and across chains, and whether the hypothesis held."""
     result = {}
-    for name, mask in (("all", np.ones_like(pairs["within"])), ("within_chain", pairs["within"]),
-                       ("across_chain", ~pairs["within"])):
-        result[name] = correlation(pairs["gradsim"][mask], pairs["ripple"][mask], settings.bootstrap_samples,
-                                   settings.confidence, seed)
+    for name, mask in (
+        ("all", np.ones_like(pairs["within"])),
+        ("within_chain", pairs["within"]),
+        ("across_chain", ~pairs["within"]),
+    ):
+        result[name] = correlation(
+            pairs["gradsim"][mask],
+            pairs["ripple"][mask],
+            settings.bootstrap_samples,
+            settings.confidence,
+            seed,
+        )
     spearman = result["all"]["spearman"]
-    result["hypothesis_held"] = bool(spearman and spearman["r"] > 0 and spearman["p"] < 1 - settings.confidence
-                                     and spearman["ci"][0] > 0)
+    result["hypothesis_held"] = bool(
+        spearman and spearman["r"] > 0 and spearman["p"] < 1 - settings.confidence and spearman["ci"][0] > 0
+    )
     return result
 
 
@@ -123,47 +141,82 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with start(cfg, job_type="analysis") as session:
         analysis = ripple_study(cfg, session.run_dir)
         spearman = analysis["correlation"]["all"]["spearman"] or {}
-        headline = {"ripple/edit_success_rate": analysis["edit_success_rate"], "ripple/spearman_r": spearman.get("r"),
-                    "ripple/spearman_p": spearman.get("p"), "ripple/hypothesis_held": float(analysis["correlation"]["hypothesis_held"])}
+        headline = {
+            "ripple/edit_success_rate": analysis["edit_success_rate"],
+            "ripple/spearman_r": spearman.get("r"),
+            "ripple/spearman_p": spearman.get("p"),
+            "ripple/hypothesis_held": float(analysis["correlation"]["hypothesis_held"]),
+        }
         headline = {k: v for k, v in headline.items() if v is not None}
         session.log_metrics(headline)
         session.log_images({"ripple": session.run_dir / "comprehensive_analysis.png"})
-        session.finish({"model": cfg.model.name, "task": cfg.task.name, "ckpt": cfg.get("ckpt"), "edits": analysis["edits"],
-                        "overrides": overrides(), "metrics": headline})
+        session.finish(
+            {
+                "model": cfg.model.name,
+                "task": cfg.task.name,
+                "ckpt": cfg.get("ckpt"),
+                "edits": analysis["edits"],
+                "overrides": overrides(),
+                "metrics": headline,
+            }
+        )
     return analysis
 
 
 def ripple_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """GradSim, one MEMIT edit per piece and the ripple of each on every piece; writes every output into run_dir."""
+    """GradSim, one MEMIT edit per piece and the ripple of each on every piece; writes every output into
+    run_dir."""
     model, tokenizer, datamodule, pieces, matrix = gradsim.coupling_stage(cfg, cfg.analysis.gradsim, run_dir)
 
     hparams = cfg.analysis.memit
     stats_records = load_split(hparams.stats.source, hparams.stats.split)
-    texts = [r[hparams.stats.text_field] for r in stats_records if str(r.get(hparams.stats.text_field, "")).strip()]
+    texts = [
+        r[hparams.stats.text_field] for r in stats_records if str(r.get(hparams.stats.text_field, "")).strip()
+    ]
     cache = Path(cfg.paths.cache_dir) / "memit_stats" / cfg.model.name
-    moments, statistics = memit_inputs.second_moments(model, tokenizer, hparams, texts, cache, memit_inputs.corpus_name(hparams.stats))
+    moments, statistics = memit_inputs.second_moments(
+        model, tokenizer, hparams, texts, cache, memit_inputs.corpus_name(hparams.stats)
+    )
     templates = memit_inputs.context_templates(model, tokenizer, hparams, cache)
-    # which statistics and templates these edits rest on, so runs with different ones are never compared unknowingly
-    (run_dir / "memit_statistics.json").write_text(json.dumps({**statistics, "context_templates": templates}, indent=1) + "\n")
+    # which statistics and templates these edits rest on, so runs with different ones are never compared
+    # unknowingly
+    (run_dir / "memit_statistics.json").write_text(
+        json.dumps({**statistics, "context_templates": templates}, indent=1) + "\n"
+    )
     before = score_pieces(model, datamodule, pieces)
     experiments = []
     for index in range(min(cfg.analysis.num_edits, len(pieces))):
         piece = pieces[index]
-        request = {"prompt": piece["prompt"], "subject": piece["subject"], "target_new": counterfactual(pieces, index)}
+        request = {
+            "prompt": piece["prompt"],
+            "subject": piece["subject"],
+            "target_new": counterfactual(pieces, index),
+        }
         with memit.edited(model, tokenizer, [request], hparams, moments, templates):
             after = score_pieces(model, datamodule, pieces)
             edit = score_pieces(model, datamodule, [piece], [request["target_new"]])
-        experiments.append({
-            "index": index, "piece": piece["id"], "target_new": request["target_new"],
-            "success": bool(edit["exact_match"][0]), "new_answer_log_prob": float(edit["log_prob"][0]),
-            "delta_log_prob": (after["log_prob"] - before["log_prob"]).tolist(),
-            "exact_match_before": before["exact_match"].tolist(), "exact_match_after": after["exact_match"].tolist(),
-        })
+        experiments.append(
+            {
+                "index": index,
+                "piece": piece["id"],
+                "target_new": request["target_new"],
+                "success": bool(edit["exact_match"][0]),
+                "new_answer_log_prob": float(edit["log_prob"][0]),
+                "delta_log_prob": (after["log_prob"] - before["log_prob"]).tolist(),
+                "exact_match_before": before["exact_match"].tolist(),
+                "exact_match_after": after["exact_match"].tolist(),
+            }
+        )
     chains = [p["chain"] for p in pieces]
     pairs = ripple_pairs(experiments, matrix, chains)
-    analysis = {"model": cfg.model.name, "task": cfg.task.name, "layers": list(hparams.layers),
-                "edits": len(experiments), "edit_success_rate": float(np.mean([e["success"] for e in experiments])),
-                "correlation": analyse_pairs(pairs, cfg.analysis, cfg.seed)}
+    analysis = {
+        "model": cfg.model.name,
+        "task": cfg.task.name,
+        "layers": list(hparams.layers),
+        "edits": len(experiments),
+        "edit_success_rate": float(np.mean([e["success"] for e in experiments])),
+        "correlation": analyse_pairs(pairs, cfg.analysis, cfg.seed),
+    }
     (run_dir / "ripple_experiments.json").write_text(json.dumps(experiments, indent=1) + "\n")
     (run_dir / "correlation_analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")
     plots.ripple_panels(matrix, pairs, experiments, run_dir / "comprehensive_analysis.png")
@@ -176,8 +229,10 @@ def report(analysis: dict[str, Any], pieces: int, cfg: DictConfig) -> str:
     lines = [
         f"# Knowledge coupling and ripple effects: {analysis['model']}",
         "",
-        f"Setup: {pieces} knowledge pieces from task `{analysis['task']}`; GradSim on the MLP output weights of "
-        f"layers {analysis['layers']}; {analysis['edits']} single MEMIT edits (each piece to another piece's answer); "
+        f"Setup: {pieces} knowledge pieces from task `{analysis['task']}`; GradSim on the MLP output weights "
+        "of "
+        f"layers {analysis['layers']}; {analysis['edits']} single MEMIT edits (each piece to another piece's "
+        "answer); "
         f"edit success (exact match of the new answer) {analysis['edit_success_rate']:.2%}.",
         "",
         "| pairs | n | Pearson r (p) [CI] | Spearman r (p) [CI] |",
@@ -187,26 +242,50 @@ def report(analysis: dict[str, Any], pieces: int, cfg: DictConfig) -> str:
         entry = analysis["correlation"][name]
 
         def cell(stat):
-            return "-" if not stat else f"{stat['r']:.3f} ({stat['p']:.3g}) [{stat['ci'][0]:.3f}, {stat['ci'][1]:.3f}]"
+            return (
+                "-"
+                if not stat
+                else f"{stat['r']:.3f} ({stat['p']:.3g}) [{stat['ci'][0]:.3f}, {stat['ci'][1]:.3f}]"
+            )
 
         lines.append(f"| {name} | {entry['pairs']} | {cell(entry['pearson'])} | {cell(entry['spearman'])} |")
     held = analysis["correlation"]["hypothesis_held"]
-    lines += ["", f"Hypothesis (higher GradSim -> stronger ripple, Spearman r > 0 with p < {1 - cfg.analysis.confidence:.2f} "
-              f"and CI above 0): **{'held' if held else 'not supported'}** for {analysis['model']}.", ""]
+    lines += [
+        "",
+        "Hypothesis (higher GradSim -> stronger ripple, Spearman r > 0 with p < "
+        f"{1 - cfg.analysis.confidence:.2f} "
+        f"and CI above 0): **{'held' if held else 'not supported'}** for {analysis['model']}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:
     """One finished ripple run: its analysis, the GradSim matrix and the per-pair values."""
-    missing = [n for n in ("correlation_analysis.json", "coupling_matrix.npy", "ripple_experiments.json", "knowledge_pieces.json")
-               if not (run_dir / n).exists()]
+    missing = [
+        n
+        for n in (
+            "correlation_analysis.json",
+            "coupling_matrix.npy",
+            "ripple_experiments.json",
+            "knowledge_pieces.json",
+        )
+        if not (run_dir / n).exists()
+    ]
     if missing:
-        raise FileNotFoundError(f"{run_dir}: not a finished `python -m analysis.ripple` run (missing {', '.join(missing)})")
+        raise FileNotFoundError(
+            f"{run_dir}: not a finished `python -m analysis.ripple` run (missing {', '.join(missing)})"
+        )
     matrix = np.load(run_dir / "coupling_matrix.npy")
     chains = [p["chain"] for p in json.loads((run_dir / "knowledge_pieces.json").read_text())]
     experiments = json.loads((run_dir / "ripple_experiments.json").read_text())
     analysis = json.loads((run_dir / "correlation_analysis.json").read_text())
-    return {"analysis": analysis, "matrix": matrix, "pairs": ripple_pairs(experiments, matrix, chains), "chains": chains}
+    return {
+        "analysis": analysis,
+        "matrix": matrix,
+        "pairs": ripple_pairs(experiments, matrix, chains),
+        "chains": chains,
+    }
 
 
 def comparison_rows(runs: list[dict[str, Any]], labels: list[str]) -> list[dict[str, Any]]:
@@ -214,17 +293,35 @@ def comparison_rows(runs: list[dict[str, Any]], labels: list[str]) -> list[dict[
     rows = []
     for label, run_data in zip(labels, runs, strict=True):
         matrix, pairs, analysis = run_data["matrix"], run_data["pairs"], run_data["analysis"]
-        spearman = analysis["correlation"]["all"]["spearman"] or {"r": float("nan"), "p": float("nan"), "ci": [float("nan")] * 2}
+        spearman = analysis["correlation"]["all"]["spearman"] or {
+            "r": float("nan"),
+            "p": float("nan"),
+            "ci": [float("nan")] * 2,
+        }
         upper = matrix[np.triu_indices(len(matrix), k=1)]
-        rows.append({
-            "model": label, "pieces": len(matrix), "edits": analysis["edits"], "edit_success_rate": analysis["edit_success_rate"],
-            "gradsim_mean": float(upper.mean()), "gradsim_median": float(np.median(upper)),
-            "gradsim_within_chain": float(pairs["gradsim"][pairs["within"]].mean()) if pairs["within"].any() else None,
-            "gradsim_across_chain": float(pairs["gradsim"][~pairs["within"]].mean()) if (~pairs["within"]).any() else None,
-            "ripple_mean": float(pairs["ripple"].mean()), "ripple_median": float(np.median(pairs["ripple"])),
-            "spearman_r": spearman["r"], "spearman_p": spearman["p"], "spearman_ci_low": spearman["ci"][0],
-            "spearman_ci_high": spearman["ci"][1], "hypothesis_held": analysis["correlation"]["hypothesis_held"],
-        })
+        rows.append(
+            {
+                "model": label,
+                "pieces": len(matrix),
+                "edits": analysis["edits"],
+                "edit_success_rate": analysis["edit_success_rate"],
+                "gradsim_mean": float(upper.mean()),
+                "gradsim_median": float(np.median(upper)),
+                "gradsim_within_chain": float(pairs["gradsim"][pairs["within"]].mean())
+                if pairs["within"].any()
+                else None,
+                "gradsim_across_chain": float(pairs["gradsim"][~pairs["within"]].mean())
+                if (~pairs["within"]).any()
+                else None,
+                "ripple_mean": float(pairs["ripple"].mean()),
+                "ripple_median": float(np.median(pairs["ripple"])),
+                "spearman_r": spearman["r"],
+                "spearman_p": spearman["p"],
+                "spearman_ci_low": spearman["ci"][0],
+                "spearman_ci_high": spearman["ci"][1],
+                "hypothesis_held": analysis["correlation"]["hypothesis_held"],
+            }
+        )
     return rows
 
 
@@ -232,29 +329,50 @@ def compare(run_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
     """Write coupling_comparison.{csv,md,png} for several ripple runs; return the rows and the verdict."""
     runs = [load_run(Path(d)) for d in run_dirs]
     names = [r["analysis"]["model"] for r in runs]
-    labels = [name if names.count(name) == 1 else f"{name} ({Path(d).name})" for name, d in zip(names, run_dirs, strict=True)]
+    labels = [
+        name if names.count(name) == 1 else f"{name} ({Path(d).name})"
+        for name, d in zip(names, run_dirs, strict=True)
+    ]
     rows = comparison_rows(runs, labels)
     held = sum(row["hypothesis_held"] for row in rows)
-    verdict = ("held for every model" if held == len(rows) else "held for no model" if held == 0
-               else f"inconsistent: held for {held} of {len(rows)} models")
+    verdict = (
+        "held for every model"
+        if held == len(rows)
+        else "held for no model"
+        if held == 0
+        else f"inconsistent: held for {held} of {len(rows)} models"
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     with (out_dir / "coupling_comparison.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["# Knowledge coupling across models", "",
-             "| model | pieces | edits | edit success | GradSim mean (within / across chain) | ripple mean | Spearman r [CI] (p) | hypothesis |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Knowledge coupling across models",
+        "",
+        "| model | pieces | edits | edit success | GradSim mean (within / across chain) | ripple mean | "
+        "Spearman r [CI] (p) | hypothesis |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         within = "-" if row["gradsim_within_chain"] is None else f"{row['gradsim_within_chain']:.3f}"
         across = "-" if row["gradsim_across_chain"] is None else f"{row['gradsim_across_chain']:.3f}"
-        lines.append(f"| {row['model']} | {row['pieces']} | {row['edits']} | {row['edit_success_rate']:.0%} | "
-                     f"{row['gradsim_mean']:.3f} ({within} / {across}) | {row['ripple_mean']:.3f} | "
-                     f"{row['spearman_r']:.3f} [{row['spearman_ci_low']:.3f}, {row['spearman_ci_high']:.3f}] ({row['spearman_p']:.3g}) | "
-                     f"{'held' if row['hypothesis_held'] else 'not supported'} |")
-    lines += ["", f"Across architectures the hypothesis (higher GradSim -> stronger ripple) **{verdict}**.", ""]
+        lines.append(
+            f"| {row['model']} | {row['pieces']} | {row['edits']} | {row['edit_success_rate']:.0%} | "
+            f"{row['gradsim_mean']:.3f} ({within} / {across}) | {row['ripple_mean']:.3f} | "
+            f"{row['spearman_r']:.3f} [{row['spearman_ci_low']:.3f}, {row['spearman_ci_high']:.3f}] "
+            f"({row['spearman_p']:.3g}) | "
+            f"{'held' if row['hypothesis_held'] else 'not supported'} |"
+        )
+    lines += [
+        "",
+        f"Across architectures the hypothesis (higher GradSim -> stronger ripple) **{verdict}**.",
+        "",
+    ]
     (out_dir / "coupling_comparison.md").write_text("\n".join(lines))
-    plots.coupling_comparison([r["matrix"] for r in runs], [r["pairs"] for r in runs], rows, out_dir / "coupling_comparison.png")
+    plots.coupling_comparison(
+        [r["matrix"] for r in runs], [r["pairs"] for r in runs], rows, out_dir / "coupling_comparison.png"
+    )
     return {"rows": rows, "verdict": verdict}
 
 
@@ -262,17 +380,25 @@ def compare(run_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
 def main(cfg: DictConfig) -> None:
     """Hydra entrypoint of the ripple study."""
     analysis = run(cfg)
-    log.info("edit success %.2f; hypothesis held: %s", analysis["edit_success_rate"], analysis["correlation"]["hypothesis_held"])
+    log.info(
+        "edit success %.2f; hypothesis held: %s",
+        analysis["edit_success_rate"],
+        analysis["correlation"]["hypothesis_held"],
+    )
 
 
 def compare_main(argv: list[str]) -> None:
     """`python -m analysis.ripple compare <run dir>... [--out DIR]`."""
-    parser = argparse.ArgumentParser(prog="python -m analysis.ripple compare", description="Compare ripple runs across models")
+    parser = argparse.ArgumentParser(
+        prog="python -m analysis.ripple compare", description="Compare ripple runs across models"
+    )
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=Path("outputs/ripple/comparison"))
     arguments = parser.parse_args(argv)
     result = compare(arguments.run_dirs, arguments.out)
-    print(f"{len(result['rows'])} models; hypothesis {result['verdict']}; tables and figure in {arguments.out}")
+    print(
+        f"{len(result['rows'])} models; hypothesis {result['verdict']}; tables and figure in {arguments.out}"
+    )
 
 
 if __name__ == "__main__":

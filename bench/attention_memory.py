@@ -56,11 +56,19 @@ def child(mode: str, model_name: str, tokens: int) -> dict:
             attentions = model(input_ids=input_ids, output_attentions=True).attentions
         rows = [a[0, :, length - 1].float() for a in attentions]
     checksum = float(sum(r.double().sum() for r in rows))
-    return {"mode": mode, "tokens": length, "loaded_mib": loaded, "peak_mib": peak_mib(), "checksum": checksum}
+    return {
+        "mode": mode,
+        "tokens": length,
+        "loaded_mib": loaded,
+        "peak_mib": peak_mib(),
+        "checksum": checksum,
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--child", choices=["hooks", "plain"])
@@ -70,15 +78,31 @@ def main() -> None:
         return
     results = {}
     for mode in ("hooks", "plain"):
-        command = [sys.executable, __file__, "--child", mode, "--model", args.model, "--tokens", str(args.tokens)]
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--model",
+            args.model,
+            "--tokens",
+            str(args.tokens),
+        ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
         r = results[mode]
-        print(f"{mode}: {r['tokens']} tokens, peak {r['peak_mib']:.0f} MiB, growth over loaded model "
-              f"{r['peak_mib'] - r['loaded_mib']:.0f} MiB")
+        print(
+            f"{mode}: {r['tokens']} tokens, peak {r['peak_mib']:.0f} MiB, growth over loaded model "
+            f"{r['peak_mib'] - r['loaded_mib']:.0f} MiB"
+        )
     hooks, plain = results["hooks"], results["plain"]
-    print(f"same attention rows: {abs(hooks['checksum'] - plain['checksum']) < 1e-3 * abs(plain['checksum'])}")
-    print(f"ratio peak_rss_hooks_vs_output_attentions = {hooks['peak_mib'] / plain['peak_mib']:.3f} (goal <= 0.7)")
+    print(
+        f"same attention rows: {abs(hooks['checksum'] - plain['checksum']) < 1e-3 * abs(plain['checksum'])}"
+    )
+    print(
+        f"ratio peak_rss_hooks_vs_output_attentions = {hooks['peak_mib'] / plain['peak_mib']:.3f} (goal <= "
+        "0.7)"
+    )
     growth = (hooks["peak_mib"] - hooks["loaded_mib"]) / max(1e-9, plain["peak_mib"] - plain["loaded_mib"])
     print(f"ratio attention_growth_hooks_vs_output_attentions = {growth:.3f} (goal <= 0.2)")
 

@@ -2,9 +2,9 @@
 
 lmlab's k-shot style draws one seeded set of exemplars for every problem, so all prompts start with the same
 tokens. Both sides run lmlab's continuous batching on the same prompts (SmolLM2-135M-Instruct, the first
-`--problems` GSM8K test problems, `--shots`-shot, greedy, `--max-new-tokens`, batch `--batch-size`), alternating
-order, best of `--rounds`: `generation.prefix_cache` on and off. Prints both wall times, the prompt and prefix
-lengths, how many completions are identical, and
+`--problems` GSM8K test problems, `--shots`-shot, greedy, `--max-new-tokens`, batch `--batch-size`),
+alternating order, best of `--rounds`: `generation.prefix_cache` on and off. Prints both wall times, the
+prompt and prefix lengths, how many completions are identical, and
 
     ratio prefix_cache_vs_full_prefill = <full-prefill seconds / prefix-cache seconds> (goal >= 1.5)
 
@@ -32,7 +32,9 @@ SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--problems", type=int, default=32)
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -41,9 +43,15 @@ def main() -> None:
     args = parser.parse_args()
 
     files = SHARED_GSM8K / "train.jsonl", SHARED_GSM8K / "test.jsonl"
-    data = [f"task.data_files={{train: {files[0]}, test: {files[1]}}}"] if files[1].exists() else ["task.source=bundled"]
+    data = (
+        [f"task.data_files={{train: {files[0]}, test: {files[1]}}}"]
+        if files[1].exists()
+        else ["task.source=bundled"]
+    )
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=["model=smollm2_135m", *data, f"prompting.num_fewshot={args.shots}"])
+        cfg = compose(
+            "evaluate", overrides=["model=smollm2_135m", *data, f"prompting.num_fewshot={args.shots}"]
+        )
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     datamodule = datamodules.build(cfg, tokenizer)
     records = datamodule.evaluation_records()[: args.problems]
@@ -51,22 +59,32 @@ def main() -> None:
     prompts = [datamodule.prompt_format.prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
     stops = datamodule.prompt_format.stop_strings(list(cfg.generation.stop_strings))
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
-    prefix = len(tokenizer(datamodule.prompt_format.prompt(records[0], exemplars[0]).rsplit("Question:", 1)[0])["input_ids"])
+    prefix = len(
+        tokenizer(datamodule.prompt_format.prompt(records[0], exemplars[0]).rsplit("Question:", 1)[0])[
+            "input_ids"
+        ]
+    )
 
     seconds: dict[bool, float] = {}
     outputs: dict[bool, list[list[str]]] = {}
     for round_number in range(args.rounds):
-        for shared in ([True, False] if round_number % 2 == 0 else [False, True]):
+        for shared in [True, False] if round_number % 2 == 0 else [False, True]:
             start = time.perf_counter()
-            outputs[shared] = generate(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, stops,
-                                       prefix_cache=shared)
+            outputs[shared] = generate(
+                model, tokenizer, prompts, args.batch_size, args.max_new_tokens, stops, prefix_cache=shared
+            )
             seconds[shared] = min(seconds.get(shared, float("inf")), time.perf_counter() - start)
             print(f"round {round_number}: prefix_cache={shared} {time.perf_counter() - start:.1f} s")
     same = sum(a == b for a, b in zip(outputs[True], outputs[False], strict=True))
-    print(f"SmolLM2-135M-Instruct, {len(prompts)} problems, {args.shots}-shot, batch {args.batch_size}, "
-          f"max_new_tokens {args.max_new_tokens}, threads={torch.get_num_threads()}")
+    print(
+        f"SmolLM2-135M-Instruct, {len(prompts)} problems, {args.shots}-shot, batch {args.batch_size}, "
+        f"max_new_tokens {args.max_new_tokens}, threads={torch.get_num_threads()}"
+    )
     print(f"prompt tokens: mean {sum(lengths) / len(lengths):.0f}, shared exemplar prefix about {prefix}")
-    print(f"prefix cache: {seconds[True]:.1f} s; full prefill: {seconds[False]:.1f} s; identical completions {same}/{len(prompts)}")
+    print(
+        f"prefix cache: {seconds[True]:.1f} s; full prefill: {seconds[False]:.1f} s; identical completions "
+        f"{same}/{len(prompts)}"
+    )
     print(f"ratio prefix_cache_vs_full_prefill = {seconds[False] / seconds[True]:.2f} (goal >= 1.5)")
 
 

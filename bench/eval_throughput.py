@@ -36,8 +36,12 @@ def one_by_one(model, tokenizer, prompts, max_new_tokens, stop_strings) -> list[
         encoded = tokenizer(prompt, return_tensors="pt")
         with torch.no_grad():
             output = model.generate(
-                **encoded, max_new_tokens=max_new_tokens, do_sample=False, stop_strings=stop_strings,
-                tokenizer=tokenizer, pad_token_id=tokenizer.pad_token_id,
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                stop_strings=stop_strings,
+                tokenizer=tokenizer,
+                pad_token_id=tokenizer.pad_token_id,
             )
         text = tokenizer.decode(output[0, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
         outputs.append(truncate_at_stop(text, stop_strings))
@@ -49,7 +53,9 @@ def count_tokens(tokenizer, texts: list[str]) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--problems", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -74,8 +80,11 @@ def main() -> None:
     batched_rate = count_tokens(tokenizer, batched) / batched_seconds
     single_rate = count_tokens(tokenizer, single) / single_seconds
     same = sum(a == b for a, b in zip(batched, single, strict=True))
-    print(f"model={args.model} problems={len(prompts)} batch={args.batch_size} max_new_tokens={args.max_new_tokens} "
-          f"threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} problems={len(prompts)} batch={args.batch_size} "
+        f"max_new_tokens={args.max_new_tokens} "
+        f"threads={torch.get_num_threads()}"
+    )
     print(f"batched: {batched_rate:.1f} tokens/s ({batched_seconds:.1f} s)")
     print(f"one by one: {single_rate:.1f} tokens/s ({single_seconds:.1f} s)")
     print(f"identical completions: {same}/{len(prompts)}")

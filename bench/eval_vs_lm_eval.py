@@ -1,10 +1,15 @@
-"""lmlab's GSM8K evaluation vs lm-evaluation-harness's HF backend: same prompts, same model, same outputs, time.
+"""lmlab's GSM8K evaluation vs lm-evaluation-harness's HF backend: same prompts, same model, same outputs,
+time.
 
-Needs the optional `bench` extra (`pip install -e .[bench]`, which `make bench` does); installs nothing itself.
-On the first `--problems` problems of ../shared/data/gsm8k/test.jsonl (exemplars from train.jsonl beside it):
-1. lm-eval builds its `gsm8k` task's 5-shot requests (its own yaml, data read from those files) and lmlab builds
-   `evaluate.py prompting.style=lm_eval prompting.num_fewshot=5` prompts; the count of identical prompts is printed.
-2. Both generate greedily from lm-eval's prompt strings with one model object (SmolLM2-135M-Instruct by default),
+Needs the optional `bench` extra (`pip install -e .[bench]`, which `make bench` does); installs nothing
+itself. On the first `--problems` problems of ../shared/data/gsm8k/test.jsonl (exemplars from train.jsonl
+beside it):
+1. lm-eval builds its `gsm8k` task's 5-shot requests (its own yaml, data read from those files) and lmlab
+  builds
+   `evaluate.py prompting.style=lm_eval prompting.num_fewshot=5` prompts; the count of identical prompts is
+   printed.
+2. Both generate greedily from lm-eval's prompt strings with one model object (SmolLM2-135M-Instruct by
+  default),
    batch 8, 256 new tokens, lm-eval's stop strings: `HFLM(pretrained=model, batch_size=8).generate_until` and
    lmlab's `generate`, in alternating order, best of 2 each.
 Prints the identical-completion count and
@@ -53,10 +58,16 @@ def lm_eval_requests(problems: int) -> list:
 def lmlab_prompts(model_name: str, problems: int) -> tuple:
     """The model and tokenizer of `model_name`, lmlab's lm_eval-style 5-shot prompts and its stop strings."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=[
-            f"model={model_name}", "task=gsm8k", "prompting.style=lm_eval", f"prompting.num_fewshot={SHOTS}",
-            f"task.data_files={{train: {GSM8K / 'train.jsonl'}, test: {GSM8K / 'test.jsonl'}}}",
-        ])
+        cfg = compose(
+            "evaluate",
+            overrides=[
+                f"model={model_name}",
+                "task=gsm8k",
+                "prompting.style=lm_eval",
+                f"prompting.num_fewshot={SHOTS}",
+                f"task.data_files={{train: {GSM8K / 'train.jsonl'}, test: {GSM8K / 'test.jsonl'}}}",
+            ],
+        )
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     datamodule = datamodules.build(cfg, tokenizer)
     records = datamodule.evaluation_records()[:problems]
@@ -67,7 +78,9 @@ def lmlab_prompts(model_name: str, problems: int) -> tuple:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--problems", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
@@ -104,9 +117,14 @@ def main() -> None:
 
     same = sum(a == b for a, b in zip(outputs["lmlab"], outputs["lm_eval"], strict=True))
     best = {name: min(times) for name, times in seconds.items()}
-    print(f"model={args.model} problems={len(prompts)} batch={BATCH} max_new_tokens={MAX_NEW_TOKENS} "
-          f"threads={torch.get_num_threads()}")
-    print(f"lm-eval HFLM.generate_until: {best['lm_eval']:.1f} s; lmlab generate: {best['lmlab']:.1f} s (best of {args.rounds})")
+    print(
+        f"model={args.model} problems={len(prompts)} batch={BATCH} max_new_tokens={MAX_NEW_TOKENS} "
+        f"threads={torch.get_num_threads()}"
+    )
+    print(
+        f"lm-eval HFLM.generate_until: {best['lm_eval']:.1f} s; lmlab generate: {best['lmlab']:.1f} s (best "
+        f"of {args.rounds})"
+    )
     print(f"identical completions: {same}/{len(prompts)}")
     print(f"ratio lmlab_vs_lm_eval = {best['lm_eval'] / best['lmlab']:.2f} (goal >= 1.5)")
 

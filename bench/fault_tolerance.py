@@ -33,19 +33,40 @@ sys.path.insert(0, str(ROOT))
 
 from runtime.checkpointing import CheckpointError, load_checkpoint_file  # noqa: E402
 
-# tiny_llama + LoRA with dropout on; 20 examples in batches of 4 (5 steps an epoch), 4 epochs, last.ckpt every 2
-# steps, best-*.ckpt after every validation
-RUN = ["task.source=bundled", "trainer=cpu", "logger=csv", "trainer.enable_progress_bar=false", "print_config=false",
-       "trainer.enable_model_summary=false", "model=tiny_llama", "method=lora", "method.dropout=0.1",
-       "trainer.max_epochs=4", "data.max_train_samples=20", "data.val_size=8", "test_after_fit=false",
-       "callbacks.last_checkpoint.every_n_train_steps=2"]
+# tiny_llama + LoRA with dropout on; 20 examples in batches of 4 (5 steps an epoch), 4 epochs, last.ckpt every
+# 2 steps, best-*.ckpt after every validation
+RUN = [
+    "task.source=bundled",
+    "trainer=cpu",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "print_config=false",
+    "trainer.enable_model_summary=false",
+    "model=tiny_llama",
+    "method=lora",
+    "method.dropout=0.1",
+    "trainer.max_epochs=4",
+    "data.max_train_samples=20",
+    "data.val_size=8",
+    "test_after_fit=false",
+    "callbacks.last_checkpoint.every_n_train_steps=2",
+]
 
 
 def train(run_dir: Path, *extra: str, announced: bool = False) -> subprocess.Popen:
     script = ROOT / "bench" / "helpers" / "announced_writes.py" if announced else ROOT / "train.py"
-    command = [sys.executable, str(script), *RUN, *extra, f"hydra.run.dir={run_dir}", f"paths.cache_dir={run_dir.parent / 'cache'}"]
+    command = [
+        sys.executable,
+        str(script),
+        *RUN,
+        *extra,
+        f"hydra.run.dir={run_dir}",
+        f"paths.cache_dir={run_dir.parent / 'cache'}",
+    ]
     env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env)
+    return subprocess.Popen(
+        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
+    )
 
 
 def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -53,7 +74,8 @@ def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def kill_during_run(run_dir: Path, rng: random.Random) -> tuple[str, str, int, bool]:
-    """Start an announced run, kill it at a random point; return (signal, where, writes finished, last.ckpt written)."""
+    """Start an announced run, kill it at a random point; return (signal, where, writes finished, last.ckpt
+    written)."""
     kind = rng.choice([signal.SIGINT, signal.SIGKILL])
     during_write = rng.random() < 0.5
     target = rng.randint(2, 9)  # the n-th write (there are about 20 in the run)
@@ -113,8 +135,10 @@ def main() -> None:
                 torch.equal(reference[k], v) for k, v in final_adapter(root / f"resumed{trial}").items()
             )
             identical += int(same)
-            print(f"trial {trial:2d}: {kind} {where} (writes finished {writes}): resumed from step {step}, "
-                  f"{'identical' if same else 'DIFFERENT'} final weights")
+            print(
+                f"trial {trial:2d}: {kind} {where} (writes finished {writes}): resumed from step {step}, "
+                f"{'identical' if same else 'DIFFERENT'} final weights"
+            )
 
     print(f"ratio exact_resume_share = {identical / args.trials:.3f} (goal >= 1.0)")
     print(f"ratio lost_checkpoint_share = {lost / args.trials:.3f} (goal <= 0.0)")

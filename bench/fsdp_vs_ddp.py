@@ -25,24 +25,47 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["task.source=bundled", "logger=csv", "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-          "print_config=false", "data.max_length=512", "trainer.accelerator=cpu", "trainer.devices=2",
-          "trainer.precision=32-true", "test_after_fit=false", "trainer.max_epochs=1000"]
+COMMON = [
+    "task.source=bundled",
+    "logger=csv",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "print_config=false",
+    "data.max_length=512",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.precision=32-true",
+    "test_after_fit=false",
+    "trainer.max_epochs=1000",
+]
 TOLERANCE = 1e-5
 
 
 def run(strategy: str, method: str, model: str, steps: int, run_dir: Path) -> tuple[list[float], float]:
     """Per-step training losses of one train.py run and its wall time (seconds)."""
-    command = [sys.executable, "train.py", *COMMON, f"trainer={strategy}", f"method={method}", f"model={model}",
-               f"trainer.max_steps={steps}", f"data.max_train_samples={8 * steps}", f"hydra.run.dir={run_dir}",
-               f"paths.cache_dir={run_dir.parent / 'cache'}"]
+    command = [
+        sys.executable,
+        "train.py",
+        *COMMON,
+        f"trainer={strategy}",
+        f"method={method}",
+        f"model={model}",
+        f"trainer.max_steps={steps}",
+        f"data.max_train_samples={8 * steps}",
+        f"hydra.run.dir={run_dir}",
+        f"paths.cache_dir={run_dir.parent / 'cache'}",
+    ]
     started = time.perf_counter()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"})
+    result = subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}
+    )
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{strategy} {method} failed:\n{result.stderr[-3000:]}")
     with (run_dir / "metrics" / "metrics.csv").open() as handle:
-        losses = [float(row["train/loss_step"]) for row in csv.DictReader(handle) if row.get("train/loss_step")]
+        losses = [
+            float(row["train/loss_step"]) for row in csv.DictReader(handle) if row.get("train/loss_step")
+        ]
     return losses, elapsed
 
 
@@ -67,14 +90,23 @@ def main() -> None:
                 run_dir = Path(scratch) / f"{method}-{strategy}"
                 losses[strategy], elapsed = run(strategy, method, args.model, args.steps, run_dir)
                 speeds[strategy].append(steps_per_second(run_dir))
-                print(f"{method:5s} {strategy:4s}: {len(losses[strategy])} steps, {speeds[strategy][-1]:.2f} steps/s "
-                      f"({elapsed:.1f} s with start-up)")
+                print(
+                    f"{method:5s} {strategy:4s}: {len(losses[strategy])} steps, {speeds[strategy][-1]:.2f} "
+                    "steps/s "
+                    f"({elapsed:.1f} s with start-up)"
+                )
             for step, (ddp, fsdp) in enumerate(zip(losses["ddp"], losses["fsdp"], strict=True)):
                 same = abs(fsdp - ddp) <= TOLERANCE * abs(ddp)
                 agree, total = agree + same, total + 1
-                print(f"  {method} step {step:2d}: ddp {ddp:.7f} fsdp {fsdp:.7f} {'agree' if same else 'DIFFER'}")
+                print(
+                    f"  {method} step {step:2d}: ddp {ddp:.7f} fsdp {fsdp:.7f} "
+                    f"{'agree' if same else 'DIFFER'}"
+                )
     ddp_speed, fsdp_speed = (sum(speeds[s]) / len(speeds[s]) for s in ("ddp", "fsdp"))
-    print(f"steps/s (mean over full, lora): ddp {ddp_speed:.2f}, fsdp {fsdp_speed:.2f}, fsdp/ddp {fsdp_speed / ddp_speed:.3f}")
+    print(
+        f"steps/s (mean over full, lora): ddp {ddp_speed:.2f}, fsdp {fsdp_speed:.2f}, fsdp/ddp "
+        f"{fsdp_speed / ddp_speed:.3f}"
+    )
     print(f"ratio fsdp_vs_ddp_loss_match = {agree / total:.3f} (goal >= 1.0)")
 
 

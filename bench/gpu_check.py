@@ -1,5 +1,5 @@
-"""The GPU check: what lmlab's fast paths do on a CUDA device, written to one JSON (`make gpu-check`, a few minutes
-on one GPU).
+"""The GPU check: what lmlab's fast paths do on a CUDA device, written to one JSON (`make gpu-check`, a few
+minutes on one GPU).
 
 1. SmolLM2-135M-Instruct, bf16-mixed, LoRA and full fine-tuning on GSM8K: tokens/s and MFU (Lightning's
    ThroughputMonitor; the FLOPs of one training step counted by Lightning's `measure_flops`);
@@ -40,21 +40,26 @@ from lightning_modules import models  # noqa: E402
 from lightning_modules.generation import generate  # noqa: E402
 from runtime.training import run  # noqa: E402
 
-LLAMA_375M = ("+model.scratch={model_type:llama,hidden_size:1024,intermediate_size:2816,num_hidden_layers:24,"
-              "num_attention_heads:16,num_key_value_heads:16,max_position_embeddings:2048,tie_word_embeddings:false}")
+LLAMA_375M = (
+    "+model.scratch={model_type:llama,hidden_size:1024,intermediate_size:2816,num_hidden_layers:24,"
+    "num_attention_heads:16,num_key_value_heads:16,max_position_embeddings:2048,tie_word_embeddings:false}"
+)
 
 
 class CountFlops(L.Callback):
     """Gives the module `flops_per_batch` (one training step on the first batch, counted by Lightning), so the
     ThroughputMonitor reports MFU."""
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if hasattr(pl_module, "flops_per_batch"):
             return
         from lightning.fabric.utilities.throughput import measure_flops
 
-        pl_module.flops_per_batch = measure_flops(pl_module.model, lambda: pl_module.model(**_inputs(batch)),
-                                                  lambda output: output.loss)
+        pl_module.flops_per_batch = measure_flops(
+            pl_module.model, lambda: pl_module.model(**_inputs(batch)), lambda output: output.loss
+        )
         pl_module.model.zero_grad(set_to_none=True)  # the counted step's gradients are not the run's
 
 
@@ -69,9 +74,17 @@ def train(run_dir: Path, overrides: list[str], quick: bool) -> dict[str, Any]:
     from omegaconf import open_dict
 
     device = [] if quick else ["trainer=gpu"]
-    cfg = compose_config(*device, "logger=csv", "print_config=false", "trainer.enable_progress_bar=false",
-                         "test_after_fit=false", "+trainer.limit_val_batches=0", "task.source=bundled",
-                         "+callbacks.flops._target_=bench.gpu_check.CountFlops", *overrides)
+    cfg = compose_config(
+        *device,
+        "logger=csv",
+        "print_config=false",
+        "trainer.enable_progress_bar=false",
+        "test_after_fit=false",
+        "+trainer.limit_val_batches=0",
+        "task.source=bundled",
+        "+callbacks.flops._target_=bench.gpu_check.CountFlops",
+        *overrides,
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     started = time.perf_counter()
@@ -81,10 +94,14 @@ def train(run_dir: Path, overrides: list[str], quick: bool) -> dict[str, Any]:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return {"seconds": round(time.perf_counter() - started, 1), "global_step": results["global_step"],
-            "padding_free": results["padding_free"], "tokens_per_s": last("train/device/items_per_sec"),
-            "mfu": last("train/device/mfu"),
-            "losses": [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")]}
+    return {
+        "seconds": round(time.perf_counter() - started, 1),
+        "global_step": results["global_step"],
+        "padding_free": results["padding_free"],
+        "tokens_per_s": last("train/device/items_per_sec"),
+        "mfu": last("train/device/mfu"),
+        "losses": [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")],
+    }
 
 
 def compose_config(*overrides: str, config_name: str = "train"):
@@ -104,52 +121,104 @@ def generation(quick: bool) -> dict[str, Any]:
     seconds = time.perf_counter() - start
     alone = [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=64)[0][0] for p in prompts]
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in batched)
-    return {"identical": sum(a == b for a, b in zip(batched, alone, strict=True)), "prompts": len(prompts),
-            "tokens_per_s": round(tokens / seconds, 1), "device": str(model.device)}
+    return {
+        "identical": sum(a == b for a, b in zip(batched, alone, strict=True)),
+        "prompts": len(prompts),
+        "tokens_per_s": round(tokens / seconds, 1),
+        "device": str(model.device),
+    }
 
 
 def fsdp(run_dir: Path, quick: bool) -> dict[str, Any]:
     devices = torch.cuda.device_count()
     if devices < 2 and not quick:
         return {"skipped": f"{devices} GPU visible; FSDP needs two or more"}
-    hardware = ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"] if quick else [
-        f"trainer.devices={devices}"]
-    command = [sys.executable, "train.py", "trainer=fsdp", *hardware, "model=tiny_llama" if quick else "model=smollm2_135m",
-               "method=lora", "task.source=bundled", "trainer.max_steps=4", "logger=csv", "print_config=false",
-               f"hydra.run.dir={run_dir}"]
+    hardware = (
+        ["trainer.accelerator=cpu", "trainer.devices=2", "trainer.precision=32-true"]
+        if quick
+        else [f"trainer.devices={devices}"]
+    )
+    command = [
+        sys.executable,
+        "train.py",
+        "trainer=fsdp",
+        *hardware,
+        "model=tiny_llama" if quick else "model=smollm2_135m",
+        "method=lora",
+        "task.source=bundled",
+        "trainer.max_steps=4",
+        "logger=csv",
+        "print_config=false",
+        f"hydra.run.dir={run_dir}",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     if result.returncode:
         return {"ok": False, "error": result.stderr[-2000:]}
     results = json.loads((run_dir / "results.json").read_text())
-    return {"ok": True, "devices": 2 if quick else devices, "global_step": results["global_step"],
-            "test_loss": results["metrics"].get("test/loss"), "final_exported": (run_dir / "final").is_dir()}
+    return {
+        "ok": True,
+        "devices": 2 if quick else devices,
+        "global_step": results["global_step"],
+        "test_loss": results["metrics"].get("test/loss"),
+        "final_exported": (run_dir / "final").is_dir(),
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     steps = 3 if args.quick else args.steps
     smol = "model=tiny_llama" if args.quick else "model=smollm2_135m"
-    common = [f"trainer.max_steps={steps}", "trainer.max_epochs=-1", "data.batch_size=8", "metrics.every_n_steps=1"]
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-                              "torch": torch.__version__, "quick": args.quick}
+    common = [
+        f"trainer.max_steps={steps}",
+        "trainer.max_epochs=-1",
+        "data.batch_size=8",
+        "metrics.every_n_steps=1",
+    ]
+    report: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "quick": args.quick,
+    }
     attention = ["sdpa", *(["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         for method in ("lora", "full"):
-            report[f"smollm2_{method}"] = train(root / method, [smol, f"method={method}", *common], args.quick)
+            report[f"smollm2_{method}"] = train(
+                root / method, [smol, f"method={method}", *common], args.quick
+            )
         scratch = ["model=tiny_pretrain_baseline"] if args.quick else ["model=pretrain_baseline", LLAMA_375M]
-        report["llama_375m_pretraining"] = train(root / "pretrain", [*scratch, "task=cosmopedia", "method=full",
-                                                 "task.text_fields=[question,answer]", "data.max_length=512", *common],
-                                                 args.quick)
+        report["llama_375m_pretraining"] = train(
+            root / "pretrain",
+            [
+                *scratch,
+                "task=cosmopedia",
+                "method=full",
+                "task.text_fields=[question,answer]",
+                "data.max_length=512",
+                *common,
+            ],
+            args.quick,
+        )
         for implementation in attention:
             for padding_free in (True, False):
                 key = f"padding_free_{implementation}" if padding_free else f"padded_{implementation}"
-                report[key] = train(root / key, [smol, "method=lora", f"model.attn_implementation={implementation}",
-                                                 f"data.padding_free={padding_free}", *common], args.quick)
+                report[key] = train(
+                    root / key,
+                    [
+                        smol,
+                        "method=lora",
+                        f"model.attn_implementation={implementation}",
+                        f"data.padding_free={padding_free}",
+                        *common,
+                    ],
+                    args.quick,
+                )
         report["generation"] = generation(args.quick)
         report["fsdp"] = fsdp(root / "fsdp", args.quick)
     if not attention[1:]:
@@ -159,8 +228,11 @@ def main() -> None:
     for implementation in attention:
         packed, padded = report[f"padding_free_{implementation}"], report[f"padded_{implementation}"]
         if packed["tokens_per_s"] and padded["tokens_per_s"]:
-            print(f"ratio padding_free_vs_padded_{implementation} = {packed['tokens_per_s'] / padded['tokens_per_s']:.2f} "
-                  "(goal >= 1.3)")
+            print(
+                f"ratio padding_free_vs_padded_{implementation} = "
+                f"{packed['tokens_per_s'] / padded['tokens_per_s']:.2f} "
+                "(goal >= 1.3)"
+            )
 
 
 if __name__ == "__main__":

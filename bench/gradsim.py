@@ -40,15 +40,21 @@ SHARED = ROOT.parent / "shared" / "data"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--pieces", type=int, default=64)
     parser.add_argument("--edits", type=int, default=20)
-    parser.add_argument("--stats-samples", type=int, default=200, help="texts for the covariance (a CPU-sized stand-in)")
+    parser.add_argument(
+        "--stats-samples", type=int, default=200, help="texts for the covariance (a CPU-sized stand-in)"
+    )
     args = parser.parse_args()
 
     shared_hotpot = SHARED / "hotpotqa" / "hotpot_dev_distractor_sample.json"
-    data = [f"task.data_files={{test: {shared_hotpot}}}"] if shared_hotpot.exists() else ["task.source=bundled"]
+    data = (
+        [f"task.data_files={{test: {shared_hotpot}}}"] if shared_hotpot.exists() else ["task.source=bundled"]
+    )
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("ripple", overrides=[f"model={args.model}", *data])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
@@ -64,7 +70,9 @@ def main() -> None:
 
     start = time.perf_counter()
     batched = gradsim.PerExampleGradients(model, layers)
-    vectors = torch.cat([batched(datamodule.collate(examples[i : i + 8])) for i in range(0, len(examples), 8)])
+    vectors = torch.cat(
+        [batched(datamodule.collate(examples[i : i + 8])) for i in range(0, len(examples), 8)]
+    )
     batched_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -89,7 +97,9 @@ def main() -> None:
     with open_dict(hparams):
         hparams.mom2_n_samples = args.stats_samples
     cache = Path(cfg.paths.cache_dir) / "memit_stats" / cfg.model.name
-    moments, statistics = memit_inputs.second_moments(model, tokenizer, hparams, texts, cache, f"files:{stats_path}:question+answer")
+    moments, statistics = memit_inputs.second_moments(
+        model, tokenizer, hparams, texts, cache, f"files:{stats_path}:question+answer"
+    )
     templates = memit_inputs.context_templates(model, tokenizer, hparams, cache)
     edit_pieces = real[: args.edits]
     seconds, successes, efficacious, specific, neighbours = [], 0, 0, 0, 0
@@ -102,7 +112,9 @@ def main() -> None:
             seconds.append(time.perf_counter() - start)
             edit = ripple.score_pieces(model, datamodule, [piece], [new_answer])
             successes += int(edit["exact_match"][0])
-            efficacious += int(edit["log_prob"][0] > ripple.score_pieces(model, datamodule, [piece])["log_prob"][0])
+            efficacious += int(
+                edit["log_prob"][0] > ripple.score_pieces(model, datamodule, [piece])["log_prob"][0]
+            )
             own = ripple.score_pieces(model, datamodule, others)["log_prob"]
             new = ripple.score_pieces(model, datamodule, others, [new_answer] * len(others))["log_prob"]
             specific += int((own > new).sum())
@@ -110,11 +122,16 @@ def main() -> None:
 
     print(f"model={args.model} pieces={len(pieces)} layers={layers} threads={torch.get_num_threads()}")
     print(f"memit statistics: {statistics}; context templates: {templates}")
-    print(f"gradsim batched: {batched_seconds:.1f} s; per-example loop: {loop_seconds:.1f} s; "
-          f"max |GradSim difference| = {difference:.2e}")
-    print(f"memit (lambda {hparams.mom2_update_weight}, layers {list(hparams.layers)}): {np.mean(seconds):.1f} s per edit over "
-          f"{len(seconds)} edits; success {successes}/{len(seconds)}; efficacy {efficacious}/{len(seconds)}; "
-          f"neighbourhood specificity {specific / max(1, neighbours):.3f}")
+    print(
+        f"gradsim batched: {batched_seconds:.1f} s; per-example loop: {loop_seconds:.1f} s; "
+        f"max |GradSim difference| = {difference:.2e}"
+    )
+    print(
+        f"memit (lambda {hparams.mom2_update_weight}, layers {list(hparams.layers)}): {np.mean(seconds):.1f} "
+        "s per edit over "
+        f"{len(seconds)} edits; success {successes}/{len(seconds)}; efficacy {efficacious}/{len(seconds)}; "
+        f"neighbourhood specificity {specific / max(1, neighbours):.3f}"
+    )
     print(f"ratio gradsim_batched_vs_loop = {loop_seconds / batched_seconds:.2f} (goal >= 3.0)")
 
 

@@ -80,8 +80,18 @@ def setup(model_name: str, method: str, steps: int, run_dir: str):
     from runtime.training import build_trainable_model
     from runtime.validate import task_module
 
-    cfg = bench_config([f"model={model_name}", "task=classification", "task.source=bundled", f"method={method}",
-                        "data.batch_size=4", "data.val_size=4", "method.rank_eval_steps=4" if method == "svd_lora" else "seed=42"], run_dir)
+    cfg = bench_config(
+        [
+            f"model={model_name}",
+            "task=classification",
+            "task.source=bundled",
+            f"method={method}",
+            "data.batch_size=4",
+            "data.val_size=4",
+            "method.rank_eval_steps=4" if method == "svd_lora" else "seed=42",
+        ],
+        run_dir,
+    )
     L.seed_everything(cfg.seed)
     model, _, datamodule, _ = build_trainable_model(cfg)
     module = task_module_class(task_module(cfg)).from_config(model, cfg, datamodule)
@@ -100,7 +110,8 @@ def loss_of(module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def train(module, batches: list, held_out: list, warmup: int, after_step=None) -> dict[str, float]:
-    """AdamW (lr 3e-4) over the trainable parameters; steps/s after `warmup`, peak memory, held-out loss after."""
+    """AdamW (lr 3e-4) over the trainable parameters; steps/s after `warmup`, peak memory, held-out loss
+    after."""
     parameters = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=3e-4)
     module.train()
@@ -120,8 +131,13 @@ def train(module, batches: list, held_out: list, warmup: int, after_step=None) -
     module.eval()  # the task loss only (AdaLoRA adds its orthogonality penalty to the loss in train mode)
     with torch.no_grad():
         final = sum(loss_of(module, batch).item() for batch in held_out) / len(held_out)
-    return {"steps_per_second": (len(batches) - warmup) / seconds, "peak_mib": memory.peak,
-            "training_mib": memory.peak - before, "final_loss": final, "losses": losses}
+    return {
+        "steps_per_second": (len(batches) - warmup) / seconds,
+        "peak_mib": memory.peak,
+        "training_mib": memory.peak - before,
+        "final_loss": final,
+        "losses": losses,
+    }
 
 
 def one_method(args: argparse.Namespace) -> None:
@@ -130,7 +146,16 @@ def one_method(args: argparse.Namespace) -> None:
         _, module, batches, held_out = setup(args.model, args.one, args.steps + args.warmup, run_dir)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = sum(p.numel() for p in module.parameters())
-        print(json.dumps({"method": args.one, "trainable": trainable, "total": total, **train(module, batches, held_out, args.warmup)}))
+        print(
+            json.dumps(
+                {
+                    "method": args.one,
+                    "trainable": trainable,
+                    "total": total,
+                    **train(module, batches, held_out, args.warmup),
+                }
+            )
+        )
 
 
 def rank_selection(args: argparse.Namespace) -> dict[str, float]:
@@ -140,30 +165,53 @@ def rank_selection(args: argparse.Namespace) -> dict[str, float]:
     from lightning_modules.methods.lora import resolve_targets
     from lightning_modules.models import build
 
-    cfg = bench_config([f"model={args.model}", "task=classification", "task.source=bundled", "method=svd_lora",
-                        "data.batch_size=4", "data.val_size=4"], tempfile.mkdtemp())
+    cfg = bench_config(
+        [
+            f"model={args.model}",
+            "task=classification",
+            "task.source=bundled",
+            "method=svd_lora",
+            "data.batch_size=4",
+            "data.val_size=4",
+        ],
+        tempfile.mkdtemp(),
+    )
     L.seed_everything(cfg.seed)
     model, tokenizer = build(cfg.model, cache_dir=cfg.paths.cache_dir)
 
     datamodule = datamodules.build(cfg, tokenizer)
     datamodule.setup("fit")
     batches = list(datamodule.train_dataloader())[:4]
-    gradients = svd_lora.accumulated_gradients(model, svd_lora.target_weights(model, resolve_targets(cfg.method.target_modules, cfg.model, model)), batches)
+    gradients = svd_lora.accumulated_gradients(
+        model,
+        svd_lora.target_weights(model, resolve_targets(cfg.method.target_modules, cfg.model, model)),
+        batches,
+    )
     knobs = cfg.method
-    selection = svd_lora.RankSelection(knobs.tau, knobs.min_rank, knobs.max_rank, knobs.oversample, knobs.power_iters,
-                                       knobs.exact_below)
+    selection = svd_lora.RankSelection(
+        knobs.tau, knobs.min_rank, knobs.max_rank, knobs.oversample, knobs.power_iters, knobs.exact_below
+    )
     timings, ranks = {}, {}
     for mode in ("randomized", "exact"):
         generator = torch.Generator().manual_seed(0)
         start = time.perf_counter()
-        ranks[mode] = {n: svd_lora.select_rank(g, selection, exact=mode == "exact", generator=generator) for n, g in gradients.items()}
+        ranks[mode] = {
+            n: svd_lora.select_rank(g, selection, exact=mode == "exact", generator=generator)
+            for n, g in gradients.items()
+        }
         timings[mode] = time.perf_counter() - start
     agreement = sum(ranks["exact"][n] == ranks["randomized"][n] for n in gradients) / len(gradients)
     mean_rank = sum(ranks["randomized"].values()) / len(gradients)
-    print(f"rank selection over {len(gradients)} layers: randomized {timings['randomized']:.2f} s, exact "
-          f"{timings['exact']:.2f} s, same rank on {agreement:.1%} of layers, mean rank {mean_rank:.2f} "
-          f"(min {min(ranks['exact'].values())}, max {max(ranks['exact'].values())})")
-    return {"speedup": timings["exact"] / timings["randomized"], "agreement": agreement, "mean_rank": mean_rank}
+    print(
+        f"rank selection over {len(gradients)} layers: randomized {timings['randomized']:.2f} s, exact "
+        f"{timings['exact']:.2f} s, same rank on {agreement:.1%} of layers, mean rank {mean_rank:.2f} "
+        f"(min {min(ranks['exact'].values())}, max {max(ranks['exact'].values())})"
+    )
+    return {
+        "speedup": timings["exact"] / timings["randomized"],
+        "agreement": agreement,
+        "mean_rank": mean_rank,
+    }
 
 
 def adalora(args: argparse.Namespace, target_r: int) -> dict[str, float]:
@@ -175,12 +223,23 @@ def adalora(args: argparse.Namespace, target_r: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as run_dir:
         cfg, module, batches, held_out = setup(args.model, "full", args.steps + args.warmup, run_dir)
         total_steps = len(batches)
-        config = AdaLoraConfig(init_r=max(target_r + 1, round(1.5 * target_r)), target_r=target_r, lora_alpha=16,
-                               lora_dropout=0.05, target_modules=resolve_targets(cfg.method.target_modules, cfg.model, module.model), task_type="CAUSAL_LM",
-                               tinit=args.warmup, tfinal=2, deltaT=1, total_step=total_steps)
+        config = AdaLoraConfig(
+            init_r=max(target_r + 1, round(1.5 * target_r)),
+            target_r=target_r,
+            lora_alpha=16,
+            lora_dropout=0.05,
+            target_modules=resolve_targets(cfg.method.target_modules, cfg.model, module.model),
+            task_type="CAUSAL_LM",
+            tinit=args.warmup,
+            tfinal=2,
+            deltaT=1,
+            total_step=total_steps,
+        )
         module.model = get_peft_model(module.model.requires_grad_(False), config)
         trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
-        numbers = train(module, batches, held_out, args.warmup, after_step=module.model.base_model.update_and_allocate)
+        numbers = train(
+            module, batches, held_out, args.warmup, after_step=module.model.base_model.update_and_allocate
+        )
     return {"trainable": trainable, **numbers}
 
 
@@ -197,25 +256,53 @@ def main() -> None:
 
     results = {}
     for method in METHODS:
-        command = [sys.executable, __file__, "--one", method, "--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        command = [
+            sys.executable,
+            __file__,
+            "--one",
+            method,
+            "--model",
+            args.model,
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+        ]
         output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
         results[method] = json.loads(output.strip().splitlines()[-1])
         r = results[method]
-        print(f"{method:16s} trainable {r['trainable']:>12,} ({r['trainable'] / r['total']:8.4%})  {r['steps_per_second']:.3f} steps/s  "
-              f"peak {r['peak_mib']:7.0f} MiB (+{r['training_mib']:6.0f} in training)  final loss {r['final_loss']:.4f}", flush=True)
+        print(
+            f"{method:16s} trainable {r['trainable']:>12,} ({r['trainable'] / r['total']:8.4%})  "
+            f"{r['steps_per_second']:.3f} steps/s  "
+            f"peak {r['peak_mib']:7.0f} MiB (+{r['training_mib']:6.0f} in training)  final loss "
+            f"{r['final_loss']:.4f}",
+            flush=True,
+        )
 
     selection = rank_selection(args)
     svd = results["svd_lora"]
     ada = adalora(args, target_r=max(1, round(selection["mean_rank"])))
-    print(f"svd_lora: {svd['trainable']:,} trainable, {svd['steps_per_second']:.3f} steps/s, final loss {svd['final_loss']:.4f}")
-    print(f"adalora : {ada['trainable']:,} trainable, {ada['steps_per_second']:.3f} steps/s, final loss {ada['final_loss']:.4f}")
+    print(
+        f"svd_lora: {svd['trainable']:,} trainable, {svd['steps_per_second']:.3f} steps/s, final loss "
+        f"{svd['final_loss']:.4f}"
+    )
+    print(
+        f"adalora : {ada['trainable']:,} trainable, {ada['steps_per_second']:.3f} steps/s, final loss "
+        f"{ada['final_loss']:.4f}"
+    )
 
     full_memory = results["full"]["peak_mib"]
     for method in METHODS[1:]:
-        print(f"ratio peak_memory_{method}_vs_full = {results[method]['peak_mib'] / full_memory:.3f} (goal <= 1.0)")
+        print(
+            f"ratio peak_memory_{method}_vs_full = {results[method]['peak_mib'] / full_memory:.3f} (goal <= "
+            "1.0)"
+        )
     print(f"ratio svd_rank_selection_exact_vs_randomized_time = {selection['speedup']:.2f} (goal >= 2.0)")
     print(f"ratio svd_rank_agreement = {selection['agreement']:.3f} (goal >= 0.9)")
-    print(f"ratio svd_lora_vs_adalora_steps_per_second = {svd['steps_per_second'] / ada['steps_per_second']:.3f} (goal >= 1.0)")
+    print(
+        "ratio svd_lora_vs_adalora_steps_per_second = "
+        f"{svd['steps_per_second'] / ada['steps_per_second']:.3f} (goal >= 1.0)"
+    )
     print(f"ratio adalora_vs_svd_lora_final_loss = {ada['final_loss'] / svd['final_loss']:.3f} (goal >= 1.0)")
 
 

@@ -35,10 +35,18 @@ SHARED_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 def config(args: argparse.Namespace, run_dir: str):
     source = [f"task.data_files={SHARED_TRAIN}"] if SHARED_TRAIN.exists() else ["task.source=bundled"]
-    return bench_config([
-        f"experiment={args.experiment}", *source, "task.text_fields=[question,answer]", "trainer=cpu",
-        f"trainer.max_steps={args.steps + args.warmup}", "trainer.limit_val_batches=0", "trainer.precision=32-true",
-    ], run_dir)
+    return bench_config(
+        [
+            f"experiment={args.experiment}",
+            *source,
+            "task.text_fields=[question,answer]",
+            "trainer=cpu",
+            f"trainer.max_steps={args.steps + args.warmup}",
+            "trainer.limit_val_batches=0",
+            "trainer.precision=32-true",
+        ],
+        run_dir,
+    )
 
 
 def setup(cfg):
@@ -58,8 +66,12 @@ def run_torch_loop(cfg, args) -> float:
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        [
+            {"params": decay, "weight_decay": cfg.optim.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
     )
     total = args.steps + args.warmup
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total), total)
@@ -89,11 +101,15 @@ def peak_flops() -> tuple[float, str]:
     start, repeats = time.perf_counter(), 10
     for _ in range(repeats):
         a @ b
-    return 2 * 2048**3 * repeats / (time.perf_counter() - start), f"CPU fp32 matmul, measured, {torch.get_num_threads()} threads"
+    return 2 * 2048**3 * repeats / (
+        time.perf_counter() - start
+    ), f"CPU fp32 matmul, measured, {torch.get_num_threads()} threads"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--experiment", default="ablation/baseline")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=1)
@@ -105,12 +121,18 @@ def main() -> None:
         tokens_per_step = cfg.data.batch_size * cfg.data.max_length
         for round_number in range(args.rounds):
             rates = {"lmlab": run_lmlab(cfg, args), "torch_loop": run_torch_loop(cfg, args)}
-            print(f"round {round_number}: " + ", ".join(f"{k} {v * tokens_per_step:.0f} tokens/s" for k, v in rates.items()))
+            print(
+                f"round {round_number}: "
+                + ", ".join(f"{k} {v * tokens_per_step:.0f} tokens/s" for k, v in rates.items())
+            )
             best = {k: max(best[k], rates[k]) for k in best}
         parameters = sum(p.numel() for p in setup(cfg)[0].parameters())
     peak, where = peak_flops()
     tokens = best["lmlab"] * tokens_per_step
-    print(f"experiment={args.experiment} params={parameters / 1e6:.1f}M batch={cfg.data.batch_size}x{cfg.data.max_length}")
+    print(
+        f"experiment={args.experiment} params={parameters / 1e6:.1f}M "
+        f"batch={cfg.data.batch_size}x{cfg.data.max_length}"
+    )
     print(f"lmlab: {tokens:.0f} tokens/s; torch loop: {best['torch_loop'] * tokens_per_step:.0f} tokens/s")
     print(f"MFU estimate: {6 * parameters * tokens / peak:.3f} of {peak / 1e12:.3f} TFLOP/s ({where})")
     print(f"ratio lmlab_vs_torch_loop_tokens = {best['lmlab'] / best['torch_loop']:.3f} (goal >= 0.9)")

@@ -1,13 +1,13 @@
-"""Supervised fine-tuning throughput: lmlab padding-free vs lmlab padded vs HF Trainer + peft vs TRL's padding-free
-SFTTrainer, on the same examples in the same order.
+"""Supervised fine-tuning throughput: lmlab padding-free vs lmlab padded vs HF Trainer + peft vs TRL's
+padding-free SFTTrainer, on the same examples in the same order.
 
-SmolLM2-135M-Instruct, LoRA r=8 on every linear map of the blocks, GSM8K train examples at their natural lengths
-(prompt masked, loss on the solution), batch 8, AdamW; each side trains `--warmup` untimed then `--steps` timed
-steps, in rounds that alternate the sides (best of the rounds). Every side sees the batches of lmlab's seeded
-order. HF Trainer pads each batch with transformers' DataCollatorForSeq2Seq (its padding collator for labelled
-examples); TRL gets the same tokens and labels, `padding_free=True`. `data.group_by_length` (padded, batches of
-similar lengths: another batch order, hence other batches) runs beside them. Prints the padding share of the padded
-batches, steps/s and supervised tokens/s per side, and
+SmolLM2-135M-Instruct, LoRA r=8 on every linear map of the blocks, GSM8K train examples at their natural
+lengths (prompt masked, loss on the solution), batch 8, AdamW; each side trains `--warmup` untimed then
+`--steps` timed steps, in rounds that alternate the sides (best of the rounds). Every side sees the batches of
+lmlab's seeded order. HF Trainer pads each batch with transformers' DataCollatorForSeq2Seq (its padding
+collator for labelled examples); TRL gets the same tokens and labels, `padding_free=True`.
+`data.group_by_length` (padded, batches of similar lengths: another batch order, hence other batches) runs
+beside them. Prints the padding share of the padded batches, steps/s and supervised tokens/s per side, and
 
     ratio padding_free_vs_padded = <lmlab padding-free / lmlab padded> (goal >= 1.3)
     ratio padding_free_vs_hf_trainer = <x> (goal >= 1.3)
@@ -47,13 +47,28 @@ BATCH = 8
 
 
 def config(args: argparse.Namespace, run_dir: str, padding_free: bool, group_by_length: bool = False):
-    data = [f"task.data_files={{train: {SHARED_GSM8K}, test: {SHARED_GSM8K}}}"] if SHARED_GSM8K.exists() else []
-    return bench_config([
-        "task.source=bundled", "model=smollm2_135m", "method=lora", *data, f"data.batch_size={BATCH}",
-        "data.max_length=1024", f"data.max_train_samples={BATCH * (args.steps + args.warmup)}", "data.val_size=4",
-        f"trainer.max_steps={args.steps + args.warmup}", "+trainer.limit_val_batches=0", "trainer.gradient_clip_val=0",
-        f"data.padding_free={padding_free}", f"data.group_by_length={group_by_length}", "optim.warmup_ratio=0",
-    ], run_dir)
+    data = (
+        [f"task.data_files={{train: {SHARED_GSM8K}, test: {SHARED_GSM8K}}}"] if SHARED_GSM8K.exists() else []
+    )
+    return bench_config(
+        [
+            "task.source=bundled",
+            "model=smollm2_135m",
+            "method=lora",
+            *data,
+            f"data.batch_size={BATCH}",
+            "data.max_length=1024",
+            f"data.max_train_samples={BATCH * (args.steps + args.warmup)}",
+            "data.val_size=4",
+            f"trainer.max_steps={args.steps + args.warmup}",
+            "+trainer.limit_val_batches=0",
+            "trainer.gradient_clip_val=0",
+            f"data.padding_free={padding_free}",
+            f"data.group_by_length={group_by_length}",
+            "optim.warmup_ratio=0",
+        ],
+        run_dir,
+    )
 
 
 def setup(cfg):
@@ -75,7 +90,9 @@ class LossClock(LightningClock):
         self.losses.append(float(outputs["loss"]))
 
 
-def run_lmlab(args, run_dir: str, padding_free: bool, group_by_length: bool = False) -> tuple[float, list[float]]:
+def run_lmlab(
+    args, run_dir: str, padding_free: bool, group_by_length: bool = False
+) -> tuple[float, list[float]]:
     from lightning_modules.optim import module_settings
     from lightning_modules.registry import task_module_class
     from runtime.session import build_loggers
@@ -111,10 +128,23 @@ def lmlab_order(datamodule) -> list[int]:
 
 
 def training_args(args, output_dir: str, cfg) -> dict:
-    return {"output_dir": output_dir, "per_device_train_batch_size": BATCH, "max_steps": args.steps + args.warmup,
-            "learning_rate": cfg.optim.lr, "lr_scheduler_type": "cosine", "warmup_steps": 0, "weight_decay": 0.0,
-            "max_grad_norm": 0.0, "logging_steps": 1, "save_strategy": "no", "report_to": [], "use_cpu": True,
-            "dataloader_num_workers": 0, "disable_tqdm": True, "seed": cfg.seed}
+    return {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": BATCH,
+        "max_steps": args.steps + args.warmup,
+        "learning_rate": cfg.optim.lr,
+        "lr_scheduler_type": "cosine",
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "seed": cfg.seed,
+    }
 
 
 def run_hf_trainer(args, run_dir: str) -> float:
@@ -127,9 +157,13 @@ def run_hf_trainer(args, run_dir: str) -> float:
             return InOrder(order)
 
     clock = StepClock(args.warmup)
-    trainer = Ordered(model=model, args=TrainingArguments(**training_args(args, run_dir, cfg), remove_unused_columns=False),
-                      train_dataset=datamodule.datasets["train"],
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True), callbacks=[HFClock(clock)])
+    trainer = Ordered(
+        model=model,
+        args=TrainingArguments(**training_args(args, run_dir, cfg), remove_unused_columns=False),
+        train_dataset=datamodule.datasets["train"],
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True),
+        callbacks=[HFClock(clock)],
+    )
     trainer.train()
     return clock.rate()
 
@@ -143,7 +177,9 @@ def run_trl(args, run_dir: str) -> float | str:
     cfg = config(args, run_dir, padding_free=False)
     model, tokenizer, datamodule = setup(cfg)
     order = lmlab_order(datamodule)
-    rows = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in datamodule.datasets["train"]]  # same tokens
+    rows = [
+        {"input_ids": e["input_ids"], "labels": e["labels"]} for e in datamodule.datasets["train"]
+    ]  # same tokens
 
     class Ordered(SFTTrainer):
         def _get_train_sampler(self, *unused):
@@ -151,20 +187,27 @@ def run_trl(args, run_dir: str) -> float | str:
 
     clock = StepClock(args.warmup)
     settings = SFTConfig(**training_args(args, run_dir, cfg), padding_free=True, max_length=None)
-    trainer = Ordered(model=model, args=settings, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                      callbacks=[HFClock(clock)])
+    trainer = Ordered(
+        model=model,
+        args=settings,
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+        callbacks=[HFClock(clock)],
+    )
     trainer.train()
     return clock.rate()
 
 
 def padding_share(batches: list[dict]) -> float:
-    return sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(b["attention_mask"].numel() for b in batches)
+    return sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(
+        b["attention_mask"].numel() for b in batches
+    )
 
 
 def batch_figures(args, run_dir: str) -> tuple[float, float, float, float]:
-    """(share of the padded batches' tokens that are padding, the same grouped by length, supervised tokens per step,
-    share of the batches whose loss packed equals their loss padded to 1e-5 on the same weights: the seeded LoRA
-    model, dropout off)."""
+    """(share of the padded batches' tokens that are padding, the same grouped by length, supervised tokens
+    per step, share of the batches whose loss packed equals their loss padded to 1e-5 on the same weights: the
+    seeded LoRA model, dropout off)."""
     _, _, grouped = setup(config(args, run_dir, padding_free=False, group_by_length=True))
     grouped_padding = padding_share(list(grouped.train_dataloader()))
     model, _, datamodule = setup(config(args, run_dir, padding_free=False))
@@ -174,13 +217,17 @@ def batch_figures(args, run_dir: str) -> tuple[float, float, float, float]:
     packed = list(datamodule.train_dataloader())
     model.eval()
     with torch.no_grad():
-        matched = sum(abs(float(model(**model_inputs(a)).loss) - float(model(**model_inputs(b)).loss)) <= 1e-5
-                      for a, b in zip(batches, packed, strict=True))
+        matched = sum(
+            abs(float(model(**model_inputs(a)).loss) - float(model(**model_inputs(b)).loss)) <= 1e-5
+            for a, b in zip(batches, packed, strict=True)
+        )
     return padding_share(batches), grouped_padding, supervised, matched / len(batches)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=2)
@@ -188,14 +235,21 @@ def main() -> None:
     best: dict[str, float] = {}
     losses: dict[str, list[float]] = {}
     trl_reason = None
-    sides = {"padding_free": lambda tmp: run_lmlab(args, tmp, padding_free=True),
-             "padded": lambda tmp: run_lmlab(args, tmp, padding_free=False),
-             "padded_grouped_by_length": lambda tmp: run_lmlab(args, tmp, padding_free=False, group_by_length=True),
-             "hf_trainer": lambda tmp: (run_hf_trainer(args, tmp), None), "trl_padding_free": lambda tmp: (run_trl(args, tmp), None)}
+    sides = {
+        "padding_free": lambda tmp: run_lmlab(args, tmp, padding_free=True),
+        "padded": lambda tmp: run_lmlab(args, tmp, padding_free=False),
+        "padded_grouped_by_length": lambda tmp: run_lmlab(
+            args, tmp, padding_free=False, group_by_length=True
+        ),
+        "hf_trainer": lambda tmp: (run_hf_trainer(args, tmp), None),
+        "trl_padding_free": lambda tmp: (run_trl(args, tmp), None),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         padding, grouped_padding, supervised, same_weights = batch_figures(args, tmp)
         for round_number in range(args.rounds):
-            names = list(sides)[round_number % len(sides):] + list(sides)[: round_number % len(sides)]  # rotate the order
+            names = (
+                list(sides)[round_number % len(sides) :] + list(sides)[: round_number % len(sides)]
+            )  # rotate the order
             rates = {}
             for name in names:
                 rate, trajectory = sides[name](tmp)
@@ -207,20 +261,31 @@ def main() -> None:
                     losses[name] = trajectory
             print(f"round {round_number}: " + ", ".join(f"{k} {v:.3f} steps/s" for k, v in rates.items()))
             best = {k: max(best.get(k, 0.0), v) for k, v in rates.items()}
-    print(f"SmolLM2-135M-Instruct LoRA, batch {BATCH}, {args.steps} timed steps, threads={torch.get_num_threads()}")
-    print(f"padding share of the padded batches: {padding:.1%} ({grouped_padding:.1%} grouped by length, another "
-          f"batch order); supervised tokens per step: {supervised:.0f}")
+    print(
+        f"SmolLM2-135M-Instruct LoRA, batch {BATCH}, {args.steps} timed steps, "
+        f"threads={torch.get_num_threads()}"
+    )
+    print(
+        f"padding share of the padded batches: {padding:.1%} ({grouped_padding:.1%} grouped by length, "
+        "another "
+        f"batch order); supervised tokens per step: {supervised:.0f}"
+    )
     for name, rate in best.items():
         print(f"{name}: {rate:.3f} steps/s, {rate * supervised:.0f} supervised tokens/s")
     if trl_reason:
         print(f"TRL: not run: {trl_reason}")
     drift = max(abs(a - b) for a, b in zip(losses["padding_free"], losses["padded"], strict=True))
-    print("per-step losses of the two lmlab runs (padding-free/padded): " + ", ".join(
-        f"{a:.6f}/{b:.6f}" for a, b in zip(losses["padding_free"], losses["padded"], strict=True)) + f"; largest gap {drift:.1e}")
+    print(
+        "per-step losses of the two lmlab runs (padding-free/padded): "
+        + ", ".join(f"{a:.6f}/{b:.6f}" for a, b in zip(losses["padding_free"], losses["padded"], strict=True))
+        + f"; largest gap {drift:.1e}"
+    )
     print(f"ratio padding_free_vs_padded = {best['padding_free'] / best['padded']:.3f} (goal >= 1.3)")
     print(f"ratio padding_free_vs_hf_trainer = {best['padding_free'] / best['hf_trainer']:.3f} (goal >= 1.3)")
     if "trl_padding_free" in best:
-        print(f"ratio padding_free_vs_trl = {best['padding_free'] / best['trl_padding_free']:.3f} (goal >= 1.0)")
+        print(
+            f"ratio padding_free_vs_trl = {best['padding_free'] / best['trl_padding_free']:.3f} (goal >= 1.0)"
+        )
     print(f"ratio padding_free_loss_match = {same_weights:.3f} (goal >= 1.0)")
 
 

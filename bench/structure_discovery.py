@@ -4,8 +4,8 @@
 
 Discovery (lightning_modules/architecture.py) runs once per loaded model: two one-row forward passes of six
 tokens through the embeddings and the first decoder block, with hooks on that block's modules. Measured on the
-embedded SmolLM2-135M-Instruct (load: its cached safetensors through `models.build`) and on the tiny from-scratch
-models (load: built from config). Prints each side's best time and
+embedded SmolLM2-135M-Instruct (load: its cached safetensors through `models.build`) and on the tiny
+from-scratch models (load: built from config). Prints each side's best time and
 
     ratio discovery_vs_load = <discovery / load on SmolLM2> (goal <= 0.05)
 """
@@ -45,7 +45,9 @@ def measure(cfg, repeats: int) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
 

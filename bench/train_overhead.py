@@ -32,13 +32,24 @@ SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
 def config(args: argparse.Namespace, run_dir: str):
-    data = [f"task.data_files={{train: {SHARED_GSM8K}, test: {SHARED_GSM8K}}}"] if SHARED_GSM8K.exists() else []
-    return bench_config([
-        "task.source=bundled", f"model={args.model}", "method=lora", *data,
-        f"data.batch_size={args.batch_size}", f"data.max_length={args.max_length}",
-        f"data.max_train_samples={args.batch_size * (args.steps + args.warmup)}", "data.val_size=4",
-        f"trainer.max_steps={args.steps + args.warmup}", "+trainer.limit_val_batches=0",
-    ], run_dir)
+    data = (
+        [f"task.data_files={{train: {SHARED_GSM8K}, test: {SHARED_GSM8K}}}"] if SHARED_GSM8K.exists() else []
+    )
+    return bench_config(
+        [
+            "task.source=bundled",
+            f"model={args.model}",
+            "method=lora",
+            *data,
+            f"data.batch_size={args.batch_size}",
+            f"data.max_length={args.max_length}",
+            f"data.max_train_samples={args.batch_size * (args.steps + args.warmup)}",
+            "data.val_size=4",
+            f"trainer.max_steps={args.steps + args.warmup}",
+            "+trainer.limit_val_batches=0",
+        ],
+        run_dir,
+    )
 
 
 def setup(cfg, width: int):
@@ -85,21 +96,38 @@ def run_hf_trainer(cfg, args, output_dir: str) -> float:
     model, datamodule = setup(cfg, args.max_length)
     clock = StepClock(args.warmup)
     training_args = TrainingArguments(
-        output_dir=output_dir, per_device_train_batch_size=args.batch_size, max_steps=args.steps + args.warmup,
-        learning_rate=cfg.optim.lr, lr_scheduler_type="cosine", warmup_steps=int(cfg.optim.warmup_ratio * (args.steps + args.warmup)),
-        weight_decay=0.0, max_grad_norm=1.0, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True,
-        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, seed=cfg.seed,
+        output_dir=output_dir,
+        per_device_train_batch_size=args.batch_size,
+        max_steps=args.steps + args.warmup,
+        learning_rate=cfg.optim.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=int(cfg.optim.warmup_ratio * (args.steps + args.warmup)),
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+        seed=cfg.seed,
     )
     trainer = Trainer(
-        model=model, args=training_args, train_dataset=datamodule.datasets["train"],
-        data_collator=datamodule.collate, callbacks=[HFClock(clock)],
+        model=model,
+        args=training_args,
+        train_dataset=datamodule.datasets["train"],
+        data_collator=datamodule.collate,
+        callbacks=[HFClock(clock)],
     )
     trainer.train()
     return clock.rate()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
@@ -118,7 +146,10 @@ def main() -> None:
             }
             print(f"round {round_number}: " + ", ".join(f"{k} {v:.3f} steps/s" for k, v in rates.items()))
             best = {k: max(best[k], rates[k]) for k in best}
-    print(f"model={args.model} batch={args.batch_size}x{args.max_length} steps={args.steps} threads={torch.get_num_threads()}")
+    print(
+        f"model={args.model} batch={args.batch_size}x{args.max_length} steps={args.steps} "
+        f"threads={torch.get_num_threads()}"
+    )
     for name, rate in best.items():
         print(f"{name}: {rate:.3f} steps/s")
     print(f"ratio lmlab_vs_torch_loop = {best['lmlab'] / best['torch_loop']:.3f} (goal >= 0.9)")

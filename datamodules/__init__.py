@@ -1,4 +1,5 @@
-"""The tasks' DataModules (one per task, sharing `base.TextDataModule`); `build` makes the one a config names."""
+"""The tasks' DataModules (one per task, sharing `base.TextDataModule`); `build` makes the one a config
+names."""
 
 from __future__ import annotations
 

@@ -38,21 +38,31 @@ def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
 
 
 class EpochSeededSampler(DistributedSampler):
-    """Shuffles with a permutation fixed by (seed, epoch), optionally groups it by length (`lengths`), shards it over
-    `num_replicas` ranks and can start `start_batch` batches into epoch `start_epoch`, so a run resumed mid-epoch sees
-    exactly the batches it had left.
+    """Shuffles with a permutation fixed by (seed, epoch), optionally groups it by length (`lengths`), shards
+    it over `num_replicas` ranks and can start `start_batch` batches into epoch `start_epoch`, so a run
+    resumed mid-epoch sees exactly the batches it had left.
 
-    It subclasses DistributedSampler so Lightning shards nothing a second time; with one replica the order is the
-    plain permutation. `len()` is the whole epoch's share, as Lightning's progress counters expect.
+    It subclasses DistributedSampler so Lightning shards nothing a second time; with one replica the order is
+    the plain permutation. `len()` is the whole epoch's share, as Lightning's progress counters expect.
     """
 
-    def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0, batch_size: int = 1,
-                 start_epoch: int = 0, start_batch: int = 0, lengths: list[int] | None = None) -> None:
+    def __init__(
+        self,
+        length: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+        batch_size: int = 1,
+        start_epoch: int = 0,
+        start_batch: int = 0,
+        lengths: list[int] | None = None,
+    ) -> None:
         super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.length, self.batch_size, self.lengths = length, batch_size, lengths
         self.start_epoch, self.start_batch = start_epoch, start_batch
-        # the DataLoader draws its worker base seed from this generator, reseeded per epoch, not from the global RNG:
-        # dropout draws then do not depend on whether a run was interrupted, and worker seeds follow (seed, epoch)
+        # the DataLoader draws its worker base seed from this generator, reseeded per epoch, not from the
+        # global RNG: dropout draws then do not depend on whether a run was interrupted, and worker seeds
+        # follow (seed, epoch)
         self.loader_generator = torch.Generator()
         self.set_epoch(start_epoch)
 
@@ -78,10 +88,13 @@ class EpochSeededSampler(DistributedSampler):
 
     def _grouped_by_length(self, order: list[int]) -> list[int]:
         """HF Trainer's `group_by_length`: the shuffled order cut into megabatches of 50 global batches, each
-        sorted by length, longest first; the megabatch holding the longest example goes first (so an out-of-memory
-        error shows at once)."""
+        sorted by length, longest first; the megabatch holding the longest example goes first (so an
+        out-of-memory error shows at once)."""
         size = 50 * self.batch_size * self.num_replicas
-        megabatches = [sorted(order[i : i + size], key=lambda index: -self.lengths[index]) for i in range(0, len(order), size)]
+        megabatches = [
+            sorted(order[i : i + size], key=lambda index: -self.lengths[index])
+            for i in range(0, len(order), size)
+        ]
         longest = max(range(len(megabatches)), key=lambda m: self.lengths[megabatches[m][0]])
         megabatches.insert(0, megabatches.pop(longest))
         return [index for megabatch in megabatches for index in megabatch]
@@ -92,9 +105,11 @@ class TextDataModule(L.LightningDataModule):
 
     # stop strings evaluate.py adds to generation.stop_strings for this task
     extra_stop_strings: tuple[str, ...] = ()
-    # whether its batches can be padding-free (datamodules/packing.py): each example is one sequence with its own labels
+    # whether its batches can be padding-free (datamodules/packing.py): each example is one sequence with its
+    # own labels
     packable: bool = True
-    # the evaluation prompt formats this task can build, by `prompting.style` name (datamodules/prompt_format.py)
+    # the evaluation prompt formats this task can build, by `prompting.style` name
+    # (datamodules/prompt_format.py)
     prompt_formats: Mapping[str, type[PromptFormat]] = MappingProxyType({"lmlab": PromptFormat})
     # how evaluate.py scores this task: "generation" (generate, then `score`) or "classification"
     evaluation_kind: str = "generation"
@@ -119,7 +134,8 @@ class TextDataModule(L.LightningDataModule):
         super().__init__()
         if prompt_style not in self.prompt_formats:
             raise ValueError(
-                f"prompting.style={prompt_style}: {type(self).__name__} builds only {list(self.prompt_formats)}"
+                f"prompting.style={prompt_style}: {type(self).__name__} builds only "
+                f"{list(self.prompt_formats)}"
             )
         # how evaluation prompts are built and generations scored (prompting.style)
         self.prompt_format = self.prompt_formats[prompt_style](self)
@@ -133,8 +149,9 @@ class TextDataModule(L.LightningDataModule):
         # (epoch, batches done) to continue from, restored from a checkpoint by load_state_dict
         self.resume_position = (0, 0)
         self.train_sampler: EpochSeededSampler | None = None
-        # data.padding_free asks for padding-free batches; the training run turns them on (`padding_free`) once the
-        # task allows them (`packable`) and the model keeps packed examples apart (lightning_modules/packing.py)
+        # data.padding_free asks for padding-free batches; the training run turns them on (`padding_free`)
+        # once the task allows them (`packable`) and the model keeps packed examples apart
+        # (lightning_modules/packing.py)
         self.padding_free_requested, self.padding_free = padding_free, False
         self.group_by_length = group_by_length
 
@@ -187,7 +204,9 @@ class TextDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenize the splits the Trainer stage needs."""
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(stage or "", ["train", "val", "test"])
+        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(
+            stage or "", ["train", "val", "test"]
+        )
         for split in wanted:
             if split not in self.datasets:
                 self.datasets[split] = self.tokenize_all(self.records(split), split)
@@ -198,13 +217,18 @@ class TextDataModule(L.LightningDataModule):
         kept = [example for example in examples if any(label != IGNORE_INDEX for label in example["labels"])]
         if examples and not kept:
             raise DataSourceError(
-                f"{split}: data.max_length={self.max_length} cuts off the target of all {len(examples)} examples "
-                f"(the prompt alone fills it, e.g. {records[0].get('_where', 'the first record')}): raise data.max_length"
+                f"{split}: data.max_length={self.max_length} cuts off the target of all {len(examples)} "
+                "examples "
+                f"(the prompt alone fills it, e.g. {records[0].get('_where', 'the first record')}): raise "
+                "data.max_length"
             )
         if len(kept) < len(examples):
             log.warning(
                 "%s: dropped %d of %d examples whose target was cut off by data.max_length=%d",
-                split, len(examples) - len(kept), len(examples), self.max_length,
+                split,
+                len(examples) - len(kept),
+                len(examples),
+                self.max_length,
             )
         return kept
 
@@ -215,24 +239,30 @@ class TextDataModule(L.LightningDataModule):
     def tokenize(self, prompt: str, target: str) -> dict[str, list[int]]:
         """Token ids of prompt + target + EOS, with labels masked to IGNORE_INDEX on the prompt."""
         prompt_ids = self.tokenizer(prompt)["input_ids"]
-        target_ids = self.tokenizer(target, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+        target_ids = self.tokenizer(target, add_special_tokens=False)["input_ids"] + [
+            self.tokenizer.eos_token_id
+        ]
         input_ids = (prompt_ids + target_ids)[: self.max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[: self.max_length]
         return {"input_ids": input_ids, "labels": labels}
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """Padding-free, one row of the examples (`padding_free`: datamodules/packing.py), else right-padded to
-        the longest example: input_ids, attention_mask, labels, each [B, T]."""
+        """Padding-free, one row of the examples (`padding_free`: datamodules/packing.py), else right-padded
+        to the longest example: input_ids, attention_mask, labels, each [B, T]."""
         if self.padding_free:
             return packing.pack(examples)
         width = max(len(example["input_ids"]) for example in examples)
         pad = self.tokenizer.pad_token_id
 
         def padded(key: str, value: int) -> torch.Tensor:
-            return torch.tensor([example[key] + [value] * (width - len(example[key])) for example in examples])
+            return torch.tensor(
+                [example[key] + [value] * (width - len(example[key])) for example in examples]
+            )
 
         input_ids = padded("input_ids", pad)
-        mask = torch.tensor([[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples])
+        mask = torch.tensor(
+            [[1] * len(e["input_ids"]) + [0] * (width - len(e["input_ids"])) for e in examples]
+        )
         return {"input_ids": input_ids, "attention_mask": mask, "labels": padded("labels", IGNORE_INDEX)}
 
     def train_dataloader(self) -> DataLoader:
@@ -240,32 +270,52 @@ class TextDataModule(L.LightningDataModule):
         trainer = self.trainer
         epoch, batch = self.resume_position
         sampler = EpochSeededSampler(
-            len(data), self.seed, num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0, batch_size=self.batch_size, start_epoch=epoch, start_batch=batch,
+            len(data),
+            self.seed,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            batch_size=self.batch_size,
+            start_epoch=epoch,
+            start_batch=batch,
             lengths=[len(example["input_ids"]) for example in data] if self.group_by_length else None,
         )
         self.train_sampler = sampler
         return self._loader(data, self.batch_size, sampler, sampler.loader_generator)
 
     def state_dict(self) -> dict[str, int]:
-        """Where training stands in the data order (saved in every checkpoint): the epoch and its batches done."""
+        """Where training stands in the data order (saved in every checkpoint): the epoch and its batches
+        done."""
         trainer = self.trainer
         if trainer is None:
             return {}
-        return {"epoch": trainer.current_epoch, "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed}
+        return {
+            "epoch": trainer.current_epoch,
+            "batches_done": trainer.fit_loop.epoch_loop.batch_progress.current.processed,
+        }
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue the data order where a checkpoint left it (the next train_dataloader starts there)."""
         if state:
             self.resume_position = (int(state["epoch"]), int(state["batches_done"]))
-            if self.train_sampler is not None:  # FSDP restores after setup, which built the loader for the LR schedule
+            if (
+                self.train_sampler is not None
+            ):  # FSDP restores after setup, which built the loader for the LR schedule
                 self.train_sampler.resume_at(*self.resume_position)
 
-    def _loader(self, data: list[dict[str, Any]], batch_size: int, sampler: Sampler[int] | None = None,
-                generator: torch.Generator | None = None) -> DataLoader:
+    def _loader(
+        self,
+        data: list[dict[str, Any]],
+        batch_size: int,
+        sampler: Sampler[int] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> DataLoader:
         # creating an iterator draws a worker seed from the loader's generator: never from the global RNG
         return DataLoader(
-            data, batch_size=batch_size, sampler=sampler, collate_fn=self.collate, num_workers=self.num_workers,
+            data,
+            batch_size=batch_size,
+            sampler=sampler,
+            collate_fn=self.collate,
+            num_workers=self.num_workers,
             generator=generator if generator is not None else torch.Generator().manual_seed(self.seed),
         )
 

@@ -24,7 +24,9 @@ class ClassificationDataModule(TextDataModule):
     # the label scorer reads a padded batch (prompt_length per row)
     packable = False
 
-    evaluation_kind = "classification"  # evaluate.py scores label likelihoods (or the saved head), not generations
+    evaluation_kind = (
+        "classification"  # evaluate.py scores label likelihoods (or the saved head), not generations
+    )
 
     def __init__(
         self,
@@ -45,8 +47,10 @@ class ClassificationDataModule(TextDataModule):
         """The record's class as an index into `class_names` (the label may be a name or an integer id)."""
         where = record.get("_where", "?")
         if not isinstance(record.get(self.text_column), str):
-            raise DataSourceError(f"{where}: no text in column task.text_column='{self.text_column}' "
-                                  f"(fields present: {sorted(k for k in record if k != '_where')})")
+            raise DataSourceError(
+                f"{where}: no text in column task.text_column='{self.text_column}' "
+                f"(fields present: {sorted(k for k in record if k != '_where')})"
+            )
         label = record.get(self.label_column)
         if isinstance(label, str) and label.strip().lstrip("-").isdigit():
             label = int(label)
@@ -54,12 +58,16 @@ class ClassificationDataModule(TextDataModule):
             return label
         if isinstance(label, str) and label in self.class_names:
             return self.class_names.index(label)
-        raise DataSourceError(f"{where}: label {label!r} in column task.label_column='{self.label_column}' "
-                              f"is not one of task.class_names {self.class_names} (or an index into them)")
+        raise DataSourceError(
+            f"{where}: label {label!r} in column task.label_column='{self.label_column}' "
+            f"is not one of task.class_names {self.class_names} (or an index into them)"
+        )
 
     def format_example(self, record: Mapping[str, Any]) -> tuple[str, str]:
         index = self.class_index(record)
-        prompt = self.prompt_template.format(text=record[self.text_column].strip(), labels=", ".join(self.class_names))
+        prompt = self.prompt_template.format(
+            text=record[self.text_column].strip(), labels=", ".join(self.class_names)
+        )
         return prompt, " " + self.class_names[index]
 
     attention_classes = ("LABEL", "TEXT", "OTHER")
@@ -83,8 +91,10 @@ class ClassificationDataModule(TextDataModule):
 
     def label_token_ids(self) -> list[list[int]]:
         """Token ids of each full label string as the target tokenizes it: " <name>" + EOS."""
-        return [self.tokenizer(" " + name, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
-                for name in self.class_names]
+        return [
+            self.tokenizer(" " + name, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            for name in self.class_names
+        ]
 
     def tokenize_all(self, records: list[dict[str, Any]], split: str) -> list[dict[str, Any]]:
         examples = []
@@ -93,9 +103,13 @@ class ClassificationDataModule(TextDataModule):
             labels = example["labels"]
             prompt_length = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
             if prompt_length == len(labels):
-                raise DataSourceError(f"{record.get('_where', '?')}: the prompt fills data.max_length={self.max_length}; "
-                                      "raise data.max_length or shorten the text")
-            examples.append({**example, "class_index": self.class_index(record), "prompt_length": prompt_length})
+                raise DataSourceError(
+                    f"{record.get('_where', '?')}: the prompt fills data.max_length={self.max_length}; "
+                    "raise data.max_length or shorten the text"
+                )
+            examples.append(
+                {**example, "class_index": self.class_index(record), "prompt_length": prompt_length}
+            )
         return examples
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:

@@ -46,7 +46,7 @@ class PretrainDataModule(TextDataModule):
         blocks = pack(documents, self.max_length, self.tokenizer.eos_token_id)
         if not blocks:
             raise DataSourceError(
-                f"{split}: {len(records)} documents give fewer than data.max_length={self.max_length} tokens; "
-                "add documents (task.max_documents) or lower data.max_length"
+                f"{split}: {len(records)} documents give fewer than data.max_length={self.max_length} "
+                "tokens; add documents (task.max_documents) or lower data.max_length"
             )
         return [{"input_ids": block, "labels": block} for block in blocks]

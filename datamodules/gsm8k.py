@@ -54,7 +54,8 @@ def extract_flexible(generation: str) -> str | None:
 
 
 def validate_record(record: Mapping[str, Any]) -> None:
-    """Raise a DataSourceError naming the record's file and line unless it has string question/answer fields."""
+    """Raise a DataSourceError naming the record's file and line unless it has string question/answer
+    fields."""
     for field in ("question", "answer"):
         if not isinstance(record.get(field), str) or not record[field].strip():
             raise DataSourceError(
@@ -86,7 +87,8 @@ class GSM8KDataModule(TextDataModule):
         return annotate(question)
 
     def stored_question(self, record: Mapping[str, Any]) -> str:
-        """The question as stored (not stripped, as lm-eval reads it), or with the configured noise injected."""
+        """The question as stored (not stripped, as lm-eval reads it), or with the configured noise
+        injected."""
         validate_record(record)
         return self.problem(record).question if self.noise else record["question"]
 

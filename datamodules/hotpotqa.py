@@ -22,7 +22,9 @@ def _paragraphs(record: Mapping[str, Any]) -> tuple[dict[str, list[str]], list[t
     where = record.get("_where", "a record")
     for key in ("context", "supporting_facts", "answer"):
         if key not in record:
-            raise DataSourceError(f"{where}: HotpotQA record without '{key}' (needs context, supporting_facts, answer)")
+            raise DataSourceError(
+                f"{where}: HotpotQA record without '{key}' (needs context, supporting_facts, answer)"
+            )
     context, facts = record["context"], record["supporting_facts"]
     try:
         if isinstance(context, Mapping):  # hub format
@@ -33,8 +35,10 @@ def _paragraphs(record: Mapping[str, Any]) -> tuple[dict[str, list[str]], list[t
             supporting = [(title, int(sentence)) for title, sentence in facts]
     except (KeyError, TypeError, ValueError) as error:
         raise DataSourceError(
-            f"{where}: malformed HotpotQA context/supporting_facts ({type(error).__name__}: {error}); expected "
-            "context [[title, [sentences]], ...] and supporting_facts [[title, sentence index], ...] (or the hub's columns)"
+            f"{where}: malformed HotpotQA context/supporting_facts ({type(error).__name__}: {error}); "
+            "expected "
+            "context [[title, [sentences]], ...] and supporting_facts [[title, sentence index], ...] (or the "
+            "hub's columns)"
         ) from error
     return paragraphs, supporting
 
@@ -63,10 +67,22 @@ def knowledge_pieces(record: Mapping[str, Any]) -> list[dict[str, Any]]:
         if hop1 and hop2:
             chain = record["_id"] if "_id" in record else record["id"]
             return [
-                {"id": f"{chain}/1", "chain": chain, "hop": 1, "prompt": hop1, "answer": bridge,
-                 "subject": _entity(first) if _entity(first) in hop1 else None},
-                {"id": f"{chain}/2", "chain": chain, "hop": 2, "prompt": hop2, "answer": answer,
-                 "subject": bridge if bridge in hop2 else None},
+                {
+                    "id": f"{chain}/1",
+                    "chain": chain,
+                    "hop": 1,
+                    "prompt": hop1,
+                    "answer": bridge,
+                    "subject": _entity(first) if _entity(first) in hop1 else None,
+                },
+                {
+                    "id": f"{chain}/2",
+                    "chain": chain,
+                    "hop": 2,
+                    "prompt": hop2,
+                    "answer": answer,
+                    "subject": bridge if bridge in hop2 else None,
+                },
             ]
     return []
 
@@ -84,7 +100,8 @@ class HotpotQADataModule(TextDataModule):
         return record["prompt"], " " + record["answer"]
 
     def answer_example(self, prompt: str, answer: str) -> dict[str, list[int]]:
-        """prompt + " answer" tokens with labels on the answer only and no EOS: what log P(answer | prompt) scores."""
+        """prompt + " answer" tokens with labels on the answer only and no EOS: what log P(answer | prompt)
+        scores."""
         prompt_ids = self.tokenizer(prompt)["input_ids"]
         answer_ids = self.tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
         return {"input_ids": prompt_ids + answer_ids, "labels": [IGNORE_INDEX] * len(prompt_ids) + answer_ids}

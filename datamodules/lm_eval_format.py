@@ -34,12 +34,15 @@ IGNORED = (re.compile(","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.co
 def prompt(question: str, exemplars: Sequence[tuple[str, str]]) -> str:
     """The k-shot prompt for `question`; exemplars are (question, full solution) pairs."""
     shots = "".join(
-        QUESTION_TEMPLATE.format(question=q) + TARGET_DELIMITER + solution + FEWSHOT_DELIMITER for q, solution in exemplars
+        QUESTION_TEMPLATE.format(question=q) + TARGET_DELIMITER + solution + FEWSHOT_DELIMITER
+        for q, solution in exemplars
     )
     return shots + QUESTION_TEMPLATE.format(question=question)
 
 
-def exemplars_per_problem(pool: Sequence[Mapping[str, Any]], problems: int, count: int, seed: int) -> list[list[Any]]:
+def exemplars_per_problem(
+    pool: Sequence[Mapping[str, Any]], problems: int, count: int, seed: int
+) -> list[list[Any]]:
     """`count` exemplars for each of `problems` test problems, drawn in order from one seeded generator."""
     generator, pool = random.Random(seed), list(pool)
     return [generator.sample(pool, count) if count else [] for _ in range(problems)]
@@ -67,7 +70,8 @@ def comparable(text: str) -> str:
 
 
 def score(generation: str, gold: str) -> dict[str, Any]:
-    """Both lm-eval extractions of `generation` and their 0/1 exact match against `gold` (`comparable(solution)`)."""
+    """Both lm-eval extractions of `generation` and their 0/1 exact match against `gold`
+    (`comparable(solution)`)."""
     strict, flexible = strict_match(generation), flexible_extract(generation)
     return {
         "extracted_strict": strict,
@@ -78,10 +82,12 @@ def score(generation: str, gold: str) -> dict[str, Any]:
 
 
 class LmEvalGSM8KFormat(PromptFormat):
-    """`prompting.style=lm_eval` of the GSM8K tasks: lm-eval's prompts, exemplar draws, stop strings and scoring
-    (the question noise-injected where the task injects noise)."""
+    """`prompting.style=lm_eval` of the GSM8K tasks: lm-eval's prompts, exemplar draws, stop strings and
+    scoring (the question noise-injected where the task injects noise)."""
 
-    def fewshot_exemplars(self, records: list[dict[str, Any]], count: int, seed: int) -> list[list[dict[str, Any]]]:
+    def fewshot_exemplars(
+        self, records: list[dict[str, Any]], count: int, seed: int
+    ) -> list[list[dict[str, Any]]]:
         """A draw per problem from the whole train split (no validation part held out)."""
         pool = load_split(self.task.source, self.task.splits["train"], "train") if count else []
         return exemplars_per_problem(pool, len(records), count, seed)

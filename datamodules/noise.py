@@ -1,4 +1,5 @@
-"""GSM8K noise injection: INF (irrelevant numbers/facts), RCS (redundant calculation steps), SD (semantic distraction).
+"""GSM8K noise injection: INF (irrelevant numbers/facts), RCS (redundant calculation steps), SD (semantic
+distraction).
 
 Written here because no maintained library injects these with span annotations. Each injector is a
 pure function of (question, noise type, seed): the same inputs give the same text byte for byte. The
@@ -41,18 +42,101 @@ QUANTITY = re.compile(
 )
 NUMBER = re.compile(r"\d[\d,]*(?:\.\d+)?")
 NUMBER_WORDS = {
-    "two": 2, "three": 3, "four": 4, "five": 5, "six": 6, "seven": 7, "eight": 8, "nine": 9, "ten": 10,
-    "eleven": 11, "twelve": 12, "fifteen": 15, "twenty": 20, "thirty": 30, "forty": 40, "fifty": 50,
-    "sixty": 60, "hundred": 100, "thousand": 1000, "dozen": 12,
+    "two": 2,
+    "three": 3,
+    "four": 4,
+    "five": 5,
+    "six": 6,
+    "seven": 7,
+    "eight": 8,
+    "nine": 9,
+    "ten": 10,
+    "eleven": 11,
+    "twelve": 12,
+    "fifteen": 15,
+    "twenty": 20,
+    "thirty": 30,
+    "forty": 40,
+    "fifty": 50,
+    "sixty": 60,
+    "hundred": 100,
+    "thousand": 1000,
+    "dozen": 12,
 }
 NAME = re.compile(r"\b[A-Z][a-z]+\b")
 NOT_A_SUBJECT = {
-    "The", "A", "An", "If", "How", "What", "Each", "Every", "In", "On", "At", "After", "Before", "She", "He",
-    "They", "It", "His", "Her", "Their", "There", "This", "That", "When", "Then", "Mr", "Mrs", "Ms", "Dr",
-    "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "January", "February",
-    "March", "April", "May", "June", "July", "August", "September", "October", "November", "December",
-    "For", "From", "To", "With", "But", "And", "So", "Some", "All", "One", "Two", "Three", "Four", "Five",
-    "Half", "Find", "Calculate", "Determine", "Assuming", "Suppose", "Its", "We", "You", "I",
+    "The",
+    "A",
+    "An",
+    "If",
+    "How",
+    "What",
+    "Each",
+    "Every",
+    "In",
+    "On",
+    "At",
+    "After",
+    "Before",
+    "She",
+    "He",
+    "They",
+    "It",
+    "His",
+    "Her",
+    "Their",
+    "There",
+    "This",
+    "That",
+    "When",
+    "Then",
+    "Mr",
+    "Mrs",
+    "Ms",
+    "Dr",
+    "Monday",
+    "Tuesday",
+    "Wednesday",
+    "Thursday",
+    "Friday",
+    "Saturday",
+    "Sunday",
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+    "For",
+    "From",
+    "To",
+    "With",
+    "But",
+    "And",
+    "So",
+    "Some",
+    "All",
+    "One",
+    "Two",
+    "Three",
+    "Four",
+    "Five",
+    "Half",
+    "Find",
+    "Calculate",
+    "Determine",
+    "Assuming",
+    "Suppose",
+    "Its",
+    "We",
+    "You",
+    "I",
 }
 
 
@@ -112,7 +196,8 @@ def main_subject(text: str) -> str:
 
 
 def inject(question: str, noise_type: str, seed: int, sentences: int = 1) -> NoisyProblem:
-    """Insert `sentences` distractors of `noise_type` into `question`; deterministic in (question, type, seed)."""
+    """Insert `sentences` distractors of `noise_type` into `question`; deterministic in (question, type,
+    seed)."""
     if noise_type not in NOISE_TYPES:
         raise ValueError(f"noise type must be one of {NOISE_TYPES}, got {noise_type!r}")
     rng = random.Random(f"{noise_type}|{seed}|{question}")
@@ -127,7 +212,9 @@ def annotate(question: str) -> NoisyProblem:
     return _assemble(question, "none", 0, [], [])
 
 
-def _assemble(question: str, noise_type: str, seed: int, distractors: list[str], slots: list[int]) -> NoisyProblem:
+def _assemble(
+    question: str, noise_type: str, seed: int, distractors: list[str], slots: list[int]
+) -> NoisyProblem:
     ranges = split_sentences(question)
     asked = question_sentence(ranges, question)
     pieces, noise, cursor, shift = [], [], 0, []
@@ -173,7 +260,9 @@ def _distractor(noise_type: str, question: str, rng: random.Random) -> str:
     if noise_type == "sd":
         return _capitalised(rng.choice(data["sd"]).format(**slots))
     numbers = [float(n.replace(",", "")) for n in NUMBER.findall(question)]
-    numbers += [NUMBER_WORDS[w.lower()] for w in re.findall(r"[A-Za-z]+", question) if w.lower() in NUMBER_WORDS]
+    numbers += [
+        NUMBER_WORDS[w.lower()] for w in re.findall(r"[A-Za-z]+", question) if w.lower() in NUMBER_WORDS
+    ]
     if not numbers:
         return ""
     a, b = rng.sample(numbers, 2) if len(numbers) >= 2 else (numbers[0], numbers[0])
@@ -192,7 +281,8 @@ def _capitalised(sentence: str) -> str:
 
 
 def export(input_path: Path, out_dir: Path, seed: int, sentences: int = 1) -> list[Path]:
-    """Write `gsm8k_{inf,rcs,sd}_<stem>.jsonl` (question, answer, original question, spans) for a GSM8K JSONL."""
+    """Write `gsm8k_{inf,rcs,sd}_<stem>.jsonl` (question, answer, original question, spans) for a GSM8K
+    JSONL."""
     from datamodules.sources import read_file
 
     records = read_file(input_path)
@@ -203,14 +293,18 @@ def export(input_path: Path, out_dir: Path, seed: int, sentences: int = 1) -> li
         with path.open("w", encoding="utf-8") as handle:
             for record in records:
                 problem = inject(record["question"], noise_type, seed, sentences)
-                handle.write(json.dumps({**problem.to_record(), "answer": record["answer"]}, ensure_ascii=False) + "\n")
+                handle.write(
+                    json.dumps({**problem.to_record(), "answer": record["answer"]}, ensure_ascii=False) + "\n"
+                )
         written.append(path)
     return written
 
 
 def main() -> None:
     """Command line: export the three noisy versions of a GSM8K JSONL file."""
-    parser = argparse.ArgumentParser(description="Export INF / RCS / SD noisy versions of a GSM8K JSONL file.")
+    parser = argparse.ArgumentParser(
+        description="Export INF / RCS / SD noisy versions of a GSM8K JSONL file."
+    )
     parser.add_argument("--input", type=Path, required=True)
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--seed", type=int, default=0)

@@ -1,5 +1,5 @@
-"""Evaluation prompt formats: how a task's evaluation prompts are built and its generations scored, one object per
-`prompting.style`, chosen once when the DataModule is built (`TextDataModule.prompt_format`).
+"""Evaluation prompt formats: how a task's evaluation prompts are built and its generations scored, one object
+per `prompting.style`, chosen once when the DataModule is built (`TextDataModule.prompt_format`).
 
 `PromptFormat` is lmlab's own style for any task; a style that reproduces another harness subclasses it
 (lm_eval_format.LmEvalGSM8KFormat) and the task lists it in its `prompt_formats`.
@@ -16,24 +16,30 @@ if TYPE_CHECKING:
 
 
 class PromptFormat:
-    """lmlab's style: k-shot prompts from the task's (prompt, target) pairs, one seeded exemplar draw shared by
-    every problem, the configured stop strings plus the task's, and the task's own reference and score."""
+    """lmlab's style: k-shot prompts from the task's (prompt, target) pairs, one seeded exemplar draw shared
+    by every problem, the configured stop strings plus the task's, and the task's own reference and score."""
 
     def __init__(self, task: TextDataModule) -> None:
         self.task = task
 
-    def fewshot_exemplars(self, records: list[dict[str, Any]], count: int, seed: int) -> list[list[dict[str, Any]]]:
-        """The exemplars of each record's k-shot prompt: one seeded draw from the train split, shared by all."""
+    def fewshot_exemplars(
+        self, records: list[dict[str, Any]], count: int, seed: int
+    ) -> list[list[dict[str, Any]]]:
+        """The exemplars of each record's k-shot prompt: one seeded draw from the train split, shared by
+        all."""
         shared = random.Random(seed).sample(self.task.records("train"), count) if count else []
         return [shared for _ in records]
 
     def prompt(self, record: Mapping[str, Any], exemplars: list[Mapping[str, Any]]) -> str:
         """k-shot prompt: each exemplar's prompt and target, a blank line, then the record's prompt."""
-        shots = "".join(prompt + target + "\n\n" for prompt, target in map(self.task.format_example, exemplars))
+        shots = "".join(
+            prompt + target + "\n\n" for prompt, target in map(self.task.format_example, exemplars)
+        )
         return shots + self.task.format_example(record)[0]
 
     def stop_strings(self, configured: list[str]) -> list[str]:
-        """The stop strings of the generations: `generation.stop_strings` plus the task's `extra_stop_strings`."""
+        """The stop strings of the generations: `generation.stop_strings` plus the task's
+        `extra_stop_strings`."""
         return [*configured, *self.task.extra_stop_strings]
 
     def reference(self, record: Mapping[str, Any]) -> Any:
@@ -41,6 +47,6 @@ class PromptFormat:
         return self.task.reference(record)
 
     def score(self, generation: str, reference: Any) -> dict[str, Any]:
-        """Extracted answers and 0/1 `exact_match_*` scores (or other per-generation metrics) of one generation."""
+        """Extracted answers and 0/1 `exact_match_*` scores (or other per-generation metrics) of one
+        generation."""
         return self.task.score(generation, reference)
-

@@ -2,8 +2,8 @@
 
 Three input formats, recognised per record:
 - SocraticMATH: `{"id", "conversations": [{"from": "user"|"assistant", "value"}]}`;
-- SocraTeach: a problem `{"question", "answer", "analysis", "steps", "dialogues": {id: [{"system": teacher turn,
-  "user": student reply}, ...]}}` (a JSON object of such problems keyed by id is read as a list);
+- SocraTeach: a problem `{"question", "answer", "analysis", "steps", "dialogues": {id: [{"system": teacher
+  turn, "user": student reply}, ...]}}` (a JSON object of such problems keyed by id is read as a list);
 - GSM8K Socratic (`openai/gsm8k` config `socratic`, or `test_socratic.jsonl`): solution lines
   `sub-question ** step` become teacher questions and student answers (`gsm8k_dialogue`).
 
@@ -30,20 +30,29 @@ from datamodules.prompt_format import PromptFormat
 from datamodules.sources import DataSourceError, read_file
 
 PLAIN_ROLES = {"system": "System", "user": "Student", "assistant": "Teacher"}
-SOCRATICMATH_ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "system": "system"}
+SOCRATICMATH_ROLES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "system": "system",
+}
 CJK_OR_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+")
 
 
 def gsm8k_dialogue(question: str, solution: str) -> dict[str, Any]:
-    """A tutoring dialogue from a GSM8K Socratic solution: teacher asks each sub-question, student answers it."""
+    """A tutoring dialogue from a GSM8K Socratic solution: teacher asks each sub-question, student answers
+    it."""
     messages = [{"role": "user", "content": f"Can you help me solve this problem? {question.strip()}"}]
     lines = [line.strip() for line in solution.split("####")[0].splitlines() if line.strip()]
     for line in lines:
         ask, _, step = line.partition(" ** ")
         if not step:
             ask, step = "What do you get next?", ask
-        messages += [{"role": "assistant", "content": ask.strip()},
-                     {"role": "user", "content": CALCULATOR_ANNOTATION.sub("", step).strip()}]
+        messages += [
+            {"role": "assistant", "content": ask.strip()},
+            {"role": "user", "content": CALCULATOR_ANNOTATION.sub("", step).strip()},
+        ]
     answer = normalise(solution.split("####")[-1])
     messages.append({"role": "assistant", "content": f"Well done! So the answer is {answer}."})
     return {"messages": messages, "answer": answer}
@@ -57,7 +66,10 @@ def dialogues_of(record: Mapping[str, Any]) -> list[dict[str, Any]]:
         for turn in record["conversations"]:
             role = SOCRATICMATH_ROLES.get(str(turn.get("from")))
             if role is None or not isinstance(turn.get("value"), str):
-                raise DataSourceError(f"{where}: SocraticMATH turn needs 'from' in {sorted(SOCRATICMATH_ROLES)} and a string 'value'")
+                raise DataSourceError(
+                    f"{where}: SocraticMATH turn needs 'from' in {sorted(SOCRATICMATH_ROLES)} and a string "
+                    "'value'"
+                )
             messages.append({"role": role, "content": turn["value"]})
         return [{"id": record.get("id"), "messages": messages, "answer": record.get("answer")}]
     if isinstance(record.get("dialogues"), Mapping):
@@ -70,18 +82,22 @@ def dialogues_of(record: Mapping[str, Any]) -> list[dict[str, Any]]:
                     messages.append({"role": "assistant", "content": turn["system"]})
                 if isinstance(turn.get("user"), str):
                     messages.append({"role": "user", "content": turn["user"]})
-            dialogues.append({"id": f"{record.get('id')}/{key}", "messages": messages, "answer": record.get("answer")})
+            dialogues.append(
+                {"id": f"{record.get('id')}/{key}", "messages": messages, "answer": record.get("answer")}
+            )
         return dialogues
     if isinstance(record.get("question"), str) and " ** " in str(record.get("answer", "")):
         return [{"id": record.get("id"), **gsm8k_dialogue(record["question"], record["answer"])}]
     raise DataSourceError(
-        f"{where}: not a tutoring dialogue: expected SocraticMATH ('conversations'), SocraTeach ('dialogues') or "
-        f"GSM8K Socratic ('question' + 'answer' with ' ** ') fields; got {sorted(k for k in record if k != '_where')}"
+        f"{where}: not a tutoring dialogue: expected SocraticMATH ('conversations'), SocraTeach "
+        "('dialogues') or GSM8K Socratic ('question' + 'answer' with ' ** ') fields; got "
+        f"{sorted(k for k in record if k != '_where')}"
     )
 
 
 def states_answer(text: str, answer: str) -> bool:
-    """Whether `text` states `answer`: a numeric answer as its last number (GSM8K flexible match), else verbatim."""
+    """Whether `text` states `answer`: a numeric answer as its last number (GSM8K flexible match), else
+    verbatim."""
     if FLEXIBLE.fullmatch(answer.strip()):
         return extract_flexible(text) == normalise(answer)
     return answer.strip() in text
@@ -110,8 +126,13 @@ class SocraticDataModule(TextDataModule):
     extra_stop_strings = ("\nStudent:",)
     prompt_formats = MappingProxyType({"lmlab": DialoguePromptFormat})
 
-    def __init__(self, system_prompt: str | None = None, eval_turns: str = "last",
-                 text_metrics: Mapping[str, Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        system_prompt: str | None = None,
+        eval_turns: str = "last",
+        text_metrics: Mapping[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         if eval_turns not in ("last", "all"):
             raise ValueError(f"task.eval_turns must be 'last' or 'all', got {eval_turns!r}")
@@ -122,16 +143,22 @@ class SocraticDataModule(TextDataModule):
         dialogues = []
         for record in super().records(stage):
             for dialogue in dialogues_of(record):
-                messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt else []) + dialogue["messages"]
+                messages = (
+                    [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
+                ) + dialogue["messages"]
                 if not any(m["role"] == "assistant" for m in messages):
-                    raise DataSourceError(f"{record.get('_where', '?')}: dialogue has no teacher (assistant) turn")
+                    raise DataSourceError(
+                        f"{record.get('_where', '?')}: dialogue has no teacher (assistant) turn"
+                    )
                 dialogues.append({**dialogue, "messages": messages, "_where": record.get("_where")})
         return dialogues
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
         """The dialogue as text: the tokenizer's chat template, or the plain Student/Teacher template."""
         if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+            return self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
         text = "".join(f"{PLAIN_ROLES[m['role']]}: {m['content']}\n" for m in messages)
         return text + ("Teacher:" if add_generation_prompt else "")
 
@@ -144,10 +171,13 @@ class SocraticDataModule(TextDataModule):
             before = self.render(messages[:index], add_generation_prompt=True)
             after = self.render(messages[: index + 1])
             if not (before.startswith(done) and after.startswith(before)):
-                raise ValueError("the chat template does not render dialogues prefix by prefix; teacher turns cannot be masked")
-            pieces += [(before[len(done):], False), (after[len(before):], True)]
+                raise ValueError(
+                    "the chat template does not render dialogues prefix by prefix; teacher turns cannot be "
+                    "masked"
+                )
+            pieces += [(before[len(done) :], False), (after[len(before) :], True)]
             done = after
-        return pieces + [(self.render(messages)[len(done):], False)]
+        return pieces + [(self.render(messages)[len(done) :], False)]
 
     def tokenize_record(self, record: Mapping[str, Any]) -> dict[str, list[int]]:
         input_ids: list[int] = []
@@ -161,8 +191,8 @@ class SocraticDataModule(TextDataModule):
     attention_classes = ("STUDENT", "TEACHER", "OTHER")
 
     def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
-        """The dialogue before its last teacher turn, as the model reads it to generate that turn: student turns
-        are STUDENT, earlier teacher turns TEACHER, the template and system prompt OTHER."""
+        """The dialogue before its last teacher turn, as the model reads it to generate that turn: student
+        turns are STUDENT, earlier teacher turns TEACHER, the template and system prompt OTHER."""
         messages = list(record["messages"])
         context = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
         text = self.render(context, add_generation_prompt=True)
@@ -181,8 +211,14 @@ class SocraticDataModule(TextDataModule):
         for dialogue in self.records("test"):
             turns = [i for i, m in enumerate(dialogue["messages"]) if m["role"] == "assistant"]
             for index in turns if self.eval_turns == "all" else turns[-1:]:
-                examples.append({**dialogue, "messages": dialogue["messages"][:index],
-                                 "turn": dialogue["messages"][index]["content"], "final": index == turns[-1]})
+                examples.append(
+                    {
+                        **dialogue,
+                        "messages": dialogue["messages"][:index],
+                        "turn": dialogue["messages"][index]["content"],
+                        "final": index == turns[-1],
+                    }
+                )
         return examples
 
     def reference(self, record: Mapping[str, Any]) -> dict[str, Any]:
@@ -193,12 +229,23 @@ class SocraticDataModule(TextDataModule):
         """Sentence BLEU (smoothed) and ROUGE-L F1 of one generated turn; answer_correct on final turns."""
         from torchmetrics.functional.text import rouge_score, sacre_bleu_score
 
-        rouge = rouge_score(generation, reference["turn"], rouge_keys="rougeL", normalizer=lambda text: text,
-                            tokenizer=lambda text: text_tokens(text, self.tokenize_mode))
+        rouge = rouge_score(
+            generation,
+            reference["turn"],
+            rouge_keys="rougeL",
+            normalizer=lambda text: text,
+            tokenizer=lambda text: text_tokens(text, self.tokenize_mode),
+        )
         return {
-            "bleu": float(sacre_bleu_score([generation], [[reference["turn"]]], tokenize=self.tokenize_mode, smooth=True)),
+            "bleu": float(
+                sacre_bleu_score(
+                    [generation], [[reference["turn"]]], tokenize=self.tokenize_mode, smooth=True
+                )
+            ),
             "rouge_l": float(rouge["rougeL_fmeasure"]),
-            "answer_correct": None if reference["answer"] is None else float(states_answer(generation, reference["answer"])),
+            "answer_correct": None
+            if reference["answer"] is None
+            else float(states_answer(generation, reference["answer"])),
         }
 
     def corpus_metrics(self, generations: list[str], references: list[Any]) -> dict[str, float]:
@@ -209,17 +256,23 @@ class SocraticDataModule(TextDataModule):
             return {}
         turns = [reference["turn"] for reference in references]
         bleu = SacreBLEUScore(tokenize=self.tokenize_mode)(generations, [[turn] for turn in turns])
-        rouge = ROUGEScore(rouge_keys=("rougeL",), normalizer=lambda text: text,
-                           tokenizer=lambda text: text_tokens(text, self.tokenize_mode))(generations, turns)
+        rouge = ROUGEScore(
+            rouge_keys=("rougeL",),
+            normalizer=lambda text: text,
+            tokenizer=lambda text: text_tokens(text, self.tokenize_mode),
+        )(generations, turns)
         return {"corpus_bleu": float(bleu), "corpus_rouge_l": float(rouge["rougeL_fmeasure"])}
 
 
 def convert(input_path: Path, output_path: Path) -> int:
-    """Write the dialogues of a GSM8K Socratic / SocraTeach / SocraticMATH file as SocraticMATH JSON; return the count."""
+    """Write the dialogues of a GSM8K Socratic / SocraTeach / SocraticMATH file as SocraticMATH JSON; return
+    the count."""
     records = [
-        {"id": dialogue.get("id") or f"{input_path.stem}-{i}",
-         "conversations": [{"from": m["role"], "value": m["content"]} for m in dialogue["messages"]],
-         "answer": dialogue.get("answer")}
+        {
+            "id": dialogue.get("id") or f"{input_path.stem}-{i}",
+            "conversations": [{"from": m["role"], "value": m["content"]} for m in dialogue["messages"]],
+            "answer": dialogue.get("answer"),
+        }
         for i, dialogue in enumerate(d for record in read_file(input_path) for d in dialogues_of(record))
     ]
     output_path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +283,9 @@ def convert(input_path: Path, output_path: Path) -> int:
 if __name__ == "__main__":
     import argparse
 
-    parser = argparse.ArgumentParser(description="Convert GSM8K Socratic / SocraTeach dialogues to SocraticMATH JSON")
+    parser = argparse.ArgumentParser(
+        description="Convert GSM8K Socratic / SocraTeach dialogues to SocraticMATH JSON"
+    )
     parser.add_argument("--input", type=Path, required=True, help="e.g. data/gsm8k/test_socratic.jsonl")
     parser.add_argument("--output", type=Path, required=True, help="e.g. data/socratic_gsm8k.json")
     arguments = parser.parse_args()

@@ -1,4 +1,5 @@
-"""The only place that reads data: local JSONL/JSON/CSV/TXT files, a Hugging Face hub dataset, or a bundled sample.
+"""The only place that reads data: local JSONL/JSON/CSV/TXT files, a Hugging Face hub dataset, or a bundled
+sample.
 
 Every record comes back as a dict with an extra `_where` key ("file:line" or "hub_id[split][i]") so
 that any later validation error can name the exact record it is about.
@@ -24,8 +25,8 @@ class DataSourceError(ValueError):
 def load_split(source: Mapping[str, Any], split: str, stage: str | None = None) -> list[dict[str, Any]]:
     """Records of `split` (read for `stage`: train / test) from the source a task config describes.
 
-    `source.data_files` (a path, or a mapping from stage or split name to path) wins when set; otherwise `source.kind`
-    picks `hub` (`hub_id`, `hub_config`, optionally `streaming`) or `bundled`
+    `source.data_files` (a path, or a mapping from stage or split name to path) wins when set; otherwise
+    `source.kind` picks `hub` (`hub_id`, `hub_config`, optionally `streaming`) or `bundled`
     (`datamodules/samples/<bundled>/<split>.jsonl`). `source.max_records` keeps only the first N.
     """
     limit = source.get("max_records")
@@ -43,9 +44,13 @@ def load_split(source: Mapping[str, Any], split: str, stage: str | None = None) 
         return read_file(SAMPLES_DIR / source["bundled"] / f"{split}.jsonl")[:limit]
     if kind == "hub":
         if not source.get("hub_id"):
-            raise DataSourceError("task.source=hub but the task names no hub dataset (task.hub_id); set "
-                                  "task.hub_id=<dataset id> or task.data_files=<local file>")
-        return read_hub(source["hub_id"], source.get("hub_config"), split, bool(source.get("streaming")), limit)
+            raise DataSourceError(
+                "task.source=hub but the task names no hub dataset (task.hub_id); set "
+                "task.hub_id=<dataset id> or task.data_files=<local file>"
+            )
+        return read_hub(
+            source["hub_id"], source.get("hub_config"), split, bool(source.get("streaming")), limit
+        )
     raise DataSourceError(f"task.source must be 'hub' or 'bundled' (or set task.data_files), got {kind!r}")
 
 
@@ -59,7 +64,9 @@ def read_file(path: Path) -> list[dict[str, Any]]:
         raise DataSourceError(f"{path}: unsupported extension '{path.suffix}' (use one of {sorted(readers)})")
     records = reader(path)
     if not records:
-        raise DataSourceError(f"{path}: the file holds no records (empty); point task.data_files at a file with data")
+        raise DataSourceError(
+            f"{path}: the file holds no records (empty); point task.data_files at a file with data"
+        )
     return records
 
 
@@ -71,7 +78,8 @@ def read_text(path: Path) -> str:
     except UnicodeDecodeError as error:
         line = data[: error.start].count(b"\n") + 1
         raise DataSourceError(
-            f"{path}:{line}: not UTF-8 (byte {data[error.start]:#04x} at offset {error.start}); re-encode the file as UTF-8"
+            f"{path}:{line}: not UTF-8 (byte {data[error.start]:#04x} at offset {error.start}); "
+            "re-encode the file as UTF-8"
         ) from error
 
 
@@ -85,7 +93,9 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError as error:
             raise DataSourceError(f"{path}:{line_number}: malformed JSON ({error.msg})") from error
         if not isinstance(record, dict):
-            raise DataSourceError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            raise DataSourceError(
+                f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}"
+            )
         records.append({**record, "_where": f"{path}:{line_number}"})
     return records
 
@@ -111,10 +121,16 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 def _read_txt(path: Path) -> list[dict[str, Any]]:
     lines = read_text(path).split("\n")
-    return [{"text": line.rstrip("\r"), "_where": f"{path}:{i}"} for i, line in enumerate(lines, start=1) if line.strip()]
+    return [
+        {"text": line.rstrip("\r"), "_where": f"{path}:{i}"}
+        for i, line in enumerate(lines, start=1)
+        if line.strip()
+    ]
 
 
-def read_hub(hub_id: str, hub_config: str | None, split: str, streaming: bool, limit: int | None) -> list[dict[str, Any]]:
+def read_hub(
+    hub_id: str, hub_config: str | None, split: str, streaming: bool, limit: int | None
+) -> list[dict[str, Any]]:
     """The first `limit` records (None: all) of a hub dataset split, through `datasets`."""
     from datasets import load_dataset
 

@@ -1,1 +1,2 @@
-"""LightningModules and the pieces they are built from; lightning_modules/registry.py names them for configs."""
+"""LightningModules and the pieces they are built from; lightning_modules/registry.py names them for
+configs."""

@@ -1,10 +1,10 @@
 """LightningModule for the causal-LM objective: SFT with prompt masking (labels -100) or pre-training.
 
-Metrics per stage: loss, perplexity, next-token accuracy, top-5 accuracy and the mean probability of
-the predicted token (confidence), token-weighted over the epoch (in training, top-5 and confidence use
-an evenly strided sample of at most 512 positions per batch, to keep large-vocabulary steps cheap).
-Training computes the loss at every step, the other metrics and the gradient norm every
-`metrics.every_n_steps` optimiser steps (their epoch means average those steps). A non-finite training loss stops the run (OptimisedModule).
+Metrics per stage: loss, perplexity, next-token accuracy, top-5 accuracy and the mean probability of the
+predicted token (confidence), token-weighted over the epoch (in training, top-5 and confidence use an evenly
+strided sample of at most 512 positions per batch, to keep large-vocabulary steps cheap). Training computes
+the loss at every step, the other metrics and the gradient norm every `metrics.every_n_steps` optimiser steps
+(their epoch means average those steps). A non-finite training loss stops the run (OptimisedModule).
 
 Optimiser: AdamW with no weight decay on 1-D parameters (norms, biases, scalars), linear warmup then
 cosine decay. Clipping and accumulation are Trainer settings. Checkpoints hold only the trainable
@@ -31,11 +31,16 @@ TRAIN_SAMPLE = 512
 
 
 def answer_log_probs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed log-probability of each sequence's supervised tokens (labels != IGNORE_INDEX): [B], differentiable."""
+    """Summed log-probability of each sequence's supervised tokens (labels != IGNORE_INDEX): [B],
+    differentiable."""
     labels = batch["labels"][:, 1:]  # [B, T-1]
     # prompt tuning returns logits for its virtual tokens too: keep the last T positions
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, -labels.shape[1] - 1 : -1]
-    token_nll = F.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
+        :, -labels.shape[1] - 1 : -1
+    ]
+    token_nll = F.cross_entropy(
+        logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
+    )
     return -token_nll.sum(-1)
 
 
@@ -62,7 +67,9 @@ class CausalLMModule(OptimisedModule):
         """The module for a train.py config (`cfg.optim`, `cfg.metrics`); the DataModule is unused here."""
         return cls(model, **module_settings(cfg))
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -80,13 +87,16 @@ class CausalLMModule(OptimisedModule):
             every_step = stage == "train" and name == "loss"
             self.log(f"{stage}/{name}", metric, on_step=every_step, on_epoch=True, prog_bar=name == "loss")
         if measured:
-            self.log_measured({f"train/{name}_step": value for name, value in values.items() if name != "loss"})
+            self.log_measured(
+                {f"train/{name}_step": value for name, value in values.items() if name != "loss"}
+            )
         return loss
 
     @staticmethod
     @torch.no_grad()
-    def _token_metrics(logits: torch.Tensor, target: torch.Tensor, supervised: torch.Tensor,
-                       sample: bool) -> dict[str, torch.Tensor]:
+    def _token_metrics(
+        logits: torch.Tensor, target: torch.Tensor, supervised: torch.Tensor, sample: bool
+    ) -> dict[str, torch.Tensor]:
         """Token accuracy, top-5 accuracy and confidence of logits [B, T, V] against target [B, T-1]; with
         `sample`, top-5 and confidence use an evenly strided sample of at most TRAIN_SAMPLE positions."""
         # prompt tuning returns logits for its virtual tokens too: keep the last T positions

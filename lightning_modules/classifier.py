@@ -2,10 +2,10 @@
 
 The text runs through the backbone (its LM head on one position at most); the decoder's final hidden state
 (the output of its final norm, taken through a hook: lightning_modules/architecture.py) of the last non-pad
-token is pooled: under a causal mask it is the only position that has seen the whole text (position 0 has
-seen nothing but the first token). With `extra_token`, a trainable embedding is placed after the text
-(through the embedding layer: lightning_modules/injection.py) and pooled instead. Head: LayerNorm -> Linear(h, hidden) -> activation -> Dropout ->
-Linear(hidden, num_classes); loss: cross-entropy.
+token is pooled: under a causal mask it is the only position that has seen the whole text (position 0 has seen
+nothing but the first token). With `extra_token`, a trainable embedding is placed after the text (through the
+embedding layer: lightning_modules/injection.py) and pooled instead. Head: LayerNorm -> Linear(h, hidden) ->
+activation -> Dropout -> Linear(hidden, num_classes); loss: cross-entropy.
 
 Metrics (torchmetrics): accuracy (micro), macro F1 and the confusion matrix, whose image is written to
 `<run dir>/confusion_matrix/<stage>_epoch<N>.png` at the end of every validation / test epoch.
@@ -63,8 +63,11 @@ def plot_confusion(matrix: torch.Tensor, class_names: list[str], path: Path, tit
     size = 1.5 + 0.7 * len(class_names)
     figure, axis = plt.subplots(figsize=(size + 1, size))
     image = axis.imshow(matrix.cpu().numpy(), cmap="Blues")
-    for (row, column), count in zip(torch.cartesian_prod(*[torch.arange(len(class_names))] * 2).tolist(),
-                                    matrix.flatten().tolist(), strict=True):
+    for (row, column), count in zip(
+        torch.cartesian_prod(*[torch.arange(len(class_names))] * 2).tolist(),
+        matrix.flatten().tolist(),
+        strict=True,
+    ):
         axis.text(column, row, str(int(count)), ha="center", va="center")
     axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
     axis.set_yticks(range(len(class_names)), class_names)
@@ -78,7 +81,9 @@ def plot_confusion(matrix: torch.Tensor, class_names: list[str], path: Path, tit
     return path
 
 
-def log_classification_epoch(module: L.LightningModule, metrics: ClassificationMetrics, stage: str, class_names: list[str]) -> None:
+def log_classification_epoch(
+    module: L.LightningModule, metrics: ClassificationMetrics, stage: str, class_names: list[str]
+) -> None:
     """Log accuracy and macro F1 of the epoch and write its confusion-matrix image (rank zero)."""
     if not metrics.accuracy.update_count:
         return
@@ -86,26 +91,45 @@ def log_classification_epoch(module: L.LightningModule, metrics: ClassificationM
     for name, value in scores.items():
         module.log(f"{stage}/{name}", value)
     if module.trainer.is_global_zero and not module.trainer.sanity_checking:
-        path = Path(module.trainer.default_root_dir) / "confusion_matrix" / f"{stage}_epoch{module.current_epoch}.png"
+        path = (
+            Path(module.trainer.default_root_dir)
+            / "confusion_matrix"
+            / f"{stage}_epoch{module.current_epoch}.png"
+        )
         plot_confusion(matrix, class_names, path, f"{stage} epoch {module.current_epoch}")
 
 
 class SequenceClassifier(nn.Module):
     """Backbone decoder + last-token pooling (+ optional extra token) + projection head -> logits [B, C]."""
 
-    def __init__(self, model: PreTrainedModel, num_classes: int, hidden: int = 128, activation: str = "gelu",
-                 dropout: float = 0.1, extra_token: bool = False) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        num_classes: int,
+        hidden: int = 128,
+        activation: str = "gelu",
+        dropout: float = 0.1,
+        extra_token: bool = False,
+    ) -> None:
         super().__init__()
         if activation not in ACTIVATIONS:
-            raise ValueError(f"method.head.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+            raise ValueError(
+                f"method.head.activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}"
+            )
         self.model = model
         final, size = architecture.final_hidden_module(model)
         self.extra_token = nn.Parameter(torch.randn(size) * 0.02) if extra_token else None
         self.head = nn.Sequential(
-            nn.LayerNorm(size), nn.Linear(size, hidden), ACTIVATIONS[activation](), nn.Dropout(dropout), nn.Linear(hidden, num_classes)
+            nn.LayerNorm(size),
+            nn.Linear(size, hidden),
+            ACTIVATIONS[activation](),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, num_classes),
         )
         self.slots = injection.EmbeddingSlots(model) if extra_token else None
-        self.keep_one_logit = {"logits_to_keep": 1} if architecture.forward_accepts(model, "logits_to_keep") else {}
+        self.keep_one_logit = (
+            {"logits_to_keep": 1} if architecture.forward_accepts(model, "logits_to_keep") else {}
+        )
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Class logits [B, C] of right-padded texts input_ids / attention_mask [B, T]."""
@@ -117,18 +141,24 @@ class SequenceClassifier(nn.Module):
             last = last + 1
             attention_mask[rows, last] = 1
             self.slots.place(rows, last, self.extra_token.expand(len(rows), -1))
-        hidden = final_hidden_states(self.model, input_ids=input_ids, attention_mask=attention_mask,
-                                     **self.keep_one_logit)  # [B, T(+1), H]
+        hidden = final_hidden_states(
+            self.model, input_ids=input_ids, attention_mask=attention_mask, **self.keep_one_logit
+        )  # [B, T(+1), H]
         return self.head(hidden[rows, last].to(self.head[0].weight.dtype))
 
 
 def final_hidden_states(model: PreTrainedModel, **inputs: Any) -> torch.Tensor:
-    """The decoder's last hidden states [B, T, H] (after its final norm) for `inputs`, taken through a hook on the
-    module the LM head reads from, so that no output format is assumed."""
+    """The decoder's last hidden states [B, T, H] (after its final norm) for `inputs`, taken through a hook on
+    the module the LM head reads from, so that no output format is assumed."""
     module, _ = architecture.final_hidden_module(model)
     captured: list[torch.Tensor] = []
-    handle = module.register_forward_hook(lambda m, args, output: captured.append(
-        output if isinstance(output, torch.Tensor) else next(o for o in output if isinstance(o, torch.Tensor))))
+    handle = module.register_forward_hook(
+        lambda m, args, output: captured.append(
+            output
+            if isinstance(output, torch.Tensor)
+            else next(o for o in output if isinstance(o, torch.Tensor))
+        )
+    )
     try:
         model(**inputs)
     finally:
@@ -137,7 +167,8 @@ def final_hidden_states(model: PreTrainedModel, **inputs: Any) -> torch.Tensor:
 
 
 def text_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt tokens of a classification batch (the label target cut off): input_ids, attention_mask [B, P]."""
+    """The prompt tokens of a classification batch (the label target cut off): input_ids, attention_mask [B,
+    P]."""
     width = int(batch["prompt_length"].max())
     positions = torch.arange(width, device=batch["input_ids"].device)
     mask = (positions[None, :] < batch["prompt_length"][:, None]).long()
@@ -147,22 +178,41 @@ def text_inputs(batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Ten
 class ClassifierModule(OptimisedModule):
     """Cross-entropy training of a SequenceClassifier; accuracy, macro F1 and confusion matrix per stage."""
 
-    def __init__(self, model: PreTrainedModel, class_names: list[str], hidden: int = 128, activation: str = "gelu",
-                 dropout: float = 0.1, extra_token: bool = False, lr: float = 1e-3, weight_decay: float = 0.0,
-                 betas: tuple[float, float] = (0.9, 0.999), warmup_ratio: float = 0.1,
-                 metrics_every_n_steps: int = 1) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        class_names: list[str],
+        hidden: int = 128,
+        activation: str = "gelu",
+        dropout: float = 0.1,
+        extra_token: bool = False,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.1,
+        metrics_every_n_steps: int = 1,
+    ) -> None:
         super().__init__(model, lr, weight_decay, betas, warmup_ratio, metrics_every_n_steps)
         self.class_names = list(class_names)
-        self.head_config = {"class_names": self.class_names, "hidden": hidden, "activation": activation,
-                            "dropout": dropout, "extra_token": extra_token}
-        self.classifier = SequenceClassifier(model, len(class_names), hidden, activation, dropout, extra_token)
+        self.head_config = {
+            "class_names": self.class_names,
+            "hidden": hidden,
+            "activation": activation,
+            "dropout": dropout,
+            "extra_token": extra_token,
+        }
+        self.classifier = SequenceClassifier(
+            model, len(class_names), hidden, activation, dropout, extra_token
+        )
         self.losses = nn.ModuleDict({f"{stage}_loss": MeanMetric() for stage in ("train", "val", "test")})
-        self.scores = nn.ModuleDict({stage: ClassificationMetrics(len(class_names)) for stage in ("val", "test")})
+        self.scores = nn.ModuleDict(
+            {stage: ClassificationMetrics(len(class_names)) for stage in ("val", "test")}
+        )
 
     @classmethod
     def from_config(cls, model: PreTrainedModel, cfg: DictConfig, datamodule: Any) -> ClassifierModule:
-        """The module for a train.py config: classes from the DataModule, head from `method.head`, `cfg.optim`,
-        `cfg.metrics`."""
+        """The module for a train.py config: classes from the DataModule, head from `method.head`,
+        `cfg.optim`, `cfg.metrics`."""
         return cls(model, datamodule.class_names, **(cfg.method.get("head") or {}), **module_settings(cfg))
 
     @property
@@ -181,7 +231,13 @@ class ClassifierModule(OptimisedModule):
         logits = self.predict_classes(batch)
         loss = nn.functional.cross_entropy(logits.float(), batch["class_index"])
         self.losses[f"{stage}_loss"](loss.detach(), len(logits))
-        self.log(f"{stage}/loss", self.losses[f"{stage}_loss"], on_step=stage == "train", on_epoch=True, prog_bar=True)
+        self.log(
+            f"{stage}/loss",
+            self.losses[f"{stage}_loss"],
+            on_step=stage == "train",
+            on_epoch=True,
+            prog_bar=True,
+        )
         if stage != "train":
             self.scores[stage].update(logits.argmax(-1), batch["class_index"])
         return loss

@@ -2,18 +2,19 @@
 or sampled.
 
 A batch holds at most `batch_size` rows. A row leaves the batch (and the KV cache) as soon as it hits an EOS
-token, a stop string or `max_new_tokens`, and the longest waiting prompts take its place, so a batch no
-longer costs its slowest row. Rows are left-padded to a common cache length; padding is masked, so a row's
-greedy output is the one `model.generate` gives that prompt alone (tests/test_evaluate.py checks both). When all
-prompts start with the same tokens (k-shot exemplars drawn once for all problems, a fixed instruction), those are
-prefilled once and their keys and values copied into every row, after which the row's own tokens are prefilled
-(with any padding between the two masked); the outputs are those of prefilling every prompt in full.
+token, a stop string or `max_new_tokens`, and the longest waiting prompts take its place, so a batch no longer
+costs its slowest row. Rows are left-padded to a common cache length; padding is masked, so a row's greedy
+output is the one `model.generate` gives that prompt alone (tests/test_evaluate.py checks both). When all
+prompts start with the same tokens (k-shot exemplars drawn once for all problems, a fixed instruction), those
+are prefilled once and their keys and values copied into every row, after which the row's own tokens are
+prefilled (with any padding between the two masked); the outputs are those of prefilling every prompt in full.
 
 Continuous batching needs a model that honours position ids and keeps its keys and values in a transformers
-`Cache` (checked on the model: a two-token forward must fill a DynamicCache). Any other model (remote code with
-its own cache format, or one that ignores position ids, such as MiniMind; prompt tuning at the embedding layer)
-decodes prompts of one token length together, without padding, masks or position ids, passing back whatever
-cache the model returns (or none): its greedy outputs are those of a plain forward-only greedy decode.
+`Cache` (checked on the model: a two-token forward must fill a DynamicCache). Any other model (remote code
+with its own cache format, or one that ignores position ids, such as MiniMind; prompt tuning at the embedding
+layer) decodes prompts of one token length together, without padding, masks or position ids, passing back
+whatever cache the model returns (or none): its greedy outputs are those of a plain forward-only greedy
+decode.
 
 Prompt-learning peft models (prompt tuning) prepend virtual tokens inside `generate`, so they decode
 through `model.generate` instead, in batches of one prompt token length (no padding: such models drop
@@ -60,17 +61,29 @@ def generate(
     num_samples: int = 1,
     prefix_cache: bool = True,
 ) -> list[list[str]]:
-    """`num_samples` completions per prompt, in prompt order, each cut at its first stop string (`prefix_cache`: the
-    prefix all prompts share is prefilled once)."""
+    """`num_samples` completions per prompt, in prompt order, each cut at its first stop string
+    (`prefix_cache`: the prefix all prompts share is prefilled once)."""
     model.eval()
     tokenizer.padding_side = "left"
     if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        texts = _generate_prompt_learning(model, tokenizer, prompts, batch_size, max_new_tokens, stop_strings,
-                                          do_sample, temperature, top_p, num_samples)
+        texts = _generate_prompt_learning(
+            model,
+            tokenizer,
+            prompts,
+            batch_size,
+            max_new_tokens,
+            stop_strings,
+            do_sample,
+            temperature,
+            top_p,
+            num_samples,
+        )
     else:
         sampler = _Sampler(do_sample, temperature, top_p)
         stopping = _Stopping(model, tokenizer, max_new_tokens, stop_strings)
-        requests = [i for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for _ in range(num_samples)]
+        requests = [
+            i for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for _ in range(num_samples)
+        ]
         if batches_continuously(model):
             decoder = _ContinuousBatch(model, tokenizer, batch_size, stopping, sampler, prefix_cache)
         else:
@@ -80,17 +93,23 @@ def generate(
 
 
 def batches_continuously(model: PreTrainedModel) -> bool:
-    """Whether `model` can decode in a continuous batch: it names position ids in its forward, extends no inputs
-    itself, and keeps its keys and values in a transformers Cache (a two-token forward fills a DynamicCache)."""
+    """Whether `model` can decode in a continuous batch: it names position ids in its forward, extends no
+    inputs itself, and keeps its keys and values in a transformers Cache (a two-token forward fills a
+    DynamicCache)."""
     if not forward_accepts(model, "position_ids") or embedding_prompt(model) is not None:
         return False
     cache = DynamicCache()
-    model(input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device), use_cache=True, **cache_argument(model, cache))
+    model(
+        input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device),
+        use_cache=True,
+        **cache_argument(model, cache),
+    )
     return cache.get_seq_length() == 2
 
 
 def cache_argument(model: PreTrainedModel, cache: object) -> dict[str, object]:
-    """`cache` as the keyword the model's forward names: `cache` (transformers >= 5.24), else `past_key_values`."""
+    """`cache` as the keyword the model's forward names: `cache` (transformers >= 5.24), else
+    `past_key_values`."""
     return {"cache": cache} if forward_accepts(model, "cache") else {"past_key_values": cache}
 
 
@@ -119,8 +138,13 @@ class _Row:
 class _Stopping:
     """When a row is done: an EOS token, `max_new_tokens` tokens, or a stop string in its decoded text."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int,
-                 stop_strings: Sequence[str]) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        max_new_tokens: int,
+        stop_strings: Sequence[str],
+    ) -> None:
         eos = model.generation_config.eos_token_id
         self.eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.tokenizer, self.max_new_tokens, self.stop_strings = tokenizer, max_new_tokens, list(stop_strings)
@@ -133,12 +157,20 @@ class _Stopping:
 
 
 class _ContinuousBatch:
-    """Decodes requests `batch_size` at a time, dropping finished rows and prefilling waiting prompts. When every
-    prompt starts with the same tokens (few-shot exemplars, an instruction), that prefix is prefilled once and its
-    keys and values are copied into each new row's cache, so only the rest of each prompt is prefilled."""
+    """Decodes requests `batch_size` at a time, dropping finished rows and prefilling waiting prompts. When
+    every prompt starts with the same tokens (few-shot exemplars, an instruction), that prefix is prefilled
+    once and its keys and values are copied into each new row's cache, so only the rest of each prompt is
+    prefilled."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
-                 stopping: _Stopping, sampler: _Sampler, prefix_cache: bool = True) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int,
+        stopping: _Stopping,
+        sampler: _Sampler,
+        prefix_cache: bool = True,
+    ) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stopping, self.sampler, self.prefix_cache = stopping, sampler, prefix_cache
         self.keep_last = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
@@ -168,33 +200,49 @@ class _ContinuousBatch:
         return done
 
     def _prefill_shared_prefix(self, prompts: list[list[int]]) -> None:
-        """Prefill the tokens all `prompts` start with (when they are at least MIN_SHARED_PREFIX and every prompt
-        has more), once, for one row."""
+        """Prefill the tokens all `prompts` start with (when they are at least MIN_SHARED_PREFIX and every
+        prompt has more), once, for one row."""
         shared = len(prompts[0])
         for ids in prompts[1:]:
-            shared = next((i for i, (a, b) in enumerate(zip(ids[:shared], prompts[0], strict=False)) if a != b),
-                          min(shared, len(ids)))
+            shared = next(
+                (i for i, (a, b) in enumerate(zip(ids[:shared], prompts[0], strict=False)) if a != b),
+                min(shared, len(ids)),
+            )
         shared = min(shared, min(map(len, prompts)) - 1)  # every row keeps a token of its own to prefill
         if len(prompts) < 2 or shared < MIN_SHARED_PREFIX:
             return
         self.prefix, self.prefix_kv = prompts[0][:shared], DynamicCache()
-        self.model(input_ids=torch.tensor([self.prefix], device=self.model.device), use_cache=True, **self.keep_last,
-                   **cache_argument(self.model, self.prefix_kv))
+        self.model(
+            input_ids=torch.tensor([self.prefix], device=self.model.device),
+            use_cache=True,
+            **self.keep_last,
+            **cache_argument(self.model, self.prefix_kv),
+        )
 
     def _prefill(self, prompts: list[list[int]], indices: list[int]) -> None:
-        """Run `prompts` (left-padded among themselves, after the shared prefix's cache where there is one) and join
-        their cache to the batch's."""
+        """Run `prompts` (left-padded among themselves, after the shared prefix's cache where there is one)
+        and join their cache to the batch's."""
         shared = len(self.prefix)
         rest = [ids[shared:] for ids in prompts]
         width = max(map(len, rest))
-        input_ids = torch.tensor([[self.tokenizer.pad_token_id] * (width - len(r)) + r for r in rest], device=self.model.device)
-        mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in rest], device=self.model.device)
+        input_ids = torch.tensor(
+            [[self.tokenizer.pad_token_id] * (width - len(r)) + r for r in rest], device=self.model.device
+        )
+        mask = torch.tensor(
+            [[1] * shared + [0] * (width - len(r)) + [1] * len(r) for r in rest], device=self.model.device
+        )
         cache = DynamicCache()  # [k, P + S]: prefix, then each row's left-padded rest
         if self.prefix_kv is not None:
             cache = copy.deepcopy(self.prefix_kv)
             cache.batch_repeat_interleave(len(rest))
-        output = self.model(input_ids=input_ids, attention_mask=mask, position_ids=_positions(mask)[:, shared:],
-                            use_cache=True, **self.keep_last, **cache_argument(self.model, cache))
+        output = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=_positions(mask)[:, shared:],
+            use_cache=True,
+            **self.keep_last,
+            **cache_argument(self.model, cache),
+        )
         rows = [_Row(i) for i in indices]
         logits = output.logits[:, -1, :].float()
         if self.cache is None:
@@ -211,7 +259,8 @@ class _ContinuousBatch:
         self.logits = torch.cat([self.logits, logits])
 
     def _step(self) -> list[_Row]:
-        """Choose every row's next token, retire the rows that finish, and run the rest one position further."""
+        """Choose every row's next token, retire the rows that finish, and run the rest one position
+        further."""
         chosen = self.sampler(self.logits).tolist()
         finished, keep = [], []
         for position, (row, token) in enumerate(zip(self.rows, chosen, strict=True)):
@@ -225,8 +274,13 @@ class _ContinuousBatch:
         if self.rows:
             self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
             step = torch.tensor([[r.new[-1]] for r in self.rows], device=self.model.device)
-            output = self.model(input_ids=step, attention_mask=self.mask, position_ids=_positions(self.mask)[:, -1:],
-                                use_cache=True, **cache_argument(self.model, self.cache))
+            output = self.model(
+                input_ids=step,
+                attention_mask=self.mask,
+                position_ids=_positions(self.mask)[:, -1:],
+                use_cache=True,
+                **cache_argument(self.model, self.cache),
+            )
             self.logits = output.logits[:, -1, :].float()
         return finished
 
@@ -257,12 +311,19 @@ class _SameLengthBatches:
     ids, passing back the cache the model returns in whatever format (a model that returns none gets the whole
     sequence at every step). Finished rows keep their place until the whole batch is done."""
 
-    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int,
-                 stopping: _Stopping, sampler: _Sampler) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        batch_size: int,
+        stopping: _Stopping,
+        sampler: _Sampler,
+    ) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stopping, self.sampler = stopping, sampler
-        self.caches = (forward_accepts(model, "past_key_values") or forward_accepts(model, "cache")) and forward_accepts(
-            model, "use_cache")
+        self.caches = (
+            forward_accepts(model, "past_key_values") or forward_accepts(model, "cache")
+        ) and forward_accepts(model, "use_cache")
 
     def run(self, prompts: Sequence[str], requests: list[int]) -> dict[int, list[str]]:
         """Completions (full decoded text, before stop-string truncation) of `requests`, by prompt index."""
@@ -297,7 +358,8 @@ class _SameLengthBatches:
 
 
 def _returned_cache(output: Any) -> Any:
-    """The cache a forward returned (`cache` in transformers >= 5.24 outputs, `past_key_values` before), or None."""
+    """The cache a forward returned (`cache` in transformers >= 5.24 outputs, `past_key_values` before), or
+    None."""
     cache = output.get("cache")
     return output.get("past_key_values") if cache is None else cache
 
@@ -311,23 +373,44 @@ def _pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     return torch.nn.functional.pad(mask, (width - mask.shape[1], 0))
 
 
-def _generate_prompt_learning(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
-                              batch_size: int, max_new_tokens: int, stop_strings: Sequence[str], do_sample: bool,
-                              temperature: float, top_p: float, num_samples: int) -> dict[int, list[str]]:
+def _generate_prompt_learning(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    batch_size: int,
+    max_new_tokens: int,
+    stop_strings: Sequence[str],
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    num_samples: int,
+) -> dict[int, list[str]]:
     """Completions through `model.generate`, in batches of prompts of one token length."""
     groups: dict[int, list[int]] = {}
     for index in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
         groups.setdefault(len(tokenizer(prompts[index])["input_ids"]), []).append(index)
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
+    )
     completions: dict[int, list[str]] = {}
     for group in groups.values():
         for first in range(0, len(group), batch_size):
             indices = group[first : first + batch_size]
-            encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(model.device)
-            output = model.generate(**encoded, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                                    stop_strings=list(stop_strings) or None, tokenizer=tokenizer,
-                                    pad_token_id=tokenizer.pad_token_id, **sampling)  # [B * num_samples, prompt + new]
-            texts = tokenizer.batch_decode(output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True)
+            encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(
+                model.device
+            )
+            output = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                num_return_sequences=num_samples,
+                stop_strings=list(stop_strings) or None,
+                tokenizer=tokenizer,
+                pad_token_id=tokenizer.pad_token_id,
+                **sampling,
+            )  # [B * num_samples, prompt + new]
+            texts = tokenizer.batch_decode(
+                output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
+            )
             for row, index in enumerate(indices):
                 completions[index] = texts[row * num_samples : (row + 1) * num_samples]
     return completions

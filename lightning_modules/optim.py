@@ -1,4 +1,5 @@
-"""What every lmlab LightningModule shares: AdamW + warmup/cosine, the gradient-norm log, frozen-base checkpoints."""
+"""What every lmlab LightningModule shares: AdamW + warmup/cosine, the gradient-norm log, frozen-base
+checkpoints."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from lightning_modules.models import BASE_IDENTITY_ATTR, ModelLoadError, check_s
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite. The checkpoint callbacks fill in the checkpoint that is still good."""
+    """The training loss became NaN or infinite. The checkpoint callbacks fill in the checkpoint that is still
+    good."""
 
     def __init__(self, loss: float, step: int, batch_idx: int) -> None:
         super().__init__(loss, step, batch_idx)
@@ -29,11 +31,17 @@ class NonFiniteLossError(FloatingPointError):
             step, path = self.good_checkpoint
             resume = f"The last good checkpoint is {path} (step {step}); resume with ckpt_path={path}."
         elif self.checkpoint_dir is not None:
-            resume = f"No good checkpoint was written before this step (in {self.checkpoint_dir}); nothing to resume from."
+            resume = (
+                f"No good checkpoint was written before this step (in {self.checkpoint_dir}); "
+                "nothing to resume from."
+            )
         else:
             resume = "No checkpoint callback is configured; nothing to resume from."
-        return (f"training loss is {self.loss} at global step {self.step} (batch {self.batch_idx}). Stopped. {resume} "
-                "Try a lower optim.lr or trainer.precision=32-true.")
+        return (
+            f"training loss is {self.loss} at global step {self.step} (batch {self.batch_idx}). Stopped. "
+            f"{resume} "
+            "Try a lower optim.lr or trainer.precision=32-true."
+        )
 
 
 def module_settings(cfg: DictConfig) -> dict[str, Any]:
@@ -46,14 +54,26 @@ def module_settings(cfg: DictConfig) -> dict[str, Any]:
 
 
 class OptimisedModule(L.LightningModule):
-    """Base of the task modules: optimiser and schedule from `optim.*`; checkpoints keep only trainable weights
-    when the backbone is frozen (a LoRA checkpoint is the LoRA weights). Training metrics beyond the loss
-    (and the gradient norm) are computed on every `metrics_every_n_steps`-th optimiser step only."""
+    """Base of the task modules: optimiser and schedule from `optim.*`; checkpoints keep only trainable
+    weights when the backbone is frozen (a LoRA checkpoint is the LoRA weights). Training metrics beyond the
+    loss (and the gradient norm) are computed on every `metrics_every_n_steps`-th optimiser step only."""
 
-    def __init__(self, backbone: torch.nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                 warmup_ratio: float, metrics_every_n_steps: int = 1) -> None:
+    def __init__(
+        self,
+        backbone: torch.nn.Module,
+        lr: float,
+        weight_decay: float,
+        betas: tuple[float, float],
+        warmup_ratio: float,
+        metrics_every_n_steps: int = 1,
+    ) -> None:
         super().__init__()
-        self.lr, self.weight_decay, self.betas, self.warmup_ratio = lr, weight_decay, tuple(betas), warmup_ratio
+        self.lr, self.weight_decay, self.betas, self.warmup_ratio = (
+            lr,
+            weight_decay,
+            tuple(betas),
+            warmup_ratio,
+        )
         self.metrics_every_n_steps = metrics_every_n_steps
         self.base_is_frozen = any(not p.requires_grad for p in backbone.parameters())
         self.strict_loading = not self.base_is_frozen
@@ -61,12 +81,16 @@ class OptimisedModule(L.LightningModule):
         self.allow_base_mismatch = False
 
     def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over the trainable parameters (no decay on 1-D ones), linear warmup then cosine decay per step."""
+        """AdamW over the trainable parameters (no decay on 1-D ones), linear warmup then cosine decay per
+        step."""
         decay, no_decay = [], []
         for parameter in self.parameters():
             if parameter.requires_grad:
                 (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [
+            {"params": decay, "weight_decay": self.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
         optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=self.lr, betas=self.betas)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
@@ -77,8 +101,8 @@ class OptimisedModule(L.LightningModule):
         return self.global_step % self.metrics_every_n_steps == 0
 
     def log_measured(self, metrics: dict[str, torch.Tensor]) -> None:
-        """Step values of a measured step, straight to the loggers: `self.log(on_step=True)` would repeat the last
-        value on every unmeasured step that follows."""
+        """Step values of a measured step, straight to the loggers: `self.log(on_step=True)` would repeat the
+        last value on every unmeasured step that follows."""
         values = {name: float(value) for name, value in metrics.items()}
         for logger in self.loggers:
             logger.log_metrics(values, step=self.global_step)
@@ -86,13 +110,17 @@ class OptimisedModule(L.LightningModule):
     def on_before_backward(self, loss: torch.Tensor) -> None:
         """Stop on a NaN/inf training loss before it reaches the weights (NonFiniteLossError)."""
         if not torch.isfinite(loss):
-            raise NonFiniteLossError(loss.item(), self.global_step, self.trainer.fit_loop.epoch_loop.batch_idx)
+            raise NonFiniteLossError(
+                loss.item(), self.global_step, self.trainer.fit_loop.epoch_loop.batch_idx
+            )
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         if not self.measures_step():
             return
         gradients = [p.grad for p in self.parameters() if p.grad is not None]
-        sharded = isinstance(self.trainer.strategy, FSDPStrategy)  # a rank may hold no shard, yet must join the sum
+        sharded = isinstance(
+            self.trainer.strategy, FSDPStrategy
+        )  # a rank may hold no shard, yet must join the sum
         if not gradients and not sharded:
             return
         norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())
@@ -100,13 +128,19 @@ class OptimisedModule(L.LightningModule):
             norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
         self.log_measured({"train/grad_norm": norm})
 
-    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
-                                    gradient_clip_algorithm: str | None = None) -> None:
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
         """Clip by the global norm; under FSDP through the sharded module (Lightning's FSDP precision refuses
         `gradient_clip_algorithm='norm'`, and a per-shard norm would be wrong)."""
         if isinstance(self.trainer.strategy, FSDPStrategy) and gradient_clip_val:
             if gradient_clip_algorithm not in (None, "norm"):
-                raise ValueError(f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: FSDP clips by norm only")
+                raise ValueError(
+                    f"trainer.gradient_clip_algorithm={gradient_clip_algorithm!r}: FSDP clips by norm only"
+                )
             self.trainer.model.clip_grad_norm_(gradient_clip_val)
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
@@ -117,15 +151,23 @@ class OptimisedModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another base model (unless allow_base_mismatch)."""
-        check_same_base(checkpoint.get(BASE_IDENTITY_ATTR), self.base_model_identity, "the checkpoint (ckpt_path)",
-                        self.allow_base_mismatch)
+        check_same_base(
+            checkpoint.get(BASE_IDENTITY_ATTR),
+            self.base_model_identity,
+            "the checkpoint (ckpt_path)",
+            self.allow_base_mismatch,
+        )
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
-        """Load weights; with a frozen base (strict loading off) every saved key must be used and every trainable
-        weight present, so an adapter never half-loads onto a different model."""
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
+        """Load weights; with a frozen base (strict loading off) every saved key must be used and every
+        trainable weight present, so an adapter never half-loads onto a different model."""
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         if self.base_is_frozen:
-            missing = sorted({name for name, p in self.named_parameters() if p.requires_grad} - set(state_dict))
+            missing = sorted(
+                {name for name, p in self.named_parameters() if p.requires_grad} - set(state_dict)
+            )
             if result.unexpected_keys or missing:
                 raise ModelLoadError(
                     f"checkpoint weights do not fit this model: unused {sorted(result.unexpected_keys)[:3]}, "

@@ -13,12 +13,15 @@ PROBE_OFFSET = 256  # tokens packed before the sequence whose logits are compare
 
 @torch.no_grad()
 def packs_sequences(model: nn.Module) -> bool:
-    """Whether `model` keeps packed sequences apart: a short sequence packed after a long one gives the logits it
-    gives alone (to 1e-5). A model that ignores position ids (remote code such as MiniMind), a method that drops them
-    (peft prompt tuning), or an attention bias that depends on where a sequence sits in the row (ALiBi, to float32
-    rounding that grows with the row's length) does not."""
+    """Whether `model` keeps packed sequences apart: a short sequence packed after a long one gives the logits
+    it gives alone (to 1e-5). A model that ignores position ids (remote code such as MiniMind), a method that
+    drops them (peft prompt tuning), or an attention bias that depends on where a sequence sits in the row
+    (ALiBi, to float32 rounding that grows with the row's length) does not."""
     vocab = architecture.input_embeddings(model).num_embeddings
-    long, short = [(7 * i + 3) % vocab for i in range(PROBE_OFFSET)], [(11 * i + 5) % vocab for i in range(16)]
+    long, short = (
+        [(7 * i + 3) % vocab for i in range(PROBE_OFFSET)],
+        [(11 * i + 5) % vocab for i in range(16)],
+    )
     device = next(model.parameters()).device
     batch = pack([{"input_ids": long, "labels": long}, {"input_ids": short, "labels": short}])
     del batch["labels"]
@@ -31,5 +34,6 @@ def packs_sequences(model: nn.Module) -> bool:
         return False
     finally:
         model.train(was_training)
-    return packed.shape[1] == len(long) + len(short) and torch.allclose(packed[0, len(long):].float(), alone,
-                                                                        rtol=1e-5, atol=1e-5)
+    return packed.shape[1] == len(long) + len(short) and torch.allclose(
+        packed[0, len(long) :].float(), alone, rtol=1e-5, atol=1e-5
+    )

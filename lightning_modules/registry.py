@@ -2,9 +2,9 @@
 
 `task.module` (and a method's `module`) name a LightningModule class in `TASK_MODULES`; `method.name` names an
 `apply` function in `METHODS`. A method config targets its function itself (`_target_`, `_partial_: true`, the
-knobs as keyword arguments), so a reader follows it from YAML to code; `build_method` checks that the target is
-the registered function of that name. A checkpoint's method.json is resolved by its registry name only: nothing
-else in a checkpoint can select code to run.
+knobs as keyword arguments), so a reader follows it from YAML to code; `build_method` checks that the target
+is the registered function of that name. A checkpoint's method.json is resolved by its registry name only:
+nothing else in a checkpoint can select code to run.
 """
 
 from __future__ import annotations
@@ -55,7 +55,10 @@ class UnknownMethodError(ValueError):
 def task_module_class(name: str) -> type[L.LightningModule]:
     """The LightningModule class registered as `name` (task.module / method.module)."""
     if name not in TASK_MODULES:
-        raise ValueError(f"task module '{name}' is not registered (task.module / method.module); known: {sorted(TASK_MODULES)}")
+        raise ValueError(
+            f"task module '{name}' is not registered (task.module / method.module); known: "
+            f"{sorted(TASK_MODULES)}"
+        )
     return TASK_MODULES[name]
 
 
@@ -70,14 +73,18 @@ def build_method(method_cfg: DictConfig) -> Callable[[PreTrainedModel, MethodCon
     registered = registered_method(method_cfg.get("name"), "method.name")
     target = method_cfg.get("_target_")
     if target != f"{registered.__module__}.{registered.__name__}":
-        raise UnknownMethodError(f"method.name={method_cfg.name} is {registered.__module__}.{registered.__name__}, "
-                                 f"but method._target_ is {target!r}")
+        raise UnknownMethodError(
+            f"method.name={method_cfg.name} is {registered.__module__}.{registered.__name__}, "
+            f"but method._target_ is {target!r}"
+        )
     return instantiate({"_target_": target, "_partial_": True, **method_knobs(method_cfg)})
 
 
 def registered_method(name: Any, where: str) -> Callable[..., PreTrainedModel]:
-    """The method function registered as `name`; UnknownMethodError naming `where` (the config key or file) when
-    there is none."""
+    """The method function registered as `name`; UnknownMethodError naming `where` (the config key or file)
+    when there is none."""
     if name not in METHODS:
-        raise UnknownMethodError(f"{where}: {name!r} is not a registered lmlab method; one of {sorted(METHODS)}")
+        raise UnknownMethodError(
+            f"{where}: {name!r} is not a registered lmlab method; one of {sorted(METHODS)}"
+        )
     return METHODS[name]

@@ -1,13 +1,15 @@
 """Checkpoints a resumed run can trust.
 
-- Writes are atomic: a temp file in the checkpoint's own directory, fsync, then `os.replace`; a failure (a kill,
-  Ctrl-C, a full disk) removes the temp file and leaves the previous checkpoint as it was. Lightning's own
-  writer stages in /tmp and moves the file, which truncates the target first when /tmp is another filesystem.
+- Writes are atomic: a temp file in the checkpoint's own directory, fsync, then `os.replace`; a failure (a
+  kill, Ctrl-C, a full disk) removes the temp file and leaves the previous checkpoint as it was. Lightning's
+  own writer stages in /tmp and moves the file, which truncates the target first when /tmp is another
+  filesystem.
 - Every RNG (python, numpy, torch CPU and CUDA) of every rank is saved and restored right before the first
   training step after a resume; the data position is the DataModule's (`TextDataModule.state_dict`).
 - No checkpoint holds non-finite weights; when the loss turns non-finite at step k, a `last.ckpt` written with
   the weights of step k (their loss is that non-finite one) is rolled back to the one before it.
-- Loading reads with `torch.load(weights_only=True)` and names the file when it is empty, truncated or corrupt.
+- Loading reads with `torch.load(weights_only=True)` and names the file when it is empty, truncated or
+  corrupt.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class CheckpointError(RuntimeError):
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write `path` through `write(handle)` so that it holds either its old content or the complete new one."""
+    """Write `path` through `write(handle)` so that it holds either its old content or the complete new
+    one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.{os.getpid()}{TEMP_SUFFIX}")
@@ -72,17 +75,24 @@ def remove_partial_files(directory: str | os.PathLike) -> list[Path]:
 
 
 def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None) -> dict[str, Any]:
-    """A checkpoint read with weights_only=True; a missing, empty, truncated or corrupt file raises CheckpointError."""
+    """A checkpoint read with weights_only=True; a missing, empty, truncated or corrupt file raises
+    CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint file (runs keep them in <run dir>/checkpoints)")
-    hint = f"Resume from another checkpoint in {path.parent} (last.ckpt, {path.name}{PREVIOUS_SUFFIX} or best-*.ckpt)."
+    hint = (
+        f"Resume from another checkpoint in {path.parent} "
+        f"(last.ckpt, {path.name}{PREVIOUS_SUFFIX} or best-*.ckpt)."
+    )
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: the checkpoint file is empty (0 bytes). {hint}")
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as error:  # torch raises EOFError, RuntimeError or UnpicklingError for damaged files
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({type(error).__name__}: {error}). {hint}") from error
+        raise CheckpointError(
+            f"{path}: not a readable checkpoint, truncated or corrupt ({type(error).__name__}: {error}). "
+            f"{hint}"
+        ) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise CheckpointError(f"{path}: not a Lightning checkpoint (no state_dict). {hint}")
     return checkpoint
@@ -91,20 +101,30 @@ def load_checkpoint_file(path: str | os.PathLike, map_location: Any = None) -> d
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoint IO with atomic writes and weights-only, file-naming loads."""
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None
+    ) -> None:
         write_atomically(path, lambda handle: torch.save(checkpoint, handle))
 
-    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+    def load_checkpoint(
+        self, path: Any, map_location: Any | None = None, weights_only: bool | None = None
+    ) -> dict[str, Any]:
         return load_checkpoint_file(path, map_location)
 
 
 def rng_states() -> dict[str, Any]:
-    """This process's python, numpy, torch and CUDA RNG states, in types torch.load(weights_only=True) reads."""
+    """This process's python, numpy, torch and CUDA RNG states, in types torch.load(weights_only=True)
+    reads."""
     kind, keys, position, has_gauss, cached = np.random.get_state()
     states: dict[str, Any] = {
         "python": random.getstate(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "position": int(position),
-                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "position": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -117,8 +137,15 @@ def set_rng_states(states: dict[str, Any]) -> None:
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     numpy = states["numpy"]
-    np.random.set_state((numpy["kind"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
-                         numpy["has_gauss"], numpy["cached_gaussian"]))
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["position"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
@@ -131,7 +158,9 @@ class RestoreRNG(L.Callback):
     def __init__(self) -> None:
         self.pending: dict[str, Any] | None = None
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         states = rng_states()
         if torch.distributed.is_available() and torch.distributed.is_initialized() and trainer.world_size > 1:
             gathered: list[Any] = [None] * trainer.world_size
@@ -140,27 +169,38 @@ class RestoreRNG(L.Callback):
             gathered = [states]
         checkpoint[RNG_KEY] = gathered
 
-    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_load_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         saved = checkpoint.get(RNG_KEY)
         if not saved:
-            log.warning("the checkpoint holds no RNG states (written before lmlab saved them): dropout after resume "
-                        "differs from an uninterrupted run")
+            log.warning(
+                "the checkpoint holds no RNG states (written before lmlab saved them): dropout after resume "
+                "differs from an uninterrupted run"
+            )
             return
         if len(saved) != trainer.world_size:
-            log.warning("the checkpoint was written by %d processes, this run has %d: RNG states are not restored, "
-                        "so the resumed run is not bit-identical", len(saved), trainer.world_size)
+            log.warning(
+                "the checkpoint was written by %d processes, this run has %d: RNG states are not restored, "
+                "so the resumed run is not bit-identical",
+                len(saved),
+                trainer.world_size,
+            )
             return
         self.pending = saved[trainer.global_rank]
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
         if self.pending is not None:
             set_rng_states(self.pending)
             self.pending = None
 
 
 class SafeModelCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that writes no non-finite weights or monitored value, and keeps the file it overwrites as
-    `<name>.previous`: an unmonitored checkpoint's weights are known good only once they gave a finite loss."""
+    """ModelCheckpoint that writes no non-finite weights or monitored value, and keeps the file it overwrites
+    as `<name>.previous`: an unmonitored checkpoint's weights are known good only once they gave a finite
+    loss."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -169,12 +209,19 @@ class SafeModelCheckpoint(ModelCheckpoint):
     def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
         monitored = trainer.callback_metrics.get(self.monitor) if self.monitor else None
         weights = [p for p in trainer.lightning_module.parameters() if p.requires_grad]
-        if (monitored is not None and not torch.isfinite(monitored)) or not all(torch.isfinite(p).all() for p in weights):
-            log.warning("not writing %s at step %d: the weights or %s are not finite", filepath, trainer.global_step, self.monitor)
+        if (monitored is not None and not torch.isfinite(monitored)) or not all(
+            torch.isfinite(p).all() for p in weights
+        ):
+            log.warning(
+                "not writing %s at step %d: the weights or %s are not finite",
+                filepath,
+                trainer.global_step,
+                self.monitor,
+            )
             return
         path = Path(filepath)
-        # rank 0 decides (and its answer reaches every rank, so all of them meet at the barrier): a sharded (FSDP)
-        # checkpoint is a directory every rank writes into, and rank 0 moves the old one away first
+        # rank 0 decides (and its answer reaches every rank, so all of them meet at the barrier): a sharded
+        # (FSDP) checkpoint is a directory every rank writes into, and rank 0 moves the old one away first
         if path in self.written and trainer.strategy.broadcast(path.exists()):
             previous = path.with_name(path.name + PREVIOUS_SUFFIX)
             if trainer.is_global_zero:
@@ -184,14 +231,24 @@ class SafeModelCheckpoint(ModelCheckpoint):
         super()._save_checkpoint(trainer, filepath)
         self.written[path] = trainer.global_step
 
-    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
         if not isinstance(exception, NonFiniteLossError) or not trainer.is_global_zero:
             return
-        if self.monitor is None:  # the weights of step k gave the non-finite loss: undo files written at step k
-            for path in [p for p, step in self.written.items() if step >= exception.step and not p.name.endswith(PREVIOUS_SUFFIX)]:
+        if (
+            self.monitor is None
+        ):  # the weights of step k gave the non-finite loss: undo files written at step k
+            for path in [
+                p
+                for p, step in self.written.items()
+                if step >= exception.step and not p.name.endswith(PREVIOUS_SUFFIX)
+            ]:
                 self._roll_back(path)
         exception.checkpoint_dir = Path(self.dirpath) if self.dirpath else None
-        good = [(step, path) for path, step in self.written.items() if step < exception.step and path.exists()]
+        good = [
+            (step, path) for path, step in self.written.items() if step < exception.step and path.exists()
+        ]
         candidates = [c for c in (exception.good_checkpoint, max(good, default=None)) if c is not None]
         exception.good_checkpoint = max(candidates, default=None)
 
@@ -202,7 +259,9 @@ class SafeModelCheckpoint(ModelCheckpoint):
             _remove(path)
             os.replace(previous, path)
             self.written[path] = self.written.pop(previous)
-            log.warning("%s held the weights whose loss was not finite: restored the checkpoint it replaced", path)
+            log.warning(
+                "%s held the weights whose loss was not finite: restored the checkpoint it replaced", path
+            )
         else:
             _remove(path)
             self.written.pop(path)
@@ -210,8 +269,9 @@ class SafeModelCheckpoint(ModelCheckpoint):
 
 
 def _keep_previous(path: Path, previous: Path) -> None:
-    """Keep `path` as `previous` before it is overwritten. A file: a copy, so `path` stays whole until the new file
-    replaces it. A sharded checkpoint (a directory, rewritten in place): moved, so the new one starts empty."""
+    """Keep `path` as `previous` before it is overwritten. A file: a copy, so `path` stays whole until the new
+    file replaces it. A sharded checkpoint (a directory, rewritten in place): moved, so the new one starts
+    empty."""
     if path.is_dir():
         _remove(previous)
         os.replace(path, previous)
@@ -227,7 +287,8 @@ def _remove(path: Path) -> None:
 
 
 def _keep_copy(path: Path, copy: Path) -> None:
-    """Make `copy` hold `path`'s current content: a hard link (free), or a real copy where links are not supported."""
+    """Make `copy` hold `path`'s current content: a hard link (free), or a real copy where links are not
+    supported."""
     staging = copy.with_name(f".{copy.name}.{os.getpid()}{TEMP_SUFFIX}")
     staging.unlink(missing_ok=True)
     try:

@@ -1,5 +1,5 @@
-"""The evaluation run behind evaluate.py: load the model (base or `ckpt=`), score it on a task's test split with
-the scorer its DataModule asks for (`evaluation_kind`: generation or classification), write the results.
+"""The evaluation run behind evaluate.py: load the model (base or `ckpt=`), score it on a task's test split
+with the scorer its DataModule asks for (`evaluation_kind`: generation or classification), write the results.
 
 With `judge=openai_compatible`, an LLM judge also scores every prediction (runtime/judge.py):
 `judge_accuracy` and its agreement with exact match are reported beside the automatic metrics.
@@ -23,7 +23,8 @@ from runtime.task_grid import headline_metric
 
 log = logging.getLogger(__name__)
 
-# DataModule.evaluation_kind -> the scorer: score(cfg, model, tokenizer, datamodule, records, run_dir) -> rows, metrics
+# DataModule.evaluation_kind -> the scorer: score(cfg, model, tokenizer, datamodule, records, run_dir) ->
+# rows, metrics
 SCORERS = {"generation": generation_scoring.score, "classification": classification_scoring.score}
 
 
@@ -34,7 +35,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model, tokenizer = load_model(cfg)
         datamodule = datamodules.build(cfg, tokenizer)
         records = _nonempty(datamodule.evaluation_records()[: cfg.get("limit")], cfg)
-        rows, metrics = SCORERS[datamodule.evaluation_kind](cfg, model, tokenizer, datamodule, records, session.run_dir)
+        rows, metrics = SCORERS[datamodule.evaluation_kind](
+            cfg, model, tokenizer, datamodule, records, session.run_dir
+        )
         if cfg.get("judge") and rows:
             reference = next((k for k in ("correct", "exact_match_flexible") if k in rows[0]), None)
             metrics |= judge_rows(cfg.judge, cfg.task.name, rows, reference)
@@ -59,7 +62,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _nonempty(records: list[dict[str, Any]], cfg: DictConfig) -> list[dict[str, Any]]:
-    """`records`, or a ValueError when there is nothing to evaluate (a metric over no examples means nothing)."""
+    """`records`, or a ValueError when there is nothing to evaluate (a metric over no examples means
+    nothing)."""
     if not records:
         raise ValueError(
             f"task '{cfg.task.name}': the test split has no examples to evaluate (limit={cfg.get('limit')}); "

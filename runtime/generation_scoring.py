@@ -24,9 +24,16 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
     return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
 
 
-def score(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, datamodule: Any,
-          records: list[dict[str, Any]], run_dir: Path) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Generate for every test example and score it: pass@ per `exact_match_*` score, means of the other scores."""
+def score(
+    cfg: DictConfig,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    datamodule: Any,
+    records: list[dict[str, Any]],
+    run_dir: Path,
+) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """Generate for every test example and score it: pass@ per `exact_match_*` score, means of the other
+    scores."""
     style = datamodule.prompt_format
     exemplars = style.fewshot_exemplars(records, cfg.prompting.num_fewshot, cfg.prompting.fewshot_seed)
     prompts = [style.prompt(record, shots) for record, shots in zip(records, exemplars, strict=True)]
@@ -38,7 +45,13 @@ def score(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenize
     for index, (record, prompt, generations) in enumerate(zip(records, prompts, completions, strict=True)):
         reference = style.reference(record)
         scores = [style.score(text, reference) for text in generations]
-        row = {"index": index, "where": record.get("_where"), "prompt": prompt, "generation": generations[0], "gold": reference}
+        row = {
+            "index": index,
+            "where": record.get("_where"),
+            "prompt": prompt,
+            "generation": generations[0],
+            "gold": reference,
+        }
         row |= scores[0]
         for mode in [key.removeprefix("exact_match_") for key in scores[0] if key.startswith("exact_match_")]:
             right = int(sum(s[f"exact_match_{mode}"] for s in scores))
@@ -50,7 +63,9 @@ def score(cfg: DictConfig, model: PreTrainedModel, tokenizer: PreTrainedTokenize
         rows.append(row)
 
     # every float score (None where it does not apply to a row) is averaged over the rows that have it
-    metric_keys = dict.fromkeys(k for row in rows for k, v in row.items() if isinstance(v, float) and not k.startswith("exact_match_"))
+    metric_keys = dict.fromkeys(
+        k for row in rows for k, v in row.items() if isinstance(v, float) and not k.startswith("exact_match_")
+    )
     metrics = {}
     for key in metric_keys:
         values = [row[key] for row in rows if row.get(key) is not None]

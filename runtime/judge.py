@@ -66,7 +66,9 @@ class Judge:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         if not key:
             log.info("judge: %s is not set; sending requests without an API key", settings.api_key_env)
-        self.client = httpx.Client(base_url=str(settings.base_url).rstrip("/"), headers=headers, timeout=settings.timeout_s)
+        self.client = httpx.Client(
+            base_url=str(settings.base_url).rstrip("/"), headers=headers, timeout=settings.timeout_s
+        )
         self.requests = 0
 
     def _cache_path(self, prompt: str) -> Path:
@@ -74,21 +76,32 @@ class Judge:
         return self.cache_dir / f"{digest}.json"
 
     def verdict(self, prompt: str) -> dict[str, Any]:
-        """{"judge_correct": 1.0 / 0.0 / None, "judge_error": None or why, "judge_cached": bool} for one prompt."""
+        """{"judge_correct": 1.0 / 0.0 / None, "judge_error": None or why, "judge_cached": bool} for one
+        prompt."""
         cached = self._cache_path(prompt)
         if cached.exists():
-            return {"judge_correct": json.loads(cached.read_text())["verdict"], "judge_error": None, "judge_cached": True}
+            return {
+                "judge_correct": json.loads(cached.read_text())["verdict"],
+                "judge_error": None,
+                "judge_cached": True,
+            }
         try:
             reply = self._ask(prompt)
             verdict = parse_verdict(reply)
         except (httpx.HTTPError, ValueError, KeyError, IndexError) as error:
             return {"judge_correct": None, "judge_error": _describe(error), "judge_cached": False}
-        cached.write_text(json.dumps({"model": self.settings.model, "verdict": verdict, "reply": reply}) + "\n")
+        cached.write_text(
+            json.dumps({"model": self.settings.model, "verdict": verdict, "reply": reply}) + "\n"
+        )
         return {"judge_correct": verdict, "judge_error": None, "judge_cached": False}
 
     def _ask(self, prompt: str) -> str:
-        body = {"model": self.settings.model, "messages": [{"role": "user", "content": prompt}],
-                "temperature": self.settings.temperature, "max_tokens": self.settings.max_tokens}
+        body = {
+            "model": self.settings.model,
+            "messages": [{"role": "user", "content": prompt}],
+            "temperature": self.settings.temperature,
+            "max_tokens": self.settings.max_tokens,
+        }
         for attempt in range(self.settings.max_retries + 1):
             self.requests += 1
             try:
@@ -121,16 +134,33 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"[:200]
 
 
-def judge_rows(settings: DictConfig, task: str, rows: list[dict[str, Any]], reference_key: str | None) -> dict[str, float]:
-    """Add judge_correct / judge_error to every row; return judge_accuracy, the agreement with `reference_key`, counts."""
+def judge_rows(
+    settings: DictConfig, task: str, rows: list[dict[str, Any]], reference_key: str | None
+) -> dict[str, float]:
+    """Add judge_correct / judge_error to every row; return judge_accuracy, the agreement with
+    `reference_key`, counts."""
     judge = Judge(settings)
-    for row, outcome in zip(rows, judge.judge_all([judge_prompt(settings, task, row) for row in rows]), strict=True):
+    for row, outcome in zip(
+        rows, judge.judge_all([judge_prompt(settings, task, row) for row in rows]), strict=True
+    ):
         row.update(outcome)
     judged = [row for row in rows if row["judge_correct"] is not None]
-    metrics = {"judge_judged": len(judged), "judge_errors": len(rows) - len(judged), "judge_requests": judge.requests}
+    metrics = {
+        "judge_judged": len(judged),
+        "judge_errors": len(rows) - len(judged),
+        "judge_requests": judge.requests,
+    }
     if judged:
         metrics["judge_accuracy"] = sum(row["judge_correct"] for row in judged) / len(judged)
         if reference_key:
-            metrics["judge_agreement"] = sum(row["judge_correct"] == row[reference_key] for row in judged) / len(judged)
-    log.info("judge %s: %d judged, %d errors, %d requests", settings.model, len(judged), metrics["judge_errors"], judge.requests)
+            metrics["judge_agreement"] = sum(
+                row["judge_correct"] == row[reference_key] for row in judged
+            ) / len(judged)
+    log.info(
+        "judge %s: %d judged, %d errors, %d requests",
+        settings.model,
+        len(judged),
+        metrics["judge_errors"],
+        judge.requests,
+    )
     return metrics

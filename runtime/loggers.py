@@ -29,7 +29,8 @@ def wandb_has_credentials() -> bool:
 
 
 def wandb_reachable(timeout: float = 3.0) -> bool:
-    """True when the W&B server (WANDB_BASE_URL, default api.wandb.ai) answers HTTP within `timeout` seconds."""
+    """True when the W&B server (WANDB_BASE_URL, default api.wandb.ai) answers HTTP within `timeout`
+    seconds."""
     url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     answered = threading.Event()
 
@@ -40,7 +41,9 @@ def wandb_reachable(timeout: float = 3.0) -> bool:
         except httpx.HTTPError:
             pass
 
-    thread = threading.Thread(target=probe, daemon=True)  # a thread bounds DNS look-ups too, which ignore timeouts
+    thread = threading.Thread(
+        target=probe, daemon=True
+    )  # a thread bounds DNS look-ups too, which ignore timeouts
     thread.start()
     thread.join(timeout + 1.0)
     return answered.is_set()
@@ -53,14 +56,18 @@ def wandb_logger(**kwargs: Any) -> WandbLogger:
     if not offline and not wandb_reachable():
         offline = True
         os.environ["WANDB_MODE"] = "offline"
-        log.warning("W&B: credentials found but %s does not answer; logging offline under %s/wandb instead "
-                    "(upload later with `wandb sync`)", os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"),
-                    kwargs.get("save_dir", "."))
+        log.warning(
+            "W&B: credentials found but %s does not answer; logging offline under %s/wandb instead "
+            "(upload later with `wandb sync`)",
+            os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"),
+            kwargs.get("save_dir", "."),
+        )
     elif offline:
         os.environ.setdefault("WANDB_MODE", "offline")
         log.info(
             "W&B: no credentials found (WANDB_API_KEY / wandb login), logging offline under %s/wandb; "
-            "upload later with `wandb sync`", kwargs.get("save_dir", ".")
+            "upload later with `wandb sync`",
+            kwargs.get("save_dir", "."),
         )
     return WandbLogger(offline=offline, **kwargs)
 

@@ -20,11 +20,14 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
 
 
 def logged_rows(job_dir: Path) -> list[dict[str, float]]:
-    """The metric rows a run logged (each with a `step` key): from its CSV log, else from its offline W&B run."""
+    """The metric rows a run logged (each with a `step` key): from its CSV log, else from its offline W&B
+    run."""
     csv_path = Path(job_dir) / "metrics" / "metrics.csv"
     if csv_path.exists():
         with csv_path.open() as handle:
-            return [{k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)]
+            return [
+                {k: float(v) for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(handle)
+            ]
     run_files = find_run_files(job_dir)
     if not run_files:
         raise FileNotFoundError(f"{job_dir}: no metrics/metrics.csv and no offline W&B run")

@@ -23,5 +23,6 @@ def create_unique_dir(path: str) -> str:
         except FileExistsError:
             continue
         return str(candidate)
-    raise FileExistsError(f"{base}: 10,000 run dirs of this name exist; clean up outputs/ or change hydra.run.dir")
-
+    raise FileExistsError(
+        f"{base}: 10,000 run dirs of this name exist; clean up outputs/ or change hydra.run.dir"
+    )

@@ -3,11 +3,11 @@
 A saved run is one of three layouts, by what training changed:
 - a peft adapter (`adapter_config.json` + `adapter_model.safetensors`): LoRA, svd_lora, prompt tuning;
 - a whole model (`config.json` + `model.safetensors`, save_pretrained): full fine-tuning;
-- a frozen-base method's trainable weights (`trainable.safetensors`) and its config (`method.json`), re-applied
-  by its registry name on load (adapters, the projection head's backbone);
-with, in every layout, `base_model.json` (the base model's identity and model config), the tokenizer, and for a
-projection-head classifier its head (`classifier_head.safetensors` + `classifier.json`). An FSDP run's weights
-are gathered first, so its final/ is a single-device run's.
+- a frozen-base method's trainable weights (`trainable.safetensors`) and its config (`method.json`),
+  re-applied by its registry name on load (adapters, the projection head's backbone);
+with, in every layout, `base_model.json` (the base model's identity and model config), the tokenizer, and for
+a projection-head classifier its head (`classifier_head.safetensors` + `classifier.json`). An FSDP run's
+weights are gathered first, so its final/ is a single-device run's.
 
 Reading: `checkpoint_dir` resolves `ckpt=`, `checkpoint_model` picks the model config it was trained on,
 `load_model` builds that base, checks it is the base the run was trained on, and restores the method;
@@ -47,12 +47,17 @@ HEAD_FILE = "classifier_head.safetensors"
 HEAD_CONFIG = "classifier.json"
 
 
-def write_final(trainer: L.Trainer, module: L.LightningModule, method_cfg: DictConfig,
-                tokenizer: PreTrainedTokenizerBase, target: Path,
-                unsharded: Callable[[], L.LightningModule]) -> str | None:
-    """Save the trained run to `target` on rank 0 and return its path (None on other ranks). Under FSDP every rank
-    takes part in gathering the weights; rank 0 loads them into `unsharded()` (the same model and method, built
-    anew on one device) and saves that."""
+def write_final(
+    trainer: L.Trainer,
+    module: L.LightningModule,
+    method_cfg: DictConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    target: Path,
+    unsharded: Callable[[], L.LightningModule],
+) -> str | None:
+    """Save the trained run to `target` on rank 0 and return its path (None on other ranks). Under FSDP every
+    rank takes part in gathering the weights; rank 0 loads them into `unsharded()` (the same model and method,
+    built anew on one device) and saves that."""
     if isinstance(trainer.strategy, FSDPStrategy):
         state = trainer.strategy.full_state_dict()
         if not trainer.is_global_zero:
@@ -65,13 +70,18 @@ def write_final(trainer: L.Trainer, module: L.LightningModule, method_cfg: DictC
     return str(target)
 
 
-def write(module: L.LightningModule, method_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, target: Path) -> None:
-    """Save what training changed in `module` (its model as its method saves it, and a classifier's head) and the
-    tokenizer to `target`."""
+def write(
+    module: L.LightningModule, method_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, target: Path
+) -> None:
+    """Save what training changed in `module` (its model as its method saves it, and a classifier's head) and
+    the tokenizer to `target`."""
     write_model(module.model, method_cfg, target)
     if isinstance(module, ClassifierModule):
-        head = {name: p.detach().contiguous() for name, p in module.classifier.named_parameters()
-                if not name.startswith("model.")}
+        head = {
+            name: p.detach().contiguous()
+            for name, p in module.classifier.named_parameters()
+            if not name.startswith("model.")
+        }
         save_file(head, target / HEAD_FILE)
         (target / HEAD_CONFIG).write_text(json.dumps(module.head_config, indent=2) + "\n")
     tokenizer.save_pretrained(target)
@@ -91,11 +101,14 @@ def write_model(model: PreTrainedModel, method_cfg: DictConfig, target: Path) ->
     state = trainable_state(model)
     if state:
         save_file(state, target / TRAINABLE_FILE)
-    (target / METHOD_FILE).write_text(json.dumps(OmegaConf.to_container(method_cfg, resolve=True), indent=2) + "\n")
+    (target / METHOD_FILE).write_text(
+        json.dumps(OmegaConf.to_container(method_cfg, resolve=True), indent=2) + "\n"
+    )
 
 
 def checkpoint_dir(cfg: DictConfig) -> Path | None:
-    """The directory `cfg.ckpt` names (a run dir's final/ when given a run dir), or None for the base model."""
+    """The directory `cfg.ckpt` names (a run dir's final/ when given a run dir), or None for the base
+    model."""
     if not cfg.get("ckpt"):
         return None
     directory = Path(cfg.ckpt)
@@ -103,21 +116,25 @@ def checkpoint_dir(cfg: DictConfig) -> Path | None:
 
 
 def use_checkpoint_model(cfg: DictConfig) -> None:
-    """Set `cfg.model` to the model a `ckpt=` export was trained on when the command line chose no `model=`."""
+    """Set `cfg.model` to the model a `ckpt=` export was trained on when the command line chose no
+    `model=`."""
     with open_dict(cfg):
         cfg.model = checkpoint_model(cfg)
 
 
 def checkpoint_model(cfg: DictConfig) -> DictConfig:
-    """The model config to evaluate or analyse: the one a `ckpt=` export was trained on when the command line chose
-    no `model=` (its base_model.json), else `cfg.model`."""
+    """The model config to evaluate or analyse: the one a `ckpt=` export was trained on when the command line
+    chose no `model=` (its base_model.json), else `cfg.model`."""
     directory = checkpoint_dir(cfg)
     saved = _saved_identity(directory) if directory is not None else None
     chosen = any(o.lstrip("+~").startswith("model") for o in overrides())
     if saved is None or chosen or "config" not in saved:
         return cfg.model
-    log.info("ckpt=%s was trained on model '%s': evaluating that model (pass model=... to choose another)",
-             cfg.ckpt, saved["name"])
+    log.info(
+        "ckpt=%s was trained on model '%s': evaluating that model (pass model=... to choose another)",
+        cfg.ckpt,
+        saved["name"],
+    )
     return OmegaConf.create(saved["config"])
 
 
@@ -129,8 +146,12 @@ def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         return models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     if (directory / ADAPTER_CONFIG).exists() or (directory / METHOD_FILE).exists():
         base, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-        models.check_same_base(_saved_identity(directory), models.base_identity(base, cfg.model), f"ckpt={cfg.ckpt}",
-                               bool(cfg.get("allow_base_mismatch")))
+        models.check_same_base(
+            _saved_identity(directory),
+            models.base_identity(base, cfg.model),
+            f"ckpt={cfg.ckpt}",
+            bool(cfg.get("allow_base_mismatch")),
+        )
         if (directory / "tokenizer_config.json").exists():
             tokenizer = AutoTokenizer.from_pretrained(directory)
         if (directory / ADAPTER_CONFIG).exists():
@@ -139,7 +160,9 @@ def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     if (directory / MODEL_CONFIG).exists():
         model_cfg = cfg.model.copy()
         with open_dict(model_cfg):
-            model_cfg.path = str(directory)  # architecture comes from the saved config.json, whatever model= claims
+            model_cfg.path = str(
+                directory
+            )  # architecture comes from the saved config.json, whatever model= claims
             model_cfg.family = "custom"
         return models.build(model_cfg)
     raise FileNotFoundError(
@@ -159,25 +182,31 @@ def restore_method(base: PreTrainedModel, directory: Path, model_cfg: DictConfig
         expected = set(trainable_state(model))
         if set(state) != expected:
             raise ValueError(
-                f"{directory / TRAINABLE_FILE}: saved weights do not match method '{saved['name']}' on this model "
-                f"(missing {sorted(expected - set(state))[:3]}, unexpected {sorted(set(state) - expected)[:3]})"
+                f"{directory / TRAINABLE_FILE}: saved weights do not match method '{saved['name']}' on this "
+                "model "
+                f"(missing {sorted(expected - set(state))[:3]}, unexpected "
+                f"{sorted(set(state) - expected)[:3]})"
             )
         model.load_state_dict(state, strict=False)
     return model
 
 
 def load_classifier(model: PreTrainedModel, cfg: DictConfig) -> ClassifierModule | None:
-    """The projection-head classifier `cfg.ckpt` saved, on its (restored) backbone `model`; None when the saved
-    run has no head."""
+    """The projection-head classifier `cfg.ckpt` saved, on its (restored) backbone `model`; None when the
+    saved run has no head."""
     directory = checkpoint_dir(cfg)
     if directory is None or not (directory / HEAD_CONFIG).exists():
         return None
     module = ClassifierModule(model, **json.loads((directory / HEAD_CONFIG).read_text()))
-    missing, unexpected = module.classifier.load_state_dict(read_safetensors(directory / HEAD_FILE), strict=False)
+    missing, unexpected = module.classifier.load_state_dict(
+        read_safetensors(directory / HEAD_FILE), strict=False
+    )
     missing = [name for name in missing if not name.startswith("model.")]
     if missing or unexpected:
-        raise ValueError(f"{directory / HEAD_FILE}: does not match {HEAD_CONFIG} (missing {missing}, "
-                         f"unexpected {unexpected})")
+        raise ValueError(
+            f"{directory / HEAD_FILE}: does not match {HEAD_CONFIG} (missing {missing}, "
+            f"unexpected {unexpected})"
+        )
     return module
 
 
@@ -186,8 +215,9 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(path)
     except Exception as error:  # safetensors raises SafetensorError / OSError for damaged files
-        raise ValueError(f"{path}: not a readable safetensors file, truncated or corrupt ({error}); "
-                         "re-export it") from error
+        raise ValueError(
+            f"{path}: not a readable safetensors file, truncated or corrupt ({error}); re-export it"
+        ) from error
 
 
 def _saved_identity(directory: Path) -> dict[str, Any] | None:

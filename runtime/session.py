@@ -75,12 +75,16 @@ class Session:
 
     @rank_zero_only
     def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
-        """A table (W&B; the other loggers have the run dir's files): every column whose values are scalars."""
+        """A table (W&B; the other loggers have the run dir's files): every column whose values are
+        scalars."""
         if not rows:
             return
         self.log_config()
-        columns = [k for k in dict.fromkeys(k for row in rows for k in row)
-                   if all(isinstance(row.get(k), str | int | float | bool | type(None)) for row in rows)]
+        columns = [
+            k
+            for k in dict.fromkeys(k for row in rows for k in row)
+            if all(isinstance(row.get(k), str | int | float | bool | type(None)) for row in rows)
+        ]
         for logger in self._wandb():
             logger.log_table(key, columns=columns, data=[[row.get(c) for c in columns] for row in rows])
 
@@ -97,11 +101,14 @@ class Session:
                 import matplotlib.image
 
                 for key, path in images.items():
-                    logger.experiment.add_image(key, matplotlib.image.imread(path)[..., :3], dataformats="HWC")
+                    logger.experiment.add_image(
+                        key, matplotlib.image.imread(path)[..., :3], dataformats="HWC"
+                    )
 
     def finish(self, results: dict[str, Any]) -> dict[str, Any]:
-        """Write results.json (rank zero) and give every logger the run's final metrics: W&B summary, TensorBoard
-        HParams (the flat config with `final/<metric>`); return the results with the run's identifiers added."""
+        """Write results.json (rank zero) and give every logger the run's final metrics: W&B summary,
+        TensorBoard HParams (the flat config with `final/<metric>`); return the results with the run's
+        identifiers added."""
         results = {**results, "job_type": self.job_type, "run_dir": str(self.run_dir)}
         if self.wandb_run_id:
             results["wandb_run_id"] = self.wandb_run_id
@@ -125,7 +132,8 @@ class Session:
 
 @contextmanager
 def start(cfg: DictConfig, job_type: str) -> Iterator[Session]:
-    """Open a run of `cfg`: create its dir, save the resolved config, seed, build (and so validate) its loggers."""
+    """Open a run of `cfg`: create its dir, save the resolved config, seed, build (and so validate) its
+    loggers."""
     run_dir = Path(cfg.paths.output_dir)
     write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)
@@ -136,13 +144,24 @@ def start(cfg: DictConfig, job_type: str) -> Iterator[Session]:
 
 
 @contextmanager
-def start_report(sweep_dir: Path, logger_cfg: DictConfig | None, job_type: str, name: str) -> Iterator[Session]:
-    """A session for a report over a finished sweep: W&B only (when the sweep logged to W&B), in the sweep's group."""
+def start_report(
+    sweep_dir: Path, logger_cfg: DictConfig | None, job_type: str, name: str
+) -> Iterator[Session]:
+    """A session for a report over a finished sweep: W&B only (when the sweep logged to W&B), in the sweep's
+    group."""
     loggers: list[Logger] = []
     wandb_cfg = (logger_cfg or {}).get("wandb")
     if wandb_cfg is not None:
-        loggers.append(wandb_logger(project=wandb_cfg.get("project", "lmlab"), entity=wandb_cfg.get("entity"),
-                                    save_dir=str(sweep_dir), name=name, group=sweep_group(sweep_dir), job_type=job_type))
+        loggers.append(
+            wandb_logger(
+                project=wandb_cfg.get("project", "lmlab"),
+                entity=wandb_cfg.get("entity"),
+                save_dir=str(sweep_dir),
+                name=name,
+                group=sweep_group(sweep_dir),
+                job_type=job_type,
+            )
+        )
     session = Session(Path(sweep_dir), job_type, loggers, _config_logged=True)
     with _closing(session):
         yield session
@@ -170,7 +189,11 @@ def build_loggers(cfg: DictConfig, job_type: str, wandb_id: str | None) -> list[
             continue
         extra: dict[str, Any] = {}
         if name == "wandb":
-            extra = {key: value for key, value in (("id", wandb_id), ("job_type", job_type)) if conf.get(key) is None}
+            extra = {
+                key: value
+                for key, value in (("id", wandb_id), ("job_type", job_type))
+                if conf.get(key) is None
+            }
             extra["resume"] = "allow"
         loggers.append(instantiate(conf, **extra))
     return loggers
@@ -180,7 +203,11 @@ def wandb_run_id(cfg: DictConfig, run_dir: Path) -> str:
     """This run's W&B id: the interrupted run's when resuming (`ckpt_path`), the one rank zero already chose
     (DDP ranks share the run dir), else a new one; rank zero writes it to `<run dir>/wandb_run_id`."""
     path = run_dir / WANDB_ID_FILE
-    run_id = path.read_text().strip() if path.exists() else _resumed_run_id(cfg.get("ckpt_path")) or secrets.token_hex(4)
+    run_id = (
+        path.read_text().strip()
+        if path.exists()
+        else _resumed_run_id(cfg.get("ckpt_path")) or secrets.token_hex(4)
+    )
     if rank_zero_only.rank == 0 and not path.exists():
         path.write_text(run_id + "\n")
     return run_id
@@ -198,24 +225,29 @@ def _resumed_run_id(ckpt_path: str | None) -> str | None:
 
 
 class RecordRunId(L.Callback):
-    """Stores the W&B run id in every checkpoint, so a resume from a copied checkpoint still continues the run."""
+    """Stores the W&B run id in every checkpoint, so a resume from a copied checkpoint still continues the
+    run."""
 
     def __init__(self, run_id: str) -> None:
         self.run_id = run_id
 
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+    def on_save_checkpoint(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
         checkpoint[CHECKPOINT_RUN_ID_KEY] = self.run_id
 
 
 def run_group(default: str) -> str:
-    """The W&B group of this job: its sweep dir in a `-m` run (all jobs of a sweep in one group), else `default`."""
+    """The W&B group of this job: its sweep dir in a `-m` run (all jobs of a sweep in one group), else
+    `default`."""
     if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         return sweep_group(Path(HydraConfig.get().runtime.output_dir).parent)
     return default
 
 
 def sweep_group(sweep_dir: Path) -> str:
-    """A sweep's W&B group name: its directory relative to the working directory (W&B allows 128 characters)."""
+    """A sweep's W&B group name: its directory relative to the working directory (W&B allows 128
+    characters)."""
     path = Path(sweep_dir).resolve()
     if path.is_relative_to(Path.cwd()):
         path = path.relative_to(Path.cwd())
@@ -223,8 +255,13 @@ def sweep_group(sweep_dir: Path) -> str:
 
 
 def metric_direction(metric: str) -> str:
-    """`minimize` for losses and perplexities, else `maximize` (accuracy, Pass@1, BLEU): the sweeper's direction."""
-    return "minimize" if any(word in metric.lower() for word in ("loss", "perplexity", "ppl", "error")) else "maximize"
+    """`minimize` for losses and perplexities, else `maximize` (accuracy, Pass@1, BLEU): the sweeper's
+    direction."""
+    return (
+        "minimize"
+        if any(word in metric.lower() for word in ("loss", "perplexity", "ppl", "error"))
+        else "maximize"
+    )
 
 
 def flat_config(cfg: DictConfig) -> dict[str, Any]:
@@ -262,8 +299,13 @@ def optimized_value(results: dict[str, Any], metric: str) -> float:
     failed, the other jobs go on)."""
     metrics = results.get("metrics", {})
     if metric not in metrics:
-        log.warning("optimized_metric=%r is not among this run's metrics (%s): returning NaN to the sweeper; results "
-                    "are in %s", metric, ", ".join(sorted(metrics)), results.get("run_dir"))
+        log.warning(
+            "optimized_metric=%r is not among this run's metrics (%s): returning NaN to the sweeper; results "
+            "are in %s",
+            metric,
+            ", ".join(sorted(metrics)),
+            results.get("run_dir"),
+        )
         return float("nan")
     return float(metrics[metric])
 

@@ -28,13 +28,17 @@ FAILED_FILE = "failed.json"
 
 
 def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per job of a multirun: its overrides, then its final metrics; a failed job's row says so and why."""
+    """One row per job of a multirun: its overrides, then its final metrics; a failed job's row says so and
+    why."""
     finished = [*Path(sweep_dir).glob(f"*/{RESULTS_FILE}"), *Path(sweep_dir).glob(f"*/{FAILED_FILE}")]
     rows = []
     for path in sorted(finished, key=lambda p: _job_number(p.parent.name)):
         result = json.loads(path.read_text())
-        row = {"job": path.parent.name, "status": "failed" if path.name == FAILED_FILE else "ok",
-               "overrides": " ".join(result.get("overrides", []))}
+        row = {
+            "job": path.parent.name,
+            "status": "failed" if path.name == FAILED_FILE else "ok",
+            "overrides": " ".join(result.get("overrides", [])),
+        }
         if "error" in result:
             row["error"] = result["error"]
         row.update(result.get("metrics", {}))
@@ -59,7 +63,9 @@ def write_summary(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
     csv_path = Path(sweep_dir) / "summary.csv"
     # jobs of a parallel launcher rewrite these as they end: replace, never half-write
     write_atomically(csv_path, lambda handle: handle.write(table.getvalue().encode()))
-    write_atomically(Path(sweep_dir) / "summary.md", lambda handle: handle.write(("\n".join(lines) + "\n").encode()))
+    write_atomically(
+        Path(sweep_dir) / "summary.md", lambda handle: handle.write(("\n".join(lines) + "\n").encode())
+    )
     return csv_path
 
 
@@ -71,8 +77,9 @@ def swept_parameters(rows: list[dict[str, Any]]) -> dict[str, list[str | None]]:
 
 
 def sweep_figure(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path | None:
-    """`sweep.png`: every job's validation loss curve on one axis, then the optimised metric against each swept
-    parameter (log axis for positive numbers spanning 10x or more); None when the sweep has nothing to plot."""
+    """`sweep.png`: every job's validation loss curve on one axis, then the optimised metric against each
+    swept parameter (log axis for positive numbers spanning 10x or more); None when the sweep has nothing to
+    plot."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -98,7 +105,11 @@ def sweep_figure(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path | None:
         axis.set(xlabel="step", ylabel=CURVE, title="validation loss per job")
         axis.legend(fontsize=6)
     for axis, (key, values) in zip(axes, parameters.items(), strict=True):
-        points = [(_number(v), row.get(metric)) for v, row in zip(values, rows, strict=True) if _finite(row.get(metric))]
+        points = [
+            (_number(v), row.get(metric))
+            for v, row in zip(values, rows, strict=True)
+            if _finite(row.get(metric))
+        ]
         if all(x is not None for x, _ in points):
             axis.scatter([x for x, _ in points], [y for _, y in points])
             xs = [x for x, _ in points]
@@ -133,14 +144,18 @@ class MultirunSummary(Callback):
             self.report(sweep_dir, session)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
-        """In a sweep, record a failed job (`failed.json`: its overrides and error) and rewrite the summary tables,
-        so a failure is reported beside the other jobs even though Hydra then stops before `on_multirun_end`."""
+        """In a sweep, record a failed job (`failed.json`: its overrides and error) and rewrite the summary
+        tables, so a failure is reported beside the other jobs even though Hydra then stops before
+        `on_multirun_end`."""
         if config.hydra.mode != RunMode.MULTIRUN:
             return
         job_dir = Path(config.hydra.runtime.output_dir)
         if job_return.status == JobStatus.FAILED:
             error = job_return._return_value
-            failure = {"overrides": list(config.hydra.overrides.task), "error": f"{type(error).__name__}: {error}"}
+            failure = {
+                "overrides": list(config.hydra.overrides.task),
+                "error": f"{type(error).__name__}: {error}",
+            }
             (job_dir / FAILED_FILE).write_text(json.dumps(failure) + "\n")
         rows = summarize(job_dir.parent)
         if rows:

@@ -1,5 +1,5 @@
-"""The summary of an evaluate.py `-m` grid (or of a study): one table and bar chart per stage (zero-shot, after
-fine-tuning) with every model's score on every task and, when a baseline task is set, the drop from it.
+"""The summary of an evaluate.py `-m` grid (or of a study): one table and bar chart per stage (zero-shot,
+after fine-tuning) with every model's score on every task and, when a baseline task is set, the drop from it.
 
 The scores are each run's Pass@1 (strict and flexible) for generation tasks, else its headline metric
 (accuracy, corpus BLEU). The baseline task comes from config: `task.grid_baseline` of the evaluated tasks
@@ -19,8 +19,11 @@ from runtime.sweeps import MultirunSummary
 
 
 def headline_metric(metrics: dict[str, float]) -> str:
-    """The headline metric of an evaluation: flexible Pass@1 (GSM8K), accuracy (classification) or corpus BLEU."""
-    return next((key for key in ("pass@1_flexible", "accuracy", "corpus_bleu") if key in metrics), next(iter(metrics)))
+    """The headline metric of an evaluation: flexible Pass@1 (GSM8K), accuracy (classification) or corpus
+    BLEU."""
+    return next(
+        (key for key in ("pass@1_flexible", "accuracy", "corpus_bleu") if key in metrics), next(iter(metrics))
+    )
 
 
 def score_keys(metrics: dict[str, float]) -> list[str]:
@@ -29,19 +32,24 @@ def score_keys(metrics: dict[str, float]) -> list[str]:
 
 
 def grid_baseline(results: list[dict[str, Any]]) -> str | None:
-    """The baseline task the evaluated tasks agree on (`task.grid_baseline`, saved in results.json), or None."""
+    """The baseline task the evaluated tasks agree on (`task.grid_baseline`, saved in results.json), or
+    None."""
     named = {r.get("grid_baseline") for r in results}
     return named.pop() if len(named) == 1 else None
 
 
 def performance_table(results: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
-    """Rows (model, dataset, examples, each score and its absolute / relative drop from `baseline`) for one stage."""
+    """Rows (model, dataset, examples, each score and its absolute / relative drop from `baseline`) for one
+    stage."""
     reference = {r["model"]: r["metrics"] for r in results if r["task"] == baseline}
     rows = []
     for result in sorted(results, key=lambda r: (r["model"], r["task"] != baseline, r["task"])):
         metrics = result["metrics"]
-        row = {"model": result["model"], "dataset": result["task"],
-               "num_problems": metrics.get("num_problems", metrics.get("num_examples"))}
+        row = {
+            "model": result["model"],
+            "dataset": result["task"],
+            "num_problems": metrics.get("num_problems", metrics.get("num_examples")),
+        }
         for key in score_keys(metrics):
             name = key.removeprefix("pass@1_")
             row[key] = metrics[key]
@@ -83,7 +91,12 @@ def _bar_chart(rows: list[dict[str, Any]], metric: str, path: Path, stage: str) 
     figure, axis = plt.subplots(figsize=(1.6 + 1.4 * len(datasets), 3.6))
     for i, model_name in enumerate(model_names):
         scores = {r["dataset"]: r.get(metric) or 0.0 for r in rows if r["model"] == model_name}
-        axis.bar([d + i * width for d in range(len(datasets))], [scores.get(d, 0.0) for d in datasets], width, label=model_name)
+        axis.bar(
+            [d + i * width for d in range(len(datasets))],
+            [scores.get(d, 0.0) for d in datasets],
+            width,
+            label=model_name,
+        )
     axis.set_xticks([d + width * (len(model_names) - 1) / 2 for d in range(len(datasets))], datasets)
     axis.set_ylim(0, max(0.05, 1.15 * max(r.get(metric) or 0.0 for r in rows)))
     axis.set_ylabel(metric)
@@ -97,7 +110,8 @@ def _bar_chart(rows: list[dict[str, Any]], metric: str, path: Path, stage: str) 
 
 class EvaluationGrid(MultirunSummary):
     """Hydra callback: after an evaluate.py `-m` grid, the sweep summary plus the per-stage tables and charts
-    (one W&B table per stage in the sweep's summary run). `baseline_task` overrides the tasks' `grid_baseline`."""
+    (one W&B table per stage in the sweep's summary run). `baseline_task` overrides the tasks'
+    `grid_baseline`."""
 
     def __init__(self, baseline_task: str | None = None) -> None:
         super().__init__()

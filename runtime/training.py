@@ -28,14 +28,18 @@ from runtime.validate import check_config, task_module
 
 log = logging.getLogger(__name__)
 
-# lmlab's DataModules restore the data position themselves (TextDataModule.state_dict): Lightning's warning that a
-# mid-epoch resume replays batches does not apply to them
-warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+# lmlab's DataModules restore the data position themselves (TextDataModule.state_dict): Lightning's warning
+# that a mid-epoch resume replays batches does not apply to them
+warnings.filterwarnings(
+    "ignore", message="You're resuming from a checkpoint that ended before the epoch ended"
+)
 
 
-def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, L.LightningDataModule, dict[str, float]]:
-    """Build `cfg.model` and the task's DataModule, and turn the model into the trainable one with `cfg.method`;
-    also return the metrics the method reports (e.g. svd_lora's ranks)."""
+def build_trainable_model(
+    cfg: DictConfig,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, L.LightningDataModule, dict[str, float]]:
+    """Build `cfg.model` and the task's DataModule, and turn the model into the trainable one with
+    `cfg.method`; also return the metrics the method reports (e.g. svd_lora's ranks)."""
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     identity = models.base_identity(model, cfg.model)
     datamodule = datamodules.build(cfg, tokenizer)
@@ -48,21 +52,29 @@ def build_trainable_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedT
 
 
 def padding_free(model: PreTrainedModel, datamodule: L.LightningDataModule) -> bool:
-    """Padding-free batches where `data.padding_free` asks for them, the task's examples allow them and the model
-    keeps packed examples apart; one log line where a run pads instead."""
+    """Padding-free batches where `data.padding_free` asks for them, the task's examples allow them and the
+    model keeps packed examples apart; one log line where a run pads instead."""
     if not datamodule.padding_free_requested:
         return False
     if not datamodule.packable:
-        log.info("data.padding_free: %s batches are padded (its batches do not pack)", type(datamodule).__name__)
+        log.info(
+            "data.padding_free: %s batches are padded (its batches do not pack)", type(datamodule).__name__
+        )
         return False
     if not packs_sequences(model):
-        log.info("data.padding_free: %s does not keep packed examples apart (it ignores position ids, or the method "
-                 "drops them): batches are padded", type(bare_model(model)).__name__)
+        log.info(
+            "data.padding_free: %s does not keep packed examples apart (it ignores position ids, or the "
+            "method "
+            "drops them): batches are padded",
+            type(bare_model(model)).__name__,
+        )
         return False
     return True
 
 
-def build_trainer(cfg: DictConfig, model: PreTrainedModel, loggers: list[Logger], wandb_run_id: str | None = None) -> L.Trainer:
+def build_trainer(
+    cfg: DictConfig, model: PreTrainedModel, loggers: list[Logger], wandb_run_id: str | None = None
+) -> L.Trainer:
     """The Lightning Trainer of `cfg.trainer`, with the configured callbacks and the session's loggers."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(RestoreRNG())  # exact resume is not optional: every checkpoint carries the RNG states
@@ -72,11 +84,14 @@ def build_trainer(cfg: DictConfig, model: PreTrainedModel, loggers: list[Logger]
     strategy = cfg.trainer.get("strategy")
     if isinstance(strategy, DictConfig):  # a strategy factory that needs the model (FSDP wrap units)
         extra["strategy"] = instantiate(strategy)(model)
-    return instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **extra)
+    return instantiate(
+        cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[AtomicCheckpointIO()], **extra
+    )
 
 
 def trainable_module(cfg: DictConfig) -> L.LightningModule:
-    """The task module of `cfg` around a freshly built trainable model (an FSDP run's unsharded copy for export)."""
+    """The task module of `cfg` around a freshly built trainable model (an FSDP run's unsharded copy for
+    export)."""
     model, _, datamodule, _ = build_trainable_model(cfg)
     return task_module_class(task_module(cfg)).from_config(model, cfg, datamodule)
 
@@ -93,7 +108,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             for path in remove_partial_files(Path(cfg.ckpt_path).parent):
                 log.info("removed %s, a partial checkpoint write of a killed run", path)
         trainable, total = count_parameters(module)
-        log.info("trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+        log.info(
+            "trainable params: %s / %s (%.4f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total
+        )
         trainer = build_trainer(cfg, model, session.loggers, session.wandb_run_id)
         session.log_config()
         if not cfg.get("ckpt_path"):  # a resumed run logged these at step 0 already
@@ -115,37 +132,56 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "metrics": {key: float(value) for key, value in trainer.callback_metrics.items()},
         }
         if results["diverged"]:
-            log.warning("RUN DIVERGED: %s. Its metrics and final/ are not a trained model; results.json says "
-                        "diverged: true. Lower optim.lr.", results["divergence_reason"])
-        final_dir = saved_run.write_final(trainer, module, cfg.method, tokenizer, session.run_dir / "final",
-                                          unsharded=lambda: trainable_module(cfg))  # before any later stage
+            log.warning(
+                "RUN DIVERGED: %s. Its metrics and final/ are not a trained model; results.json says "
+                "diverged: true. Lower optim.lr.",
+                results["divergence_reason"],
+            )
+        final_dir = saved_run.write_final(
+            trainer,
+            module,
+            cfg.method,
+            tokenizer,
+            session.run_dir / "final",
+            unsharded=lambda: trainable_module(cfg),
+        )  # before any later stage
         if trainer.is_global_zero:
             results["final_dir"] = final_dir
         if cfg.test_after_fit:
             try:
                 results["tested"] = test(cfg, trainer, module, datamodule)
             except Exception:
-                log.error("the test stage failed after training; the trained weights are exported to %s",
-                          session.run_dir / "final")
+                log.error(
+                    "the test stage failed after training; the trained weights are exported to %s",
+                    session.run_dir / "final",
+                )
                 raise
             results["metrics"].update({key: float(value) for key, value in trainer.callback_metrics.items()})
         return session.finish(results)
 
 
-def test(cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule) -> dict[str, Any]:
-    """`trainer.test` on the weights `test_ckpt` names: `last` (as training ended) or `best` (the checkpoint with
-    the lowest validation loss); return which weights were measured."""
+def test(
+    cfg: DictConfig, trainer: L.Trainer, module: L.LightningModule, datamodule: L.LightningDataModule
+) -> dict[str, Any]:
+    """`trainer.test` on the weights `test_ckpt` names: `last` (as training ended) or `best` (the checkpoint
+    with the lowest validation loss); return which weights were measured."""
     if cfg.test_ckpt == "last":
         trainer.test(module, datamodule=datamodule)
         return {"weights": "last", "global_step": trainer.global_step}
     best = next((c for c in trainer.checkpoint_callbacks if c.monitor and c.best_model_path), None)
     if best is None:
-        raise ValueError("test_ckpt=best: no best-by-validation checkpoint was written (no validation ran, or "
-                         "callbacks.model_checkpoint is off); use test_ckpt=last")
+        raise ValueError(
+            "test_ckpt=best: no best-by-validation checkpoint was written (no validation ran, or "
+            "callbacks.model_checkpoint is off); use test_ckpt=last"
+        )
     path = best.best_model_path
     trainer.test(module, datamodule=datamodule, ckpt_path=path)
-    return {"weights": "best", "checkpoint": path, "global_step": getattr(best, "written", {}).get(Path(path)),
-            best.monitor: float(best.best_model_score)}
+    return {
+        "weights": "best",
+        "checkpoint": path,
+        "global_step": getattr(best, "written", {}).get(Path(path)),
+        best.monitor: float(best.best_model_score),
+    }
 
 
 def check_data(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
@@ -155,21 +191,32 @@ def check_data(cfg: DictConfig, datamodule: L.LightningDataModule) -> None:
         datamodule.setup("test")
         if not datamodule.datasets["test"]:
             raise ValueError(
-                f"task '{cfg.task.name}': the test split has no examples, so test_after_fit=true would report no test "
-                "metrics; point task.data_files.test at a non-empty file or set test_after_fit=false"
+                f"task '{cfg.task.name}': the test split has no examples, so test_after_fit=true would "
+                "report no test metrics; point task.data_files.test at a non-empty file or set "
+                "test_after_fit=false"
             )
 
 
 def divergence(module: L.LightningModule, max_abs_weight: float) -> dict[str, Any]:
     """`diverged` (and why) when the trainable weights are not finite or larger than `max_abs_weight`."""
-    local = max((p.detach().abs().max().item() for p in module.parameters() if p.requires_grad and p.numel()), default=0.0)
+    local = max(
+        (p.detach().abs().max().item() for p in module.parameters() if p.requires_grad and p.numel()),
+        default=0.0,
+    )
     largest = float(local)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # FSDP: each rank holds a shard
-        largest = float(module.trainer.strategy.reduce(torch.tensor(local), reduce_op=torch.distributed.ReduceOp.MAX))
+    if (
+        torch.distributed.is_available() and torch.distributed.is_initialized()
+    ):  # FSDP: each rank holds a shard
+        largest = float(
+            module.trainer.strategy.reduce(torch.tensor(local), reduce_op=torch.distributed.ReduceOp.MAX)
+        )
     report: dict[str, Any] = {"diverged": False, "max_abs_trainable_weight": largest}
     if not math.isfinite(largest):
         report |= {"diverged": True, "divergence_reason": "trainable weights are not finite"}
     elif largest > max_abs_weight:
-        report |= {"diverged": True, "divergence_reason": f"a trainable weight reached {largest:.3g} "
-                   f"(> divergence_max_abs_weight={max_abs_weight:g})"}
+        report |= {
+            "diverged": True,
+            "divergence_reason": f"a trainable weight reached {largest:.3g} "
+            f"(> divergence_max_abs_weight={max_abs_weight:g})",
+        }
     return report

@@ -22,40 +22,55 @@ def task_module(cfg: DictConfig) -> str:
 
 
 def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for a model without weight source, a method that cannot train the task, a missing ckpt_path."""
+    """Raise ConfigError for a model without weight source, a method that cannot train the task, a missing
+    ckpt_path."""
     model = cfg.model
     if not (model.get("path") or model.get("scratch") or model.get("gguf") or model.get("hub_id")):
-        raise ConfigError(f"model '{model.name}' has no weight source: set model.hub_id, model.path or model.scratch")
+        raise ConfigError(
+            f"model '{model.name}' has no weight source: set model.hub_id, model.path or model.scratch"
+        )
     if model.get("path") and model.get("scratch"):
-        raise ConfigError("model.path and model.scratch are both set: pick one (a saved model or a fresh architecture)")
+        raise ConfigError(
+            "model.path and model.scratch are both set: pick one (a saved model or a fresh architecture)"
+        )
     module, method = task_module(cfg), cfg.method
     from lightning_modules.registry import TASK_MODULES
 
     if module not in TASK_MODULES:
-        raise ConfigError(f"task.module={module}: not a registered task module (lightning_modules/registry.py: "
-                          f"{sorted(TASK_MODULES)})")
+        raise ConfigError(
+            f"task.module={module}: not a registered task module (lightning_modules/registry.py: "
+            f"{sorted(TASK_MODULES)})"
+        )
     offered = list(cfg.task.get("modules") or [cfg.task.module])
     if module not in offered:
         raise ConfigError(
-            f"method '{method.name}' trains with the '{module}' module, which task '{cfg.task.name}' does not offer "
-            f"(task.modules: {offered}); e.g. method=projection_head needs task=classification"
+            f"method '{method.name}' trains with the '{module}' module, which task '{cfg.task.name}' "
+            f"does not offer (task.modules: {offered}); e.g. method=projection_head needs task=classification"
         )
     if module not in method.supports:
         raise ConfigError(
-            f"method '{method.name}' cannot train task '{cfg.task.name}': the task uses the '{module}' module "
-            f"and method.supports is {list(method.supports)}"
+            f"method '{method.name}' cannot train task '{cfg.task.name}': the task uses the '{module}' "
+            f"module and method.supports is {list(method.supports)}"
         )
     _check_data_and_optim(cfg)
-    sharded = cfg.get("ckpt_path") and _is_sharded_checkpoint(Path(cfg.ckpt_path))  # FSDP state_dict_type=sharded
+    sharded = cfg.get("ckpt_path") and _is_sharded_checkpoint(
+        Path(cfg.ckpt_path)
+    )  # FSDP state_dict_type=sharded
     if cfg.get("ckpt_path") and not sharded and not Path(cfg.ckpt_path).is_file():
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (runs keep them in <run dir>/checkpoints)")
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (runs keep them in <run dir>/checkpoints)"
+        )
     if cfg.get("ckpt_path") and not sharded and Path(cfg.ckpt_path).stat().st_size == 0:
-        raise ConfigError(f"ckpt_path={cfg.ckpt_path}: the checkpoint file is empty (0 bytes); resume from another "
-                          f"checkpoint in {Path(cfg.ckpt_path).parent} (last.ckpt.previous or best-*.ckpt)")
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: the checkpoint file is empty (0 bytes); resume from another "
+            f"checkpoint in {Path(cfg.ckpt_path).parent} (last.ckpt.previous or best-*.ckpt)"
+        )
     if cfg.get("test_ckpt", "last") not in TEST_CHECKPOINTS:
         raise ConfigError(f"test_ckpt={cfg.test_ckpt}: one of {', '.join(TEST_CHECKPOINTS)}")
     if cfg.trainer.get("fast_dev_run") and cfg.get("ckpt_path"):
-        raise ConfigError("trainer=debug (fast_dev_run) writes no checkpoints; drop ckpt_path or use another trainer")
+        raise ConfigError(
+            "trainer=debug (fast_dev_run) writes no checkpoints; drop ckpt_path or use another trainer"
+        )
 
 
 def _check_data_and_optim(cfg: DictConfig) -> None:
@@ -67,8 +82,11 @@ def _check_data_and_optim(cfg: DictConfig) -> None:
     if "optim" in cfg:
         from lightning_modules.optim import OptimisedModule
 
-        accepted = [name for name in inspect.signature(OptimisedModule.__init__).parameters
-                    if name not in ("self", "backbone", "metrics_every_n_steps")]  # the last is metrics.every_n_steps
+        accepted = [
+            name
+            for name in inspect.signature(OptimisedModule.__init__).parameters
+            if name not in ("self", "backbone", "metrics_every_n_steps")
+        ]  # the last is metrics.every_n_steps
         unknown = sorted(set(cfg.optim) - set(accepted))
         if unknown:
             raise ConfigError(f"optim.{unknown[0]}: unknown optimiser key; optim takes {accepted}")

@@ -61,8 +61,8 @@ def _items(items: Any) -> dict[str, Any]:
 
 def read_run(run_file: str | Path, wait: float = 0.0) -> OfflineRun:
     """The run record, config, final summary and logged metric rows (in logging order) of an offline run file.
-    `wait`: seconds to wait for the run's exit record (wandb's service process writes the file behind the caller,
-    so a run read right after `wandb.finish()` in the same process may still be arriving)."""
+    `wait`: seconds to wait for the run's exit record (wandb's service process writes the file behind the
+    caller, so a run read right after `wandb.finish()` in the same process may still be arriving)."""
     deadline = time.monotonic() + wait
     run = _read(run_file)
     while run.exit_code is None and time.monotonic() < deadline:

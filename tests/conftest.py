@@ -66,7 +66,8 @@ def tiny_config(tmp_path: Path) -> Callable[..., DictConfig]:
 
 @pytest.fixture(scope="session")
 def minimind_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random MiniMind (the remote-code fixture) saved as a hub checkpoint is: loaded with model.path=."""
+    """A tiny random MiniMind (the remote-code fixture) saved as a hub checkpoint is: loaded with
+    model.path=."""
     from tests.remote_code import save_tiny_minimind
 
     return save_tiny_minimind(tmp_path_factory.mktemp("minimind"))
@@ -74,8 +75,8 @@ def minimind_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def family_model(minimind_dir: Path) -> Callable[[str], tuple[DictConfig, Any, Any]]:
-    """Factory: (train config, model, tokenizer) of a family's tiny model (tests/families.py), built once per session
-    from seed 0 and shared by the capability tests; they leave it as they found it."""
+    """Factory: (train config, model, tokenizer) of a family's tiny model (tests/families.py), built once per
+    session from seed 0 and shared by the capability tests; they leave it as they found it."""
     import lightning as L
 
     from lightning_modules import models

@@ -1,8 +1,9 @@
-"""The decoder-only families every capability that reaches inside a model is tested on (tests/test_families.py).
+"""The decoder-only families every capability that reaches inside a model is tested on
+(tests/test_families.py).
 
 Each is a tiny random model built offline from config fields through `model=hf_causal_lm`, exactly as a user
-brings a family lmlab has no config for; `minimind` is the remote-code stand-in (tests/fixtures/minimind) loaded
-from a local directory through `trust_remote_code`. `structure` is what discovery must find in it.
+brings a family lmlab has no config for; `minimind` is the remote-code stand-in (tests/fixtures/minimind)
+loaded from a local directory through `trust_remote_code`. `structure` is what discovery must find in it.
 """
 
 from __future__ import annotations
@@ -13,8 +14,14 @@ from typing import Any
 
 from lightning_modules.architecture import Structure
 
-TINY_FIELDS = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-               "num_key_value_heads": 2, "max_position_embeddings": 1024}
+TINY_FIELDS = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 1024,
+}
 LLAMA_LIKE = Structure("model.layers", "self_attn", "mlp", "mlp.down_proj")
 
 
@@ -37,7 +44,10 @@ FAMILIES: dict[str, Family] = {
     "olmo2": Family(LLAMA_LIKE),
     "phi3": Family(LLAMA_LIKE),
     "gpt_neox": Family(Structure("gpt_neox.layers", "attention", "mlp", "mlp.dense_4h_to_h")),
-    "opt": Family(Structure("model.decoder.layers", "self_attn", "fc2", "fc2"), {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "opt": Family(
+        Structure("model.decoder.layers", "self_attn", "fc2", "fc2"),
+        {"ffn_dim": 128, "word_embed_proj_dim": 64},
+    ),
     "falcon": Family(Structure("transformer.h", "self_attention", "mlp", "mlp.dense_4h_to_h")),
     "bloom": Family(Structure("transformer.h", "self_attention", "mlp", "mlp.dense_4h_to_h")),
     "gpt_bigcode": Family(Structure("transformer.h", "attn", "mlp", "mlp.c_proj")),
@@ -53,4 +63,10 @@ def overrides(name: str, minimind_dir: Path) -> list[str]:
         return ["model=minimind2", f"model.path={minimind_dir}", *memit]
     fields = {"model_type": name, **TINY_FIELDS, **FAMILIES[name].fields}
     scratch = ",".join(f"{key}:{value}" for key, value in fields.items())
-    return ["model=hf_causal_lm", f"model.name=tiny_{name}", "model.tokenizer=byte", f"model.scratch={{{scratch}}}", *memit]
+    return [
+        "model=hf_causal_lm",
+        f"model.name=tiny_{name}",
+        "model.tokenizer=byte",
+        f"model.scratch={{{scratch}}}",
+        *memit,
+    ]

@@ -37,7 +37,9 @@ class PoisonWeightsAtStep(L.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.step:
             with torch.no_grad():
                 for parameter in pl_module.parameters():
@@ -53,17 +55,22 @@ class DumpWeightsPerRank(L.Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        state = {n: p.detach().clone().contiguous() for n, p in pl_module.named_parameters() if p.requires_grad}
+        state = {
+            n: p.detach().clone().contiguous() for n, p in pl_module.named_parameters() if p.requires_grad
+        }
         save_file(state, self.dirpath / f"weights_rank{trainer.global_rank}.safetensors")
 
 
 class InterruptAtStep(L.Callback):
-    """Simulates a kill before optimizer step `step` runs: Ctrl-C (KeyboardInterrupt) or a real SIGKILL of the process."""
+    """Simulates a kill before optimizer step `step` runs: Ctrl-C (KeyboardInterrupt) or a real SIGKILL of the
+    process."""
 
     def __init__(self, step: int, kill: bool = False) -> None:
         self.step, self.kill = step, kill
 
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
         if trainer.global_step == self.step:
             if self.kill:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -78,8 +85,8 @@ class FailAtTest(L.Callback):
 
 
 class RecordOutputs(L.Callback):
-    """At the end of fit, writes the first validation batch and the trained module's outputs on it (eval mode) to
-    `path`: the LM logits, or the class scores of a classifier."""
+    """At the end of fit, writes the first validation batch and the trained module's outputs on it (eval mode)
+    to `path`: the LM logits, or the class scores of a classifier."""
 
     def __init__(self, path: str) -> None:
         self.path = Path(path)
@@ -91,11 +98,14 @@ class RecordOutputs(L.Callback):
         with torch.no_grad():
             outputs = module_outputs(pl_module, batch)
         pl_module.train()
-        save_file({"outputs": outputs.contiguous(), **{k: v.contiguous() for k, v in batch.items()}}, self.path)
+        save_file(
+            {"outputs": outputs.contiguous(), **{k: v.contiguous() for k, v in batch.items()}}, self.path
+        )
 
 
 def module_outputs(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """A task module's outputs on `batch`: class scores [B, C] (a classifier), else the LM logits [B, T, V]."""
+    """A task module's outputs on `batch`: class scores [B, C] (a classifier), else the LM logits [B, T,
+    V]."""
     if hasattr(module, "predict_classes"):
         return module.predict_classes(batch)
     return lm_logits(module.model, batch)
@@ -121,7 +131,8 @@ def greedy_without_cache(model: torch.nn.Module, tokenizer, prompt: str, steps: 
 
 
 class FakeEndpoint(BaseHTTPRequestHandler):
-    """Chat completions whose behaviour the prompt chooses: SLOW, FAIL500, FLAKY (two 500/429 then ok), BAD."""
+    """Chat completions whose behaviour the prompt chooses: SLOW, FAIL500, FLAKY (two 500/429 then ok),
+    BAD."""
 
     calls: dict[str, int] = {}
     auth: list[str] = []
@@ -137,7 +148,11 @@ class FakeEndpoint(BaseHTTPRequestHandler):
             self.send_response(429 if count == 1 and "FLAKY" in prompt else 500)
             self.end_headers()
             return
-        reply = "Maybe, it depends." if "BAD" in prompt else ("Yes." if "Predicted label: World" in prompt else "no")
+        reply = (
+            "Maybe, it depends."
+            if "BAD" in prompt
+            else ("Yes." if "Predicted label: World" in prompt else "no")
+        )
         payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")

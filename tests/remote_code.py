@@ -1,4 +1,5 @@
-"""A remote-code model on disk: the MiniMind stand-in (tests/fixtures/minimind) saved as a hub checkpoint is."""
+"""A remote-code model on disk: the MiniMind stand-in (tests/fixtures/minimind) saved as a hub checkpoint
+is."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import torch
 from lightning_modules import models
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minimind" / "model_minimind.py"
-AUTO_MAP = {"AutoConfig": "model_minimind.MiniMindConfig", "AutoModelForCausalLM": "model_minimind.MiniMindForCausalLM"}
+AUTO_MAP = {
+    "AutoConfig": "model_minimind.MiniMindConfig",
+    "AutoModelForCausalLM": "model_minimind.MiniMindForCausalLM",
+}
 
 
 def fixture_module():
@@ -24,14 +28,20 @@ def fixture_module():
 
 
 def save_tiny_minimind(directory: Path, seed: int = 0, **config: int) -> Path:
-    """Write a tiny random MiniMind to `directory` as a hub repository holds it: config.json with `auto_map`, the
-    modelling file beside the safetensors weights, and lmlab's byte-level tokenizer."""
+    """Write a tiny random MiniMind to `directory` as a hub repository holds it: config.json with `auto_map`,
+    the modelling file beside the safetensors weights, and lmlab's byte-level tokenizer."""
     code = fixture_module()
     tokenizer = models.byte_level_tokenizer()
     torch.manual_seed(seed)
-    model = code.MiniMindForCausalLM(code.MiniMindConfig(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
-                                                         bos_token_id=tokenizer.bos_token_id,
-                                                         eos_token_id=tokenizer.eos_token_id, **config))
+    model = code.MiniMindForCausalLM(
+        code.MiniMindConfig(
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **config,
+        )
+    )
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     shutil.copy(FIXTURE, directory / FIXTURE.name)

@@ -1,5 +1,5 @@
-"""docs/extending.md's worked example, run as written: a model of a family lmlab has no file for, a method and a task
-added by its code blocks alone train, export, reload and evaluate."""
+"""docs/extending.md's worked example, run as written: a model of a family lmlab has no file for, a method and
+a task added by its code blocks alone train, export, reload and evaluate."""
 
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from runtime import evaluation, saved_run
 from runtime.training import run
 from tests.conftest import CONF_DIR, ROOT
 
-# a fenced block whose first line names its file: "# path" (a new file) or "# path, in NAME" (lines added there)
+# a fenced block whose first line names its file: "# path" (a new file) or "# path, in NAME" (lines added
+# there)
 BLOCK = re.compile(r"```(?:yaml|python)\n# (\S+?)(?:, in (\w+)[^\n]*)?\n(.*?)```", re.S)
 
 
@@ -32,7 +33,8 @@ def worked_example() -> list[tuple[str, str | None, str]]:
 
 
 def add_to_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Apply every block: YAML into a copy of conf/, new modules into sys.modules, registry lines into their module."""
+    """Apply every block: YAML into a copy of conf/, new modules into sys.modules, registry lines into their
+    module."""
     conf = tmp_path / "conf"
     shutil.copytree(CONF_DIR, conf)
     for path, into, body in worked_example():
@@ -57,39 +59,81 @@ def compose_in(conf: Path, config_name: str, *overrides: str) -> DictConfig:
         return compose(config_name, overrides=list(overrides))
 
 
-def test_worked_example_trains_exports_reloads_and_evaluates(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_worked_example_trains_exports_reloads_and_evaluates(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     blocks = worked_example()
     assert [path for path, _, _ in blocks] == [
-        "conf/model/tiny_mistral.yaml", "lightning_modules/methods/bitfit.py", "lightning_modules/registry.py", "conf/method/bitfit.yaml",
-        "datamodules/reverse.py", "conf/task/reverse.yaml",
+        "conf/model/tiny_mistral.yaml",
+        "lightning_modules/methods/bitfit.py",
+        "lightning_modules/registry.py",
+        "conf/method/bitfit.yaml",
+        "datamodules/reverse.py",
+        "conf/task/reverse.yaml",
     ]
     conf = add_to_repository(tmp_path, monkeypatch)
     data = tmp_path / "reverse.jsonl"
-    sentences = ["the cat sat", "a dog ran far", "we like red apples", "it is cold", "birds fly south", "sun and rain"]
-    data.write_text("".join(json.dumps({"text": s, "reversed": " ".join(s.split()[::-1])}) + "\n" for s in sentences))
-    common = ["model=tiny_mistral", "task=reverse", f"task.data_files={{train: {data}, test: {data}}}", "logger=csv",
-              "print_config=false", f"paths.cache_dir={tmp_path / 'cache'}"]
-    cfg = compose_in(conf, "train", *common, "method=bitfit", "trainer=cpu", "trainer.max_steps=2",
-                     "trainer.enable_progress_bar=false", "data.val_size=2", "data.batch_size=2")
+    sentences = [
+        "the cat sat",
+        "a dog ran far",
+        "we like red apples",
+        "it is cold",
+        "birds fly south",
+        "sun and rain",
+    ]
+    data.write_text(
+        "".join(json.dumps({"text": s, "reversed": " ".join(s.split()[::-1])}) + "\n" for s in sentences)
+    )
+    common = [
+        "model=tiny_mistral",
+        "task=reverse",
+        f"task.data_files={{train: {data}, test: {data}}}",
+        "logger=csv",
+        "print_config=false",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
+    cfg = compose_in(
+        conf,
+        "train",
+        *common,
+        "method=bitfit",
+        "trainer=cpu",
+        "trainer.max_steps=2",
+        "trainer.enable_progress_bar=false",
+        "data.val_size=2",
+        "data.batch_size=2",
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "train")
     results = run(cfg)
 
-    assert results["global_step"] == 2 and 0 < results["trainable_share"] < 0.05  # norms only: Mistral has no biases
+    assert (
+        results["global_step"] == 2 and 0 < results["trainable_share"] < 0.05
+    )  # norms only: Mistral has no biases
     with (tmp_path / "train" / "metrics" / "metrics.csv").open() as handle:
-        reported = [row["bitfit/trainable_tensors"] for row in csv.DictReader(handle) if row.get("bitfit/trainable_tensors")]
+        reported = [
+            row["bitfit/trainable_tensors"]
+            for row in csv.DictReader(handle)
+            if row.get("bitfit/trainable_tensors")
+        ]
     assert reported == ["5"]  # the method's own metric, logged once: two norms per block and the final norm
     final = Path(results["final_dir"])
     assert json.loads((final / "method.json").read_text())["name"] == "bitfit"
 
-    eval_cfg = compose_in(conf, "evaluate", *common, f"ckpt={tmp_path / 'train'}", "generation.max_new_tokens=4")
+    eval_cfg = compose_in(
+        conf, "evaluate", *common, f"ckpt={tmp_path / 'train'}", "generation.max_new_tokens=4"
+    )
     with open_dict(eval_cfg):
         eval_cfg.paths.output_dir = str(tmp_path / "eval")
     restored, _ = saved_run.load_model(eval_cfg)
     norms = {n: p for n, p in restored.named_parameters() if "norm" in n}
-    assert len(norms) == 5 and any(not torch.equal(p, torch.ones_like(p)) for p in norms.values())  # trained norms
+    assert len(norms) == 5 and any(
+        not torch.equal(p, torch.ones_like(p)) for p in norms.values()
+    )  # trained norms
     assert architecture.structure(restored).mlp_output == "mlp.down_proj" and "bitfit" in registry.METHODS
     metrics = evaluation.run(eval_cfg)["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [row["gold"] for row in rows] == [" ".join(s.split()[::-1]) for s in sentences]
-    assert metrics["pass@1_words"] == sum(row["generation"].strip() == row["gold"] for row in rows) / len(rows)
+    assert metrics["pass@1_words"] == sum(row["generation"].strip() == row["gold"] for row in rows) / len(
+        rows
+    )

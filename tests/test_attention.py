@@ -33,14 +33,19 @@ def test_token_class_rule_on_hand_made_offsets() -> None:
 def test_token_classes_follow_the_injected_spans_through_the_tokenizer() -> None:
     tokenizer = models.byte_level_tokenizer()
     module = GSM8KDataModule(
-        tokenizer=tokenizer, source={"kind": "bundled", "bundled": "gsm8k"}, splits={"train": "train", "test": "test"},
-        prompt_template="Q: {question}\nA:", noise={"type": "inf", "seed": 0, "sentences": 1},
+        tokenizer=tokenizer,
+        source={"kind": "bundled", "bundled": "gsm8k"},
+        splits={"train": "train", "test": "test"},
+        prompt_template="Q: {question}\nA:",
+        noise={"type": "inf", "seed": 0, "sentences": 1},
     )
     record = module.records("test")[0]
     prompt, spans = module.attention_input(record)
     encoded = tokenizer(prompt, return_offsets_mapping=True)
     classes = token_classes(encoded["offset_mapping"], spans, prompt)
-    noise = "".join(prompt[s:e] for (s, e), c in zip(encoded["offset_mapping"], classes, strict=True) if c == "NI")
+    noise = "".join(
+        prompt[s:e] for (s, e), c in zip(encoded["offset_mapping"], classes, strict=True) if c == "NI"
+    )
     assert noise == "".join(module.problem(record).distractors)
     assert classes[:3] == ["OC", "OC", "OC"]  # "Q: " template text
     assert all(c in CLASSES for c in classes)
@@ -108,8 +113,10 @@ def test_differential_map_recombined_like_the_layer_matches_its_output() -> None
     kv = model.config.num_key_value_heads
     values = captured["values"].view(1, 12, kv, head_dim).transpose(1, 2)  # [1, kv, T, d]
     lambda_full = (
-        torch.exp((attention.lambda_q1 * attention.lambda_k1).sum()) - torch.exp((attention.lambda_q2 * attention.lambda_k2).sum())
-        + 0.8 - 0.6 * torch.exp(torch.tensor(-0.3 * 1))
+        torch.exp((attention.lambda_q1 * attention.lambda_k1).sum())
+        - torch.exp((attention.lambda_q2 * attention.lambda_k2).sum())
+        + 0.8
+        - 0.6 * torch.exp(torch.tensor(-0.3 * 1))
     )
     outputs = []
     for head in range(heads // 2):
@@ -124,8 +131,13 @@ def test_differential_map_recombined_like_the_layer_matches_its_output() -> None
 
 def test_analysis_writes_json_and_non_empty_figures(tmp_path: Path) -> None:
     cfg = compose_config(
-        "model=tiny_diffllama", "task=gsm8k_inf", "task.source=bundled", "analysis.num_problems=3",
-        "analysis.maps=[diff,a1,a2]", "analysis.generated_tokens=2", config_name="attention",
+        "model=tiny_diffllama",
+        "task=gsm8k_inf",
+        "task.source=bundled",
+        "analysis.num_problems=3",
+        "analysis.maps=[diff,a1,a2]",
+        "analysis.generated_tokens=2",
+        config_name="attention",
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
@@ -134,7 +146,9 @@ def test_analysis_writes_json_and_non_empty_figures(tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "attention_analysis.json").read_text())
     diff = saved["maps"]["diff"]["ratio"]
     assert sum(diff[c]["mean"] for c in CLASSES) == pytest.approx(1.0)
-    per_head = [sum(diff[c]["per_head"][layer][head] for c in CLASSES) for layer in range(2) for head in range(2)]
+    per_head = [
+        sum(diff[c]["per_head"][layer][head] for c in CLASSES) for layer in range(2) for head in range(2)
+    ]
     assert per_head == pytest.approx([1.0] * 4)
     assert len(diff["KMI"]["per_layer"]) == 2
     for figure in ("attention_heatmap.png", "allocation_by_layer.png"):
@@ -142,29 +156,46 @@ def test_analysis_writes_json_and_non_empty_figures(tmp_path: Path) -> None:
 
 
 def expected_maps(model: torch.nn.Module, input_ids: torch.Tensor, name: str) -> list[torch.Tensor]:
-    """Every layer's map from the model's own `output_attentions=True`: [H, T, T] (DiffLlama: the differential one)."""
+    """Every layer's map from the model's own `output_attentions=True`: [H, T, T] (DiffLlama: the differential
+    one)."""
     with torch.no_grad():
         attentions = model(input_ids=input_ids, output_attentions=True).attentions  # per layer [1, H, T, T]
     modules = attention_modules(model)
-    return [differential_maps(module, weights, [name])[name][0] if name != "standard" else weights[0]
-            for module, weights in zip(modules, attentions, strict=True)]
+    return [
+        differential_maps(module, weights, [name])[name][0] if name != "standard" else weights[0]
+        for module, weights in zip(modules, attentions, strict=True)
+    ]
 
 
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_diffllama"])
 @pytest.mark.parametrize("task", ["classification", "socratic_math"])
-def test_task_maps_equal_output_attentions_and_classes_come_from_the_task(task: str, model_name: str, tmp_path: Path) -> None:
-    cfg = compose_config(f"model={model_name}", f"task={task}", "task.source=bundled", "analysis.num_problems=2",
-                         "analysis.save_maps=true", config_name="attention")
+def test_task_maps_equal_output_attentions_and_classes_come_from_the_task(
+    task: str, model_name: str, tmp_path: Path
+) -> None:
+    cfg = compose_config(
+        f"model={model_name}",
+        f"task={task}",
+        "task.source=bundled",
+        "analysis.num_problems=2",
+        "analysis.save_maps=true",
+        config_name="attention",
+    )
     L.seed_everything(0)
     model, tokenizer = models.build(cfg.model)
     datamodule = datamodules.build(cfg, tokenizer)
     result = analyse_task(cfg, model, tokenizer, datamodule, tmp_path)
-    classes = {"classification": ["LABEL", "TEXT", "OTHER"], "socratic_math": ["STUDENT", "TEACHER", "OTHER"]}[task]
+    classes = {
+        "classification": ["LABEL", "TEXT", "OTHER"],
+        "socratic_math": ["STUDENT", "TEACHER", "OTHER"],
+    }[task]
     assert result["classes"] == classes and result["num_problems"] == 2
     name = "diff" if model_name == "tiny_diffllama" else "standard"
     ratios = result["maps"][name]["ratio"]
     assert sum(ratios[c]["mean"] for c in classes) == pytest.approx(1.0)
-    saved, described = load_file(tmp_path / MAPS_FILE), json.loads((tmp_path / "attention_maps.json").read_text())
+    saved, described = (
+        load_file(tmp_path / MAPS_FILE),
+        json.loads((tmp_path / "attention_maps.json").read_text()),
+    )
     for index, record in enumerate(datamodule.records("test")[:2]):
         prompt, spans = datamodule.attention_input(record)
         assert described["inputs"][index]["text"] == prompt
@@ -172,13 +203,17 @@ def test_task_maps_equal_output_attentions_and_classes_come_from_the_task(task: 
         input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
         length = input_ids.shape[1]
         for layer, expected in enumerate(expected_maps(model, input_ids, name)):
-            assert torch.allclose(saved[f"{index}/{name}"][layer], expected[:, [length - 1], :length], atol=1e-6)
+            assert torch.allclose(
+                saved[f"{index}/{name}"][layer], expected[:, [length - 1], :length], atol=1e-6
+            )
     if task == "classification":
         record = datamodule.records("test")[0]
         prompt, spans = datamodule.attention_input(record)
         assert prompt == datamodule.format_example(record)[0]
         assert [prompt[a:b] for a, b, label in spans if label == "LABEL"] == datamodule.class_names
-        assert [prompt[a:b] for a, b, label in spans if label == "TEXT"] == [record[datamodule.text_column].strip()]
+        assert [prompt[a:b] for a, b, label in spans if label == "TEXT"] == [
+            record[datamodule.text_column].strip()
+        ]
     else:
         record = datamodule.records("test")[0]
         prompt, spans = datamodule.attention_input(record)
@@ -186,17 +221,36 @@ def test_task_maps_equal_output_attentions_and_classes_come_from_the_task(task: 
         context = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
         assert prompt == datamodule.render(context, add_generation_prompt=True)
         for role, label in (("user", "STUDENT"), ("assistant", "TEACHER")):
-            assert [prompt[a:b] for a, b, kind in spans if kind == label] == [m["content"] for m in context if m["role"] == role]
+            assert [prompt[a:b] for a, b, kind in spans if kind == label] == [
+                m["content"] for m in context if m["role"] == role
+            ]
 
 
-def test_free_text_maps_change_after_lora_training_and_match_the_notebook_api(tiny_config, tmp_path: Path) -> None:
-    trained = train(tiny_config("model=tiny_llama", "method=lora", "optim.lr=5e-2", "trainer.max_steps=4",
-                                "data.max_train_samples=8", "test_after_fit=false", run_dir=tmp_path / "lora"))
+def test_free_text_maps_change_after_lora_training_and_match_the_notebook_api(
+    tiny_config, tmp_path: Path
+) -> None:
+    trained = train(
+        tiny_config(
+            "model=tiny_llama",
+            "method=lora",
+            "optim.lr=5e-2",
+            "trainer.max_steps=4",
+            "data.max_train_samples=8",
+            "test_after_fit=false",
+            run_dir=tmp_path / "lora",
+        )
+    )
     text = "Tom has 3 apples and eats 1. How many are left?"
     runs = {}
     for label, ckpt in (("base", []), ("lora", [f"ckpt={trained['run_dir']}"])):
-        cfg = compose_config("model=tiny_llama", f"analysis.text={text!r}", "analysis.save_maps=true",
-                             "analysis.layers=[0,-1]", *ckpt, config_name="attention")
+        cfg = compose_config(
+            "model=tiny_llama",
+            f"analysis.text={text!r}",
+            "analysis.save_maps=true",
+            "analysis.layers=[0,-1]",
+            *ckpt,
+            config_name="attention",
+        )
         with open_dict(cfg):
             cfg.paths.output_dir = str(tmp_path / label)
             cfg.paths.cache_dir = str(tmp_path / "cache")
@@ -212,21 +266,33 @@ def test_free_text_maps_change_after_lora_training_and_match_the_notebook_api(ti
     L.seed_everything(42)
     model, tokenizer = models.build(compose_config("model=tiny_llama").model)
     [notebook] = attention_maps(model, tokenizer, text, layers=[-1], heads=[1, 2])
-    assert notebook.tokens == described["inputs"][0]["tokens"] and notebook.layers == [1] and notebook.heads == [1, 2]
+    assert (
+        notebook.tokens == described["inputs"][0]["tokens"]
+        and notebook.layers == [1]
+        and notebook.heads == [1, 2]
+    )
     assert torch.allclose(notebook.maps["standard"][0], runs["base"][1, [1, 2]], atol=1e-6)
 
 
 def test_a_task_that_cannot_be_analysed_is_named(tmp_path: Path) -> None:
-    cfg = compose_config("model=tiny_llama", "task=cosmopedia", "task.source=bundled", "task.text_fields=[question,answer]",
-                         config_name="attention")
+    cfg = compose_config(
+        "model=tiny_llama",
+        "task=cosmopedia",
+        "task.source=bundled",
+        "task.text_fields=[question,answer]",
+        config_name="attention",
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
-    with pytest.raises(ValueError, match="task 'cosmopedia' cannot be analysed: .*PretrainDataModule.*analysis.text="):
+    with pytest.raises(
+        ValueError, match="task 'cosmopedia' cannot be analysed: .*PretrainDataModule.*analysis.text="
+    ):
         analyse(cfg)
 
 
 def test_the_docs_notebook_example_runs_as_written(monkeypatch: pytest.MonkeyPatch) -> None:
-    """docs/attention.md's notebook snippet, with the tiny Llama in place of SmolLM2 (same architecture class)."""
+    """docs/attention.md's notebook snippet, with the tiny Llama in place of SmolLM2 (same architecture
+    class)."""
     readme = (ROOT / "docs" / "attention.md").read_text()
     snippet = readme.split("**In a notebook.**", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(ROOT)

@@ -15,8 +15,21 @@ from tests.conftest import CONF_DIR, compose_config
 
 MODEL_NAMES = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 REQUIRED_MODELS = {
-    "smollm2_135m", "diffllama", "llama", "gpt2", "gpt2_medium", "gpt2_large", "gpt2_xl", "llama2_7b",
-    "llama2_13b", "llama2_70b", "qwen1_5_7b_chat", "tiny_llama", "tiny_diffllama", "tiny_gpt2", "tiny_qwen2",
+    "smollm2_135m",
+    "diffllama",
+    "llama",
+    "gpt2",
+    "gpt2_medium",
+    "gpt2_large",
+    "gpt2_xl",
+    "llama2_7b",
+    "llama2_13b",
+    "llama2_70b",
+    "qwen1_5_7b_chat",
+    "tiny_llama",
+    "tiny_diffllama",
+    "tiny_gpt2",
+    "tiny_qwen2",
 }
 
 
@@ -35,7 +48,9 @@ def test_every_model_config_composes_and_validates(name: str, method: str) -> No
         return
     check_config(cfg)
     assert cfg.model.lora_target_modules is None  # every linear map of the blocks, found in the built model
-    assert cfg.model.trust_remote_code is (name == "minimind2")  # on only where the checkpoint ships its own code
+    assert cfg.model.trust_remote_code is (
+        name == "minimind2"
+    )  # on only where the checkpoint ships its own code
 
 
 def test_unknown_model_name_lists_the_valid_names() -> None:
@@ -63,7 +78,11 @@ def test_missing_resume_checkpoint_names_ckpt_path(tmp_path) -> None:
 
 def test_submitit_slurm_launcher_composes_for_multi_node() -> None:
     cfg = compose_config(
-        "hydra/launcher=submitit_slurm", "trainer=ddp", "trainer.devices=4", "trainer.num_nodes=2", hydra_config=True
+        "hydra/launcher=submitit_slurm",
+        "trainer=ddp",
+        "trainer.devices=4",
+        "trainer.num_nodes=2",
+        hydra_config=True,
     )
     launcher = cfg.hydra.launcher
     assert get_class(launcher._target_).__name__ == "SlurmLauncher"

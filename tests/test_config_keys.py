@@ -1,5 +1,5 @@
-"""Every key in conf/ is read by something: lmlab's code, another config's interpolation, or the callable that a
-`_target_` instantiates with it. A key nothing reads is a setting that silently does nothing."""
+"""Every key in conf/ is read by something: lmlab's code, another config's interpolation, or the callable that
+a `_target_` instantiates with it. A key nothing reads is a setting that silently does nothing."""
 
 from __future__ import annotations
 
@@ -61,8 +61,8 @@ def names_in_interpolations() -> frozenset[str]:
 
 @cache
 def parameters(target: str) -> frozenset[str]:
-    """The keyword arguments the callable a `_target_` names can take: a class's through the `__init__`s of its
-    bases that **kwargs reach, then through `KWARGS_GO_TO`."""
+    """The keyword arguments the callable a `_target_` names can take: a class's through the `__init__`s of
+    its bases that **kwargs reach, then through `KWARGS_GO_TO`."""
     module, _, name = target.rpartition(".")
     found = getattr(importlib.import_module(module), name)
     if not inspect.isclass(found):
@@ -94,8 +94,11 @@ def unread_keys(node: dict[str, Any], path: str, target: str | None = None) -> I
             continue
         if where.endswith(".scratch") and isinstance(child, dict):
             fields = config_fields(child["model_type"])
-            yield from (f"{where}.{k}: not a {child['model_type']} config field" for k in child
-                        if k != "model_type" and k not in fields)
+            yield from (
+                f"{where}.{k}: not a {child['model_type']} config field"
+                for k in child
+                if k != "model_type" and k not in fields
+            )
             continue
         if target:  # instantiated with it, or read (and taken out) by lmlab first
             if key not in parameters(target) and key not in names_in_code():

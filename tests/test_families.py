@@ -1,7 +1,8 @@
 """Every capability that reaches inside a model, on every decoder family of tests/families.py (fourteen that
-transformers builds tiny from config fields, and the remote-code MiniMind stand-in): the structure found in the
-model, the six methods trained two steps then exported and reloaded by `ckpt=`, batched generation, attention
-maps, GradSim, one MEMIT edit and FSDP's wrap units. Each family's model is built once and shared."""
+transformers builds tiny from config fields, and the remote-code MiniMind stand-in): the structure found in
+the model, the six methods trained two steps then exported and reloaded by `ckpt=`, batched generation,
+attention maps, GradSim, one MEMIT edit and FSDP's wrap units. Each family's model is built once and
+shared."""
 
 from __future__ import annotations
 
@@ -27,7 +28,12 @@ from tests.helpers import greedy_without_cache, module_outputs
 
 NATIVE = sorted(set(FAMILIES) - REMOTE_CODE)
 METHODS = ["full", "lora", "svd_lora", "prompt_tuning", "adapter", "projection_head"]
-PROMPTS = ["Tom has 3 apples and eats one. How many are left?", "2 + 2 =", "Once upon a time", "Q: 7 * 6?\nA:"]
+PROMPTS = [
+    "Tom has 3 apples and eats one. How many are left?",
+    "2 + 2 =",
+    "Once upon a time",
+    "Q: 7 * 6?\nA:",
+]
 SHARED = "Answer in one word, as in these examples.\nQ: Colour of the sky?\nA: Blue.\n"
 
 
@@ -37,11 +43,18 @@ def test_structure_is_found_in_the_model(family_model, name: str) -> None:
     found = architecture.structure(model)
     expected = FAMILIES[name].structure
     assert (found.blocks, found.attention, found.mlp, found.mlp_output, found.conv1d) == (
-        expected.blocks, expected.attention, expected.mlp, expected.mlp_output, expected.conv1d)
-    assert not found.unresolved and architecture.structure(model) is found  # discovered once, kept on the model
+        expected.blocks,
+        expected.attention,
+        expected.mlp,
+        expected.mlp_output,
+        expected.conv1d,
+    )
+    assert (
+        not found.unresolved and architecture.structure(model) is found
+    )  # discovered once, kept on the model
     blocks = model.get_submodule(expected.blocks)
     assert architecture.block_classes(model) == {type(blocks[0])} and len(blocks) == 2  # FSDP's wrap units
-    (_, module, conv1d), = architecture.mlp_output_modules(model, [1])
+    ((_, module, conv1d),) = architecture.mlp_output_modules(model, [1])
     assert module is blocks[1].get_submodule(expected.mlp_output)
     rows, columns = module.weight.shape[::-1] if conv1d else module.weight.shape  # [out, in]
     assert rows == model.config.hidden_size < columns  # from the MLP's inner width back to the hidden width
@@ -49,22 +62,37 @@ def test_structure_is_found_in_the_model(family_model, name: str) -> None:
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_method_trains_two_steps_and_reloads_from_its_export(tiny_config, minimind_dir: Path, tmp_path: Path,
-                                                              name: str, method: str) -> None:
+def test_method_trains_two_steps_and_reloads_from_its_export(
+    tiny_config, minimind_dir: Path, tmp_path: Path, name: str, method: str
+) -> None:
     task = ["task=classification"] if method == "projection_head" else []
     recorded = tmp_path / "outputs.safetensors"
-    cfg = tiny_config(*overrides(name, minimind_dir), f"method={method}", *task, "trainer.max_steps=2",
-                      "data.max_train_samples=8", "method.rank_eval_steps=2" if method == "svd_lora" else "data.batch_size=4",
-                      "+callbacks.record._target_=tests.helpers.RecordOutputs", f"+callbacks.record.path={recorded}")
+    cfg = tiny_config(
+        *overrides(name, minimind_dir),
+        f"method={method}",
+        *task,
+        "trainer.max_steps=2",
+        "data.max_train_samples=8",
+        "method.rank_eval_steps=2" if method == "svd_lora" else "data.batch_size=4",
+        "+callbacks.record._target_=tests.helpers.RecordOutputs",
+        f"+callbacks.record.path={recorded}",
+    )
     results = run(cfg)
     assert results["global_step"] == 2 and not results["diverged"]
     assert (results["trainable_params"] == results["total_params"]) == (method == "full")
 
     saved = load_file(recorded)
     batch = {key: value for key, value in saved.items() if key != "outputs"}
-    eval_cfg = compose_config(*overrides(name, minimind_dir), *task, "task.source=bundled", f"ckpt={cfg.paths.output_dir}",
-                              config_name="evaluate")
-    L.seed_everything(cfg.seed)  # the same random base weights as the training run (tiny models are built from seed)
+    eval_cfg = compose_config(
+        *overrides(name, minimind_dir),
+        *task,
+        "task.source=bundled",
+        f"ckpt={cfg.paths.output_dir}",
+        config_name="evaluate",
+    )
+    L.seed_everything(
+        cfg.seed
+    )  # the same random base weights as the training run (tiny models are built from seed)
     model, _ = saved_run.load_model(eval_cfg)
     module = saved_run.load_classifier(model, eval_cfg)
     assert (module is not None) == (method == "projection_head")
@@ -74,7 +102,8 @@ def test_method_trains_two_steps_and_reloads_from_its_export(tiny_config, minimi
 
 
 class _Wrapped(torch.nn.Module):
-    """A bare model as a task module's `.model` (tests.helpers.module_outputs reads the LM logits through it)."""
+    """A bare model as a task module's `.model` (tests.helpers.module_outputs reads the LM logits through
+    it)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -92,23 +121,28 @@ def test_batched_generation_equals_a_greedy_decode_one_prompt_at_a_time(family_m
         for prompt, text in zip(PROMPTS, alone, strict=True):
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) == text
+            assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == text
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_a_shared_prefix_prefilled_once_gives_the_completions_of_full_prompts(family_model, name: str) -> None:
+def test_a_shared_prefix_prefilled_once_gives_the_completions_of_full_prompts(
+    family_model, name: str
+) -> None:
     _, model, tokenizer = family_model(name)
     prompts = [SHARED + prompt for prompt in PROMPTS]  # the few-shot case: one prefix, then each problem
     widths = []
-    hook = model.register_forward_pre_hook(lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)),
-                                           with_kwargs=True)
+    hook = model.register_forward_pre_hook(
+        lambda _, args, kwargs: widths.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
     try:
         shared = generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=5)
     finally:
         hook.remove()
     full = generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=5, prefix_cache=False)
     assert shared == full == [[greedy_without_cache(model, tokenizer, p, 5)] for p in prompts]
-    if batches_continuously(model):  # the prefix ran once, as one row; every later prefill holds only a prompt's own tokens
+    if batches_continuously(
+        model
+    ):  # the prefix ran once, as one row; every later prefill holds only a prompt's own tokens
         prefix = len(tokenizer(SHARED)["input_ids"]) - 1
         assert widths[1][0] == 1 and widths[1][1] >= prefix
         assert all(length < prefix for rows, length in widths[2:] if length > 1)
@@ -131,10 +165,14 @@ def test_attention_maps_equal_the_weights_eager_attention_returns(family_model, 
     L.seed_everything(0)  # the same weights as the shared model
     eager, _ = models.build(eager_cfg)
     with torch.no_grad():
-        attentions = eager.eval()(input_ids=input_ids, output_attentions=True).attentions  # per layer [1, H, T, T]
+        attentions = eager.eval()(
+            input_ids=input_ids, output_attentions=True
+        ).attentions  # per layer [1, H, T, T]
     assert len(layers) == len(attentions) == 2
-    for module, captured, weights in zip(architecture.attention_modules(model), layers, attentions, strict=True):
-        (map_name, maps), = captured.items()
+    for module, captured, weights in zip(
+        architecture.attention_modules(model), layers, attentions, strict=True
+    ):
+        ((map_name, maps),) = captured.items()
         torch.testing.assert_close(maps, differential_maps(module, weights.float(), [map_name])[map_name][0])
 
 
@@ -142,7 +180,10 @@ def test_attention_maps_equal_the_weights_eager_attention_returns(family_model, 
 def test_gradsim_equals_a_per_example_gradient_loop(family_model, name: str) -> None:
     cfg, model, tokenizer = family_model(name)
     datamodule = datamodules.build(cfg, tokenizer)
-    examples = [datamodule.tokenize(f"{p} ", a) for p, a in (("Paris is in", "France"), ("2 + 2 is", "4"), ("Ice is", "cold"))]
+    examples = [
+        datamodule.tokenize(f"{p} ", a)
+        for p, a in (("Paris is in", "France"), ("2 + 2 is", "4"), ("Ice is", "cold"))
+    ]
     vectors = gradsim.PerExampleGradients(model, [0, 1])(datamodule.collate(examples))  # [3, D]
     modules = [module for _, module, _ in architecture.mlp_output_modules(model, [0, 1])]
     for row, example in enumerate(examples):
@@ -155,8 +196,9 @@ def test_gradsim_equals_a_per_example_gradient_loop(family_model, name: str) -> 
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_one_memit_edit_computes_an_update_and_restores_the_weights_bit_for_bit(family_model, tmp_path: Path,
-                                                                                  name: str) -> None:
+def test_one_memit_edit_computes_an_update_and_restores_the_weights_bit_for_bit(
+    family_model, tmp_path: Path, name: str
+) -> None:
     cfg, model, tokenizer = family_model(name)
     hparams = compose_config(*overrides(name, tmp_path), config_name="ripple").analysis.memit
     with open_dict(hparams):
@@ -165,10 +207,16 @@ def test_one_memit_edit_computes_an_update_and_restores_the_weights_bit_for_bit(
     moments, _ = memit_inputs.second_moments(model, tokenizer, hparams, texts, None)
     request = {"prompt": "The capital of Zorbia is", "subject": "Zorbia", "target_new": "Q"}
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
-    (_, edited_module, _), = architecture.mlp_output_modules(model, [0])
+    ((_, edited_module, _),) = architecture.mlp_output_modules(model, [0])
     with memit.edited(model, tokenizer, [request], hparams, moments, [["{}"]]) as updates:
         delta = updates[0].delta
-        assert delta.shape == edited_module.weight.shape and bool(torch.isfinite(delta).all()) and delta.abs().max() > 0
-        assert not torch.equal(edited_module.weight, original[next(n for n, p in model.named_parameters()
-                                                                   if p is edited_module.weight)])
+        assert (
+            delta.shape == edited_module.weight.shape
+            and bool(torch.isfinite(delta).all())
+            and delta.abs().max() > 0
+        )
+        assert not torch.equal(
+            edited_module.weight,
+            original[next(n for n, p in model.named_parameters() if p is edited_module.weight)],
+        )
     assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())

@@ -1,5 +1,5 @@
-"""bench/gpu_check.py: its quick mode on any device (so the script works when a GPU session runs it), and the full
-check on a CUDA device (skipped elsewhere: CI has none)."""
+"""bench/gpu_check.py: its quick mode on any device (so the script works when a GPU session runs it), and the
+full check on a CUDA device (skipped elsewhere: CI has none)."""
 
 from __future__ import annotations
 
@@ -15,8 +15,13 @@ from tests.conftest import ROOT
 
 
 def run_check(out: Path, *arguments: str) -> dict:
-    result = subprocess.run([sys.executable, "bench/gpu_check.py", "--out", str(out), *arguments], cwd=ROOT,
-                            capture_output=True, text=True, timeout=900)
+    result = subprocess.run(
+        [sys.executable, "bench/gpu_check.py", "--out", str(out), *arguments],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
 
@@ -24,10 +29,18 @@ def run_check(out: Path, *arguments: str) -> dict:
 @pytest.mark.xdist_group("processes")  # its FSDP section starts two training processes
 def test_the_gpu_check_runs_end_to_end_in_its_quick_mode(tmp_path: Path) -> None:
     report = run_check(tmp_path / "check.json", "--quick")
-    for section in ("smollm2_lora", "smollm2_full", "llama_375m_pretraining", "padding_free_sdpa", "padded_sdpa"):
+    for section in (
+        "smollm2_lora",
+        "smollm2_full",
+        "llama_375m_pretraining",
+        "padding_free_sdpa",
+        "padded_sdpa",
+    ):
         assert report[section]["global_step"] == 3 and len(report[section]["losses"]) == 3, section
     assert report["padding_free_sdpa"]["padding_free"] and not report["padded_sdpa"]["padding_free"]
-    assert report["padding_free_sdpa"]["losses"][0] == pytest.approx(report["padded_sdpa"]["losses"][0], abs=1e-5)
+    assert report["padding_free_sdpa"]["losses"][0] == pytest.approx(
+        report["padded_sdpa"]["losses"][0], abs=1e-5
+    )
     assert report["generation"]["identical"] == report["generation"]["prompts"]
     assert report["fsdp"]["ok"] and report["fsdp"]["final_exported"]
 

@@ -1,4 +1,5 @@
-"""`prompting.style=lm_eval`: lm-evaluation-harness's GSM8K prompts, exemplar draws, stop strings and scoring."""
+"""`prompting.style=lm_eval`: lm-evaluation-harness's GSM8K prompts, exemplar draws, stop strings and
+scoring."""
 
 from __future__ import annotations
 
@@ -18,7 +19,10 @@ from tests.conftest import compose_config
 
 TRAIN = [
     {"question": "Ann has 3 pens and buys 2 more. How many pens? ", "answer": "3+2=<<3+2=5>>5\n#### 5"},
-    {"question": "Bo had $1,200 and spent $200. How much is left?", "answer": "1,200-200=<<1200-200=1000>>1,000\n#### 1,000"},
+    {
+        "question": "Bo had $1,200 and spent $200. How much is left?",
+        "answer": "1,200-200=<<1200-200=1000>>1,000\n#### 1,000",
+    },
     {"question": "Cy runs 4 km a day for 3 days. How far?", "answer": "4*3=<<4*3=12>>12\n#### 12"},
     {"question": "Di has 10 eggs and uses half. How many remain?", "answer": "10/2=<<10/2=5>>5\n#### 5"},
 ]
@@ -50,7 +54,9 @@ def test_prompt_is_lm_evals_text_with_exemplars_drawn_per_problem(gsm8k_files: s
     # whole train split (lmlab's own style holds out a validation part and shares one draw)
     draw = random.Random(1234)
     expected = [draw.sample(TRAIN, 2), draw.sample(TRAIN, 2)]
-    assert [[e["question"] for e in shots] for shots in exemplars] == [[e["question"] for e in s] for s in expected]
+    assert [[e["question"] for e in shots] for shots in exemplars] == [
+        [e["question"] for e in s] for s in expected
+    ]
     assert exemplars[0] != exemplars[1]
 
     first, second = exemplars[0]
@@ -63,8 +69,12 @@ def test_prompt_is_lm_evals_text_with_exemplars_drawn_per_problem(gsm8k_files: s
     # calculator notes and the question's own trailing space are kept, as lm-eval keeps them
     shots = {e["question"]: e for e in TRAIN}
     assert "<<" in prompt and all(e["question"] in shots for e in exemplars[0])
-    assert datamodule.prompt_format.prompt(records[1], []) == "Question: Flo bakes 6 pies and sells 4. How many left?\nAnswer:"
-    # lm-eval's `until`, replacing generation.stop_strings: "\n\nQuestion:" would also cut the blank line it keeps
+    assert (
+        datamodule.prompt_format.prompt(records[1], [])
+        == "Question: Flo bakes 6 pies and sells 4. How many left?\nAnswer:"
+    )
+    # lm-eval's `until`, replacing generation.stop_strings: "\n\nQuestion:" would also cut the blank line it
+    # keeps
     assert datamodule.prompt_format.stop_strings(["\n\nQuestion:"]) == ["Question:", "</s>", "<|im_end|>"]
 
 
@@ -76,7 +86,9 @@ def test_lmlab_style_is_unchanged(gsm8k_files: str) -> None:
     exemplars = datamodule.prompt_format.fewshot_exemplars(records, 1, 1234)
     assert exemplars[0] == exemplars[1]
     prompt = datamodule.prompt_format.prompt(records[0], exemplars[0])
-    assert prompt.endswith("Question: Ed has 7 cats and gets 1 more. How many cats?\nAnswer: Let's think step by step.\n")
+    assert prompt.endswith(
+        "Question: Ed has 7 cats and gets 1 more. How many cats?\nAnswer: Let's think step by step.\n"
+    )
     assert "<<" not in prompt and datamodule.prompt_format.stop_strings(["Q:"]) == ["Q:"]
 
 
@@ -93,16 +105,24 @@ def test_lmlab_style_is_unchanged(gsm8k_files: str) -> None:
         ("#### 4\n#### 7", "4", "7", "#### 4", 1.0, 0.0),
     ],
 )
-def test_scoring_is_lm_evals(generation: str, strict: str, flexible: str, gold: str, strict_right: float,
-                             flexible_right: float) -> None:
+def test_scoring_is_lm_evals(
+    generation: str, strict: str, flexible: str, gold: str, strict_right: float, flexible_right: float
+) -> None:
     score = lm_eval_format.score(generation, lm_eval_format.comparable(gold))
     assert (score["extracted_strict"], score["extracted_flexible"]) == (strict, flexible)
     assert (score["exact_match_strict"], score["exact_match_flexible"]) == (strict_right, flexible_right)
 
 
 def test_evaluate_in_lm_eval_style(gsm8k_files: str, tmp_path: Path) -> None:
-    cfg = compose_config("model=tiny_llama", gsm8k_files, "prompting.style=lm_eval", "prompting.num_fewshot=3",
-                         "print_config=false", "generation.max_new_tokens=6", config_name="evaluate")
+    cfg = compose_config(
+        "model=tiny_llama",
+        gsm8k_files,
+        "prompting.style=lm_eval",
+        "prompting.num_fewshot=3",
+        "print_config=false",
+        "generation.max_new_tokens=6",
+        config_name="evaluate",
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     results = evaluation.run(cfg)
@@ -115,5 +135,8 @@ def test_evaluate_in_lm_eval_style(gsm8k_files: str, tmp_path: Path) -> None:
 
 
 def test_lm_eval_style_on_another_task_names_the_setting() -> None:
-    with pytest.raises(InstantiationException, match=r"prompting.style=lm_eval: ClassificationDataModule builds only \['lmlab'\]"):
+    with pytest.raises(
+        InstantiationException,
+        match=r"prompting.style=lm_eval: ClassificationDataModule builds only \['lmlab'\]",
+    ):
         lm_eval_datamodule("task=classification", "task.source=bundled")

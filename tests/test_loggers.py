@@ -28,8 +28,9 @@ def test_wandb_without_credentials_runs_offline_and_says_so_once(
 
 
 @pytest.mark.parametrize("reachable", [True, False])
-def test_wandb_with_a_key_goes_online_only_when_the_server_answers(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
-                                                                  reachable: bool) -> None:
+def test_wandb_with_a_key_goes_online_only_when_the_server_answers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, reachable: bool
+) -> None:
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setattr(loggers, "wandb_reachable", lambda: reachable)
@@ -39,7 +40,9 @@ def test_wandb_with_a_key_goes_online_only_when_the_server_answers(monkeypatch: 
 def test_summary_has_one_row_per_job_in_job_order(tmp_path: Path) -> None:
     for job, lr in [(10, 0.3), (2, 0.1)]:
         (tmp_path / str(job)).mkdir()
-        write_results(tmp_path / str(job), {"overrides": [f"optim.lr={lr}"], "metrics": {"val/loss": lr * 10}})
+        write_results(
+            tmp_path / str(job), {"overrides": [f"optim.lr={lr}"], "metrics": {"val/loss": lr * 10}}
+        )
     write_summary(tmp_path, summarize(tmp_path))
     rows = (tmp_path / "summary.csv").read_text().splitlines()
     assert rows[0] == "job,status,overrides,val/loss,trainable_params"

@@ -29,7 +29,9 @@ ARCHITECTURES = ["tiny_gpt2", "tiny_llama"]
 def tiny(name: str, *overrides: str):
     L.seed_everything(0)
     layers = "model.scratch.n_layer=3" if name == "tiny_gpt2" else "model.scratch.num_hidden_layers=3"
-    cfg = compose_config(f"model={name}", layers, "model.memit.layers=[0,1]", *overrides, config_name="ripple")
+    cfg = compose_config(
+        f"model={name}", layers, "model.memit.layers=[0,1]", *overrides, config_name="ripple"
+    )
     model, tokenizer = models.build(cfg.model)
     model.eval()
     hparams = cfg.analysis.memit.copy()
@@ -82,16 +84,27 @@ def test_z_loss_terms_equal_the_reference_formulas(name: str) -> None:
     nlls = []
     for text in texts:
         prompt = ids(tokenizer, text)
-        logits, _ = forward(model, layer, prompt + target[:-1], subject_end(tokenizer, text, REQUEST["subject"]), delta)
+        logits, _ = forward(
+            model, layer, prompt + target[:-1], subject_end(tokenizer, text, REQUEST["subject"]), delta
+        )
         log_probs = logits.log_softmax(-1)
-        nlls.append(-sum(log_probs[len(prompt) - 1 + j, token] for j, token in enumerate(target)) / len(target))
+        nlls.append(
+            -sum(log_probs[len(prompt) - 1 + j, token] for j, token in enumerate(target)) / len(target)
+        )
     kl_text = "Marlow Ketterby is a"
-    kl_position = subject_end(tokenizer, kl_text, REQUEST["subject"])  # the subject's last token, not the prompt's
+    kl_position = subject_end(
+        tokenizer, kl_text, REQUEST["subject"]
+    )  # the subject's last token, not the prompt's
     original, _ = forward(model, layer, ids(tokenizer, kl_text), kl_position)
     edited, _ = forward(model, layer, ids(tokenizer, kl_text), kl_position, delta)
     p_orig, p_edit = original[kl_position].log_softmax(-1), edited[kl_position].log_softmax(-1)
     kl = hparams.kl_factor * (p_edit.exp() * (p_edit - p_orig)).sum()  # KL(edited || original)
-    _, h = forward(model, layer, ids(tokenizer, REQUEST["prompt"]), subject_end(tokenizer, REQUEST["prompt"], REQUEST["subject"]))
+    _, h = forward(
+        model,
+        layer,
+        ids(tokenizer, REQUEST["prompt"]),
+        subject_end(tokenizer, REQUEST["prompt"], REQUEST["subject"]),
+    )
     weight_decay = hparams.v_weight_decay * delta.norm() / h.norm() ** 2  # ||delta|| / ||h||^2, not squared
 
     assert terms["nll"].item() == pytest.approx(torch.stack(nlls).mean().item(), rel=1e-5)
@@ -100,16 +113,27 @@ def test_z_loss_terms_equal_the_reference_formulas(name: str) -> None:
     assert terms["total"].item() == pytest.approx((terms["nll"] + terms["kl"] + terms["weight_decay"]).item())
     reverse = hparams.kl_factor * (p_orig.exp() * (p_orig - p_edit)).sum()
     assert abs(reverse.item() - kl.item()) > 1e-3 * kl.item()  # the test tells the two directions apart
-    assert kl.item() > 0 and weight_decay.item() != pytest.approx(hparams.v_weight_decay * (delta.norm() / h.norm()).item() ** 2)
+    assert kl.item() > 0 and weight_decay.item() != pytest.approx(
+        hparams.v_weight_decay * (delta.norm() / h.norm()).item() ** 2
+    )
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
-def test_z_optimisation_stops_on_the_total_loss_and_never_steps_on_the_last_iteration(name: str, monkeypatch) -> None:
-    assert memit.STOP_LOSS == 5e-2  # the reference's threshold; a tiny random model cannot reach it, so it is raised here
+def test_z_optimisation_stops_on_the_total_loss_and_never_steps_on_the_last_iteration(
+    name: str, monkeypatch
+) -> None:
+    assert (
+        memit.STOP_LOSS == 5e-2
+    )  # the reference's threshold; a tiny random model cannot reach it, so it is raised here
     monkeypatch.setattr(memit, "STOP_LOSS", 4.5)
     model, tokenizer, hparams = tiny(name)
     with open_dict(hparams):
-        hparams.v_num_grad_steps, hparams.v_lr, hparams.clamp_norm_factor, hparams.v_weight_decay = 60, 1.0, 100.0, 1e-4
+        hparams.v_num_grad_steps, hparams.v_lr, hparams.clamp_norm_factor, hparams.v_weight_decay = (
+            60,
+            1.0,
+            100.0,
+            1e-4,
+        )
         hparams.target_prefix = ""
     # one token, edited at the last prompt token (no subject)
     request = {**REQUEST, "subject": None, "target_new": "Q"}
@@ -117,14 +141,20 @@ def test_z_optimisation_stops_on_the_total_loss_and_never_steps_on_the_last_iter
     memit.target_vector(model, tokenizer, request, hparams, TEMPLATES, trace)
     first_below = next(i for i, t in enumerate(trace) if t["total"] < memit.STOP_LOSS)
     assert len(trace) == first_below + 1 < 60  # reached the threshold: stopped there
-    assert [t["stepped"] for t in trace] == [True] * first_below + [False]  # updates = iterations before the stop
+    assert [t["stepped"] for t in trace] == [True] * first_below + [
+        False
+    ]  # updates = iterations before the stop
     assert all(t["total"] >= memit.STOP_LOSS for t in trace[:-1])
 
-    with open_dict(hparams):  # a weight-decay term that keeps the total above the threshold while the NLL is below it
+    with open_dict(
+        hparams
+    ):  # a weight-decay term that keeps the total above the threshold while the NLL is below it
         hparams.v_num_grad_steps, hparams.v_weight_decay = 30, 2e-3
     trace = []
     memit.target_vector(model, tokenizer, request, hparams, TEMPLATES, trace)
-    assert any(t["nll"] < memit.STOP_LOSS for t in trace) and all(t["total"] >= memit.STOP_LOSS for t in trace)
+    assert any(t["nll"] < memit.STOP_LOSS for t in trace) and all(
+        t["total"] >= memit.STOP_LOSS for t in trace
+    )
     assert [t["stepped"] for t in trace] == [True] * 29 + [False]  # no stop on the NLL alone
 
     with open_dict(hparams):
@@ -150,10 +180,15 @@ def test_keys_are_the_mean_of_the_template_group_means(name: str) -> None:
         return seen["k"][subject_end(tokenizer, text, subject)].double()
 
     for column, request in enumerate([REQUEST, OTHER]):
-        groups = [torch.stack([key(t.format(request["prompt"]), request["subject"]) for t in group]).mean(0) for group in TEMPLATES]
+        groups = [
+            torch.stack([key(t.format(request["prompt"]), request["subject"]) for t in group]).mean(0)
+            for group in TEMPLATES
+        ]
         expected = torch.stack(groups).mean(0)
         assert torch.allclose(keys[:, column], expected, atol=1e-5)
-        flat = torch.stack([key(t.format(request["prompt"]), request["subject"]) for g in TEMPLATES for t in g]).mean(0)
+        flat = torch.stack(
+            [key(t.format(request["prompt"]), request["subject"]) for g in TEMPLATES for t in g]
+        ).mean(0)
         assert not torch.allclose(expected, flat, atol=1e-4)  # the bare prompt weighs 1/2, not 1/4
 
 
@@ -179,7 +214,9 @@ def test_each_layer_update_is_the_closed_form_with_the_residual_spread_over_laye
             with torch.no_grad():
                 first_module.weight.add_(updates[hparams.layers[0]].delta)
         _, h = forward(model, hparams.layers[-1], ids(tokenizer, REQUEST["prompt"]), position)
-        assert torch.allclose(update.residual[:, 0], ((z - h) / (len(hparams.layers) - index)).double(), atol=1e-5)
+        assert torch.allclose(
+            update.residual[:, 0], ((z - h) / (len(hparams.layers) - index)).double(), atol=1e-5
+        )
         K, R, C = update.keys, update.residual, moments[layer].double()
         expected = R @ K.T @ torch.linalg.inv(hparams.mom2_update_weight * C + K @ K.T)  # [out, in]
         assert torch.allclose(update.delta.double(), expected.T if conv1d else expected, rtol=1e-5, atol=1e-7)
@@ -195,12 +232,16 @@ def test_context_templates_are_generated_by_the_model_seeded_and_cached(tmp_path
         assert template.startswith(starter) and template.endswith(". {}") and template.count("{}") == 1
     prefix = templates[1][0].removesuffix(". {}")
     assert len(ids(tokenizer, prefix)) >= 3  # a generated continuation, not the bare starter
-    monkeypatch.setattr(model, "forward", lambda *a, **k: (_ for _ in ()).throw(LookupError("templates regenerated")))
+    monkeypatch.setattr(
+        model, "forward", lambda *a, **k: (_ for _ in ()).throw(LookupError("templates regenerated"))
+    )
     assert memit_inputs.context_templates(model, tokenizer, hparams, tmp_path) == templates  # from the cache
     monkeypatch.undo()
     again = memit_inputs.context_templates(model, tokenizer, hparams, tmp_path / "fresh")
     assert again == templates  # the same seed gives the same prefixes without the cache
-    other = memit_inputs.context_templates(model, tokenizer, OmegaConf.merge(hparams, {"context_seed": 1}), tmp_path)
+    other = memit_inputs.context_templates(
+        model, tokenizer, OmegaConf.merge(hparams, {"context_seed": 1}), tmp_path
+    )
     assert other != templates
 
 
@@ -210,14 +251,21 @@ def test_statistics_count_texts_are_cached_and_recorded(tmp_path: Path, monkeypa
         hparams.mom2_n_samples = 12
     texts = [r["question"] for r in load_split({"kind": "bundled", "bundled": "gsm8k"}, "train")]
     moments, info = memit_inputs.second_moments(model, tokenizer, hparams, texts, tmp_path, "bundled:gsm8k")
-    assert info == {"corpus": "bundled:gsm8k", "texts": 12, "tokens": sum(len(ids(tokenizer, t)) for t in texts[:12]),
-                    "max_tokens_per_text": 1024}
+    assert info == {
+        "corpus": "bundled:gsm8k",
+        "texts": 12,
+        "tokens": sum(len(ids(tokenizer, t)) for t in texts[:12]),
+        "max_tokens_per_text": 1024,
+    }
     assert all(torch.allclose(m, m.T) for m in moments.values())
+
     def recomputed(*args, **kwargs):
         raise LookupError("statistics recomputed")
 
     monkeypatch.setattr(model, "forward", recomputed)
-    cached, cached_info = memit_inputs.second_moments(model, tokenizer, hparams, texts, tmp_path, "bundled:gsm8k")
+    cached, cached_info = memit_inputs.second_moments(
+        model, tokenizer, hparams, texts, tmp_path, "bundled:gsm8k"
+    )
     assert cached_info == info and all(torch.equal(cached[k], moments[k]) for k in moments)
     with pytest.raises(LookupError, match="statistics recomputed"):  # another corpus is another cache entry
         memit_inputs.second_moments(model, tokenizer, hparams, texts, tmp_path, "bundled:other")
@@ -225,14 +273,31 @@ def test_statistics_count_texts_are_cached_and_recorded(tmp_path: Path, monkeypa
 
 def test_model_configs_carry_memit_z_settings() -> None:
     gpt2_xl = compose_config("model=gpt2_xl", config_name="ripple").analysis.memit
-    assert (gpt2_xl.clamp_norm_factor, gpt2_xl.v_weight_decay, gpt2_xl.v_num_grad_steps, gpt2_xl.kl_factor,
-            gpt2_xl.mom2_update_weight, list(gpt2_xl.layers)) == (0.75, 0.5, 20, 0.0625, 20000, [13, 14, 15, 16, 17])
+    assert (
+        gpt2_xl.clamp_norm_factor,
+        gpt2_xl.v_weight_decay,
+        gpt2_xl.v_num_grad_steps,
+        gpt2_xl.kl_factor,
+        gpt2_xl.mom2_update_weight,
+        list(gpt2_xl.layers),
+    ) == (0.75, 0.5, 20, 0.0625, 20000, [13, 14, 15, 16, 17])
     llama = compose_config("model=llama2_7b", config_name="ripple").analysis.memit
     assert (llama.clamp_norm_factor, llama.v_weight_decay, llama.v_num_grad_steps) == (4.0, 1e-3, 25)
-    any_model = compose_config("model=hf_causal_lm", "model.memit.layers=[0]", "model.memit.mom2_update_weight=1",
-                               config_name="ripple").analysis.memit
-    assert (any_model.clamp_norm_factor, any_model.v_weight_decay, any_model.v_num_grad_steps) == (0.75, 0.5, 20)
-    assert json.loads(json.dumps(OmegaConf.to_container(gpt2_xl.stats, resolve=True)))["source"]["max_records"] == 100000
+    any_model = compose_config(
+        "model=hf_causal_lm",
+        "model.memit.layers=[0]",
+        "model.memit.mom2_update_weight=1",
+        config_name="ripple",
+    ).analysis.memit
+    assert (any_model.clamp_norm_factor, any_model.v_weight_decay, any_model.v_num_grad_steps) == (
+        0.75,
+        0.5,
+        20,
+    )
+    assert (
+        json.loads(json.dumps(OmegaConf.to_container(gpt2_xl.stats, resolve=True)))["source"]["max_records"]
+        == 100000
+    )
 
 
 def test_a_model_file_states_only_the_memit_settings_that_differ_from_its_family() -> None:

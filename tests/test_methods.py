@@ -1,4 +1,5 @@
-"""The method family on every tiny architecture: what trains, save/load round trips, and each method's own rules."""
+"""The method family on every tiny architecture: what trains, save/load round trips, and each method's own
+rules."""
 
 from __future__ import annotations
 
@@ -42,14 +43,22 @@ def nudge(model: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("method", sorted(TRAINS))
 @pytest.mark.parametrize("model_name", TINY_MODELS)
-def test_method_trains_only_its_parameters_and_round_trips(tiny_config, tmp_path: Path, model_name: str, method: str) -> None:
-    cfg = tiny_config(f"model={model_name}", f"method={method}", "method.rank_eval_steps=2" if method == "svd_lora" else "data.batch_size=4")
+def test_method_trains_only_its_parameters_and_round_trips(
+    tiny_config, tmp_path: Path, model_name: str, method: str
+) -> None:
+    cfg = tiny_config(
+        f"model={model_name}",
+        f"method={method}",
+        "method.rank_eval_steps=2" if method == "svd_lora" else "data.batch_size=4",
+    )
     L.seed_everything(0)
     model, tokenizer, datamodule, _ = build_trainable_model(cfg)
     datamodule.setup("fit")
     batch = next(iter(datamodule.train_dataloader()))
     model(**model_inputs(batch)).loss.backward()
-    with_grad = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    with_grad = {
+        name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0
+    }
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert with_grad and with_grad <= trainable
     assert trainable == {name for name, _ in model.named_parameters() if TRAINS[method](name)}
@@ -60,7 +69,9 @@ def test_method_trains_only_its_parameters_and_round_trips(tiny_config, tmp_path
     saved_run.write_model(model, cfg.method, tmp_path / "saved")
     tokenizer.save_pretrained(tmp_path / "saved")
     saved_bytes = sum(f.stat().st_size for f in (tmp_path / "saved").glob("*.safetensors"))
-    assert saved_bytes < 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 10_000  # trained part only
+    assert (
+        saved_bytes < 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 10_000
+    )  # trained part only
 
     eval_cfg = compose_config(f"model={model_name}", f"ckpt={tmp_path / 'saved'}", config_name="evaluate")
     L.seed_everything(0)  # the same random base weights (tiny models are built from scratch)
@@ -86,14 +97,20 @@ def test_adapters_at_init_leave_the_model_output_unchanged(model_name: str) -> N
 
 def spectrum_matrix(singular_values: list[float], shape: tuple[int, int], seed: int = 0) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
-    u = torch.linalg.qr(torch.randn(shape[0], len(singular_values), generator=generator, dtype=torch.float64)).Q
-    v = torch.linalg.qr(torch.randn(shape[1], len(singular_values), generator=generator, dtype=torch.float64)).Q
+    u = torch.linalg.qr(
+        torch.randn(shape[0], len(singular_values), generator=generator, dtype=torch.float64)
+    ).Q
+    v = torch.linalg.qr(
+        torch.randn(shape[1], len(singular_values), generator=generator, dtype=torch.float64)
+    ).Q
     return u @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ v.T
 
 
 @pytest.mark.parametrize("exact", [True, False])
 def test_svd_rank_is_exact_on_a_known_spectrum(exact: bool) -> None:
-    cfg = svd_lora.RankSelection(tau=0.95, min_rank=1, max_rank=16, oversample=10, power_iters=2, exact_below=0)
+    cfg = svd_lora.RankSelection(
+        tau=0.95, min_rank=1, max_rank=16, oversample=10, power_iters=2, exact_below=0
+    )
     # energies 50, 30, 10, 5, 3, 2 (of 100): coverage 0.50, 0.80, 0.90, 0.95 -> rank 4
     gradient = spectrum_matrix([50**0.5, 30**0.5, 10**0.5, 5**0.5, 3**0.5, 2**0.5], (120, 90))
     assert svd_lora.select_rank(gradient, cfg, exact=exact) == 4
@@ -102,7 +119,9 @@ def test_svd_rank_is_exact_on_a_known_spectrum(exact: bool) -> None:
 
 
 def test_svd_coverage_uses_the_full_energy_of_the_gradient() -> None:
-    cfg = svd_lora.RankSelection(tau=0.95, min_rank=1, max_rank=8, oversample=10, power_iters=2, exact_below=1000)
+    cfg = svd_lora.RankSelection(
+        tau=0.95, min_rank=1, max_rank=8, oversample=10, power_iters=2, exact_below=1000
+    )
     flat = spectrum_matrix([1.0] * 40, (64, 48))  # top 8 of 40 equal values cover 20% of the energy
     assert svd_lora.select_rank(flat, cfg) == 8  # never reaches tau within k = max_rank
     assert svd_lora.coverage_rank(torch.tensor([3.0, 1.0]), total_energy=100.0, tau=0.95) == 2
@@ -117,24 +136,50 @@ def test_rank_map_sets_the_lora_shapes_and_keeps_the_scaling(tmp_path: Path) -> 
     with open_dict(cfg):
         cfg.method.rank_map = str(tmp_path / "ranks.json")
     model = build_method(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
-    layers = {n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    layers = {
+        n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)
+    }
     assert set(layers) == set(names)
     assert layers[names[0]].lora_A["default"].weight.shape[0] == 3
     assert layers[names[1]].lora_B["default"].weight.shape[1] == 6
-    assert all(layer.scaling["default"] == pytest.approx(cfg.method.alpha / cfg.method.r) for layer in layers.values())
+    assert all(
+        layer.scaling["default"] == pytest.approx(cfg.method.alpha / cfg.method.r)
+        for layer in layers.values()
+    )
 
 
 def test_svd_lora_run_writes_a_rank_map_that_a_second_run_reuses(tiny_config, tmp_path: Path) -> None:
-    first = run(tiny_config("model=tiny_gpt2", "method=svd_lora", "method.rank_eval_steps=2", "method.tau=0.5",
-                            "trainer.max_steps=2", "data.max_train_samples=8", run_dir=tmp_path / "first"))
+    first = run(
+        tiny_config(
+            "model=tiny_gpt2",
+            "method=svd_lora",
+            "method.rank_eval_steps=2",
+            "method.tau=0.5",
+            "trainer.max_steps=2",
+            "data.max_train_samples=8",
+            run_dir=tmp_path / "first",
+        )
+    )
     ranks = json.loads((tmp_path / "first" / "rank_map.json").read_text())
     assert (tmp_path / "first" / "rank_map.png").exists()
-    assert set(ranks) == {f"transformer.h.{i}.{m}" for i in range(2) for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    assert set(ranks) == {
+        f"transformer.h.{i}.{m}"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    }
     assert all(2 <= r <= 32 for r in ranks.values())
     logged = (tmp_path / "first" / "metrics" / "metrics.csv").read_text().splitlines()[0].split(",")
     assert {f"svd_lora/rank/{name}" for name in ranks} | {"svd_lora/mean_rank"} <= set(logged)
-    second = run(tiny_config("model=tiny_gpt2", "method=svd_lora", f"method.rank_map={tmp_path / 'first' / 'rank_map.json'}",
-                             "trainer.max_steps=2", "data.max_train_samples=8", run_dir=tmp_path / "second"))
+    second = run(
+        tiny_config(
+            "model=tiny_gpt2",
+            "method=svd_lora",
+            f"method.rank_map={tmp_path / 'first' / 'rank_map.json'}",
+            "trainer.max_steps=2",
+            "data.max_train_samples=8",
+            run_dir=tmp_path / "second",
+        )
+    )
     assert second["trainable_params"] == first["trainable_params"]
     adapter_config = json.loads((Path(second["final_dir"]) / "adapter_config.json").read_text())
     assert adapter_config["rank_pattern"] == ranks
@@ -147,8 +192,13 @@ def test_svd_lora_without_data_or_rank_map_says_what_to_pass() -> None:
 
 
 def test_prompt_tuning_text_init_copies_the_word_embeddings() -> None:
-    cfg = compose_config("model=tiny_llama", "method=prompt_tuning", "method.num_virtual_tokens=7", "method.init=text",
-                         "method.init_text=abc")
+    cfg = compose_config(
+        "model=tiny_llama",
+        "method=prompt_tuning",
+        "method.num_virtual_tokens=7",
+        "method.init=text",
+        "method.init_text=abc",
+    )
     model, tokenizer = models.build(cfg.model)
     tuned = build_method(cfg.method)(model, MethodContext(cfg.model, tokenizer))
     ids = tokenizer("abcabca", add_special_tokens=False)["input_ids"]
@@ -161,8 +211,14 @@ def test_prompt_tuning_text_init_copies_the_word_embeddings() -> None:
 def test_projection_head_reads_the_whole_text_and_ignores_padding(model_name: str, extra_token: bool) -> None:
     torch.manual_seed(0)
     model, tokenizer = models.build(compose_config(f"model={model_name}").model)
-    classifier = SequenceClassifier(model.requires_grad_(False), num_classes=3, extra_token=extra_token).eval()
-    texts = ["The match ended in a draw", "The match ended in a loss", "Shares fell sharply after the results"]
+    classifier = SequenceClassifier(
+        model.requires_grad_(False), num_classes=3, extra_token=extra_token
+    ).eval()
+    texts = [
+        "The match ended in a draw",
+        "The match ended in a loss",
+        "Shares fell sharply after the results",
+    ]
     tokenizer.padding_side = "right"
     batch = tokenizer(texts, return_tensors="pt", padding=True)
     logits = classifier(batch["input_ids"], batch["attention_mask"])
@@ -170,13 +226,22 @@ def test_projection_head_reads_the_whole_text_and_ignores_padding(model_name: st
     alone = tokenizer(texts[:1], return_tensors="pt")
     torch.testing.assert_close(classifier(alone["input_ids"], alone["attention_mask"])[0], logits[0])
     assert {n for n, p in classifier.named_parameters() if p.requires_grad} == (
-        {n for n, _ in classifier.head.named_parameters(prefix="head")} | ({"extra_token"} if extra_token else set())
+        {n for n, _ in classifier.head.named_parameters(prefix="head")}
+        | ({"extra_token"} if extra_token else set())
     )
 
 
 def test_projection_head_trains_saves_and_evaluates_from_its_run_dir(tiny_config, tmp_path: Path) -> None:
-    results = run(tiny_config("model=tiny_qwen2", "task=classification", "method=projection_head", "trainer.max_epochs=2",
-                              "optim.lr=1e-2", run_dir=tmp_path / "train"))
+    results = run(
+        tiny_config(
+            "model=tiny_qwen2",
+            "task=classification",
+            "method=projection_head",
+            "trainer.max_epochs=2",
+            "optim.lr=1e-2",
+            run_dir=tmp_path / "train",
+        )
+    )
     head_size = 2 * 64 + 64 * 128 + 128 + 128 * 4 + 4  # LayerNorm + Linear(h,128) + Linear(128,4)
     assert results["trainable_params"] == head_size
     assert (tmp_path / "train" / "confusion_matrix" / "val_epoch1.png").exists()
@@ -184,31 +249,51 @@ def test_projection_head_trains_saves_and_evaluates_from_its_run_dir(tiny_config
     final = Path(results["final_dir"])
     assert {p.name for p in final.glob("*.safetensors")} == {"classifier_head.safetensors"}
 
-    cfg = compose_config("model=tiny_qwen2", "task=classification", "task.source=bundled", f"ckpt={tmp_path / 'train'}",
-                         "print_config=false", config_name="evaluate")
+    cfg = compose_config(
+        "model=tiny_qwen2",
+        "task=classification",
+        "task.source=bundled",
+        f"ckpt={tmp_path / 'train'}",
+        "print_config=false",
+        config_name="evaluate",
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "eval")
     metrics = evaluation.run(cfg)["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert metrics["num_examples"] == len(rows) == 12
     assert metrics["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 12)
-    assert metrics["accuracy"] == pytest.approx(results["metrics"]["test/accuracy"])  # same head, same test set
+    assert metrics["accuracy"] == pytest.approx(
+        results["metrics"]["test/accuracy"]
+    )  # same head, same test set
     assert (tmp_path / "eval" / "confusion_matrix.png").exists()
 
 
 def test_each_method_reports_its_trainable_share(tiny_config, tmp_path: Path) -> None:
     written = {}
     for method in ("full", "lora", "adapter", "prompt_tuning"):
-        run(tiny_config("model=tiny_llama", f"method={method}", "trainer.max_steps=1", "data.max_train_samples=4",
-                        "test_after_fit=false", run_dir=tmp_path / method))
+        run(
+            tiny_config(
+                "model=tiny_llama",
+                f"method={method}",
+                "trainer.max_steps=1",
+                "data.max_train_samples=4",
+                "test_after_fit=false",
+                run_dir=tmp_path / method,
+            )
+        )
         written[method] = json.loads((tmp_path / method / "results.json").read_text())
     total = written["full"]["total_params"]
     assert written["full"]["trainable_share"] == 1.0
     assert written["prompt_tuning"]["trainable_params"] == 20 * 64  # 20 virtual tokens x hidden 64
-    assert written["adapter"]["trainable_params"] == 2 * 2 * (64 * 8 + 8 + 8 * 64 + 64)  # 2 blocks x 2 adapters
+    assert written["adapter"]["trainable_params"] == 2 * 2 * (
+        64 * 8 + 8 + 8 * 64 + 64
+    )  # 2 blocks x 2 adapters
     for method in ("adapter", "prompt_tuning"):
         assert written[method]["total_params"] == total + written[method]["trainable_params"]
-        assert written[method]["trainable_share"] == pytest.approx(written[method]["trainable_params"] / written[method]["total_params"])
+        assert written[method]["trainable_share"] == pytest.approx(
+            written[method]["trainable_params"] / written[method]["total_params"]
+        )
 
 
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_gpt2"])
@@ -219,7 +304,14 @@ def test_prompt_tuned_generation_is_the_same_batched_and_one_by_one(model_name: 
     tuned = build_method(cfg.method)(model, MethodContext(cfg.model, tokenizer))
     with torch.no_grad():
         tuned.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)  # a prompt that steers the output
-    prompts = ["Question: 2+3?\nAnswer:", "Q:", "Question: Tom has 5 apples and buys 7 more. How many?\nAnswer:", "Q: 1+1?"]
+    prompts = [
+        "Question: 2+3?\nAnswer:",
+        "Q:",
+        "Question: Tom has 5 apples and buys 7 more. How many?\nAnswer:",
+        "Q: 1+1?",
+    ]
     batched = generate(tuned, tokenizer, prompts, batch_size=4, max_new_tokens=10)
     alone = [generate(tuned, tokenizer, [p], batch_size=1, max_new_tokens=10)[0] for p in prompts]
-    assert batched == alone  # GPT-2's absolute positions would shift under left padding (peft drops position ids)
+    assert (
+        batched == alone
+    )  # GPT-2's absolute positions would shift under left padding (peft drops position ids)

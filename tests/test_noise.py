@@ -15,10 +15,7 @@ from lightning_modules.models import byte_level_tokenizer
 
 BUNDLED = {"kind": "bundled", "bundled": "gsm8k"}
 QUESTIONS = [r["question"] for split in ("train", "test") for r in load_split(BUNDLED, split)]
-TRICKY = (
-    "Mr. Lee paid $1,250.75 for 2.5 kg of tea. Dr. Ruiz bought 3 more. "
-    "How much did Mr. Lee pay per kg?"
-)
+TRICKY = "Mr. Lee paid $1,250.75 for 2.5 kg of tea. Dr. Ruiz bought 3 more. How much did Mr. Lee pay per kg?"
 
 
 def without_noise(text: str, spans: list[dict]) -> str:
@@ -57,7 +54,9 @@ def test_original_preserved_and_spans_exact(noise_type: str, question: str) -> N
     assert text != question
     assert without_noise(text, spans) == question
     assert [(s["start"], s["end"]) for s in spans][0][0] == 0 and spans[-1]["end"] == len(text)
-    assert all(a["end"] == b["start"] and a["label"] != b["label"] for a, b in zip(spans, spans[1:], strict=False))
+    assert all(
+        a["end"] == b["start"] and a["label"] != b["label"] for a, b in zip(spans, spans[1:], strict=False)
+    )
     noise_text = [text[s["start"] : s["end"]] for s in spans if s["label"] == "NI"]
     assert " ".join(noise_text) == " ".join(problem["distractors"])
     key_text = " ".join(text[s["start"] : s["end"]] for s in spans if s["label"] == "KMI")
@@ -67,7 +66,9 @@ def test_original_preserved_and_spans_exact(noise_type: str, question: str) -> N
         assert number in key_text
     for span in spans:  # numbers the injector added are noise, never key information
         if span["label"] == "KMI":
-            assert not any(span["start"] < n["end"] and n["start"] < span["end"] for n in spans if n["label"] == "NI")
+            assert not any(
+                span["start"] < n["end"] and n["start"] < span["end"] for n in spans if n["label"] == "NI"
+            )
 
 
 def test_the_three_noise_types_differ() -> None:
@@ -97,8 +98,11 @@ def test_distractors_vary_across_problems() -> None:
 def test_noisy_task_keeps_the_gold_answer_and_the_solution() -> None:
     def module(noise):
         return GSM8KDataModule(
-            tokenizer=byte_level_tokenizer(), source=BUNDLED, splits={"train": "train", "test": "test"},
-            prompt_template="Q: {question}\nA:", noise=noise,
+            tokenizer=byte_level_tokenizer(),
+            source=BUNDLED,
+            splits={"train": "train", "test": "test"},
+            prompt_template="Q: {question}\nA:",
+            noise=noise,
         )
 
     clean, noisy = module(None), module({"type": "inf", "seed": 0, "sentences": 1})

@@ -19,8 +19,12 @@ from tests.conftest import ROOT, compose_config
 
 EXPERIMENTS = ["baseline", "high_lr", "low_lr", "large_batch", "short_seq", "small_model"]
 SPEC = {  # (lr, batch, sequence, small model) from the study
-    "baseline": (3e-4, 8, 512, False), "high_lr": (1e-3, 8, 512, False), "low_lr": (1e-4, 8, 512, False),
-    "large_batch": (5e-4, 16, 512, False), "short_seq": (3e-4, 12, 256, False), "small_model": (3e-4, 12, 512, True),
+    "baseline": (3e-4, 8, 512, False),
+    "high_lr": (1e-3, 8, 512, False),
+    "low_lr": (1e-4, 8, 512, False),
+    "large_batch": (5e-4, 16, 512, False),
+    "short_seq": (3e-4, 12, 256, False),
+    "small_model": (3e-4, 12, 512, True),
 }
 
 
@@ -41,7 +45,9 @@ def test_pretrain_datamodule_holds_out_validation_documents() -> None:
     datamodule = datamodules.build(cfg, tokenizer)
     datamodule.setup("fit")
     train, val = datamodule.datasets["train"], datamodule.datasets["val"]
-    assert all(len(b["input_ids"]) == cfg.data.max_length and b["labels"] == b["input_ids"] for b in train + val)
+    assert all(
+        len(b["input_ids"]) == cfg.data.max_length and b["labels"] == b["input_ids"] for b in train + val
+    )
     train_docs = {datamodule.document(r) for r in datamodule.records("train")}
     val_docs = {datamodule.document(r) for r in datamodule.records("val")}
     assert len(val_docs) == 6 and not train_docs & val_docs
@@ -53,33 +59,63 @@ def test_full_scale_experiments_pin_the_study_settings(name: str) -> None:
     lr, batch, sequence, small = SPEC[name]
     assert (cfg.optim.lr, cfg.data.batch_size, cfg.data.max_length) == (lr, batch, sequence)
     scratch = cfg.model.scratch
-    assert (scratch.hidden_size, scratch.num_attention_heads, scratch.num_hidden_layers) == ((256, 4, 8) if small else (384, 6, 12))
-    assert (cfg.trainer.max_steps, cfg.trainer.val_check_interval, cfg.trainer.precision) == (2000, 400, "bf16-mixed")
+    assert (scratch.hidden_size, scratch.num_attention_heads, scratch.num_hidden_layers) == (
+        (256, 4, 8) if small else (384, 6, 12)
+    )
+    assert (cfg.trainer.max_steps, cfg.trainer.val_check_interval, cfg.trainer.precision) == (
+        2000,
+        400,
+        "bf16-mixed",
+    )
     assert cfg.task.name == "cosmopedia" and cfg.model.tokenizer == "gguf"
 
 
-def test_report_from_a_real_sweep_from_csv_and_from_wandb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_report_from_a_real_sweep_from_csv_and_from_wandb(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     command = [
-        sys.executable, "train.py", "-m", "experiment=ablation_tiny/baseline,ablation_tiny/small_model",
-        "trainer.max_steps=4", "trainer.val_check_interval=2", "logger=wandb", "print_config=false",
-        "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path}",
+        sys.executable,
+        "train.py",
+        "-m",
+        "experiment=ablation_tiny/baseline,ablation_tiny/small_model",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=2",
+        "logger=wandb",
+        "print_config=false",
+        "trainer.enable_progress_bar=false",
+        f"hydra.sweep.dir={tmp_path}",
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                            env={**__import__("os").environ, "WANDB_MODE": "offline"})
+    result = subprocess.run(
+        command,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("os").environ, "WANDB_MODE": "offline"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     before = set(find_run_files(tmp_path))  # the sweep's summary run
     monkeypatch.setattr(sys, "argv", ["analysis.ablation", str(tmp_path)])
     ablation_main()
     (report_file,) = set(find_run_files(tmp_path)) - before
-    report_run, jobs = read_wandb(report_file, wait=60), [read_wandb(find_run_files(tmp_path / n)[0]) for n in ("0", "1")]
+    report_run, jobs = (
+        read_wandb(report_file, wait=60),
+        [read_wandb(find_run_files(tmp_path / n)[0]) for n in ("0", "1")],
+    )
     assert report_run.job_type == "analysis" and report_run.group == jobs[0].group == jobs[1].group
     assert jobs[0].run_id != jobs[1].run_id
-    assert {"training_loss_curves", "convergence"} <= {p.name.rsplit("_", 2)[0] for p in
-                                                     report_file.parent.glob("files/media/images/*.png")}
+    assert {"training_loss_curves", "convergence"} <= {
+        p.name.rsplit("_", 2)[0] for p in report_file.parent.glob("files/media/images/*.png")
+    }
     paths = write_report(tmp_path)
     assert {p.name for p in paths} == {
-        "performance_metrics.csv", "results.md", "research_data.json", "training_loss_curves.png",
-        "final_performance.png", "efficiency.png", "convergence.png",
+        "performance_metrics.csv",
+        "results.md",
+        "research_data.json",
+        "training_loss_curves.png",
+        "final_performance.png",
+        "efficiency.png",
+        "convergence.png",
     }
     assert all(p.stat().st_size > 100 for p in paths)
     table = (tmp_path / "results.md").read_text().splitlines()

@@ -1,5 +1,5 @@
-"""One run lifecycle for every entrypoint: W&B runs per job and per sweep, grouped and flat-configured, the same
-run after a resume, headline numbers equal to results.json, Optuna search, TensorBoard HParams."""
+"""One run lifecycle for every entrypoint: W&B runs per job and per sweep, grouped and flat-configured, the
+same run after a resume, headline numbers equal to results.json, Optuna search, TensorBoard HParams."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ ENV = {**os.environ, "WANDB_MODE": "offline"}
 
 
 def entrypoint(*command: str) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    result = subprocess.run(
+        [sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
@@ -48,15 +50,29 @@ def results(run_dir: Path) -> dict:
 
 
 def test_train_sweep_in_one_process_logs_one_wandb_run_per_job_in_one_group(tmp_path: Path) -> None:
-    entrypoint("train.py", "-m", *TINY, "model=tiny_llama", "logger=wandb", "optim.lr=1e-4,3e-4", "data.batch_size=4,8",
-               "data.max_train_samples=8", f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}")
+    entrypoint(
+        "train.py",
+        "-m",
+        *TINY,
+        "model=tiny_llama",
+        "logger=wandb",
+        "optim.lr=1e-4,3e-4",
+        "data.batch_size=4,8",
+        "data.max_train_samples=8",
+        f"hydra.sweep.dir={tmp_path}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
     jobs = [tmp_path / str(n) for n in range(4)]
     runs = [only_run(job) for job in jobs]
     assert len({run.run_id for run in runs}) == 4
     group = lifecycle.sweep_group(tmp_path)
     assert {run.group for run in runs} == {group} and {run.job_type for run in runs} == {"train"}
     assert [(run.config["optim.lr"], run.config["data.batch_size"]) for run in runs] == [
-        (1e-4, 4), (1e-4, 8), (3e-4, 4), (3e-4, 8)]
+        (1e-4, 4),
+        (1e-4, 8),
+        (3e-4, 4),
+        (3e-4, 8),
+    ]
     assert runs[0].tags == ["tiny_llama", "gsm8k", "lora"]
     for job, run in zip(jobs, runs, strict=True):
         assert run.summary["val/loss"] == pytest.approx(results(job)["metrics"]["val/loss"], rel=1e-6)
@@ -66,7 +82,9 @@ def test_train_sweep_in_one_process_logs_one_wandb_run_per_job_in_one_group(tmp_
     assert summary.job_type == "summary" and summary.group == group
     table = wandb_table(tmp_path, "summary")
     assert [row["job"] for row in table] == ["0", "1", "2", "3"]
-    assert [row["val/loss"] for row in table] == pytest.approx([results(job)["metrics"]["val/loss"] for job in jobs])
+    assert [row["val/loss"] for row in table] == pytest.approx(
+        [results(job)["metrics"]["val/loss"] for job in jobs]
+    )
     with (tmp_path / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {"optim.lr=0.0003", "data.batch_size=8"} <= set(rows[3]["overrides"].split())
@@ -75,11 +93,23 @@ def test_train_sweep_in_one_process_logs_one_wandb_run_per_job_in_one_group(tmp_
 
 
 def test_evaluate_sweep_in_one_process_logs_metrics_and_predictions_per_job(tmp_path: Path) -> None:
-    entrypoint("evaluate.py", "-m", "model=tiny_llama", "task=classification", "task.source=bundled", "logger=wandb",
-               "print_config=false", "limit=2,4", f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}")
+    entrypoint(
+        "evaluate.py",
+        "-m",
+        "model=tiny_llama",
+        "task=classification",
+        "task.source=bundled",
+        "logger=wandb",
+        "print_config=false",
+        "limit=2,4",
+        f"hydra.sweep.dir={tmp_path}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
     runs = [only_run(tmp_path / str(n)) for n in range(2)]
     assert len({run.run_id for run in runs}) == 2
-    assert {run.group for run in runs} == {lifecycle.sweep_group(tmp_path)} and {run.job_type for run in runs} == {"evaluate"}
+    assert {run.group for run in runs} == {lifecycle.sweep_group(tmp_path)} and {
+        run.job_type for run in runs
+    } == {"evaluate"}
     assert [run.config["limit"] for run in runs] == [2, 4]
     for job, run, size in zip((tmp_path / "0", tmp_path / "1"), runs, (2, 4), strict=True):
         result = results(job)
@@ -90,24 +120,40 @@ def test_evaluate_sweep_in_one_process_logs_metrics_and_predictions_per_job(tmp_
         table = wandb_table(job, "predictions")
         assert len(table) == size
         assert [(r["text"], r["gold"], r["predicted"], r["correct"]) for r in table] == [
-            (p["text"], p["gold"], p["predicted"], p["correct"]) for p in predictions]
+            (p["text"], p["gold"], p["predicted"], p["correct"]) for p in predictions
+        ]
     summary = only_run(tmp_path)
-    assert summary.job_type == "summary" and [row["accuracy"] for row in wandb_table(tmp_path, "summary")] == [
-        pytest.approx(results(tmp_path / str(n))["metrics"]["accuracy"]) for n in range(2)]
+    assert summary.job_type == "summary" and [
+        row["accuracy"] for row in wandb_table(tmp_path, "summary")
+    ] == [pytest.approx(results(tmp_path / str(n))["metrics"]["accuracy"]) for n in range(2)]
 
 
 ANALYSES = {
-    "attention": ["model=tiny_diffllama", "task=gsm8k_inf", "task.source=bundled", "analysis.num_problems=2",
-                  "analysis.maps=[diff]"],
+    "attention": [
+        "model=tiny_diffllama",
+        "task=gsm8k_inf",
+        "task.source=bundled",
+        "analysis.num_problems=2",
+        "analysis.maps=[diff]",
+    ],
     "gradsim": ["model=tiny_llama", "task.source=bundled", "analysis.max_pieces=6"],
-    "ripple": ["model=tiny_gpt2", "task.source=bundled", "analysis.memit.stats.source.kind=bundled",
-               "analysis.memit.stats.text_field=question", "analysis.memit.mom2_n_samples=30", "analysis.num_edits=2",
-               "analysis.bootstrap_samples=20", "analysis.gradsim.max_pieces=6"],
+    "ripple": [
+        "model=tiny_gpt2",
+        "task.source=bundled",
+        "analysis.memit.stats.source.kind=bundled",
+        "analysis.memit.stats.text_field=question",
+        "analysis.memit.mom2_n_samples=30",
+        "analysis.num_edits=2",
+        "analysis.bootstrap_samples=20",
+        "analysis.gradsim.max_pieces=6",
+    ],
 }
 
 
 @pytest.mark.parametrize("name", list(ANALYSES))
-def test_analysis_entrypoint_logs_its_headline_numbers_and_figures_to_wandb(name: str, tmp_path: Path) -> None:
+def test_analysis_entrypoint_logs_its_headline_numbers_and_figures_to_wandb(
+    name: str, tmp_path: Path
+) -> None:
     import importlib
 
     cfg = compose_config(*ANALYSES[name], "logger=wandb", config_name=name)
@@ -128,7 +174,13 @@ def test_analysis_entrypoint_logs_its_headline_numbers_and_figures_to_wandb(name
 def test_a_failing_run_still_ends_its_wandb_run(error: BaseException, tmp_path: Path) -> None:
     import wandb
 
-    cfg = compose_config("logger=wandb", "print_config=false", "model=tiny_llama", "task.source=bundled", config_name="evaluate")
+    cfg = compose_config(
+        "logger=wandb",
+        "print_config=false",
+        "model=tiny_llama",
+        "task.source=bundled",
+        config_name="evaluate",
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     with pytest.raises(type(error)), lifecycle.start(cfg, "evaluate") as session:
@@ -144,9 +196,16 @@ def test_a_logger_config_error_is_raised_before_any_model_loads(tmp_path: Path, 
     from lightning_modules import models
     from runtime import evaluation
 
-    monkeypatch.setattr(models, "build", lambda *a, **k: pytest.fail("the model was loaded before the loggers"))
-    cfg = compose_config("logger=wandb", "model=tiny_llama", "task.source=bundled", "logger.wandb.name=${missing_key}",
-                         config_name="evaluate")
+    monkeypatch.setattr(
+        models, "build", lambda *a, **k: pytest.fail("the model was loaded before the loggers")
+    )
+    cfg = compose_config(
+        "logger=wandb",
+        "model=tiny_llama",
+        "task.source=bundled",
+        "logger.wandb.name=${missing_key}",
+        config_name="evaluate",
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     with pytest.raises(Exception, match="missing_key"):
@@ -176,16 +235,28 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_config, tmp_path: Path)
 
 
 def test_optuna_search_reports_its_best_trial_and_tensorboard_shows_every_trial(tmp_path: Path) -> None:
-    entrypoint("train.py", "hparams_search=lora_lr_bs", *TINY, "model=tiny_llama", "logger=[wandb,tensorboard]",
-               "data.max_train_samples=8", "trainer.max_steps=2", "hydra.sweeper.n_trials=3",
-               "hydra.sweeper.sampler.n_startup_trials=2", f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}")
+    entrypoint(
+        "train.py",
+        "hparams_search=lora_lr_bs",
+        *TINY,
+        "model=tiny_llama",
+        "logger=[wandb,tensorboard]",
+        "data.max_train_samples=8",
+        "trainer.max_steps=2",
+        "hydra.sweeper.n_trials=3",
+        "hydra.sweeper.sampler.n_startup_trials=2",
+        f"hydra.sweep.dir={tmp_path}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    )
     jobs = sorted(p.parent for p in tmp_path.glob("*/results.json"))
     assert [job.name for job in jobs] == ["0", "1", "2"]
     losses = [results(job)["metrics"]["val/loss"] for job in jobs]
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(losses), rel=1e-6)
     best_job = jobs[losses.index(min(losses))]
-    assert best["best_params"]["optim.lr"] == pytest.approx(yaml.safe_load((best_job / "config.yaml").read_text())["optim"]["lr"])
+    assert best["best_params"]["optim.lr"] == pytest.approx(
+        yaml.safe_load((best_job / "config.yaml").read_text())["optim"]["lr"]
+    )
     assert len({only_run(job).run_id for job in jobs}) == 3
     for job, loss in zip(jobs, losses, strict=True):
         events = EventAccumulator(str(job / "tensorboard"))
@@ -193,7 +264,8 @@ def test_optuna_search_reports_its_best_trial_and_tensorboard_shows_every_trial(
         assert {"train/loss_step", "val/loss"} <= set(events.Tags()["scalars"])
         assert events.Scalars("final/val/loss")[-1].value == pytest.approx(loss, rel=1e-6)
         start = plugin_data_pb2.HParamsPluginData.FromString(
-            events.PluginTagToContent("hparams")["_hparams_/session_start_info"]).session_start_info
+            events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        ).session_start_info
         lr = yaml.safe_load((job / "config.yaml").read_text())["optim"]["lr"]
         assert start.hparams["optim.lr"].number_value == pytest.approx(lr)
         assert start.hparams["data.batch_size"].number_value in (4, 8, 16)
@@ -203,8 +275,9 @@ def test_optimized_metric_names_the_value_a_sweeper_gets(caplog: pytest.LogCaptu
     assert lifecycle.optimized_value({"metrics": {"val/loss": 2.5}}, "val/loss") == 2.5
     assert math.isnan(lifecycle.optimized_value({"metrics": {"val/loss": 2.5}, "run_dir": "x"}, "val/los"))
     assert "optimized_metric='val/los' is not among this run's metrics (val/loss)" in caplog.text
-    assert [lifecycle.metric_direction(m) for m in ("val/loss", "val/ppl", "accuracy", "pass@1_flexible")] == [
-        "minimize", "minimize", "maximize", "maximize"]
+    assert [
+        lifecycle.metric_direction(m) for m in ("val/loss", "val/ppl", "accuracy", "pass@1_flexible")
+    ] == ["minimize", "minimize", "maximize", "maximize"]
 
 
 def test_flat_config_has_dotted_keys_for_dashboards(tiny_config) -> None:
@@ -214,20 +287,33 @@ def test_flat_config_has_dotted_keys_for_dashboards(tiny_config) -> None:
 
 
 def test_ctrl_c_exit_code_is_not_a_success(tmp_path: Path) -> None:
-    """SIGINT in a real train.py process: the W&B run ends as failed, and the run dir is named in the output."""
-    command = [sys.executable, "train.py", *TINY, "model=tiny_llama", "logger=wandb", "data.max_train_samples=8",
-               "+callbacks.stop._target_=tests.helpers.InterruptAtStep", "+callbacks.stop.step=1",
-               f"hydra.run.dir={tmp_path}", f"paths.cache_dir={tmp_path / 'cache'}"]
+    """SIGINT in a real train.py process: the W&B run ends as failed, and the run dir is named in the
+    output."""
+    command = [
+        sys.executable,
+        "train.py",
+        *TINY,
+        "model=tiny_llama",
+        "logger=wandb",
+        "data.max_train_samples=8",
+        "+callbacks.stop._target_=tests.helpers.InterruptAtStep",
+        "+callbacks.stop.step=1",
+        f"hydra.run.dir={tmp_path}",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
     assert result.returncode not in (0, -signal.SIGKILL)
     assert only_run(tmp_path).exit_code == 1
     assert f"run dir: {tmp_path}" in result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("config_name", ["train", "evaluate", "attention", "gradsim", "ripple", "noise_study"])
+@pytest.mark.parametrize(
+    "config_name", ["train", "evaluate", "attention", "gradsim", "ripple", "noise_study"]
+)
 @pytest.mark.parametrize("logger", ["wandb", "tensorboard"])
 def test_every_entrypoint_config_resolves_its_loggers(config_name: str, logger: str, tmp_path: Path) -> None:
-    """`logger=wandb` / `logger=tensorboard` compose and resolve in every entrypoint's config (names, group, tags)."""
+    """`logger=wandb` / `logger=tensorboard` compose and resolve in every entrypoint's config (names, group,
+    tags)."""
     cfg = compose_config(f"logger={logger}", config_name=config_name)
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
@@ -235,4 +321,6 @@ def test_every_entrypoint_config_resolves_its_loggers(config_name: str, logger: 
     assert set(resolved) == {"csv", logger}
     if logger == "wandb":
         assert resolved["wandb"]["name"] == cfg.run_name and resolved["wandb"]["tags"] == list(cfg.tags)
-        assert resolved["wandb"]["group"] == cfg.get("task", {}).get("name", cfg.run_name)  # no sweep: the task
+        assert resolved["wandb"]["group"] == cfg.get("task", {}).get(
+            "name", cfg.run_name
+        )  # no sweep: the task

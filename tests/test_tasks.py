@@ -28,7 +28,7 @@ CHATML = (
 SOCRATIC_GSM8K = {
     "question": "Ann has 3 bags of 4 apples. She eats 2. How many are left?",
     "answer": "How many apples does Ann have? ** Ann has 3 * 4 = <<3*4=12>>12 apples.\n"
-              "How many are left? ** 12 - 2 = <<12-2=10>>10 apples are left.\n#### 10",
+    "How many are left? ** 12 - 2 = <<12-2=10>>10 apples are left.\n#### 10",
 }
 
 
@@ -43,7 +43,10 @@ def test_label_scores_sum_every_token_of_each_label() -> None:
     model, tokenizer = models.build(compose_config("model=tiny_llama").model)
     model.eval()
     prompts = [tokenizer("Text: rain again\nLabel:")["input_ids"], tokenizer("Hi")["input_ids"]]
-    labels = [tokenizer(" Sci/Tech", add_special_tokens=False)["input_ids"], tokenizer(" Sports", add_special_tokens=False)["input_ids"]]
+    labels = [
+        tokenizer(" Sci/Tech", add_special_tokens=False)["input_ids"],
+        tokenizer(" Sports", add_special_tokens=False)["input_ids"],
+    ]
     assert labels[0][:2] == labels[1][:2]  # " S...": the first tokens alone cannot tell them apart
     scores = label_logprobs(model, prompts, labels, tokenizer.pad_token_id)
     for p, prompt in enumerate(prompts):
@@ -68,8 +71,12 @@ def test_classification_batches_carry_the_class_and_the_prompt_length() -> None:
     batch = next(iter(data.train_dataloader()))
     for row in range(len(batch["input_ids"])):
         length = int(batch["prompt_length"][row])
-        assert (batch["labels"][row, :length] == IGNORE_INDEX).all() and batch["labels"][row, length] != IGNORE_INDEX
-        label = data.tokenizer.decode([t for t in batch["labels"][row].tolist() if t != IGNORE_INDEX], skip_special_tokens=True)
+        assert (batch["labels"][row, :length] == IGNORE_INDEX).all() and batch["labels"][
+            row, length
+        ] != IGNORE_INDEX
+        label = data.tokenizer.decode(
+            [t for t in batch["labels"][row].tolist() if t != IGNORE_INDEX], skip_special_tokens=True
+        )
         assert label == " " + data.class_names[int(batch["class_index"][row])]
 
 
@@ -95,9 +102,20 @@ def test_loss_covers_exactly_the_teacher_turns(template: str | None) -> None:
 
 
 def test_three_dialogue_formats_are_read(tmp_path: Path) -> None:
-    socrateach = {"p7": {"question": "What is 2 + 5?", "answer": "7", "analysis": "...", "steps": ["add"],
-                         "dialogues": {"p7_0": [{"system": "What do you get if you add?", "user": "7"},
-                                                {"system": "Right, 7.", "END": True}]}}}
+    socrateach = {
+        "p7": {
+            "question": "What is 2 + 5?",
+            "answer": "7",
+            "analysis": "...",
+            "steps": ["add"],
+            "dialogues": {
+                "p7_0": [
+                    {"system": "What do you get if you add?", "user": "7"},
+                    {"system": "Right, 7.", "END": True},
+                ]
+            },
+        }
+    }
     (tmp_path / "socrateach.json").write_text(json.dumps(socrateach))
     [record] = read_file(tmp_path / "socrateach.json")
     [dialogue] = dialogues_of(record)
@@ -106,10 +124,17 @@ def test_three_dialogue_formats_are_read(tmp_path: Path) -> None:
 
     converted = gsm8k_dialogue(SOCRATIC_GSM8K["question"], SOCRATIC_GSM8K["answer"])
     assert [m["content"] for m in converted["messages"] if m["role"] == "assistant"] == [
-        "How many apples does Ann have?", "How many are left?", "Well done! So the answer is 10."]
-    assert "Ann has 3 * 4 = 12 apples." in [m["content"] for m in converted["messages"]]  # calculator notes gone
+        "How many apples does Ann have?",
+        "How many are left?",
+        "Well done! So the answer is 10.",
+    ]
+    assert "Ann has 3 * 4 = 12 apples." in [
+        m["content"] for m in converted["messages"]
+    ]  # calculator notes gone
 
-    [socraticmath] = dialogues_of({"id": "s1", "conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]})
+    [socraticmath] = dialogues_of(
+        {"id": "s1", "conversations": [{"from": "user", "value": "q"}, {"from": "assistant", "value": "a"}]}
+    )
     assert socraticmath["messages"][1] == {"role": "assistant", "content": "a"}
     with pytest.raises(DataSourceError, match=r"f.jsonl:4: not a tutoring dialogue"):
         dialogues_of({"text": "hello", "_where": "f.jsonl:4"})
@@ -117,10 +142,25 @@ def test_three_dialogue_formats_are_read(tmp_path: Path) -> None:
 
 def test_converter_writes_socraticmath_json_that_reads_back(tmp_path: Path) -> None:
     (tmp_path / "socratic.jsonl").write_text(json.dumps(SOCRATIC_GSM8K) + "\n")
-    subprocess.run([sys.executable, "-m", "datamodules.socratic", "--input", str(tmp_path / "socratic.jsonl"),
-                    "--output", str(tmp_path / "out.json")], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "datamodules.socratic",
+            "--input",
+            str(tmp_path / "socratic.jsonl"),
+            "--output",
+            str(tmp_path / "out.json"),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     [record] = read_file(tmp_path / "out.json")
-    assert dialogues_of(record)[0]["messages"] == gsm8k_dialogue(SOCRATIC_GSM8K["question"], SOCRATIC_GSM8K["answer"])["messages"]
+    assert (
+        dialogues_of(record)[0]["messages"]
+        == gsm8k_dialogue(SOCRATIC_GSM8K["question"], SOCRATIC_GSM8K["answer"])["messages"]
+    )
 
 
 def test_chinese_text_metrics_use_characters() -> None:
@@ -137,14 +177,23 @@ def test_chinese_text_metrics_use_characters() -> None:
 
 @pytest.mark.parametrize(("turns", "count"), [("last", 3), ("all", 7)])
 def test_socratic_evaluation_scores_generated_teacher_turns(tmp_path: Path, turns: str, count: int) -> None:
-    cfg = compose_config("model=tiny_llama", "task=socratic_math", "task.source=bundled", f"task.eval_turns={turns}",
-                         "generation.max_new_tokens=8", "print_config=false", config_name="evaluate")
+    cfg = compose_config(
+        "model=tiny_llama",
+        "task=socratic_math",
+        "task.source=bundled",
+        f"task.eval_turns={turns}",
+        "generation.max_new_tokens=8",
+        "print_config=false",
+        config_name="evaluate",
+    )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     metrics = evaluation.run(cfg)["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert metrics["num_problems"] == len(rows) == count
-    assert rows[0]["prompt"].endswith("Teacher:") and rows[0]["prompt"].startswith("System: You are a Socratic")
+    assert rows[0]["prompt"].endswith("Teacher:") and rows[0]["prompt"].startswith(
+        "System: You are a Socratic"
+    )
     finals = [r["answer_correct"] for r in rows if r["answer_correct"] is not None]
     assert len(finals) == 3  # one final teacher turn per test dialogue
     assert metrics["answer_correct"] == pytest.approx(sum(finals) / 3)
@@ -154,7 +203,12 @@ def test_socratic_evaluation_scores_generated_teacher_turns(tmp_path: Path, turn
 def test_socratic_settings_compose_on_a_tiny_model() -> None:
     paper = compose_config("experiment=socratic_math", "model=tiny_qwen2")
     reproduction = compose_config("experiment=socratic_math_qvgd", "model=tiny_qwen2")
-    assert (paper.method.r, list(paper.method.target_modules), paper.optim.lr, paper.trainer.max_epochs) == (8, ["q_proj", "v_proj"], 1e-4, 10)
+    assert (paper.method.r, list(paper.method.target_modules), paper.optim.lr, paper.trainer.max_epochs) == (
+        8,
+        ["q_proj", "v_proj"],
+        1e-4,
+        10,
+    )
     assert list(reproduction.method.target_modules) == ["q_proj", "v_proj", "gate_proj", "down_proj"]
     assert (reproduction.method.alpha, reproduction.method.dropout, reproduction.optim.lr) == (16, 0.05, 3e-4)
     assert reproduction.data.batch_size * reproduction.trainer.accumulate_grad_batches == 64

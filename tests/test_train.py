@@ -1,4 +1,5 @@
-"""The training stack on tiny models: every architecture x method trains, overfits, resumes exactly, stops on NaN."""
+"""The training stack on tiny models: every architecture x method trains, overfits, resumes exactly, stops on
+NaN."""
 
 from __future__ import annotations
 
@@ -24,14 +25,18 @@ TINY_MODELS = ["tiny_llama", "tiny_diffllama", "tiny_gpt2", "tiny_qwen2"]
 
 def final_weights(results: dict) -> dict[str, torch.Tensor]:
     directory = Path(results["final_dir"])
-    name = "adapter_model.safetensors" if (directory / "adapter_config.json").exists() else "model.safetensors"
+    name = (
+        "adapter_model.safetensors" if (directory / "adapter_config.json").exists() else "model.safetensors"
+    )
     return load_file(directory / name)
 
 
 @pytest.mark.parametrize("method", ["full", "lora"])
 @pytest.mark.parametrize("model", TINY_MODELS)
 def test_every_tiny_model_trains_with_every_method(tiny_config, model: str, method: str) -> None:
-    cfg = tiny_config(f"model={model}", f"method={method}", "trainer.max_steps=3", "data.max_train_samples=12")
+    cfg = tiny_config(
+        f"model={model}", f"method={method}", "trainer.max_steps=3", "data.max_train_samples=12"
+    )
     L.seed_everything(cfg.seed)
     initial = {n: p.detach().clone() for n, p in build_trainable_model(cfg)[0].named_parameters()}
     results = run(cfg)
@@ -62,8 +67,16 @@ def test_run_directory_holds_config_metrics_checkpoints_results(tiny_config, tmp
 
 
 def test_metrics_beyond_the_loss_are_computed_every_n_steps(tiny_config) -> None:
-    results = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=5", "metrics.every_n_steps=2",
-                              "data.max_train_samples=20", "test_after_fit=false"))  # one epoch of 5 steps, then val
+    results = run(
+        tiny_config(
+            "model=tiny_llama",
+            "method=lora",
+            "trainer.max_steps=5",
+            "metrics.every_n_steps=2",
+            "data.max_train_samples=20",
+            "test_after_fit=false",
+        )
+    )  # one epoch of 5 steps, then val
     with (Path(results["run_dir"]) / "metrics" / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
 
@@ -71,11 +84,15 @@ def test_metrics_beyond_the_loss_are_computed_every_n_steps(tiny_config) -> None
         return [int(row["step"]) for row in rows if row.get(key)]
 
     assert steps("train/loss_step") == [0, 1, 2, 3, 4]
-    assert steps("train/top5_acc_step") == steps("train/token_acc_step") == steps("train/grad_norm") == [0, 2, 4]
+    assert (
+        steps("train/top5_acc_step") == steps("train/token_acc_step") == steps("train/grad_norm") == [0, 2, 4]
+    )
     # the epoch value averages the measured steps only
     step_values = [float(row["train/token_acc_step"]) for row in rows if row.get("train/token_acc_step")]
     assert results["metrics"]["train/token_acc"] == pytest.approx(sum(step_values) / 3, abs=0.05)
-    assert {"val/token_acc", "val/top5_acc", "val/confidence"} <= set(results["metrics"])  # validation measures all
+    assert {"val/token_acc", "val/top5_acc", "val/confidence"} <= set(
+        results["metrics"]
+    )  # validation measures all
     with pytest.raises(ValueError, match=r"metrics.every_n_steps=0: expected an integer >= 1"):
         run(tiny_config("model=tiny_llama", "metrics.every_n_steps=0"))
 
@@ -102,15 +119,27 @@ def test_overfitting_one_batch_lowers_the_loss_by_a_clear_margin(tiny_config) ->
 
     before = loss()
     trainer = L.Trainer(
-        accelerator="cpu", max_steps=60, overfit_batches=1, logger=False, enable_checkpointing=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        accelerator="cpu",
+        max_steps=60,
+        overfit_batches=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
     )
     trainer.fit(module, train_dataloaders=DataLoader([batch], batch_size=None))
     assert loss() < 0.5 * before
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tiny_config, tmp_path: Path) -> None:
-    common = ["model=tiny_llama", "method=lora", "method.dropout=0", "trainer.max_epochs=3", "data.max_train_samples=8"]
+    common = [
+        "model=tiny_llama",
+        "method=lora",
+        "method.dropout=0",
+        "trainer.max_epochs=3",
+        "data.max_train_samples=8",
+    ]
     straight = run(tiny_config(*common, run_dir=tmp_path / "straight"))
 
     interrupted = tiny_config(*common, run_dir=tmp_path / "interrupted")
@@ -131,12 +160,22 @@ def test_interrupted_run_resumes_to_the_same_weights(tiny_config, tmp_path: Path
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_nan_loss_stops_the_run_and_rolls_back_the_checkpoint_of_the_nan_weights(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config("model=tiny_llama", "method=full", "trainer.max_steps=10", "callbacks.last_checkpoint.every_n_train_steps=1")
+def test_nan_loss_stops_the_run_and_rolls_back_the_checkpoint_of_the_nan_weights(
+    tiny_config, tmp_path: Path
+) -> None:
+    cfg = tiny_config(
+        "model=tiny_llama",
+        "method=full",
+        "trainer.max_steps=10",
+        "callbacks.last_checkpoint.every_n_train_steps=1",
+    )
     with open_dict(cfg):
         cfg.callbacks.poison = {"_target_": "tests.helpers.PoisonWeightsAtStep", "step": 3}
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    with pytest.raises(NonFiniteLossError, match=f"training loss is nan at global step 3 .*The last good checkpoint is {last} \\(step 2\\)"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=f"training loss is nan at global step 3 .*The last good checkpoint is {last} \\(step 2\\)",
+    ):
         run(cfg)
     checkpoint = torch.load(last, weights_only=True)
     assert checkpoint["global_step"] == 2  # the step-3 file held the weights whose loss was NaN: rolled back
@@ -144,13 +183,25 @@ def test_nan_loss_stops_the_run_and_rolls_back_the_checkpoint_of_the_nan_weights
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tiny_config) -> None:
-    results = run(tiny_config("model=tiny_qwen2", "method=lora", "trainer.precision=bf16-mixed", "data.max_train_samples=8"))
+    results = run(
+        tiny_config(
+            "model=tiny_qwen2", "method=lora", "trainer.precision=bf16-mixed", "data.max_train_samples=8"
+        )
+    )
     assert torch.isfinite(torch.tensor(results["metrics"]["val/loss"]))
 
 
-def test_a_failing_test_stage_leaves_the_export_written_and_says_where(tiny_config, tmp_path: Path, caplog) -> None:
-    cfg = tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=2", "data.max_train_samples=8",
-                      "+callbacks.fail._target_=tests.helpers.FailAtTest", run_dir=tmp_path / "run")
+def test_a_failing_test_stage_leaves_the_export_written_and_says_where(
+    tiny_config, tmp_path: Path, caplog
+) -> None:
+    cfg = tiny_config(
+        "model=tiny_llama",
+        "method=lora",
+        "trainer.max_steps=2",
+        "data.max_train_samples=8",
+        "+callbacks.fail._target_=tests.helpers.FailAtTest",
+        run_dir=tmp_path / "run",
+    )
     with pytest.raises(RuntimeError, match="the test stage broke"):
         run(cfg)
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").exists()
@@ -158,20 +209,36 @@ def test_a_failing_test_stage_leaves_the_export_written_and_says_where(tiny_conf
 
 
 def test_test_ckpt_best_measures_the_lowest_validation_loss_checkpoint(tiny_config, tmp_path: Path) -> None:
-    cfg = tiny_config("model=tiny_llama", "method=full", "trainer.max_epochs=3", "data.max_train_samples=16",
-                      "optim.lr=3e-3", "test_ckpt=best", run_dir=tmp_path / "run")
+    cfg = tiny_config(
+        "model=tiny_llama",
+        "method=full",
+        "trainer.max_epochs=3",
+        "data.max_train_samples=16",
+        "optim.lr=3e-3",
+        "test_ckpt=best",
+        run_dir=tmp_path / "run",
+    )
     results = run(cfg)
     tested = results["tested"]
     with (tmp_path / "run" / "metrics" / "metrics.csv").open() as handle:
-        validation = [(float(row["val/loss"]), int(row["step"])) for row in csv.DictReader(handle) if row.get("val/loss")]
+        validation = [
+            (float(row["val/loss"]), int(row["step"]))
+            for row in csv.DictReader(handle)
+            if row.get("val/loss")
+        ]
     assert len(validation) == 3 and tested["weights"] == "best"
-    assert tested["val/loss"] == pytest.approx(min(validation)[0]) and tested["global_step"] == min(validation)[1] + 1
+    assert (
+        tested["val/loss"] == pytest.approx(min(validation)[0])
+        and tested["global_step"] == min(validation)[1] + 1
+    )
     # an independent measurement: a fresh module carrying the checkpoint's weights, tested by a new Trainer
     L.seed_everything(cfg.seed)
     model, _, datamodule, _ = build_trainable_model(cfg)
     module = task_module_class("causal_lm").from_config(model, cfg, datamodule)
     module.load_state_dict(torch.load(tested["checkpoint"], weights_only=True)["state_dict"])
-    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer = L.Trainer(
+        accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False
+    )
     (measured,) = trainer.test(module, datamodule=datamodule, verbose=False)
     assert results["metrics"]["test/loss"] == pytest.approx(measured["test/loss"], rel=1e-6)
 

@@ -12,8 +12,12 @@ from transformers import TrainerCallback
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFLINE_CPU = [
-    "trainer=cpu", "logger=csv", "print_config=false", "trainer.enable_progress_bar=false",
-    "trainer.enable_model_summary=false", "test_after_fit=false",
+    "trainer=cpu",
+    "logger=csv",
+    "print_config=false",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "test_after_fit=false",
 ]
 
 

@@ -1,10 +1,10 @@
 """Methods turn a built model into the trainable model.
 
-A method is a plain function `apply(model, context, **knobs) -> model` in `lightning_modules/methods/<name>.py`;
-its config (conf/method/<name>.yaml) targets it with `_partial_: true` and lists the knobs, and
-lightning_modules/registry.py names it. `context` carries what a method may need beyond the model (the model
-config, the tokenizer, the task's data, the run dir) and takes back the numbers it reports (`metrics`).
-What a method trained is saved and restored by runtime/saved_run.py.
+A method is a plain function `apply(model, context, **knobs) -> model` in
+`lightning_modules/methods/<name>.py`; its config (conf/method/<name>.yaml) targets it with `_partial_: true`
+and lists the knobs, and lightning_modules/registry.py names it. `context` carries what a method may need
+beyond the model (the model config, the tokenizer, the task's data, the run dir) and takes back the numbers it
+reports (`metrics`). What a method trained is saved and restored by runtime/saved_run.py.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from transformers import PreTrainedTokenizerBase
 
 @dataclass
 class MethodContext:
-    """What a method may use besides the model (its model config, tokenizer, the task's DataModule, the run dir),
-    and the metrics it reports back (train.py logs them at step 0)."""
+    """What a method may use besides the model (its model config, tokenizer, the task's DataModule, the run
+    dir), and the metrics it reports back (train.py logs them at step 0)."""
 
     model_cfg: DictConfig | None = None
     tokenizer: PreTrainedTokenizerBase | None = None

@@ -36,7 +36,9 @@ class BottleneckAdapter(nn.Module):
         nn.init.zeros_(self.up.bias)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
-        return hidden + self.up(nn.functional.gelu(self.down(hidden.to(self.down.weight.dtype)))).to(hidden.dtype)
+        return hidden + self.up(nn.functional.gelu(self.down(hidden.to(self.down.weight.dtype)))).to(
+            hidden.dtype
+        )
 
 
 def _adapt_output(adapter: BottleneckAdapter):

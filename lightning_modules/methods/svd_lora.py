@@ -35,12 +35,18 @@ log = logging.getLogger(__name__)
 RANK_MAP_FILE = "rank_map.json"
 
 
-def randomized_singular_values(matrix: torch.Tensor, k: int, oversample: int = 10, power_iters: int = 2,
-                               generator: torch.Generator | None = None) -> torch.Tensor:
+def randomized_singular_values(
+    matrix: torch.Tensor,
+    k: int,
+    oversample: int = 10,
+    power_iters: int = 2,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """The top-`k` singular values of `matrix` [m, n] from a Gaussian sketch with power iterations."""
     matrix = matrix.double()
-    sketch = torch.randn(matrix.shape[1], min(k + oversample, min(matrix.shape)), generator=generator,
-                         dtype=matrix.dtype)  # [n, k + p]
+    sketch = torch.randn(
+        matrix.shape[1], min(k + oversample, min(matrix.shape)), generator=generator, dtype=matrix.dtype
+    )  # [n, k + p]
     basis = torch.linalg.qr(matrix @ sketch).Q  # [m, k + p]
     for _ in range(power_iters):
         basis = torch.linalg.qr(matrix.T @ basis).Q  # [n, k + p]
@@ -67,15 +73,22 @@ class RankSelection:
     exact_below: int = 64
 
 
-def select_rank(gradient: torch.Tensor, cfg: RankSelection, exact: bool | None = None,
-                generator: torch.Generator | None = None) -> int:
+def select_rank(
+    gradient: torch.Tensor,
+    cfg: RankSelection,
+    exact: bool | None = None,
+    generator: torch.Generator | None = None,
+) -> int:
     """The clamped energy-coverage rank of one gradient matrix (`exact` None: by `exact_below`)."""
     gradient = gradient.double()
     k = min(int(cfg.max_rank), min(gradient.shape))
     if exact is None:
         exact = min(gradient.shape) <= cfg.exact_below
-    values = torch.linalg.svdvals(gradient)[:k] if exact else randomized_singular_values(
-        gradient, k, cfg.oversample, cfg.power_iters, generator)
+    values = (
+        torch.linalg.svdvals(gradient)[:k]
+        if exact
+        else randomized_singular_values(gradient, k, cfg.oversample, cfg.power_iters, generator)
+    )
     rank = coverage_rank(values, float(gradient.square().sum()), float(cfg.tau))
     return max(int(cfg.min_rank), min(int(cfg.max_rank), rank))
 
@@ -85,11 +98,14 @@ def target_weights(model: torch.nn.Module, targets: list[str]) -> dict[str, torc
     return {
         name: module.weight
         for name, module in model.named_modules()
-        if any(name == t or name.endswith("." + t) for t in targets) and isinstance(getattr(module, "weight", None), torch.Tensor)
+        if any(name == t or name.endswith("." + t) for t in targets)
+        and isinstance(getattr(module, "weight", None), torch.Tensor)
     }
 
 
-def accumulated_gradients(model: torch.nn.Module, weights: dict[str, torch.nn.Parameter], batches: list) -> dict[str, torch.Tensor]:
+def accumulated_gradients(
+    model: torch.nn.Module, weights: dict[str, torch.nn.Parameter], batches: list
+) -> dict[str, torch.Tensor]:
     """Sum over `batches` of the loss gradient of each weight (dropout off; other parameters untouched)."""
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
     was_training = model.training
@@ -107,11 +123,20 @@ def accumulated_gradients(model: torch.nn.Module, weights: dict[str, torch.nn.Pa
     return gradients
 
 
-def rank_map_from_gradients(model: PreTrainedModel, targets: list[str], selection: RankSelection, steps: int, seed: int,
-                            context: MethodContext) -> dict[str, int]:
-    """Per target module, the rank that the spectrum of its gradient accumulated over `steps` batches asks for."""
+def rank_map_from_gradients(
+    model: PreTrainedModel,
+    targets: list[str],
+    selection: RankSelection,
+    steps: int,
+    seed: int,
+    context: MethodContext,
+) -> dict[str, int]:
+    """Per target module, the rank that the spectrum of its gradient accumulated over `steps` batches asks
+    for."""
     if context.datamodule is None:
-        raise ValueError("method=svd_lora needs training data to choose ranks; or pass method.rank_map=<rank_map.json>")
+        raise ValueError(
+            "method=svd_lora needs training data to choose ranks; or pass method.rank_map=<rank_map.json>"
+        )
     datamodule = context.datamodule
     datamodule.setup("fit")
     batches = []
@@ -123,8 +148,15 @@ def rank_map_from_gradients(model: PreTrainedModel, targets: list[str], selectio
     started = time.perf_counter()
     gradients = accumulated_gradients(model, weights, batches)
     generator = torch.Generator().manual_seed(int(seed))
-    ranks = {name: select_rank(gradient, selection, generator=generator) for name, gradient in gradients.items()}
-    log.info("svd_lora: ranks of %d layers from %d batches in %.1f s", len(ranks), len(batches), time.perf_counter() - started)
+    ranks = {
+        name: select_rank(gradient, selection, generator=generator) for name, gradient in gradients.items()
+    }
+    log.info(
+        "svd_lora: ranks of %d layers from %d batches in %.1f s",
+        len(ranks),
+        len(batches),
+        time.perf_counter() - started,
+    )
     return ranks
 
 
@@ -132,10 +164,14 @@ def read_rank_map(path: str | Path) -> dict[str, int]:
     """A rank map JSON ({module name: rank}) written by an earlier svd_lora run."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"method.rank_map={path}: no such file (svd_lora runs write <run dir>/{RANK_MAP_FILE})")
+        raise FileNotFoundError(
+            f"method.rank_map={path}: no such file (svd_lora runs write <run dir>/{RANK_MAP_FILE})"
+        )
     ranks = json.loads(path.read_text())
     if not isinstance(ranks, dict) or not all(isinstance(r, int) and r > 0 for r in ranks.values()):
-        raise ValueError(f"method.rank_map={path}: expected a JSON object of module name -> positive integer rank")
+        raise ValueError(
+            f"method.rank_map={path}: expected a JSON object of module name -> positive integer rank"
+        )
     return ranks
 
 
@@ -175,12 +211,25 @@ def write_rank_map(ranks: dict[str, int], run_dir: Path) -> Path:
     return path
 
 
-def apply(model: PreTrainedModel, context: MethodContext, r: int = 8, alpha: float = 16, dropout: float = 0.05,
-          target_modules: Sequence[str] | None = None, rank_eval_steps: int = 8, tau: float = 0.95, min_rank: int = 2,
-          max_rank: int = 32, oversample: int = 10, power_iters: int = 2, exact_below: int = 64, seed: int = 0,
-          rank_map: str | None = None) -> PeftModel:
-    """Choose (or read from `rank_map`) a rank per target layer, then freeze the base and add LoRA with those ranks;
-    the ranks go to `context.metrics`."""
+def apply(
+    model: PreTrainedModel,
+    context: MethodContext,
+    r: int = 8,
+    alpha: float = 16,
+    dropout: float = 0.05,
+    target_modules: Sequence[str] | None = None,
+    rank_eval_steps: int = 8,
+    tau: float = 0.95,
+    min_rank: int = 2,
+    max_rank: int = 32,
+    oversample: int = 10,
+    power_iters: int = 2,
+    exact_below: int = 64,
+    seed: int = 0,
+    rank_map: str | None = None,
+) -> PeftModel:
+    """Choose (or read from `rank_map`) a rank per target layer, then freeze the base and add LoRA with those
+    ranks; the ranks go to `context.metrics`."""
     if rank_map:
         ranks = read_rank_map(rank_map)
     else:
@@ -193,8 +242,15 @@ def apply(model: PreTrainedModel, context: MethodContext, r: int = 8, alpha: flo
         log.info("svd_lora rank %3d  %s", rank, name)
     context.metrics.update(rank_metrics(ranks))
     scale = alpha / r
-    return get_peft_model(model, lora_config(
-        model, sorted(ranks), r, alpha, dropout,
-        rank_pattern=dict(ranks),
-        alpha_pattern={name: scale * rank for name, rank in ranks.items()},
-    ))
+    return get_peft_model(
+        model,
+        lora_config(
+            model,
+            sorted(ranks),
+            r,
+            alpha,
+            dropout,
+            rank_pattern=dict(ranks),
+            alpha_pattern={name: scale * rank for name, rank in ranks.items()},
+        ),
+    )
