@@ -25,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from transformers import PreTrainedModel
 
 from lightning_modules import architecture, injection
-from lightning_modules.optim import OptimisedModule, module_settings
+from lightning_modules.base_module import OptimisedModule, module_settings
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 

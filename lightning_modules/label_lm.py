@@ -15,9 +15,9 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from datamodules.base import IGNORE_INDEX
+from lightning_modules.base_module import module_settings
 from lightning_modules.causal_lm import CausalLMModule, answer_log_probs
 from lightning_modules.classifier import ClassificationMetrics, log_classification_epoch
-from lightning_modules.optim import module_settings
 
 
 @torch.no_grad()

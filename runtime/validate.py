@@ -80,7 +80,7 @@ def _check_data_and_optim(cfg: DictConfig) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"data.{key}={value}: must be a positive integer")
     if "optim" in cfg:
-        from lightning_modules.optim import OptimisedModule
+        from lightning_modules.base_module import OptimisedModule
 
         accepted = [
             name

@@ -20,8 +20,8 @@ import torch
 from omegaconf import open_dict
 
 from datamodules.packing import model_inputs
+from lightning_modules.base_module import NonFiniteLossError
 from lightning_modules.models import ModelLoadError
-from lightning_modules.optim import NonFiniteLossError
 from lightning_modules.registry import UnknownMethodError
 from runtime import checkpointing
 from runtime.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file, write_atomically

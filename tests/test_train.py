@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from datamodules.packing import model_inputs
-from lightning_modules.optim import NonFiniteLossError
+from lightning_modules.base_module import NonFiniteLossError
 from lightning_modules.registry import task_module_class
 from runtime.training import build_trainable_model, run
 
