@@ -221,10 +221,9 @@ def attention_input(
         return datamodule.attention_input(record)
     except (NotImplementedError, AttributeError) as error:
         raise ValueError(
-            f"task '{task}' cannot be analysed: its DataModule ({type(datamodule).__name__}) does not say "
-            "what text "
-            "the model reads (implement attention_input, or format_example); analyse free text instead with "
-            "analysis.text='...' or analysis.text_file=<file>"
+            f"task '{task}' cannot be analysed: its DataModule ({type(datamodule).__name__}) does not "
+            "say what text the model reads (implement attention_input, or format_example); analyse free "
+            "text instead with analysis.text='...' or analysis.text_file=<file>"
         ) from error
 
 

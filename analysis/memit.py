@@ -83,10 +83,9 @@ class ZObjective:
         self.model, self.hparams, self.layer = model, hparams, hparams.layers[-1]
         if self.layer >= len(decoder_blocks(model)) - 1:
             raise ValueError(
-                f"MEMIT: the last edited layer ({self.layer}) must be followed by another block, or the edit "
-                "cannot reach "
-                f"the answer tokens; the model has {len(decoder_blocks(model))} blocks (analysis.layers / "
-                "model.memit.layers)"
+                f"MEMIT: the last edited layer ({self.layer}) must be followed by another block, or the "
+                "edit cannot reach the answer tokens; the model has "
+                f"{len(decoder_blocks(model))} blocks (analysis.layers / model.memit.layers)"
             )
         subject = request["subject"]
         target_ids = tokenizer(hparams.target_prefix + request["target_new"], add_special_tokens=False)[

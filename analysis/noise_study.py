@@ -223,8 +223,7 @@ def report(
             "## Is differential attention more robust?",
             "",
             f"Advantage = drop of {second} - drop of {first} (clean -> noisy Pass@1); > 0: {first} loses "
-            "less. "
-            f"{confidence} bootstrap CI over problems.",
+            f"less. {confidence} bootstrap CI over problems.",
             "",
             f"| stage | noise | problems | drop {first} | drop {second} | advantage [{confidence} CI] | "
             "verdict |",

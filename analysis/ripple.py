@@ -229,11 +229,10 @@ def report(analysis: dict[str, Any], pieces: int, cfg: DictConfig) -> str:
     lines = [
         f"# Knowledge coupling and ripple effects: {analysis['model']}",
         "",
-        f"Setup: {pieces} knowledge pieces from task `{analysis['task']}`; GradSim on the MLP output weights "
-        "of "
-        f"layers {analysis['layers']}; {analysis['edits']} single MEMIT edits (each piece to another piece's "
-        "answer); "
-        f"edit success (exact match of the new answer) {analysis['edit_success_rate']:.2%}.",
+        f"Setup: {pieces} knowledge pieces from task `{analysis['task']}`; GradSim on the MLP output "
+        f"weights of layers {analysis['layers']}; {analysis['edits']} single MEMIT edits (each piece to "
+        f"another piece's answer); edit success (exact match of the new answer) "
+        f"{analysis['edit_success_rate']:.2%}.",
         "",
         "| pairs | n | Pearson r (p) [CI] | Spearman r (p) [CI] |",
         "|---|---|---|---|",

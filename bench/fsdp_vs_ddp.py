@@ -92,8 +92,7 @@ def main() -> None:
                 speeds[strategy].append(steps_per_second(run_dir))
                 print(
                     f"{method:5s} {strategy:4s}: {len(losses[strategy])} steps, {speeds[strategy][-1]:.2f} "
-                    "steps/s "
-                    f"({elapsed:.1f} s with start-up)"
+                    f"steps/s ({elapsed:.1f} s with start-up)"
                 )
             for step, (ddp, fsdp) in enumerate(zip(losses["ddp"], losses["fsdp"], strict=True)):
                 same = abs(fsdp - ddp) <= TOLERANCE * abs(ddp)

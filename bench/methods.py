@@ -76,9 +76,8 @@ class PeakMemory:
 
 def setup(model_name: str, method: str, steps: int, run_dir: str):
     """Seeded model + method + module + the first `steps` training batches of the classification sample."""
-    from lightning_modules.registry import task_module_class
+    from lightning_modules.registry import task_module_class, task_module_name
     from runtime.training import build_trainable_model
-    from runtime.validate import task_module
 
     cfg = bench_config(
         [
@@ -94,7 +93,7 @@ def setup(model_name: str, method: str, steps: int, run_dir: str):
     )
     L.seed_everything(cfg.seed)
     model, _, datamodule, _ = build_trainable_model(cfg)
-    module = task_module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+    module = task_module_class(task_module_name(cfg)).from_config(model, cfg, datamodule)
     datamodule.setup("fit")
     batches = []
     while len(batches) < steps:
@@ -293,10 +292,8 @@ def main() -> None:
 
     full_memory = results["full"]["peak_mib"]
     for method in METHODS[1:]:
-        print(
-            f"ratio peak_memory_{method}_vs_full = {results[method]['peak_mib'] / full_memory:.3f} (goal <= "
-            "1.0)"
-        )
+        peak = results[method]["peak_mib"] / full_memory
+        print(f"ratio peak_memory_{method}_vs_full = {peak:.3f} (goal <= 1.0)")
     print(f"ratio svd_rank_selection_exact_vs_randomized_time = {selection['speedup']:.2f} (goal >= 2.0)")
     print(f"ratio svd_rank_agreement = {selection['agreement']:.3f} (goal >= 0.9)")
     print(

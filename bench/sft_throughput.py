@@ -204,15 +204,24 @@ def padding_share(batches: list[dict]) -> float:
     )
 
 
-def batch_figures(args, run_dir: str) -> tuple[float, float, float, float]:
+def supervised_per_timed_step(batches: list[dict], warmup: int) -> float:
+    """Supervised (label) tokens per step over the timed steps (after `warmup`)."""
+    timed = batches[warmup:]
+    return sum(int((b["labels"] != -100).sum()) for b in timed) / len(timed)
+
+
+def batch_figures(args, run_dir: str) -> tuple[float, float, dict[str, float], float]:
     """(share of the padded batches' tokens that are padding, the same grouped by length, supervised tokens
-    per step, share of the batches whose loss packed equals their loss padded to 1e-5 on the same weights: the
-    seeded LoRA model, dropout off)."""
+    per timed step of each side, share of the batches whose loss packed equals their loss padded to 1e-5 on
+    the same weights: the seeded LoRA model, dropout off). Every side but the grouped one trains on the same
+    batches; the grouped batches are others (sorted longest first), so only their tokens/s compare."""
     _, _, grouped = setup(config(args, run_dir, padding_free=False, group_by_length=True))
-    grouped_padding = padding_share(list(grouped.train_dataloader()))
+    grouped_batches = list(grouped.train_dataloader())
     model, _, datamodule = setup(config(args, run_dir, padding_free=False))
     batches = list(datamodule.train_dataloader())
-    supervised = sum(int((b["labels"] != -100).sum()) for b in batches) / len(batches)
+    supervised = supervised_per_timed_step(batches, args.warmup)
+    per_side = {name: supervised for name in ("padding_free", "padded", "hf_trainer", "trl_padding_free")}
+    per_side["padded_grouped_by_length"] = supervised_per_timed_step(grouped_batches, args.warmup)
     datamodule.padding_free = True
     packed = list(datamodule.train_dataloader())
     model.eval()
@@ -221,7 +230,7 @@ def batch_figures(args, run_dir: str) -> tuple[float, float, float, float]:
             abs(float(model(**model_inputs(a)).loss) - float(model(**model_inputs(b)).loss)) <= 1e-5
             for a, b in zip(batches, packed, strict=True)
         )
-    return padding_share(batches), grouped_padding, supervised, matched / len(batches)
+    return padding_share(batches), padding_share(grouped_batches), per_side, matched / len(batches)
 
 
 def main() -> None:
@@ -267,11 +276,11 @@ def main() -> None:
     )
     print(
         f"padding share of the padded batches: {padding:.1%} ({grouped_padding:.1%} grouped by length, "
-        "another "
-        f"batch order); supervised tokens per step: {supervised:.0f}"
+        f"another batch order); supervised tokens per timed step: {supervised['padded']:.0f} "
+        f"({supervised['padded_grouped_by_length']:.0f} grouped by length)"
     )
     for name, rate in best.items():
-        print(f"{name}: {rate:.3f} steps/s, {rate * supervised:.0f} supervised tokens/s")
+        print(f"{name}: {rate:.3f} steps/s, {rate * supervised[name]:.0f} supervised tokens/s")
     if trl_reason:
         print(f"TRL: not run: {trl_reason}")
     drift = max(abs(a - b) for a, b in zip(losses["padding_free"], losses["padded"], strict=True))

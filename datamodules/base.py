@@ -217,10 +217,9 @@ class TextDataModule(L.LightningDataModule):
         kept = [example for example in examples if any(label != IGNORE_INDEX for label in example["labels"])]
         if examples and not kept:
             raise DataSourceError(
-                f"{split}: data.max_length={self.max_length} cuts off the target of all {len(examples)} "
-                "examples "
-                f"(the prompt alone fills it, e.g. {records[0].get('_where', 'the first record')}): raise "
-                "data.max_length"
+                f"{split}: data.max_length={self.max_length} cuts off the target of all "
+                f"{len(examples)} examples (the prompt alone fills it, e.g. "
+                f"{records[0].get('_where', 'the first record')}): raise data.max_length"
             )
         if len(kept) < len(examples):
             log.warning(

@@ -39,8 +39,7 @@ class NonFiniteLossError(FloatingPointError):
             resume = "No checkpoint callback is configured; nothing to resume from."
         return (
             f"training loss is {self.loss} at global step {self.step} (batch {self.batch_idx}). Stopped. "
-            f"{resume} "
-            "Try a lower optim.lr or trainer.precision=32-true."
+            f"{resume} Try a lower optim.lr or trainer.precision=32-true."
         )
 
 

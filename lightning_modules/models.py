@@ -247,8 +247,7 @@ def _from_directory(cfg: DictConfig, directory: Path) -> tuple[PreTrainedModel, 
         files = sorted(p.name for p in directory.glob("*.py"))
         raise ModelLoadError(
             f"model.path={directory}: the model ships its own modelling code ({', '.join(files) or code}), "
-            "which "
-            "loading would run on this machine. Read it, then set model.trust_remote_code=true."
+            "which loading would run on this machine. Read it, then set model.trust_remote_code=true."
         )
     has_tokenizer = (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists()
     tokenizer = _load_tokenizer(directory, cfg) if has_tokenizer else build_tokenizer(cfg)
@@ -260,8 +259,7 @@ def _from_directory(cfg: DictConfig, directory: Path) -> tuple[PreTrainedModel, 
         weights = sorted(p.name for p in directory.glob("*.safetensors")) or ["no *.safetensors file"]
         raise ModelLoadError(
             f"model.path={directory}: its weights ({', '.join(weights)}) could not be read, truncated or "
-            f"corrupt? ({error}) "
-            "Re-save the model with save_pretrained."
+            f"corrupt? ({error}) Re-save the model with save_pretrained."
         ) from error
     rebuild_unsaved_buffers(model)
     return model, tokenizer

@@ -1,10 +1,12 @@
-"""The names a config or a checkpoint may use, and the code each one means: task modules and methods.
+"""The names a config or a checkpoint may use, and the code each one means: task modules, methods and
+evaluation scorers.
 
 `task.module` (and a method's `module`) name a LightningModule class in `TASK_MODULES`; `method.name` names an
 `apply` function in `METHODS`. A method config targets its function itself (`_target_`, `_partial_: true`, the
 knobs as keyword arguments), so a reader follows it from YAML to code; `build_method` checks that the target
 is the registered function of that name. A checkpoint's method.json is resolved by its registry name only:
-nothing else in a checkpoint can select code to run.
+nothing else in a checkpoint can select code to run. A DataModule's `evaluation_kind` names the scorer
+evaluate.py runs in `SCORERS`.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import lightning as L
-from hydra.utils import instantiate
+from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
@@ -43,6 +45,13 @@ METHODS: dict[str, Callable[..., PreTrainedModel]] = {
     "adapter": adapter.apply,
     "projection_head": projection_head.apply,
 }
+# DataModule.evaluation_kind -> the function evaluate.py scores with, score(cfg, model, tokenizer,
+# datamodule, records, run_dir) -> (rows, metrics); by dotted path, since the scorers live in the runtime
+# layer above this one
+SCORERS: dict[str, str] = {
+    "generation": "runtime.generation_scoring.score",
+    "classification": "runtime.classification_scoring.score",
+}
 # keys of a method config that describe it rather than being knobs of its function (`apply`: the dotted path
 # that exports before the registry recorded, ignored)
 DESCRIPTION_KEYS = ("name", "supports", "module", "head", "apply")
@@ -50,6 +59,19 @@ DESCRIPTION_KEYS = ("name", "supports", "module", "head", "apply")
 
 class UnknownMethodError(ValueError):
     """A config or checkpoint names a method that is not in METHODS."""
+
+
+def task_module_name(cfg: DictConfig) -> str:
+    """The name of the LightningModule a run trains with: the method's `module` when it sets one, else the
+    task's."""
+    return cfg.method.get("module") or cfg.task.module
+
+
+def scorer(kind: str) -> Callable[..., tuple[list[dict[str, Any]], dict[str, float]]]:
+    """The scoring function registered for a DataModule's `evaluation_kind`."""
+    if kind not in SCORERS:
+        raise ValueError(f"evaluation_kind={kind!r} has no scorer; known: {sorted(SCORERS)}")
+    return get_method(SCORERS[kind])
 
 
 def task_module_class(name: str) -> type[L.LightningModule]:

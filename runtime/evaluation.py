@@ -15,17 +15,13 @@ from typing import Any
 from omegaconf import DictConfig
 
 import datamodules
-from runtime import classification_scoring, generation_scoring
+from lightning_modules.registry import scorer
 from runtime.judge import judge_rows
 from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import overrides, start
 from runtime.task_grid import headline_metric
 
 log = logging.getLogger(__name__)
-
-# DataModule.evaluation_kind -> the scorer: score(cfg, model, tokenizer, datamodule, records, run_dir) ->
-# rows, metrics
-SCORERS = {"generation": generation_scoring.score, "classification": classification_scoring.score}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -35,7 +31,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model, tokenizer = load_model(cfg)
         datamodule = datamodules.build(cfg, tokenizer)
         records = _nonempty(datamodule.evaluation_records()[: cfg.get("limit")], cfg)
-        rows, metrics = SCORERS[datamodule.evaluation_kind](
+        rows, metrics = scorer(datamodule.evaluation_kind)(
             cfg, model, tokenizer, datamodule, records, session.run_dir
         )
         if cfg.get("judge") and rows:

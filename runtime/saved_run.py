@@ -183,8 +183,7 @@ def restore_method(base: PreTrainedModel, directory: Path, model_cfg: DictConfig
         if set(state) != expected:
             raise ValueError(
                 f"{directory / TRAINABLE_FILE}: saved weights do not match method '{saved['name']}' on this "
-                "model "
-                f"(missing {sorted(expected - set(state))[:3]}, unexpected "
+                f"model (missing {sorted(expected - set(state))[:3]}, unexpected "
                 f"{sorted(set(state) - expected)[:3]})"
             )
         model.load_state_dict(state, strict=False)

@@ -20,11 +20,11 @@ from lightning_modules import models
 from lightning_modules.architecture import bare_model
 from lightning_modules.methods import MethodContext, count_parameters
 from lightning_modules.packing import packs_sequences
-from lightning_modules.registry import build_method, task_module_class
+from lightning_modules.registry import build_method, task_module_class, task_module_name
 from runtime import saved_run
 from runtime.checkpointing import AtomicCheckpointIO, RestoreRNG, remove_partial_files
 from runtime.session import RecordRunId, overrides, start
-from runtime.validate import check_config, task_module
+from runtime.validate import check_config
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,7 @@ def padding_free(model: PreTrainedModel, datamodule: L.LightningDataModule) -> b
     if not packs_sequences(model):
         log.info(
             "data.padding_free: %s does not keep packed examples apart (it ignores position ids, or the "
-            "method "
-            "drops them): batches are padded",
+            "method drops them): batches are padded",
             type(bare_model(model)).__name__,
         )
         return False
@@ -93,7 +92,7 @@ def trainable_module(cfg: DictConfig) -> L.LightningModule:
     """The task module of `cfg` around a freshly built trainable model (an FSDP run's unsharded copy for
     export)."""
     model, _, datamodule, _ = build_trainable_model(cfg)
-    return task_module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+    return task_module_class(task_module_name(cfg)).from_config(model, cfg, datamodule)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -102,7 +101,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with start(cfg, job_type="train") as session:
         model, tokenizer, datamodule, method_metrics = build_trainable_model(cfg)
         check_data(cfg, datamodule)
-        module = task_module_class(task_module(cfg)).from_config(model, cfg, datamodule)
+        module = task_module_class(task_module_name(cfg)).from_config(model, cfg, datamodule)
         module.allow_base_mismatch = bool(cfg.get("allow_base_mismatch"))
         if cfg.get("ckpt_path"):
             for path in remove_partial_files(Path(cfg.ckpt_path).parent):

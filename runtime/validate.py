@@ -16,11 +16,6 @@ class ConfigError(ValueError):
     """The composed config is inconsistent; the message names the config key."""
 
 
-def task_module(cfg: DictConfig) -> str:
-    """The LightningModule this run trains with: the method's `module` when it sets one, else the task's."""
-    return cfg.method.get("module") or cfg.task.module
-
-
 def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for a model without weight source, a method that cannot train the task, a missing
     ckpt_path."""
@@ -33,8 +28,9 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "model.path and model.scratch are both set: pick one (a saved model or a fresh architecture)"
         )
-    module, method = task_module(cfg), cfg.method
-    from lightning_modules.registry import TASK_MODULES
+    from lightning_modules.registry import TASK_MODULES, task_module_name
+
+    module, method = task_module_name(cfg), cfg.method
 
     if module not in TASK_MODULES:
         raise ConfigError(

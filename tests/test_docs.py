@@ -598,8 +598,7 @@ SCENARIOS: dict[str, list[Step]] = {
         ),
         Step(
             "python train.py -m experiment=socratic_math,socratic_math_qvgd 'task.data_files={train: "
-            "data/socratic.json, "
-            "test: data/socratic.json}'",
+            "data/socratic.json, test: data/socratic.json}'",
             swept("multirun/gsm8k/*", 2, "summary.md"),
         ),
     ],

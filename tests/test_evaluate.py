@@ -15,9 +15,11 @@ from analysis import noise_study
 from datamodules.gsm8k import extract_flexible, extract_strict, gold_answer
 from lightning_modules import models
 from lightning_modules.generation import generate, truncate_at_stop
-from runtime import evaluation, generation_scoring, saved_run, task_grid
+from runtime import classification_scoring, evaluation, generation_scoring, saved_run, task_grid
 from runtime.training import run as train
 from tests.conftest import compose_config
+
+ROOT = Path(__file__).resolve().parents[1]
 
 EVAL_TINY = [
     "task.source=bundled",
@@ -270,3 +272,16 @@ def test_robustness_difference_has_a_bootstrap_interval_over_problems(
     expected = 0.8 if robust_model == "diff" else -0.8
     assert row["advantage"] == pytest.approx(expected)
     assert row["ci_low"] < expected < row["ci_high"] and (row["ci_low"] > 0 or row["ci_high"] < 0)
+
+
+@pytest.mark.parametrize("task", sorted(p.stem for p in (ROOT / "conf" / "task").glob("*.yaml")))
+def test_every_task_has_a_registered_scorer(task: str) -> None:
+    from hydra.utils import get_class
+
+    from lightning_modules import registry
+
+    datamodule_class = get_class(compose_config(f"task={task}").task.datamodule._target_)
+    expected = {"generation": generation_scoring.score, "classification": classification_scoring.score}
+    assert registry.scorer(datamodule_class.evaluation_kind) is expected[datamodule_class.evaluation_kind]
+    with pytest.raises(ValueError, match=r"evaluation_kind='ranking' has no scorer; known: \["):
+        registry.scorer("ranking")
