@@ -10,7 +10,7 @@ The maps are taken where the attention computes them, whatever the model's code:
 module runs, a torch function mode watches its calls, and the attention weights are the output of its softmax
 over the keys, or, where it calls `scaled_dot_product_attention` (which never returns them), softmax(QK^T *
 scale + mask) computed from the same q, k, mask and scale (grouped kv heads repeated as sdpa does). The
-attention modules are found in the model (lightning_modules/architecture.py), so remote-code models that never
+attention modules are found in the model (modeling/architecture.py), so remote-code models that never
 return weights are analysed like transformers' own; models whose attention implementation can be chosen run
 with eager attention. The hooks keep only the rows and keys asked for, so a layer's full [B, H, T, T] map is
 dropped as soon as the layer is done.
@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch.overrides import TorchFunctionMode
 
-from lightning_modules.architecture import attention_modules
+from modeling.architecture import attention_modules
 
 
 def differential_maps(

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import datamodules
-from lightning_modules.architecture import as_sequence, mlp_output_modules
-from lightning_modules.causal_lm import answer_log_probs
+from modeling.architecture import as_sequence, mlp_output_modules
+from modeling.causal_lm import answer_log_probs
 from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import overrides, start
 

@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from analysis.memit_inputs import batch, capture, flat_templates, pad_rows
-from lightning_modules.architecture import decoder_blocks, mlp_output_modules
+from modeling.architecture import decoder_blocks, mlp_output_modules
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from omegaconf import DictConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lightning_modules.architecture import as_sequence, mlp_output_modules
+from modeling.architecture import as_sequence, mlp_output_modules
 
 log = logging.getLogger(__name__)
 

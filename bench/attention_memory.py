@@ -36,7 +36,7 @@ def child(mode: str, model_name: str, tokens: int) -> dict:
 
     from analysis.attention import AttentionCapture
     from datamodules.sources import SAMPLES_DIR, read_file
-    from lightning_modules import models
+    from modeling import models
 
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("attention", overrides=[f"model={model_name}"])

@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import datamodules  # noqa: E402
-from lightning_modules import models  # noqa: E402
-from lightning_modules.generation import generate, truncate_at_stop  # noqa: E402
+from modeling import models  # noqa: E402
+from modeling.generation import generate, truncate_at_stop  # noqa: E402
 
 SHARED_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 

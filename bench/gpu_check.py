@@ -36,8 +36,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_modules import models  # noqa: E402
-from lightning_modules.generation import generate  # noqa: E402
+from modeling import models  # noqa: E402
+from modeling.generation import generate  # noqa: E402
 from runtime.training import run  # noqa: E402
 
 LLAMA_375M = (

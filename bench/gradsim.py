@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 import datamodules  # noqa: E402
 from analysis import gradsim, memit, memit_inputs, ripple  # noqa: E402
 from datamodules.sources import SAMPLES_DIR, read_file  # noqa: E402
-from lightning_modules import architecture, models  # noqa: E402
+from modeling import architecture, models  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 

@@ -93,8 +93,8 @@ class LossClock(LightningClock):
 def run_lmlab(
     args, run_dir: str, padding_free: bool, group_by_length: bool = False
 ) -> tuple[float, list[float]]:
-    from lightning_modules.base_module import module_settings
-    from lightning_modules.registry import task_module_class
+    from modeling.base_module import module_settings
+    from modeling.registry import task_module_class
     from runtime.session import build_loggers
     from runtime.training import build_trainer
 

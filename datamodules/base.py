@@ -151,7 +151,7 @@ class TextDataModule(L.LightningDataModule):
         self.train_sampler: EpochSeededSampler | None = None
         # data.padding_free asks for padding-free batches; the training run turns them on (`padding_free`)
         # once the task allows them (`packable`) and the model keeps packed examples apart
-        # (lightning_modules/packing.py)
+        # (modeling/packing.py)
         self.padding_free_requested, self.padding_free = padding_free, False
         self.group_by_length = group_by_length
 

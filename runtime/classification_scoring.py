@@ -10,8 +10,8 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_modules.classifier import ClassificationMetrics, plot_confusion
-from lightning_modules.label_lm import LabelLMModule
+from modeling.classifier import ClassificationMetrics, plot_confusion
+from modeling.label_lm import LabelLMModule
 from runtime.saved_run import load_classifier
 
 

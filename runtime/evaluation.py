@@ -15,7 +15,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 import datamodules
-from lightning_modules.registry import scorer
+from modeling.registry import scorer
 from runtime.judge import judge_rows
 from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import overrides, start

@@ -14,7 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_modules.generation import generate
+from modeling.generation import generate
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:

@@ -30,10 +30,10 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_modules import models
-from lightning_modules.classifier import ClassifierModule
-from lightning_modules.methods import MethodContext, count_parameters, trainable_state
-from lightning_modules.registry import method_knobs, registered_method
+from modeling import models
+from modeling.classifier import ClassifierModule
+from modeling.methods import MethodContext, count_parameters, trainable_state
+from modeling.registry import method_knobs, registered_method
 from runtime.session import overrides
 
 log = logging.getLogger(__name__)

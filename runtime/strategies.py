@@ -16,7 +16,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp._common_utils import clean_tensor_name
 from torch.optim import Optimizer
 
-from lightning_modules import architecture
+from modeling import architecture
 
 
 class LayerFSDPStrategy(FSDPStrategy):

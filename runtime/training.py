@@ -16,11 +16,11 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import datamodules
-from lightning_modules import models
-from lightning_modules.architecture import bare_model
-from lightning_modules.methods import MethodContext, count_parameters
-from lightning_modules.packing import packs_sequences
-from lightning_modules.registry import build_method, task_module_class, task_module_name
+from modeling import models
+from modeling.architecture import bare_model
+from modeling.methods import MethodContext, count_parameters
+from modeling.packing import packs_sequences
+from modeling.registry import build_method, task_module_class, task_module_name
 from runtime import saved_run
 from runtime.checkpointing import AtomicCheckpointIO, RestoreRNG, remove_partial_files
 from runtime.session import RecordRunId, overrides, start

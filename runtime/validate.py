@@ -28,13 +28,13 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "model.path and model.scratch are both set: pick one (a saved model or a fresh architecture)"
         )
-    from lightning_modules.registry import TASK_MODULES, task_module_name
+    from modeling.registry import TASK_MODULES, task_module_name
 
     module, method = task_module_name(cfg), cfg.method
 
     if module not in TASK_MODULES:
         raise ConfigError(
-            f"task.module={module}: not a registered task module (lightning_modules/registry.py: "
+            f"task.module={module}: not a registered task module (modeling/registry.py: "
             f"{sorted(TASK_MODULES)})"
         )
     offered = list(cfg.task.get("modules") or [cfg.task.module])
@@ -76,7 +76,7 @@ def _check_data_and_optim(cfg: DictConfig) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"data.{key}={value}: must be a positive integer")
     if "optim" in cfg:
-        from lightning_modules.base_module import OptimisedModule
+        from modeling.base_module import OptimisedModule
 
         accepted = [
             name

@@ -79,7 +79,7 @@ def family_model(minimind_dir: Path) -> Callable[[str], tuple[DictConfig, Any, A
     session from seed 0 and shared by the capability tests; they leave it as they found it."""
     import lightning as L
 
-    from lightning_modules import models
+    from modeling import models
     from tests.families import overrides
 
     @functools.cache

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lightning_modules.architecture import Structure
+from modeling.architecture import Structure
 
 TINY_FIELDS = {
     "hidden_size": 64,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from lightning_modules import models
+from modeling import models
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minimind" / "model_minimind.py"
 AUTO_MAP = {

@@ -17,7 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from lightning_modules import architecture, registry
+from modeling import architecture, registry
 from runtime import evaluation, saved_run
 from runtime.training import run
 from tests.conftest import CONF_DIR, ROOT
@@ -65,8 +65,8 @@ def test_worked_example_trains_exports_reloads_and_evaluates(
     blocks = worked_example()
     assert [path for path, _, _ in blocks] == [
         "conf/model/tiny_mistral.yaml",
-        "lightning_modules/methods/bitfit.py",
-        "lightning_modules/registry.py",
+        "modeling/methods/bitfit.py",
+        "modeling/registry.py",
         "conf/method/bitfit.yaml",
         "datamodules/reverse.py",
         "conf/task/reverse.yaml",

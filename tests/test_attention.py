@@ -16,8 +16,8 @@ import datamodules
 from analysis.attention import CLASSES, MAPS_FILE, allocation, analyse, analyse_task, token_classes
 from analysis.attention_maps import AttentionCapture, attention_maps, differential_maps
 from datamodules.gsm8k import GSM8KDataModule
-from lightning_modules import models
-from lightning_modules.architecture import attention_modules
+from modeling import models
+from modeling.architecture import attention_modules
 from runtime.training import run as train
 from tests.conftest import ROOT, compose_config
 

@@ -9,7 +9,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import open_dict
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
-from lightning_modules import models
+from modeling import models
 from runtime.validate import ConfigError, check_config
 from tests.conftest import CONF_DIR, compose_config
 

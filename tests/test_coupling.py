@@ -18,7 +18,7 @@ import datamodules
 from analysis import gradsim, memit, memit_inputs, ripple
 from datamodules.hotpotqa import knowledge_pieces
 from datamodules.sources import load_split
-from lightning_modules import architecture, models
+from modeling import architecture, models
 from tests.conftest import ROOT, compose_config
 
 BUNDLED = {"kind": "bundled", "bundled": "hotpotqa"}

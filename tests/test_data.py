@@ -11,7 +11,7 @@ import pytest
 from datamodules.base import IGNORE_INDEX, EpochSeededSampler
 from datamodules.gsm8k import GSM8KDataModule
 from datamodules.sources import DataSourceError, load_split, read_file
-from lightning_modules.models import byte_level_tokenizer
+from modeling.models import byte_level_tokenizer
 from tests.conftest import compose_config
 
 TEMPLATE = "Question: {question}\nAnswer:"

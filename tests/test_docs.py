@@ -715,7 +715,7 @@ def workspace(tmp_path: Path, minimind_dir: Path, monkeypatch: pytest.MonkeyPatc
     import lightning as L
 
     from datamodules.sources import SAMPLES_DIR, read_file
-    from lightning_modules import models
+    from modeling import models
     from tests.conftest import compose_config
 
     gsm8k = tmp_path / "data" / "gsm8k"

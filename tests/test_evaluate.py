@@ -13,8 +13,8 @@ from peft import PeftModel
 
 from analysis import noise_study
 from datamodules.gsm8k import extract_flexible, extract_strict, gold_answer
-from lightning_modules import models
-from lightning_modules.generation import generate, truncate_at_stop
+from modeling import models
+from modeling.generation import generate, truncate_at_stop
 from runtime import classification_scoring, evaluation, generation_scoring, saved_run, task_grid
 from runtime.training import run as train
 from tests.conftest import compose_config
@@ -278,7 +278,7 @@ def test_robustness_difference_has_a_bootstrap_interval_over_problems(
 def test_every_task_has_a_registered_scorer(task: str) -> None:
     from hydra.utils import get_class
 
-    from lightning_modules import registry
+    from modeling import registry
 
     datamodule_class = get_class(compose_config(f"task={task}").task.datamodule._target_)
     expected = {"generation": generation_scoring.score, "classification": classification_scoring.score}

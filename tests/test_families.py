@@ -18,8 +18,8 @@ import datamodules
 from analysis import gradsim, memit, memit_inputs
 from analysis.attention_maps import AttentionCapture, differential_maps, prefer_eager
 from datamodules.sources import load_split
-from lightning_modules import architecture, models
-from lightning_modules.generation import batches_continuously, generate
+from modeling import architecture, models
+from modeling.generation import batches_continuously, generate
 from runtime import saved_run
 from runtime.training import run
 from tests.conftest import compose_config

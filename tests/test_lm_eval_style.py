@@ -13,7 +13,7 @@ from omegaconf import open_dict
 
 import datamodules
 from datamodules import lm_eval_format
-from lightning_modules import models
+from modeling import models
 from runtime import evaluation
 from tests.conftest import compose_config
 

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf, open_dict
 
 from analysis import memit, memit_inputs
 from datamodules.sources import load_split
-from lightning_modules import models
-from lightning_modules.architecture import decoder_blocks, mlp_output_modules
+from modeling import models
+from modeling.architecture import decoder_blocks, mlp_output_modules
 from tests.conftest import compose_config
 
 TEMPLATES = [["{}"], ["Once upon a time. {}", "Notes. {}", "It was said that. {}"]]

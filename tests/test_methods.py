@@ -14,11 +14,11 @@ from omegaconf import open_dict
 from peft.tuners.lora import LoraLayer
 
 from datamodules.packing import model_inputs
-from lightning_modules import architecture, models
-from lightning_modules.classifier import SequenceClassifier
-from lightning_modules.generation import generate
-from lightning_modules.methods import MethodContext, adapter, svd_lora
-from lightning_modules.registry import build_method
+from modeling import architecture, models
+from modeling.classifier import SequenceClassifier
+from modeling.generation import generate
+from modeling.methods import MethodContext, adapter, svd_lora
+from modeling.registry import build_method
 from runtime import evaluation, saved_run
 from runtime.training import build_trainable_model, run
 from tests.conftest import compose_config

@@ -13,9 +13,9 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from lightning_modules import architecture, models
-from lightning_modules.methods import MethodContext, count_parameters
-from lightning_modules.registry import build_method
+from modeling import architecture, models
+from modeling.methods import MethodContext, count_parameters
+from modeling.registry import build_method
 from tests.conftest import CONF_DIR, compose_config
 
 TINY_CLASSES = {

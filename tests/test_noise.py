@@ -11,7 +11,7 @@ import pytest
 from datamodules.gsm8k import GSM8KDataModule
 from datamodules.noise import NOISE_TYPES, NUMBER_WORDS, export, inject, main_subject, split_sentences
 from datamodules.sources import SAMPLES_DIR, load_split
-from lightning_modules.models import byte_level_tokenizer
+from modeling.models import byte_level_tokenizer
 
 BUNDLED = {"kind": "bundled", "bundled": "gsm8k"}
 QUESTIONS = [r["question"] for split in ("train", "test") for r in load_split(BUNDLED, split)]

@@ -13,7 +13,7 @@ import torch
 import datamodules
 from datamodules.base import EpochSeededSampler, batch_size, batch_tokens
 from datamodules.packing import model_inputs
-from lightning_modules.packing import packs_sequences
+from modeling.packing import packs_sequences
 from runtime.training import build_trainable_model, run
 from tests.families import FAMILIES, REMOTE_CODE
 

@@ -39,7 +39,7 @@ def test_packing_yields_full_blocks_without_losing_or_duplicating_tokens() -> No
 
 def test_pretrain_datamodule_holds_out_validation_documents() -> None:
     cfg = compose_config("experiment=ablation_tiny/baseline", "data.val_size=6")
-    from lightning_modules import models
+    from modeling import models
 
     _, tokenizer = models.build(cfg.model)
     datamodule = datamodules.build(cfg, tokenizer)

@@ -20,9 +20,9 @@ import torch
 from omegaconf import open_dict
 
 from datamodules.packing import model_inputs
-from lightning_modules.base_module import NonFiniteLossError
-from lightning_modules.models import ModelLoadError
-from lightning_modules.registry import UnknownMethodError
+from modeling.base_module import NonFiniteLossError
+from modeling.models import ModelLoadError
+from modeling.registry import UnknownMethodError
 from runtime import checkpointing
 from runtime.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file, write_atomically
 from runtime.run_dir import create_unique_dir
@@ -456,7 +456,7 @@ def test_a_checkpoint_with_unused_keys_is_refused(tiny_config, tmp_path: Path) -
 
 
 def test_method_json_can_only_name_a_registered_method(tiny_config, tmp_path: Path) -> None:
-    from lightning_modules.models import build
+    from modeling.models import build
 
     results = run(
         tiny_config("model=tiny_llama", "method=adapter", "trainer.max_steps=1", "test_after_fit=false")
@@ -476,7 +476,7 @@ def test_method_json_can_only_name_a_registered_method(tiny_config, tmp_path: Pa
 
 
 def test_model_revision_reaches_every_hub_load(monkeypatch) -> None:
-    from lightning_modules import models
+    from modeling import models
     from tests.conftest import compose_config
 
     seen = []
@@ -525,7 +525,7 @@ class _Loaded(Exception):
 def test_bad_knobs_fail_before_any_weights_load(
     tiny_config, override: str, message: str, monkeypatch
 ) -> None:
-    from lightning_modules import models
+    from modeling import models
 
     monkeypatch.setattr(
         models, "build", lambda *a, **k: pytest.fail("weights loaded before the config check")
@@ -606,7 +606,7 @@ def test_malformed_hotpotqa_records_are_named(tmp_path: Path) -> None:
 
 
 def test_corrupt_safetensors_are_named(tiny_config, tmp_path: Path) -> None:
-    from lightning_modules.models import build
+    from modeling.models import build
 
     full = run(
         tiny_config(

@@ -17,10 +17,10 @@ from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from analysis.attention_maps import attention_maps
-from lightning_modules import models
-from lightning_modules.classifier import SequenceClassifier, final_hidden_states
-from lightning_modules.generation import batches_continuously, truncate_at_stop
-from lightning_modules.methods import MethodContext, prompt_tuning
+from modeling import models
+from modeling.classifier import SequenceClassifier, final_hidden_states
+from modeling.generation import batches_continuously, truncate_at_stop
+from modeling.methods import MethodContext, prompt_tuning
 from runtime import evaluation
 from tests.conftest import TINY, compose_config
 from tests.helpers import greedy_without_cache

@@ -193,7 +193,7 @@ def test_a_failing_run_still_ends_its_wandb_run(error: BaseException, tmp_path: 
 
 
 def test_a_logger_config_error_is_raised_before_any_model_loads(tmp_path: Path, monkeypatch) -> None:
-    from lightning_modules import models
+    from modeling import models
     from runtime import evaluation
 
     monkeypatch.setattr(

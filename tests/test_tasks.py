@@ -15,8 +15,8 @@ import datamodules
 from datamodules.base import IGNORE_INDEX
 from datamodules.socratic import dialogues_of, gsm8k_dialogue, text_tokens
 from datamodules.sources import DataSourceError, read_file
-from lightning_modules import models
-from lightning_modules.label_lm import label_logprobs
+from modeling import models
+from modeling.label_lm import label_logprobs
 from runtime import evaluation
 from runtime.validate import ConfigError, check_config
 from tests.conftest import ROOT, compose_config

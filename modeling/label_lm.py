@@ -3,7 +3,7 @@
 The prediction for a text is the class whose whole label string (all its tokens, then EOS) has the
 highest summed log-probability after the prompt, so multi-token labels that share a first token are
 still told apart. Validation and test add accuracy (micro), macro F1 and a confusion-matrix image
-(lightning_modules/classifier.py) to the causal-LM metrics.
+(modeling/classifier.py) to the causal-LM metrics.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
 from datamodules.base import IGNORE_INDEX
-from lightning_modules.base_module import module_settings
-from lightning_modules.causal_lm import CausalLMModule, answer_log_probs
-from lightning_modules.classifier import ClassificationMetrics, log_classification_epoch
+from modeling.base_module import module_settings
+from modeling.causal_lm import CausalLMModule, answer_log_probs
+from modeling.classifier import ClassificationMetrics, log_classification_epoch
 
 
 @torch.no_grad()

@@ -19,10 +19,10 @@ from hydra.utils import get_method, instantiate
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel
 
-from lightning_modules.causal_lm import CausalLMModule
-from lightning_modules.classifier import ClassifierModule
-from lightning_modules.label_lm import LabelLMModule
-from lightning_modules.methods import (
+from modeling.causal_lm import CausalLMModule
+from modeling.classifier import ClassifierModule
+from modeling.label_lm import LabelLMModule
+from modeling.methods import (
     MethodContext,
     adapter,
     full,

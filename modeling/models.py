@@ -30,7 +30,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lightning_modules import architecture
+from modeling import architecture
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """Methods turn a built model into the trainable model.
 
 A method is a plain function `apply(model, context, **knobs) -> model` in
-`lightning_modules/methods/<name>.py`; its config (conf/method/<name>.yaml) targets it with `_partial_: true`
-and lists the knobs, and lightning_modules/registry.py names it. `context` carries what a method may need
+`modeling/methods/<name>.py`; its config (conf/method/<name>.yaml) targets it with `_partial_: true`
+and lists the knobs, and modeling/registry.py names it. `context` carries what a method may need
 beyond the model (the model config, the tokenizer, the task's data, the run dir) and takes back the numbers it
 reports (`metrics`). What a method trained is saved and restored by runtime/saved_run.py.
 """

@@ -33,8 +33,8 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from lightning_modules.architecture import forward_accepts
-from lightning_modules.methods.prompt_tuning import embedding_prompt
+from modeling.architecture import forward_accepts
+from modeling.methods.prompt_tuning import embedding_prompt
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from datamodules.packing import model_inputs, pack
-from lightning_modules import architecture
+from modeling import architecture
 
 PROBE_OFFSET = 256  # tokens packed before the sequence whose logits are compared
 

@@ -3,7 +3,7 @@
 Through peft where the model's forward takes `inputs_embeds` (peft hands the virtual tokens in that way).
 Where it does not (remote code such as MiniMind), the same computation is done at the embedding layer:
 placeholder ids are prepended to the input (and ones to the mask, -100 to the labels, shifted position ids),
-and a hook replaces their embeddings by the trainable vectors (lightning_modules/injection.py). Both give the
+and a hook replaces their embeddings by the trainable vectors (modeling/injection.py). Both give the
 same loss on a model that has `inputs_embeds` (tests/test_remote_code.py). Decoding steps that continue from a
 cache skip the placeholders: the virtual tokens are already in the cache.
 
@@ -23,9 +23,9 @@ from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from torch import nn
 from transformers import PreTrainedModel
 
-from lightning_modules import architecture
-from lightning_modules.injection import EmbeddingSlots
-from lightning_modules.methods import MethodContext
+from modeling import architecture
+from modeling.injection import EmbeddingSlots
+from modeling.methods import MethodContext
 
 PROMPT_MODULE = "prompt_embedding"  # where the vectors live on a model without inputs_embeds
 

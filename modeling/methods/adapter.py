@@ -10,7 +10,7 @@ release (1.3.0) pins `transformers~=4.57`, and lmlab runs on transformers 5.x; p
 bottleneck adapters. The adapters attach with forward hooks on the sublayers, so the base
 model's parameter names (and its checkpoints) stay untouched; they live as `attention_adapter`
 and `mlp_adapter` submodules of each block. The blocks and their sublayers come from
-lightning_modules/architecture.py.
+modeling/architecture.py.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from lightning_modules import architecture
-from lightning_modules.methods import MethodContext
+from modeling import architecture
+from modeling.methods import MethodContext
 
 
 class BottleneckAdapter(nn.Module):

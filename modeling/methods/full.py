@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from lightning_modules.methods import MethodContext
+from modeling.methods import MethodContext
 
 
 def apply(model: PreTrainedModel, context: MethodContext) -> PreTrainedModel:

@@ -27,8 +27,8 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from datamodules.packing import model_inputs
-from lightning_modules.methods import MethodContext
-from lightning_modules.methods.lora import lora_config, resolve_targets
+from modeling.methods import MethodContext
+from modeling.methods.lora import lora_config, resolve_targets
 
 log = logging.getLogger(__name__)
 

@@ -1,14 +1,14 @@
 """Projection-head classifier: the backbone stays frozen; only the classifier head trains.
 
 The head itself (pooling, LayerNorm -> Linear -> activation -> Dropout -> Linear) belongs to the
-`classifier` LightningModule (lightning_modules/classifier.py), which this method selects.
+`classifier` LightningModule (modeling/classifier.py), which this method selects.
 """
 
 from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from lightning_modules.methods import MethodContext
+from modeling.methods import MethodContext
 
 
 def apply(model: PreTrainedModel, context: MethodContext) -> PreTrainedModel:

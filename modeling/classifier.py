@@ -1,10 +1,10 @@
 """Projection-head classifier over a (frozen) causal-LM backbone, and the classification metrics.
 
 The text runs through the backbone (its LM head on one position at most); the decoder's final hidden state
-(the output of its final norm, taken through a hook: lightning_modules/architecture.py) of the last non-pad
+(the output of its final norm, taken through a hook: modeling/architecture.py) of the last non-pad
 token is pooled: under a causal mask it is the only position that has seen the whole text (position 0 has seen
 nothing but the first token). With `extra_token`, a trainable embedding is placed after the text (through the
-embedding layer: lightning_modules/injection.py) and pooled instead. Head: LayerNorm -> Linear(h, hidden) ->
+embedding layer: modeling/injection.py) and pooled instead. Head: LayerNorm -> Linear(h, hidden) ->
 activation -> Dropout -> Linear(hidden, num_classes); loss: cross-entropy.
 
 Metrics (torchmetrics): accuracy (micro), macro F1 and the confusion matrix, whose image is written to
@@ -24,8 +24,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 from transformers import PreTrainedModel
 
-from lightning_modules import architecture, injection
-from lightning_modules.base_module import OptimisedModule, module_settings
+from modeling import architecture, injection
+from modeling.base_module import OptimisedModule, module_settings
 
 ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "tanh": nn.Tanh, "silu": nn.SiLU}
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lightning_modules import architecture
+from modeling import architecture
 
 
 class EmbeddingSlots:

@@ -10,8 +10,8 @@ from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from lightning_modules import architecture
-from lightning_modules.methods import MethodContext
+from modeling import architecture
+from modeling.methods import MethodContext
 
 ALL_LINEAR = "all-linear"
 

@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 
 from datamodules.base import IGNORE_INDEX
 from datamodules.packing import model_inputs
-from lightning_modules.base_module import OptimisedModule, module_settings
+from modeling.base_module import OptimisedModule, module_settings
 
 METRICS = ("loss", "token_acc", "top5_acc", "confidence")
 TRAIN_SAMPLE = 512

@@ -1,2 +1,0 @@
-"""LightningModules and the pieces they are built from; lightning_modules/registry.py names them for
-configs."""
