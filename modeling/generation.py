@@ -102,15 +102,15 @@ def batches_continuously(model: PreTrainedModel) -> bool:
     model(
         input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device),
         use_cache=True,
-        **cache_argument(model, cache),
+        **{cache_keyword(model): cache},
     )
     return cache.get_seq_length() == 2
 
 
-def cache_argument(model: PreTrainedModel, cache: object) -> dict[str, object]:
-    """`cache` as the keyword the model's forward names: `cache` (transformers >= 5.24), else
-    `past_key_values`."""
-    return {"cache": cache} if forward_accepts(model, "cache") else {"past_key_values": cache}
+def cache_keyword(model: PreTrainedModel) -> str:
+    """The keyword the model's forward takes its KV cache under: `cache` (transformers >= 5.24) where it names
+    it, else `past_key_values`. Looked up once per decoder, not per step: it reads the forward's signature."""
+    return "cache" if forward_accepts(model, "cache") else "past_key_values"
 
 
 class _Sampler:
@@ -174,6 +174,7 @@ class _ContinuousBatch:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stopping, self.sampler, self.prefix_cache = stopping, sampler, prefix_cache
         self.keep_last = {"logits_to_keep": 1} if forward_accepts(model, "logits_to_keep") else {}
+        self.cache_key = cache_keyword(model)
         self.rows: list[_Row] = []
         self.cache: DynamicCache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # [B, cache length + 1]: 0 over padding
@@ -216,7 +217,7 @@ class _ContinuousBatch:
             input_ids=torch.tensor([self.prefix], device=self.model.device),
             use_cache=True,
             **self.keep_last,
-            **cache_argument(self.model, self.prefix_kv),
+            **{self.cache_key: self.prefix_kv},
         )
 
     def _prefill(self, prompts: list[list[int]], indices: list[int]) -> None:
@@ -241,7 +242,7 @@ class _ContinuousBatch:
             position_ids=_positions(mask)[:, shared:],
             use_cache=True,
             **self.keep_last,
-            **cache_argument(self.model, cache),
+            **{self.cache_key: cache},
         )
         rows = [_Row(i) for i in indices]
         logits = output.logits[:, -1, :].float()
@@ -279,7 +280,7 @@ class _ContinuousBatch:
                 attention_mask=self.mask,
                 position_ids=_positions(self.mask)[:, -1:],
                 use_cache=True,
-                **cache_argument(self.model, self.cache),
+                **{self.cache_key: self.cache},
             )
             self.logits = output.logits[:, -1, :].float()
         return finished
@@ -321,9 +322,8 @@ class _SameLengthBatches:
     ) -> None:
         self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
         self.stopping, self.sampler = stopping, sampler
-        self.caches = (
-            forward_accepts(model, "past_key_values") or forward_accepts(model, "cache")
-        ) and forward_accepts(model, "use_cache")
+        self.cache_key = cache_keyword(model)
+        self.caches = forward_accepts(model, self.cache_key) and forward_accepts(model, "use_cache")
 
     def run(self, prompts: Sequence[str], requests: list[int]) -> dict[int, list[str]]:
         """Completions (full decoded text, before stop-string truncation) of `requests`, by prompt index."""
@@ -344,7 +344,7 @@ class _SameLengthBatches:
         rows, running = [_Row(i) for i in indices], set(range(len(indices)))
         step, cache = sequence, None
         while running:
-            extra = {"use_cache": True, **cache_argument(self.model, cache)} if self.caches else {}
+            extra = {"use_cache": True, self.cache_key: cache} if self.caches else {}
             output = self.model(input_ids=step, **extra)
             chosen = self.sampler(output.logits[:, -1, :].float())  # [k]
             for position in sorted(running):
