@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from helpers.timing import HFClock, LightningClock, StepClock, bench_config  # noqa: E402
 
-from datamodules.packing import model_inputs  # noqa: E402
+from datamodules.packing import IGNORE_INDEX, model_inputs  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
 
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -207,7 +207,7 @@ def padding_share(batches: list[dict]) -> float:
 def supervised_per_timed_step(batches: list[dict], warmup: int) -> float:
     """Supervised (label) tokens per step over the timed steps (after `warmup`)."""
     timed = batches[warmup:]
-    return sum(int((b["labels"] != -100).sum()) for b in timed) / len(timed)
+    return sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in timed) / len(timed)
 
 
 def batch_figures(args, run_dir: str) -> tuple[float, float, dict[str, float], float]:

@@ -19,12 +19,11 @@ from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
 from datamodules import packing
+from datamodules.packing import IGNORE_INDEX
 from datamodules.prompt_format import PromptFormat
 from datamodules.sources import DataSourceError, load_split
 
 log = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 def batch_size(batch: dict[str, torch.Tensor]) -> int:

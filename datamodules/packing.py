@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # the label the loss skips (prompt tokens, padding)
 
 
 def pack(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
@@ -30,10 +30,8 @@ def pack(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     positions: list[int] = []
     for example in examples:
         input_ids += example["input_ids"]
-        labels += [
-            IGNORE_INDEX,
-            *example["labels"][1:],
-        ]  # the first token of an example is no example's target
+        # the first token of an example is no example's target
+        labels += [IGNORE_INDEX, *example["labels"][1:]]
         positions += range(len(example["input_ids"]))
     return {
         "input_ids": torch.tensor([input_ids]),
