@@ -1,15 +1,21 @@
-"""Report of a pre-training ablation sweep: curves, final comparison, efficiency, convergence, tables.
+"""Report of a pre-training ablation sweep: curves, final comparison, efficiency, convergence, tables, over
+seeds.
 
     python train.py -m task=cosmopedia
     experiment=ablation/baseline,ablation/high_lr,ablation/low_lr,ablation/large_batch,ablation/short_seq,ablation/small_model
+    seed=0,1,2,3,4
     python -m analysis.ablation multirun/cosmopedia/<time>     # the report, written into that directory
 
-(ablation_tiny/*: the same six at CPU scale.)
+(ablation_tiny/*: the same six at CPU scale, seed=0,1,2.)
 
 Reads every job's metrics from its CSV log (`metrics/metrics.csv`) or, when there is none, from its
-offline W&B run file, and its config from `config.yaml`. Writes `training_loss_curves.png`,
-`final_performance.png`, `efficiency.png`, `convergence.png`, `results.md`, `performance_metrics.csv`
-and `research_data.json` (every run's config, final metrics and curves, for re-plotting elsewhere).
+offline W&B run file, and its config from `config.yaml`. Jobs of one configuration (its run name) with
+different seeds are one row: each final metric's mean with its t interval over seeds, and a verdict on the
+validation loss against the baseline (paired t over common seeds, else Welch; Holm-adjusted over the
+configurations; runtime/statistics.py). Writes `training_loss_curves.png` and `convergence.png` (mean over
+seeds with a band of one s.d.), `final_performance.png` (means with their intervals), `efficiency.png`,
+`results.md`, `performance_metrics.csv` and `research_data.json` (every run's config, final metrics and
+curves, for re-plotting elsewhere).
 """
 
 from __future__ import annotations
@@ -23,9 +29,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from analysis.plots import ablation_figures
+from runtime import comparisons, statistics, tables
 from runtime.results import logged_rows
 from runtime.session import start_report
 
@@ -40,7 +47,8 @@ CURVES = (
 
 
 def read_run(job_dir: Path) -> dict[str, Any]:
-    """One run: its name, config, curves (metric -> [(step, value)]) and final metrics."""
+    """One run: its name (its configuration's), seed, config, curves (metric -> [(step, value)]) and final
+    metrics."""
     config = yaml.safe_load((job_dir / "config.yaml").read_text())
     curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for row in logged_rows(job_dir):
@@ -73,6 +81,7 @@ def read_run(job_dir: Path) -> dict[str, Any]:
     }
     return {
         "name": name,
+        "seed": config.get("seed"),
         "job_dir": str(job_dir),
         "settings": settings,
         "config": config,
@@ -81,47 +90,91 @@ def read_run(job_dir: Path) -> dict[str, Any]:
     }
 
 
-def write_report(sweep_dir: Path) -> list[Path]:
+FINAL = ("train_loss", "val_loss", "val_token_acc", "val_perplexity", "steps_per_s", "tokens_per_s")
+VERDICT_METRIC = "val_loss"  # lower is better
+
+
+def configurations(runs: list[dict[str, Any]], settings: DictConfig, baseline: str) -> list[dict[str, Any]]:
+    """One row per configuration: its settings, seeds, each final metric's mean, s.d. and t interval over
+    seeds, and the verdict on the validation loss against `baseline`."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for run in runs:
+        groups[run["name"]].append(run)
+    by_seed = {
+        name: {
+            run["seed"]: run["final"][VERDICT_METRIC]
+            for run in members
+            if run["final"][VERDICT_METRIC] is not None
+        }
+        for name, members in groups.items()
+    }
+    tests = {
+        name: statistics.seed_test(by_seed[name], by_seed[baseline])
+        for name in groups
+        if name != baseline and baseline in by_seed
+    }
+    tested = [name for name, test in tests.items() if test is not None]
+    adjusted = dict(zip(tested, statistics.holm([tests[name][0] for name in tested]), strict=True))
+    rows = []
+    for name, members in groups.items():
+        row: dict[str, Any] = {"config": name, **members[0]["settings"], "seeds": len(members)}
+        for key in FINAL:
+            values = [run["final"][key] for run in members if run["final"][key] is not None]
+            summary = statistics.over_seeds(values, settings.confidence) if values else {}
+            row |= {key: summary.get("mean"), f"{key}_std": summary.get("std")}
+            row |= {f"{key}_low": summary.get("low"), f"{key}_high": summary.get("high")}
+        rows.append(row)
+    reference = next(row[VERDICT_METRIC] for row in rows if row["config"] == baseline)
+    for row in rows:
+        p_holm = adjusted.get(row["config"])
+        if row["config"] == baseline:
+            verdict = "baseline"
+        elif p_holm is None:
+            verdict = "seed variance not estimated"
+        elif p_holm >= 1 - settings.confidence:
+            verdict = "no detectable difference"
+        else:
+            verdict = f"{'lower' if row[VERDICT_METRIC] < reference else 'higher'} val loss than baseline"
+        row |= {"verdict_vs_baseline": verdict, "p_holm_vs_baseline": p_holm}
+    return rows
+
+
+def write_report(sweep_dir: Path, settings: DictConfig | None = None) -> list[Path]:
     """Read every job of `sweep_dir` and write the figures and tables into it."""
+    settings = settings or comparisons.default_settings()
     jobs = sorted((p for p in sweep_dir.iterdir() if (p / "config.yaml").exists()), key=lambda p: p.name)
     if not jobs:
         raise FileNotFoundError(
             f"{sweep_dir}: no job directories with a config.yaml (is this a multirun dir?)"
         )
     runs = [read_run(job) for job in jobs]
-    columns = [
-        "config",
-        "model",
-        "lr",
-        "batch_size",
-        "seq_len",
-        "train_loss",
-        "val_loss",
-        "val_token_acc",
-        "val_perplexity",
-        "steps_per_s",
-        "tokens_per_s",
-    ]
-    rows = [{"config": r["name"], **r["settings"], **r["final"]} for r in runs]
+    names = list(dict.fromkeys(run["name"] for run in runs))
+    baseline = "baseline" if "baseline" in names else names[0]
+    rows = configurations(runs, settings, baseline)
     table = sweep_dir / "performance_metrics.csv"
-    with table.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    shown = ["config", "train_loss", "val_token_acc", "val_perplexity", "steps_per_s"]
-    lines = ["| " + " | ".join(shown) + " |", "|" + "---|" * len(shown)]
-    lines += ["| " + " | ".join(_cell(row[c]) for c in shown) + " |" for row in rows]
-    markdown = sweep_dir / "results.md"
-    markdown.write_text(f"# Pre-training ablation ({len(runs)} runs)\n\n" + "\n".join(lines) + "\n")
+    note = (
+        f"{len(runs)} runs in {len(rows)} configurations. Each metric: mean "
+        f"[{settings.confidence:.0%} t interval] over the configuration's seeds (none with one seed: its "
+        f"seed variance is not estimated). verdict_vs_baseline compares the validation loss with "
+        f"{baseline}'s (paired t over common seeds, else Welch; Holm-adjusted over the configurations)."
+    )
+    shown = [
+        {
+            "config": row["config"],
+            "seeds": row["seeds"],
+            **{
+                key: tables.with_interval(row[key], row[f"{key}_low"], row[f"{key}_high"], 4)
+                for key in FINAL[:4]
+            },
+            "steps_per_s": row["steps_per_s"],
+            "verdict_vs_baseline": row["verdict_vs_baseline"],
+        }
+        for row in rows
+    ]
+    paths = tables.write(rows, table, "Pre-training ablation", note, shown, sweep_dir / "results.md")
     research = sweep_dir / "research_data.json"
     research.write_text(json.dumps({"runs": runs}, indent=1, default=str) + "\n")
-    return [table, markdown, research, *ablation_figures(runs, sweep_dir)]
-
-
-def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+    return [*paths, research, *ablation_figures(runs, rows, sweep_dir)]
 
 
 def main() -> None:

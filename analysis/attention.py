@@ -337,7 +337,7 @@ class AttentionComparison(MultirunSummary):
     """Hydra callback: after a `-m` run over models, the sweep summary and a side-by-side bar chart of their
     allocations."""
 
-    def report(self, sweep_dir: Path, session: Session) -> None:
+    def report(self, sweep_dir: Path, session: Session, config: DictConfig) -> None:
         results = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{ANALYSIS_FILE}"))]
         results = [r for r in results if r["maps"]]
         if results:

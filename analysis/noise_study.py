@@ -10,14 +10,14 @@ groups, with its own run dir under the study dir. The study dir gets `zero_shot_
 after SFT), `attention_allocation.csv` + `attention_allocation.png` (KMI / NI / OC shares of every model,
 base and fine-tuned, on every noisy set) and `study_report.md`, which states per stage and noise type
 whether the first model (differential attention) was more robust than the second: the drop from clean
-to noisy Pass@1 of each, the difference of the drops with a bootstrap confidence interval over problems
-(the clean and noisy versions of a problem are resampled together) and the number of problems.
+to noisy Pass@1 of each, the difference of the drops with a paired interval over problems (the clean and
+noisy versions of a problem stay together), its p-value Holm-adjusted over the rows, the number of problems
+and a verdict only where the data support one (runtime/statistics.py); every Pass@1 with its interval.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from hydra import compose
 from omegaconf import DictConfig, open_dict
 
 from analysis import attention, plots
-from runtime import evaluation, task_grid, training
+from runtime import evaluation, item_scores, statistics, tables, task_grid, training
 from runtime.session import overrides, start
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def _stage(study: DictConfig, study_dir: Path, stage: str, model: str, ckpt: lis
     return results, allocations
 
 
-def run_study(study: DictConfig, study_dir: Path) -> list[dict[str, Any]]:
+def run_study(study: DictConfig, study_dir: Path, settings: DictConfig) -> list[dict[str, Any]]:
     """Run every stage of `study` under `study_dir`; write the tables, figures and report; return the summary
     rows."""
     results: list[dict[str, Any]] = []
@@ -86,19 +86,34 @@ def run_study(study: DictConfig, study_dir: Path) -> list[dict[str, Any]]:
             stage_results, stage_allocations = _stage(study, study_dir, stage, model, ckpt)
             results += stage_results
             allocations += stage_allocations
-    rows = write_tables(results, study_dir, study.baseline_task)
+    rows = write_tables(results, study_dir, study.baseline_task, settings)
     if allocations:
         write_allocations(allocations, study_dir)
-    comparisons = robustness(results, list(study.models), study.report, study.baseline_task)
-    (study_dir / "study_report.md").write_text(report(study, rows, comparisons, allocations))
+    comparisons = robustness(results, list(study.models), study.report.mode, study.baseline_task, settings)
+    (study_dir / "study_report.md").write_text(report(study, rows, comparisons, allocations, settings))
     return rows
 
 
-def write_tables(results: list[dict[str, Any]], study_dir: Path, baseline: str) -> list[dict[str, Any]]:
-    """Per-stage performance tables and charts (drops from `baseline`), and the before/after
+def write_tables(
+    results: list[dict[str, Any]], study_dir: Path, baseline: str, settings: DictConfig
+) -> list[dict[str, Any]]:
+    """Per-stage performance tables, comparisons and charts (drops from `baseline`), and the before/after
     `study_summary.csv`."""
-    task_grid.write_grid(results, study_dir, baseline)
-    rows = [{"stage": r["stage"], "model": r["model"], "dataset": r["task"], **r["metrics"]} for r in results]
+    task_grid.write_grid(results, study_dir, baseline, settings)
+    rows = []
+    for result in results:
+        bounds = {}
+        for key, interval in result.get("intervals", {}).items():
+            bounds |= {f"{key}_low": interval["low"], f"{key}_high": interval["high"]}
+        rows.append(
+            {
+                "stage": result["stage"],
+                "model": result["model"],
+                "dataset": result["task"],
+                **result["metrics"],
+            }
+            | bounds
+        )
     with (study_dir / "study_summary.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
@@ -106,55 +121,57 @@ def write_tables(results: list[dict[str, Any]], study_dir: Path, baseline: str) 
     return rows
 
 
-def correct_by_problem(result: dict[str, Any], mode: str) -> np.ndarray:
-    """Per-problem Pass@1 (`mode`: strict or flexible) of one evaluation run, in problem order."""
-    lines = (Path(result["run_dir"]) / "predictions.jsonl").read_text().splitlines()
-    return np.array([json.loads(line)[f"pass@1_{mode}"] for line in lines])
-
-
 def robustness(
-    results: list[dict[str, Any]], models: list[str], settings: DictConfig, baseline: str
+    results: list[dict[str, Any]], models: list[str], mode: str, baseline: str, settings: DictConfig
 ) -> list[dict[str, Any]]:
     """Per stage and noise type: each model's drop from the clean `baseline` task to the noisy one, and the
-    first model's advantage with a CI.
+    first model's advantage with its interval, test and verdict (Holm-adjusted over the rows).
 
     advantage = drop(second model) - drop(first model): positive when the first model loses less to the
-    noise. The CI resamples problems with replacement, keeping each problem's clean and noisy versions
-    and both models together (percentile bootstrap, `settings.bootstrap_samples` resamples).
+    noise. Problems are paired by item id (a clean problem and its noisy version share it), so the interval
+    is the paired t interval over problems of the per-problem advantage (runtime/statistics.py).
     """
     if len(models) < 2:
         return []
     first, second = models[:2]
     by_key = {(r["stage"], r["model"], r["task"]): r for r in results}
-    rng = np.random.default_rng(settings.seed)
-    rows = []
+    rows, compared = [], []
     for stage in dict.fromkeys(r["stage"] for r in results):
         for task in dict.fromkeys(r["task"] for r in results if r["task"] != baseline):
             keys = [(stage, m, t) for m in (first, second) for t in (baseline, task)]
             if not all(k in by_key for k in keys):
                 continue
-            clean_a, noisy_a, clean_b, noisy_b = (correct_by_problem(by_key[k], settings.mode) for k in keys)
-            n = min(map(len, (clean_a, noisy_a, clean_b, noisy_b)))
-            drop_a, drop_b = clean_a[:n] - noisy_a[:n], clean_b[:n] - noisy_b[:n]  # [n] per-problem drops
-            samples = rng.integers(0, n, size=(settings.bootstrap_samples, n))
-            advantages = (drop_b[samples] - drop_a[samples]).mean(1)
-            tail = (1 - settings.confidence) / 2
-            low, high = np.quantile(advantages, [tail, 1 - tail])
-            advantage = float(drop_b.mean() - drop_a.mean())
-            verdict = "more robust" if low > 0 else "less robust" if high < 0 else "no clear difference"
+            clean_a, noisy_a, clean_b, noisy_b = (
+                item_scores.read(Path(by_key[k]["run_dir"]), f"pass@1_{mode}") for k in keys
+            )
+            kept_a, lost_a, clusters = (np.array(v) for v in item_scores.aligned(clean_a, noisy_a))
+            kept_b = np.array(item_scores.aligned(clean_a, clean_b)[1])
+            lost_b = np.array(item_scores.aligned(clean_a, noisy_b)[1])
+            # per problem: how much less of its clean score each model keeps under noise (the negative drop)
+            comparison = statistics.paired(
+                lost_a - kept_a, lost_b - kept_b, clusters, settings.confidence, settings.power
+            )
+            compared.append(comparison)
             rows.append(
                 {
                     "stage": stage,
                     "noise": task,
-                    "problems": n,
-                    f"drop_{first}": float(drop_a.mean()),
-                    f"drop_{second}": float(drop_b.mean()),
-                    "advantage": advantage,
-                    "ci_low": float(low),
-                    "ci_high": float(high),
-                    "verdict": f"{first} {verdict}",
+                    "problems": comparison.n,
+                    f"drop_{first}": float((kept_a - lost_a).mean()),
+                    f"drop_{second}": float((kept_b - lost_b).mean()),
+                    "advantage": comparison.difference,
+                    "ci_low": comparison.low,
+                    "ci_high": comparison.high,
+                    "test": comparison.test,
+                    "p": comparison.p,
+                    "mde": comparison.mde,
                 }
             )
+    names = [(first, second)] * len(compared)
+    for row, verdict in zip(
+        rows, statistics.verdicts(compared, names, 1 - settings.confidence, "more robust"), strict=True
+    ):
+        row |= {"p_holm": verdict["p_holm"], "verdict": verdict["verdict"]}
     return rows
 
 
@@ -187,8 +204,10 @@ def report(
     rows: list[dict[str, Any]],
     comparisons: list[dict[str, Any]],
     allocations: list[dict[str, Any]],
+    settings: DictConfig,
 ) -> str:
-    """The study's markdown report: Pass@1 tables, robustness verdicts with CIs, attention allocation."""
+    """The study's markdown report: Pass@1 tables with intervals, robustness verdicts with intervals and
+    tests, attention allocation."""
     mode = study.report.mode
     lines = [
         f"# Noise-robustness study `{study.name}`",
@@ -197,43 +216,47 @@ def report(
         f"attention analysis: {bool(study.attention)}. Pass@1 ({mode} extraction).",
         "",
     ]
+    confidence = f"{settings.confidence:.0%}"
     for stage in dict.fromkeys(r["stage"] for r in rows):
         lines += [
             f"## Pass@1 ({stage.replace('_', '-')})",
+            "",
+            f"Each cell: Pass@1 [{confidence} interval] over its problems ({stage}_performance.md names the "
+            f"method and n; {stage}_comparisons.md compares every two cells on the same problems).",
             "",
             "| model | " + " | ".join(study.tasks) + " |",
             "|---|" + "---|" * len(study.tasks),
         ]
         for model in study.models:
-            scores = {
-                r["dataset"]: r.get(f"pass@1_{mode}")
-                for r in rows
-                if r["stage"] == stage and r["model"] == model
-            }
-            lines.append(
-                f"| {model} | "
-                + " | ".join(f"{scores[t]:.3f}" if scores.get(t) is not None else "-" for t in study.tasks)
-                + " |"
-            )
+            mine = {r["dataset"]: r for r in rows if r["stage"] == stage and r["model"] == model}
+            cells = [
+                tables.with_interval(
+                    *(mine.get(t, {}).get(f"pass@1_{mode}{end}") for end in ("", "_low", "_high"))
+                )
+                for t in study.tasks
+            ]
+            lines.append(f"| {model} | " + " | ".join(cells) + " |")
         lines += ["", f"![{stage}]({stage}_performance.png)", ""]
     if comparisons:
         first, second = list(study.models)[:2]
-        confidence = f"{study.report.confidence:.0%}"
         lines += [
             "## Is differential attention more robust?",
             "",
             f"Advantage = drop of {second} - drop of {first} (clean -> noisy Pass@1); > 0: {first} loses "
-            f"less. {confidence} bootstrap CI over problems.",
+            f"less. {confidence} paired t interval over problems (a problem's clean and noisy versions and "
+            "both models' scores stay together); p: paired t test, Holm-adjusted over the rows; a verdict "
+            "only where the Holm-adjusted interval excludes 0, else the minimum detectable effect.",
             "",
             f"| stage | noise | problems | drop {first} | drop {second} | advantage [{confidence} CI] | "
-            "verdict |",
-            "|---|---|---|---|---|---|---|",
+            "p_holm | verdict |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for c in comparisons:
             lines.append(
                 f"| {c['stage']} | {c['noise']} | {c['problems']} | {c[f'drop_{first}']:.3f} | "
                 f"{c[f'drop_{second}']:.3f} | "
-                f"{c['advantage']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['verdict']} |"
+                f"{c['advantage']:+.3f} [{c['ci_low']:+.3f}, {c['ci_high']:+.3f}] | {c['p_holm']:.3g} | "
+                f"{c['verdict']} |"
             )
         lines.append("")
     if allocations:
@@ -260,7 +283,7 @@ def report(
 def main(cfg: DictConfig) -> None:
     """Hydra entrypoint of the study driver."""
     with start(cfg, job_type="analysis") as session:
-        rows = run_study(cfg.study, session.run_dir)
+        rows = run_study(cfg.study, session.run_dir, cfg.statistics)
         mode = cfg.study.report.mode
         headline = {
             f"{r['stage']}/{r['model']}/{r['dataset']}/pass@1_{mode}": r[f"pass@1_{mode}"]

@@ -130,18 +130,37 @@ def allocation_comparison(results: list[dict[str, Any]], path: Path) -> Path:
     return _save(figure, path)
 
 
-def ablation_figures(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """Training-loss curves, final performance bars, efficiency scatter and validation convergence."""
+def seed_band(curves: list[list[tuple[float, float]]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(steps, mean, s.d.) over several seeds' curves of one metric, at the steps every curve has; the s.d.
+    is 0 with one seed."""
+    common = sorted(set.intersection(*(set(step for step, _ in curve) for curve in curves)))
+    values = np.array([[dict(curve)[step] for step in common] for curve in curves])  # [seeds, steps]
+    spread = values.std(axis=0, ddof=1) if len(curves) > 1 else np.zeros(len(common))
+    return np.array(common), values.mean(axis=0), spread
+
+
+def _banded(axis: plt.Axes, runs: list[dict[str, Any]], key: str, **style: Any) -> None:
+    """One line per configuration: the mean over its seeds' `key` curves, with a band of one s.d."""
+    for name in dict.fromkeys(run["name"] for run in runs):
+        curves = [run["curves"][key] for run in runs if run["name"] == name and run["curves"].get(key)]
+        if not curves:
+            continue
+        steps, mean, spread = seed_band(curves)
+        (line,) = axis.plot(steps, mean, label=f"{name} (n={len(curves)})", **style)
+        axis.fill_between(steps, mean - spread, mean + spread, color=line.get_color(), alpha=0.2)
+
+
+def ablation_figures(runs: list[dict[str, Any]], configs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
+    """Training-loss curves and validation convergence (mean over seeds, band of one s.d.), final performance
+    bars (means with their t intervals over seeds) and the efficiency scatter, one entry per configuration."""
     paths = []
     figure, axis = plt.subplots(figsize=(6.5, 4))
-    for run in runs:
-        steps, values = zip(*run["curves"].get("train/loss_step", [(0, np.nan)]), strict=True)
-        axis.plot(steps, values, label=run["name"], linewidth=1)
-    axis.set(xlabel="step", ylabel="training loss", title="Training loss")
+    _banded(axis, runs, "train/loss_step", linewidth=1)
+    axis.set(xlabel="step", ylabel="training loss", title="Training loss (mean over seeds, band: 1 s.d.)")
     axis.legend(fontsize=7)
     paths.append(_save(figure, out_dir / "training_loss_curves.png"))
 
-    names = [r["name"] for r in runs]
+    names = [c["config"] for c in configs]
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for axis, key, label in zip(
         axes,
@@ -149,27 +168,32 @@ def ablation_figures(runs: list[dict[str, Any]], out_dir: Path) -> list[Path]:
         ("validation loss", "next-token accuracy", "perplexity"),
         strict=True,
     ):
-        axis.bar(names, [r["final"][key] or 0.0 for r in runs], color="tab:blue")
-        axis.set_title(label)
+        means = [c[key] or 0.0 for c in configs]
+        errors = [
+            [
+                m - (c[f"{key}_low"] if c[f"{key}_low"] is not None else m)
+                for m, c in zip(means, configs, strict=True)
+            ],
+            [
+                (c[f"{key}_high"] if c[f"{key}_high"] is not None else m) - m
+                for m, c in zip(means, configs, strict=True)
+            ],
+        ]
+        axis.bar(names, means, yerr=errors, capsize=3, color="tab:blue")
+        axis.set_title(f"{label} (mean, t interval over seeds)", fontsize=9)
         axis.tick_params(axis="x", rotation=45, labelsize=7)
     paths.append(_save(figure, out_dir / "final_performance.png"))
 
     figure, axis = plt.subplots(figsize=(5.5, 4))
-    for run in runs:
-        axis.scatter(run["final"]["steps_per_s"] or 0.0, run["final"]["val_loss"] or np.nan)
-        axis.annotate(
-            run["name"], (run["final"]["steps_per_s"] or 0.0, run["final"]["val_loss"] or 0.0), fontsize=7
-        )
-    axis.set(xlabel="steps / s", ylabel="final validation loss", title="Efficiency vs quality")
+    for config in configs:
+        axis.scatter(config["steps_per_s"] or 0.0, config["val_loss"] or np.nan)
+        axis.annotate(config["config"], (config["steps_per_s"] or 0.0, config["val_loss"] or 0.0), fontsize=7)
+    axis.set(xlabel="steps / s", ylabel="final validation loss", title="Efficiency vs quality (means)")
     paths.append(_save(figure, out_dir / "efficiency.png"))
 
     figure, axis = plt.subplots(figsize=(6.5, 4))
-    for run in runs:
-        points = run["curves"].get("val/loss", [])
-        if points:
-            steps, values = zip(*points, strict=True)
-            axis.plot(steps, values, marker="o", markersize=3, label=run["name"])
-    axis.set(xlabel="step", ylabel="validation loss", title="Convergence")
+    _banded(axis, runs, "val/loss", marker="o", markersize=3)
+    axis.set(xlabel="step", ylabel="validation loss", title="Convergence (mean over seeds, band: 1 s.d.)")
     axis.legend(fontsize=7)
     paths.append(_save(figure, out_dir / "convergence.png"))
     return paths

@@ -39,6 +39,7 @@ from scipy import stats
 from analysis import gradsim, memit, memit_inputs, plots
 from datamodules.base import IGNORE_INDEX
 from datamodules.sources import load_split
+from runtime import statistics
 from runtime.saved_run import use_checkpoint_model
 from runtime.session import overrides, start
 
@@ -80,20 +81,21 @@ def counterfactual(pieces: list[dict[str, Any]], index: int) -> str:
 
 
 def correlation(x: np.ndarray, y: np.ndarray, samples: int, confidence: float, seed: int) -> dict[str, Any]:
-    """Pearson and Spearman r with p-values and bootstrap confidence intervals (resampling pairs)."""
+    """Pearson and Spearman r with p-values and percentile bootstrap intervals (resampling pairs; resamples
+    where either side is constant are left out)."""
     if len(x) < 3 or np.std(x) == 0 or np.std(y) == 0:
         return {"pairs": int(len(x)), "pearson": None, "spearman": None}
-    rng = np.random.default_rng(seed)
     result: dict[str, Any] = {"pairs": int(len(x))}
     for name, function in (("pearson", stats.pearsonr), ("spearman", stats.spearmanr)):
+
+        def r_of(index: np.ndarray, function: Any = function) -> float:
+            if np.std(x[index]) == 0 or np.std(y[index]) == 0:
+                return np.nan
+            return float(function(x[index], y[index])[0])
+
         r, p = function(x, y)
-        boots = []
-        for _ in range(samples):
-            index = rng.integers(0, len(x), len(x))
-            if np.std(x[index]) > 0 and np.std(y[index]) > 0:
-                boots.append(function(x[index], y[index])[0])
-        tail = (1 - confidence) / 2
-        low, high = np.quantile(boots, [tail, 1 - tail]) if boots else (np.nan, np.nan)
+        estimate = statistics.bootstrap(r_of, len(x), None, samples, seed, confidence)
+        low, high = (np.nan, np.nan) if estimate.low is None else (estimate.low, estimate.high)
         result[name] = {"r": float(r), "p": float(p), "ci": [float(low), float(high)]}
     return result
 

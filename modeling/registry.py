@@ -46,8 +46,8 @@ METHODS: dict[str, Callable[..., PreTrainedModel]] = {
     "projection_head": projection_head.apply,
 }
 # DataModule.evaluation_kind -> the function evaluate.py scores with, score(cfg, model, tokenizer,
-# datamodule, records, run_dir) -> (rows, metrics); by dotted path, since the scorers live in the runtime
-# layer above this one
+# datamodule, records, run_dir) -> (rows, metrics, intervals); by dotted path, since the scorers live in the
+# runtime layer above this one
 SCORERS: dict[str, str] = {
     "generation": "runtime.generation_scoring.score",
     "classification": "runtime.classification_scoring.score",
@@ -67,7 +67,7 @@ def task_module_name(cfg: DictConfig) -> str:
     return cfg.method.get("module") or cfg.task.module
 
 
-def scorer(kind: str) -> Callable[..., tuple[list[dict[str, Any]], dict[str, float]]]:
+def scorer(kind: str) -> Callable[..., tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]]:
     """The scoring function registered for a DataModule's `evaluation_kind`."""
     if kind not in SCORERS:
         raise ValueError(f"evaluation_kind={kind!r} has no scorer; known: {sorted(SCORERS)}")

@@ -1,17 +1,20 @@
 """Classification scoring for evaluate.py: label likelihood (or the saved projection head) on every test
-example; accuracy, macro F1 and a confusion matrix."""
+example; accuracy (Wilson interval), macro F1 (bootstrap interval over items) and a confusion matrix."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
+from torchmetrics.functional.classification import multiclass_f1_score
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling.classifier import ClassificationMetrics, plot_confusion
 from modeling.label_lm import LabelLMModule
+from runtime import item_scores
 from runtime.saved_run import load_classifier
 
 
@@ -22,8 +25,9 @@ def score(
     datamodule: Any,
     records: list[dict[str, Any]],
     run_dir: Path,
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Classify every test example (label likelihood, or the saved projection head); accuracy and macro F1."""
+) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[str, Any]]]:
+    """Classify every test example (label likelihood, or the saved projection head); accuracy and macro F1
+    with their intervals."""
     module = load_classifier(model, cfg)
     if module is None:  # no saved head: the label likelihood
         module = LabelLMModule(
@@ -66,4 +70,17 @@ def score(
         run_dir / "confusion_matrix.png",
         f"{cfg.model.name} on {cfg.task.name}",
     )
-    return rows, {**values, "num_examples": len(rows)}
+    predicted = torch.tensor([datamodule.class_names.index(row["predicted"]) for row in rows])  # [N]
+    gold = torch.tensor([datamodule.class_names.index(row["gold"]) for row in rows])  # [N]
+
+    def macro_f1(indices: np.ndarray) -> float:
+        picked = torch.from_numpy(indices)
+        return float(
+            multiclass_f1_score(predicted[picked], gold[picked], len(datamodule.class_names), "macro")
+        )
+
+    item_scores.assign_ids(rows)
+    intervals = item_scores.intervals(
+        rows, values, {"accuracy": "correct"}, {"macro_f1": macro_f1}, cfg.statistics
+    )
+    return rows, {**values, "num_examples": len(rows)}, intervals

@@ -1,5 +1,7 @@
 """The evaluation run behind evaluate.py: load the model (base or `ckpt=`), score it on a task's test split
-with the scorer its DataModule asks for (`evaluation_kind`: generation or classification), write the results.
+with the scorer its DataModule asks for (`evaluation_kind`: generation or classification), write the results:
+per-item outcomes (predictions.jsonl, with item ids), metrics.json and results.json, every metric with its
+interval (conf/statistics, docs/statistics.md).
 
 With `judge=openai_compatible`, an LLM judge also scores every prediction (runtime/judge.py):
 `judge_accuracy` and its agreement with exact match are reported beside the automatic metrics.
@@ -16,6 +18,7 @@ from omegaconf import DictConfig
 
 import datamodules
 from modeling.registry import scorer
+from runtime import item_scores
 from runtime.judge import judge_rows
 from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import overrides, start
@@ -31,16 +34,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         model, tokenizer = load_model(cfg)
         datamodule = datamodules.build(cfg, tokenizer)
         records = _nonempty(datamodule.evaluation_records()[: cfg.get("limit")], cfg)
-        rows, metrics = scorer(datamodule.evaluation_kind)(
+        rows, metrics, intervals = scorer(datamodule.evaluation_kind)(
             cfg, model, tokenizer, datamodule, records, session.run_dir
         )
         if cfg.get("judge") and rows:
             reference = next((k for k in ("correct", "exact_match_flexible") if k in rows[0]), None)
             metrics |= judge_rows(cfg.judge, cfg.task.name, rows, reference)
-        with (session.run_dir / "predictions.jsonl").open("w", encoding="utf-8") as handle:
+            judged = {"judge_accuracy": "judge_correct", "judge_agreement": "judge_agrees"}
+            intervals |= item_scores.intervals(rows, metrics, judged, {}, cfg.statistics)
+        with (session.run_dir / item_scores.ITEMS_FILE).open("w", encoding="utf-8") as handle:
             handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        (session.run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        session.log_metrics({f"eval/{k}": v for k, v in metrics.items()})
+        (session.run_dir / "metrics.json").write_text(
+            json.dumps({**metrics, "intervals": intervals}, indent=2) + "\n"
+        )
+        session.log_metrics({f"eval/{k}": v for k, v in {**metrics, **item_scores.flat(intervals)}.items()})
         session.log_table("predictions", rows)
         session.log_images({"confusion_matrix": session.run_dir / "confusion_matrix.png"})
         results = {
@@ -52,9 +59,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "grid_baseline": cfg.task.get("grid_baseline"),
             "optimized_metric": cfg.optimized_metric or headline_metric(metrics),
             "metrics": metrics,
+            "intervals": intervals,
         }
-        log.info("%s on %d examples", {k: round(v, 4) for k, v in metrics.items()}, len(rows))
+        log.info("%s on %d examples", describe(metrics, intervals), len(rows))
         return session.finish(results)
+
+
+def describe(metrics: dict[str, float], intervals: dict[str, dict[str, Any]]) -> str:
+    """`metric value [low, high]` for every metric, with the interval where it has one."""
+    parts = []
+    for key, value in metrics.items():
+        entry = intervals.get(key, {})
+        bounds = f" [{entry['low']:.4f}, {entry['high']:.4f}]" if entry.get("low") is not None else ""
+        parts.append(f"{key} {value:.4g}{bounds}")
+    return ", ".join(parts)
 
 
 def _nonempty(records: list[dict[str, Any]], cfg: DictConfig) -> list[dict[str, Any]]:

@@ -2,19 +2,24 @@
 
 Pass@1 is the mean exact match over problems (over samples too when `generation.num_samples` > 1);
 pass@k uses the unbiased estimator of Chen et al. (2021): 1 - C(n-c, k) / C(n, k). Every other float score
-of a row (BLEU, judge agreement, ...) is averaged over the rows that have it.
+of a row (BLEU, judge agreement, ...) is averaged over the rows that have it. Every mean comes with its
+interval from the per-item scores, and every corpus metric (corpus BLEU) with a bootstrap interval over
+items (runtime/item_scores.py).
 """
 
 from __future__ import annotations
 
 import math
+from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling.generation import generate
+from runtime import item_scores
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
@@ -31,9 +36,9 @@ def score(
     datamodule: Any,
     records: list[dict[str, Any]],
     run_dir: Path,
-) -> tuple[list[dict[str, Any]], dict[str, float]]:
+) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[str, Any]]]:
     """Generate for every test example and score it: pass@ per `exact_match_*` score, means of the other
-    scores."""
+    scores, corpus metrics; and the interval of each."""
     style = datamodule.prompt_format
     exemplars = style.fewshot_exemplars(records, cfg.prompting.num_fewshot, cfg.prompting.fewshot_seed)
     prompts = [style.prompt(record, shots) for record, shots in zip(records, exemplars, strict=True)]
@@ -70,6 +75,25 @@ def score(
     for key in metric_keys:
         values = [row[key] for row in rows if row.get(key) is not None]
         metrics[key] = sum(values) / len(values)
-    metrics |= datamodule.corpus_metrics([row["generation"] for row in rows], [row["gold"] for row in rows])
+    generations, golds = [row["generation"] for row in rows], [row["gold"] for row in rows]
+    corpus_metrics = datamodule.corpus_metrics(generations, golds)
+    metrics |= corpus_metrics
+
+    @cache
+    def corpus_of(picked: bytes) -> dict[str, float]:  # one computation per resample serves every metric
+        indices = np.frombuffer(picked, dtype=np.int64)
+        return datamodule.corpus_metrics([generations[i] for i in indices], [golds[i] for i in indices])
+
+    item_scores.assign_ids(rows)
+    intervals = item_scores.intervals(
+        rows,
+        metrics,
+        {key: key for key in metric_keys},
+        {
+            key: (lambda idx, key=key: corpus_of(idx.astype(np.int64).tobytes())[key])
+            for key in corpus_metrics
+        },
+        cfg.statistics,
+    )
     metrics["num_problems"] = len(rows)
-    return rows, metrics
+    return rows, metrics, intervals

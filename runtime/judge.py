@@ -137,8 +137,8 @@ def _describe(error: Exception) -> str:
 def judge_rows(
     settings: DictConfig, task: str, rows: list[dict[str, Any]], reference_key: str | None
 ) -> dict[str, float]:
-    """Add judge_correct / judge_error to every row; return judge_accuracy, the agreement with
-    `reference_key`, counts."""
+    """Add judge_correct / judge_error (and judge_agrees with `reference_key`) to every row; return
+    judge_accuracy, the agreement with `reference_key`, counts."""
     judge = Judge(settings)
     for row, outcome in zip(
         rows, judge.judge_all([judge_prompt(settings, task, row) for row in rows]), strict=True
@@ -153,9 +153,9 @@ def judge_rows(
     if judged:
         metrics["judge_accuracy"] = sum(row["judge_correct"] for row in judged) / len(judged)
         if reference_key:
-            metrics["judge_agreement"] = sum(
-                row["judge_correct"] == row[reference_key] for row in judged
-            ) / len(judged)
+            for row in judged:
+                row["judge_agrees"] = float(row["judge_correct"] == row[reference_key])
+            metrics["judge_agreement"] = sum(row["judge_agrees"] for row in judged) / len(judged)
     log.info(
         "judge %s: %d judged, %d errors, %d requests",
         settings.model,

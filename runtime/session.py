@@ -36,6 +36,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from runtime import item_scores
 from runtime.loggers import print_config_tree, wandb_logger
 from runtime.results import write_results
 
@@ -106,16 +107,17 @@ class Session:
                     )
 
     def finish(self, results: dict[str, Any]) -> dict[str, Any]:
-        """Write results.json (rank zero) and give every logger the run's final metrics: W&B summary,
-        TensorBoard HParams (the flat config with `final/<metric>`); return the results with the run's
-        identifiers added."""
+        """Write results.json (rank zero) and give every logger the run's final metrics with their intervals
+        (`<metric>/ci_low`, `/ci_high`, `/n`): W&B summary, TensorBoard HParams (the flat config with
+        `final/<metric>`); return the results with the run's identifiers added."""
         results = {**results, "job_type": self.job_type, "run_dir": str(self.run_dir)}
         if self.wandb_run_id:
             results["wandb_run_id"] = self.wandb_run_id
         if rank_zero_only.rank != 0:
             return results
         self.log_config()
-        final = {k: float(v) for k, v in results.get("metrics", {}).items() if isinstance(v, int | float)}
+        metrics = {**results.get("metrics", {}), **item_scores.flat(results.get("intervals", {}))}
+        final = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
         for logger in self.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.summary.update(final)

@@ -1,11 +1,11 @@
-"""What a `-m` sweep leaves in its directory: `summary.csv` / `summary.md` (overrides -> final metrics), the
-figure `sweep.png` (every job's validation loss curve; the optimised metric against each swept parameter),
-and, when the jobs logged to W&B, one `summary` run in the sweep's group holding both."""
+"""What a `-m` sweep leaves in its directory: `summary.csv` (overrides -> final metrics, one row per job),
+`summary_by_config.csv` (jobs that differ only in `seed` grouped: mean, s.d., t interval and number of seeds
+per configuration, and whether each is tied with the best), `summary.md` with both tables, the figure
+`sweep.png` (every job's validation loss curve; the optimised metric against each swept parameter), and,
+when the jobs logged to W&B, one `summary` run in the sweep's group holding them."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import math
@@ -17,9 +17,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from runtime import statistics, tables
 from runtime.checkpointing import write_atomically
 from runtime.results import RESULTS_FILE, logged_rows
-from runtime.session import Session, start_report
+from runtime.session import Session, metric_direction, start_report
 
 log = logging.getLogger(__name__)
 
@@ -51,21 +52,107 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def write_summary(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path:
-    """Write `summary.csv` and `summary.md` (overrides -> final metrics) in the multirun directory."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-    table = io.StringIO(newline="")
-    writer = csv.DictWriter(table, fieldnames=columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(column)) for column in columns) + " |" for row in rows]
-    csv_path = Path(sweep_dir) / "summary.csv"
-    # jobs of a parallel launcher rewrite these as they end: replace, never half-write
-    write_atomically(csv_path, lambda handle: handle.write(table.getvalue().encode()))
-    write_atomically(
-        Path(sweep_dir) / "summary.md", lambda handle: handle.write(("\n".join(lines) + "\n").encode())
+def configuration(overrides: str) -> str:
+    """A job's overrides without its seed: the configuration it is one seed of."""
+    return " ".join(o for o in overrides.split() if o.split("=", 1)[0].lstrip("+~") != "seed")
+
+
+def seed_of(overrides: str) -> str | None:
+    """The `seed=` override of a job, None when it ran the config's seed."""
+    return next(
+        (o.split("=", 1)[1] for o in overrides.split() if o.split("=", 1)[0].lstrip("+~") == "seed"), None
     )
+
+
+def by_configuration(rows: list[dict[str, Any]], metric: str, settings: DictConfig) -> list[dict[str, Any]]:
+    """One row per configuration (jobs that differ only in seed; named by the overrides that set it apart
+    from the other jobs): for every metric all its jobs report, the
+    mean, s.d. and t interval over seeds; for `metric`, whether the configuration is tied with the best one
+    (paired t over common seeds, else Welch; Holm-adjusted over the configurations compared), or that its
+    seed variance is not estimated (one seed)."""
+    shared = set.intersection(*(set(configuration(row["overrides"]).split()) for row in rows))
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        if row["status"] == "ok" and _finite(row.get(metric)):
+            differing = " ".join(o for o in configuration(row["overrides"]).split() if o not in shared)
+            groups.setdefault(differing, []).append(row)
+    if not groups:
+        return []
+    values = {
+        config: {seed_of(job["overrides"]) or job["job"]: job[metric] for job in jobs}
+        for config, jobs in groups.items()
+    }
+    pick = min if metric_direction(metric) == "minimize" else max
+    best = pick(values, key=lambda config: sum(values[config].values()) / len(values[config]))
+    tests = {
+        config: statistics.seed_test(values[config], values[best]) for config in values if config != best
+    }
+    tested = [config for config, test in tests.items() if test is not None]
+    adjusted = dict(zip(tested, statistics.holm([tests[c][0] for c in tested]), strict=True))
+    alpha = 1 - settings.confidence
+    table = []
+    for config, jobs in groups.items():
+        row: dict[str, Any] = {"configuration": config or "(every job's)", "seeds": len(jobs)}
+        row["seed_values"] = " ".join(seed_of(job["overrides"]) or "config's" for job in jobs)
+        for key in [k for k in jobs[0] if all(_finite(job.get(k)) for job in jobs) and k not in _NOT_METRICS]:
+            summary = statistics.over_seeds([job[key] for job in jobs], settings.confidence)
+            row |= {key: summary["mean"], f"{key}_std": summary["std"]}
+            row |= {f"{key}_low": summary["low"], f"{key}_high": summary["high"]}
+        row["interval"] = statistics.over_seeds(list(values[config].values()), settings.confidence)["method"]
+        if config == best:
+            row["tied_with_best"] = "best"
+        elif config in adjusted:
+            row["tied_with_best"] = "yes" if adjusted[config] >= alpha else "no"
+            row["p_holm_vs_best"] = adjusted[config]
+        else:
+            row["tied_with_best"] = "seed variance not estimated"
+        table.append(row)
+    return table
+
+
+def write_summary(
+    sweep_dir: Path, rows: list[dict[str, Any]], grouped: list[dict[str, Any]] | None = None
+) -> Path:
+    """Write `summary.csv` (one row per job), `summary_by_config.csv` (one per configuration over its seeds)
+    and `summary.md` with both, in the multirun directory."""
+    text = "# Sweep summary\n\n## Jobs\n\n" + tables.markdown(rows)
+    if grouped:
+        metric = next((row["optimized_metric"] for row in rows if row.get("optimized_metric")), "")
+        shown = [
+            "configuration",
+            "seeds",
+            "seed_values",
+            metric,
+            f"{metric}_std",
+            "interval",
+            "tied_with_best",
+        ]
+        cells = [
+            {
+                **row,
+                metric: tables.with_interval(
+                    row.get(metric), row.get(f"{metric}_low"), row.get(f"{metric}_high"), 4
+                ),
+                "p_holm_vs_best": row.get("p_holm_vs_best"),
+            }
+            for row in grouped
+        ]
+        text += (
+            f"\n## Configurations over seeds ({metric})\n\n"
+            "Mean [t interval] over seeds; tied_with_best: not told apart from the best configuration at "
+            "p_holm >= 1 - confidence (paired t over common seeds, else Welch; Holm over the "
+            "configurations). A configuration with one seed has no interval: its seed variance is not "
+            "estimated.\n\n" + tables.markdown(cells, [*shown, "p_holm_vs_best"])
+        )
+        # jobs of a parallel launcher rewrite these as they end: replace, never half-write
+        grouped_text = tables.csv_text(grouped)
+        write_atomically(
+            Path(sweep_dir) / "summary_by_config.csv", lambda handle: handle.write(grouped_text.encode())
+        )
+    csv_path = Path(sweep_dir) / "summary.csv"
+    per_job = tables.csv_text(rows)
+    write_atomically(csv_path, lambda handle: handle.write(per_job.encode()))
+    write_atomically(Path(sweep_dir) / "summary.md", lambda handle: handle.write(text.encode()))
     return csv_path
 
 
@@ -136,12 +223,14 @@ class MultirunSummary(Callback):
         rows = summarize(sweep_dir)
         if not rows:
             return
-        log.info("Multirun summary: %s", write_summary(sweep_dir, rows))
+        grouped = _write(sweep_dir, rows, config)
         figure = sweep_figure(sweep_dir, rows)
         with start_report(sweep_dir, config.get("logger"), "summary", f"summary {sweep_dir.name}") as session:
             session.log_table("summary", rows)
+            if grouped:
+                session.log_table("summary_by_config", grouped)
             session.log_images({"sweep": figure})
-            self.report(sweep_dir, session)
+            self.report(sweep_dir, session, config)
 
     def on_job_end(self, config: DictConfig, job_return: JobReturn, **kwargs: Any) -> None:
         """In a sweep, record a failed job (`failed.json`: its overrides and error) and rewrite the summary
@@ -159,10 +248,18 @@ class MultirunSummary(Callback):
             (job_dir / FAILED_FILE).write_text(json.dumps(failure) + "\n")
         rows = summarize(job_dir.parent)
         if rows:
-            write_summary(job_dir.parent, rows)
+            _write(job_dir.parent, rows, config)
 
-    def report(self, sweep_dir: Path, session: Session) -> None:
-        """Further tables and figures of this kind of sweep (none here)."""
+    def report(self, sweep_dir: Path, session: Session, config: DictConfig) -> None:
+        """Further tables and figures of this kind of sweep (none here); `config` is the sweep's."""
+
+
+def _write(sweep_dir: Path, rows: list[dict[str, Any]], config: DictConfig) -> list[dict[str, Any]]:
+    """Write the summary tables of `rows`, grouped over seeds by the optimised metric; return the groups."""
+    metric = next((row["optimized_metric"] for row in rows if row.get("optimized_metric")), CURVE)
+    grouped = by_configuration(rows, metric, config.statistics)
+    log.info("Multirun summary: %s", write_summary(sweep_dir, rows, grouped))
+    return grouped
 
 
 def _curve(job_dir: Path) -> list[tuple[float, float]]:
@@ -185,13 +282,13 @@ def _number(value: str | None) -> float | None:
         return None
 
 
+# summary columns that describe a job rather than measure it
+_NOT_METRICS = {"job", "status", "overrides", "error", "trainable_params", "diverged", "optimized_metric"}
+
+
 def _finite(value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
 def _job_number(name: str) -> int:
     return int(name) if name.isdigit() else -1
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,5 +1,7 @@
 """The summary of an evaluate.py `-m` grid (or of a study): one table and bar chart per stage (zero-shot,
-after fine-tuning) with every model's score on every task and, when a baseline task is set, the drop from it.
+after fine-tuning) with every model's score and its interval on every task and, when a baseline task is set,
+the drop from it; and one table of paired comparisons per stage (every two models on each task, and each
+model's baseline task against each other task), with verdicts Holm-adjusted across the table.
 
 The scores are each run's Pass@1 (strict and flexible) for generation tasks, else its headline metric
 (accuracy, corpus BLEU). The baseline task comes from config: `task.grid_baseline` of the evaluated tasks
@@ -10,12 +12,19 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+from omegaconf import DictConfig
+
+from runtime import comparisons, item_scores, tables
 from runtime.results import RESULTS_FILE
 from runtime.session import Session
 from runtime.sweeps import MultirunSummary
+
+log = logging.getLogger(__name__)
 
 
 def headline_metric(metrics: dict[str, float]) -> str:
@@ -39,12 +48,12 @@ def grid_baseline(results: list[dict[str, Any]]) -> str | None:
 
 
 def performance_table(results: list[dict[str, Any]], baseline: str | None) -> list[dict[str, Any]]:
-    """Rows (model, dataset, examples, each score and its absolute / relative drop from `baseline`) for one
-    stage."""
+    """Rows (model, dataset, examples, each score with its interval bounds and method, its absolute /
+    relative drop from `baseline`) for one stage."""
     reference = {r["model"]: r["metrics"] for r in results if r["task"] == baseline}
     rows = []
     for result in sorted(results, key=lambda r: (r["model"], r["task"] != baseline, r["task"])):
-        metrics = result["metrics"]
+        metrics, intervals = result["metrics"], result.get("intervals", {})
         row = {
             "model": result["model"],
             "dataset": result["task"],
@@ -52,7 +61,9 @@ def performance_table(results: list[dict[str, Any]], baseline: str | None) -> li
         }
         for key in score_keys(metrics):
             name = key.removeprefix("pass@1_")
-            row[key] = metrics[key]
+            interval = intervals.get(key, {})
+            row |= {key: metrics[key], f"{key}_low": interval.get("low"), f"{key}_high": interval.get("high")}
+            row["interval"] = interval.get("method")
             if baseline is None:
                 continue
             base = reference.get(result["model"], {}).get(key)
@@ -63,20 +74,67 @@ def performance_table(results: list[dict[str, Any]], baseline: str | None) -> li
     return rows
 
 
-def write_grid(results: list[dict[str, Any]], out_dir: Path, baseline: str | None) -> list[Path]:
-    """`<stage>_performance.csv` and `.png` in `out_dir` for every stage (zero_shot, sft) among `results`."""
+def comparison_table(
+    results: list[dict[str, Any]], baseline: str | None, settings: DictConfig
+) -> list[dict[str, Any]]:
+    """Paired comparisons of one stage on its headline metric: every two models on each task, and each
+    model's `baseline` task against each other task (the drop, items paired by problem); Holm across all."""
+    metric = headline_metric(results[0]["metrics"])
+    runs = {(r["model"], r["task"]): item_scores.read(Path(r["run_dir"]), metric) for r in results}
+    models = list(dict.fromkeys(r["model"] for r in results))
+    tasks = list(dict.fromkeys(r["task"] for r in results))
+    pairs, labels = [], []
+    for task in tasks:
+        for i, first in enumerate(models):
+            for second in models[i + 1 :]:
+                if (first, task) in runs and (second, task) in runs:
+                    pairs.append((runs[first, task], runs[second, task]))
+                    labels.append((f"{first} on {task}", f"{second} on {task}"))
+    for model in models:
+        for task in tasks:
+            if baseline and task != baseline and (model, baseline) in runs and (model, task) in runs:
+                pairs.append((runs[model, baseline], runs[model, task]))
+                labels.append((f"{model} on {baseline}", f"{model} on {task}"))
+    return comparisons.table(pairs, labels, settings)
+
+
+def write_grid(
+    results: list[dict[str, Any]], out_dir: Path, baseline: str | None, settings: DictConfig
+) -> list[Path]:
+    """`<stage>_performance.csv` / `.md` / `.png` and `<stage>_comparisons.csv` / `.md` in `out_dir` for every
+    stage (zero_shot, sft) among `results`."""
     written = []
     for stage in sorted({r["stage"] for r in results}):
-        rows = performance_table([r for r in results if r["stage"] == stage], baseline)
-        path = Path(out_dir) / f"{stage}_performance.csv"
-        fields = list(dict.fromkeys(key for row in rows for key in row))
-        with path.open("w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=fields)
-            writer.writeheader()
-            writer.writerows(rows)
-        metric = headline_metric(next(r["metrics"] for r in results if r["stage"] == stage))
-        written += [path, _bar_chart(rows, metric, path.with_suffix(".png"), stage)]
+        staged = [r for r in results if r["stage"] == stage]
+        rows = performance_table(staged, baseline)
+        metric = headline_metric(staged[0]["metrics"])
+        level = f"{settings.confidence:.0%}"
+        note = f"Each score with its {level} interval [low, high] over the n problems (method: `interval`)."
+        written += tables.write(
+            rows, Path(out_dir) / f"{stage}_performance.csv", f"{stage} performance", note
+        )
+        written.append(_bar_chart(rows, metric, Path(out_dir) / f"{stage}_performance.png", stage))
+        try:
+            compared = comparison_table(staged, baseline, settings)
+        except (FileNotFoundError, ValueError) as error:
+            log.warning("%s: no paired comparisons (%s)", stage, error)
+            continue
+        if compared:
+            path = Path(out_dir) / f"{stage}_comparisons.csv"
+            written += tables.write(compared, path, f"{stage} comparisons", comparisons.note(settings))
     return written
+
+
+def _display(row: dict[str, Any]) -> dict[str, Any]:
+    """A performance row for markdown: each score as `value [low, high]`, its bounds folded in."""
+    shown = {}
+    for key, value in row.items():
+        if key.endswith(("_low", "_high")):
+            continue
+        if f"{key}_low" in row:
+            value = tables.with_interval(value, row[f"{key}_low"], row[f"{key}_high"])
+        shown[key] = value
+    return shown
 
 
 def _bar_chart(rows: list[dict[str, Any]], metric: str, path: Path, stage: str) -> Path:
@@ -90,17 +148,28 @@ def _bar_chart(rows: list[dict[str, Any]], metric: str, path: Path, stage: str) 
     width = 0.8 / len(model_names)
     figure, axis = plt.subplots(figsize=(1.6 + 1.4 * len(datasets), 3.6))
     for i, model_name in enumerate(model_names):
-        scores = {r["dataset"]: r.get(metric) or 0.0 for r in rows if r["model"] == model_name}
+        mine = {r["dataset"]: r for r in rows if r["model"] == model_name}
+        heights = [(mine.get(d) or {}).get(metric) or 0.0 for d in datasets]
+        # error bars: the interval's distance below and above each score (none where there is no interval)
+        errors = [
+            [
+                max(0.0, h - ((mine.get(d) or {}).get(f"{metric}_low") or h)),
+                max(0.0, ((mine.get(d) or {}).get(f"{metric}_high") or h) - h),
+            ]
+            for d, h in zip(datasets, heights, strict=True)
+        ]
         axis.bar(
             [d + i * width for d in range(len(datasets))],
-            [scores.get(d, 0.0) for d in datasets],
+            heights,
             width,
+            yerr=np.array(errors).T,
+            capsize=3,
             label=model_name,
         )
     axis.set_xticks([d + width * (len(model_names) - 1) / 2 for d in range(len(datasets))], datasets)
-    axis.set_ylim(0, max(0.05, 1.15 * max(r.get(metric) or 0.0 for r in rows)))
+    axis.set_ylim(0, max(0.05, 1.15 * max(r.get(f"{metric}_high") or r.get(metric) or 0.0 for r in rows)))
     axis.set_ylabel(metric)
-    axis.set_title(f"{metric} per dataset ({stage.replace('_', '-')})")
+    axis.set_title(f"{metric} per dataset ({stage.replace('_', '-')}), with intervals")
     axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
@@ -117,9 +186,12 @@ class EvaluationGrid(MultirunSummary):
         super().__init__()
         self.baseline_task = baseline_task
 
-    def report(self, sweep_dir: Path, session: Session) -> None:
+    def report(self, sweep_dir: Path, session: Session, config: DictConfig) -> None:
         results = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{RESULTS_FILE}"))]
-        for path in write_grid(results, sweep_dir, self.baseline_task or grid_baseline(results)):
+        baseline = self.baseline_task or grid_baseline(results)
+        for path in write_grid(results, sweep_dir, baseline, config.statistics):
+            if path.suffix == ".md":
+                continue
             if path.suffix == ".csv":
                 with path.open() as handle:
                     session.log_table(path.stem, list(csv.DictReader(handle)))
