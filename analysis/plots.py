@@ -139,7 +139,7 @@ def seed_band(curves: list[list[tuple[float, float]]]) -> tuple[np.ndarray, np.n
     return np.array(common), values.mean(axis=0), spread
 
 
-def _banded(axis: plt.Axes, runs: list[dict[str, Any]], key: str, **style: Any) -> None:
+def banded(axis: plt.Axes, runs: list[dict[str, Any]], key: str, **style: Any) -> None:
     """One line per configuration: the mean over its seeds' `key` curves, with a band of one s.d."""
     for name in dict.fromkeys(run["name"] for run in runs):
         curves = [run["curves"][key] for run in runs if run["name"] == name and run["curves"].get(key)]
@@ -155,7 +155,7 @@ def ablation_figures(runs: list[dict[str, Any]], configs: list[dict[str, Any]], 
     bars (means with their t intervals over seeds) and the efficiency scatter, one entry per configuration."""
     paths = []
     figure, axis = plt.subplots(figsize=(6.5, 4))
-    _banded(axis, runs, "train/loss_step", linewidth=1)
+    banded(axis, runs, "train/loss_step", linewidth=1)
     axis.set(xlabel="step", ylabel="training loss", title="Training loss (mean over seeds, band: 1 s.d.)")
     axis.legend(fontsize=7)
     paths.append(_save(figure, out_dir / "training_loss_curves.png"))
@@ -192,7 +192,7 @@ def ablation_figures(runs: list[dict[str, Any]], configs: list[dict[str, Any]], 
     paths.append(_save(figure, out_dir / "efficiency.png"))
 
     figure, axis = plt.subplots(figsize=(6.5, 4))
-    _banded(axis, runs, "val/loss", marker="o", markersize=3)
+    banded(axis, runs, "val/loss", marker="o", markersize=3)
     axis.set(xlabel="step", ylabel="validation loss", title="Convergence (mean over seeds, band: 1 s.d.)")
     axis.legend(fontsize=7)
     paths.append(_save(figure, out_dir / "convergence.png"))

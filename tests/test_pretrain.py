@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import matplotlib.pyplot as plt
+import numpy as np
 import pytest
 
 import datamodules
 from analysis.ablation import main as ablation_main
 from analysis.ablation import read_run, write_report
+from analysis.plots import banded
 from datamodules.cosmopedia import pack
 from runtime.wandb_offline import find_run_files
 from runtime.wandb_offline import read_run as read_wandb
@@ -78,6 +82,7 @@ def test_report_from_a_real_sweep_from_csv_and_from_wandb(
         "train.py",
         "-m",
         "experiment=ablation_tiny/baseline,ablation_tiny/small_model",
+        "seed=0,1",
         "trainer.max_steps=4",
         "trainer.val_check_interval=2",
         "logger=wandb",
@@ -118,11 +123,34 @@ def test_report_from_a_real_sweep_from_csv_and_from_wandb(
         "convergence.png",
     }
     assert all(p.stat().st_size > 100 for p in paths)
-    table = (tmp_path / "results.md").read_text().splitlines()
-    assert [line.split(" | ")[0] for line in table[4:]] == ["| baseline", "| small_model"]
+    table = [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("| ")]
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in table[1:]]
+    assert [(row[0], row[1]) for row in cells] == [("baseline", "2"), ("small_model", "2")]
+    configs = {row["config"]: row for row in csv.DictReader((tmp_path / "performance_metrics.csv").open())}
+    seeds = [read_run(tmp_path / n) for n in ("0", "1")]  # the baseline's two seeds
+    losses = [run["final"]["val_loss"] for run in seeds]
+    assert {run["seed"] for run in seeds} == {0, 1} and losses[0] != losses[1]
+    assert float(configs["baseline"]["val_loss"]) == pytest.approx(sum(losses) / 2)
+    assert (
+        float(configs["baseline"]["val_loss_low"])
+        < min(losses)
+        <= max(losses)
+        < float(configs["baseline"]["val_loss_high"])
+    )
+    assert configs["baseline"]["verdict_vs_baseline"] == "baseline"
+    assert configs["small_model"]["verdict_vs_baseline"] in {
+        "no detectable difference",
+        "lower val loss than baseline",
+        "higher val loss than baseline",
+    }
     research = json.loads((tmp_path / "research_data.json").read_text())
     assert len(research["runs"][0]["curves"]["train/loss_step"]) == 4
     assert [p[0] for p in research["runs"][0]["curves"]["val/loss"]] == [1.0, 3.0]
+    figure, axis = plt.subplots()
+    banded(axis, research["runs"], "val/loss")  # the convergence figure's curves: a band per configuration
+    bands = [collection.get_paths()[0].vertices for collection in axis.collections]
+    assert len(bands) == 2 and all(np.ptp(vertices[:, 1]) > 0 for vertices in bands)
+    plt.close(figure)
 
     from_csv = read_run(tmp_path / "0")
     (tmp_path / "0" / "metrics" / "metrics.csv").unlink()

@@ -40,7 +40,7 @@ def only_run(directory: Path) -> OfflineRun:
 
 
 def wandb_table(run_dir: Path, key: str) -> list[dict]:
-    (path,) = run_dir.glob(f"wandb/offline-run-*/files/media/table/{key}_*.table.json")
+    (path,) = run_dir.glob(f"wandb/offline-run-*/files/media/table/{key}_[0-9]*.table.json")
     table = json.loads(path.read_text())
     return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
 
@@ -88,7 +88,17 @@ def test_train_sweep_in_one_process_logs_one_wandb_run_per_job_in_one_group(tmp_
     with (tmp_path / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert {"optim.lr=0.0003", "data.batch_size=8"} <= set(rows[3]["overrides"].split())
-    assert (tmp_path / "summary.md").read_text().count("\n") == 6
+    with (tmp_path / "summary_by_config.csv").open() as handle:
+        grouped = list(csv.DictReader(handle))
+    # one seed per configuration: no interval, and no claim about which configurations tie with the best
+    assert [row["seeds"] for row in grouped] == ["1"] * 4
+    assert sorted(row["tied_with_best"] for row in grouped) == ["best"] + ["seed variance not estimated"] * 3
+    assert {row["val/loss_low"] for row in grouped} == {""}
+    assert [row["configuration"] for row in wandb_table(tmp_path, "summary_by_config")] == [
+        row["configuration"] for row in grouped
+    ]
+    grouped_section = (tmp_path / "summary.md").read_text().split("## Configurations over seeds")[1]
+    assert grouped_section.count("| 1 | config's |") == 4
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
 
 
@@ -116,6 +126,11 @@ def test_evaluate_sweep_in_one_process_logs_metrics_and_predictions_per_job(tmp_
         assert result["optimized_metric"] == "accuracy"
         assert run.summary["accuracy"] == pytest.approx(result["metrics"]["accuracy"])
         assert run.summary["eval/macro_f1"] == pytest.approx(result["metrics"]["macro_f1"])
+        for key in ("accuracy", "macro_f1"):  # the W&B summary carries each interval and its n
+            interval = result["intervals"][key]
+            assert run.summary[f"{key}/ci_low"] == pytest.approx(interval["low"])
+            assert run.summary[f"{key}/ci_high"] == pytest.approx(interval["high"])
+            assert run.summary[f"{key}/n"] == interval["n"] == size
         predictions = [json.loads(line) for line in (job / "predictions.jsonl").read_text().splitlines()]
         table = wandb_table(job, "predictions")
         assert len(table) == size
