@@ -35,13 +35,14 @@ from typing import Any
 import hydra
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 import datamodules
 from analysis import plots
 from analysis.attention_maps import AttentionCapture, attention_maps, prefer_eager, select, token_strings
 from datamodules.gsm8k import GSM8KDataModule
+from runtime import statistics, tables
 from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import Session, overrides, start
 from runtime.sweeps import MultirunSummary
@@ -185,7 +186,7 @@ def analyse_task(
                 )
     finally:
         capture.remove()
-    summary = summarise(per_problem, classes)
+    summary = summarise(per_problem, cfg.statistics, classes)
     figures = (
         [plots.attention_heatmap(example, list(settings.heatmap_heads), run_dir / "attention_heatmap.png")]
         if example
@@ -300,8 +301,11 @@ def write_maps(
     (run_dir / "attention_maps.json").write_text(json.dumps(description, indent=1, ensure_ascii=False) + "\n")
 
 
-def summarise(per_problem: dict[str, list[np.ndarray]], classes: tuple[str, ...] = CLASSES) -> dict[str, Any]:
-    """Mean/std over problems of the ratios and normalised scores: overall, per layer and per head, per map
+def summarise(
+    per_problem: dict[str, list[np.ndarray]], settings: DictConfig, classes: tuple[str, ...] = CLASSES
+) -> dict[str, Any]:
+    """Mean/std over problems of the ratios and normalised scores, the mean with its interval over problems
+    (`low`, `high`, `n`: runtime/statistics.py at `settings`): overall, per layer and per head, per map
     (`table3`: KMI and NI scores and their ratio, for the GSM8K noise classes)."""
     summary: dict[str, Any] = {}
     for key, values in per_problem.items():
@@ -313,6 +317,7 @@ def summarise(per_problem: dict[str, list[np.ndarray]], classes: tuple[str, ...]
             c: {
                 "mean": _float(np.nanmean(overall[:, i])),
                 "std": _float(np.nanstd(overall[:, i])),
+                **_interval(overall[:, i], settings),
                 "per_layer": [_float(v) for v in np.nanmean(stacked[..., i], axis=(0, 2))],
                 "per_head": [[_float(v) for v in row] for row in np.nanmean(stacked[..., i], axis=0)],
             }
@@ -323,6 +328,15 @@ def summarise(per_problem: dict[str, list[np.ndarray]], classes: tuple[str, ...]
             kmi, ni = entry["score"]["KMI"]["mean"], entry["score"]["NI"]["mean"]
             entry["table3"] = {"kmi_score": kmi, "ni_score": ni, "kmi_to_ni": kmi / ni if ni else None}
     return summary
+
+
+def _interval(values: np.ndarray, settings: DictConfig) -> dict[str, Any]:
+    """`low`, `high`, `n` and `method` of the mean of the problems' finite values."""
+    finite = values[np.isfinite(values)]
+    if len(finite) == 0:
+        return {"low": None, "high": None, "n": 0, "method": None}
+    estimate = statistics.mean_estimate(finite, None, settings.resamples, settings.seed, settings.confidence)
+    return {"low": estimate.low, "high": estimate.high, "n": estimate.n, "method": estimate.method}
 
 
 def _list(value: Any) -> list[int] | None:
@@ -351,8 +365,11 @@ def main(cfg: DictConfig) -> None:
     """Hydra entrypoint of the attention analysis."""
     result = analyse(cfg)
     for name, entry in result["maps"].items():
-        scores = {c: v["mean"] for c, v in entry["score"].items()}
-        log.info("%s map, normalised scores: %s", name, OmegaConf.to_yaml(scores).strip().replace("\n", ", "))
+        for kind in ("ratio", "score"):
+            cells = [
+                f"{c} {tables.with_interval(v['mean'], v['low'], v['high'])}" for c, v in entry[kind].items()
+            ]
+            log.info("%s map, %s per class (mean [interval] over problems): %s", name, kind, ", ".join(cells))
 
 
 if __name__ == "__main__":

@@ -188,6 +188,11 @@ def write_allocations(allocations: list[dict[str, Any]], study_dir: Path) -> Pat
                 "map": name,
                 "problems": result["num_problems"],
                 **{f"{c}_ratio": entry["ratio"][c]["mean"] for c in attention.CLASSES},
+                **{
+                    f"{c}_ratio_{end}": entry["ratio"][c][end]
+                    for c in attention.CLASSES
+                    for end in ("low", "high")
+                },
                 "kmi_to_ni_score": entry["table3"]["kmi_to_ni"],
             }
         )
@@ -263,16 +268,21 @@ def report(
         lines += [
             "## Attention allocation on the noisy sets",
             "",
+            f"Share of attention per class: mean [{confidence} interval] over the problems.",
+            "",
             "| stage | model | set | problems | KMI | NI | OC | KMI/NI score |",
             "|---|---|---|---|---|---|---|---|",
         ]
         for result in allocations:
             entry = next(iter(result["maps"].values()))
-            ratio = {c: entry["ratio"][c]["mean"] for c in attention.CLASSES}
+            ratio = {c: entry["ratio"][c] for c in attention.CLASSES}
             kmi_to_ni = entry["table3"]["kmi_to_ni"]
             lines.append(
                 f"| {result['stage']} | {result['model']} | {result['task']} | {result['num_problems']} | "
-                + " | ".join("-" if ratio[c] is None else f"{ratio[c]:.3f}" for c in attention.CLASSES)
+                + " | ".join(
+                    tables.with_interval(ratio[c]["mean"], ratio[c]["low"], ratio[c]["high"])
+                    for c in attention.CLASSES
+                )
                 + f" | {'-' if kmi_to_ni is None else f'{kmi_to_ni:.3f}'} |"
             )
         lines += ["", "![allocation](attention_allocation.png)", ""]
