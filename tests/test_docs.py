@@ -177,7 +177,9 @@ def fill_placeholders(command: str, workspace: Workspace) -> str:
 
 
 def swapped(arguments: list[str], workspace: Workspace) -> list[str]:
-    """The arguments with hub models swapped for local tiny ones (the rest as written)."""
+    """The arguments with hub models swapped for local tiny ones, and the six-configuration ablation sweeps
+    cut to two seeds (the rest as written)."""
+    ablation = any(argument.startswith("experiment=ablation") for argument in arguments)
     result = []
     for argument in arguments:
         key, _, value = argument.partition("=")
@@ -187,6 +189,8 @@ def swapped(arguments: list[str], workspace: Workspace) -> list[str]:
             argument = f"model.path={workspace.root / 'saved' / 'tiny_qwen2'}"
         elif key == "study":
             argument = "study=diffllama_noise_quick"
+        elif key == "seed" and ablation and len(value.split(",")) > 2:  # two seeds still group and draw bands
+            argument = "seed=" + ",".join(value.split(",")[:2])
         result.append(argument)
     return result
 
@@ -309,7 +313,15 @@ def fast_dev_run(workspace: Workspace, result: subprocess.CompletedProcess) -> N
 
 def ablation_report(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     sweep = workspace.newest("multirun/cosmopedia/*")
-    assert len(csv_rows(sweep / "performance_metrics.csv")) == 6
+    configs = csv_rows(sweep / "performance_metrics.csv")
+    assert len(configs) == 6 and {row["seeds"] for row in configs} == {"2"}  # 6 configurations x 2 seeds
+    assert all(
+        float(row["val_loss_low"]) <= float(row["val_loss"]) <= float(row["val_loss_high"]) for row in configs
+    )
+    assert configs[0]["verdict_vs_baseline"] == "baseline" and all(
+        row["verdict_vs_baseline"] for row in configs
+    )
+    assert "t interval" in (sweep / "results.md").read_text()
     assert all(
         (sweep / name).stat().st_size > 5000 for name in ("training_loss_curves.png", "final_performance.png")
     )
@@ -326,6 +338,16 @@ def grid_tables(workspace: Workspace, result: subprocess.CompletedProcess) -> No
             float(rows[0]["pass@1_flexible"]) - float(row["pass@1_flexible"])
         )
     assert (sweep / "zero_shot_performance.png").stat().st_size > 5000
+    for row in rows:  # every score with its interval
+        assert (
+            float(row["pass@1_flexible_low"])
+            <= float(row["pass@1_flexible"])
+            <= float(row["pass@1_flexible_high"])
+        )
+        assert row["interval"] == "wilson"
+    compared = csv_rows(sweep / "zero_shot_comparisons.csv")
+    assert len(compared) == 4 + 2 * 3  # the two models on each set, each model's clean set vs its noisy ones
+    assert all(row["verdict"] and row["p_holm"] and row["mde"] for row in compared)
 
 
 def noise_study(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
@@ -347,7 +369,8 @@ def noise_study(workspace: Workspace, result: subprocess.CompletedProcess) -> No
     assert (
         report.count("| zero_shot | gsm8k_") == report.count("| sft | gsm8k_") == 3
     )  # one verdict per noise type
-    assert "95% bootstrap CI over problems" in report
+    assert "95% paired t interval over problems" in report and "Holm-adjusted" in report
+    assert (study / "zero_shot_comparisons.md").exists()
 
 
 def attention_comparison(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
@@ -455,6 +478,35 @@ def sbatch_script(workspace: Workspace, result: subprocess.CompletedProcess) -> 
     assert {"#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8"} <= set(result.stdout.splitlines())
 
 
+def compared_runs(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
+    (row,) = csv_rows(workspace.newest("outputs/compare/*") / "comparison.csv")
+    assert (row["a"], row["b"], row["n"]) == ("tiny_diffllama/gsm8k", "tiny_llama/gsm8k", "2")
+    assert row["verdict"].startswith("no detectable difference (MDE ")  # two problems tell nothing apart
+    assert "| tiny_diffllama/gsm8k | tiny_llama/gsm8k |" in result.stdout
+
+
+def grouped_over_seeds(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
+    """Two configurations of three seeds each, with the t interval of each metric over its seeds."""
+    from runtime import statistics
+
+    sweep = workspace.newest("multirun/gsm8k/*")
+    grouped = {row["configuration"]: row for row in csv_rows(sweep / "summary_by_config.csv")}
+    assert set(grouped) == {"optim.lr=0.0001", "optim.lr=0.0003"}  # as Hydra records the overrides
+    jobs = [results(job) for job in sorted(sweep.glob("[0-9]*"))]
+    for lr, row in grouped.items():
+        assert (row["seeds"], row["seed_values"]) == ("3", "0 1 2")
+        losses = [job["metrics"]["val/loss"] for job in jobs if lr in job["overrides"]]
+        assert len(set(losses)) == 3  # each seed its own data order, initialisation and dropout
+        summary = statistics.over_seeds(losses)
+        assert float(row["val/loss"]) == pytest.approx(summary["mean"])
+        assert (float(row["val/loss_low"]), float(row["val/loss_high"])) == pytest.approx(
+            (summary["low"], summary["high"])
+        )
+    assert sorted(row["tied_with_best"] for row in grouped.values())[0] == "best"
+    assert {row["tied_with_best"] for row in grouped.values()} <= {"best", "yes", "no"}
+    assert "## Configurations over seeds (val/loss)" in (sweep / "summary.md").read_text()
+
+
 @dataclass(frozen=True)
 class Step:
     command: str
@@ -552,8 +604,8 @@ SCENARIOS: dict[str, list[Step]] = {
         Step(
             "python train.py -m task=cosmopedia "
             "experiment=ablation/baseline,ablation/high_lr,ablation/low_lr,"
-            "ablation/large_batch,ablation/short_seq,ablation/small_model",
-            swept("multirun/cosmopedia/*", 6, "summary.csv"),
+            "ablation/large_batch,ablation/short_seq,ablation/small_model seed=0,1,2,3,4",
+            swept("multirun/cosmopedia/*", 12, "summary.csv"),
         ),
         Step("python -m analysis.ablation multirun/cosmopedia/<time>", ablation_report),
     ],
@@ -561,10 +613,25 @@ SCENARIOS: dict[str, list[Step]] = {
         Step(
             "python train.py -m task=cosmopedia "
             "experiment=ablation_tiny/baseline,ablation_tiny/high_lr,ablation_tiny/low_lr,"
-            "ablation_tiny/large_batch,ablation_tiny/short_seq,ablation_tiny/small_model",
-            swept("multirun/cosmopedia/*", 6, "summary.csv"),
+            "ablation_tiny/large_batch,ablation_tiny/short_seq,ablation_tiny/small_model seed=0,1,2",
+            swept("multirun/cosmopedia/*", 12, "summary.csv", "summary_by_config.csv"),
         ),
     ],
+    "paired_comparison": [
+        Step(
+            "python evaluate.py model=diffllama task=gsm8k",
+            evaluated("outputs/eval/gsm8k/tiny_diffllama/*", "zero_shot", "tiny_diffllama"),
+        ),
+        Step(
+            "python evaluate.py model=llama task=gsm8k",
+            evaluated("outputs/eval/gsm8k/tiny_llama/*", "zero_shot", "tiny_llama"),
+        ),
+        Step(
+            "python -m analysis.compare outputs/eval/gsm8k/diffllama/<time> outputs/eval/gsm8k/llama/<time>",
+            compared_runs,
+        ),
+    ],
+    "seed_sweep": [Step("python train.py -m seed=0,1,2 optim.lr=1e-4,3e-4", grouped_over_seeds)],
     "grid_sweep": [
         Step(
             "python train.py -m optim.lr=1e-4,3e-4 data.batch_size=4,8",

@@ -4,12 +4,14 @@ clustered intervals against their naive counterparts, McNemar's type-I rate, Hol
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 from scipy import stats
 
 from runtime import statistics
+from tests.conftest import ROOT
 
 SIMULATIONS = 1000
 PROPORTIONS = (0.02, 0.1, 0.5, 0.9)
@@ -252,3 +254,20 @@ def test_seed_test_pairs_common_seeds_and_falls_back_to_welch() -> None:
     assert test == "Welch t over seeds"
     assert p == pytest.approx(stats.ttest_ind([1.0, 1.2, 1.1], [1.5, 1.8], equal_var=False).pvalue)
     assert statistics.seed_test({0: 1.0}, b) is None
+
+
+def test_the_numbers_docs_statistics_states() -> None:
+    """docs/statistics.md's MDE table and examples are what the module computes."""
+    page = (ROOT / "docs" / "statistics.md").read_text()
+    table = re.search(
+        r"\| n \| p = 0.1 \| p = 0.3 \| p = 0.5 \|\n\|---\|---\|---\|---\|\n((?:\|.*\|\n)+)", page
+    )
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.group(1).splitlines()]
+    assert [int(row[0]) for row in rows] == [100, 500, 1319]
+    for row in rows:
+        assert [float(cell) for cell in row[1:]] == [
+            pytest.approx(statistics.planning_mde(int(row[0]), p), abs=5e-4) for p in (0.1, 0.3, 0.5)
+        ]
+    example = statistics.wilson(90, 300)  # "a Pass@1 of 0.30 has a 95% interval of [0.25, 0.35]"
+    assert (round(example.low, 2), round(example.high, 2)) == (0.25, 0.35) and "[0.25, 0.35]" in page
+    assert round(exact_wilson_coverage(0.02, 30), 3) == 0.978 and "97.8%" in page

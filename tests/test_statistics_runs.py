@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +12,7 @@ from omegaconf import open_dict
 
 from analysis import compare
 from runtime import evaluation, item_scores, statistics
-from tests.conftest import ROOT, TINY, compose_config
+from tests.conftest import compose_config
 
 EVAL_TINY = ["task.source=bundled", "print_config=false", "generation.max_new_tokens=8", "logger=csv"]
 
@@ -133,37 +131,3 @@ def test_compare_names_the_better_run_and_refuses_runs_on_other_items(
     other = fake_run(tmp_path / "other", [1] * 150 + [0] * 150, [f"dev.jsonl:{i}" for i in range(300)])
     with pytest.raises(SystemExit, match="item ids differ"):
         compare.main([str(strong), str(other), "--out", str(tmp_path / "d")])
-
-
-@pytest.mark.xdist_group("processes")  # a sweep of six training jobs
-def test_seed_sweep_groups_jobs_over_seeds(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
-        "train.py",
-        "-m",
-        *TINY,
-        "model=tiny_llama",
-        "seed=0,1,2",
-        "optim.lr=1e-4,3e-4",
-        "data.max_train_samples=8",
-        "trainer.max_steps=2",
-        f"hydra.sweep.dir={tmp_path}",
-    ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-4000:]
-    with (tmp_path / "summary_by_config.csv").open() as handle:
-        grouped = {row["configuration"]: row for row in csv.DictReader(handle)}
-    assert set(grouped) == {"optim.lr=0.0001", "optim.lr=0.0003"}  # as Hydra records the overrides
-    jobs = {n: json.loads((tmp_path / str(n) / "results.json").read_text()) for n in range(6)}
-    for lr, row in grouped.items():
-        assert (row["seeds"], row["seed_values"]) == ("3", "0 1 2")
-        losses = [r["metrics"]["val/loss"] for r in jobs.values() if lr in r["overrides"]]
-        assert len(set(losses)) == 3  # each seed its own data order, initialisation and dropout
-        summary = statistics.over_seeds(losses)
-        assert float(row["val/loss"]) == pytest.approx(summary["mean"])
-        assert (float(row["val/loss_low"]), float(row["val/loss_high"])) == pytest.approx(
-            (summary["low"], summary["high"])
-        )
-        assert row["tied_with_best"] in {"best", "yes", "no"}
-    assert sorted(row["tied_with_best"] for row in grouped.values())[0] == "best"
-    assert "## Configurations over seeds (val/loss)" in (tmp_path / "summary.md").read_text()
