@@ -18,11 +18,14 @@ dialogue that has an answer, whether the generated turn states it.
 from __future__ import annotations
 
 import json
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
+
+import numpy as np
 
 from datamodules.base import IGNORE_INDEX, TextDataModule
 from datamodules.gsm8k import CALCULATOR_ANNOTATION, FLEXIBLE, extract_flexible, normalise
@@ -262,6 +265,38 @@ class SocraticDataModule(TextDataModule):
             tokenizer=lambda text: text_tokens(text, self.tokenize_mode),
         )(generations, turns)
         return {"corpus_bleu": float(bleu), "corpus_rouge_l": float(rouge["rougeL_fmeasure"])}
+
+    def corpus_statistics(
+        self, generations: list[str], references: list[Any]
+    ) -> dict[str, Callable[[np.ndarray], float]]:
+        """Corpus BLEU and mean ROUGE-L of any subset of the turns from per-turn sufficient statistics (n-gram
+        matches and counts, lengths; ROUGE-L F1), equal to `corpus_metrics` on that subset."""
+        from torchmetrics.text import SacreBLEUScore
+
+        counts = []  # per turn: [matches 1..4, n-grams 1..4, generated length, reference length]
+        for generation, reference in zip(generations, references, strict=True):
+            bleu = SacreBLEUScore(tokenize=self.tokenize_mode)
+            bleu.update([generation], [[reference["turn"]]])
+            counts.append(
+                [
+                    *bleu.numerator.tolist(),
+                    *bleu.denominator.tolist(),
+                    float(bleu.preds_len),
+                    float(bleu.target_len),
+                ]
+            )
+        stats = np.array(counts)  # [turns, 10]
+        rouge = np.array([self.score(g, r)["rouge_l"] for g, r in zip(generations, references, strict=True)])
+
+        def corpus_bleu(indices: np.ndarray) -> float:
+            total = stats[indices].sum(axis=0)
+            matches, ngrams, generated, referenced = total[:4], total[4:8], total[8], total[9]
+            if matches.min() == 0:
+                return 0.0
+            brevity = 1.0 if generated > referenced else math.exp(1 - referenced / generated)
+            return float(brevity * math.exp(np.log(matches / ngrams).mean()))
+
+        return {"corpus_bleu": corpus_bleu, "corpus_rouge_l": lambda indices: float(rouge[indices].mean())}
 
 
 def convert(input_path: Path, output_path: Path) -> int:

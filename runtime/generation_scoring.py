@@ -10,11 +10,9 @@ items (runtime/item_scores.py).
 from __future__ import annotations
 
 import math
-from functools import cache
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -76,23 +74,13 @@ def score(
         values = [row[key] for row in rows if row.get(key) is not None]
         metrics[key] = sum(values) / len(values)
     generations, golds = [row["generation"] for row in rows], [row["gold"] for row in rows]
-    corpus_metrics = datamodule.corpus_metrics(generations, golds)
-    metrics |= corpus_metrics
-
-    @cache
-    def corpus_of(picked: bytes) -> dict[str, float]:  # one computation per resample serves every metric
-        indices = np.frombuffer(picked, dtype=np.int64)
-        return datamodule.corpus_metrics([generations[i] for i in indices], [golds[i] for i in indices])
-
+    metrics |= datamodule.corpus_metrics(generations, golds)
     item_scores.assign_ids(rows)
     intervals = item_scores.intervals(
         rows,
         metrics,
         {key: key for key in metric_keys},
-        {
-            key: (lambda idx, key=key: corpus_of(idx.astype(np.int64).tobytes())[key])
-            for key in corpus_metrics
-        },
+        datamodule.corpus_statistics(generations, golds),
         cfg.statistics,
     )
     metrics["num_problems"] = len(rows)

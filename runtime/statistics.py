@@ -85,7 +85,8 @@ def bootstrap(
     clusters (whole problems or dialogues, with all their items) or, without clusters, items. Resamples whose
     statistic is undefined (NaN: a correlation of a constant, say) are left out."""
     cluster_of = cluster_index(clusters, n)
-    members = [np.flatnonzero(cluster_of == c) for c in range(cluster_of.max() + 1)]
+    sizes = np.bincount(cluster_of)  # [clusters]; members: each cluster's item indices
+    members = np.split(np.argsort(cluster_of, kind="stable"), np.cumsum(sizes)[:-1])
     picks = _resample(len(members), resamples, seed)  # [resamples, clusters]
     values = np.array([statistic(np.concatenate([members[c] for c in picked])) for picked in picks])
     values = values[np.isfinite(values)]

@@ -7,12 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import open_dict
 
 import datamodules
-from datamodules.base import IGNORE_INDEX
+from datamodules.base import IGNORE_INDEX, TextDataModule
 from datamodules.socratic import dialogues_of, gsm8k_dialogue, text_tokens
 from datamodules.sources import DataSourceError, read_file
 from modeling import models
@@ -213,3 +214,25 @@ def test_socratic_settings_compose_on_a_tiny_model() -> None:
     assert (reproduction.method.alpha, reproduction.method.dropout, reproduction.optim.lr) == (16, 0.05, 3e-4)
     assert reproduction.data.batch_size * reproduction.trainer.accumulate_grad_batches == 64
     assert compose_config("experiment=socratic_math").model.hub_id == "Qwen/Qwen1.5-7B-Chat"
+
+
+@pytest.mark.parametrize("tokenize", ["13a", "zh"])
+def test_socratic_corpus_statistics_equal_corpus_metrics_on_any_subset(tokenize: str) -> None:
+    """The per-turn decomposition that the bootstrap resamples gives the corpus BLEU and ROUGE-L that
+    `corpus_metrics` computes on the same turns (repeats included, as a resample has them)."""
+    data = datamodule("socratic_math", "task.eval_turns=all")
+    data.tokenize_mode = tokenize
+    records = data.evaluation_records()
+    references = [data.reference(record) for record in records]
+    words = [reference["turn"].split() for reference in references]
+    generations = [" ".join(w[: len(w) // 2] + ["so", "what", "next?"]) for w in words]  # partly right
+    fast = data.corpus_statistics(generations, references)
+    recomputed = TextDataModule.corpus_statistics(data, generations, references)  # corpus_metrics per subset
+    rng = np.random.default_rng(0)
+    for indices in [
+        np.arange(len(records)),
+        *(rng.integers(0, len(records), len(records)) for _ in range(5)),
+    ]:
+        for name in ("corpus_bleu", "corpus_rouge_l"):
+            assert fast[name](indices) == pytest.approx(recomputed[name](indices), abs=1e-6), name
+    assert fast["corpus_bleu"](np.arange(len(records))) > 0
