@@ -211,7 +211,7 @@ def main() -> None:
         f"grid evaluation (estimated from the median batch): {grid_evaluation:.0f} s; "
         f"grid statistics: {median['grid_statistics']:.2f} s"
     )
-    print(f"ratio stats_time_vs_eval = {median['grid_statistics'] / grid_evaluation:.5f} (goal <= 0.01)")
+    print(f"ratio stats_time_vs_eval = {median['grid_statistics'] / grid_evaluation:.3g} (goal <= 0.01)")
     print(f"ratio bootstrap_10k_vs_1s = {median['bootstrap_10k']:.3f} (goal <= 1.0)")
 
 

@@ -115,6 +115,8 @@ def write_grid(
         )
         written.append(_bar_chart(rows, metric, Path(out_dir) / f"{stage}_performance.png", stage))
         try:
+            if not all(r.get("run_dir") for r in staged):
+                raise FileNotFoundError("the results name no run dirs to read per-item scores from")
             compared = comparison_table(staged, baseline, settings)
         except (FileNotFoundError, ValueError) as error:
             log.warning("%s: no paired comparisons (%s)", stage, error)
