@@ -129,6 +129,8 @@ def configurations(runs: list[dict[str, Any]], settings: DictConfig, baseline: s
         p_holm = adjusted.get(row["config"])
         if row["config"] == baseline:
             verdict = "baseline"
+        elif row[VERDICT_METRIC] is None or reference is None:
+            verdict = "no validation loss"
         elif p_holm is None:
             verdict = "seed variance not estimated"
         elif p_holm >= 1 - settings.confidence:

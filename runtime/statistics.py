@@ -273,33 +273,22 @@ def planning_mde(
     return (_z(0.5 + confidence / 2) + _z(power)) * math.sqrt(2 * p * (1 - p) * (1 - correlation) / n)
 
 
+def seed_method(seeds: int, confidence: float = CONFIDENCE) -> str:
+    """How `over_seeds` states the uncertainty of a configuration run with `seeds` seeds."""
+    return f"t interval over seeds ({confidence:.0%})" if seeds > 1 else "seed variance not estimated"
+
+
 def over_seeds(values: Sequence[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
     """Mean, sample s.d. and t interval of one configuration's metric over its seeds; with one seed the
-    interval is None and the method says the seed variance is not estimated."""
+    s.d. and interval are None and the method says the seed variance is not estimated."""
     array = np.asarray(values, dtype=np.float64)
-    seeds = len(array)
-    if seeds < 2:
-        mean = float(array.mean())
-        return {
-            "mean": mean,
-            "std": None,
-            "low": None,
-            "high": None,
-            "seeds": 1,
-            "method": "seed variance not estimated",
-        }
-    std = float(array.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, seeds - 1)) * std / math.sqrt(seeds)
-    mean = float(array.mean())
-    method = f"t interval over seeds ({confidence:.0%})"
-    return {
-        "mean": mean,
-        "std": std,
-        "low": mean - half,
-        "high": mean + half,
-        "seeds": seeds,
-        "method": method,
-    }
+    seeds, mean = len(array), float(array.mean())
+    summary = {"mean": mean, "std": None, "low": None, "high": None, "seeds": seeds}
+    if seeds > 1:
+        std = float(array.std(ddof=1))
+        half = float(stats.t.ppf(0.5 + confidence / 2, seeds - 1)) * std / math.sqrt(seeds)
+        summary |= {"std": std, "low": mean - half, "high": mean + half}
+    return {**summary, "method": seed_method(seeds, confidence)}
 
 
 def seed_test(a: dict[Any, float], b: dict[Any, float]) -> tuple[float, str] | None:

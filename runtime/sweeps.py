@@ -68,24 +68,25 @@ def by_configuration(rows: list[dict[str, Any]], metric: str, settings: DictConf
     """One row per configuration (jobs that differ only in seed; named by the overrides that set it apart
     from the other jobs): for every metric all its jobs report, the
     mean, s.d. and t interval over seeds; for `metric`, whether the configuration is tied with the best one
-    (paired t over common seeds, else Welch; Holm-adjusted over the configurations compared), or that its
-    seed variance is not estimated (one seed)."""
+    (paired t over common seeds, else Welch; Holm-adjusted over the configurations compared), that its
+    seed variance is not estimated (one seed), or that its jobs did not report `metric`."""
     shared = set.intersection(*(set(configuration(row["overrides"]).split()) for row in rows))
     groups: dict[str, list[dict[str, Any]]] = {}
     for row in rows:
-        if row["status"] == "ok" and _finite(row.get(metric)):
+        if row["status"] == "ok":
             differing = " ".join(o for o in configuration(row["overrides"]).split() if o not in shared)
             groups.setdefault(differing, []).append(row)
-    if not groups:
-        return []
-    values = {
-        config: {seed_of(job["overrides"]) or job["job"]: job[metric] for job in jobs}
+    values = {  # configuration -> {seed: metric} over the jobs that report the metric
+        config: {
+            seed_of(job["overrides"]) or job["job"]: job[metric] for job in jobs if _finite(job.get(metric))
+        }
         for config, jobs in groups.items()
     }
+    measured = [config for config in groups if values[config]]
     pick = min if metric_direction(metric) == "minimize" else max
-    best = pick(values, key=lambda config: sum(values[config].values()) / len(values[config]))
+    best = pick(measured, key=lambda c: sum(values[c].values()) / len(values[c])) if measured else None
     tests = {
-        config: statistics.seed_test(values[config], values[best]) for config in values if config != best
+        config: statistics.seed_test(values[config], values[best]) for config in measured if config != best
     }
     tested = [config for config, test in tests.items() if test is not None]
     adjusted = dict(zip(tested, statistics.holm([tests[c][0] for c in tested]), strict=True))
@@ -98,8 +99,12 @@ def by_configuration(rows: list[dict[str, Any]], metric: str, settings: DictConf
             summary = statistics.over_seeds([job[key] for job in jobs], settings.confidence)
             row |= {key: summary["mean"], f"{key}_std": summary["std"]}
             row |= {f"{key}_low": summary["low"], f"{key}_high": summary["high"]}
-        row["interval"] = statistics.over_seeds(list(values[config].values()), settings.confidence)["method"]
-        if config == best:
+        row["interval"] = statistics.over_seeds([job.get(metric) for job in jobs], settings.confidence)[
+            "method"
+        ]
+        if not values[config]:
+            row["tied_with_best"] = f"no {metric}"
+        elif config == best:
             row["tied_with_best"] = "best"
         elif config in adjusted:
             row["tied_with_best"] = "yes" if adjusted[config] >= alpha else "no"

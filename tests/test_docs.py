@@ -212,8 +212,14 @@ def scale_down(program: str, arguments: list[str], workspace: Workspace) -> list
         extra.append("model=tiny_qwen2" if experiment.startswith("socratic") else "model=tiny_llama")
     if values.get("model") == "minimind2":
         extra.append(f"model.path={workspace.minimind}")
-    if experiment.startswith("ablation/"):  # the full-scale configs: a short sequence for a CPU
-        extra += ["data.max_length=64", "data.batch_size=2"]
+    if experiment.startswith("ablation/"):  # the full-scale configs: a short sequence, fp32 (bf16 autocast
+        extra += [
+            "data.max_length=64",
+            "data.batch_size=2",
+            "trainer.precision=32-true",
+        ]  # is 3x slower on CPU)
+    if experiment.startswith("ablation"):  # validation every 400 (tiny: 4) steps, scaled with the 2 steps
+        extra.append("trainer.val_check_interval=2")
     if program == "train.py":  # this machine's device, where a command or its experiment asks for a GPU
         extra.append("trainer.accelerator=cpu")
     if "hparams_search" in values:

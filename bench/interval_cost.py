@@ -16,27 +16,24 @@ Prints every side's median step time with its spread (min, max over steps and ro
     ratio stats_time_vs_eval = <grid statistics / grid evaluation> (goal <= 0.01)
     ratio bootstrap_10k_vs_1s = <bootstrap seconds / 1 s> (goal <= 1.0)
 
-    python bench/statistics.py [--rounds 3] [--batches 3] [--batch-size 8] [--max-new-tokens 256]
+    python bench/interval_cost.py [--rounds 3] [--batches 3] [--batch-size 8] [--max-new-tokens 256]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
+import random
+import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
-# run as `python bench/statistics.py`, this file's folder comes first on the path, where its name would hide
-# the standard library's `statistics` from every module that imports it
-sys.path[:] = [str(ROOT), *(p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench")]
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import random  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import numpy as np  # noqa: E402
+sys.path.insert(0, str(ROOT))
 
 PROBLEMS, MODELS, TASKS = 1319, 4, ("gsm8k", "gsm8k_inf", "gsm8k_rcs", "gsm8k_sd")
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
