@@ -14,43 +14,23 @@ from runtime import item_scores, statistics
 from runtime.item_scores import ItemScores
 
 SETTINGS_FILE = Path(__file__).resolve().parents[1] / "conf" / "statistics" / "default.yaml"
-COLUMNS = [
-    "a",
-    "b",
-    "metric",
-    "n",
-    "clusters",
-    "mean_a",
-    "mean_b",
-    "difference",
-    "low",
-    "high",
-    "test",
-    "p",
-    "p_holm",
-    "a_only",
-    "b_only",
-    "mde",
-    "verdict",
-]
 
 
 def table(
     pairs: list[tuple[ItemScores, ItemScores]],
     labels: list[tuple[str, str]],
     settings: DictConfig,
-    better: str = "better",
 ) -> list[dict[str, Any]]:
     """One row per (A, B) pair: A - B on the items both scored (a ValueError where their item ids differ),
-    Holm-adjusted over all rows; the verdict reads '<A> <better>', '<B> <better>' or 'no detectable
-    difference (MDE x)'."""
+    Holm-adjusted over all rows; the verdict reads '<A> better', '<B> better' or 'no detectable difference
+    (MDE x)'."""
     if not pairs:
         return []
     compared = []
     for first, second in pairs:
         a, b, clusters = item_scores.aligned(first, second)
         compared.append((a, b, statistics.paired(a, b, clusters, settings.confidence, settings.power)))
-    judged = statistics.verdicts([c for _, _, c in compared], labels, 1 - settings.confidence, better)
+    judged = statistics.verdicts([c for _, _, c in compared], labels, 1 - settings.confidence)
     rows = []
     for (first, _), (label_a, label_b), (a, b, comparison), verdict in zip(
         pairs, labels, compared, judged, strict=True

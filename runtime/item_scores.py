@@ -130,8 +130,16 @@ def read(run_dir: Path, metric: str | None = None) -> ItemScores:
             f"{results_path}: metric {chosen!r} has no per-item scores; those that do: {sorted(per_item)}"
         )
     field = per_item[chosen]
-    rows = [json.loads(line) for line in items_path.read_text().splitlines() if line.strip()]
-    rows = [row for row in rows if row.get(field) is not None]
+    rows = []
+    for number, line in enumerate(items_path.read_text().splitlines(), start=1):
+        try:
+            row = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{items_path}:{number}: not a JSON line ({error})") from error
+        if row.get(field) is not None:
+            if "item_id" not in row or "cluster" not in row:
+                raise ValueError(f"{items_path}:{number}: no item_id / cluster (written by an older lmlab?)")
+            rows.append(row)
     return ItemScores(
         run_dir,
         chosen,

@@ -131,3 +131,15 @@ def test_compare_names_the_better_run_and_refuses_runs_on_other_items(
     other = fake_run(tmp_path / "other", [1] * 150 + [0] * 150, [f"dev.jsonl:{i}" for i in range(300)])
     with pytest.raises(SystemExit, match="item ids differ"):
         compare.main([str(strong), str(other), "--out", str(tmp_path / "d")])
+
+
+def test_a_malformed_per_item_file_is_named_with_its_line(tmp_path: Path) -> None:
+    run = fake_run(tmp_path / "run", [1, 0, 1], ["a:1", "a:2", "a:3"])
+    lines = (run / item_scores.ITEMS_FILE).read_text().splitlines()
+    (run / item_scores.ITEMS_FILE).write_text("\n".join([lines[0], "{oops", lines[2]]) + "\n")
+    with pytest.raises(ValueError, match=r"predictions.jsonl:2: not a JSON line"):
+        item_scores.read(run)
+    with pytest.raises(
+        ValueError, match=r"metric 'bleu' has no per-item scores; those that do: \['pass@1_flexible'\]"
+    ):
+        item_scores.read(run, "bleu")
