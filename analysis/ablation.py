@@ -108,13 +108,7 @@ def configurations(runs: list[dict[str, Any]], settings: DictConfig, baseline: s
         }
         for name, members in groups.items()
     }
-    tests = {
-        name: statistics.seed_test(by_seed[name], by_seed[baseline])
-        for name in groups
-        if name != baseline and baseline in by_seed
-    }
-    tested = [name for name, test in tests.items() if test is not None]
-    adjusted = dict(zip(tested, statistics.holm([tests[name][0] for name in tested]), strict=True))
+    adjusted = statistics.against_reference(by_seed, baseline)
     rows = []
     for name, members in groups.items():
         row: dict[str, Any] = {"config": name, **members[0]["settings"], "seeds": len(members)}

@@ -306,3 +306,13 @@ def seed_test(a: dict[Any, float], b: dict[Any, float]) -> tuple[float, str] | N
     if first.std() == 0 and second.std() == 0:
         return (1.0 if first[0] == second[0] else 0.0), "Welch t over seeds"
     return float(stats.ttest_ind(first, second, equal_var=False).pvalue), "Welch t over seeds"
+
+
+def against_reference(values: dict[str, dict[Any, float]], reference: str) -> dict[str, float]:
+    """Holm-adjusted p-values of `seed_test` between each configuration's per-seed values and `reference`'s,
+    for every configuration but the reference that both have 2+ seeds for."""
+    tests = {
+        name: seed_test(by_seed, values[reference]) for name, by_seed in values.items() if name != reference
+    }
+    tested = [name for name, test in tests.items() if test is not None]
+    return dict(zip(tested, holm([tests[name][0] for name in tested]), strict=True))

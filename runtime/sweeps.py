@@ -85,11 +85,7 @@ def by_configuration(rows: list[dict[str, Any]], metric: str, settings: DictConf
     measured = [config for config in groups if values[config]]
     pick = min if metric_direction(metric) == "minimize" else max
     best = pick(measured, key=lambda c: sum(values[c].values()) / len(values[c])) if measured else None
-    tests = {
-        config: statistics.seed_test(values[config], values[best]) for config in measured if config != best
-    }
-    tested = [config for config, test in tests.items() if test is not None]
-    adjusted = dict(zip(tested, statistics.holm([tests[c][0] for c in tested]), strict=True))
+    adjusted = statistics.against_reference({c: values[c] for c in measured}, best) if measured else {}
     alpha = 1 - settings.confidence
     table = []
     for config, jobs in groups.items():

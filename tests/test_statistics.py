@@ -271,3 +271,16 @@ def test_the_numbers_docs_statistics_states() -> None:
     example = statistics.wilson(90, 300)  # "a Pass@1 of 0.30 has a 95% interval of [0.25, 0.35]"
     assert (round(example.low, 2), round(example.high, 2)) == (0.25, 0.35) and "[0.25, 0.35]" in page
     assert round(exact_wilson_coverage(0.02, 30), 3) == 0.978 and "97.8%" in page
+
+
+def test_configurations_against_a_reference_are_holm_adjusted_seed_tests() -> None:
+    values = {
+        "base": {0: 1.0, 1: 1.1, 2: 1.05},
+        "worse": {0: 1.5, 1: 1.62, 2: 1.55},
+        "same": {0: 1.01, 1: 1.09, 2: 1.07},
+        "one_seed": {0: 2.0},
+    }
+    adjusted = statistics.against_reference(values, "base")
+    raw = [statistics.seed_test(values[name], values["base"])[0] for name in ("worse", "same")]
+    assert set(adjusted) == {"worse", "same"}  # one seed: nothing to test
+    assert [adjusted["worse"], adjusted["same"]] == pytest.approx(statistics.holm(raw))
