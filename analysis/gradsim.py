@@ -33,7 +33,7 @@ from omegaconf import DictConfig
 
 import datamodules
 from modeling.architecture import as_sequence, mlp_output_modules
-from modeling.causal_lm import answer_log_probs
+from modeling.log_probs import answer_log_probs
 from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import overrides, start
 

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from analysis.memit_inputs import batch, capture, flat_templates, pad_rows
+from datamodules import IGNORE_INDEX
 from modeling.architecture import decoder_blocks, mlp_output_modules
 
 log = logging.getLogger(__name__)
@@ -101,7 +102,7 @@ class ZObjective:
         self.rewrite_count, self.target_length = len(rewrites), len(target_ids)
         # labels[i, p] = the answer token predicted at position p (the last len(target) positions of each
         # rewrite)
-        self.labels = torch.full((len(rewrites), self.encoded["input_ids"].shape[1]), -100)
+        self.labels = torch.full((len(rewrites), self.encoded["input_ids"].shape[1]), IGNORE_INDEX)
         for row, ids in enumerate(rows[: len(rewrites)]):
             self.labels[row, len(ids) - len(target_ids) : len(ids)] = torch.tensor(target_ids)
         self.delta: torch.Tensor | None = None
@@ -133,7 +134,7 @@ class ZObjective:
             handle.remove()
             self.delta = None
         log_probs = F.log_softmax(logits[: self.rewrite_count].float(), -1)  # [R, T, V]
-        mask = self.labels != -100
+        mask = self.labels != IGNORE_INDEX
         picked = log_probs.gather(2, self.labels.clamp(min=0).unsqueeze(2)).squeeze(2)  # [R, T]
         nll = (-(picked * mask).sum(1) / self.target_length).mean()
         edited_kl = F.log_softmax(logits[-1, self.positions[-1]].float(), -1)

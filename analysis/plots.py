@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+from modeling.figures import pyplot
+
+plt = pyplot()
 
 CLASS_COLOURS = {
     "KMI": "tab:green",

@@ -37,7 +37,7 @@ from omegaconf import DictConfig
 from scipy import stats
 
 from analysis import gradsim, memit, memit_inputs, plots
-from datamodules.base import IGNORE_INDEX
+from datamodules import IGNORE_INDEX
 from datamodules.sources import load_split
 from runtime import statistics
 from runtime.saved_run import use_checkpoint_model

@@ -64,7 +64,7 @@ class CountFlops(L.Callback):
 
 
 def _inputs(batch: dict) -> dict:
-    from datamodules.packing import model_inputs
+    from datamodules.padding_free import model_inputs
 
     return model_inputs(batch)
 

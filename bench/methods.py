@@ -76,7 +76,7 @@ class PeakMemory:
 
 def setup(model_name: str, method: str, steps: int, run_dir: str):
     """Seeded model + method + module + the first `steps` training batches of the classification sample."""
-    from modeling.registry import task_module_class, task_module_name
+    from lightning_modules.task_modules import task_module_class, task_module_name
     from runtime.training import build_trainable_model
 
     cfg = bench_config(
@@ -160,8 +160,8 @@ def one_method(args: argparse.Namespace) -> None:
 def rank_selection(args: argparse.Namespace) -> dict[str, float]:
     """Randomized vs exact SVD rank selection on the same accumulated gradients."""
     import datamodules
-    from modeling.methods import svd_lora
-    from modeling.methods.lora import resolve_targets
+    from lightning_modules.methods import svd_lora
+    from lightning_modules.methods.lora import resolve_targets
     from modeling.models import build
 
     cfg = bench_config(
@@ -217,7 +217,7 @@ def adalora(args: argparse.Namespace, target_r: int) -> dict[str, float]:
     """peft AdaLoRA on the same model, task and batches, with rank budget `target_r` per layer."""
     from peft import AdaLoraConfig, get_peft_model
 
-    from modeling.methods.lora import resolve_targets
+    from lightning_modules.methods.lora import resolve_targets
 
     with tempfile.TemporaryDirectory() as run_dir:
         cfg, module, batches, held_out = setup(args.model, "full", args.steps + args.warmup, run_dir)

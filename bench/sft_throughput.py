@@ -39,7 +39,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from helpers.timing import HFClock, LightningClock, StepClock, bench_config  # noqa: E402
 
-from datamodules.packing import IGNORE_INDEX, model_inputs  # noqa: E402
+from datamodules import IGNORE_INDEX  # noqa: E402
+from datamodules.padding_free import model_inputs  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
 
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -93,8 +94,8 @@ class LossClock(LightningClock):
 def run_lmlab(
     args, run_dir: str, padding_free: bool, group_by_length: bool = False
 ) -> tuple[float, list[float]]:
-    from modeling.base_module import module_settings
-    from modeling.registry import task_module_class
+    from lightning_modules.base import module_settings
+    from lightning_modules.task_modules import task_module_class
     from runtime.session import build_loggers
     from runtime.training import build_trainer
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from helpers.timing import HFClock, StepClock, bench_config, lmlab_steps_per_second  # noqa: E402
 
+from datamodules import IGNORE_INDEX  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
 
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -59,7 +60,7 @@ def setup(cfg, width: int):
     collate = datamodule.collate
 
     def fixed_width(examples):
-        padding = {"input_ids": tokenizer.pad_token_id, "labels": -100}
+        padding = {"input_ids": tokenizer.pad_token_id, "labels": IGNORE_INDEX}
         return collate([{k: v + [padding[k]] * (width - len(v)) for k, v in e.items()} for e in examples])
 
     datamodule.collate = fixed_width

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+IGNORE_INDEX = -100  # the label the loss skips (prompt tokens, padding)
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 

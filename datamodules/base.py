@@ -20,8 +20,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from transformers import PreTrainedTokenizerBase
 
-from datamodules import packing
-from datamodules.packing import IGNORE_INDEX
+from datamodules import IGNORE_INDEX, padding_free
 from datamodules.prompt_format import PromptFormat
 from datamodules.sources import DataSourceError, load_split
 
@@ -30,12 +29,12 @@ log = logging.getLogger(__name__)
 
 def batch_size(batch: dict[str, torch.Tensor]) -> int:
     """Number of examples in a collated batch, padded or packed (for Lightning's ThroughputMonitor)."""
-    return packing.sequences(batch)
+    return padding_free.sequences(batch)
 
 
 def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
     """Tokens of a collated batch that are not padding (ThroughputMonitor's items: tokens/s)."""
-    return int(batch["input_ids"].numel() if packing.is_packed(batch) else batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel() if padding_free.is_packed(batch) else batch["attention_mask"].sum())
 
 
 class EpochSeededSampler(DistributedSampler):
@@ -106,9 +105,9 @@ class TextDataModule(L.LightningDataModule):
 
     # stop strings evaluate.py adds to generation.stop_strings for this task
     extra_stop_strings: tuple[str, ...] = ()
-    # whether its batches can be padding-free (datamodules/packing.py): each example is one sequence with its
-    # own labels
-    packable: bool = True
+    # whether its batches can be padding-free (datamodules/padding_free.py): each example is one sequence
+    # with its own labels
+    allows_padding_free: bool = True
     # the evaluation prompt formats this task can build, by `prompting.style` name
     # (datamodules/prompt_format.py)
     prompt_formats: Mapping[str, type[PromptFormat]] = MappingProxyType({"lmlab": PromptFormat})
@@ -151,8 +150,8 @@ class TextDataModule(L.LightningDataModule):
         self.resume_position = (0, 0)
         self.train_sampler: EpochSeededSampler | None = None
         # data.padding_free asks for padding-free batches; the training run turns them on (`padding_free`)
-        # once the task allows them (`packable`) and the model keeps packed examples apart
-        # (modeling/packing.py)
+        # once the task allows them (`allows_padding_free`) and the model keeps packed examples apart
+        # (modeling/padding_free.py)
         self.padding_free_requested, self.padding_free = padding_free, False
         self.group_by_length = group_by_length
 
@@ -264,10 +263,10 @@ class TextDataModule(L.LightningDataModule):
         return {"input_ids": input_ids, "labels": labels}
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        """Padding-free, one row of the examples (`padding_free`: datamodules/packing.py), else right-padded
-        to the longest example: input_ids, attention_mask, labels, each [B, T]."""
+        """Padding-free, one row of the examples (`padding_free`: datamodules/padding_free.py), else
+        right-padded to the longest example: input_ids, attention_mask, labels, each [B, T]."""
         if self.padding_free:
-            return packing.pack(examples)
+            return padding_free.one_row(examples)
         width = max(len(example["input_ids"]) for example in examples)
         pad = self.tokenizer.pad_token_id
 

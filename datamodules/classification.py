@@ -14,7 +14,8 @@ from typing import Any
 
 import torch
 
-from datamodules.base import IGNORE_INDEX, TextDataModule
+from datamodules import IGNORE_INDEX
+from datamodules.base import TextDataModule
 from datamodules.sources import DataSourceError
 
 
@@ -22,7 +23,7 @@ class ClassificationDataModule(TextDataModule):
     """(text, label) records as prompt -> label-name examples, with the class index in every batch."""
 
     # the label scorer reads a padded batch (prompt_length per row)
-    packable = False
+    allows_padding_free = False
 
     evaluation_kind = (
         "classification"  # evaluate.py scores label likelihoods (or the saved head), not generations

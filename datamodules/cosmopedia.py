@@ -1,9 +1,10 @@
-"""Pre-training text (cosmopedia-v2 or any local text): documents -> tokens -> packed fixed-length blocks.
+"""Pre-training text (cosmopedia-v2 or any local text): documents -> tokens -> fixed-length blocks.
 
 Documents are tokenized, joined with EOS between them into one stream, and cut into blocks of
 `max_length` tokens; every block is full, blocks do not overlap, and only the final remainder
 (< max_length tokens) is dropped. Labels are the inputs (the model shifts them); attention is not
-masked at document boundaries (standard packing). Validation blocks come from held-out documents.
+masked at document boundaries (the usual way to pre-train on concatenated text). Validation blocks come
+from held-out documents.
 """
 
 from __future__ import annotations
@@ -15,17 +16,17 @@ from datamodules.base import TextDataModule
 from datamodules.sources import DataSourceError
 
 
-def pack(documents: list[list[int]], block_size: int, separator: int) -> list[list[int]]:
+def concatenate_into_blocks(documents: list[list[int]], block_size: int, separator: int) -> list[list[int]]:
     """Concatenate token lists with `separator` after each and cut into full blocks of `block_size`."""
     stream = [token for document in documents for token in (*document, separator)]
     return [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
 
 
 class PretrainDataModule(TextDataModule):
-    """Packed next-token prediction over documents whose text is in `text_fields`."""
+    """Next-token prediction in fixed-length blocks over documents whose text is in `text_fields`."""
 
     # its blocks are full already: no padding to remove
-    packable = False
+    allows_padding_free = False
 
     def __init__(self, text_fields: Sequence[str] = ("text",), **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -43,7 +44,7 @@ class PretrainDataModule(TextDataModule):
 
     def tokenize_all(self, records: list[dict[str, Any]], split: str) -> list[dict[str, list[int]]]:
         documents = [self.tokenizer(self.document(r), add_special_tokens=False)["input_ids"] for r in records]
-        blocks = pack(documents, self.max_length, self.tokenizer.eos_token_id)
+        blocks = concatenate_into_blocks(documents, self.max_length, self.tokenizer.eos_token_id)
         if not blocks:
             raise DataSourceError(
                 f"{split}: {len(records)} documents give fewer than data.max_length={self.max_length} "

@@ -14,7 +14,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from datamodules.base import IGNORE_INDEX, TextDataModule
+from datamodules import IGNORE_INDEX
+from datamodules.base import TextDataModule
 from datamodules.sources import DataSourceError
 
 

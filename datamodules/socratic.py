@@ -27,7 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from datamodules.base import IGNORE_INDEX, TextDataModule
+from datamodules import IGNORE_INDEX
+from datamodules.base import TextDataModule
 from datamodules.gsm8k import CALCULATOR_ANNOTATION, FLEXIBLE, extract_flexible, normalise
 from datamodules.prompt_format import PromptFormat
 from datamodules.sources import DataSourceError, read_file

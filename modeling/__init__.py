@@ -1,3 +1,3 @@
-"""The model side: building a model and finding its parts (models.py, architecture.py), generating with it
-(generation.py), the methods that make it trainable (methods/), and the LightningModules that train it
-(causal_lm.py, label_lm.py, classifier.py, sharing base_module.py); registry.py names them for configs."""
+"""The model side, without Lightning: building a model and its tokenizer (models.py), finding its parts
+(architecture.py), generating with it (generation.py), log-likelihoods of answers (log_probs.py), placing
+vectors at its embedding layer (injection.py) and checking it for padding-free batches (padding_free.py)."""

@@ -212,6 +212,25 @@ def _find_final_hidden(bare: nn.Module) -> tuple[nn.Module, int]:
     )
 
 
+def final_hidden_states(model: nn.Module, **inputs: Any) -> torch.Tensor:
+    """The decoder's last hidden states [B, T, H] (after its final norm) for `inputs`, taken through a hook on
+    the module the LM head reads from, so that no output format is assumed."""
+    module, _ = final_hidden_module(model)
+    captured: list[torch.Tensor] = []
+    handle = module.register_forward_hook(
+        lambda m, args, output: captured.append(
+            output
+            if isinstance(output, torch.Tensor)
+            else next(o for o in output if isinstance(o, torch.Tensor))
+        )
+    )
+    try:
+        model(**inputs)
+    finally:
+        handle.remove()
+    return captured[-1]
+
+
 def forward_accepts(model: nn.Module, argument: str) -> bool:
     """Whether the forward of `model` (its bare HF model) names `argument` (`**kwargs` may swallow anything,
     so only a named parameter counts)."""

@@ -34,7 +34,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from modeling.architecture import forward_accepts
-from modeling.methods.prompt_tuning import embedding_prompt
+from modeling.injection import embedding_prompt
 
 log = logging.getLogger(__name__)
 

@@ -28,7 +28,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from modeling.base_module import NonFiniteLossError
+from lightning_modules.base import NonFiniteLossError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from omegaconf import DictConfig
 from torchmetrics.functional.classification import multiclass_f1_score
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from modeling.classifier import ClassificationMetrics, plot_confusion
-from modeling.label_lm import LabelLMModule
+from lightning_modules.classification_metrics import ClassificationMetrics, plot_confusion
+from lightning_modules.label_lm import LabelLMModule
 from runtime import item_scores
 from runtime.saved_run import load_classifier
 

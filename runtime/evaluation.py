@@ -12,19 +12,26 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from omegaconf import DictConfig
 
 import datamodules
-from modeling.registry import scorer
-from runtime import item_scores
+from runtime import classification_scoring, generation_scoring, item_scores
 from runtime.judge import judge_rows
 from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import overrides, start
 from runtime.task_grid import headline_metric
 
 log = logging.getLogger(__name__)
+
+# DataModule.evaluation_kind -> score(cfg, model, tokenizer, datamodule, records, run_dir)
+#   -> (rows, metrics, intervals)
+SCORERS: dict[str, Callable[..., tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]]] = {
+    "generation": generation_scoring.score,
+    "classification": classification_scoring.score,
+}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -84,3 +91,10 @@ def _nonempty(records: list[dict[str, Any]], cfg: DictConfig) -> list[dict[str, 
             "check task.data_files.test (or the task's source) and limit"
         )
     return records
+
+
+def scorer(kind: str) -> Callable[..., tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]]:
+    """The scoring function for a DataModule's `evaluation_kind`."""
+    if kind not in SCORERS:
+        raise ValueError(f"evaluation_kind={kind!r} has no scorer; known: {sorted(SCORERS)}")
+    return SCORERS[kind]

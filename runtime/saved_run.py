@@ -30,10 +30,10 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_modules import methods
+from lightning_modules.classifier import ClassifierModule
+from lightning_modules.methods import MethodContext, count_parameters, trainable_state
 from modeling import models
-from modeling.classifier import ClassifierModule
-from modeling.methods import MethodContext, count_parameters, trainable_state
-from modeling.registry import method_knobs, registered_method
 from runtime.session import overrides
 
 log = logging.getLogger(__name__)
@@ -172,11 +172,11 @@ def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
 
 
 def restore_method(base: PreTrainedModel, directory: Path, model_cfg: DictConfig) -> PreTrainedModel:
-    """Re-apply the method saved in `directory` (method.json, by registry name only) to `base` and load its
+    """Re-apply the method saved in `directory` (method.json, by its name only) to `base` and load its
     trained weights."""
     saved = json.loads((directory / METHOD_FILE).read_text())
-    apply = registered_method(saved.get("name"), str(directory / METHOD_FILE))
-    model = apply(base, MethodContext(model_cfg=model_cfg), **method_knobs(saved))
+    apply = methods.restore(saved.get("name"), str(directory / METHOD_FILE))
+    model = apply(base, MethodContext(model_cfg=model_cfg), **methods.knobs(saved))
     if (directory / TRAINABLE_FILE).exists():
         state = read_safetensors(directory / TRAINABLE_FILE)
         expected = set(trainable_state(model))

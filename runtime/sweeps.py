@@ -17,6 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from modeling.figures import pyplot
 from runtime import statistics, tables
 from runtime.checkpointing import write_atomically
 from runtime.results import RESULTS_FILE, logged_rows
@@ -168,10 +169,7 @@ def sweep_figure(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path | None:
     """`sweep.png`: every job's validation loss curve on one axis, then the optimised metric against each
     swept parameter (log axis for positive numbers spanning 10x or more); None when the sweep has nothing to
     plot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     curves = {row["job"]: _curve(Path(sweep_dir) / row["job"]) for row in rows}
     curves = {job: points for job, points in curves.items() if points}

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from modeling.figures import pyplot
 from runtime import comparisons, item_scores, tables
 from runtime.results import RESULTS_FILE
 from runtime.session import Session
@@ -140,10 +141,7 @@ def _display(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _bar_chart(rows: list[dict[str, Any]], metric: str, path: Path, stage: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     datasets = list(dict.fromkeys(r["dataset"] for r in rows))
     model_names = list(dict.fromkeys(r["model"] for r in rows))

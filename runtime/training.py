@@ -16,11 +16,12 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import datamodules
+from lightning_modules import methods
+from lightning_modules.methods import MethodContext, count_parameters
+from lightning_modules.task_modules import task_module_class, task_module_name
 from modeling import models
 from modeling.architecture import bare_model
-from modeling.methods import MethodContext, count_parameters
-from modeling.packing import packs_sequences
-from modeling.registry import build_method, task_module_class, task_module_name
+from modeling.padding_free import keeps_sequences_apart
 from runtime import saved_run
 from runtime.checkpointing import AtomicCheckpointIO, RestoreRNG, remove_partial_files
 from runtime.session import RecordRunId, overrides, start
@@ -44,7 +45,7 @@ def build_trainable_model(
     identity = models.base_identity(model, cfg.model)
     datamodule = datamodules.build(cfg, tokenizer)
     context = MethodContext(cfg.model, tokenizer, datamodule, Path(cfg.paths.output_dir))
-    model = build_method(cfg.method)(model, context)
+    model = methods.build(cfg.method)(model, context)
     setattr(model, models.BASE_IDENTITY_ATTR, identity)  # recorded in every checkpoint and export
     datamodule.padding_free = padding_free(model, datamodule)
     model.train()  # from_pretrained leaves eval mode (dropout off); training needs train mode
@@ -56,12 +57,12 @@ def padding_free(model: PreTrainedModel, datamodule: L.LightningDataModule) -> b
     model keeps packed examples apart; one log line where a run pads instead."""
     if not datamodule.padding_free_requested:
         return False
-    if not datamodule.packable:
+    if not datamodule.allows_padding_free:
         log.info(
             "data.padding_free: %s batches are padded (its batches do not pack)", type(datamodule).__name__
         )
         return False
-    if not packs_sequences(model):
+    if not keeps_sequences_apart(model):
         log.info(
             "data.padding_free: %s does not keep packed examples apart (it ignores position ids, or the "
             "method drops them): batches are padded",

@@ -28,13 +28,14 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "model.path and model.scratch are both set: pick one (a saved model or a fresh architecture)"
         )
-    from modeling.registry import TASK_MODULES, task_module_name
+    from lightning_modules import methods
+    from lightning_modules.task_modules import TASK_MODULES, task_module_name
 
     module, method = task_module_name(cfg), cfg.method
 
     if module not in TASK_MODULES:
         raise ConfigError(
-            f"task.module={module}: not a registered task module (modeling/registry.py: "
+            f"task.module={module}: not a registered task module (lightning_modules/task_modules.py: "
             f"{sorted(TASK_MODULES)})"
         )
     offered = list(cfg.task.get("modules") or [cfg.task.module])
@@ -43,10 +44,11 @@ def check_config(cfg: DictConfig) -> None:
             f"method '{method.name}' trains with the '{module}' module, which task '{cfg.task.name}' "
             f"does not offer (task.modules: {offered}); e.g. method=projection_head needs task=classification"
         )
-    if module not in method.supports:
+    supported = methods.supports(method)
+    if module not in supported:
         raise ConfigError(
             f"method '{method.name}' cannot train task '{cfg.task.name}': the task uses the '{module}' "
-            f"module and method.supports is {list(method.supports)}"
+            f"module and the method supports {list(supported)} (lightning_modules/methods/{method.name}.py)"
         )
     _check_data_and_optim(cfg)
     sharded = cfg.get("ckpt_path") and _is_sharded_checkpoint(
@@ -76,7 +78,7 @@ def _check_data_and_optim(cfg: DictConfig) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
             raise ConfigError(f"data.{key}={value}: must be a positive integer")
     if "optim" in cfg:
-        from modeling.base_module import OptimisedModule
+        from lightning_modules.base import OptimisedModule
 
         accepted = [
             name

@@ -17,7 +17,7 @@ import lightning as L
 import torch
 from safetensors.torch import save_file
 
-from datamodules.packing import model_inputs
+from datamodules.padding_free import model_inputs
 
 
 class InterruptAtEpoch(L.Callback):

@@ -9,7 +9,6 @@ import json
 import re
 import shutil
 import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -17,40 +16,33 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from modeling import architecture, registry
+from lightning_modules import methods
+from modeling import architecture
 from runtime import evaluation, saved_run
 from runtime.training import run
 from tests.conftest import CONF_DIR, ROOT
 
-# a fenced block whose first line names its file: "# path" (a new file) or "# path, in NAME" (lines added
-# there)
-BLOCK = re.compile(r"```(?:yaml|python)\n# (\S+?)(?:, in (\w+)[^\n]*)?\n(.*?)```", re.S)
+# a fenced block whose first line names its file: "# path"
+BLOCK = re.compile(r"```(?:yaml|python)\n# (\S+?)\n(.*?)```", re.S)
 
 
-def worked_example() -> list[tuple[str, str | None, str]]:
+def worked_example() -> list[tuple[str, str]]:
     text = (ROOT / "docs" / "extending.md").read_text()
     return BLOCK.findall(text[text.index("## Worked example") :])
 
 
 def add_to_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Apply every block: YAML into a copy of conf/, new modules into sys.modules, registry lines into their
-    module."""
+    """Apply every block: YAML into a copy of conf/, new modules into a copy of their package's folder that
+    the package searches too (undone after the test)."""
     conf = tmp_path / "conf"
     shutil.copytree(CONF_DIR, conf)
-    for path, into, body in worked_example():
-        module_name = path.removesuffix(".py").replace("/", ".")
-        if path.startswith("conf/"):
-            (tmp_path / path).write_text(body)
-        elif into:  # lines added to an existing module's registry dict
-            module = importlib.import_module(module_name)
-            for key in re.findall(rf'{into}\["(\w+)"\]', body):
-                monkeypatch.setitem(getattr(module, into), key, None)  # removed again after the test
-            exec(compile(body, path, "exec"), vars(module))
-        else:  # a new module
-            module = types.ModuleType(module_name)
-            module.__file__ = str(ROOT / path)
-            exec(compile(body, path, "exec"), vars(module))
-            monkeypatch.setitem(sys.modules, module_name, module)
+    for path, body in worked_example():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text(body)
+        if path.endswith(".py"):
+            package = importlib.import_module(str(Path(path).parent).replace("/", "."))
+            monkeypatch.setattr(package, "__path__", [*package.__path__, str((tmp_path / path).parent)])
+            monkeypatch.delitem(sys.modules, path.removesuffix(".py").replace("/", "."), raising=False)
     return conf
 
 
@@ -63,10 +55,9 @@ def test_worked_example_trains_exports_reloads_and_evaluates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     blocks = worked_example()
-    assert [path for path, _, _ in blocks] == [
+    assert [path for path, _ in blocks] == [
         "conf/model/tiny_mistral.yaml",
-        "modeling/methods/bitfit.py",
-        "modeling/registry.py",
+        "lightning_modules/methods/bitfit.py",
         "conf/method/bitfit.yaml",
         "datamodules/reverse.py",
         "conf/task/reverse.yaml",
@@ -130,7 +121,7 @@ def test_worked_example_trains_exports_reloads_and_evaluates(
     assert len(norms) == 5 and any(
         not torch.equal(p, torch.ones_like(p)) for p in norms.values()
     )  # trained norms
-    assert architecture.structure(restored).mlp_output == "mlp.down_proj" and "bitfit" in registry.METHODS
+    assert architecture.structure(restored).mlp_output == "mlp.down_proj" and "bitfit" in methods.names()
     metrics = evaluation.run(eval_cfg)["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [row["gold"] for row in rows] == [" ".join(s.split()[::-1]) for s in sentences]

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from datamodules.base import IGNORE_INDEX, EpochSeededSampler
+from datamodules import IGNORE_INDEX
+from datamodules.base import EpochSeededSampler
 from datamodules.gsm8k import GSM8KDataModule
 from datamodules.sources import DataSourceError, load_split, read_file
 from modeling.models import byte_level_tokenizer

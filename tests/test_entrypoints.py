@@ -111,7 +111,7 @@ def assert_export_matches_checkpoint(run_dir: Path, method: str, trained: dict[s
     import lightning as L
     from omegaconf import open_dict
 
-    from modeling.registry import task_module_class
+    from lightning_modules.task_modules import task_module_class
     from runtime.saved_run import load_model
     from runtime.training import build_trainable_model
     from tests.conftest import compose_config

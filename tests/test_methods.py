@@ -13,12 +13,12 @@ import torch
 from omegaconf import open_dict
 from peft.tuners.lora import LoraLayer
 
-from datamodules.packing import model_inputs
+from datamodules.padding_free import model_inputs
+from lightning_modules import methods
+from lightning_modules.methods import MethodContext, adapter, svd_lora
+from lightning_modules.methods.projection_head import SequenceClassifier
 from modeling import architecture, models
-from modeling.classifier import SequenceClassifier
 from modeling.generation import generate
-from modeling.methods import MethodContext, adapter, svd_lora
-from modeling.registry import build_method
 from runtime import evaluation, saved_run
 from runtime.training import build_trainable_model, run
 from tests.conftest import compose_config
@@ -135,7 +135,7 @@ def test_rank_map_sets_the_lora_shapes_and_keeps_the_scaling(tmp_path: Path) -> 
     (tmp_path / "ranks.json").write_text(json.dumps({names[0]: 3, names[1]: 6}))
     with open_dict(cfg):
         cfg.method.rank_map = str(tmp_path / "ranks.json")
-    model = build_method(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
+    model = methods.build(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
     layers = {
         n.removeprefix("base_model.model."): m for n, m in model.named_modules() if isinstance(m, LoraLayer)
     }
@@ -188,7 +188,7 @@ def test_svd_lora_run_writes_a_rank_map_that_a_second_run_reuses(tiny_config, tm
 def test_svd_lora_without_data_or_rank_map_says_what_to_pass() -> None:
     cfg = compose_config("model=tiny_llama", "method=svd_lora")
     with pytest.raises(ValueError, match="method.rank_map="):
-        build_method(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
+        methods.build(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
 
 
 def test_prompt_tuning_text_init_copies_the_word_embeddings() -> None:
@@ -200,7 +200,7 @@ def test_prompt_tuning_text_init_copies_the_word_embeddings() -> None:
         "method.init_text=abc",
     )
     model, tokenizer = models.build(cfg.model)
-    tuned = build_method(cfg.method)(model, MethodContext(cfg.model, tokenizer))
+    tuned = methods.build(cfg.method)(model, MethodContext(cfg.model, tokenizer))
     ids = tokenizer("abcabca", add_special_tokens=False)["input_ids"]
     expected = model.get_input_embeddings().weight[ids]
     torch.testing.assert_close(tuned.prompt_encoder["default"].embedding.weight, expected)
@@ -301,7 +301,7 @@ def test_prompt_tuned_generation_is_the_same_batched_and_one_by_one(model_name: 
     cfg = compose_config(f"model={model_name}", "method=prompt_tuning")
     torch.manual_seed(0)
     model, tokenizer = models.build(cfg.model)
-    tuned = build_method(cfg.method)(model, MethodContext(cfg.model, tokenizer))
+    tuned = methods.build(cfg.method)(model, MethodContext(cfg.model, tokenizer))
     with torch.no_grad():
         tuned.prompt_encoder["default"].embedding.weight.normal_(0, 1.0)  # a prompt that steers the output
     prompts = [

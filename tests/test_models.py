@@ -13,9 +13,9 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
+from lightning_modules import methods
+from lightning_modules.methods import MethodContext, count_parameters
 from modeling import architecture, models
-from modeling.methods import MethodContext, count_parameters
-from modeling.registry import build_method
 from tests.conftest import CONF_DIR, compose_config
 
 TINY_CLASSES = {
@@ -184,7 +184,7 @@ def test_lora_targets_default_to_every_linear_map_of_the_blocks(name: str, expec
     linear = {
         n for n, m in base.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D)) and n != "lm_head"
     }
-    model = build_method(cfg.method)(base, MethodContext(cfg.model))
+    model = methods.build(cfg.method)(base, MethodContext(cfg.model))
     wrapped = {
         n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer)
     }
@@ -195,7 +195,7 @@ def test_lora_targets_default_to_every_linear_map_of_the_blocks(name: str, expec
 @pytest.mark.parametrize("targets", ["null", "all-linear"])
 def test_all_linear_is_the_default_and_means_the_blocks_linear_maps(targets: str) -> None:
     cfg = compose_config("model=tiny_llama", "method=lora", f"method.target_modules={targets}")
-    model = build_method(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
+    model = methods.build(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
     assert model.peft_config["default"].target_modules == {
         "q_proj",
         "k_proj",
@@ -209,7 +209,7 @@ def test_all_linear_is_the_default_and_means_the_blocks_linear_maps(targets: str
 
 def test_lora_target_override_wins() -> None:
     cfg = compose_config("model=tiny_llama", "method=lora", "method.target_modules=[q_proj,v_proj]")
-    model = build_method(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
+    model = methods.build(cfg.method)(models.build(cfg.model)[0], MethodContext(cfg.model))
     wrapped = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
     assert wrapped == {"q_proj", "v_proj"}
 

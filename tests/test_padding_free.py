@@ -1,6 +1,6 @@
-"""Padding-free batches (datamodules/packing.py): the same examples, loss and gradients as padded batches on
-every family that packs, attention kept inside each example, a padded fallback where a model cannot pack, and
-batches grouped by length (data.group_by_length)."""
+"""Padding-free batches (datamodules/padding_free.py): the same examples, loss and gradients as padded batches
+on every family that packs, attention kept inside each example, a padded fallback where a model cannot
+pack, and batches grouped by length (data.group_by_length)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 
 import datamodules
 from datamodules.base import EpochSeededSampler, batch_size, batch_tokens
-from datamodules.packing import model_inputs
-from modeling.packing import packs_sequences
+from datamodules.padding_free import model_inputs
+from modeling.padding_free import keeps_sequences_apart
 from runtime.training import build_trainable_model, run
 from tests.families import FAMILIES, REMOTE_CODE
 
@@ -56,7 +56,7 @@ def test_a_packed_batch_has_the_padded_batch_s_loss_and_gradients(family_model, 
         loss, gradients = loss_and_gradients(model, padded)
         packed_loss, packed_gradients = loss_and_gradients(model, packed)
         worst = max((packed_gradients[k] - g).abs().max().item() for k, g in gradients.items())
-        assert packs_sequences(model) == (name in PACKS)
+        assert keeps_sequences_apart(model) == (name in PACKS)
         if name not in PACKS:  # the check is right to refuse: packing would change the run
             assert abs(packed_loss - loss) > 1e-6 or worst > 1e-5
             return
@@ -77,7 +77,7 @@ def test_a_model_that_ignores_position_ids_trains_on_padded_batches_and_says_so(
     cfg = tiny_config("model=minimind2", f"model.path={minimind_dir}", "method=lora", "trainer.max_steps=1")
     with caplog.at_level(logging.INFO):
         model, _, datamodule, _ = build_trainable_model(cfg)
-    assert not packs_sequences(model) and not datamodule.padding_free
+    assert not keeps_sequences_apart(model) and not datamodule.padding_free
     assert "data.padding_free: MiniMindForCausalLM does not keep packed examples apart" in caplog.text
 
 

@@ -16,7 +16,7 @@ import datamodules
 from analysis.ablation import main as ablation_main
 from analysis.ablation import read_run, write_report
 from analysis.plots import banded
-from datamodules.cosmopedia import pack
+from datamodules.cosmopedia import concatenate_into_blocks
 from runtime.wandb_offline import find_run_files
 from runtime.wandb_offline import read_run as read_wandb
 from tests.conftest import ROOT, compose_config
@@ -34,7 +34,7 @@ SPEC = {  # (lr, batch, sequence, small model) from the study
 
 def test_packing_yields_full_blocks_without_losing_or_duplicating_tokens() -> None:
     documents = [[1, 2, 3], [4, 5], [6, 7, 8, 9, 10], [11]]
-    blocks = pack(documents, block_size=4, separator=0)
+    blocks = concatenate_into_blocks(documents, block_size=4, separator=0)
     stream = [1, 2, 3, 0, 4, 5, 0, 6, 7, 8, 9, 10, 0, 11, 0]
     assert all(len(block) == 4 for block in blocks)
     assert [t for block in blocks for t in block] == stream[: len(blocks) * 4]

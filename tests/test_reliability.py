@@ -19,10 +19,10 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from datamodules.packing import model_inputs
-from modeling.base_module import NonFiniteLossError
+from datamodules.padding_free import model_inputs
+from lightning_modules.base import NonFiniteLossError
+from lightning_modules.methods import UnknownMethodError
 from modeling.models import ModelLoadError
-from modeling.registry import UnknownMethodError
 from runtime import checkpointing
 from runtime.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file, write_atomically
 from runtime.run_dir import create_unique_dir

@@ -17,10 +17,12 @@ from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
 from safetensors.torch import load_file, save_file
 
 from analysis.attention_maps import attention_maps
-from modeling import models
-from modeling.classifier import SequenceClassifier, final_hidden_states
+from datamodules import IGNORE_INDEX
+from lightning_modules.methods import MethodContext, prompt_tuning
+from lightning_modules.methods.projection_head import SequenceClassifier
+from modeling import injection, models
+from modeling.architecture import final_hidden_states
 from modeling.generation import batches_continuously, truncate_at_stop
-from modeling.methods import MethodContext, prompt_tuning
 from runtime import evaluation
 from tests.conftest import TINY, compose_config
 from tests.helpers import greedy_without_cache
@@ -79,13 +81,13 @@ def test_prompt_tuning_at_the_embedding_layer_gives_peft_prompt_tuning_s_loss() 
             task_type="CAUSAL_LM", num_virtual_tokens=5, prompt_tuning_init=PromptTuningInit.RANDOM
         ),
     )
-    placed = prompt_tuning.attach_embedding_prompt(twin, 5)
-    vectors = prompt_tuning.embedding_prompt(placed).embedding.weight
+    placed = injection.attach_embedding_prompt(twin, 5)
+    vectors = injection.embedding_prompt(placed).embedding.weight
     with torch.no_grad():
         vectors.copy_(peft_model.prompt_encoder["default"].embedding.weight)
     tokenizer.padding_side = "right"
     batch = tokenizer(["Tom has 3 apples.", "2 + 2 = 4"], return_tensors="pt", padding=True)
-    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, IGNORE_INDEX)
     losses, gradients = [], []
     for model, weight in (
         (peft_model, peft_model.prompt_encoder["default"].embedding.weight),
@@ -106,7 +108,7 @@ def test_prompt_tuning_on_minimind_places_its_vectors_before_the_input(minimind_
     tuned = prompt_tuning.apply(
         model, MethodContext(tokenizer=tokenizer), num_virtual_tokens=3, init="text", init_text="ab"
     )
-    vectors = prompt_tuning.embedding_prompt(tuned).embedding.weight
+    vectors = injection.embedding_prompt(tuned).embedding.weight
     assert [n for n, p in tuned.named_parameters() if p.requires_grad] == [
         "prompt_embedding.embedding.weight"
     ]

@@ -13,11 +13,12 @@ import torch
 from omegaconf import open_dict
 
 import datamodules
-from datamodules.base import IGNORE_INDEX, TextDataModule
+from datamodules import IGNORE_INDEX
+from datamodules.base import TextDataModule
 from datamodules.socratic import dialogues_of, gsm8k_dialogue, text_tokens
 from datamodules.sources import DataSourceError, read_file
 from modeling import models
-from modeling.label_lm import label_logprobs
+from modeling.log_probs import label_logprobs
 from runtime import evaluation
 from runtime.validate import ConfigError, check_config
 from tests.conftest import ROOT, compose_config

@@ -15,9 +15,9 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from datamodules.packing import model_inputs
-from modeling.base_module import NonFiniteLossError
-from modeling.registry import task_module_class
+from datamodules.padding_free import model_inputs
+from lightning_modules.base import NonFiniteLossError
+from lightning_modules.task_modules import task_module_class
 from runtime.training import build_trainable_model, run
 
 TINY_MODELS = ["tiny_llama", "tiny_diffllama", "tiny_gpt2", "tiny_qwen2"]

@@ -75,8 +75,8 @@ def bench_config(overrides: list[str], run_dir: str) -> DictConfig:
 
 def lmlab_steps_per_second(cfg: DictConfig, model, datamodule, warmup: int) -> float:
     """Steady-state steps/s of the train.py stack (module, Trainer, callbacks, loggers) on `datamodule`."""
-    from modeling.base_module import module_settings
-    from modeling.registry import task_module_class
+    from lightning_modules.base import module_settings
+    from lightning_modules.task_modules import task_module_class
     from runtime.session import build_loggers
     from runtime.training import build_trainer
 

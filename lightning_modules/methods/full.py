@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from transformers import PreTrainedModel
 
-from modeling.methods import MethodContext
+from lightning_modules.methods import MethodContext
+
+SUPPORTS = ("causal_lm", "label_lm", "classifier")  # the task modules it can train
 
 
 def apply(model: PreTrainedModel, context: MethodContext) -> PreTrainedModel:

@@ -11,7 +11,7 @@ and a KV cache (transformers skips its packed-sequence detection in both cases),
 neither. The loss (the mean over all supervised tokens of the batch) and its gradients are those of the padded
 batch.
 
-Whether a model honours this is checked on the model itself (`packs_sequences`): two short sequences run
+Whether a model honours this is checked on the model itself (`keeps_sequences_apart`): two short sequences run
 packed and apart must give the same logits. Remote code that ignores position ids (MiniMind), or a peft
 prompt-learning model that drops them, fails the check, and its batches stay padded.
 """
@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import torch
 
-IGNORE_INDEX = -100  # the label the loss skips (prompt tokens, padding)
+from datamodules import IGNORE_INDEX
 
 
-def pack(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+def one_row(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
     """One row of the examples' tokens: input_ids, labels, position_ids, each [1, sum of lengths]."""
     input_ids: list[int] = []
     labels: list[int] = []

@@ -1,4 +1,4 @@
-"""LightningModule for the causal-LM objective: SFT with prompt masking (labels -100) or pre-training.
+"""LightningModule for the causal-LM objective: SFT with prompt masking (labels IGNORE_INDEX) or pre-training.
 
 Metrics per stage: loss, perplexity, next-token accuracy, top-5 accuracy and the mean probability of the
 predicted token (confidence), token-weighted over the epoch (in training, top-5 and confidence use an evenly
@@ -17,31 +17,16 @@ import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
-from datamodules.base import IGNORE_INDEX
-from datamodules.packing import model_inputs
-from modeling.base_module import OptimisedModule, module_settings
+from datamodules import IGNORE_INDEX
+from datamodules.padding_free import model_inputs
+from lightning_modules.base import OptimisedModule, module_settings
 
 METRICS = ("loss", "token_acc", "top5_acc", "confidence")
 TRAIN_SAMPLE = 512
-
-
-def answer_log_probs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed log-probability of each sequence's supervised tokens (labels != IGNORE_INDEX): [B],
-    differentiable."""
-    labels = batch["labels"][:, 1:]  # [B, T-1]
-    # prompt tuning returns logits for its virtual tokens too: keep the last T positions
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
-        :, -labels.shape[1] - 1 : -1
-    ]
-    token_nll = F.cross_entropy(
-        logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
-    )
-    return -token_nll.sum(-1)
 
 
 class CausalLMModule(OptimisedModule):

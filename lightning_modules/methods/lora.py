@@ -10,8 +10,10 @@ from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
+from lightning_modules.methods import MethodContext
 from modeling import architecture
-from modeling.methods import MethodContext
+
+SUPPORTS = ("causal_lm", "label_lm")  # the task modules it can train
 
 ALL_LINEAR = "all-linear"
 

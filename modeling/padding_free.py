@@ -1,18 +1,18 @@
-"""Whether a model can train on padding-free batches (datamodules/packing.py): checked on the model itself."""
+"""Whether a model can train on padding-free batches (datamodules/padding_free.py), checked on the model."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from datamodules.packing import model_inputs, pack
+from datamodules.padding_free import model_inputs, one_row
 from modeling import architecture
 
 PROBE_OFFSET = 256  # tokens packed before the sequence whose logits are compared
 
 
 @torch.no_grad()
-def packs_sequences(model: nn.Module) -> bool:
+def keeps_sequences_apart(model: nn.Module) -> bool:
     """Whether `model` keeps packed sequences apart: a short sequence packed after a long one gives the logits
     it gives alone (to 1e-5). A model that ignores position ids (remote code such as MiniMind), a method that
     drops them (peft prompt tuning), or an attention bias that depends on where a sequence sits in the row
@@ -23,7 +23,7 @@ def packs_sequences(model: nn.Module) -> bool:
         [(11 * i + 5) % vocab for i in range(16)],
     )
     device = next(model.parameters()).device
-    batch = pack([{"input_ids": long, "labels": long}, {"input_ids": short, "labels": short}])
+    batch = one_row([{"input_ids": long, "labels": long}, {"input_ids": short, "labels": short}])
     del batch["labels"]
     was_training = model.training
     model.eval()

@@ -21,8 +21,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from lightning_modules.methods import MethodContext
 from modeling import architecture
-from modeling.methods import MethodContext
+
+SUPPORTS = ("causal_lm", "label_lm")  # the task modules it can train
 
 
 class BottleneckAdapter(nn.Module):

@@ -26,9 +26,12 @@ import torch
 from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
-from datamodules.packing import model_inputs
-from modeling.methods import MethodContext
-from modeling.methods.lora import lora_config, resolve_targets
+from datamodules.padding_free import model_inputs
+from lightning_modules.methods import MethodContext
+from lightning_modules.methods.lora import lora_config, resolve_targets
+from modeling.figures import pyplot
+
+SUPPORTS = ("causal_lm", "label_lm")  # the task modules it can train
 
 log = logging.getLogger(__name__)
 
@@ -184,10 +187,7 @@ def rank_metrics(ranks: dict[str, int]) -> dict[str, float]:
 
 def write_rank_map(ranks: dict[str, int], run_dir: Path) -> Path:
     """`rank_map.json` and a layer x module heatmap `rank_map.png` in `run_dir`."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RANK_MAP_FILE

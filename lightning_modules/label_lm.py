@@ -3,7 +3,7 @@
 The prediction for a text is the class whose whole label string (all its tokens, then EOS) has the
 highest summed log-probability after the prompt, so multi-token labels that share a first token are
 still told apart. Validation and test add accuracy (micro), macro F1 and a confusion-matrix image
-(modeling/classifier.py) to the causal-LM metrics.
+(lightning_modules/classifier.py) to the causal-LM metrics.
 """
 
 from __future__ import annotations
@@ -14,29 +14,10 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
-from datamodules.base import IGNORE_INDEX
-from modeling.base_module import module_settings
-from modeling.causal_lm import CausalLMModule, answer_log_probs
-from modeling.classifier import ClassificationMetrics, log_classification_epoch
-
-
-@torch.no_grad()
-def label_logprobs(
-    model: PreTrainedModel, prompts: list[list[int]], labels: list[list[int]], pad_id: int
-) -> torch.Tensor:
-    """Summed log P(label tokens | prompt) for every (prompt, label) pair: [len(prompts), len(labels)]."""
-    sequences = [prompt + label for prompt in prompts for label in labels]
-    targets = [[IGNORE_INDEX] * len(prompt) + label for prompt in prompts for label in labels]
-    width = max(map(len, sequences))
-    device = next(model.parameters()).device
-    batch = {  # right-padded [P*L, T]
-        "input_ids": torch.tensor([s + [pad_id] * (width - len(s)) for s in sequences], device=device),
-        "attention_mask": torch.tensor(
-            [[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device
-        ),
-        "labels": torch.tensor([t + [IGNORE_INDEX] * (width - len(t)) for t in targets], device=device),
-    }
-    return answer_log_probs(model, batch).view(len(prompts), len(labels))
+from lightning_modules.base import module_settings
+from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.classification_metrics import ClassificationMetrics, log_classification_epoch
+from modeling.log_probs import label_logprobs
 
 
 class LabelLMModule(CausalLMModule):

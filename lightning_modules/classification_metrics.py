@@ -1,0 +1,79 @@
+"""Classification metrics of a validation / test epoch (torchmetrics): accuracy (micro), macro F1 and the
+confusion matrix, whose image is written to `<run dir>/confusion_matrix/<stage>_epoch<N>.png`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
+
+from modeling.figures import pyplot
+
+
+class ClassificationMetrics(nn.Module):
+    """Accuracy (micro), macro F1 and confusion matrix of one stage."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        self.accuracy = MulticlassAccuracy(num_classes, average="micro")
+        self.macro_f1 = MulticlassF1Score(num_classes, average="macro")
+        self.confusion = MulticlassConfusionMatrix(num_classes)
+
+    def update(self, predictions: torch.Tensor, targets: torch.Tensor) -> None:
+        for metric in (self.accuracy, self.macro_f1, self.confusion):
+            metric.update(predictions, targets)
+
+    def compute(self) -> tuple[dict[str, float], torch.Tensor]:
+        """({accuracy, macro_f1}, confusion matrix [C, C] with true classes as rows), then reset."""
+        scores = {"accuracy": float(self.accuracy.compute()), "macro_f1": float(self.macro_f1.compute())}
+        matrix = self.confusion.compute()
+        for metric in (self.accuracy, self.macro_f1, self.confusion):
+            metric.reset()
+        return scores, matrix
+
+
+def plot_confusion(matrix: torch.Tensor, class_names: list[str], path: Path, title: str) -> Path:
+    """Write the confusion matrix (rows: true class, columns: predicted) as an annotated PNG."""
+    plt = pyplot()
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = 1.5 + 0.7 * len(class_names)
+    figure, axis = plt.subplots(figsize=(size + 1, size))
+    image = axis.imshow(matrix.cpu().numpy(), cmap="Blues")
+    for (row, column), count in zip(
+        torch.cartesian_prod(*[torch.arange(len(class_names))] * 2).tolist(),
+        matrix.flatten().tolist(),
+        strict=True,
+    ):
+        axis.text(column, row, str(int(count)), ha="center", va="center")
+    axis.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    axis.set_yticks(range(len(class_names)), class_names)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(title)
+    figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def log_classification_epoch(
+    module: L.LightningModule, metrics: ClassificationMetrics, stage: str, class_names: list[str]
+) -> None:
+    """Log accuracy and macro F1 of the epoch and write its confusion-matrix image (rank zero)."""
+    if not metrics.accuracy.update_count:
+        return
+    scores, matrix = metrics.compute()
+    for name, value in scores.items():
+        module.log(f"{stage}/{name}", value)
+    if module.trainer.is_global_zero and not module.trainer.sanity_checking:
+        path = (
+            Path(module.trainer.default_root_dir)
+            / "confusion_matrix"
+            / f"{stage}_epoch{module.current_epoch}.png"
+        )
+        plot_confusion(matrix, class_names, path, f"{stage} epoch {module.current_epoch}")
