@@ -164,9 +164,8 @@ def analyse_task(
             layers = capture.run(model, input_ids, queries, length)
             for name in layers[0] if classes else []:
                 stacked = [allocation(layer[name], labels, settings.keep_sink, classes) for layer in layers]
-                per_problem.setdefault(f"{name}/ratio", []).append(
-                    np.stack([s[0] for s in stacked])
-                )  # [L, H, C]
+                # [L, H, C]
+                per_problem.setdefault(f"{name}/ratio", []).append(np.stack([s[0] for s in stacked]))
                 per_problem.setdefault(f"{name}/score", []).append(np.stack([s[1] for s in stacked]))
             if index == settings.heatmap_problem:
                 example = {

@@ -75,9 +75,8 @@ def sdpa_weights(
     query, key = query.float(), key.float()
     if key.shape[-3] != query.shape[-3]:  # grouped kv heads serve consecutive query heads
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
-    scores = (
-        query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
-    )  # [B, H, L, S]
+    # [B, H, L, S]
+    scores = query @ key.transpose(-2, -1) * (query.shape[-1] ** -0.5 if scale is None else scale)
     if is_causal:
         allowed = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
         scores = scores.masked_fill(~allowed, float("-inf"))

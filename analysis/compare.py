@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from runtime import comparisons, item_scores, tables
-from runtime.results import RESULTS_FILE
+from runtime.results import read_results
 
 
 def compare(
@@ -55,7 +54,7 @@ def _labels(run_dirs: list[Path]) -> list[str]:
     shortest tail of each path that does."""
     described = []
     for run_dir in run_dirs:
-        results = json.loads((Path(run_dir) / RESULTS_FILE).read_text())
+        results = read_results(run_dir)
         described.append(
             f"{results.get('model')}/{results.get('task')}" + ("+ckpt" if results.get("ckpt") else "")
         )

@@ -89,20 +89,17 @@ class PerExampleGradients:
         vectors = []
         shape = batch["input_ids"].shape
         for index, (_, _, conv1d) in enumerate(self.targets):
-            x, delta = (
-                as_sequence(t, *shape).float() for t in (inputs[index], grads[index])
-            )  # [B, T, in], [B, T, out]
+            # [B, T, in], [B, T, out]
+            x, delta = (as_sequence(t, *shape).float() for t in (inputs[index], grads[index]))
             if self.projections:
                 a, b = self.projections[index]
                 vectors.append(torch.einsum("btk,btl->bkl", delta @ a.T, x @ b.T).flatten(1))
             elif conv1d:
-                vectors.append(
-                    torch.einsum("bti,bto->bio", x, delta).flatten(1)
-                )  # like Conv1D weight [in, out]
+                # like Conv1D weight [in, out]
+                vectors.append(torch.einsum("bti,bto->bio", x, delta).flatten(1))
             else:
-                vectors.append(
-                    torch.einsum("bto,bti->boi", delta, x).flatten(1)
-                )  # like Linear weight [out, in]
+                # like Linear weight [out, in]
+                vectors.append(torch.einsum("bto,bti->boi", delta, x).flatten(1))
         return torch.cat(vectors, dim=1)
 
 

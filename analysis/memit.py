@@ -138,9 +138,8 @@ class ZObjective:
         picked = log_probs.gather(2, self.labels.clamp(min=0).unsqueeze(2)).squeeze(2)  # [R, T]
         nll = (-(picked * mask).sum(1) / self.target_length).mean()
         edited_kl = F.log_softmax(logits[-1, self.positions[-1]].float(), -1)
-        kl = (
-            self.hparams.kl_factor * (edited_kl.exp() * (edited_kl - self.original_kl)).sum()
-        )  # KL(edited || original)
+        # KL(edited || original)
+        kl = self.hparams.kl_factor * (edited_kl.exp() * (edited_kl - self.original_kl)).sum()
         weight_decay = self.hparams.v_weight_decay * delta.norm() / self.h.norm() ** 2
         return {"nll": nll, "kl": kl, "weight_decay": weight_decay, "total": nll + kl + weight_decay}
 
@@ -222,9 +221,8 @@ def compute_updates(
     templates: list[list[str]],
 ) -> dict[int, LayerUpdate]:
     """Each edited layer's update (section 4), applied as it goes."""
-    targets = torch.stack(
-        [target_vector(model, tokenizer, r, hparams, templates) for r in requests]
-    )  # [n, hidden]
+    # [n, hidden]
+    targets = torch.stack([target_vector(model, tokenizer, r, hparams, templates) for r in requests])
     updates = {}
     for index, layer in enumerate(hparams.layers):
         keys = request_keys(model, tokenizer, layer, requests, templates)  # [in, n]

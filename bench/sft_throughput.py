@@ -257,9 +257,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         padding, grouped_padding, supervised, same_weights = batch_figures(args, tmp)
         for round_number in range(args.rounds):
-            names = (
-                list(sides)[round_number % len(sides) :] + list(sides)[: round_number % len(sides)]
-            )  # rotate the order
+            # rotate the order
+            names = list(sides)[round_number % len(sides) :] + list(sides)[: round_number % len(sides)]
             rates = {}
             for name in names:
                 rate, trajectory = sides[name](tmp)

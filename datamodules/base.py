@@ -313,9 +313,8 @@ class TextDataModule(L.LightningDataModule):
         """Continue the data order where a checkpoint left it (the next train_dataloader starts there)."""
         if state:
             self.resume_position = (int(state["epoch"]), int(state["batches_done"]))
-            if (
-                self.train_sampler is not None
-            ):  # FSDP restores after setup, which built the loader for the LR schedule
+            # FSDP restores after setup, which built the loader for the LR schedule
+            if self.train_sampler is not None:
                 self.train_sampler.resume_at(*self.resume_position)
 
     def _loader(

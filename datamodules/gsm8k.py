@@ -28,8 +28,7 @@ FLEXIBLE = lm_eval_format.FLEXIBLE
 
 def normalise(answer: str) -> str:
     """Canonical form of a numeric answer string: no thousands separators, currency or trailing '.'/'.0'."""
-    answer = re.sub(r"(?s).*#### ", "", answer).replace(",", "").replace("$", "").strip()
-    answer = answer.rstrip(".")
+    answer = lm_eval_format.without_ignored(answer).strip().rstrip(".")
     return re.sub(r"(\.\d*?)0+$", r"\1", answer).rstrip(".") if "." in answer else answer
 
 
@@ -113,10 +112,4 @@ class GSM8KDataModule(TextDataModule):
         return gold_answer(record["answer"])
 
     def score(self, generation: str, reference: str) -> dict[str, Any]:
-        strict, flexible = extract_strict(generation), extract_flexible(generation)
-        return {
-            "extracted_strict": strict,
-            "extracted_flexible": flexible,
-            "exact_match_strict": float(strict == reference),
-            "exact_match_flexible": float(flexible == reference),
-        }
+        return lm_eval_format.exact_match(extract_strict(generation), extract_flexible(generation), reference)

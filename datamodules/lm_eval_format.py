@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from datamodules.prompt_format import PromptFormat
@@ -62,23 +62,37 @@ def flexible_extract(generation: str) -> str:
     return next((group for group in matches[-1] if group), FALLBACK).strip()
 
 
-def comparable(text: str) -> str:
-    """`text` as lm-eval's exact_match compares it for GSM8K (regexes_to_ignore, ignore_case)."""
+def without_ignored(text: str) -> str:
+    """`text` without what lm-eval's GSM8K exact_match ignores (regexes_to_ignore): thousands separators,
+    currency, everything up to `#### `, a final '.'."""
     for pattern in IGNORED:
         text = pattern.sub("", text)
-    return text.lower()
+    return text
+
+
+def comparable(text: str) -> str:
+    """`text` as lm-eval's exact_match compares it for GSM8K (regexes_to_ignore, ignore_case)."""
+    return without_ignored(text).lower()
+
+
+def exact_match(
+    strict: str | None, flexible: str | None, gold: str, canonical: Callable[[str], str] | None = None
+) -> dict[str, Any]:
+    """The strict and flexible extractions of a generation and their 0/1 exact match against `gold`, each
+    put in `gold`'s form by `canonical` first (when given): the scores of every GSM8K prompt style."""
+    same = canonical or (lambda text: text)
+    return {
+        "extracted_strict": strict,
+        "extracted_flexible": flexible,
+        "exact_match_strict": float(strict is not None and same(strict) == gold),
+        "exact_match_flexible": float(flexible is not None and same(flexible) == gold),
+    }
 
 
 def score(generation: str, gold: str) -> dict[str, Any]:
     """Both lm-eval extractions of `generation` and their 0/1 exact match against `gold`
     (`comparable(solution)`)."""
-    strict, flexible = strict_match(generation), flexible_extract(generation)
-    return {
-        "extracted_strict": strict,
-        "extracted_flexible": flexible,
-        "exact_match_strict": float(comparable(strict) == gold),
-        "exact_match_flexible": float(comparable(flexible) == gold),
-    }
+    return exact_match(strict_match(generation), flexible_extract(generation), gold, comparable)
 
 
 class LmEvalGSM8KFormat(PromptFormat):

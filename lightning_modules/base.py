@@ -117,9 +117,8 @@ class OptimisedModule(L.LightningModule):
         if not self.measures_step():
             return
         gradients = [p.grad for p in self.parameters() if p.grad is not None]
-        sharded = isinstance(
-            self.trainer.strategy, FSDPStrategy
-        )  # a rank may hold no shard, yet must join the sum
+        # a rank may hold no shard, yet must join the sum
+        sharded = isinstance(self.trainer.strategy, FSDPStrategy)
         if not gradients and not sharded:
             return
         norm = torch.nn.utils.get_total_norm(gradients) if gradients else torch.zeros(())

@@ -3,12 +3,9 @@
 Metrics per stage: loss, perplexity, next-token accuracy, top-5 accuracy and the mean probability of the
 predicted token (confidence), token-weighted over the epoch (in training, top-5 and confidence use an evenly
 strided sample of at most 512 positions per batch, to keep large-vocabulary steps cheap). Training computes
-the loss at every step, the other metrics and the gradient norm every `metrics.every_n_steps` optimiser steps
-(their epoch means average those steps). A non-finite training loss stops the run (OptimisedModule).
-
-Optimiser: AdamW with no weight decay on 1-D parameters (norms, biases, scalars), linear warmup then
-cosine decay. Clipping and accumulation are Trainer settings. Checkpoints hold only the trainable
-parameters when a method freezes the base model, so a LoRA checkpoint holds the LoRA weights.
+the loss at every step, the other metrics every `metrics.every_n_steps` optimiser steps (their epoch means
+average those steps). Optimiser, schedule, the gradient-norm log, the non-finite-loss stop and frozen-base
+checkpoints: lightning_modules/base.py.
 """
 
 from __future__ import annotations

@@ -259,9 +259,8 @@ def discover(model: nn.Module, blocks_path: str | None = None) -> Structure:
     block = bare.get_submodule(blocks_path)[0]
     try:
         calls = [_trace(bare, block, first_token) for first_token in (0, 1)]
-    except (
-        Exception
-    ) as error:  # any model may refuse a plain forward on token ids; the parts are then stated by hand
+    except Exception as error:
+        # any model may refuse a plain forward on token ids; the parts are then stated by hand
         why = f"a forward pass of {type(bare).__name__} on {PROBE_LENGTH} token ids failed ({error})"
         return Structure(blocks_path, unresolved=dict.fromkeys(("attention", "mlp", "mlp_output"), why))
     unresolved: dict[str, str] = {}
@@ -424,9 +423,8 @@ def _find_mlp_output(
             or (attention and _inside(attention, name))
         ):
             continue
-        if (
-            call.output.shape[-1] == width != call.input.shape[-1]
-        ):  # from another (the inner) width to the hidden one
+        # from another (the inner) width to the hidden one
+        if call.output.shape[-1] == width != call.input.shape[-1]:
             writers.append((name, module, call.input.shape[-1]))
     if len(writers) != 1:
         found = ", ".join(name for name, *_ in writers) or "none"
@@ -436,10 +434,11 @@ def _find_mlp_output(
         )
         return None, False
     name, module, inputs = writers[0]
+    # the widths it was called with tell the layout
     return name, tuple(module.weight.shape) == (
         inputs,
         width,
-    )  # the widths it was called with tell the layout
+    )
 
 
 def _is_conv1d(module: nn.Module) -> bool:

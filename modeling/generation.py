@@ -399,6 +399,7 @@ def _generate_prompt_learning(
             encoded = tokenizer([prompts[i] for i in indices], return_tensors="pt", padding=True).to(
                 model.device
             )
+            # [B * num_samples, prompt + new]
             output = model.generate(
                 **encoded,
                 max_new_tokens=max_new_tokens,
@@ -407,7 +408,7 @@ def _generate_prompt_learning(
                 tokenizer=tokenizer,
                 pad_token_id=tokenizer.pad_token_id,
                 **sampling,
-            )  # [B * num_samples, prompt + new]
+            )
             texts = tokenizer.batch_decode(
                 output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
             )

@@ -84,9 +84,8 @@ def _prepend(
         return args, kwargs
     ids = kwargs["input_ids"]  # [B, T]
     count, rows = prompt.embedding.num_embeddings, len(ids)
-    kwargs["input_ids"] = torch.cat(
-        [ids[:, :1].expand(rows, count), ids], 1
-    )  # placeholder ids, replaced below
+    # placeholder ids, replaced below
+    kwargs["input_ids"] = torch.cat([ids[:, :1].expand(rows, count), ids], 1)
     extensions = {"attention_mask": 1, "labels": IGNORE_INDEX}
     for name, value in extensions.items():
         if kwargs.get(name) is not None:

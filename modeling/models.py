@@ -253,9 +253,8 @@ def _from_directory(cfg: DictConfig, directory: Path) -> tuple[PreTrainedModel, 
     tokenizer = _load_tokenizer(directory, cfg) if has_tokenizer else build_tokenizer(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, **_load_kwargs(cfg))
-    except (
-        Exception
-    ) as error:  # a damaged file surfaces as SafetensorError, OSError, ValueError or RuntimeError
+    except Exception as error:
+        # a damaged file surfaces as SafetensorError, OSError, ValueError or RuntimeError
         weights = sorted(p.name for p in directory.glob("*.safetensors")) or ["no *.safetensors file"]
         raise ModelLoadError(
             f"model.path={directory}: its weights ({', '.join(weights)}) could not be read, truncated or "

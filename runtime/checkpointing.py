@@ -236,9 +236,8 @@ class SafeModelCheckpoint(ModelCheckpoint):
     ) -> None:
         if not isinstance(exception, NonFiniteLossError) or not trainer.is_global_zero:
             return
-        if (
-            self.monitor is None
-        ):  # the weights of step k gave the non-finite loss: undo files written at step k
+        # the weights of step k gave the non-finite loss: undo files written at step k
+        if self.monitor is None:
             for path in [
                 p
                 for p, step in self.written.items()

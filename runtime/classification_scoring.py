@@ -39,9 +39,8 @@ def score(
     with torch.no_grad():
         for first in range(0, len(examples), size):
             batch = datamodule.collate(examples[first : first + size])
-            scores = module.predict_classes(
-                {k: v.to(module.device) for k, v in batch.items()}
-            ).cpu()  # [B, C]
+            # [B, C]
+            scores = module.predict_classes({k: v.to(module.device) for k, v in batch.items()}).cpu()
             predicted = scores.argmax(-1)
             metrics.update(predicted, batch["class_index"])
             for offset, (record, guess, truth) in enumerate(

@@ -21,7 +21,7 @@ import numpy as np
 from omegaconf import DictConfig
 
 from runtime import statistics
-from runtime.results import RESULTS_FILE
+from runtime.results import RESULTS_FILE, read_results
 
 ITEMS_FILE = "predictions.jsonl"
 
@@ -116,7 +116,7 @@ def read(run_dir: Path, metric: str | None = None) -> ItemScores:
     for path in (results_path, items_path):
         if not path.exists():
             raise FileNotFoundError(f"{path}: not found; is {run_dir} an evaluate.py run dir?")
-    results = json.loads(results_path.read_text())
+    results = read_results(run_dir)
     per_item = {k: v["item_field"] for k, v in results.get("intervals", {}).items() if v.get("item_field")}
     if not per_item:
         raise ValueError(f"{results_path}: no metric with per-item scores (written by an older lmlab?)")

@@ -41,9 +41,8 @@ def wandb_reachable(timeout: float = 3.0) -> bool:
         except httpx.HTTPError:
             pass
 
-    thread = threading.Thread(
-        target=probe, daemon=True
-    )  # a thread bounds DNS look-ups too, which ignore timeouts
+    # a thread bounds DNS look-ups too, which ignore timeouts
+    thread = threading.Thread(target=probe, daemon=True)
     thread.start()
     thread.join(timeout + 1.0)
     return answered.is_set()

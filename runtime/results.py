@@ -19,6 +19,19 @@ def write_results(run_dir: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def read_results(run_dir: Path) -> dict[str, Any]:
+    """The results.json of a run; FileNotFoundError naming the file when the run wrote none."""
+    path = Path(run_dir) / RESULTS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: not found; did the run in {run_dir} finish?")
+    return json.loads(path.read_text())
+
+
+def job_results(sweep_dir: Path) -> list[dict[str, Any]]:
+    """The results.json of every job of a multirun that finished, in job-folder order."""
+    return [read_results(path.parent) for path in sorted(Path(sweep_dir).glob(f"*/{RESULTS_FILE}"))]
+
+
 def logged_rows(job_dir: Path) -> list[dict[str, float]]:
     """The metric rows a run logged (each with a `step` key): from its CSV log, else from its offline W&B
     run."""

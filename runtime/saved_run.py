@@ -160,9 +160,8 @@ def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     if (directory / MODEL_CONFIG).exists():
         model_cfg = cfg.model.copy()
         with open_dict(model_cfg):
-            model_cfg.path = str(
-                directory
-            )  # architecture comes from the saved config.json, whatever model= claims
+            # architecture comes from the saved config.json, whatever model= claims
+            model_cfg.path = str(directory)
             model_cfg.family = "custom"
         return models.build(model_cfg)
     raise FileNotFoundError(

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import sys
 import tempfile
-from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 from submitit import AutoExecutor
 from submitit.slurm.slurm import SlurmExecutor
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+from modeling.models import CONF_DIR
+
 INIT_KEYS = {"submitit_folder", "max_num_timeout"}  # executor constructor arguments in the launcher
 
 

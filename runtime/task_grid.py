@@ -11,7 +11,6 @@ The scores are each run's Pass@1 (strict and flexible) for generation tasks, els
 from __future__ import annotations
 
 import csv
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ from omegaconf import DictConfig
 
 from modeling.figures import pyplot
 from runtime import comparisons, item_scores, tables
-from runtime.results import RESULTS_FILE
+from runtime.results import job_results
 from runtime.session import Session
 from runtime.sweeps import MultirunSummary
 
@@ -187,7 +186,7 @@ class EvaluationGrid(MultirunSummary):
         self.baseline_task = baseline_task
 
     def report(self, sweep_dir: Path, session: Session, config: DictConfig) -> None:
-        results = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob(f"*/{RESULTS_FILE}"))]
+        results = job_results(sweep_dir)
         baseline = self.baseline_task or grid_baseline(results)
         for path in write_grid(results, sweep_dir, baseline, config.statistics):
             if path.suffix == ".md":

@@ -137,6 +137,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 "diverged: true. Lower optim.lr.",
                 results["divergence_reason"],
             )
+        # before any later stage
         final_dir = saved_run.write_final(
             trainer,
             module,
@@ -144,7 +145,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             tokenizer,
             session.run_dir / "final",
             unsharded=lambda: trainable_module(cfg),
-        )  # before any later stage
+        )
         if trainer.is_global_zero:
             results["final_dir"] = final_dir
         if cfg.test_after_fit:
@@ -204,9 +205,8 @@ def divergence(module: L.LightningModule, max_abs_weight: float) -> dict[str, An
         default=0.0,
     )
     largest = float(local)
-    if (
-        torch.distributed.is_available() and torch.distributed.is_initialized()
-    ):  # FSDP: each rank holds a shard
+    # FSDP: each rank holds a shard
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
         largest = float(
             module.trainer.strategy.reduce(torch.tensor(local), reduce_op=torch.distributed.ReduceOp.MAX)
         )

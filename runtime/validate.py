@@ -51,9 +51,8 @@ def check_config(cfg: DictConfig) -> None:
             f"module and the method supports {list(supported)} (lightning_modules/methods/{method.name}.py)"
         )
     _check_data_and_optim(cfg)
-    sharded = cfg.get("ckpt_path") and _is_sharded_checkpoint(
-        Path(cfg.ckpt_path)
-    )  # FSDP state_dict_type=sharded
+    # FSDP state_dict_type=sharded
+    sharded = cfg.get("ckpt_path") and _is_sharded_checkpoint(Path(cfg.ckpt_path))
     if cfg.get("ckpt_path") and not sharded and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (runs keep them in <run dir>/checkpoints)"

@@ -98,9 +98,8 @@ def test_worked_example_trains_exports_reloads_and_evaluates(
         cfg.paths.output_dir = str(tmp_path / "train")
     results = run(cfg)
 
-    assert (
-        results["global_step"] == 2 and 0 < results["trainable_share"] < 0.05
-    )  # norms only: Mistral has no biases
+    # norms only: Mistral has no biases
+    assert results["global_step"] == 2 and 0 < results["trainable_share"] < 0.05
     with (tmp_path / "train" / "metrics" / "metrics.csv").open() as handle:
         reported = [
             row["bitfit/trainable_tensors"]
@@ -118,9 +117,8 @@ def test_worked_example_trains_exports_reloads_and_evaluates(
         eval_cfg.paths.output_dir = str(tmp_path / "eval")
     restored, _ = saved_run.load_model(eval_cfg)
     norms = {n: p for n, p in restored.named_parameters() if "norm" in n}
-    assert len(norms) == 5 and any(
-        not torch.equal(p, torch.ones_like(p)) for p in norms.values()
-    )  # trained norms
+    # trained norms
+    assert len(norms) == 5 and any(not torch.equal(p, torch.ones_like(p)) for p in norms.values())
     assert architecture.structure(restored).mlp_output == "mlp.down_proj" and "bitfit" in methods.names()
     metrics = evaluation.run(eval_cfg)["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]

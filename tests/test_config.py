@@ -48,9 +48,8 @@ def test_every_model_config_composes_and_validates(name: str, method: str) -> No
         return
     check_config(cfg)
     assert cfg.model.lora_target_modules is None  # every linear map of the blocks, found in the built model
-    assert cfg.model.trust_remote_code is (
-        name == "minimind2"
-    )  # on only where the checkpoint ships its own code
+    # on only where the checkpoint ships its own code
+    assert cfg.model.trust_remote_code is (name == "minimind2")
 
 
 def test_unknown_model_name_lists_the_valid_names() -> None:

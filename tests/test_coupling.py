@@ -100,9 +100,8 @@ def test_projected_gradsim_keeps_the_coupling_structure() -> None:
     _, projected = gradsim.compute(model, datamodule, settings, cfg.seed)
     upper = np.triu_indices(12, k=1)
     assert np.allclose(np.diag(projected), 1.0)
-    assert (
-        np.corrcoef(exact[upper], projected[upper])[0, 1] > 0.8
-    )  # half the dimensions, random Kronecker map
+    # half the dimensions, random Kronecker map
+    assert np.corrcoef(exact[upper], projected[upper])[0, 1] > 0.8
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])

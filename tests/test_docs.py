@@ -372,9 +372,8 @@ def noise_study(workspace: Workspace, result: subprocess.CompletedProcess) -> No
     assert len(allocation) == 2 * 2 * 3  # models x (base, fine-tuned) x noisy sets
     assert all(abs(sum(float(r[f"{c}_ratio"]) for c in ("KMI", "NI", "OC")) - 1) < 1e-6 for r in allocation)
     report = (study / "study_report.md").read_text()
-    assert (
-        report.count("| zero_shot | gsm8k_") == report.count("| sft | gsm8k_") == 3
-    )  # one verdict per noise type
+    # one verdict per noise type
+    assert report.count("| zero_shot | gsm8k_") == report.count("| sft | gsm8k_") == 3
     assert "95% paired t interval over problems" in report and "Holm-adjusted" in report
     assert (study / "zero_shot_comparisons.md").exists()
 

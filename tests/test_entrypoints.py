@@ -84,9 +84,8 @@ def test_fsdp_on_two_cpu_processes_trains_like_ddp_and_exports_what_it_trained(
     losses = {s: logged_steps(tmp_path / s, "train/loss_step") for s in ("ddp", "fsdp")}
     norms = {s: logged_steps(tmp_path / s, "train/grad_norm") for s in ("ddp", "fsdp")}
     assert len(losses["fsdp"]) == 4 and losses["fsdp"] == pytest.approx(losses["ddp"], rel=1e-5)
-    assert len(norms["fsdp"]) == 4 and norms["fsdp"] == pytest.approx(
-        norms["ddp"], rel=1e-4
-    )  # FSDP: summed over shards
+    # FSDP: summed over shards
+    assert len(norms["fsdp"]) == 4 and norms["fsdp"] == pytest.approx(norms["ddp"], rel=1e-4)
     assert losses["fsdp"][-1] != losses["fsdp"][0]
     results = {s: json.loads((tmp_path / s / "results.json").read_text()) for s in ("ddp", "fsdp")}
     assert results["fsdp"]["global_step"] == 4 and results["fsdp"]["diverged"] is False
@@ -128,9 +127,8 @@ def assert_export_matches_checkpoint(run_dir: Path, method: str, trained: dict[s
     L.seed_everything(42)
     model, _, datamodule, _ = build_trainable_model(train_cfg)
     reference = task_module_class("causal_lm").from_config(model, train_cfg, datamodule)
-    reference.load_state_dict(
-        trained, strict=reference.strict_loading
-    )  # a frozen base: trainable weights only
+    # a frozen base: trainable weights only
+    reference.load_state_dict(trained, strict=reference.strict_loading)
     input_ids = tokenizer("Question: 2 + 3 = ?\nAnswer:", return_tensors="pt")["input_ids"]
     exported.eval(), reference.eval()
     with torch.no_grad():
@@ -239,9 +237,8 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_reports_a_fai
     assert [rows[j]["status"] for j in ("0", "1", "2")] == ["ok", "ok", "failed"]
     assert "data.batch_size=0" in rows["2"]["overrides"] and "data.batch_size" in rows["2"]["error"]
     assert all(float(rows[j]["train/loss_step"]) > 0 for j in ("0", "1"))
-    assert (
-        len(list((tmp_path / ".submitit").iterdir())) >= 1
-    )  # submitit's job folders: the jobs ran through it
+    # submitit's job folders: the jobs ran through it
+    assert len(list((tmp_path / ".submitit").iterdir())) >= 1
     runs = [read_run(find_run_files(tmp_path / j)[0]) for j in ("0", "1")]
     assert runs[0].run_id != runs[1].run_id and runs[0].group == runs[1].group
     assert [run.config["data.batch_size"] for run in runs] == [4, 8]

@@ -124,9 +124,8 @@ def test_finished_rows_leave_the_batch_and_waiting_prompts_take_their_place(name
     hook.remove()
     assert batched == [[tokenizer.decode(tokens, skip_special_tokens=True)] for tokens in alone]
     decode_rows = sum(rows for rows, length in widths if length == 1)
-    assert decode_rows == sum(
-        len(tokens) - 1 for tokens in alone
-    )  # the last token of a row is never fed back
+    # the last token of a row is never fed back
+    assert decode_rows == sum(len(tokens) - 1 for tokens in alone)
     assert max(rows for rows, _ in widths) == 2
 
 

@@ -49,9 +49,8 @@ def test_structure_is_found_in_the_model(family_model, name: str) -> None:
         expected.mlp_output,
         expected.conv1d,
     )
-    assert (
-        not found.unresolved and architecture.structure(model) is found
-    )  # discovered once, kept on the model
+    # discovered once, kept on the model
+    assert not found.unresolved and architecture.structure(model) is found
     blocks = model.get_submodule(expected.blocks)
     assert architecture.block_classes(model) == {type(blocks[0])} and len(blocks) == 2  # FSDP's wrap units
     ((_, module, conv1d),) = architecture.mlp_output_modules(model, [1])
@@ -90,9 +89,8 @@ def test_method_trains_two_steps_and_reloads_from_its_export(
         f"ckpt={cfg.paths.output_dir}",
         config_name="evaluate",
     )
-    L.seed_everything(
-        cfg.seed
-    )  # the same random base weights as the training run (tiny models are built from seed)
+    # the same random base weights as the training run (tiny models are built from seed)
+    L.seed_everything(cfg.seed)
     model, _ = saved_run.load_model(eval_cfg)
     module = saved_run.load_classifier(model, eval_cfg)
     assert (module is not None) == (method == "projection_head")
@@ -140,9 +138,8 @@ def test_a_shared_prefix_prefilled_once_gives_the_completions_of_full_prompts(
         hook.remove()
     full = generate(model, tokenizer, prompts, batch_size=2, max_new_tokens=5, prefix_cache=False)
     assert shared == full == [[greedy_without_cache(model, tokenizer, p, 5)] for p in prompts]
-    if batches_continuously(
-        model
-    ):  # the prefix ran once, as one row; every later prefill holds only a prompt's own tokens
+    # the prefix ran once, as one row; every later prefill holds only a prompt's own tokens
+    if batches_continuously(model):
         prefix = len(tokenizer(SHARED)["input_ids"]) - 1
         assert widths[1][0] == 1 and widths[1][1] >= prefix
         assert all(length < prefix for rows, length in widths[2:] if length > 1)
@@ -165,9 +162,8 @@ def test_attention_maps_equal_the_weights_eager_attention_returns(family_model, 
     L.seed_everything(0)  # the same weights as the shared model
     eager, _ = models.build(eager_cfg)
     with torch.no_grad():
-        attentions = eager.eval()(
-            input_ids=input_ids, output_attentions=True
-        ).attentions  # per layer [1, H, T, T]
+        # per layer [1, H, T, T]
+        attentions = eager.eval()(input_ids=input_ids, output_attentions=True).attentions
     assert len(layers) == len(attentions) == 2
     for module, captured, weights in zip(
         architecture.attention_modules(model), layers, attentions, strict=True

@@ -92,9 +92,8 @@ def test_z_loss_terms_equal_the_reference_formulas(name: str) -> None:
             -sum(log_probs[len(prompt) - 1 + j, token] for j, token in enumerate(target)) / len(target)
         )
     kl_text = "Marlow Ketterby is a"
-    kl_position = subject_end(
-        tokenizer, kl_text, REQUEST["subject"]
-    )  # the subject's last token, not the prompt's
+    # the subject's last token, not the prompt's
+    kl_position = subject_end(tokenizer, kl_text, REQUEST["subject"])
     original, _ = forward(model, layer, ids(tokenizer, kl_text), kl_position)
     edited, _ = forward(model, layer, ids(tokenizer, kl_text), kl_position, delta)
     p_orig, p_edit = original[kl_position].log_softmax(-1), edited[kl_position].log_softmax(-1)
@@ -122,9 +121,8 @@ def test_z_loss_terms_equal_the_reference_formulas(name: str) -> None:
 def test_z_optimisation_stops_on_the_total_loss_and_never_steps_on_the_last_iteration(
     name: str, monkeypatch
 ) -> None:
-    assert (
-        memit.STOP_LOSS == 5e-2
-    )  # the reference's threshold; a tiny random model cannot reach it, so it is raised here
+    # the reference's threshold; a tiny random model cannot reach it, so it is raised here
+    assert memit.STOP_LOSS == 5e-2
     monkeypatch.setattr(memit, "STOP_LOSS", 4.5)
     model, tokenizer, hparams = tiny(name)
     with open_dict(hparams):
@@ -146,9 +144,8 @@ def test_z_optimisation_stops_on_the_total_loss_and_never_steps_on_the_last_iter
     ]  # updates = iterations before the stop
     assert all(t["total"] >= memit.STOP_LOSS for t in trace[:-1])
 
-    with open_dict(
-        hparams
-    ):  # a weight-decay term that keeps the total above the threshold while the NLL is below it
+    # a weight-decay term that keeps the total above the threshold while the NLL is below it
+    with open_dict(hparams):
         hparams.v_num_grad_steps, hparams.v_weight_decay = 30, 2e-3
     trace = []
     memit.target_vector(model, tokenizer, request, hparams, TEMPLATES, trace)

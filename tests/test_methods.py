@@ -69,9 +69,8 @@ def test_method_trains_only_its_parameters_and_round_trips(
     saved_run.write_model(model, cfg.method, tmp_path / "saved")
     tokenizer.save_pretrained(tmp_path / "saved")
     saved_bytes = sum(f.stat().st_size for f in (tmp_path / "saved").glob("*.safetensors"))
-    assert (
-        saved_bytes < 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 10_000
-    )  # trained part only
+    # trained part only
+    assert saved_bytes < 8 * sum(p.numel() for p in model.parameters() if p.requires_grad) + 10_000
 
     eval_cfg = compose_config(f"model={model_name}", f"ckpt={tmp_path / 'saved'}", config_name="evaluate")
     L.seed_everything(0)  # the same random base weights (tiny models are built from scratch)
@@ -263,9 +262,8 @@ def test_projection_head_trains_saves_and_evaluates_from_its_run_dir(tiny_config
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert metrics["num_examples"] == len(rows) == 12
     assert metrics["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 12)
-    assert metrics["accuracy"] == pytest.approx(
-        results["metrics"]["test/accuracy"]
-    )  # same head, same test set
+    # same head, same test set
+    assert metrics["accuracy"] == pytest.approx(results["metrics"]["test/accuracy"])
     assert (tmp_path / "eval" / "confusion_matrix.png").exists()
 
 
@@ -286,9 +284,8 @@ def test_each_method_reports_its_trainable_share(tiny_config, tmp_path: Path) ->
     total = written["full"]["total_params"]
     assert written["full"]["trainable_share"] == 1.0
     assert written["prompt_tuning"]["trainable_params"] == 20 * 64  # 20 virtual tokens x hidden 64
-    assert written["adapter"]["trainable_params"] == 2 * 2 * (
-        64 * 8 + 8 + 8 * 64 + 64
-    )  # 2 blocks x 2 adapters
+    # 2 blocks x 2 adapters
+    assert written["adapter"]["trainable_params"] == 2 * 2 * (64 * 8 + 8 + 8 * 64 + 64)
     for method in ("adapter", "prompt_tuning"):
         assert written[method]["total_params"] == total + written[method]["trainable_params"]
         assert written[method]["trainable_share"] == pytest.approx(
@@ -312,6 +309,5 @@ def test_prompt_tuned_generation_is_the_same_batched_and_one_by_one(model_name: 
     ]
     batched = generate(tuned, tokenizer, prompts, batch_size=4, max_new_tokens=10)
     alone = [generate(tuned, tokenizer, [p], batch_size=1, max_new_tokens=10)[0] for p in prompts]
-    assert (
-        batched == alone
-    )  # GPT-2's absolute positions would shift under left padding (peft drops position ids)
+    # GPT-2's absolute positions would shift under left padding (peft drops position ids)
+    assert batched == alone

@@ -47,9 +47,8 @@ def test_every_shipped_model_config_claims_the_family_its_weights_have() -> None
     configs = {
         path.stem: compose_config(f"model={path.stem}").model for path in (CONF_DIR / "model").glob("*.yaml")
     }
-    assert all(
-        models.load_config(name) == cfg for name, cfg in configs.items()
-    )  # the notebook helper composes alike
+    # the notebook helper composes alike
+    assert all(models.load_config(name) == cfg for name, cfg in configs.items())
     for name, cfg in configs.items():
         if cfg.scratch:  # buildable offline: the claim is checked against the built model
             assert cfg.family == models.build(cfg)[0].config.model_type, name

@@ -266,9 +266,8 @@ def test_sigkill_during_a_write_leaves_the_old_file_whole(tmp_path: Path) -> Non
     os.kill(writer.pid, signal.SIGKILL)
     writer.join()
     assert torch.equal(load_checkpoint_file(target)["state_dict"]["w"], torch.ones(3))
-    (partial,) = tmp_path.glob(
-        ".last.ckpt.*.partial"
-    )  # the killed writer's temp file, never under the real name
+    # the killed writer's temp file, never under the real name
+    (partial,) = tmp_path.glob(".last.ckpt.*.partial")
     assert checkpointing.remove_partial_files(tmp_path) == [partial] and not partial.exists()
 
 
@@ -721,9 +720,8 @@ def test_every_entrypoint_run_and_sweep_dir_is_created_exclusively(
             return datetime.datetime(2026, 1, 2, 3, 4, 5, 678)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(
-        hydra.core.utils, "datetime", FrozenClock
-    )  # Hydra's ${now:} resolver reads this clock
+    # Hydra's ${now:} resolver reads this clock
+    monkeypatch.setattr(hydra.core.utils, "datetime", FrozenClock)
     dirs = [compose_config(config_name=config_name, hydra_config=True).hydra[kind].dir for _ in range(2)]
     assert dirs[0].endswith("2026-01-02_03-04-05-000678") and dirs[1] == dirs[0] + "-1"
     assert all(Path(d).is_dir() for d in dirs)

@@ -168,10 +168,11 @@ def test_attention_maps_equal_softmax_of_the_same_queries_and_keys(tmp_path: Pat
     for hook in hooks:
         hook.remove()
     rotary = (model.model.freqs_cos[:length], model.model.freqs_sin[:length])
+    # [1, H, T, D]
     q, k = (
         code.rotate(seen["q"], *rotary).transpose(1, 2),
         code.rotate(seen["k"], *rotary).transpose(1, 2),
-    )  # [1, H, T, D]
+    )
     k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
     scores = (q @ k.transpose(-2, -1)) / attention.head_dim**0.5
     expected = scores.masked_fill(

@@ -336,6 +336,5 @@ def test_every_entrypoint_config_resolves_its_loggers(config_name: str, logger: 
     assert set(resolved) == {"csv", logger}
     if logger == "wandb":
         assert resolved["wandb"]["name"] == cfg.run_name and resolved["wandb"]["tags"] == list(cfg.tags)
-        assert resolved["wandb"]["group"] == cfg.get("task", {}).get(
-            "name", cfg.run_name
-        )  # no sweep: the task
+        # no sweep: the task
+        assert resolved["wandb"]["group"] == cfg.get("task", {}).get("name", cfg.run_name)

@@ -67,6 +67,7 @@ def test_run_directory_holds_config_metrics_checkpoints_results(tiny_config, tmp
 
 
 def test_metrics_beyond_the_loss_are_computed_every_n_steps(tiny_config) -> None:
+    # one epoch of 5 steps, then val
     results = run(
         tiny_config(
             "model=tiny_llama",
@@ -76,7 +77,7 @@ def test_metrics_beyond_the_loss_are_computed_every_n_steps(tiny_config) -> None
             "data.max_train_samples=20",
             "test_after_fit=false",
         )
-    )  # one epoch of 5 steps, then val
+    )
     with (Path(results["run_dir"]) / "metrics" / "metrics.csv").open() as handle:
         rows = list(csv.DictReader(handle))
 
@@ -90,9 +91,8 @@ def test_metrics_beyond_the_loss_are_computed_every_n_steps(tiny_config) -> None
     # the epoch value averages the measured steps only
     step_values = [float(row["train/token_acc_step"]) for row in rows if row.get("train/token_acc_step")]
     assert results["metrics"]["train/token_acc"] == pytest.approx(sum(step_values) / 3, abs=0.05)
-    assert {"val/token_acc", "val/top5_acc", "val/confidence"} <= set(
-        results["metrics"]
-    )  # validation measures all
+    # validation measures all
+    assert {"val/token_acc", "val/top5_acc", "val/confidence"} <= set(results["metrics"])
     with pytest.raises(ValueError, match=r"metrics.every_n_steps=0: expected an integer >= 1"):
         run(tiny_config("model=tiny_llama", "metrics.every_n_steps=0"))
 

@@ -69,9 +69,10 @@ class SequenceClassifier(nn.Module):
             last = last + 1
             attention_mask[rows, last] = 1
             self.slots.place(rows, last, self.extra_token.expand(len(rows), -1))
+        # [B, T(+1), H]
         hidden = architecture.final_hidden_states(
             self.model, input_ids=input_ids, attention_mask=attention_mask, **self.keep_one_logit
-        )  # [B, T(+1), H]
+        )
         return self.head(hidden[rows, last].to(self.head[0].weight.dtype))
 
 

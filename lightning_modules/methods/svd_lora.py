@@ -47,9 +47,10 @@ def randomized_singular_values(
 ) -> torch.Tensor:
     """The top-`k` singular values of `matrix` [m, n] from a Gaussian sketch with power iterations."""
     matrix = matrix.double()
+    # [n, k + p]
     sketch = torch.randn(
         matrix.shape[1], min(k + oversample, min(matrix.shape)), generator=generator, dtype=matrix.dtype
-    )  # [n, k + p]
+    )
     basis = torch.linalg.qr(matrix @ sketch).Q  # [m, k + p]
     for _ in range(power_iters):
         basis = torch.linalg.qr(matrix.T @ basis).Q  # [n, k + p]
