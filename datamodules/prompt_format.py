@@ -9,17 +9,28 @@ from __future__ import annotations
 
 import random
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from datamodules.base import TextDataModule
+
+class FormattedTask(Protocol):
+    """What a prompt format asks of its task (a TextDataModule): this module depends on this much only."""
+
+    extra_stop_strings: tuple[str, ...]
+
+    def records(self, stage: str) -> list[dict[str, Any]]: ...
+
+    def format_example(self, record: Mapping[str, Any]) -> tuple[str, str]: ...
+
+    def reference(self, record: Mapping[str, Any]) -> Any: ...
+
+    def score(self, generation: str, reference: Any) -> dict[str, Any]: ...
 
 
 class PromptFormat:
     """lmlab's style: k-shot prompts from the task's (prompt, target) pairs, one seeded exemplar draw shared
     by every problem, the configured stop strings plus the task's, and the task's own reference and score."""
 
-    def __init__(self, task: TextDataModule) -> None:
+    def __init__(self, task: FormattedTask) -> None:
         self.task = task
 
     def fewshot_exemplars(
