@@ -13,7 +13,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 from transformers import get_cosine_schedule_with_warmup
 
-from modeling.models import BASE_IDENTITY_ATTR, ModelLoadError, check_same_base
+from modeling.model_checks import BASE_IDENTITY_ATTR, ModelLoadError, check_same_base
 
 
 class NonFiniteLossError(FloatingPointError):

