@@ -32,7 +32,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.plots import ablation_figures
-from runtime import comparisons, statistics, tables
+from runtime import comparisons, seed_statistics, tables
 from runtime.results import logged_rows
 from runtime.session import start_report
 
@@ -108,13 +108,13 @@ def configurations(runs: list[dict[str, Any]], settings: DictConfig, baseline: s
         }
         for name, members in groups.items()
     }
-    adjusted = statistics.against_reference(by_seed, baseline)
+    adjusted = seed_statistics.against_reference(by_seed, baseline)
     rows = []
     for name, members in groups.items():
         row: dict[str, Any] = {"config": name, **members[0]["settings"], "seeds": len(members)}
         for key in FINAL:
             values = [run["final"][key] for run in members if run["final"][key] is not None]
-            summary = statistics.over_seeds(values, settings.confidence) if values else {}
+            summary = seed_statistics.over_seeds(values, settings.confidence) if values else {}
             row |= {key: summary.get("mean"), f"{key}_std": summary.get("std")}
             row |= {f"{key}_low": summary.get("low"), f"{key}_high": summary.get("high")}
         rows.append(row)

@@ -19,7 +19,6 @@ import argparse
 import json
 import random
 import re
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
@@ -27,13 +26,11 @@ from typing import Any
 
 import yaml
 
+from datamodules.sentences import main_subject, question_sentence, split_sentences
+
 NOISE_TYPES = ("inf", "rcs", "sd")
 TEMPLATES_FILE = Path(__file__).parent / "resources" / "gsm8k_noise.yaml"
 
-# A sentence ends at . ! or ? followed by whitespace and an opening capital, digit, quote or $.
-# Decimals ("3.5"), money ("$1.50") and abbreviations ("Mr. Lee") do not end a sentence.
-ABBREVIATIONS = ("Mr", "Mrs", "Ms", "Dr", "St", "Jr", "Sr", "vs", "etc", "e.g", "i.e", "a.m", "p.m")
-SENTENCE_END = re.compile(r"(?<=[.!?])[\"')\]]?\s+(?=[A-Z0-9\"'$(])")
 QUANTITY = re.compile(
     r"\$?\d[\d,]*(?:\.\d+)?%?|\b(?:one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|"
     r"fifteen|twenty|thirty|forty|fifty|sixty|hundred|thousand|million|half|twice|double|triple|"
@@ -62,81 +59,6 @@ NUMBER_WORDS = {
     "hundred": 100,
     "thousand": 1000,
     "dozen": 12,
-}
-NAME = re.compile(r"\b[A-Z][a-z]+\b")
-NOT_A_SUBJECT = {
-    "The",
-    "A",
-    "An",
-    "If",
-    "How",
-    "What",
-    "Each",
-    "Every",
-    "In",
-    "On",
-    "At",
-    "After",
-    "Before",
-    "She",
-    "He",
-    "They",
-    "It",
-    "His",
-    "Her",
-    "Their",
-    "There",
-    "This",
-    "That",
-    "When",
-    "Then",
-    "Mr",
-    "Mrs",
-    "Ms",
-    "Dr",
-    "Monday",
-    "Tuesday",
-    "Wednesday",
-    "Thursday",
-    "Friday",
-    "Saturday",
-    "Sunday",
-    "January",
-    "February",
-    "March",
-    "April",
-    "May",
-    "June",
-    "July",
-    "August",
-    "September",
-    "October",
-    "November",
-    "December",
-    "For",
-    "From",
-    "To",
-    "With",
-    "But",
-    "And",
-    "So",
-    "Some",
-    "All",
-    "One",
-    "Two",
-    "Three",
-    "Four",
-    "Five",
-    "Half",
-    "Find",
-    "Calculate",
-    "Determine",
-    "Assuming",
-    "Suppose",
-    "Its",
-    "We",
-    "You",
-    "I",
 }
 
 
@@ -169,30 +91,6 @@ class NoisyProblem:
 def templates() -> dict[str, Any]:
     """The distractor templates and fillers of `resources/gsm8k_noise.yaml`."""
     return yaml.safe_load(TEMPLATES_FILE.read_text())
-
-
-def split_sentences(text: str) -> list[tuple[int, int]]:
-    """Character ranges [start, end) of the sentences of `text`, trailing whitespace excluded."""
-    starts = [0]
-    for match in SENTENCE_END.finditer(text):
-        before = text[: match.start()]
-        if before.endswith(tuple(f"{a}." for a in ABBREVIATIONS)):
-            continue
-        starts.append(match.end())
-    ends = starts[1:] + [len(text)]
-    return [(s, s + len(text[s:e].rstrip())) for s, e in zip(starts, ends, strict=True)]
-
-
-def question_sentence(sentences: list[tuple[int, int]], text: str) -> int:
-    """Index of the sentence that asks the question (the last one with '?', else the last one)."""
-    asking = [i for i, (s, e) in enumerate(sentences) if "?" in text[s:e]]
-    return asking[-1] if asking else len(sentences) - 1
-
-
-def main_subject(text: str) -> str:
-    """The problem's most frequent capitalised name, or 'the family' when it has none."""
-    names = [m.group() for m in NAME.finditer(text) if m.group() not in NOT_A_SUBJECT]
-    return Counter(names).most_common(1)[0][0] if names else "the family"
 
 
 def inject(question: str, noise_type: str, seed: int, sentences: int = 1) -> NoisyProblem:

@@ -8,7 +8,8 @@ group: the sweep dir in a `-m` run) and `${metric_direction:<metric>}` (minimize
 from omegaconf import OmegaConf
 
 from runtime.run_dir import create_unique_dir
-from runtime.session import metric_direction, run_group
+from runtime.session import metric_direction
+from runtime.wandb_runs import run_group
 
 for _name, _resolver, _cached in (
     ("unique_dir", create_unique_dir, True),

@@ -18,7 +18,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from modeling.figures import pyplot
-from runtime import statistics, tables
+from runtime import seed_statistics, tables
 from runtime.checkpointing import write_atomically
 from runtime.results import RESULTS_FILE, logged_rows
 from runtime.session import Session, metric_direction, start_report
@@ -86,17 +86,17 @@ def by_configuration(rows: list[dict[str, Any]], metric: str, settings: DictConf
     measured = [config for config in groups if values[config]]
     pick = min if metric_direction(metric) == "minimize" else max
     best = pick(measured, key=lambda c: sum(values[c].values()) / len(values[c])) if measured else None
-    adjusted = statistics.against_reference({c: values[c] for c in measured}, best) if measured else {}
+    adjusted = seed_statistics.against_reference({c: values[c] for c in measured}, best) if measured else {}
     alpha = 1 - settings.confidence
     table = []
     for config, jobs in groups.items():
         row: dict[str, Any] = {"configuration": config or "(every job's)", "seeds": len(jobs)}
         row["seed_values"] = " ".join(seed_of(job["overrides"]) or "config's" for job in jobs)
         for key in [k for k in jobs[0] if all(_finite(job.get(k)) for job in jobs) and k not in _NOT_METRICS]:
-            summary = statistics.over_seeds([job[key] for job in jobs], settings.confidence)
+            summary = seed_statistics.over_seeds([job[key] for job in jobs], settings.confidence)
             row |= {key: summary["mean"], f"{key}_std": summary["std"]}
             row |= {f"{key}_low": summary["low"], f"{key}_high": summary["high"]}
-        row["interval"] = statistics.over_seeds([job.get(metric) for job in jobs], settings.confidence)[
+        row["interval"] = seed_statistics.over_seeds([job.get(metric) for job in jobs], settings.confidence)[
             "method"
         ]
         if not values[config]:

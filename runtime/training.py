@@ -23,9 +23,11 @@ from modeling import model_checks, models
 from modeling.architecture import bare_model
 from modeling.padding_free import keeps_sequences_apart
 from runtime import saved_run
-from runtime.checkpointing import AtomicCheckpointIO, RestoreRNG, remove_partial_files
-from runtime.session import RecordRunId, overrides, start
+from runtime.checkpointing import AtomicCheckpointIO, remove_partial_files
+from runtime.rng_state import RestoreRNG
+from runtime.session import overrides, start
 from runtime.validate import check_config
+from runtime.wandb_runs import RecordRunId
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,8 @@ from omegaconf import open_dict
 from safetensors.torch import load_file
 
 import datamodules
-from analysis.attention import CLASSES, MAPS_FILE, allocation, analyse, analyse_task, token_classes
+from analysis.allocation import CLASSES, allocation, token_classes
+from analysis.attention import MAPS_FILE, analyse, analyse_task
 from analysis.attention_maps import AttentionCapture, attention_maps, differential_maps
 from datamodules.gsm8k import GSM8KDataModule
 from modeling import models

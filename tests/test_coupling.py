@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 import datamodules
-from analysis import gradsim, memit, memit_inputs, ripple
+from analysis import gradsim, memit, memit_inputs, ripple, ripple_compare
 from datamodules.hotpotqa import knowledge_pieces
 from datamodules.sources import load_split
 from modeling import architecture, models
@@ -264,4 +264,4 @@ def test_compare_joins_runs_into_one_table_and_a_verdict(tmp_path: Path) -> None
     assert "inconsistent: held for 1 of 2 models" in (tmp_path / "cmp" / "coupling_comparison.md").read_text()
     assert (tmp_path / "cmp" / "coupling_comparison.png").stat().st_size > 10_000
     with pytest.raises(FileNotFoundError, match="not a finished"):
-        ripple.compare([tmp_path / "cmp"], tmp_path / "x")
+        ripple_compare.compare([tmp_path / "cmp"], tmp_path / "x")

@@ -492,7 +492,7 @@ def compared_runs(workspace: Workspace, result: subprocess.CompletedProcess) -> 
 
 def grouped_over_seeds(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     """Two configurations of three seeds each, with the t interval of each metric over its seeds."""
-    from runtime import statistics
+    from runtime import seed_statistics
 
     sweep = workspace.newest("multirun/gsm8k/*")
     grouped = {row["configuration"]: row for row in csv_rows(sweep / "summary_by_config.csv")}
@@ -502,7 +502,7 @@ def grouped_over_seeds(workspace: Workspace, result: subprocess.CompletedProcess
         assert (row["seeds"], row["seed_values"]) == ("3", "0 1 2")
         losses = [job["metrics"]["val/loss"] for job in jobs if lr in job["overrides"]]
         assert len(set(losses)) == 3  # each seed its own data order, initialisation and dropout
-        summary = statistics.over_seeds(losses)
+        summary = seed_statistics.over_seeds(losses)
         assert float(row["val/loss"]) == pytest.approx(summary["mean"])
         assert (float(row["val/loss_low"]), float(row["val/loss_high"])) == pytest.approx(
             (summary["low"], summary["high"])

@@ -9,7 +9,8 @@ from collections import Counter
 import pytest
 
 from datamodules.gsm8k import GSM8KDataModule
-from datamodules.noise import NOISE_TYPES, NUMBER_WORDS, export, inject, main_subject, split_sentences
+from datamodules.noise import NOISE_TYPES, NUMBER_WORDS, export, inject
+from datamodules.sentences import main_subject, split_sentences
 from datamodules.sources import SAMPLES_DIR, load_split
 from modeling.models import byte_level_tokenizer
 

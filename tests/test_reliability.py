@@ -23,7 +23,7 @@ from datamodules.padding_free import model_inputs
 from lightning_modules.base import NonFiniteLossError
 from lightning_modules.methods import UnknownMethodError
 from modeling.model_checks import ModelLoadError
-from runtime import checkpointing
+from runtime import checkpointing, rng_state
 from runtime.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file, write_atomically
 from runtime.run_dir import create_unique_dir
 from runtime.saved_run import METHOD_FILE, TRAINABLE_FILE, restore_method
@@ -93,7 +93,7 @@ def test_data_position_and_rng_each_matter_for_a_mid_epoch_resume(
     overrides = [*RESUMABLE, *DROPOUT["lora"]]
     straight = run(tiny_config(*overrides, run_dir=tmp_path / "straight"))
     last = interrupted_run(tiny_config, overrides, tmp_path / "interrupted", 7)
-    monkeypatch.setattr(checkpointing.RestoreRNG, "on_train_batch_start", lambda *args: None)
+    monkeypatch.setattr(rng_state.RestoreRNG, "on_train_batch_start", lambda *args: None)
     resumed = run(tiny_config(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "no_rng"))
     a, b = final_weights(straight), final_weights(resumed)
     assert any(not torch.equal(a[k], b[k]) for k in a)
@@ -161,7 +161,7 @@ def test_ddp_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path: Path)
     assert killed.returncode != 0
     last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, weights_only=True)
-    assert saved["global_step"] == 4 and len(saved[checkpointing.RNG_KEY]) == 2
+    assert saved["global_step"] == 4 and len(saved[rng_state.RNG_KEY]) == 2
     resumed = train_process(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight, again = (

@@ -20,6 +20,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import plugin_data_pb2
 
 from runtime import session as lifecycle
+from runtime import wandb_runs
 from runtime.wandb_offline import OfflineRun, find_run_files, read_run
 from tests.conftest import ROOT, TINY, compose_config
 
@@ -65,7 +66,7 @@ def test_train_sweep_in_one_process_logs_one_wandb_run_per_job_in_one_group(tmp_
     jobs = [tmp_path / str(n) for n in range(4)]
     runs = [only_run(job) for job in jobs]
     assert len({run.run_id for run in runs}) == 4
-    group = lifecycle.sweep_group(tmp_path)
+    group = wandb_runs.sweep_group(tmp_path)
     assert {run.group for run in runs} == {group} and {run.job_type for run in runs} == {"train"}
     assert [(run.config["optim.lr"], run.config["data.batch_size"]) for run in runs] == [
         (1e-4, 4),
@@ -117,7 +118,7 @@ def test_evaluate_sweep_in_one_process_logs_metrics_and_predictions_per_job(tmp_
     )
     runs = [only_run(tmp_path / str(n)) for n in range(2)]
     assert len({run.run_id for run in runs}) == 2
-    assert {run.group for run in runs} == {lifecycle.sweep_group(tmp_path)} and {
+    assert {run.group for run in runs} == {wandb_runs.sweep_group(tmp_path)} and {
         run.job_type for run in runs
     } == {"evaluate"}
     assert [run.config["limit"] for run in runs] == [2, 4]
@@ -235,7 +236,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_config, tmp_path: Path)
     last = interrupted_run(tiny_config, overrides, tmp_path / "interrupted", step=7)
     first = only_run(tmp_path / "interrupted")
     assert first.exit_code == 1
-    assert torch.load(last, weights_only=True)[lifecycle.CHECKPOINT_RUN_ID_KEY] == first.run_id
+    assert torch.load(last, weights_only=True)[wandb_runs.CHECKPOINT_RUN_ID_KEY] == first.run_id
     resumed = run(tiny_config(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed"))
     second = only_run(tmp_path / "resumed")
     assert second.run_id == first.run_id == resumed["wandb_run_id"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from runtime import statistics
+from runtime import seed_statistics, statistics
 from tests.conftest import ROOT
 
 SIMULATIONS = 1000
@@ -235,25 +235,25 @@ def test_clustered_pairs_are_compared_per_cluster() -> None:
 
 def test_seed_summary_is_a_t_interval_and_one_seed_says_so() -> None:
     values = [0.31, 0.35, 0.29]
-    summary = statistics.over_seeds(values)
+    summary = seed_statistics.over_seeds(values)
     expected = stats.ttest_1samp(values, 0).confidence_interval(0.95)
     assert (summary["low"], summary["high"]) == pytest.approx((expected.low, expected.high))
     assert summary["seeds"] == 3 and summary["std"] == pytest.approx(np.std(values, ddof=1))
-    single = statistics.over_seeds([0.3])
+    single = seed_statistics.over_seeds([0.3])
     assert single["low"] is None and single["method"] == "seed variance not estimated"
 
 
 def test_seed_test_pairs_common_seeds_and_falls_back_to_welch() -> None:
     a = {0: 1.0, 1: 1.2, 2: 1.1}
     b = {0: 1.5, 1: 1.8, 2: 1.55}
-    p, test = statistics.seed_test(a, b)
+    p, test = seed_statistics.seed_test(a, b)
     assert test == "paired t over seeds" and p == pytest.approx(
         stats.ttest_rel([1.0, 1.2, 1.1], [1.5, 1.8, 1.55]).pvalue
     )
-    p, test = statistics.seed_test(a, {5: 1.5, 6: 1.8})
+    p, test = seed_statistics.seed_test(a, {5: 1.5, 6: 1.8})
     assert test == "Welch t over seeds"
     assert p == pytest.approx(stats.ttest_ind([1.0, 1.2, 1.1], [1.5, 1.8], equal_var=False).pvalue)
-    assert statistics.seed_test({0: 1.0}, b) is None
+    assert seed_statistics.seed_test({0: 1.0}, b) is None
 
 
 def test_the_numbers_docs_statistics_states() -> None:
@@ -280,7 +280,7 @@ def test_configurations_against_a_reference_are_holm_adjusted_seed_tests() -> No
         "same": {0: 1.01, 1: 1.09, 2: 1.07},
         "one_seed": {0: 2.0},
     }
-    adjusted = statistics.against_reference(values, "base")
-    raw = [statistics.seed_test(values[name], values["base"])[0] for name in ("worse", "same")]
+    adjusted = seed_statistics.against_reference(values, "base")
+    raw = [seed_statistics.seed_test(values[name], values["base"])[0] for name in ("worse", "same")]
     assert set(adjusted) == {"worse", "same"}  # one seed: nothing to test
     assert [adjusted["worse"], adjusted["same"]] == pytest.approx(statistics.holm(raw))

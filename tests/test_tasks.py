@@ -15,7 +15,8 @@ from omegaconf import open_dict
 import datamodules
 from datamodules import IGNORE_INDEX
 from datamodules.base import TextDataModule
-from datamodules.socratic import dialogues_of, gsm8k_dialogue, text_tokens
+from datamodules.dialogues import dialogues_of, gsm8k_dialogue
+from datamodules.socratic import text_tokens
 from datamodules.sources import DataSourceError, read_file
 from modeling import models
 from modeling.log_probs import label_logprobs
