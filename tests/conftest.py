@@ -1,9 +1,15 @@
-"""Shared fixtures: compose the real Hydra configs with tiny, offline, CPU settings."""
+"""Shared test helpers, in one place: compose the real Hydra configs with tiny, offline, CPU settings
+(`compose_config`, `tiny_config`), build a tiny model from them (`built_model`, `family_model`) and run an
+entrypoint in a fresh process (`launch`). A run's results.json is read with runtime.results.read_results, its
+logged metrics with runtime.results.logged_rows."""
 
 from __future__ import annotations
 
 import functools
 import os
+import shlex
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,6 +57,43 @@ def compose_config(*overrides: str, config_name: str = "train", hydra_config: bo
         return compose(config_name, overrides=list(overrides), return_hydra_config=hydra_config)
 
 
+def launch(
+    *arguments: str,
+    cwd: Path = ROOT,
+    timeout: int = 600,
+    env: dict[str, str | None] | None = None,
+    check: bool = True,
+    python: bool = True,
+) -> subprocess.CompletedProcess:
+    """Run `python <arguments>` (an entrypoint, `-m <module>` or a bench script; with `python=False`,
+    `arguments` is the whole command) in a fresh process with W&B offline, capturing its output. `env`
+    adds variables (None removes one); with `check`, fail showing the command and the end of its output
+    unless it exits 0."""
+    environment = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
+    environment = {key: value for key, value in environment.items() if value is not None}
+    command = [sys.executable, *arguments] if python else list(arguments)
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment
+    )
+    if check:
+        assert result.returncode == 0, (
+            f"{shlex.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
+        )
+    return result
+
+
+def built_model(*overrides: str, config_name: str = "train") -> tuple[DictConfig, Any, Any]:
+    """(config, model in eval mode, tokenizer) of a tiny model composed with `overrides`, from seed 0."""
+    import lightning as L
+
+    from modeling import models
+
+    cfg = compose_config(*overrides, config_name=config_name)
+    L.seed_everything(0)
+    model, tokenizer = models.build(cfg.model)
+    return cfg, model.eval(), tokenizer
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Callable[..., DictConfig]:
     """Factory: a tiny offline train config whose run dir and cache live under tmp_path."""
@@ -78,16 +121,10 @@ def minimind_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def family_model(minimind_dir: Path) -> Callable[[str], tuple[DictConfig, Any, Any]]:
     """Factory: (train config, model, tokenizer) of a family's tiny model (tests/families.py), built once per
     session from seed 0 and shared by the capability tests; they leave it as they found it."""
-    import lightning as L
-
-    from modeling import models
     from tests.families import overrides
 
     @functools.cache
     def build(name: str) -> tuple[DictConfig, Any, Any]:
-        cfg = compose_config(*TINY, *overrides(name, minimind_dir))
-        L.seed_everything(0)
-        model, tokenizer = models.build(cfg.model)
-        return cfg, model.eval(), tokenizer
+        return built_model(*TINY, *overrides(name, minimind_dir))
 
     return build

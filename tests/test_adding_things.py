@@ -3,7 +3,6 @@ a task added by its code blocks alone train, export, reload and evaluate."""
 
 from __future__ import annotations
 
-import csv
 import importlib
 import json
 import re
@@ -19,6 +18,7 @@ from omegaconf import DictConfig, open_dict
 from lightning_modules import methods
 from modeling import architecture
 from runtime import evaluation, saved_run
+from runtime.results import logged_rows
 from runtime.training import run
 from tests.conftest import CONF_DIR, ROOT
 
@@ -100,13 +100,12 @@ def test_worked_example_trains_exports_reloads_and_evaluates(
 
     # norms only: Mistral has no biases
     assert results["global_step"] == 2 and 0 < results["trainable_share"] < 0.05
-    with (tmp_path / "train" / "metrics" / "metrics.csv").open() as handle:
-        reported = [
-            row["bitfit/trainable_tensors"]
-            for row in csv.DictReader(handle)
-            if row.get("bitfit/trainable_tensors")
-        ]
-    assert reported == ["5"]  # the method's own metric, logged once: two norms per block and the final norm
+    reported = [
+        row["bitfit/trainable_tensors"]
+        for row in logged_rows(tmp_path / "train")
+        if "bitfit/trainable_tensors" in row
+    ]
+    assert reported == [5.0]  # the method's own metric, logged once: two norms per block and the final norm
     final = Path(results["final_dir"])
     assert json.loads((final / "method.json").read_text())["name"] == "bitfit"
 

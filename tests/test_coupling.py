@@ -4,11 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
-import sys
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -19,16 +16,13 @@ from analysis import gradsim, memit, memit_inputs, ripple, ripple_compare
 from datamodules.hotpotqa import knowledge_pieces
 from datamodules.sources import load_split
 from modeling import architecture, models
-from tests.conftest import ROOT, compose_config
+from tests.conftest import built_model, compose_config, launch
 
 BUNDLED = {"kind": "bundled", "bundled": "hotpotqa"}
 
 
 def tiny(name: str):
-    L.seed_everything(0)
-    cfg = compose_config(f"model={name}", "task.source=bundled", config_name="ripple")
-    model, tokenizer = models.build(cfg.model)
-    model.eval()
+    cfg, model, tokenizer = built_model(f"model={name}", "task.source=bundled", config_name="ripple")
     return cfg, model, tokenizer, datamodules.build(cfg, tokenizer)
 
 
@@ -241,20 +235,14 @@ def fake_ripple_run(run_dir: Path, model: str, coupled: bool, seed: int) -> None
 def test_compare_joins_runs_into_one_table_and_a_verdict(tmp_path: Path) -> None:
     fake_ripple_run(tmp_path / "a", "gpt2", coupled=True, seed=1)
     fake_ripple_run(tmp_path / "b", "smollm2_135m", coupled=False, seed=2)
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "analysis.ripple",
-            "compare",
-            str(tmp_path / "a"),
-            str(tmp_path / "b"),
-            "--out",
-            str(tmp_path / "cmp"),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
+    launch(
+        "-m",
+        "analysis.ripple",
+        "compare",
+        str(tmp_path / "a"),
+        str(tmp_path / "b"),
+        "--out",
+        str(tmp_path / "cmp"),
     )
     rows = list(csv.DictReader((tmp_path / "cmp" / "coupling_comparison.csv").open()))
     assert [(r["model"], r["hypothesis_held"]) for r in rows] == [("gpt2", "True"), ("smollm2_135m", "False")]

@@ -9,7 +9,6 @@ written small into the workspace."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from runtime.results import read_results
+from tests.conftest import ROOT, launch
 from tests.helpers import FakeEndpoint, serving
 
 FENCE = re.compile(r"```bash\n(.*?)```", re.S)
@@ -130,13 +130,8 @@ class Workspace:
 
     def run(self, command: str) -> subprocess.CompletedProcess:
         """Run a documented command, scaled down, in the workspace; it must exit 0."""
-        argv = scaled(command, self)
-        environment = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-        result = subprocess.run(
-            argv, cwd=self.root, capture_output=True, text=True, timeout=900, env=environment
-        )
-        assert result.returncode == 0, f"{shlex.join(argv)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
-        return result
+        environment = {"HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+        return launch(*scaled(command, self), cwd=self.root, timeout=900, env=environment, python=False)
 
 
 def scaled(command: str, workspace: Workspace) -> list[str]:
@@ -231,10 +226,6 @@ def scale_down(program: str, arguments: list[str], workspace: Workspace) -> list
 # -----------------------------------------------------------------------------------------
 
 
-def results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
-
-
 def lines(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -252,7 +243,7 @@ def trained(pattern: str, **expected) -> Callable[[Workspace, subprocess.Complet
 
     def check(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
         run_dir = workspace.newest(pattern)
-        found = results(run_dir)
+        found = read_results(run_dir)
         assert found["global_step"] == expected.get("steps", 2) and not found["diverged"]
         assert (run_dir / "final" / "base_model.json").exists() and (
             run_dir / "metrics" / "metrics.csv"
@@ -270,7 +261,7 @@ def evaluated(
 ) -> Callable[[Workspace, subprocess.CompletedProcess], None]:
     def check(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
         run_dir = workspace.newest(pattern)
-        found = results(run_dir)
+        found = read_results(run_dir)
         assert (found["stage"], found["model"]) == (stage, model)
         assert len(lines(run_dir / "predictions.jsonl")) == 2 and "pass@1_flexible" in found["metrics"]
 
@@ -310,11 +301,11 @@ def demo_prints_its_results(workspace: Workspace, result: subprocess.CompletedPr
     assert re.search(
         r"results: \S*outputs/gsm8k/smollm2_135m-lora/[^/]+/results.json", result.stdout + result.stderr
     )
-    assert results(workspace.newest("outputs/gsm8k/smollm2_135m-lora/*"))["global_step"] == 2
+    assert read_results(workspace.newest("outputs/gsm8k/smollm2_135m-lora/*"))["global_step"] == 2
 
 
 def fast_dev_run(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
-    assert results(workspace.newest("outputs/gsm8k/tiny_llama-lora/*"))["global_step"] == 1
+    assert read_results(workspace.newest("outputs/gsm8k/tiny_llama-lora/*"))["global_step"] == 1
 
 
 def ablation_report(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
@@ -471,7 +462,7 @@ def judged(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
 
 
 def fsdp_tested(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
-    found = results(workspace.newest("outputs/gsm8k/tiny_llama-lora/*"))
+    found = read_results(workspace.newest("outputs/gsm8k/tiny_llama-lora/*"))
     assert (
         found["tested"] == {"weights": "last", "global_step": found["global_step"]}
         and "test/loss" in found["metrics"]
@@ -497,7 +488,7 @@ def grouped_over_seeds(workspace: Workspace, result: subprocess.CompletedProcess
     sweep = workspace.newest("multirun/gsm8k/*")
     grouped = {row["configuration"]: row for row in csv_rows(sweep / "summary_by_config.csv")}
     assert set(grouped) == {"optim.lr=0.0001", "optim.lr=0.0003"}  # as Hydra records the overrides
-    jobs = [results(job) for job in sorted(sweep.glob("[0-9]*"))]
+    jobs = [read_results(job) for job in sorted(sweep.glob("[0-9]*"))]
     for lr, row in grouped.items():
         assert (row["seeds"], row["seed_values"]) == ("3", "0 1 2")
         losses = [job["metrics"]["val/loss"] for job in jobs if lr in job["overrides"]]

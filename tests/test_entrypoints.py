@@ -4,35 +4,23 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from runtime.results import logged_rows, read_results
 from runtime.wandb_offline import find_run_files, read_run
-from tests.conftest import ROOT, TINY
+from tests.conftest import TINY, launch
 
 
 def train(
     *overrides: str, multirun: bool = False, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
-        "train.py",
-        *(["-m"] if multirun else []),
-        *TINY,
-        "model=tiny_llama",
-        *overrides,
-    ]
-    environment = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=environment)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
+    return launch("train.py", *(["-m"] if multirun else []), *TINY, "model=tiny_llama", *overrides, env=env)
 
 
 @pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
@@ -55,8 +43,7 @@ def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(tmp_path: Path) -> None:
 
 
 def logged_steps(run_dir: Path, key: str) -> list[float]:
-    with (run_dir / "metrics" / "metrics.csv").open() as handle:
-        return [float(row[key]) for row in csv.DictReader(handle) if row.get(key)]
+    return [row[key] for row in logged_rows(run_dir) if key in row]
 
 
 @pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
@@ -87,7 +74,7 @@ def test_fsdp_on_two_cpu_processes_trains_like_ddp_and_exports_what_it_trained(
     # FSDP: summed over shards
     assert len(norms["fsdp"]) == 4 and norms["fsdp"] == pytest.approx(norms["ddp"], rel=1e-4)
     assert losses["fsdp"][-1] != losses["fsdp"][0]
-    results = {s: json.loads((tmp_path / s / "results.json").read_text()) for s in ("ddp", "fsdp")}
+    results = {s: read_results(tmp_path / s) for s in ("ddp", "fsdp")}
     assert results["fsdp"]["global_step"] == 4 and results["fsdp"]["diverged"] is False
     # the test stage (on by default) measures the weights FSDP trained: DDP's test loss, after the export
     assert results["fsdp"]["tested"] == {"weights": "last", "global_step": 4}
@@ -156,8 +143,7 @@ def test_wandb_offline_run_records_the_logged_metrics_and_never_the_key(tmp_path
 
 
 def test_evaluate_entrypoint_runs_classification_and_socratic_tasks(tmp_path: Path) -> None:
-    command = [
-        sys.executable,
+    launch(
         "evaluate.py",
         "-m",
         "model=tiny_llama",
@@ -167,9 +153,7 @@ def test_evaluate_entrypoint_runs_classification_and_socratic_tasks(tmp_path: Pa
         "print_config=false",
         "logger=csv",
         f"hydra.sweep.dir={tmp_path}",
-    ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-4000:]
+    )
     classification = json.loads((tmp_path / "0" / "metrics.json").read_text())
     socratic = json.loads((tmp_path / "1" / "metrics.json").read_text())
     assert classification["num_examples"] == 12 and 0 <= classification["accuracy"] <= 1
@@ -179,8 +163,7 @@ def test_evaluate_entrypoint_runs_classification_and_socratic_tasks(tmp_path: Pa
 def test_slurm_sweep_script_requests_two_nodes_of_eight_gpus_with_one_task_per_gpu() -> None:
     """As documented, on a machine without `srun` (where a submission is prepared), in a subprocess."""
     assert shutil.which("srun") is None
-    command = [
-        sys.executable,
+    result = launch(
         "-m",
         "runtime.slurm",
         "model=llama2_13b",
@@ -188,9 +171,8 @@ def test_slurm_sweep_script_requests_two_nodes_of_eight_gpus_with_one_task_per_g
         "trainer.devices=8",
         "trainer.num_nodes=2",
         "method=lora",
-    ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+        timeout=300,
+    )
     script = result.stdout
     directives = {line for line in script.splitlines() if line.startswith("#SBATCH")}
     assert {
@@ -208,8 +190,7 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_reports_a_fai
     tmp_path: Path,
 ) -> None:
     """The cluster launcher plugin with its local executor: three jobs, one with an invalid batch size."""
-    command = [
-        sys.executable,
+    result = launch(
         "train.py",
         "-m",
         "hydra/launcher=submitit_local",
@@ -222,14 +203,7 @@ def test_submitit_local_sweep_runs_each_job_in_its_own_process_and_reports_a_fai
         "test_after_fit=false",
         f"hydra.sweep.dir={tmp_path}",
         f"paths.cache_dir={tmp_path / 'cache'}",
-    ]
-    result = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "WANDB_MODE": "offline"},
+        check=False,
     )
     assert result.returncode != 0  # Hydra reports the failed job ...
     with (tmp_path / "summary.csv").open() as handle:

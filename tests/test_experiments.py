@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 
 import pytest
 from omegaconf import open_dict
 
+from runtime.results import logged_rows
 from runtime.training import run
 from tests.conftest import CONF_DIR, TINY, compose_config
 
@@ -81,8 +81,5 @@ def test_training_reproduces_golden_losses(method: str, batches: str, tmp_path: 
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
     assert run(cfg)["padding_free"] is (batches == "padding_free")
-    with (tmp_path / "run" / "metrics" / "metrics.csv").open() as handle:
-        losses = [
-            float(row["train/loss_step"]) for row in csv.DictReader(handle) if row.get("train/loss_step")
-        ]
+    losses = [row["train/loss_step"] for row in logged_rows(tmp_path / "run") if "train/loss_step" in row]
     assert losses == pytest.approx(GOLDEN_LOSSES[method, batches], abs=1e-5, rel=0)

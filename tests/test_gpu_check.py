@@ -4,25 +4,16 @@ full check on a CUDA device (skipped elsewhere: CI has none)."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import launch
 
 
 def run_check(out: Path, *arguments: str) -> dict:
-    result = subprocess.run(
-        [sys.executable, "bench/gpu_check.py", "--out", str(out), *arguments],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch("bench/gpu_check.py", "--out", str(out), *arguments, timeout=900)
     return json.loads(out.read_text())
 
 

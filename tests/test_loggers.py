@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import pytest
 
 from runtime import loggers
-from runtime.results import write_results
+from runtime.results import read_results, write_results
 from runtime.sweeps import summarize, write_summary
 
 
@@ -47,4 +46,4 @@ def test_summary_has_one_row_per_job_in_job_order(tmp_path: Path) -> None:
     rows = (tmp_path / "summary.csv").read_text().splitlines()
     assert rows[0] == "job,status,overrides,val/loss,trainable_params"
     assert rows[1].startswith("2,ok,optim.lr=0.1,1.0") and rows[2].startswith("10,ok,optim.lr=0.3,3.0")
-    assert json.loads((tmp_path / "2" / "results.json").read_text())["metrics"] == {"val/loss": 1.0}
+    assert read_results(tmp_path / "2")["metrics"] == {"val/loss": 1.0}

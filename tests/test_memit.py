@@ -9,16 +9,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
 
 from analysis import memit, memit_inputs
 from datamodules.sources import load_split
-from modeling import models
 from modeling.architecture import decoder_blocks, mlp_output_modules
-from tests.conftest import compose_config
+from tests.conftest import built_model, compose_config
 
 TEMPLATES = [["{}"], ["Once upon a time. {}", "Notes. {}", "It was said that. {}"]]
 REQUEST = {"prompt": "Marlow Ketterby was born in", "subject": "Marlow Ketterby", "target_new": "Paris"}
@@ -27,13 +25,10 @@ ARCHITECTURES = ["tiny_gpt2", "tiny_llama"]
 
 
 def tiny(name: str, *overrides: str):
-    L.seed_everything(0)
     layers = "model.scratch.n_layer=3" if name == "tiny_gpt2" else "model.scratch.num_hidden_layers=3"
-    cfg = compose_config(
+    cfg, model, tokenizer = built_model(
         f"model={name}", layers, "model.memit.layers=[0,1]", *overrides, config_name="ripple"
     )
-    model, tokenizer = models.build(cfg.model)
-    model.eval()
     hparams = cfg.analysis.memit.copy()
     with open_dict(hparams):
         hparams.context_templates = TEMPLATES

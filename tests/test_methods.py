@@ -20,6 +20,7 @@ from lightning_modules.methods.projection_head import SequenceClassifier
 from modeling import architecture, models
 from modeling.generation import generate
 from runtime import evaluation, saved_run
+from runtime.results import read_results
 from runtime.training import build_trainable_model, run
 from tests.conftest import compose_config
 from tests.helpers import lm_logits
@@ -280,7 +281,7 @@ def test_each_method_reports_its_trainable_share(tiny_config, tmp_path: Path) ->
                 run_dir=tmp_path / method,
             )
         )
-        written[method] = json.loads((tmp_path / method / "results.json").read_text())
+        written[method] = read_results(tmp_path / method)
     total = written["full"]["total_params"]
     assert written["full"]["trainable_share"] == 1.0
     assert written["prompt_tuning"]["trainable_params"] == 20 * 64  # 20 virtual tokens x hidden 64

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from analysis.plots import banded
 from datamodules.cosmopedia import concatenate_into_blocks
 from runtime.wandb_offline import find_run_files
 from runtime.wandb_offline import read_run as read_wandb
-from tests.conftest import ROOT, compose_config
+from tests.conftest import compose_config, launch
 
 EXPERIMENTS = ["baseline", "high_lr", "low_lr", "large_batch", "short_seq", "small_model"]
 SPEC = {  # (lr, batch, sequence, small model) from the study
@@ -77,8 +76,7 @@ def test_full_scale_experiments_pin_the_study_settings(name: str) -> None:
 def test_report_from_a_real_sweep_from_csv_and_from_wandb(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    command = [
-        sys.executable,
+    launch(
         "train.py",
         "-m",
         "experiment=ablation_tiny/baseline,ablation_tiny/small_model",
@@ -89,16 +87,7 @@ def test_report_from_a_real_sweep_from_csv_and_from_wandb(
         "print_config=false",
         "trainer.enable_progress_bar=false",
         f"hydra.sweep.dir={tmp_path}",
-    ]
-    result = subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**__import__("os").environ, "WANDB_MODE": "offline"},
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     before = set(find_run_files(tmp_path))  # the sweep's summary run
     monkeypatch.setattr(sys, "argv", ["analysis.ablation", str(tmp_path)])
     ablation_main()

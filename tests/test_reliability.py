@@ -25,12 +25,13 @@ from lightning_modules.methods import UnknownMethodError
 from modeling.model_checks import ModelLoadError
 from runtime import checkpointing, rng_state
 from runtime.checkpointing import AtomicCheckpointIO, CheckpointError, load_checkpoint_file, write_atomically
+from runtime.results import read_results
 from runtime.run_dir import create_unique_dir
 from runtime.saved_run import METHOD_FILE, TRAINABLE_FILE, restore_method
 from runtime.sweeps import summarize
 from runtime.training import run
 from runtime.validate import ConfigError
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, launch
 from tests.test_train import final_weights
 
 # 20 train examples in batches of 4: 5 batches an epoch; last.ckpt every 3 steps, so step 7 is mid-epoch 1
@@ -100,21 +101,13 @@ def test_data_position_and_rng_each_matter_for_a_mid_epoch_resume(
 
 
 def train_process(*overrides: str, run_dir: Path) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
+    return launch(
         "train.py",
         *TINY,
         *overrides,
         f"hydra.run.dir={run_dir}",
         f"paths.cache_dir={run_dir.parent / 'cache'}",
-    ]
-    return subprocess.run(
-        command,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "WANDB_MODE": "offline"},
+        check=False,
     )
 
 
@@ -133,9 +126,7 @@ def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     assert torch.load(last, weights_only=True)["global_step"] == 6
     resumed = train_process(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight, again = (
-        json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "resumed")
-    )
+    straight, again = (read_results(tmp_path / d) for d in ("straight", "resumed"))
     assert_same_run(straight, again)
 
 
@@ -164,9 +155,7 @@ def test_ddp_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path: Path)
     assert saved["global_step"] == 4 and len(saved[rng_state.RNG_KEY]) == 2
     resumed = train_process(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight, again = (
-        json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "resumed")
-    )
+    straight, again = (read_results(tmp_path / d) for d in ("straight", "resumed"))
     assert_same_run(straight, again)
 
 
@@ -201,9 +190,7 @@ def test_fsdp_two_processes_killed_mid_epoch_resume_bit_identical(
     assert torch.load(last / "meta.pt" if last.is_dir() else last, weights_only=True)["global_step"] == 4
     resumed = train_process(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight, again = (
-        json.loads((tmp_path / d / "results.json").read_text()) for d in ("straight", "resumed")
-    )
+    straight, again = (read_results(tmp_path / d) for d in ("straight", "resumed"))
     assert_same_run(straight, again)
 
 
@@ -341,7 +328,7 @@ def test_a_diverged_lora_run_is_marked_in_results(tiny_config) -> None:
     assert results["diverged"] is True
     assert results["max_abs_trainable_weight"] > 1e4
     assert "divergence_max_abs_weight=10000" in results["divergence_reason"]
-    assert json.loads((Path(results["run_dir"]) / "results.json").read_text())["diverged"] is True
+    assert read_results(Path(results["run_dir"]))["diverged"] is True
     healthy = run(
         tiny_config(
             "model=tiny_llama",
@@ -403,8 +390,7 @@ def test_two_train_py_started_together_write_two_run_dirs(tmp_path: Path) -> Non
 
 
 def evaluate_process(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
-    command = [
-        sys.executable,
+    return launch(
         str(ROOT / "evaluate.py"),
         *TINY[:1],
         "logger=csv",
@@ -414,8 +400,8 @@ def evaluate_process(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
         f"paths.cache_dir={cwd / 'cache'}",
         f"hydra.run.dir={cwd / 'eval'}",
         *overrides,
-    ]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        check=False,
+    )
 
 
 def test_an_adapter_is_never_applied_to_another_base_model(tiny_config, tmp_path: Path) -> None:
@@ -431,7 +417,7 @@ def test_an_adapter_is_never_applied_to_another_base_model(tiny_config, tmp_path
     )
     implied = evaluate_process(f"ckpt={lora['run_dir']}", cwd=tmp_path)
     assert implied.returncode == 0, implied.stderr[-3000:]
-    assert json.loads((tmp_path / "eval" / "results.json").read_text())["model"] == "tiny_llama"
+    assert read_results(tmp_path / "eval")["model"] == "tiny_llama"
 
     last = Path(lora["run_dir"]) / "checkpoints" / "last.ckpt"
     with pytest.raises(
@@ -663,34 +649,27 @@ def test_a_wandb_key_without_a_reachable_server_falls_back_to_offline_in_seconds
     silent.listen(8)
     try:
         started = time.monotonic()
-        result = subprocess.run(
-            [
-                sys.executable,
-                "train.py",
-                *TINY,
-                "model=tiny_llama",
-                "logger=wandb",
-                "trainer.max_steps=2",
-                "test_after_fit=false",
-                f"hydra.run.dir={tmp_path}",
-                f"paths.cache_dir={tmp_path / 'cache'}",
-            ],
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
+        result = launch(
+            "train.py",
+            *TINY,
+            "model=tiny_llama",
+            "logger=wandb",
+            "trainer.max_steps=2",
+            "test_after_fit=false",
+            f"hydra.run.dir={tmp_path}",
+            f"paths.cache_dir={tmp_path / 'cache'}",
             timeout=300,
             env={
-                **{k: v for k, v in os.environ.items() if k != "WANDB_MODE"},
+                "WANDB_MODE": None,
                 "WANDB_API_KEY": "k" * 86,
                 "WANDB_BASE_URL": f"http://127.0.0.1:{silent.getsockname()[1]}",
             },
         )
     finally:
         silent.close()
-    assert result.returncode == 0, result.stderr[-3000:]
     assert time.monotonic() - started < 120
     assert "does not answer; logging offline" in result.stdout + result.stderr
-    assert json.loads((tmp_path / "results.json").read_text())["global_step"] == 2
+    assert read_results(tmp_path)["global_step"] == 2
     assert list(tmp_path.glob("wandb/offline-run-*"))
     assert not any(
         "k" * 86 in p.read_text(errors="ignore")

@@ -8,8 +8,6 @@ import json
 import math
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,18 +19,11 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 from runtime import session as lifecycle
 from runtime import wandb_runs
+from runtime.results import read_results
 from runtime.wandb_offline import OfflineRun, find_run_files, read_run
-from tests.conftest import ROOT, TINY, compose_config
+from tests.conftest import TINY, compose_config, launch
 
 ENV = {**os.environ, "WANDB_MODE": "offline"}
-
-
-def entrypoint(*command: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, *command], cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return result
 
 
 def only_run(directory: Path) -> OfflineRun:
@@ -46,12 +37,8 @@ def wandb_table(run_dir: Path, key: str) -> list[dict]:
     return [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
 
 
-def results(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())
-
-
 def test_train_sweep_in_one_process_logs_one_wandb_run_per_job_in_one_group(tmp_path: Path) -> None:
-    entrypoint(
+    launch(
         "train.py",
         "-m",
         *TINY,
@@ -76,15 +63,15 @@ def test_train_sweep_in_one_process_logs_one_wandb_run_per_job_in_one_group(tmp_
     ]
     assert runs[0].tags == ["tiny_llama", "gsm8k", "lora"]
     for job, run in zip(jobs, runs, strict=True):
-        assert run.summary["val/loss"] == pytest.approx(results(job)["metrics"]["val/loss"], rel=1e-6)
-        assert results(job)["wandb_run_id"] == run.run_id == (job / "wandb_run_id").read_text().strip()
+        assert run.summary["val/loss"] == pytest.approx(read_results(job)["metrics"]["val/loss"], rel=1e-6)
+        assert read_results(job)["wandb_run_id"] == run.run_id == (job / "wandb_run_id").read_text().strip()
         assert run.exit_code == 0
     summary = only_run(tmp_path)
     assert summary.job_type == "summary" and summary.group == group
     table = wandb_table(tmp_path, "summary")
     assert [row["job"] for row in table] == ["0", "1", "2", "3"]
     assert [row["val/loss"] for row in table] == pytest.approx(
-        [results(job)["metrics"]["val/loss"] for job in jobs]
+        [read_results(job)["metrics"]["val/loss"] for job in jobs]
     )
     with (tmp_path / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
@@ -104,7 +91,7 @@ def test_train_sweep_in_one_process_logs_one_wandb_run_per_job_in_one_group(tmp_
 
 
 def test_evaluate_sweep_in_one_process_logs_metrics_and_predictions_per_job(tmp_path: Path) -> None:
-    entrypoint(
+    launch(
         "evaluate.py",
         "-m",
         "model=tiny_llama",
@@ -123,7 +110,7 @@ def test_evaluate_sweep_in_one_process_logs_metrics_and_predictions_per_job(tmp_
     } == {"evaluate"}
     assert [run.config["limit"] for run in runs] == [2, 4]
     for job, run, size in zip((tmp_path / "0", tmp_path / "1"), runs, (2, 4), strict=True):
-        result = results(job)
+        result = read_results(job)
         assert result["optimized_metric"] == "accuracy"
         assert run.summary["accuracy"] == pytest.approx(result["metrics"]["accuracy"])
         assert run.summary["eval/macro_f1"] == pytest.approx(result["metrics"]["macro_f1"])
@@ -141,7 +128,7 @@ def test_evaluate_sweep_in_one_process_logs_metrics_and_predictions_per_job(tmp_
     summary = only_run(tmp_path)
     assert summary.job_type == "summary" and [
         row["accuracy"] for row in wandb_table(tmp_path, "summary")
-    ] == [pytest.approx(results(tmp_path / str(n))["metrics"]["accuracy"]) for n in range(2)]
+    ] == [pytest.approx(read_results(tmp_path / str(n))["metrics"]["accuracy"]) for n in range(2)]
 
 
 ANALYSES = {
@@ -178,7 +165,7 @@ def test_analysis_entrypoint_logs_its_headline_numbers_and_figures_to_wandb(
         cfg.paths.cache_dir = str(tmp_path / "cache")
     runner = importlib.import_module(f"analysis.{name}")
     (runner.analyse if name == "attention" else runner.run)(cfg)
-    run, headline = only_run(tmp_path), results(tmp_path)["metrics"]
+    run, headline = only_run(tmp_path), read_results(tmp_path)["metrics"]
     assert headline and run.job_type == "analysis" and run.group == cfg.task.name and run.exit_code == 0
     for key, value in headline.items():
         assert run.summary[key] == pytest.approx(value), key
@@ -251,7 +238,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_config, tmp_path: Path)
 
 
 def test_optuna_search_reports_its_best_trial_and_tensorboard_shows_every_trial(tmp_path: Path) -> None:
-    entrypoint(
+    launch(
         "train.py",
         "hparams_search=lora_lr_bs",
         *TINY,
@@ -266,7 +253,7 @@ def test_optuna_search_reports_its_best_trial_and_tensorboard_shows_every_trial(
     )
     jobs = sorted(p.parent for p in tmp_path.glob("*/results.json"))
     assert [job.name for job in jobs] == ["0", "1", "2"]
-    losses = [results(job)["metrics"]["val/loss"] for job in jobs]
+    losses = [read_results(job)["metrics"]["val/loss"] for job in jobs]
     best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
     assert best["best_value"] == pytest.approx(min(losses), rel=1e-6)
     best_job = jobs[losses.index(min(losses))]
@@ -305,8 +292,7 @@ def test_flat_config_has_dotted_keys_for_dashboards(tiny_config) -> None:
 def test_ctrl_c_exit_code_is_not_a_success(tmp_path: Path) -> None:
     """SIGINT in a real train.py process: the W&B run ends as failed, and the run dir is named in the
     output."""
-    command = [
-        sys.executable,
+    result = launch(
         "train.py",
         *TINY,
         "model=tiny_llama",
@@ -316,8 +302,8 @@ def test_ctrl_c_exit_code_is_not_a_success(tmp_path: Path) -> None:
         "+callbacks.stop.step=1",
         f"hydra.run.dir={tmp_path}",
         f"paths.cache_dir={tmp_path / 'cache'}",
-    ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+        check=False,
+    )
     assert result.returncode not in (0, -signal.SIGKILL)
     assert only_run(tmp_path).exit_code == 1
     assert f"run dir: {tmp_path}" in result.stdout + result.stderr

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +20,7 @@ from modeling import models
 from modeling.log_probs import label_logprobs
 from runtime import evaluation
 from runtime.validate import ConfigError, check_config
-from tests.conftest import ROOT, compose_config
+from tests.conftest import compose_config, launch
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -145,19 +143,13 @@ def test_three_dialogue_formats_are_read(tmp_path: Path) -> None:
 
 def test_converter_writes_socraticmath_json_that_reads_back(tmp_path: Path) -> None:
     (tmp_path / "socratic.jsonl").write_text(json.dumps(SOCRATIC_GSM8K) + "\n")
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "datamodules.socratic",
-            "--input",
-            str(tmp_path / "socratic.jsonl"),
-            "--output",
-            str(tmp_path / "out.json"),
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
+    launch(
+        "-m",
+        "datamodules.socratic",
+        "--input",
+        str(tmp_path / "socratic.jsonl"),
+        "--output",
+        str(tmp_path / "out.json"),
     )
     [record] = read_file(tmp_path / "out.json")
     assert (

@@ -3,7 +3,6 @@ NaN."""
 
 from __future__ import annotations
 
-import csv
 import json
 import signal
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader
 from datamodules.padding_free import model_inputs
 from lightning_modules.base import NonFiniteLossError
 from lightning_modules.task_modules import task_module_class
+from runtime.results import logged_rows
 from runtime.training import build_trainable_model, run
 
 TINY_MODELS = ["tiny_llama", "tiny_diffllama", "tiny_gpt2", "tiny_qwen2"]
@@ -78,11 +78,10 @@ def test_metrics_beyond_the_loss_are_computed_every_n_steps(tiny_config) -> None
             "test_after_fit=false",
         )
     )
-    with (Path(results["run_dir"]) / "metrics" / "metrics.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
+    rows = logged_rows(Path(results["run_dir"]))
 
     def steps(key: str) -> list[int]:
-        return [int(row["step"]) for row in rows if row.get(key)]
+        return [int(row["step"]) for row in rows if key in row]
 
     assert steps("train/loss_step") == [0, 1, 2, 3, 4]
     assert (
@@ -220,12 +219,9 @@ def test_test_ckpt_best_measures_the_lowest_validation_loss_checkpoint(tiny_conf
     )
     results = run(cfg)
     tested = results["tested"]
-    with (tmp_path / "run" / "metrics" / "metrics.csv").open() as handle:
-        validation = [
-            (float(row["val/loss"]), int(row["step"]))
-            for row in csv.DictReader(handle)
-            if row.get("val/loss")
-        ]
+    validation = [
+        (row["val/loss"], int(row["step"])) for row in logged_rows(tmp_path / "run") if "val/loss" in row
+    ]
     assert len(validation) == 3 and tested["weights"] == "best"
     assert (
         tested["val/loss"] == pytest.approx(min(validation)[0])
