@@ -75,7 +75,7 @@ class LayerFSDPStrategy(FSDPStrategy):
         """The optimizer state keyed by parameter names, as FSDP gathers it. Lightning re-keys it by parameter
         position; a run resumed from that state (AdamW with decay / no-decay groups) left the uninterrupted
         run's losses from the first step after the checkpoint, keyed by names it resumes exactly
-        (tests/test_reliability)."""
+        (tests/test_resume.py)."""
         if self._state_dict_type != "full":
             return super().optimizer_state(optimizer)
         optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the torch one

@@ -43,7 +43,14 @@ TINY = [
 
 
 # the modules of long subprocess runs go first, so parallel workers (make test: -n auto) do not end on them
-FIRST = ("test_docs.py", "test_reliability.py", "test_entrypoints.py", "test_session.py", "test_pretrain.py")
+FIRST = (
+    "test_docs.py",
+    "test_resume.py",
+    "test_entrypoints.py",
+    "test_session.py",
+    "test_pretrain.py",
+    "test_reliability.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -217,7 +217,7 @@ def test_a_logger_config_error_is_raised_before_any_model_loads(tmp_path: Path, 
 
 def test_a_resumed_run_continues_the_same_wandb_run(tiny_config, tmp_path: Path) -> None:
     from runtime.training import run
-    from tests.test_reliability import DROPOUT, RESUMABLE, interrupted_run
+    from tests.test_resume import DROPOUT, RESUMABLE, interrupted_run
 
     overrides = [*RESUMABLE, *DROPOUT["lora"], "logger=wandb"]
     last = interrupted_run(tiny_config, overrides, tmp_path / "interrupted", step=7)

@@ -1,0 +1,172 @@
+"""A saved run belongs to its base model: an adapter, a checkpoint or an export is refused on another base
+(naming both), a checkpoint with unused keys is refused, method.json can name only a registered method, a
+damaged safetensors file is named, and the model revision reaches every hub load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.methods import UnknownMethodError
+from modeling.model_checks import ModelLoadError
+from runtime.results import read_results
+from runtime.saved_run import METHOD_FILE, TRAINABLE_FILE, restore_method
+from runtime.training import run
+from tests.conftest import ROOT, TINY, launch
+
+
+def evaluate_process(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    return launch(
+        str(ROOT / "evaluate.py"),
+        *TINY[:1],
+        "logger=csv",
+        "print_config=false",
+        "limit=2",
+        "generation.max_new_tokens=4",
+        f"paths.cache_dir={cwd / 'cache'}",
+        f"hydra.run.dir={cwd / 'eval'}",
+        *overrides,
+        check=False,
+    )
+
+
+def test_an_adapter_is_never_applied_to_another_base_model(tiny_config, tmp_path: Path) -> None:
+    lora = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=2", "test_after_fit=false"))
+    identity = json.loads((Path(lora["final_dir"]) / "base_model.json").read_text())
+    assert identity["name"] == "tiny_llama" and identity["architecture"] == "LlamaForCausalLM"
+
+    wrong = evaluate_process("model=tiny_qwen2", f"ckpt={lora['run_dir']}", cwd=tmp_path)
+    assert wrong.returncode != 0
+    assert (
+        "was trained on model 'tiny_llama'" in wrong.stderr
+        and "this run built model 'tiny_qwen2'" in wrong.stderr
+    )
+    implied = evaluate_process(f"ckpt={lora['run_dir']}", cwd=tmp_path)
+    assert implied.returncode == 0, implied.stderr[-3000:]
+    assert read_results(tmp_path / "eval")["model"] == "tiny_llama"
+
+    last = Path(lora["run_dir"]) / "checkpoints" / "last.ckpt"
+    with pytest.raises(
+        ModelLoadError, match="the checkpoint \\(ckpt_path\\) was trained on model 'tiny_llama'"
+    ):
+        run(tiny_config("model=tiny_qwen2", "method=lora", f"ckpt_path={last}", run_dir=tmp_path / "resume"))
+
+
+def test_a_checkpoint_with_unused_keys_is_refused(tiny_config, tmp_path: Path) -> None:
+    lora = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=2", "test_after_fit=false"))
+    last = Path(lora["run_dir"]) / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    checkpoint["state_dict"]["model.not_a_weight"] = torch.zeros(1)
+    checkpoint.pop("lmlab_base_model")
+    edited = tmp_path / "edited.ckpt"
+    torch.save(checkpoint, edited)
+    with pytest.raises(ModelLoadError, match="unused \\['model.not_a_weight'\\]"):
+        run(
+            tiny_config("model=tiny_llama", "method=lora", f"ckpt_path={edited}", run_dir=tmp_path / "resume")
+        )
+
+
+def test_method_json_can_only_name_a_registered_method(tiny_config, tmp_path: Path) -> None:
+    from modeling.models import build
+
+    results = run(
+        tiny_config("model=tiny_llama", "method=adapter", "trainer.max_steps=1", "test_after_fit=false")
+    )
+    directory = Path(results["final_dir"])
+    spec = json.loads((directory / METHOD_FILE).read_text())
+    cfg = tiny_config("model=tiny_llama")
+    (directory / METHOD_FILE).write_text(json.dumps({**spec, "name": "builtins.print"}))
+    with pytest.raises(UnknownMethodError, match="'builtins.print' is not a registered lmlab method"):
+        restore_method(build(cfg.model)[0], directory, cfg.model)
+    # a target in the file selects nothing: the registered name does
+    (directory / METHOD_FILE).write_text(
+        json.dumps({**spec, "_target_": "builtins.exec", "apply": "builtins.exec"})
+    )
+    restored = restore_method(build(cfg.model)[0], directory, cfg.model)
+    assert all(hasattr(block, "mlp_adapter") for block in restored.model.layers)
+
+
+def test_model_revision_reaches_every_hub_load(monkeypatch) -> None:
+    from modeling import models
+    from tests.conftest import compose_config
+
+    seen = []
+
+    def load_model(*args, **kwargs):
+        seen.append(("model", kwargs))
+        raise _Loaded
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", load_model)
+    monkeypatch.setattr(
+        models.AutoTokenizer, "from_pretrained", lambda *a, **k: seen.append(("tokenizer", k)) or _Tok()
+    )
+    with pytest.raises(_Loaded):
+        models.build(compose_config("model=minimind2", "model.revision=abc123").model)
+    assert {kind: kwargs.get("revision") for kind, kwargs in seen} == {
+        "model": "abc123",
+        "tokenizer": "abc123",
+    }
+    assert all(kwargs["trust_remote_code"] is True for _, kwargs in seen)
+
+
+class _Tok:
+    pad_token, eos_token = "x", "x"
+
+
+class _Loaded(Exception):
+    """The model loader was reached (with the keyword arguments recorded)."""
+
+
+def test_corrupt_safetensors_are_named(tiny_config, tmp_path: Path) -> None:
+    from modeling.models import build
+
+    full = run(
+        tiny_config(
+            "model=tiny_llama",
+            "method=full",
+            "trainer.max_steps=1",
+            "test_after_fit=false",
+            run_dir=tmp_path / "full",
+        )
+    )
+    weights = Path(full["final_dir"]) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    cfg = tiny_config("model=tiny_llama", f"+model.path={full['final_dir']}")
+    with pytest.raises(
+        ModelLoadError,
+        match=f"model.path={full['final_dir']}: its weights \\(model.safetensors\\) could not be read",
+    ):
+        build(cfg.model)
+
+    adapter = run(
+        tiny_config(
+            "model=tiny_llama",
+            "method=adapter",
+            "trainer.max_steps=1",
+            "test_after_fit=false",
+            run_dir=tmp_path / "ad",
+        )
+    )
+    trainable = Path(adapter["final_dir"]) / TRAINABLE_FILE
+    trainable.write_bytes(b"\x00" * 16)
+    base = tiny_config("model=tiny_llama")
+    with pytest.raises(ValueError, match=f"{trainable}: not a readable safetensors file"):
+        restore_method(build(base.model)[0], Path(adapter["final_dir"]), base.model)
+
+    lora = run(
+        tiny_config(
+            "model=tiny_llama",
+            "method=lora",
+            "trainer.max_steps=1",
+            "test_after_fit=false",
+            run_dir=tmp_path / "lo",
+        )
+    )
+    adapter_file = Path(lora["final_dir"]) / "adapter_model.safetensors"
+    adapter_file.write_bytes(b"junk")
+    result = evaluate_process(f"ckpt={lora['run_dir']}", cwd=tmp_path)
+    assert result.returncode != 0 and f"{adapter_file}: not a readable safetensors file" in result.stderr
