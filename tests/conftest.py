@@ -135,3 +135,11 @@ def family_model(minimind_dir: Path) -> Callable[[str], tuple[DictConfig, Any, A
         return built_model(*TINY, *overrides(name, minimind_dir))
 
     return build
+
+
+def only_run(directory: Path) -> Any:
+    """The one offline W&B run under `directory`, read back."""
+    from runtime.wandb_offline import find_run_files, read_run
+
+    (run_file,) = find_run_files(directory)
+    return read_run(run_file, wait=60)

@@ -6,63 +6,14 @@ docstring: one prompt at a time (no batching, no padding), hooks written here, f
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from analysis import memit, memit_inputs
 from datamodules.sources import load_split
-from modeling.architecture import decoder_blocks, mlp_output_modules
-from tests.conftest import built_model, compose_config
-
-TEMPLATES = [["{}"], ["Once upon a time. {}", "Notes. {}", "It was said that. {}"]]
-REQUEST = {"prompt": "Marlow Ketterby was born in", "subject": "Marlow Ketterby", "target_new": "Paris"}
-OTHER = {"prompt": "The river Oska flows into", "subject": "Oska", "target_new": "Lake Vell"}
-ARCHITECTURES = ["tiny_gpt2", "tiny_llama"]
-
-
-def tiny(name: str, *overrides: str):
-    layers = "model.scratch.n_layer=3" if name == "tiny_gpt2" else "model.scratch.num_hidden_layers=3"
-    cfg, model, tokenizer = built_model(
-        f"model={name}", layers, "model.memit.layers=[0,1]", *overrides, config_name="ripple"
-    )
-    hparams = cfg.analysis.memit.copy()
-    with open_dict(hparams):
-        hparams.context_templates = TEMPLATES
-    return model, tokenizer, hparams
-
-
-def ids(tokenizer, text: str) -> list[int]:
-    return tokenizer(text)["input_ids"]
-
-
-def subject_end(tokenizer, text: str, subject: str) -> int:
-    return len(ids(tokenizer, text[: text.rindex(subject) + len(subject)])) - 1
-
-
-def forward(model, layer: int, token_ids: list[int], position: int, delta: torch.Tensor | None = None):
-    """Logits [T, V] and block `layer`'s output at `position` [hidden], adding `delta` there when given."""
-    seen = {}
-
-    def hook(module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        seen["h"] = hidden[0, position].detach().clone()
-        if delta is None:
-            return output
-        hidden = hidden.clone()
-        hidden[0, position] += delta
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    handle = decoder_blocks(model)[layer].register_forward_hook(hook)
-    try:
-        with torch.no_grad():
-            logits = model(torch.tensor([token_ids])).logits[0]
-    finally:
-        handle.remove()
-    return logits.double(), seen["h"]
+from modeling.architecture import mlp_output_modules
+from tests.memit_reference import ARCHITECTURES, OTHER, REQUEST, TEMPLATES, forward, ids, subject_end, tiny
 
 
 @pytest.mark.parametrize("name", ARCHITECTURES)
@@ -212,92 +163,3 @@ def test_each_layer_update_is_the_closed_form_with_the_residual_spread_over_laye
         K, R, C = update.keys, update.residual, moments[layer].double()
         expected = R @ K.T @ torch.linalg.inv(hparams.mom2_update_weight * C + K @ K.T)  # [out, in]
         assert torch.allclose(update.delta.double(), expected.T if conv1d else expected, rtol=1e-5, atol=1e-7)
-
-
-def test_context_templates_are_generated_by_the_model_seeded_and_cached(tmp_path: Path, monkeypatch) -> None:
-    model, tokenizer, hparams = tiny("tiny_llama")
-    with open_dict(hparams):
-        hparams.context_templates = "generated"
-    templates = memit_inputs.context_templates(model, tokenizer, hparams, tmp_path)
-    assert templates[0] == ["{}"] and len(templates[1]) == 5
-    for starter, template in zip(hparams.context_starters, templates[1], strict=True):
-        assert template.startswith(starter) and template.endswith(". {}") and template.count("{}") == 1
-    prefix = templates[1][0].removesuffix(". {}")
-    assert len(ids(tokenizer, prefix)) >= 3  # a generated continuation, not the bare starter
-    monkeypatch.setattr(
-        model, "forward", lambda *a, **k: (_ for _ in ()).throw(LookupError("templates regenerated"))
-    )
-    assert memit_inputs.context_templates(model, tokenizer, hparams, tmp_path) == templates  # from the cache
-    monkeypatch.undo()
-    again = memit_inputs.context_templates(model, tokenizer, hparams, tmp_path / "fresh")
-    assert again == templates  # the same seed gives the same prefixes without the cache
-    other = memit_inputs.context_templates(
-        model, tokenizer, OmegaConf.merge(hparams, {"context_seed": 1}), tmp_path
-    )
-    assert other != templates
-
-
-def test_statistics_count_texts_are_cached_and_recorded(tmp_path: Path, monkeypatch) -> None:
-    model, tokenizer, hparams = tiny("tiny_gpt2")
-    with open_dict(hparams):
-        hparams.mom2_n_samples = 12
-    texts = [r["question"] for r in load_split({"kind": "bundled", "bundled": "gsm8k"}, "train")]
-    moments, info = memit_inputs.second_moments(model, tokenizer, hparams, texts, tmp_path, "bundled:gsm8k")
-    assert info == {
-        "corpus": "bundled:gsm8k",
-        "texts": 12,
-        "tokens": sum(len(ids(tokenizer, t)) for t in texts[:12]),
-        "max_tokens_per_text": 1024,
-    }
-    assert all(torch.allclose(m, m.T) for m in moments.values())
-
-    def recomputed(*args, **kwargs):
-        raise LookupError("statistics recomputed")
-
-    monkeypatch.setattr(model, "forward", recomputed)
-    cached, cached_info = memit_inputs.second_moments(
-        model, tokenizer, hparams, texts, tmp_path, "bundled:gsm8k"
-    )
-    assert cached_info == info and all(torch.equal(cached[k], moments[k]) for k in moments)
-    with pytest.raises(LookupError, match="statistics recomputed"):  # another corpus is another cache entry
-        memit_inputs.second_moments(model, tokenizer, hparams, texts, tmp_path, "bundled:other")
-
-
-def test_model_configs_carry_memit_z_settings() -> None:
-    gpt2_xl = compose_config("model=gpt2_xl", config_name="ripple").analysis.memit
-    assert (
-        gpt2_xl.clamp_norm_factor,
-        gpt2_xl.v_weight_decay,
-        gpt2_xl.v_num_grad_steps,
-        gpt2_xl.kl_factor,
-        gpt2_xl.mom2_update_weight,
-        list(gpt2_xl.layers),
-    ) == (0.75, 0.5, 20, 0.0625, 20000, [13, 14, 15, 16, 17])
-    llama = compose_config("model=llama2_7b", config_name="ripple").analysis.memit
-    assert (llama.clamp_norm_factor, llama.v_weight_decay, llama.v_num_grad_steps) == (4.0, 1e-3, 25)
-    any_model = compose_config(
-        "model=hf_causal_lm",
-        "model.memit.layers=[0]",
-        "model.memit.mom2_update_weight=1",
-        config_name="ripple",
-    ).analysis.memit
-    assert (any_model.clamp_norm_factor, any_model.v_weight_decay, any_model.v_num_grad_steps) == (
-        0.75,
-        0.5,
-        20,
-    )
-    assert (
-        json.loads(json.dumps(OmegaConf.to_container(gpt2_xl.stats, resolve=True)))["source"]["max_records"]
-        == 100000
-    )
-
-
-def test_a_model_file_states_only_the_memit_settings_that_differ_from_its_family() -> None:
-    conf = Path(__file__).resolve().parents[1] / "conf"
-    base = OmegaConf.load(conf / "model_family" / "base.yaml")
-    for path in sorted((conf / "model").glob("*.yaml")):
-        stated = OmegaConf.load(path)
-        family_file = next(entry for entry in stated.defaults if str(entry).startswith("/model_family/"))
-        family = OmegaConf.merge(base, OmegaConf.load(conf / f"{family_file.split('@')[0].lstrip('/')}.yaml"))
-        repeated = {key for key, value in stated.get("memit", {}).items() if family.memit.get(key) == value}
-        assert not repeated, f"{path.name} repeats its family's memit settings {sorted(repeated)}"

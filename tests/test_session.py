@@ -1,34 +1,25 @@
 """One run lifecycle for every entrypoint: W&B runs per job and per sweep, grouped and flat-configured, the
-same run after a resume, headline numbers equal to results.json, Optuna search, TensorBoard HParams."""
+same run after a resume, headline numbers equal to results.json (hyperparameter search:
+test_hparams_search.py)."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import signal
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from omegaconf import OmegaConf, open_dict
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
 
 from runtime import session as lifecycle
 from runtime import wandb_runs
 from runtime.results import read_results
-from runtime.wandb_offline import OfflineRun, find_run_files, read_run
-from tests.conftest import TINY, compose_config, launch
+from tests.conftest import TINY, compose_config, launch, only_run
 
 ENV = {**os.environ, "WANDB_MODE": "offline"}
-
-
-def only_run(directory: Path) -> OfflineRun:
-    (run_file,) = find_run_files(directory)
-    return read_run(run_file, wait=60)
 
 
 def wandb_table(run_dir: Path, key: str) -> list[dict]:
@@ -235,52 +226,6 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_config, tmp_path: Path)
     copied.parent.mkdir(parents=True)
     copied.write_bytes(last.read_bytes())
     assert lifecycle._resumed_run_id(str(copied)) == first.run_id
-
-
-def test_optuna_search_reports_its_best_trial_and_tensorboard_shows_every_trial(tmp_path: Path) -> None:
-    launch(
-        "train.py",
-        "hparams_search=lora_lr_bs",
-        *TINY,
-        "model=tiny_llama",
-        "logger=[wandb,tensorboard]",
-        "data.max_train_samples=8",
-        "trainer.max_steps=2",
-        "hydra.sweeper.n_trials=3",
-        "hydra.sweeper.sampler.n_startup_trials=2",
-        f"hydra.sweep.dir={tmp_path}",
-        f"paths.cache_dir={tmp_path / 'cache'}",
-    )
-    jobs = sorted(p.parent for p in tmp_path.glob("*/results.json"))
-    assert [job.name for job in jobs] == ["0", "1", "2"]
-    losses = [read_results(job)["metrics"]["val/loss"] for job in jobs]
-    best = yaml.safe_load((tmp_path / "optimization_results.yaml").read_text())
-    assert best["best_value"] == pytest.approx(min(losses), rel=1e-6)
-    best_job = jobs[losses.index(min(losses))]
-    assert best["best_params"]["optim.lr"] == pytest.approx(
-        yaml.safe_load((best_job / "config.yaml").read_text())["optim"]["lr"]
-    )
-    assert len({only_run(job).run_id for job in jobs}) == 3
-    for job, loss in zip(jobs, losses, strict=True):
-        events = EventAccumulator(str(job / "tensorboard"))
-        events.Reload()
-        assert {"train/loss_step", "val/loss"} <= set(events.Tags()["scalars"])
-        assert events.Scalars("final/val/loss")[-1].value == pytest.approx(loss, rel=1e-6)
-        start = plugin_data_pb2.HParamsPluginData.FromString(
-            events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-        ).session_start_info
-        lr = yaml.safe_load((job / "config.yaml").read_text())["optim"]["lr"]
-        assert start.hparams["optim.lr"].number_value == pytest.approx(lr)
-        assert start.hparams["data.batch_size"].number_value in (4, 8, 16)
-
-
-def test_optimized_metric_names_the_value_a_sweeper_gets(caplog: pytest.LogCaptureFixture) -> None:
-    assert lifecycle.optimized_value({"metrics": {"val/loss": 2.5}}, "val/loss") == 2.5
-    assert math.isnan(lifecycle.optimized_value({"metrics": {"val/loss": 2.5}, "run_dir": "x"}, "val/los"))
-    assert "optimized_metric='val/los' is not among this run's metrics (val/loss)" in caplog.text
-    assert [
-        lifecycle.metric_direction(m) for m in ("val/loss", "val/ppl", "accuracy", "pass@1_flexible")
-    ] == ["minimize", "minimize", "maximize", "maximize"]
 
 
 def test_flat_config_has_dotted_keys_for_dashboards(tiny_config) -> None:
