@@ -37,9 +37,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from helpers.batch_tokens import padding_share, supervised_per_timed_step  # noqa: E402
 from helpers.timing import HFClock, LightningClock, StepClock, bench_config  # noqa: E402
 
-from datamodules import IGNORE_INDEX  # noqa: E402
 from datamodules.padding_free import model_inputs  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
 
@@ -197,18 +197,6 @@ def run_trl(args, run_dir: str) -> float | str:
     )
     trainer.train()
     return clock.rate()
-
-
-def padding_share(batches: list[dict]) -> float:
-    return sum(int((b["attention_mask"] == 0).sum()) for b in batches) / sum(
-        b["attention_mask"].numel() for b in batches
-    )
-
-
-def supervised_per_timed_step(batches: list[dict], warmup: int) -> float:
-    """Supervised (label) tokens per step over the timed steps (after `warmup`)."""
-    timed = batches[warmup:]
-    return sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in timed) / len(timed)
 
 
 def batch_figures(args, run_dir: str) -> tuple[float, float, dict[str, float], float]:
