@@ -95,6 +95,19 @@ class OptimisedModule(L.LightningModule):
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        """The loss of `batch` at `stage` (train, val, test), its metrics logged: each task module's own."""
+        raise NotImplementedError
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
     def measures_step(self) -> bool:
         """Whether this training step computes the metrics beyond the loss (every `metrics_every_n_steps`)."""
         return self.global_step % self.metrics_every_n_steps == 0

@@ -92,15 +92,6 @@ class CausalLMModule(OptimisedModule):
             "confidence": (sampled.max(-1).values - sampled.logsumexp(-1)).exp().mean(),
         }
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
-
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val")
 

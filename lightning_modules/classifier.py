@@ -84,15 +84,6 @@ class ClassifierModule(OptimisedModule):
             self.scores[stage].update(logits.argmax(-1), batch["class_index"])
         return loss
 
-    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        self._shared_step(batch, "test")
-
     def on_validation_epoch_end(self) -> None:
         log_classification_epoch(self, self.scores["val"], "val", self.class_names)
 
