@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling import architecture, models  # noqa: E402
+from modeling import architecture, discovery, models  # noqa: E402
 
 TINY = ["tiny_llama", "tiny_diffllama", "tiny_qwen2", "tiny_gpt2"]
 
@@ -40,7 +40,7 @@ def measure(cfg, repeats: int) -> tuple[float, float]:
     for _ in range(repeats):
         seconds, (model, _) = timed(lambda: models.build(cfg))
         loads.append(seconds)
-        discoveries.append(timed(lambda model=model: architecture.discover(model))[0])
+        discoveries.append(timed(lambda model=model: discovery.discover(model))[0])
     return best(loads), best(discoveries)
 
 

@@ -15,7 +15,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lightning_modules import methods
 from lightning_modules.methods import MethodContext, count_parameters
-from modeling import architecture, models
+from modeling import architecture, discovery, models
 from modeling.model_checks import ModelLoadError
 from tests.conftest import CONF_DIR, compose_config
 
@@ -112,7 +112,7 @@ def test_discovery_costs_one_short_forward_and_runs_once_per_model(monkeypatch: 
     for _ in range(3):
         architecture.attention_modules(model)
         architecture.mlp_output_modules(model, [0, 1])
-    assert calls == [(1, architecture.PROBE_LENGTH)] * 2  # two probe rows, once
+    assert calls == [(1, discovery.PROBE_LENGTH)] * 2  # two probe rows, once
 
 
 def test_saved_model_loads_back_through_model_path(tmp_path) -> None:

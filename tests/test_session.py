@@ -225,7 +225,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(tiny_config, tmp_path: Path)
     copied = tmp_path / "elsewhere" / "checkpoints" / "last.ckpt"
     copied.parent.mkdir(parents=True)
     copied.write_bytes(last.read_bytes())
-    assert lifecycle._resumed_run_id(str(copied)) == first.run_id
+    assert wandb_runs._resumed_run_id(str(copied)) == first.run_id
 
 
 def test_flat_config_has_dotted_keys_for_dashboards(tiny_config) -> None:
