@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling import architecture, discovery, models  # noqa: E402
+from modeling import discovery, models  # noqa: E402
 
 TINY = ["tiny_llama", "tiny_diffllama", "tiny_qwen2", "tiny_gpt2"]
 
