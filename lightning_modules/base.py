@@ -17,14 +17,21 @@ from modeling.model_checks import BASE_IDENTITY_ATTR, ModelLoadError, check_same
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite. The checkpoint callbacks fill in the checkpoint that is still
-    good."""
+    """The training loss became NaN or infinite at global step `step`. Raised here without knowing the run's
+    checkpoints; the run (runtime/training.py) raises it again with the checkpoint dir and the last good
+    checkpoint, (global step, file), so the message says where to resume from."""
 
-    def __init__(self, loss: float, step: int, batch_idx: int) -> None:
+    def __init__(
+        self,
+        loss: float,
+        step: int,
+        batch_idx: int,
+        checkpoint_dir: Path | None = None,
+        good_checkpoint: tuple[int, Path] | None = None,
+    ) -> None:
         super().__init__(loss, step, batch_idx)
         self.loss, self.step, self.batch_idx = loss, step, batch_idx
-        self.checkpoint_dir: Path | None = None
-        self.good_checkpoint: tuple[int, Path] | None = None  # (global step, file)
+        self.checkpoint_dir, self.good_checkpoint = checkpoint_dir, good_checkpoint
 
     def __str__(self) -> str:
         if self.good_checkpoint is not None:

@@ -156,12 +156,11 @@ class SafeModelCheckpoint(ModelCheckpoint):
                 if step >= exception.step and not p.name.endswith(PREVIOUS_SUFFIX)
             ]:
                 self._roll_back(path)
-        exception.checkpoint_dir = Path(self.dirpath) if self.dirpath else None
-        good = [
-            (step, path) for path, step in self.written.items() if step < exception.step and path.exists()
-        ]
-        candidates = [c for c in (exception.good_checkpoint, max(good, default=None)) if c is not None]
-        exception.good_checkpoint = max(candidates, default=None)
+
+    def last_good(self, failed_step: int) -> tuple[int, Path] | None:
+        """(global step, file) of the newest checkpoint this callback holds from before `failed_step`."""
+        good = [(step, path) for path, step in self.written.items() if step < failed_step and path.exists()]
+        return max(good, default=None)
 
     def _roll_back(self, path: Path) -> None:
         """Replace `path` with the file it overwrote, or delete it when there is none."""
@@ -217,3 +216,12 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def with_checkpoints(error: NonFiniteLossError, trainer: L.Trainer) -> NonFiniteLossError:
+    """`error` again, with the run's checkpoint dir and the last good checkpoint any SafeModelCheckpoint of
+    `trainer` holds (after their rollback of the files the non-finite step wrote)."""
+    callbacks = [c for c in trainer.callbacks if isinstance(c, SafeModelCheckpoint)]
+    directory = next((Path(c.dirpath) for c in reversed(callbacks) if c.dirpath), None)
+    good = [found for c in callbacks if (found := c.last_good(error.step)) is not None]
+    return NonFiniteLossError(error.loss, error.step, error.batch_idx, directory, max(good, default=None))

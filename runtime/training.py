@@ -17,13 +17,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import datamodules
 from lightning_modules import methods
+from lightning_modules.base import NonFiniteLossError
 from lightning_modules.methods import MethodContext, count_parameters
 from lightning_modules.task_modules import task_module_class, task_module_name
 from modeling import model_checks, models
 from modeling.architecture import bare_model
 from modeling.padding_free import keeps_sequences_apart
 from runtime import saved_run
-from runtime.checkpointing import AtomicCheckpointIO, remove_partial_files
+from runtime.checkpointing import AtomicCheckpointIO, remove_partial_files, with_checkpoints
 from runtime.rng_state import RestoreRNG
 from runtime.session import overrides, start
 from runtime.validate import check_config
@@ -117,7 +118,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         session.log_config()
         if not cfg.get("ckpt_path"):  # a resumed run logged these at step 0 already
             session.log_metrics({"params/trainable": trainable, "params/total": total, **method_metrics})
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+        except NonFiniteLossError as error:
+            raise with_checkpoints(error, trainer) from error
         results = {
             "run_name": cfg.run_name,
             "model": cfg.model.name,
