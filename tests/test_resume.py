@@ -96,23 +96,34 @@ def train_process(*overrides: str, run_dir: Path) -> subprocess.CompletedProcess
     )
 
 
-def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    overrides = [*RESUMABLE, *DROPOUT["lora"]]
+def killed_run(overrides: list[str], tmp_path: Path, step: int) -> tuple[int, Path]:
+    """Train once straight through (`straight`), then again killed with SIGKILL at global step `step`
+    (`killed`); the killed run's return code and its last checkpoint."""
     assert train_process(*overrides, run_dir=tmp_path / "straight").returncode == 0
     killed = train_process(
         *overrides,
         "+callbacks.kill._target_=tests.helpers.InterruptAtStep",
-        "+callbacks.kill.step=8",
+        f"+callbacks.kill.step={step}",
         "+callbacks.kill.kill=true",
         run_dir=tmp_path / "killed",
     )
-    assert killed.returncode == -signal.SIGKILL
-    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 6
+    return killed.returncode, tmp_path / "killed" / "checkpoints" / "last.ckpt"
+
+
+def assert_resume_matches(overrides: list[str], last: Path, tmp_path: Path) -> None:
+    """Resume from `last` (`resumed`): it must end as the straight run did."""
     resumed = train_process(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     straight, again = (read_results(tmp_path / d) for d in ("straight", "resumed"))
     assert_same_run(straight, again)
+
+
+def test_sigkill_mid_epoch_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    overrides = [*RESUMABLE, *DROPOUT["lora"]]
+    code, last = killed_run(overrides, tmp_path, step=8)
+    assert code == -signal.SIGKILL
+    assert torch.load(last, weights_only=True)["global_step"] == 6
+    assert_resume_matches(overrides, last, tmp_path)
 
 
 @pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
@@ -126,22 +137,11 @@ def test_ddp_two_processes_killed_mid_epoch_resume_bit_identical(tmp_path: Path)
         "callbacks.last_checkpoint.every_n_train_steps=2",
     ]
     # 20 examples over 2 ranks in batches of 4: 3 batches an epoch per rank; step 4 is mid-epoch 1
-    assert train_process(*overrides, run_dir=tmp_path / "straight").returncode == 0
-    killed = train_process(
-        *overrides,
-        "+callbacks.kill._target_=tests.helpers.InterruptAtStep",
-        "+callbacks.kill.step=5",
-        "+callbacks.kill.kill=true",
-        run_dir=tmp_path / "killed",
-    )
-    assert killed.returncode != 0
-    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    code, last = killed_run(overrides, tmp_path, step=5)
+    assert code != 0
     saved = torch.load(last, weights_only=True)
     assert saved["global_step"] == 4 and len(saved[rng_state.RNG_KEY]) == 2
-    resumed = train_process(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight, again = (read_results(tmp_path / d) for d in ("straight", "resumed"))
-    assert_same_run(straight, again)
+    assert_resume_matches(overrides, last, tmp_path)
 
 
 @pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
@@ -161,19 +161,8 @@ def test_fsdp_two_processes_killed_mid_epoch_resume_bit_identical(
         "callbacks.last_checkpoint.every_n_train_steps=2",
         f"+trainer.strategy.state_dict_type={state_dict_type}",
     ]
-    assert train_process(*overrides, run_dir=tmp_path / "straight").returncode == 0
-    killed = train_process(
-        *overrides,
-        "+callbacks.kill._target_=tests.helpers.InterruptAtStep",
-        "+callbacks.kill.step=5",
-        "+callbacks.kill.kill=true",
-        run_dir=tmp_path / "killed",
-    )
-    assert killed.returncode != 0
-    last = tmp_path / "killed" / "checkpoints" / "last.ckpt"
+    code, last = killed_run(overrides, tmp_path, step=5)
+    assert code != 0
     assert last.is_dir() == (state_dict_type == "sharded")
     assert torch.load(last / "meta.pt" if last.is_dir() else last, weights_only=True)["global_step"] == 4
-    resumed = train_process(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    straight, again = (read_results(tmp_path / d) for d in ("straight", "resumed"))
-    assert_same_run(straight, again)
+    assert_resume_matches(overrides, last, tmp_path)
