@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import datamodules
-from modeling.architecture import as_sequence, mlp_output_modules
+from modeling.architecture import as_sequence, check_layers, mlp_output_modules
 from modeling.log_probs import answer_log_probs
 from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import overrides, start
@@ -151,10 +151,13 @@ def compute(
 
 
 def coupling_stage(
-    cfg: DictConfig, settings: DictConfig, run_dir: Path
+    cfg: DictConfig, settings: DictConfig, run_dir: Path, layer_keys: dict[str, Any]
 ) -> tuple[Any, Any, Any, list[dict[str, Any]], np.ndarray]:
-    """Load the model and task, compute GradSim, write knowledge_pieces.json and coupling_matrix.npy."""
+    """Load the model (refusing a layer it does not have, for every config key -> layers of `layer_keys`) and
+    the task, compute GradSim, write knowledge_pieces.json and coupling_matrix.npy."""
     model, tokenizer = load_model(cfg)
+    for key, layers in layer_keys.items():
+        check_layers(model, layers, key)
     model.eval()
     datamodule = datamodules.build(cfg, tokenizer)
     pieces, matrix = compute(model, datamodule, settings, cfg.seed)
@@ -170,7 +173,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     use_checkpoint_model(cfg)
     with start(cfg, job_type="analysis") as session:
-        model, _, _, pieces, matrix = coupling_stage(cfg, cfg.analysis, session.run_dir)
+        layers = {"analysis.layers": cfg.analysis.layers}
+        model, _, _, pieces, matrix = coupling_stage(cfg, cfg.analysis, session.run_dir, layers)
         analysis = {
             "model": cfg.model.name,
             "task": cfg.task.name,

@@ -166,7 +166,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def ripple_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """GradSim, one MEMIT edit per piece and the ripple of each on every piece; writes every output into
     run_dir."""
-    model, tokenizer, datamodule, pieces, matrix = gradsim.coupling_stage(cfg, cfg.analysis.gradsim, run_dir)
+    settings = cfg.analysis
+    layers = {
+        "analysis.gradsim.layers": settings.gradsim.layers,
+        "analysis.memit.layers": settings.memit.layers,
+    }
+    model, tokenizer, datamodule, pieces, matrix = gradsim.coupling_stage(
+        cfg, settings.gradsim, run_dir, layers
+    )
 
     hparams = cfg.analysis.memit
     stats_records = load_split(hparams.stats.source, hparams.stats.split)

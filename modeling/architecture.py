@@ -10,7 +10,7 @@ found once per loaded model and kept on it.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -107,6 +107,20 @@ def mlp_output_modules(model: nn.Module, layers: list[int]) -> list[tuple[str, n
     found, blocks = structure(model), decoder_blocks(model)
     path = found.part("mlp_output")
     return [(f"{found.blocks}.{i}.{path}", blocks[i].get_submodule(path), found.conv1d) for i in layers]
+
+
+def check_layers(model: nn.Module, layers: Sequence[int] | None, key: str, negative: bool = False) -> None:
+    """Refuse `layers` (the value of config key `key`; None: all) unless each is a decoder block of `model`,
+    with a StructureError naming the key, the value and the model's depth (`negative`: -1 counts from the
+    end)."""
+    depth = len(decoder_blocks(model))
+    low = -depth if negative else 0
+    bad = [i for i in layers or [] if isinstance(i, bool) or not isinstance(i, int) or not low <= i < depth]
+    if bad:
+        raise StructureError(
+            f"{key}={list(layers)}: {bad} is not a layer of {type(bare_model(model)).__name__}, which has "
+            f"{depth} decoder blocks (layers 0..{depth - 1}{', or -1..-' + str(depth) if negative else ''})"
+        )
 
 
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
