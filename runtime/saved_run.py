@@ -4,7 +4,7 @@ A saved run is one of three layouts, by what training changed:
 - a peft adapter (`adapter_config.json` + `adapter_model.safetensors`): LoRA, svd_lora, prompt tuning;
 - a whole model (`config.json` + `model.safetensors`, save_pretrained): full fine-tuning;
 - a frozen-base method's trainable weights (`trainable.safetensors`) and its config (`method.json`),
-  re-applied by its registry name on load (adapters, the projection head's backbone);
+  re-applied by its name on load (adapters, the projection head's backbone);
 with, in every layout, `base_model.json` (the base model's identity and model config), the tokenizer, and for
 a projection-head classifier its head (`classifier_head.safetensors` + `classifier.json`). An FSDP run's
 weights are gathered first, so its final/ is a single-device run's.
