@@ -110,9 +110,8 @@ def write_grid(
         metric = headline_metric(staged[0]["metrics"])
         level = f"{settings.confidence:.0%}"
         note = f"Each score with its {level} interval [low, high] over the n problems (method: `interval`)."
-        written += tables.write(
-            rows, Path(out_dir) / f"{stage}_performance.csv", f"{stage} performance", note
-        )
+        path, shown = Path(out_dir) / f"{stage}_performance.csv", [_display(row) for row in rows]
+        written += tables.write(rows, path, f"{stage} performance", note, shown)
         written.append(_bar_chart(rows, metric, Path(out_dir) / f"{stage}_performance.png", stage))
         try:
             if not all(r.get("run_dir") for r in staged):

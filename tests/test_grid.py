@@ -151,3 +151,5 @@ def test_grid_compares_models_and_drops_on_the_same_problems(tmp_path: Path) -> 
     assert rows["a on gsm8k", "a on gsm8k_inf"]["verdict"] == "a on gsm8k better"  # the noise costs 0.6
     assert float(rows["a on gsm8k", "a on gsm8k_inf"]["difference"]) == pytest.approx(0.6)
     assert rows["a on gsm8k_inf", "b on gsm8k_inf"]["verdict"].startswith("no detectable")
+    table = (tmp_path / "zero_shot_performance.md").read_text()  # each score beside its Wilson interval
+    assert "| a | gsm8k | - | 0.600 [0.502, 0.691] | wilson |" in table and "_low" not in table
