@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import signal
 from pathlib import Path
 
@@ -18,8 +17,6 @@ from runtime import session as lifecycle
 from runtime import wandb_runs
 from runtime.results import read_results
 from tests.conftest import TINY, compose_config, launch, only_run
-
-ENV = {**os.environ, "WANDB_MODE": "offline"}
 
 
 def wandb_table(run_dir: Path, key: str) -> list[dict]:
