@@ -42,7 +42,7 @@ import datamodules
 from analysis import plots
 from analysis.allocation import allocation, summarise, token_classes
 from analysis.attention_maps import AttentionCapture, attention_maps, prefer_eager, select, token_strings
-from modeling.architecture import check_layers
+from modeling.architecture import attention_modules
 from runtime import tables
 from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import Session, overrides, start
@@ -60,7 +60,7 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
     use_checkpoint_model(cfg)
     with start(cfg, job_type="analysis") as session:
         model, tokenizer = load_model(cfg)
-        check_layers(model, _list(cfg.analysis.layers), "analysis.layers", negative=True)
+        select(_list(cfg.analysis.layers), len(attention_modules(model)), "analysis.layers")
         if cfg.analysis.get("text") or cfg.analysis.get("text_file"):
             result = analyse_texts(cfg, model, tokenizer, session.run_dir)
         else:

@@ -37,6 +37,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from modeling.architecture import attention_modules
+from modeling.discovery import StructureError
 
 
 def differential_maps(
@@ -197,7 +198,11 @@ def select(indices: list[int] | None, size: int, what: str) -> list[int]:
         return list(range(size))
     bad = [i for i in indices if not -size <= i < size]
     if bad:
-        raise ValueError(f"{what} {bad} out of range: the model has {size} {what}")
+        noun = what.rsplit(".", 1)[-1]
+        raise StructureError(
+            f"{what}={list(indices)}: {bad} out of range; the model has {size} {noun} (0..{size - 1}, or "
+            f"-1..-{size})"
+        )
     return [i % size for i in indices]
 
 

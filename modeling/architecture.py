@@ -109,17 +109,15 @@ def mlp_output_modules(model: nn.Module, layers: list[int]) -> list[tuple[str, n
     return [(f"{found.blocks}.{i}.{path}", blocks[i].get_submodule(path), found.conv1d) for i in layers]
 
 
-def check_layers(model: nn.Module, layers: Sequence[int] | None, key: str, negative: bool = False) -> None:
-    """Refuse `layers` (the value of config key `key`; None: all) unless each is a decoder block of `model`,
-    with a StructureError naming the key, the value and the model's depth (`negative`: -1 counts from the
-    end)."""
+def check_layers(model: nn.Module, layers: Sequence[int], key: str) -> None:
+    """Refuse `layers` (the value of config key `key`) unless each is a decoder block of `model`, with a
+    StructureError naming the key, the value and the model's depth."""
     depth = len(decoder_blocks(model))
-    low = -depth if negative else 0
-    bad = [i for i in layers or [] if isinstance(i, bool) or not isinstance(i, int) or not low <= i < depth]
+    bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
     if bad:
         raise StructureError(
             f"{key}={list(layers)}: {bad} is not a layer of {type(bare_model(model)).__name__}, which has "
-            f"{depth} decoder blocks (layers 0..{depth - 1}{', or -1..-' + str(depth) if negative else ''})"
+            f"{depth} decoder blocks (layers 0..{depth - 1})"
         )
 
 
