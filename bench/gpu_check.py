@@ -1,8 +1,8 @@
 """The GPU check: what lmlab's fast paths do on a CUDA device, written to one JSON (`make gpu-check`, a few
 minutes on one GPU).
 
-1. SmolLM2-135M-Instruct, bf16-mixed, LoRA and full fine-tuning on GSM8K: tokens/s and MFU (Lightning's
-   ThroughputMonitor; the FLOPs of one training step counted by Lightning's `measure_flops`);
+1. SmolLM2-135M-Instruct, bf16-mixed, LoRA and full fine-tuning on GSM8K: tokens/s and MFU (the
+   ThroughputMonitor, from the FLOPs lmlab counts for every batch: modeling/flops.py);
 2. a Llama of about 375M parameters trained from scratch (the shape of the Llama-375M / DiffLlama-375M pair:
    hidden 1024, 24 layers, 16 heads, SmolLM tokenizer) on packed text: tokens/s and MFU;
 3. padding-free vs padded LoRA batches with sdpa and flash attention (flash where `flash-attn` is installed):
@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,29 +45,6 @@ LLAMA_375M = (
 )
 
 
-class CountFlops(L.Callback):
-    """Gives the module `flops_per_batch` (one training step on the first batch, counted by Lightning), so the
-    ThroughputMonitor reports MFU."""
-
-    def on_train_batch_start(
-        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
-    ) -> None:
-        if hasattr(pl_module, "flops_per_batch"):
-            return
-        from lightning.fabric.utilities.throughput import measure_flops
-
-        pl_module.flops_per_batch = measure_flops(
-            pl_module.model, lambda: pl_module.model(**_inputs(batch)), lambda output: output.loss
-        )
-        pl_module.model.zero_grad(set_to_none=True)  # the counted step's gradients are not the run's
-
-
-def _inputs(batch: dict) -> dict:
-    from datamodules.padding_free import model_inputs
-
-    return model_inputs(batch)
-
-
 def train(run_dir: Path, overrides: list[str], quick: bool) -> dict[str, Any]:
     """One train.py run on the device; its tokens/s, MFU and per-step losses from its metrics."""
     from omegaconf import open_dict
@@ -82,7 +58,6 @@ def train(run_dir: Path, overrides: list[str], quick: bool) -> dict[str, Any]:
         "test_after_fit=false",
         "+trainer.limit_val_batches=0",
         "task.source=bundled",
-        "+callbacks.flops._target_=bench.gpu_check.CountFlops",
         *overrides,
     )
     with open_dict(cfg):

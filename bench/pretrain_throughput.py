@@ -1,20 +1,21 @@
-"""Pre-training tokens/s through train.py vs a minimal hand-written loop, and the MFU estimate.
+"""Pre-training step time through train.py against a minimal hand-written loop, and the MFU estimate.
 
-Same from-scratch model (experiment ablation/baseline by default: Llama 384/6/12, SmolLM tokenizer),
-same packed blocks, same AdamW + warmup/cosine + clipping. Steady-state rates after `--warmup` steps,
-rounds alternating the two sides; best of each. MFU = 6 * parameters * tokens/s / peak FLOP/s, with the
-peak from Lightning's table on a known GPU, else a measured float32 matmul rate on this CPU.
-    ratio lmlab_vs_torch_loop_tokens = <x> (goal >= 0.9)
+Same from-scratch model (experiment ablation/baseline by default: Llama 384/6/12, SmolLM tokenizer), same
+packed blocks in the same order, same AdamW + warmup/cosine + clipping. Each side runs in its own fresh
+process (`--side`), the two in an order shuffled per round, `--warmup` untimed then `--steps` timed steps
+each; the sides are compared by the median step time over every round, with quartiles and range printed. MFU
+is the FLOPs of a batch (modeling/flops.py: the count the ThroughputMonitor logs) per median step over the
+device's peak: Lightning's table on a known GPU, else the float32 matmul rate measured here.
 
-    python bench/pretrain_throughput.py [--experiment ablation/baseline] [--steps 6] [--rounds 2]
-"""
+    ratio lmlab_vs_torch_loop = <torch loop median step / train.py median step> (goal >= 1.0)
+
+python bench/pretrain_throughput.py [--experiment ablation/baseline] [--steps 10] [--rounds 2] [--batch 2]"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import lightning as L
@@ -26,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers.timing import StepClock, bench_config, lmlab_steps_per_second  # noqa: E402
+from helpers.sides import LightningTimes, StepTimes, print_sides, report, run_rounds  # noqa: E402
+from helpers.timing import bench_config  # noqa: E402
 
+from modeling.flops import batch_flops, flop_counts, measured_peak_flops  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
 
 SHARED_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
@@ -40,7 +43,8 @@ def config(args: argparse.Namespace, run_dir: str):
             f"experiment={args.experiment}",
             *source,
             "task.text_fields=[question,answer]",
-            "trainer=cpu",
+            "trainer=cpu" if not torch.cuda.is_available() else "trainer=default",
+            f"data.batch_size={args.batch}",
             f"trainer.max_steps={args.steps + args.warmup}",
             "trainer.limit_val_batches=0",
             "trainer.precision=32-true",
@@ -49,61 +53,67 @@ def config(args: argparse.Namespace, run_dir: str):
     )
 
 
-def setup(cfg):
+def setup(args: argparse.Namespace, run_dir: str):
+    cfg = config(args, run_dir)
     L.seed_everything(cfg.seed)
-    model, tokenizer, datamodule, _ = build_trainable_model(cfg)
+    model, _, datamodule, _ = build_trainable_model(cfg)
     datamodule.setup("fit")
-    return model, datamodule
+    return cfg, model, datamodule
 
 
-def run_lmlab(cfg, args) -> float:
-    model, datamodule = setup(cfg)
-    return lmlab_steps_per_second(cfg, model, datamodule, args.warmup)
+def lmlab(args: argparse.Namespace, run_dir: str) -> None:
+    from lightning_modules.base import module_settings
+    from lightning_modules.task_modules import task_module_class
+    from runtime.session import build_loggers
+    from runtime.training import build_trainer
+
+    cfg, model, datamodule = setup(args, run_dir)
+    counts = flop_counts(model)
+    times = StepTimes(args.warmup)
+    trainer = build_trainer(cfg, model, build_loggers(cfg, "train", None))
+    trainer.callbacks.append(LightningTimes(times))
+    trainer.fit(task_module_class("causal_lm")(model, **module_settings(cfg)), datamodule=datamodule)
+    block = cfg.data.max_length
+    flops = batch_flops(counts, [block] * args.batch, args.batch * (block - 1), backward=True)
+    report(
+        args.out, step_times=times.times, flops=flops, parameters=sum(p.numel() for p in model.parameters())
+    )
 
 
-def run_torch_loop(cfg, args) -> float:
-    model, datamodule = setup(cfg)
+def torch_loop(args: argparse.Namespace, run_dir: str) -> None:
+    cfg, model, datamodule = setup(args, run_dir)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": cfg.optim.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=cfg.optim.lr,
-        betas=tuple(cfg.optim.betas),
-    )
+    groups = [
+        {"params": decay, "weight_decay": cfg.optim.weight_decay},
+        {"params": no_decay, "weight_decay": 0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), fused=True)
     total = args.steps + args.warmup
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total), total)
-    clock = StepClock(args.warmup)
+    times = StepTimes(args.warmup)
     model.train()
     for step, batch in enumerate(datamodule.train_dataloader()):
         if step == total:
             break
-        clock.step_begin(step)
+        times.begin()
         model(**batch).loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.gradient_clip_val)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        clock.step_end(step)
-    return clock.rate()
+        times.end()
+    report(args.out, step_times=times.times)
 
 
 def peak_flops() -> tuple[float, str]:
-    """Peak FLOP/s of this device: Lightning's table for a known GPU, else a measured CPU matmul rate."""
+    """Peak FLOP/s of this device: Lightning's table for a known GPU, else a measured float32 matmul rate."""
     if torch.cuda.is_available():
-        flops = get_available_flops(torch.device("cuda"), torch.bfloat16)
+        flops = get_available_flops(torch.device("cuda"), torch.float32)
         if flops:
-            return float(flops), f"{torch.cuda.get_device_name()} bf16 (table)"
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    a @ b
-    start, repeats = time.perf_counter(), 10
-    for _ in range(repeats):
-        a @ b
-    return 2 * 2048**3 * repeats / (
-        time.perf_counter() - start
-    ), f"CPU fp32 matmul, measured, {torch.get_num_threads()} threads"
+            return float(flops), f"{torch.cuda.get_device_name()} fp32 (table)"
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return measured_peak_flops(device, 2048, 10), f"{device.type} fp32 matmul, measured"
 
 
 def main() -> None:
@@ -111,31 +121,31 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--experiment", default="ablation/baseline")
-    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--side", choices=["lmlab", "torch_loop"])
+    parser.add_argument("--out")
     args = parser.parse_args()
-    best = {"lmlab": 0.0, "torch_loop": 0.0}
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = config(args, tmp)
-        tokens_per_step = cfg.data.batch_size * cfg.data.max_length
-        for round_number in range(args.rounds):
-            rates = {"lmlab": run_lmlab(cfg, args), "torch_loop": run_torch_loop(cfg, args)}
-            print(
-                f"round {round_number}: "
-                + ", ".join(f"{k} {v * tokens_per_step:.0f} tokens/s" for k, v in rates.items())
-            )
-            best = {k: max(best[k], rates[k]) for k in best}
-        parameters = sum(p.numel() for p in setup(cfg)[0].parameters())
+    if args.side:
+        with tempfile.TemporaryDirectory() as run_dir:
+            {"lmlab": lmlab, "torch_loop": torch_loop}[args.side](args, run_dir)
+        return
+    sides = ["lmlab", "torch_loop"]
+    shared = ["--experiment", args.experiment, "--steps", str(args.steps), "--warmup", str(args.warmup)]
+    reports = run_rounds(Path(__file__), sides, args.rounds, args.seed, [*shared, "--batch", str(args.batch)])
+    medians = print_sides(reports, "pre-training")
+    first = reports["lmlab"][0]
     peak, where = peak_flops()
-    tokens = best["lmlab"] * tokens_per_step
     print(
-        f"experiment={args.experiment} params={parameters / 1e6:.1f}M "
-        f"batch={cfg.data.batch_size}x{cfg.data.max_length}"
+        f"experiment={args.experiment} params={first['parameters'] / 1e6:.1f}M batch={args.batch}, "
+        f"threads {torch.get_num_threads()}"
     )
-    print(f"lmlab: {tokens:.0f} tokens/s; torch loop: {best['torch_loop'] * tokens_per_step:.0f} tokens/s")
-    print(f"MFU estimate: {6 * parameters * tokens / peak:.3f} of {peak / 1e12:.3f} TFLOP/s ({where})")
-    print(f"ratio lmlab_vs_torch_loop_tokens = {best['lmlab'] / best['torch_loop']:.3f} (goal >= 0.9)")
+    mfu = first["flops"] / medians["lmlab"] / peak
+    print(f"MFU estimate: {mfu:.3f} of {peak / 1e12:.3f} TFLOP/s ({where})")
+    print(f"ratio lmlab_vs_torch_loop = {medians['torch_loop'] / medians['lmlab']:.3f} (goal >= 1.0)")
 
 
 if __name__ == "__main__":

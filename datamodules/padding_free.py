@@ -41,14 +41,25 @@ def one_row(examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | bool]:
-    """The keyword arguments that run a model on a collated batch: a packed one with use_cache=False (a cache
-    would hide the example boundaries from transformers)."""
-    return {**batch, "use_cache": False} if is_packed(batch) else dict(batch)
+    """The keyword arguments that run a model on a collated batch, padded or packed, with use_cache=False: a
+    forward over whole examples reads no cache, and in a packed one a cache would hide the example boundaries
+    from transformers."""
+    return {**batch, "use_cache": False}
 
 
 def is_packed(batch: dict[str, torch.Tensor]) -> bool:
     """Whether a collated batch is a packed row (restarting position ids, no attention mask)."""
     return "position_ids" in batch and "attention_mask" not in batch
+
+
+def example_lengths(batch: dict[str, torch.Tensor]) -> list[int]:
+    """The real lengths of a collated batch's examples, in order: a padded batch's from its attention mask, a
+    packed row's from where its position ids restart."""
+    if not is_packed(batch):
+        return batch["attention_mask"].sum(1).tolist()
+    starts = (batch["position_ids"][0] == 0).nonzero().squeeze(1).tolist()
+    ends = [*starts[1:], batch["position_ids"].shape[1]]
+    return [end - start for start, end in zip(starts, ends, strict=True)]
 
 
 def sequences(batch: dict[str, torch.Tensor]) -> int:

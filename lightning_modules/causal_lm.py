@@ -2,11 +2,12 @@
 
 Metrics per stage: loss, perplexity, next-token accuracy, top-5 accuracy and the mean probability of the
 predicted token (confidence), token-weighted over the epoch (in training, top-5 and confidence use an evenly
-strided sample of at most 512 positions per batch, to keep large-vocabulary steps cheap). Training computes
-the loss at every step, the other metrics every `metrics.every_n_steps` optimiser steps (their epoch means
-average those steps). Optimiser, schedule, the gradient-norm log, the non-finite-loss stop and frozen-base
-checkpoints: lightning_modules/base.py.
-"""
+strided sample of at most 512 positions per batch, to keep large-vocabulary steps cheap). The output layer
+runs at the supervised positions only (modeling/supervised.py), and the metrics come from those logits.
+Training computes the loss at every step, the other metrics every `metrics.every_n_steps` optimiser steps
+(their epoch means average those steps). Each batch's FLOPs are counted for the ThroughputMonitor
+(modeling/flops.py). Optimiser, schedule, the gradient-norm log, the non-finite-loss stop and frozen-base
+checkpoints: lightning_modules/base.py."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from datamodules import IGNORE_INDEX
-from datamodules.padding_free import model_inputs
+from datamodules.padding_free import example_lengths
 from lightning_modules.base import OptimisedModule, module_settings
+from modeling.flops import batch_flops, flop_counts
+from modeling.supervised import supervised_logits, token_loss
 
 METRICS = ("loss", "token_acc", "top5_acc", "confidence")
 TRAIN_SAMPLE = 512
@@ -54,15 +57,23 @@ class CausalLMModule(OptimisedModule):
     ) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
+    def setup(self, stage: str) -> None:
+        """Read what the model's FLOPs per token depend on, before a strategy wraps or shards it."""
+        self.flop_counts = flop_counts(self.model)
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        output = self.model(**model_inputs(batch))  # padded [B, T], or one padding-free row [1, N]
-        loss = output.loss
+        # padded [B, T], or one padding-free row [1, N]; the output layer at supervised positions only
+        logits, targets = supervised_logits(self.model, batch)  # [B, K, V], [B, K]
+        loss = token_loss(logits, targets)
         values = {"loss": loss.detach()}
-        target = batch["labels"][:, 1:]
-        supervised = target != IGNORE_INDEX  # [B, T-1]
+        supervised = targets != IGNORE_INDEX  # [B, K]
+        if hasattr(self, "flop_counts"):  # for the ThroughputMonitor: FLOP/s and MFU
+            self.flops_per_batch = batch_flops(
+                self.flop_counts, example_lengths(batch), int(supervised.sum()), backward=stage == "train"
+            )
         measured = stage == "train" and self.measures_step()
         if stage != "train" or measured:
-            values |= self._token_metrics(output.logits, target, supervised, sample=stage == "train")
+            values |= self._token_metrics(logits, targets, supervised, sample=stage == "train")
         for name, value in values.items():
             metric = self.metrics[f"{stage}_{name}"]
             metric(value, supervised.sum())  # the token-weighted epoch mean
@@ -77,13 +88,12 @@ class CausalLMModule(OptimisedModule):
     @staticmethod
     @torch.no_grad()
     def _token_metrics(
-        logits: torch.Tensor, target: torch.Tensor, supervised: torch.Tensor, sample: bool
+        logits: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor, sample: bool
     ) -> dict[str, torch.Tensor]:
-        """Token accuracy, top-5 accuracy and confidence of logits [B, T, V] against target [B, T-1]; with
-        `sample`, top-5 and confidence use an evenly strided sample of at most TRAIN_SAMPLE positions."""
-        # prompt tuning returns logits for its virtual tokens too: keep the last T positions
-        chosen = logits[:, -target.shape[1] - 1 : -1][supervised].float()  # [N, V]
-        labels = target[supervised]
+        """Token accuracy, top-5 accuracy and confidence of the kept logits [B, K, V] against targets [B, K];
+        with `sample`, top-5 and confidence use an evenly strided sample of at most TRAIN_SAMPLE positions."""
+        chosen = logits[supervised].float()  # [N, V]
+        labels = targets[supervised]
         stride = math.ceil(len(labels) / TRAIN_SAMPLE) if sample else 1
         sampled, sampled_labels = chosen[::stride], labels[::stride]
         return {

@@ -27,10 +27,12 @@ LLAMA_LIKE = Structure("model.layers", "self_attn", "mlp", "mlp.down_proj")
 
 @dataclass(frozen=True)
 class Family:
-    """A family's expected structure and the config fields it needs beyond TINY_FIELDS."""
+    """A family's expected structure, the config fields it needs beyond TINY_FIELDS, and whether packed rows
+    attend per example (its attention goes through transformers' attention interface on sdpa)."""
 
     structure: Structure
     fields: dict[str, Any] = field(default_factory=dict)
+    per_example: bool = True
 
 
 FAMILIES: dict[str, Family] = {
@@ -40,18 +42,23 @@ FAMILIES: dict[str, Family] = {
     "gpt2": Family(Structure("transformer.h", "attn", "mlp", "mlp.c_proj", conv1d=True)),
     "mistral": Family(LLAMA_LIKE),
     "qwen3": Family(LLAMA_LIKE, {"head_dim": 16}),
-    "gemma2": Family(LLAMA_LIKE, {"head_dim": 16}),
+    "gemma2": Family(LLAMA_LIKE, {"head_dim": 16}, per_example=False),  # eager (soft-capped attention)
     "olmo2": Family(LLAMA_LIKE),
     "phi3": Family(LLAMA_LIKE),
     "gpt_neox": Family(Structure("gpt_neox.layers", "attention", "mlp", "mlp.dense_4h_to_h")),
-    "opt": Family(
+    "opt": Family(  # packed rows are refused
         Structure("model.decoder.layers", "self_attn", "fc2", "fc2"),
         {"ffn_dim": 128, "word_embed_proj_dim": 64},
+        per_example=False,
     ),
-    "falcon": Family(Structure("transformer.h", "self_attention", "mlp", "mlp.dense_4h_to_h")),
-    "bloom": Family(Structure("transformer.h", "self_attention", "mlp", "mlp.dense_4h_to_h")),
+    "falcon": Family(
+        Structure("transformer.h", "self_attention", "mlp", "mlp.dense_4h_to_h"), per_example=False
+    ),
+    "bloom": Family(  # eager attention (ALiBi), and packed rows are refused
+        Structure("transformer.h", "self_attention", "mlp", "mlp.dense_4h_to_h"), per_example=False
+    ),
     "gpt_bigcode": Family(Structure("transformer.h", "attn", "mlp", "mlp.c_proj")),
-    "minimind": Family(LLAMA_LIKE),  # remote code
+    "minimind": Family(LLAMA_LIKE, per_example=False),  # remote code; ignores position ids
 }
 REMOTE_CODE = {"minimind"}
 

@@ -25,7 +25,7 @@ HYDRA_KEYS = {"defaults", "_target_", "_partial_", "_recursive_", "_convert_", "
 GROUP_TARGETS = {"trainer": "lightning.pytorch.Trainer"}
 # where a class's **kwargs go, for the classes that pass them on to something other than their base
 KWARGS_GO_TO = {
-    "ThroughputMonitor": "lightning.fabric.utilities.throughput.Throughput",
+    "PeakThroughputMonitor": "lightning.fabric.utilities.throughput.Throughput",
     "FSDPStrategy": "torch.distributed.fsdp.FullyShardedDataParallel",
 }
 # groups whose top-level keys name entries of a collection (each entry is itself checked)

@@ -92,6 +92,9 @@ def test_metrics_beyond_the_loss_are_computed_every_n_steps(tiny_config) -> None
     assert results["metrics"]["train/token_acc"] == pytest.approx(sum(step_values) / 3, abs=0.05)
     # validation measures all
     assert {"val/token_acc", "val/top5_acc", "val/confidence"} <= set(results["metrics"])
+    # FLOP/s from the counted FLOPs of each batch, and MFU against this CPU's measured peak
+    (mfu,) = [float(row["train/device/mfu"]) for row in rows if row.get("train/device/mfu")]
+    assert 0 < mfu < 1
     with pytest.raises(ValueError, match=r"metrics.every_n_steps=0: expected an integer >= 1"):
         run(tiny_config("model=tiny_llama", "metrics.every_n_steps=0"))
 

@@ -1,0 +1,99 @@
+"""Not a benchmark: run the sides of a comparison each in a fresh process, in a shuffled order per round, and
+summarise their per-step times (median and quartiles)."""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+
+
+class StepTimes:
+    """Wall time of every step from its start to the end of its optimiser step; the first `warmup` steps are
+    dropped."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.times = warmup, 0.0, []
+        self.step = 0
+
+    def begin(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+
+    def end(self) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        if self.step >= self.warmup:
+            self.times.append(time.perf_counter() - self.start)
+        self.step += 1
+
+
+class LightningTimes(L.Callback):
+    """StepTimes inside a Lightning Trainer."""
+
+    def __init__(self, times: StepTimes) -> None:
+        self.times = times
+
+    def on_train_batch_start(self, *unused) -> None:
+        self.times.begin()
+
+    def on_train_batch_end(self, *unused) -> None:
+        self.times.end()
+
+
+def report(path: str, **values: object) -> None:
+    """Write a side's results (JSON) where the orchestrating process reads them."""
+    Path(path).write_text(json.dumps(values))
+
+
+def run_rounds(script: Path, sides: list[str], rounds: int, seed: int, args: list[str]) -> dict[str, list]:
+    """Each side of `script` once per round, each run as `script --side NAME --out FILE *args` in a fresh
+    process, the sides in an order shuffled per round (seeded); each side's reports, one per round."""
+    order = random.Random(seed)
+    reports: dict[str, list] = {side: [] for side in sides}
+    with tempfile.TemporaryDirectory() as tmp:
+        for round_number in range(rounds):
+            shuffled = order.sample(sides, len(sides))
+            print(f"round {round_number}: {', '.join(shuffled)}", flush=True)
+            for side in shuffled:
+                out = Path(tmp) / f"{side}-{round_number}.json"
+                command = [sys.executable, str(script), "--side", side, "--out", str(out), *args]
+                done = subprocess.run(command, capture_output=True, text=True)
+                if done.returncode != 0 or not out.exists():
+                    raise RuntimeError(f"side {side} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+                reports[side].append(json.loads(out.read_text()))
+    return reports
+
+
+def summary(times: list[float]) -> tuple[float, float, float]:
+    """(median, first quartile, third quartile) of per-step times."""
+    first, median, third = statistics.quantiles(times, n=4, method="inclusive")
+    return median, first, third
+
+
+def print_sides(reports: dict[str, list], label: str) -> dict[str, float]:
+    """Print each side's median step time with its quartiles and range over every timed step of every round;
+    return the medians of the sides that ran."""
+    medians = {}
+    for side, runs in reports.items():
+        if any("skipped" in run for run in runs):
+            print(f"{label} {side}: not run: {runs[0]['skipped']}")
+            continue
+        times = [t for run in runs for t in run["step_times"]]
+        median, first, third = summary(times)
+        rounds = ", ".join(f"{statistics.median(run['step_times']):.3f}" for run in runs)
+        print(
+            f"{label} {side}: median {median:.3f} s/step (quartiles {first:.3f}..{third:.3f}, "
+            f"range {min(times):.3f}..{max(times):.3f}, {len(times)} steps; per-round medians {rounds})"
+        )
+        medians[side] = median
+    return medians
