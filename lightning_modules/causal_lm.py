@@ -91,13 +91,15 @@ class CausalLMModule(OptimisedModule):
         logits: torch.Tensor, targets: torch.Tensor, supervised: torch.Tensor, sample: bool
     ) -> dict[str, torch.Tensor]:
         """Token accuracy, top-5 accuracy and confidence of the kept logits [B, K, V] against targets [B, K];
-        with `sample`, top-5 and confidence use an evenly strided sample of at most TRAIN_SAMPLE positions."""
-        chosen = logits[supervised].float()  # [N, V]
-        labels = targets[supervised]
+        with `sample`, top-5 and confidence use an evenly strided sample of at most TRAIN_SAMPLE positions
+        (only those rows of the logits are copied)."""
+        labels = targets[supervised]  # [N]
+        predicted = logits.argmax(-1)[supervised]  # [N], without copying the [N, V] logits
         stride = math.ceil(len(labels) / TRAIN_SAMPLE) if sample else 1
-        sampled, sampled_labels = chosen[::stride], labels[::stride]
+        rows = supervised.flatten().nonzero().squeeze(1)[::stride]  # [n] of the B * K positions
+        sampled, sampled_labels = logits.flatten(0, 1)[rows].float(), labels[::stride]  # [n, V], [n]
         return {
-            "token_acc": (chosen.argmax(-1) == labels).float().mean(),
+            "token_acc": (predicted == labels).float().mean(),
             "top5_acc": (sampled.topk(5, -1).indices == sampled_labels[:, None]).any(-1).float().mean(),
             "confidence": (sampled.max(-1).values - sampled.logsumexp(-1)).exp().mean(),
         }

@@ -180,3 +180,20 @@ def test_measuring_the_peak_leaves_the_runs_random_stream_alone() -> None:
     state = torch.get_rng_state()
     assert measured_peak_flops(torch.device("cpu"), size=64, repeats=1) > 0
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_token_metrics_from_the_kept_logits_equal_those_of_the_selected_rows() -> None:
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 700, 50, generator=generator)  # [B, K, V]
+    targets = torch.randint(0, 50, (3, 700), generator=generator)
+    targets[0, :100] = IGNORE_INDEX
+    supervised = targets != IGNORE_INDEX
+    for sample in (False, True):
+        metrics = CausalLMModule._token_metrics(logits, targets, supervised, sample)
+        chosen, labels = logits[supervised], targets[supervised]  # [N, V], [N]: N = 2,000
+        stride = 4 if sample else 1  # at most 512 of the 2,000 supervised positions
+        top5 = (chosen[::stride].topk(5, -1).indices == labels[::stride, None]).any(-1).float().mean()
+        confidence = chosen[::stride].softmax(-1).max(-1).values.mean()
+        assert metrics["token_acc"] == (chosen.argmax(-1) == labels).float().mean()
+        torch.testing.assert_close(metrics["top5_acc"], top5)
+        torch.testing.assert_close(metrics["confidence"], confidence)
