@@ -32,8 +32,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from modeling import architecture
 
 NAME = "sdpa_per_example"
-REFUSED_ATTR = "_lmlab_refuses_per_example_attention"
+CHECKED_ATTR = "_lmlab_attends_per_example"  # the probe's answer, kept on the model
 _LENGTHS: ContextVar[tuple[int, ...] | None] = ContextVar("packed_lengths", default=None)
+_SPLIT_CALLS = [0]  # attention calls that ran example by example, for the probe
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ def attention_per_example(
     example when the mask is ExampleMasks (output [1, N, heads, head_dim]), else sdpa's."""
     if not isinstance(attention_mask, ExampleMasks):
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    _SPLIT_CALLS[0] += 1
     outputs = [
         sdpa_attention_forward(
             module,
@@ -112,13 +114,15 @@ def per_example_attention(lengths: list[int]) -> Iterator[None]:
 @torch.no_grad()
 def attends_per_example(model: nn.Module) -> bool:
     """Whether `model` attends per example in packed rows: a model on sdpa is switched to NAME (which answers
-    like sdpa outside a packed forward) when, on a probe row of three examples, that gives the logits of the
-    dense mask (to 1e-5); checked once."""
+    like sdpa outside a packed forward) when, on a probe row of three examples, its attention ran example by
+    example and gave the logits of the dense mask (to 1e-5); checked once."""
+    known = getattr(model, CHECKED_ATTR, None)
+    if known is not None:
+        return known
     config = model.config
-    if config._attn_implementation == NAME:
-        return True
-    if config._attn_implementation != "sdpa" or getattr(model, REFUSED_ATTR, False):
+    if config._attn_implementation not in ("sdpa", NAME):
         return False
+    config._attn_implementation = "sdpa"
     lengths = [5, 9, 4]
     device = next(model.parameters()).device
     vocab = architecture.input_embeddings(model).num_embeddings
@@ -132,14 +136,15 @@ def attends_per_example(model: nn.Module) -> bool:
     try:
         dense = model(**inputs).logits
         config._attn_implementation = NAME
+        calls = _SPLIT_CALLS[0]
         with per_example_attention(lengths):
             split = model(**inputs).logits
-        agrees = torch.allclose(split.float(), dense.float(), rtol=1e-5, atol=1e-5)
+        ran_split = _SPLIT_CALLS[0] > calls  # the model's attention went through this module
+        agrees = ran_split and torch.allclose(split.float(), dense.float(), rtol=1e-5, atol=1e-5)
     except (TypeError, ValueError, RuntimeError, AttributeError):  # attention classes outside the interface
         agrees = False
     finally:
         model.train(was_training)
-    if not agrees:
-        config._attn_implementation = "sdpa"
-        setattr(model, REFUSED_ATTR, True)
+    config._attn_implementation = NAME if agrees else "sdpa"
+    setattr(model, CHECKED_ATTR, agrees)
     return agrees

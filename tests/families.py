@@ -28,7 +28,7 @@ LLAMA_LIKE = Structure("model.layers", "self_attn", "mlp", "mlp.down_proj")
 @dataclass(frozen=True)
 class Family:
     """A family's expected structure, the config fields it needs beyond TINY_FIELDS, and whether packed rows
-    attend per example (its attention goes through transformers' attention interface on sdpa)."""
+    must attend per example (its attention goes through transformers' attention interface on sdpa)."""
 
     structure: Structure
     fields: dict[str, Any] = field(default_factory=dict)

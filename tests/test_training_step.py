@@ -71,7 +71,9 @@ def test_kept_positions_are_those_whose_next_token_is_a_target_in_some_row() -> 
 def test_loss_and_gradients_on_kept_positions_equal_the_models_own(minimind_dir, name: str) -> None:
     _, model, _ = built_model(*TINY, *overrides(name, minimind_dir))  # its own: attention may switch
     assert_same(model, padded(EXAMPLES))
-    assert attends_per_example(model) is FAMILIES[name].per_example
+    # on every family whose attention goes through transformers' interface; on the others only if a probe of
+    # the model shows its attention ran example by example and matched the dense mask
+    assert attends_per_example(model) or not FAMILIES[name].per_example
     if keeps_sequences_apart(model):  # packed, attending per example where the model allows it
         assert_same(model, one_row(EXAMPLES))
         with torch.no_grad():
