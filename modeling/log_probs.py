@@ -8,18 +8,16 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from datamodules import IGNORE_INDEX
+from modeling.supervised import supervised_logits
 
 
 def answer_log_probs(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed log-probability of each sequence's supervised tokens (labels != IGNORE_INDEX): [B],
-    differentiable."""
-    labels = batch["labels"][:, 1:]  # [B, T-1]
-    # prompt tuning returns logits for its virtual tokens too: keep the last T positions
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
-        :, -labels.shape[1] - 1 : -1
-    ]
+    differentiable; the output layer runs at the supervised positions only."""
+    inputs = {name: batch[name] for name in ("input_ids", "attention_mask", "labels")}
+    logits, targets = supervised_logits(model, inputs)  # [B, K, V], [B, K]
     token_nll = F.cross_entropy(
-        logits.transpose(1, 2).float(), labels, ignore_index=IGNORE_INDEX, reduction="none"
+        logits.transpose(1, 2).float(), targets, ignore_index=IGNORE_INDEX, reduction="none"
     )
     return -token_nll.sum(-1)
 

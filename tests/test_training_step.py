@@ -16,6 +16,7 @@ from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.methods import MethodContext, prompt_tuning
 from modeling import packed_attention
 from modeling.flops import batch_flops, flop_counts, measured_peak_flops
+from modeling.log_probs import answer_log_probs
 from modeling.packed_attention import attends_per_example
 from modeling.padding_free import keeps_sequences_apart
 from modeling.supervised import kept_positions, supervised_logits, token_loss
@@ -199,3 +200,15 @@ def test_token_metrics_from_the_kept_logits_equal_those_of_the_selected_rows() -
         assert metrics["token_acc"] == (chosen.argmax(-1) == labels).float().mean()
         torch.testing.assert_close(metrics["top5_acc"], top5)
         torch.testing.assert_close(metrics["confidence"], confidence)
+
+
+def test_answer_log_probs_on_kept_positions_equal_those_of_the_full_logits() -> None:
+    _, model, _ = built_model(*TINY, "model=tiny_llama")
+    batch = padded(EXAMPLES)
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(
+            full.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        torch.testing.assert_close(answer_log_probs(model, batch), -nll.sum(-1), rtol=1e-6, atol=1e-5)
