@@ -61,16 +61,23 @@ class CausalLMModule(OptimisedModule):
         """Read what the model's FLOPs per token depend on, before a strategy wraps or shards it."""
         self.flop_counts = flop_counts(self.model)
 
+    @property
+    def flops_per_batch(self) -> int | None:
+        """FLOPs of the last batch (the ThroughputMonitor's FLOP/s and MFU), counted when read, after the
+        step: nothing is counted, and the device is not waited on, for a run that does not ask."""
+        counted = getattr(self, "_counted", None)
+        if counted is None or not hasattr(self, "flop_counts"):
+            return None
+        batch, supervised, backward = counted
+        return batch_flops(self.flop_counts, example_lengths(batch), int(supervised.sum()), backward)
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
         # padded [B, T], or one padding-free row [1, N]; the output layer at supervised positions only
         logits, targets = supervised_logits(self.model, batch)  # [B, K, V], [B, K]
         loss = token_loss(logits, targets)
         values = {"loss": loss.detach()}
         supervised = targets != IGNORE_INDEX  # [B, K]
-        if hasattr(self, "flop_counts"):  # for the ThroughputMonitor: FLOP/s and MFU
-            self.flops_per_batch = batch_flops(
-                self.flop_counts, example_lengths(batch), int(supervised.sum()), backward=stage == "train"
-            )
+        self._counted = (batch, supervised, stage == "train")  # counted only if flops_per_batch is read
         measured = stage == "train" and self.measures_step()
         if stage != "train" or measured:
             values |= self._token_metrics(logits, targets, supervised, sample=stage == "train")
