@@ -1,5 +1,4 @@
-"""Where a model looks: attention maps of any task's inputs or of free text, and the allocation to token
-classes.
+"""Where a model looks: attention maps of any task's inputs or free text, and the allocation to token classes.
 
     python -m analysis.attention model=diffllama task=gsm8k_inf [ckpt=<run dir>] [analysis.num_problems=32]
     python -m analysis.attention model=llama task=classification ckpt=<a LoRA run>     # any task
@@ -42,7 +41,7 @@ import datamodules
 from analysis import plots
 from analysis.allocation import allocation, summarise, token_classes
 from analysis.attention_maps import AttentionCapture, attention_maps, prefer_eager, select, token_strings
-from modeling.architecture import attention_modules
+from modeling.architecture import attention_blocks
 from runtime import tables
 from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import Session, overrides, start
@@ -60,11 +59,13 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
     use_checkpoint_model(cfg)
     with start(cfg, job_type="analysis") as session:
         model, tokenizer = load_model(cfg)
-        select(_list(cfg.analysis.layers), len(attention_modules(model)), "analysis.layers")
+        blocks = attention_blocks(model)  # a hybrid's other blocks have none; the results say which
+        select(_list(cfg.analysis.layers), len(blocks["attention_blocks"]), "analysis.layers")
         if cfg.analysis.get("text") or cfg.analysis.get("text_file"):
             result = analyse_texts(cfg, model, tokenizer, session.run_dir)
         else:
             result = analyse_task(cfg, model, tokenizer, datamodules.build(cfg, tokenizer), session.run_dir)
+        result |= blocks
         figures = {Path(f).stem: Path(f) for f in result.pop("figures")}
         (session.run_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1) + "\n")
         headline = {

@@ -11,7 +11,9 @@ checkpoints: lightning_modules/base.py."""
 
 from __future__ import annotations
 
+import logging
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -22,10 +24,12 @@ from transformers import PreTrainedModel
 from datamodules import IGNORE_INDEX
 from datamodules.padding_free import example_lengths
 from lightning_modules.base import OptimisedModule, module_settings
+from modeling.experts import ExpertLoad, aux_loss_weight, router_inputs
 from modeling.flops import batch_flops, flop_counts
-from modeling.supervised import supervised_logits, token_loss
+from modeling.supervised import supervised_output, token_loss
 
 METRICS = ("loss", "token_acc", "top5_acc", "confidence")
+log = logging.getLogger(__name__)
 TRAIN_SAMPLE = 512
 
 
@@ -40,17 +44,24 @@ class CausalLMModule(OptimisedModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.1,
         metrics_every_n_steps: int = 1,
+        router_aux_loss_coef: float | None = None,
+        imbalance_factor: float = 2.0,
     ) -> None:
         super().__init__(model, lr, weight_decay, betas, warmup_ratio, metrics_every_n_steps)
         self.model = model
+        self.aux_weight = aux_loss_weight(model, router_aux_loss_coef)  # 0: no experts, or turned off
+        self.router_inputs = router_inputs(model) if self.aux_weight else {}
+        self.expert_load, self.imbalance_factor = ExpertLoad(model), imbalance_factor
+        self.imbalanced: set[int] = set()  # the MoE layers warned about
         self.metrics = torch.nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in ("train", "val", "test") for name in METRICS}
         )
 
     @classmethod
     def from_config(cls, model: PreTrainedModel, cfg: DictConfig, datamodule: Any) -> CausalLMModule:
-        """The module for a train.py config (`cfg.optim`, `cfg.metrics`); the DataModule is unused here."""
-        return cls(model, **module_settings(cfg))
+        """The module for a train.py config (`cfg.optim`, `cfg.metrics`, `cfg.moe`); the DataModule is unused
+        here."""
+        return cls(model, **module_settings(cfg), **cfg.moe)
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
@@ -72,13 +83,22 @@ class CausalLMModule(OptimisedModule):
         return batch_flops(self.flop_counts, example_lengths(batch), int(supervised.sum()), backward)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        measured = stage == "train" and self.measures_step()
+        routed = self.expert_load.routers and measured
         # padded [B, T], or one padding-free row [1, N]; the output layer at supervised positions only
-        logits, targets = supervised_logits(self.model, batch)  # [B, K, V], [B, K]
+        with self.expert_load.counting(batch.get("attention_mask")) if routed else nullcontext():
+            output, targets = supervised_output(self.model, batch, **self.router_inputs)
+        logits = output.logits  # [B, K, V], targets [B, K]
         loss = token_loss(logits, targets)
         values = {"loss": loss.detach()}
         supervised = targets != IGNORE_INDEX  # [B, K]
         self._counted = (batch, supervised, stage == "train")  # counted only if flops_per_batch is read
-        measured = stage == "train" and self.measures_step()
+        if stage == "train" and self.aux_weight and getattr(output, "aux_loss", None) is not None:
+            aux_loss = self.aux_weight * output.aux_loss  # optimised with the cross-entropy, logged apart
+            self.log("train/aux_loss", aux_loss.detach(), on_step=True, on_epoch=True)
+            loss = loss + aux_loss
+        if routed:
+            self._log_expert_load()
         if stage != "train" or measured:
             values |= self._token_metrics(logits, targets, supervised, sample=stage == "train")
         for name, value in values.items():
@@ -110,6 +130,33 @@ class CausalLMModule(OptimisedModule):
             "top5_acc": (sampled.topk(5, -1).indices == sampled_labels[:, None]).any(-1).float().mean(),
             "confidence": (sampled.max(-1).values - sampled.logsumexp(-1)).exp().mean(),
         }
+
+    def _log_expert_load(self) -> None:
+        """Each MoE layer's share of tokens per expert; a warning the first time one expert of a layer takes
+        more than `imbalance_factor` times the balanced share (top-k / experts)."""
+        shares = self.expert_load.shares()
+        self.log_measured(
+            {
+                f"train/expert_load/layer_{layer}/expert_{e}": s
+                for layer, share in shares.items()
+                for e, s in enumerate(share)
+            }
+        )
+        for layer, share in shares.items():
+            limit = self.imbalance_factor * self.expert_load.top_k / len(share)
+            if layer not in self.imbalanced and float(share.max()) > limit:
+                self.imbalanced.add(layer)
+                log.warning(
+                    "MoE layer %d: expert %d took %.0f%% of the tokens at step %d (balanced: %.0f%%; "
+                    "moe.imbalance_factor=%s); the router may be collapsing: check train/expert_load and "
+                    "moe.router_aux_loss_coef",
+                    layer,
+                    int(share.argmax()),
+                    100 * float(share.max()),
+                    self.global_step,
+                    100 * self.expert_load.top_k / len(share),
+                    self.imbalance_factor,
+                )
 
     def on_validation_epoch_end(self) -> None:
         self._log_perplexity("val")

@@ -51,6 +51,7 @@ class LabelLMModule(CausalLMModule):
             datamodule.class_names,
             datamodule.tokenizer.pad_token_id,
             **module_settings(cfg),
+            **cfg.moe,
         )
 
     def predict_classes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

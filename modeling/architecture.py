@@ -10,6 +10,7 @@ found once per loaded model and kept on it.
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -29,6 +30,8 @@ from modeling.discovery import (
 )
 from modeling.discovery import bare_model as bare_model
 from modeling.discovery import input_embeddings as input_embeddings
+
+log = logging.getLogger(__name__)
 
 STRUCTURE_ATTR = "lmlab_structure"
 FINAL_HIDDEN_ATTR = "lmlab_final_hidden"
@@ -68,14 +71,20 @@ def attach(model: nn.Module, stated: Mapping[str, Any] | None) -> Structure:
     blocks = bare.get_submodule(paths["blocks"])
     for part in ("attention", "mlp", "mlp_output"):
         if part in stated:
-            for index, block in enumerate(blocks):
-                _resolve(block, paths[part], f"model.structure.{part}", bare, f"{paths['blocks']}.{index}")
+            # a hybrid has attention in some blocks only: the first that has it is checked
+            present = [i for i, block in enumerate(blocks) if _has(block, paths[part])]
+            checked = present[:1] if part == "attention" and present else range(len(blocks))
+            for index in checked:
+                _resolve(
+                    blocks[index], paths[part], f"model.structure.{part}", bare, f"{paths['blocks']}.{index}"
+                )
     conv1d = (
         is_conv1d(blocks[0].get_submodule(paths["mlp_output"])) if "mlp_output" in stated else found.conv1d
     )
     unresolved = {part: why for part, why in found.unresolved.items() if part not in stated}
+    mixers = () if "attention" in stated or "blocks" in stated else found.mixers
     result = Structure(
-        paths["blocks"], paths["attention"], paths["mlp"], paths["mlp_output"], conv1d, unresolved
+        paths["blocks"], paths["attention"], paths["mlp"], paths["mlp_output"], conv1d, unresolved, mixers
     )
     setattr(bare, STRUCTURE_ATTR, result)
     return result
@@ -86,38 +95,84 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
     return bare_model(model).get_submodule(structure(model).blocks)
 
 
-def attention_modules(model: nn.Module) -> list[nn.Module]:
-    """The self-attention module of every block, in order."""
+def attention_layers(model: nn.Module) -> list[int]:
+    """The indices of the decoder blocks that have attention (all of them but in a hybrid, whose other
+    blocks mix positions with a state-space or convolution layer)."""
     path = structure(model).part("attention")
-    return [block.get_submodule(path) for block in decoder_blocks(model)]
+    return [i for i, block in enumerate(decoder_blocks(model)) if _has(block, path)]
+
+
+def attention_blocks(model: nn.Module) -> dict[str, list[int]]:
+    """Which decoder blocks have attention and which do not (a hybrid's), as results state it; a hybrid is
+    also said in the log."""
+    attending = attention_layers(model)
+    without = [i for i in range(len(decoder_blocks(model))) if i not in attending]
+    if without:
+        log.info("attention in blocks %s; blocks %s mix positions without it", attending, without)
+    return {"attention_blocks": attending, "blocks_without_attention": without}
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The self-attention module of every block that has one, in order."""
+    path, blocks = structure(model).part("attention"), decoder_blocks(model)
+    return [blocks[i].get_submodule(path) for i in attention_layers(model)]
 
 
 def block_parts(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module]]:
-    """(block, attention, MLP) of every decoder block, in order."""
+    """(block, position mixer, MLP) of every decoder block, in order: the mixer is the attention, or a
+    hybrid's state-space or convolution layer in a block without attention."""
     found = structure(model)
-    attention, mlp = found.part("attention"), found.part("mlp")
-    return [
-        (block, block.get_submodule(attention), block.get_submodule(mlp)) for block in decoder_blocks(model)
-    ]
+    mlp = found.part("mlp")
+    mixers = found.mixers or [found.part("attention")] * len(decoder_blocks(model))
+    parts = []
+    for index, (block, mixer) in enumerate(zip(decoder_blocks(model), mixers, strict=True)):
+        if mixer is None:
+            raise StructureError(f"{found.blocks}.{index}: no module of the block mixes positions")
+        parts.append((block, block.get_submodule(mixer), block.get_submodule(mlp)))
+    return parts
+
+
+def _has(root: nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def mlp_output_modules(model: nn.Module, layers: list[int]) -> list[tuple[str, nn.Module, bool]]:
     """(name in the bare model, module, weights stored [in, out]) of the MLP output projection of each of
     `layers`."""
     found, blocks = structure(model), decoder_blocks(model)
+    check_layers(model, layers, "layers")
     path = found.part("mlp_output")
     return [(f"{found.blocks}.{i}.{path}", blocks[i].get_submodule(path), found.conv1d) for i in layers]
 
 
+def mlp_output_layers(model: nn.Module) -> list[int]:
+    """The indices of the decoder blocks that have the MLP output projection (a hybrid mixture of experts
+    has it in its dense blocks only)."""
+    path = structure(model).part("mlp_output")
+    return [i for i, block in enumerate(decoder_blocks(model)) if _has(block, path)]
+
+
 def check_layers(model: nn.Module, layers: Sequence[int], key: str) -> None:
-    """Refuse `layers` (the value of config key `key`) unless each is a decoder block of `model`, with a
-    StructureError naming the key, the value and the model's depth."""
-    depth = len(decoder_blocks(model))
+    """Refuse `layers` (the value of config key `key`) unless each is a decoder block of `model` that has the
+    MLP output projection (when one was found), with a StructureError naming the key, the value and the
+    model's depth (or the blocks that have it)."""
+    depth, name = len(decoder_blocks(model)), type(bare_model(model)).__name__
     bad = [i for i in layers if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < depth]
     if bad:
         raise StructureError(
-            f"{key}={list(layers)}: {bad} is not a layer of {type(bare_model(model)).__name__}, which has "
+            f"{key}={list(layers)}: {bad} is not a layer of {name}, which has "
             f"{depth} decoder blocks (layers 0..{depth - 1})"
+        )
+    path = structure(model).mlp_output
+    dense = mlp_output_layers(model) if path else list(range(depth))
+    if missing := [i for i in layers if i not in dense]:
+        raise StructureError(
+            f"{key}={list(layers)}: layer {missing} of {name} has no MLP output projection {path} (a "
+            f"mixture of experts without a dense path); the layers that have one: {dense}"
         )
 
 

@@ -5,16 +5,20 @@ pass, so a transformers-native family lmlab never named and a remote-code model 
 
 - blocks: the ModuleList that holds the most parameters (the repeated decoder blocks; an expert list sits
   inside a block and holds fewer);
-- attention: the part of the first block that mixes positions. Two one-row inputs that differ only in their
-  first token run through the model, stopped after the first block: the attention is the outermost module
-  below the block whose input is the same at every later position while its output is not. Projections, norms
-  and the MLP act on each position alone, so none of them passes;
-- MLP output projection: the one linear map outside the attention from another width back to the block's
+- position mixer of each block: two one-row inputs that differ only in their first token run through the
+  model, the second with every block's input taken from the first at positions 1.. (so each block sees inputs
+  that differ in the first position only): the mixer is the outermost module below the block whose input is
+  the same at every later position while its output is not. Projections, norms and the MLP act on each
+  position alone, so none of them passes;
+- attention: the mixer of the first block whose mixer computed attention weights (sdpa, or a softmax over
+  keys): in a hybrid the other blocks mix with a state-space or convolution layer, and a parallel hybrid's
+  block holds both (the attention is the one that computed weights); without such a call, block 0's mixer;
+- MLP output projection: the one linear map outside the mixers from another width back to the block's
   hidden width (the matrix MEMIT edits and GradSim differentiates; a router reads the hidden width, so it is
-  not one); its weight layout, nn.Linear's [out, in] or GPT-2's Conv1D [in, out], is read off the widths it
-  was called with;
-- MLP: the outermost module of the block that holds that projection but not the attention (OPT keeps fc1 and
-  fc2 directly in its block: its MLP is fc2).
+  not one; in a mixture of experts, the shared expert's: the dense path beside the routed experts); its
+  layout, nn.Linear's [out, in] or Conv1D's [in, out], is read off the widths it was called with;
+- MLP: the outermost module of the block that holds that projection but no mixer (OPT keeps fc1 and
+  fc2 directly in its block: its MLP is fc2); a mixture without a dense path: the MoE layer.
 
 `model.structure` in a model config states any of these paths by hand, for a model where discovery is
 ambiguous (modeling/architecture.py `attach` checks them against the built model).
@@ -24,20 +28,26 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from modeling.expert_layers import expert_layers
+from modeling.probe import (
+    PROBE_LENGTH,
+    BlockTrace,
+    Call,
+    StructureError,
+    bare_model,
+    first_hidden,
+    input_embeddings,
+    probe_forward,
+    trace,
+)
+
+__all__ = ["StructureError", "bare_model", "first_hidden", "input_embeddings", "probe_forward"]
 PARTS = ("blocks", "attention", "mlp", "mlp_output")
-
-
-PROBE_LENGTH = 6  # tokens in each discovery input
-
-
-class StructureError(ValueError):
-    """A part of the model that could not be found (or a `model.structure` path that does not resolve)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +62,9 @@ class Structure:
     # the MLP output projection stores its weight [in, out] (Conv1D) instead of [out, in]
     conv1d: bool = False
     unresolved: Mapping[str, str] = field(default_factory=dict)
+    # each block's position mixer (its attention; a state-space or convolution mixer in a hybrid's other
+    # blocks); empty: the attention path in every block
+    mixers: tuple[str | None, ...] = ()
 
     def part(self, name: str) -> str:
         """The path of part `name`; a StructureError that says how to state it when it was not found."""
@@ -64,49 +77,37 @@ class Structure:
         return path
 
 
-def bare_model(model: nn.Module) -> nn.Module:
-    """The HF model under a peft wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
-def input_embeddings(model: nn.Module) -> nn.Embedding:
-    """The token embedding layer: the model's own `get_input_embeddings`, else its nn.Embedding of vocabulary
-    size."""
-    bare = bare_model(model)
-    try:
-        return bare.get_input_embeddings()
-    except (AttributeError, NotImplementedError):
-        vocab = getattr(bare.config, "vocab_size", None)
-        for module in bare.modules():
-            if isinstance(module, nn.Embedding) and module.num_embeddings == vocab:
-                return module
-        raise StructureError(
-            f"{type(bare).__name__}: no input embedding layer of {vocab} tokens found"
-        ) from None
-
-
 def discover(model: nn.Module, blocks_path: str | None = None) -> Structure:
     """Find the blocks, attention, MLP and MLP output projection of `model` (see the module docstring)."""
     bare = bare_model(model)
     blocks_path = blocks_path or _find_blocks(bare)
-    block = bare.get_submodule(blocks_path)[0]
+    blocks = list(bare.get_submodule(blocks_path))
     try:
-        calls = [_trace(bare, block, first_token) for first_token in (0, 1)]
+        first = trace(bare, blocks, 0)
+        second = trace(bare, blocks, 1, anchor=first)
     except Exception as error:
         # any model may refuse a plain forward on token ids; the parts are then stated by hand
         why = f"a forward pass of {type(bare).__name__} on {PROBE_LENGTH} token ids failed ({error})"
         return Structure(blocks_path, unresolved=dict.fromkeys(("attention", "mlp", "mlp_output"), why))
-    unresolved: dict[str, str] = {}
-    attention = _find_attention(block, *calls, unresolved)
-    mlp_output, conv1d = _find_mlp_output(block, calls[0], attention, unresolved)
-    mlp = None
+    found = [_find_mixer(block, *traced) for block, *traced in zip(blocks, first, second, strict=True)]
+    mixers = tuple(name for name, _ in found)
+    attending = [i for i, (name, _) in enumerate(found) if name is not None and name in first[i].attends]
+    attention, why = found[attending[0] if attending else 0]  # a hybrid's first attention block
+    unresolved = {"attention": why} if attention is None else {}
+    mixing = _mixing(first[0], second[0])
+    mlp_output, conv1d = _find_mlp_output(blocks[0], first[0].calls, mixing, unresolved)
+    mlp, mixtures = None, expert_layers(blocks[0])
     if mlp_output is not None:
-        mlp = next(
-            prefix for prefix in _prefixes(mlp_output) if attention is None or not _inside(attention, prefix)
+        mlp = next(p for p in _prefixes(mlp_output) if not any(_inside(mixer, p) for mixer in mixing))
+    elif mixtures:  # experts without a dense output projection: the MoE layer is the MLP
+        mlp = mixtures[0].path
+        unresolved["mlp_output"] = (
+            f"the mixture of experts {mlp} has no dense (shared-expert) output projection"
         )
     elif "mlp_output" in unresolved:
         unresolved["mlp"] = unresolved["mlp_output"]
-    return Structure(blocks_path, attention, mlp, mlp_output, conv1d, unresolved)
+    hybrid = len(set(mixers)) > 1
+    return Structure(blocks_path, attention, mlp, mlp_output, conv1d, unresolved, mixers if hybrid else ())
 
 
 def _find_blocks(bare: nn.Module) -> str:
@@ -125,94 +126,12 @@ def _find_blocks(bare: nn.Module) -> str:
     return max(sized)[1]
 
 
-@dataclass
-class _Call:
-    """The first call of one module during a discovery forward: its hidden-state input and output (or
-    None)."""
-
-    input: torch.Tensor | None
-    output: torch.Tensor | None = None
-
-
-class _StopForward(Exception):
-    """Raised after the first block: the rest of the model is not needed."""
-
-
-def _trace(bare: nn.Module, block: nn.Module, first_token: int) -> dict[str, _Call]:
-    """Run `bare` on one row of PROBE_LENGTH tokens (its first token chosen by `first_token`) up to the end of
-    `block`; return each of the block's modules' first call, by name within the block ("" is the block)."""
-    calls: dict[str, _Call] = {}
-    handles = []
-    for name, module in block.named_modules():
-
-        def before(module, args, kwargs, name=name):
-            if name not in calls:
-                calls[name] = _Call(first_hidden(args, kwargs.values()))
-
-        def after(module, args, kwargs, output, name=name):
-            call = calls[name]
-            if call.output is None:
-                call.output = first_hidden((output,), ())
-            if not name:
-                raise _StopForward
-
-        handles.append(module.register_forward_pre_hook(before, with_kwargs=True))
-        handles.append(module.register_forward_hook(after, with_kwargs=True))
-    try:
-        probe_forward(bare, first_token)
-    finally:
-        for handle in handles:
-            handle.remove()
-    if "" not in calls:
-        raise StructureError("the first decoder block was never called")
-    return calls
-
-
-def probe_forward(bare: nn.Module, first_token: int) -> None:
-    """One no-grad, eval-mode forward of `bare` on one row of PROBE_LENGTH token ids from the middle of the
-    vocabulary (`first_token` varies only the first id); a hook may end it early with _StopForward. Training
-    flags are kept."""
-    vocab = getattr(bare.config, "vocab_size", None) or input_embeddings(bare).num_embeddings
-    input_ids = (torch.arange(PROBE_LENGTH) + vocab // 2) % vocab
-    input_ids[0] = (input_ids[0] + 1 + first_token) % vocab
-    modes = {module: module.training for module in bare.modules()}
-    bare.eval()
-    try:
-        with torch.no_grad():
-            bare(input_ids=input_ids.to(next(bare.parameters()).device)[None])
-    except _StopForward:
-        pass
-    finally:
-        for module, training in modes.items():
-            module.training = training
-
-
-def first_hidden(args: Any, kwargs: Any) -> torch.Tensor | None:
-    """A copy of the first floating tensor of one row and PROBE_LENGTH positions among `args` then `kwargs` (a
-    module's input or output: tensors, tuples, lists and model outputs), with the positions on axis 1."""
-    for value in [*args, *kwargs]:
-        if isinstance(value, torch.Tensor):
-            if value.is_floating_point() and value.dim() >= 2:
-                # copied: a caller may add to it in place after the hook saw it
-                if value.shape[0] == 1 and value.shape[1] == PROBE_LENGTH:
-                    return value.detach().clone()
-                if value.shape[0] == PROBE_LENGTH and value.shape[1] == 1:  # sequence-first layouts
-                    return value.detach().transpose(0, 1).clone()
-                if value.dim() == 2 and value.shape[0] == PROBE_LENGTH:  # batch and positions flattened
-                    return value.detach()[None].clone()
-        elif isinstance(value, (tuple, list, Mapping)):
-            found = first_hidden(value.values() if isinstance(value, Mapping) else value, ())
-            if found is not None:
-                return found
-    return None
-
-
-def _find_attention(
-    block: nn.Module, first: dict[str, _Call], second: dict[str, _Call], unresolved: dict[str, str]
-) -> str | None:
+def _mixing(first: BlockTrace, second: BlockTrace) -> list[str]:
+    """The outermost modules of a block whose input is the same in both traces at every later position while
+    their output is not: the modules that mix positions."""
     mixing = []
-    for name, call in first.items():
-        other = second.get(name)
+    for name, call in first.calls.items():
+        other = second.calls.get(name)
         if not name or other is None or None in (call.input, call.output, other.input, other.output):
             continue
         if call.output.shape != other.output.shape or call.input.shape != other.input.shape:
@@ -222,24 +141,25 @@ def _find_attention(
         output_moved = (call.output[:, 1:] - other.output[:, 1:]).abs().max() > 1e-6 * scale
         if same_input and output_moved:
             mixing.append(name)
-    if not mixing:
-        unresolved["attention"] = (
-            f"no module of {type(block).__name__} mixes positions (a block without attention, "
-            "or one computed outside its modules)"
-        )
-        return None
-    depth = min(name.count(".") for name in mixing)
-    outermost = [name for name in mixing if name.count(".") == depth]
-    if len(outermost) > 1:
-        unresolved["attention"] = (
-            f"several modules of {type(block).__name__} mix positions: {', '.join(outermost)}"
-        )
-        return None
-    return outermost[0]
+    depth = min((name.count(".") for name in mixing), default=0)
+    return [name for name in mixing if name.count(".") == depth]
+
+
+def _find_mixer(block: nn.Module, first: BlockTrace, second: BlockTrace) -> tuple[str | None, str]:
+    """(the outermost module of `block` that mixes positions, or None; why not). Of several (a parallel
+    hybrid), the one that computed attention weights."""
+    outermost = _mixing(first, second)
+    if not outermost:
+        kind = type(block).__name__
+        return None, f"no module of {kind} mixes positions (no attention, or one outside its modules)"
+    attending = [name for name in outermost if name in first.attends]
+    if len(outermost) > 1 and len(attending) != 1:
+        return None, f"several modules of {type(block).__name__} mix positions: {', '.join(outermost)}"
+    return (attending or outermost)[0], ""
 
 
 def _find_mlp_output(
-    block: nn.Module, calls: dict[str, _Call], attention: str | None, unresolved: dict[str, str]
+    block: nn.Module, calls: dict[str, Call], mixing: list[str], unresolved: dict[str, str]
 ) -> tuple[str | None, bool]:
     width = calls[""].input.shape[-1] if calls[""].input is not None else None
     writers = []
@@ -249,25 +169,24 @@ def _find_mlp_output(
             call is None
             or call.input is None
             or call.output is None
-            or (attention and _inside(attention, name))
+            or any(_inside(mixer, name) for mixer in mixing)
         ):
             continue
         # from another (the inner) width to the hidden one
         if call.output.shape[-1] == width != call.input.shape[-1]:
             writers.append((name, module, call.input.shape[-1]))
+    routed = [layer.experts for layer in expert_layers(block)]
+    dense = [entry for entry in writers if not any(_inside(experts, entry[0]) for experts in routed)]
+    writers = dense if routed and dense else writers  # a shared expert: the dense path beside the experts
     if len(writers) != 1:
         found = ", ".join(name for name, *_ in writers) or "none"
         unresolved["mlp_output"] = (
             f"expected one linear map from an inner width back to the hidden width ({width}) "
-            f"outside the attention of {type(block).__name__}, found {found}"
+            f"outside the position mixers of {type(block).__name__}, found {found}"
         )
         return None, False
-    name, module, inputs = writers[0]
-    # the widths it was called with tell the layout
-    return name, tuple(module.weight.shape) == (
-        inputs,
-        width,
-    )
+    name, module, inputs = writers[0]  # the widths it was called with tell the layout
+    return name, tuple(module.weight.shape) == (inputs, width)
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -291,7 +210,6 @@ def _inside(outer: str, name: str) -> bool:
 
 
 def _prefixes(name: str) -> list[str]:
-    """`a`, `a.b`, `a.b.c` for `a.b.c`: the module's ancestors within the block, outermost first, then
-    itself."""
+    """`a`, `a.b`, `a.b.c` for `a.b.c`: the module's ancestors within the block, then itself."""
     pieces = name.split(".")
     return [".".join(pieces[: i + 1]) for i in range(len(pieces))]

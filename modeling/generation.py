@@ -91,15 +91,18 @@ def generate(
 def batches_continuously(model: PreTrainedModel) -> bool:
     """Whether `model` can decode in a continuous batch: it names position ids in its forward, extends no
     inputs itself, and keeps its keys and values in a transformers Cache (a two-token forward fills a
-    DynamicCache)."""
+    DynamicCache; a hybrid's state-space or convolution layers need a cache of their own and refuse it)."""
     if not forward_accepts(model, "position_ids") or embedding_prompt(model) is not None:
         return False
     cache = DynamicCache()
-    model(
-        input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device),
-        use_cache=True,
-        **{cache_keyword(model): cache},
-    )
+    try:
+        model(
+            input_ids=torch.zeros(1, 2, dtype=torch.long, device=model.device),
+            use_cache=True,
+            **{cache_keyword(model): cache},
+        )
+    except (IndexError, TypeError, ValueError, AttributeError):  # a hybrid wants its own cache class
+        return False
     return cache.get_seq_length() == 2
 
 

@@ -10,6 +10,8 @@ example (modeling/packed_attention.py).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -29,17 +31,26 @@ def kept_positions(labels: torch.Tensor) -> torch.Tensor:
 def supervised_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits [B, K, V] at the kept positions of `batch`, their targets [B, K], IGNORE_INDEX where a row has
     no target there), from one forward of `model` without labels or cache."""
+    output, targets = supervised_output(model, batch)
+    return output.logits, targets
+
+
+def supervised_output(
+    model: nn.Module, batch: dict[str, torch.Tensor], **extra: Any
+) -> tuple[Any, torch.Tensor]:
+    """(the model's output, its `logits` [B, K, V] at the kept positions; their targets [B, K]) from one
+    forward of `model` on `batch` without labels or cache, `extra` passed to the forward."""
     labels = batch["labels"]
     keep = kept_positions(labels)
-    inputs = {name: value for name, value in model_inputs(batch).items() if name != "labels"}
+    inputs = {name: value for name, value in model_inputs(batch).items() if name != "labels"} | extra
     if is_packed(batch) and attends_per_example(model):
         with per_example_attention(example_lengths(batch)):
-            logits = model(**inputs, logits_to_keep=keep).logits
+            output = model(**inputs, logits_to_keep=keep)
     else:
-        logits = model(**inputs, logits_to_keep=keep).logits
-    if logits.shape[1] != len(keep):  # a forward that returned every position
-        logits = logits[:, keep]
-    return logits, labels[:, keep + labels.shape[1] + 1]
+        output = model(**inputs, logits_to_keep=keep)
+    if output.logits.shape[1] != len(keep):  # a forward that returned every position
+        output.logits = output.logits[:, keep]
+    return output, labels[:, keep + labels.shape[1] + 1]
 
 
 def token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

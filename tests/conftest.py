@@ -117,11 +117,13 @@ def tiny_config(tmp_path: Path) -> Callable[..., DictConfig]:
 
 @pytest.fixture(scope="session")
 def minimind_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random MiniMind (the remote-code fixture) saved as a hub checkpoint is: loaded with
-    model.path=."""
+    """A tiny random MiniMind (the remote-code fixture) saved as a hub checkpoint is, loaded with
+    model.path=; its mixture-of-experts variant in moe/."""
     from tests.remote_code import save_tiny_minimind
 
-    return save_tiny_minimind(tmp_path_factory.mktemp("minimind"))
+    directory = save_tiny_minimind(tmp_path_factory.mktemp("minimind"))
+    save_tiny_minimind(directory / "moe", use_moe=True)  # the MiniMind-MoE stand-in (tests/families.py)
+    return directory
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """Every capability that reaches inside a model, on every decoder family of tests/families.py (fourteen that
 transformers builds tiny from config fields, and the remote-code MiniMind stand-in): the structure found in
 the model, the six methods trained two steps then exported and reloaded by `ckpt=`, batched generation,
-attention maps, GradSim, one MEMIT edit and FSDP's wrap units. Each family's model is built once and
-shared."""
+attention maps, GradSim, one MEMIT edit and FSDP's wrap units. The mixture-of-experts and hybrid families
+(tests/families.py MIXTURES) train every method and reload from its export, and the mixtures generate (what
+else they are tested on: tests/test_moe.py). Each family's model is built once and shared."""
 
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ from modeling.generation import batches_continuously, generate
 from runtime import saved_run
 from runtime.training import run
 from tests.conftest import compose_config
-from tests.families import FAMILIES, REMOTE_CODE, overrides
+from tests.families import FAMILIES, HYBRIDS, MIXTURES, REMOTE_CODE, overrides
 from tests.helpers import greedy_without_cache, module_outputs
 
 NATIVE = sorted(set(FAMILIES) - REMOTE_CODE)
+# the mixtures and hybrids whose MLP has one dense output projection (a shared expert, or dense MLPs)
+DENSE_PATH = sorted(name for name, family in MIXTURES.items() if family.structure.mlp_output)
 METHODS = ["full", "lora", "svd_lora", "prompt_tuning", "adapter", "projection_head"]
 PROMPTS = [
     "Tom has 3 apples and eats one. How many are left?",
@@ -60,7 +63,7 @@ def test_structure_is_found_in_the_model(family_model, name: str) -> None:
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(FAMILIES) + sorted(MIXTURES))
 def test_method_trains_two_steps_and_reloads_from_its_export(
     tiny_config, minimind_dir: Path, tmp_path: Path, name: str, method: str
 ) -> None:
@@ -108,7 +111,7 @@ class _Wrapped(torch.nn.Module):
         self.model = model
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(FAMILIES) + sorted(MIXTURES))
 def test_batched_generation_equals_a_greedy_decode_one_prompt_at_a_time(family_model, name: str) -> None:
     _, model, tokenizer = family_model(name)
     batched = generate(model, tokenizer, PROMPTS, batch_size=2, max_new_tokens=6)
@@ -145,7 +148,7 @@ def test_a_shared_prefix_prefilled_once_gives_the_completions_of_full_prompts(
         assert all(length < prefix for rows, length in widths[2:] if length > 1)
 
 
-@pytest.mark.parametrize("name", NATIVE)
+@pytest.mark.parametrize("name", NATIVE + sorted(set(MIXTURES) - REMOTE_CODE))
 def test_attention_maps_equal_the_weights_eager_attention_returns(family_model, name: str) -> None:
     cfg, model, tokenizer = family_model(name)
     prefer_eager(model)  # some families cannot switch: their maps are then taken at the sdpa call
@@ -164,7 +167,10 @@ def test_attention_maps_equal_the_weights_eager_attention_returns(family_model, 
     with torch.no_grad():
         # per layer [1, H, T, T]
         attentions = eager.eval()(input_ids=input_ids, output_attentions=True).attentions
-    assert len(layers) == len(attentions) == 2
+    attending = architecture.attention_layers(model)  # a hybrid: the blocks that have attention
+    assert len(layers) == len(attending) == (1 if name in HYBRIDS else 2)
+    if len(attentions) == 2:
+        attentions = [attentions[i] for i in attending]
     for module, captured, weights in zip(
         architecture.attention_modules(model), layers, attentions, strict=True
     ):
@@ -172,7 +178,7 @@ def test_attention_maps_equal_the_weights_eager_attention_returns(family_model, 
         torch.testing.assert_close(maps, differential_maps(module, weights.float(), [map_name])[map_name][0])
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(FAMILIES) + DENSE_PATH)
 def test_gradsim_equals_a_per_example_gradient_loop(family_model, name: str) -> None:
     cfg, model, tokenizer = family_model(name)
     datamodule = datamodules.build(cfg, tokenizer)
@@ -180,18 +186,20 @@ def test_gradsim_equals_a_per_example_gradient_loop(family_model, name: str) -> 
         datamodule.tokenize(f"{p} ", a)
         for p, a in (("Paris is in", "France"), ("2 + 2 is", "4"), ("Ice is", "cold"))
     ]
-    vectors = gradsim.PerExampleGradients(model, [0, 1])(datamodule.collate(examples))  # [3, D]
-    modules = [module for _, module, _ in architecture.mlp_output_modules(model, [0, 1])]
+    layers = architecture.mlp_output_layers(model)  # both, but a hybrid mixture's dense block only
+    assert layers == ([0] if name == "jamba" else [0, 1])
+    vectors = gradsim.PerExampleGradients(model, layers)(datamodule.collate(examples))  # [3, D]
+    modules = [module for _, module, _ in architecture.mlp_output_modules(model, layers)]
     for row, example in enumerate(examples):
         model.zero_grad()
         gradsim.answer_log_probs(model, datamodule.collate([example])).sum().backward()
-        (layer_0, layer_1) = (module.weight.grad.flatten() for module in modules)
-        torch.testing.assert_close(vectors[row], torch.cat([layer_0, layer_1]), rtol=1e-4, atol=1e-6)
+        expected = torch.cat([module.weight.grad.flatten() for module in modules])
+        torch.testing.assert_close(vectors[row], expected, rtol=1e-4, atol=1e-6)
     model.zero_grad(set_to_none=True)
     model.requires_grad_(False)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("name", sorted(FAMILIES) + DENSE_PATH)
 def test_one_memit_edit_computes_an_update_and_restores_the_weights_bit_for_bit(
     family_model, tmp_path: Path, name: str
 ) -> None:

@@ -91,10 +91,10 @@ def test_a_part_discovery_cannot_find_says_which_key_states_it() -> None:
         )
     )
     found = architecture.structure(model)  # the experts are fused 3-D weights: no single linear map back
-    assert found.attention == "self_attn" and found.mlp_output is None
+    assert (found.attention, found.mlp, found.mlp_output) == ("self_attn", "mlp", None)  # the MoE layer
     with pytest.raises(
         architecture.StructureError,
-        match=r"one linear map from an inner width back to the hidden width.*"
+        match=r"the mixture of experts mlp has no dense \(shared-expert\) output projection.*"
         r"model.structure.mlp_output=",
     ):
         architecture.mlp_output_modules(model, [0])

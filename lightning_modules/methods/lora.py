@@ -1,66 +1,142 @@
-"""LoRA through peft. Target modules default to every linear map of the decoder blocks (peft's
-`all-linear`)."""
+"""LoRA through peft. Target modules default to every linear map of the decoder blocks that peft can adapt
+(peft's `all-linear`), routers left out; a mixture of experts whose experts are fused 3-D parameters has those
+adapted through peft's `target_parameters` (modeling/experts.py finds both)."""
 
 from __future__ import annotations
 
+import inspect
+import logging
+import re
 from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import DictConfig
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import ParamWrapper
+from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from lightning_modules.methods import MethodContext
 from modeling import architecture
+from modeling.discovery import outermost_linears
+from modeling.experts import expert_layers, fused_expert_parameters
 
 SUPPORTS = ("causal_lm", "label_lm")  # the task modules it can train
 
 ALL_LINEAR = "all-linear"
+
+log = logging.getLogger(__name__)
 
 
 def resolve_targets(
     targets: Sequence[str] | str | None, model_cfg: DictConfig | None, model: PreTrainedModel
 ) -> list[str]:
     """The module names (or name suffixes) LoRA adapts: the method's `targets`, else the model config's
-    `lora_target_modules`, else (and for "all-linear") every linear map of `model`'s decoder blocks."""
-    targets = (
-        targets or (model_cfg.get("lora_target_modules") if model_cfg is not None else None) or ALL_LINEAR
-    )
+    `lora_target_modules`, else (and for "all-linear") every linear map of `model`'s decoder blocks that peft
+    can adapt, routers left out."""
+    targets = _chosen(targets, model_cfg)
     if isinstance(targets, str):
         return block_linear_targets(model) if targets == ALL_LINEAR else [targets]
     return [str(name) for name in targets]
 
 
+def resolve_parameters(
+    parameters: Sequence[str] | None,
+    targets: Sequence[str] | str | None,
+    model_cfg: DictConfig | None,
+    model: PreTrainedModel,
+) -> list[str]:
+    """The 3-D expert parameters LoRA adapts (peft's `target_parameters`): `parameters` when given, else the
+    fused experts of the decoder blocks when the target modules are every linear map, else none."""
+    if parameters is not None:
+        return [str(name) for name in parameters]
+    return fused_expert_parameters(model) if _chosen(targets, model_cfg) == ALL_LINEAR else []
+
+
+def _chosen(targets: Sequence[str] | str | None, model_cfg: DictConfig | None) -> Sequence[str] | str:
+    return targets or (model_cfg.get("lora_target_modules") if model_cfg is not None else None) or ALL_LINEAR
+
+
 def block_linear_targets(model: PreTrainedModel) -> list[str]:
-    """Target names that match exactly the linear maps of the decoder blocks: their last name components when
-    those match nothing outside the blocks (`q_proj`, ...), else their paths within a block
-    (`self_attn.q_proj`)."""
-    paths = architecture.block_linear_names(model)
-    short = sorted({path.rsplit(".", 1)[-1] for path in paths})
-    blocks = architecture.structure(model).blocks
-    outside = [
+    """Target names that match exactly the linear maps peft adapts in the decoder blocks, routers and other
+    2-D weights left out (said in one log line): their last name components when those match nothing else in
+    the model (`q_proj`, ...), else their paths within a block (`self_attn.q_proj`)."""
+    adapted: dict[str, None] = {}
+    left_out: dict[str, str] = {}
+    for block in architecture.decoder_blocks(model):
+        routers = {path for layer in expert_layers(block) for path in layer.routers}
+        for name, module in outermost_linears(block):
+            kind = type(getattr(module, "base_layer", module)).__name__
+            if name in routers:
+                left_out[name] = f"{kind}: routes tokens"
+            elif not isinstance(getattr(module, "base_layer", module), (nn.Linear, Conv1D)):
+                left_out[name] = f"{kind}: not a layer type peft adapts"
+            elif weight_read_directly(block, name):
+                left_out[name] = "its weight is read directly by a fused kernel path, bypassing an adapter"
+            else:
+                adapted[name] = None
+    if left_out:
+        log.info("LoRA leaves out %s", "; ".join(f"{name} ({why})" for name, why in left_out.items()))
+    short = {path.rsplit(".", 1)[-1] for path in adapted}
+    inside = re.compile(rf"{re.escape(architecture.structure(model).blocks)}\.\d+\.(.+)")
+    clashes = [
         name
         for name, _ in architecture.bare_model(model).named_modules()
-        if name and not name.startswith(blocks + ".") and name.rsplit(".", 1)[-1] in short
+        if name.rsplit(".", 1)[-1] in short
+        and ((match := inside.fullmatch(name)) is None or match.group(1) not in adapted)
     ]
-    return sorted(paths) if outside else short
+    return sorted(adapted) if clashes else sorted(short)
+
+
+def weight_read_directly(block: nn.Module, name: str) -> bool:
+    """Whether the code of the module holding `name` (a path within `block`) reads `name`'s weight itself
+    (a state-space mixer hands `out_proj.weight` to its fused kernel) instead of calling the module."""
+    parent, _, child = name.rpartition(".")
+    try:
+        source = inspect.getsource(type(block.get_submodule(parent)))
+    except (OSError, TypeError):
+        return False
+    return re.search(rf"self\.{re.escape(child)}\.weight\b", source) is not None
 
 
 def lora_config(
-    model: PreTrainedModel, targets: list[str], r: int, alpha: float, dropout: float, **extra: Any
+    model: PreTrainedModel,
+    targets: list[str],
+    r: int,
+    alpha: float,
+    dropout: float,
+    parameters: Sequence[str] = (),
+    **extra: Any,
 ) -> LoraConfig:
     """The peft LoraConfig (rank `r`, scaling `alpha / r`) on `targets` of `model` (Conv1D layout where it has
-    one)."""
+    one) and on the 3-D `parameters` (which peft adapts without dropout: see `with_module_dropout`)."""
     return LoraConfig(
         r=r,
         lora_alpha=alpha,
-        lora_dropout=dropout,
+        lora_dropout=0.0 if parameters else dropout,
         target_modules=targets,
+        target_parameters=list(parameters) or None,
         bias="none",
         task_type="CAUSAL_LM",
         fan_in_fan_out=architecture.stores_transposed_linears(model),
         **extra,
     )
+
+
+def with_module_dropout(model: PeftModel, dropout: float) -> PeftModel:
+    """Give every LoRA module adapter (not the parameter adapters of fused experts, where peft cannot apply
+    dropout: x is not factored out of the expert matmul) its input dropout back."""
+    layers = [
+        module
+        for module in model.modules()
+        if hasattr(module, "lora_dropout") and not isinstance(module, ParamWrapper)
+    ]
+    for layer in layers:
+        for name in layer.lora_dropout:
+            layer.lora_dropout[name] = nn.Dropout(dropout)
+    log.info("LoRA dropout %s on the module adapters; the fused expert adapters train without it", dropout)
+    return model
 
 
 def apply(
@@ -70,10 +146,12 @@ def apply(
     alpha: float = 16,
     dropout: float = 0.05,
     target_modules: Sequence[str] | str | None = None,
+    target_parameters: Sequence[str] | None = None,
 ) -> PeftModel:
     """Freeze the base and add rank-`r` LoRA adapters on `target_modules` (null or "all-linear": every linear
-    map of the decoder blocks)."""
-    return get_peft_model(
-        model,
-        lora_config(model, resolve_targets(target_modules, context.model_cfg, model), r, alpha, dropout),
-    )
+    map of the decoder blocks but routers) and on the 3-D expert `target_parameters` (null: the fused experts
+    when the modules are the default)."""
+    targets = resolve_targets(target_modules, context.model_cfg, model)
+    parameters = resolve_parameters(target_parameters, target_modules, context.model_cfg, model)
+    adapted = get_peft_model(model, lora_config(model, targets, r, alpha, dropout, parameters))
+    return with_module_dropout(adapted, dropout) if parameters and dropout else adapted
