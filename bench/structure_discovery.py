@@ -3,7 +3,8 @@
     python bench/structure_discovery.py [--repeats 3]
 
 Discovery (modeling/discovery.py) runs once per loaded model: two one-row forward passes of six
-tokens through the embeddings and the first decoder block, with hooks on that block's modules. Measured on the
+tokens through the embeddings and the decoder blocks, with hooks on the blocks' modules (each block's
+position mixer is found, so a hybrid's attention blocks are found wherever they sit). Measured on the
 embedded SmolLM2-135M-Instruct (load: its cached safetensors through `models.build`) and on the tiny
 from-scratch models (load: built from config). Prints each side's best time and
 

@@ -21,25 +21,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modeling.architecture import bare_model, decoder_blocks
+from modeling.architecture import StructureError, bare_model, decoder_blocks
 from modeling.expert_layers import expert_layers, router_weight
+
+
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder blocks of `model`; none for a model without a list of blocks (it has no experts either)."""
+    try:
+        return list(decoder_blocks(model))
+    except StructureError:
+        return []
 
 
 def has_experts(model: nn.Module) -> bool:
     """Whether any decoder block of `model` is a mixture of experts."""
-    return any(expert_layers(block) for block in decoder_blocks(model))
+    return any(expert_layers(block) for block in _blocks(model))
 
 
 def fused_expert_parameters(model: nn.Module) -> list[str]:
     """Paths within a block of the fused experts' 3-D parameters (peft's `target_parameters`)."""
-    layers = [layer for block in decoder_blocks(model) for layer in expert_layers(block)]
+    layers = [layer for block in _blocks(model) for layer in expert_layers(block)]
     return sorted({name for layer in layers for name in layer.fused})
 
 
 def expert_routers(model: nn.Module) -> list[tuple[int, nn.Module, int]]:
     """(block index, router, number of experts) of every MoE layer's expert router."""
     found = []
-    for index, block in enumerate(decoder_blocks(model)):
+    for index, block in enumerate(_blocks(model)):
         for layer in expert_layers(block):
             scorers = [
                 block.get_submodule(path)

@@ -25,6 +25,7 @@ from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.methods import MethodContext, lora
 from modeling import architecture
 from modeling.experts import ExpertLoad, expert_routers
+from modeling.padding_free import keeps_sequences_apart
 from runtime.training import run
 from tests.conftest import built_model, compose_config
 from tests.families import MIXTURES, TINY_FIELDS, overrides
@@ -59,6 +60,8 @@ def test_structure_is_found_in_mixtures_and_hybrids(family_model, name: str) -> 
     assert architecture.attention_layers(model) == ([1] if expected.mixers else [0, 1])
     assert architecture.block_classes(model) == {type(block) for block in blocks}  # FSDP wraps each kind
     mixers = [mixer for _, mixer, _ in architecture.block_parts(model)]  # where adapters go
+    # a state-space or convolution layer carries state across packed examples: a hybrid trains padded
+    assert keeps_sequences_apart(model) == (not expected.mixers)
     paths = expected.mixers or ("self_attn", "self_attn")
     assert mixers == [block.get_submodule(path) for block, path in zip(blocks, paths, strict=True)]
 
