@@ -12,7 +12,8 @@ pass, so a transformers-native family lmlab never named and a remote-code model 
   position alone, so none of them passes;
 - attention: the mixer of the first block whose mixer computed attention weights (sdpa, or a softmax over
   keys): in a hybrid the other blocks mix with a state-space or convolution layer, and a parallel hybrid's
-  block holds both (the attention is the one that computed weights); without such a call, block 0's mixer;
+  block holds both (the attention is the one that computed weights); without such a call, block 0's mixer.
+  The forward stops after block 0 when every block holds its mixer, else (a hybrid) it traces every block;
 - MLP output projection: the one linear map outside the mixers from another width back to the block's
   hidden width (the matrix MEMIT edits and GradSim differentiates; a router reads the hidden width, so it is
   not one; in a mixture of experts, the shared expert's: the dense path beside the routed experts); its
@@ -83,13 +84,13 @@ def discover(model: nn.Module, blocks_path: str | None = None) -> Structure:
     blocks_path = blocks_path or _find_blocks(bare)
     blocks = list(bare.get_submodule(blocks_path))
     try:
-        first = trace(bare, blocks, 0)
-        second = trace(bare, blocks, 1, anchor=first)
+        first, second, found = _mixers(bare, blocks[:1])
+        if found[0][0] is None or not all(_has(block, found[0][0]) for block in blocks):
+            first, second, found = _mixers(bare, blocks)  # a hybrid: every block is traced
     except Exception as error:
         # any model may refuse a plain forward on token ids; the parts are then stated by hand
         why = f"a forward pass of {type(bare).__name__} on {PROBE_LENGTH} token ids failed ({error})"
         return Structure(blocks_path, unresolved=dict.fromkeys(("attention", "mlp", "mlp_output"), why))
-    found = [_find_mixer(block, *traced) for block, *traced in zip(blocks, first, second, strict=True)]
     mixers = tuple(name for name, _ in found)
     attending = [i for i, (name, _) in enumerate(found) if name is not None and name in first[i].attends]
     attention, why = found[attending[0] if attending else 0]  # a hybrid's first attention block
@@ -108,6 +109,19 @@ def discover(model: nn.Module, blocks_path: str | None = None) -> Structure:
         unresolved["mlp"] = unresolved["mlp_output"]
     hybrid = len(set(mixers)) > 1
     return Structure(blocks_path, attention, mlp, mlp_output, conv1d, unresolved, mixers if hybrid else ())
+
+
+def _mixers(
+    bare: nn.Module, blocks: list[nn.Module]
+) -> tuple[list[BlockTrace], list[BlockTrace], list[tuple[str | None, str]]]:
+    """The two discovery traces of `blocks` (the forward stops after the last) and each block's mixer."""
+    first = trace(bare, blocks, 0)
+    second = trace(bare, blocks, 1, anchor=first)
+    return first, second, [_find_mixer(b, *traced) for b, *traced in zip(blocks, first, second, strict=True)]
+
+
+def _has(block: nn.Module, path: str) -> bool:
+    return path in dict(block.named_modules())
 
 
 def _find_blocks(bare: nn.Module) -> str:
