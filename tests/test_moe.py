@@ -133,6 +133,33 @@ def test_lora_leaves_routers_out_and_adapts_every_expert(minimind_dir: Path, nam
         assert {f"mlp.experts.{e}.down_proj" for e in range(4)} <= wrapped
 
 
+def test_lora_says_when_peft_drops_dense_targets_into_the_fused_experts(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(  # a dense MLP in block 0, routed and shared experts in block 1
+        "deepseek_v3",
+        **TINY_FIELDS | {"num_key_value_heads": 4},
+        vocab_size=259,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        first_k_dense_replace=1,
+        kv_lora_rank=16,
+        q_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=16,
+        n_group=1,
+        topk_group=1,
+    )
+    with caplog.at_level(logging.WARNING, logger="lightning_modules.methods.lora"):
+        adapted = lora.apply(AutoModelForCausalLM.from_config(config), MethodContext())
+    dense = adapted.get_submodule("base_model.model.model.layers.0.mlp.gate_proj")
+    (warning,) = [r.getMessage() for r in caplog.records if "target_parameters" in r.getMessage()]
+    assert not isinstance(dense, LoraLayer) and "'gate_proj'" in warning  # what peft did, said
+
+
 def aux_case(name: str, minimind_dir: Path, coef: float | None = None):
     """(model, batch, CausalLMModule with aux coefficient `coef`) of a fresh mixture model."""
     cfg, model, tokenizer = fresh(name, minimind_dir)

@@ -154,4 +154,22 @@ def apply(
     targets = resolve_targets(target_modules, context.model_cfg, model)
     parameters = resolve_parameters(target_parameters, target_modules, context.model_cfg, model)
     adapted = get_peft_model(model, lora_config(model, targets, r, alpha, dropout, parameters))
+    warn_if_converted(adapted, targets)
     return with_module_dropout(adapted, dropout) if parameters and dropout else adapted
+
+
+def warn_if_converted(model: PeftModel, targets: list[str]) -> None:
+    """Warn, naming them, when peft moved target modules into target parameters: its mapping for adapters
+    trained on transformers 4 checkpoints renames `gate_proj`/`up_proj`/`down_proj` to the fused experts'
+    `gate_up_proj`/`down_proj` for some mixtures (DeepSeek-V3), and then dense modules of those names
+    (a shared expert, a dense layer's MLP) are not adapted."""
+    config = model.peft_config[model.active_adapter]
+    dropped = sorted(set(targets) - set(config.target_modules or ()))
+    if dropped:
+        log.warning(
+            "peft turned the LoRA targets %s into target_parameters %s (its transformers 4 compatibility "
+            "mapping for adapters trained on transformers 4): the modules of those names outside the fused "
+            "experts are not adapted",
+            dropped,
+            sorted(config.target_parameters or ()),
+        )
