@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import datamodules
+from analysis.expert_gradients import RoutedExpertGradients, expert_output_weights, routed_only
 from modeling.architecture import as_sequence, check_layers, mlp_output_modules
 from modeling.log_probs import answer_log_probs
 from runtime.saved_run import load_model, use_checkpoint_model
@@ -103,6 +104,14 @@ class PerExampleGradients:
         return torch.cat(vectors, dim=1)
 
 
+def gradient_targets(model: torch.nn.Module, layers: list[int]) -> list[str]:
+    """The names of the weights whose gradients GradSim compares: each layer's MLP output projection, or a
+    mixture's routed experts' output projections where it has no dense one."""
+    if routed_only(model):
+        return [name for name, _, _ in expert_output_weights(model, layers)]
+    return [name for name, _, _ in mlp_output_modules(model, layers)]
+
+
 def _shape(module: torch.nn.Module, conv1d: bool) -> tuple[int, int]:
     rows, columns = module.weight.shape
     return (columns, rows) if conv1d else (rows, columns)
@@ -142,7 +151,8 @@ def compute(
             f"{len(pieces)} knowledge pieces in split '{settings.split}'; GradSim needs at least 2"
         )
     examples = [datamodule.answer_example(p["prompt"], p["answer"]) for p in pieces]
-    gradients = PerExampleGradients(model, list(settings.layers), settings.projection_dim, seed)
+    per_example = RoutedExpertGradients if routed_only(model) else PerExampleGradients
+    gradients = per_example(model, list(settings.layers), settings.projection_dim, seed)
     size = settings.batch_size
     vectors = torch.cat(
         [gradients(datamodule.collate(examples[i : i + size])) for i in range(0, len(examples), size)]
@@ -178,7 +188,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         analysis = {
             "model": cfg.model.name,
             "task": cfg.task.name,
-            "layers": [n for n, _, _ in mlp_output_modules(model, list(cfg.analysis.layers))],
+            "layers": gradient_targets(model, list(cfg.analysis.layers)),
             "projection_dim": cfg.analysis.projection_dim,
             "pieces": len(pieces),
             "statistics": coupling_statistics(matrix, [p["chain"] for p in pieces]),

@@ -3,7 +3,7 @@ GradSim and MEMIT on them: tests/test_families.py): the structure found in them 
 and position mixers, a shared expert's dense path), LoRA's default targets (routers and kernel-read weights
 left out, fused experts adapted through peft's target_parameters), the router's auxiliary loss in the training
 loss (transformers-native and remote code), the expert load against a count from the router logits, the
-imbalance warning of a training run, and the attention analysis of a hybrid."""
+imbalance warning of a training run, the attention analysis of a hybrid, and GradSim on routed experts."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import open_dict
@@ -20,15 +21,19 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import datamodules
+from analysis import gradsim
 from analysis.attention import ANALYSIS_FILE, MAPS_FILE, analyse
+from analysis.expert_gradients import RoutedExpertGradients, expert_blocks, expert_output_weights, routed_only
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.methods import MethodContext, lora
 from modeling import architecture
 from modeling.experts import ExpertLoad, expert_routers
+from modeling.log_probs import answer_log_probs
 from modeling.padding_free import keeps_sequences_apart
 from runtime.training import run
 from tests.conftest import built_model, compose_config
 from tests.families import MIXTURES, REMOTE_CODE, TINY_FIELDS, overrides
+from tests.remote_code import save_tiny_minimind
 
 TEXTS = [("Paris is in", "France"), ("2 + 2 is", "4"), ("Ice is very", "cold")]
 
@@ -255,3 +260,73 @@ def test_a_run_logs_aux_loss_and_expert_load_and_warns_on_imbalance(
     collapsing = [layer for layer, steps in loads.items() if any(max(step) > 0.55 for step in steps)]
     assert collapsing and len(warned) == len(collapsing)  # once per layer, however many steps exceed
     assert all(f"MoE layer {layer}:" in " ".join(warned) for layer in collapsing)
+
+
+def routed_only_minimind(minimind_dir: Path, tmp_path: Path):
+    """(config, model, tokenizer) of the MiniMind-MoE stand-in without a shared expert: routed ones only."""
+    directory = save_tiny_minimind(tmp_path / "routed", use_moe=True, n_shared_experts=0)
+    cfg, model, tokenizer = built_model(*overrides("minimind", minimind_dir), f"model.path={directory}")
+    return cfg, model.eval(), tokenizer
+
+
+@pytest.mark.parametrize("name", ["mixtral", "olmoe", "minimind_routed"])
+def test_gradsim_on_routed_experts_equals_a_per_example_loop_and_follows_the_routing(
+    minimind_dir: Path, tmp_path: Path, name: str
+) -> None:
+    if name == "minimind_routed":
+        cfg, model, tokenizer = routed_only_minimind(minimind_dir, tmp_path)
+    else:
+        cfg, model, tokenizer = fresh(name, minimind_dir)
+        model.eval()
+    assert routed_only(model)  # no dense output projection beside the experts
+    datamodule = datamodules.build(cfg, tokenizer)
+    examples = [datamodule.tokenize(f"{p} ", a) for p, a in TEXTS]
+    vectors = RoutedExpertGradients(model, [0, 1])(datamodule.collate(examples))  # [3, D]
+    targets = expert_output_weights(model, [0, 1])
+    assert [n.rsplit(".", 1)[-1] for n, _, _ in targets] == [
+        "down_proj"
+    ] * 2  # the projection back, not gate/up
+    load = ExpertLoad(model)
+    for row, example in enumerate(examples):
+        single = datamodule.collate([example])
+        model.zero_grad()
+        model.requires_grad_(True)
+        answer_log_probs(model, single).sum().backward()
+        blocks = [expert_blocks(ws, t, [w.grad for w in ws]) for _, ws, t in targets]  # [E, out, in] each
+        model.requires_grad_(False)
+        torch.testing.assert_close(
+            vectors[row], torch.cat([b.flatten() for b in blocks]), rtol=1e-4, atol=1e-7
+        )
+        # the experts with a gradient are those that the tokens whose output reaches an answer log-probability
+        # were routed to: in block 0 every token but the last (later ones attend to it), in the last block
+        # only the positions whose logits score an answer token
+        scoring = torch.zeros_like(single["input_ids"], dtype=torch.bool)
+        scoring[:, :-1] = single["labels"][:, 1:] != -100
+        earlier = torch.ones_like(scoring)
+        earlier[:, -1] = False
+        for layer, reaching in ((0, earlier), (1, scoring)):
+            with torch.no_grad(), load.counting(reaching):
+                model(input_ids=single["input_ids"])
+            touched = blocks[layer].flatten(1).abs().amax(1) > 0  # [E]
+            assert touched.tolist() == (load.counts[layer] > 0).tolist()
+    projected = RoutedExpertGradients(model, [0, 1], projection_dim=72)(datamodule.collate(examples))
+    assert projected.shape == (3, 72)  # 3x3 per expert matrix, 4 experts, 2 layers
+
+
+def test_the_gradsim_entrypoint_runs_on_a_mixture_without_a_dense_path(
+    minimind_dir: Path, tmp_path: Path
+) -> None:
+    cfg = compose_config(
+        *overrides("mixtral", minimind_dir),
+        "task=hotpotqa",
+        "task.source=bundled",
+        "analysis.max_pieces=4",
+        config_name="gradsim",
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
+    gradsim.run(cfg)
+    analysis = json.loads((tmp_path / "run" / "coupling_analysis.json").read_text())
+    assert analysis["layers"] == ["model.layers.0.mlp.experts.down_proj"]  # model.memit.layers=[0]
+    matrix = np.load(tmp_path / "run" / "coupling_matrix.npy")
+    assert matrix.shape == (4, 4) and np.allclose(np.diag(matrix), 1.0)
