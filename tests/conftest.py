@@ -101,6 +101,15 @@ def built_model(*overrides: str, config_name: str = "train") -> tuple[DictConfig
     return cfg, model.eval(), tokenizer
 
 
+def fresh_family(name: str, minimind_dir: Path) -> tuple[DictConfig, Any, Any]:
+    """(config, model in training mode, tokenizer) of family `name` (tests/families.py), built anew for a test
+    that changes it."""
+    from tests.families import overrides
+
+    cfg, model, tokenizer = built_model(*overrides(name, minimind_dir))
+    return cfg, model.train(), tokenizer
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path) -> Callable[..., DictConfig]:
     """Factory: a tiny offline train config whose run dir and cache live under tmp_path."""
