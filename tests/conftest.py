@@ -101,6 +101,14 @@ def built_model(*overrides: str, config_name: str = "train") -> tuple[DictConfig
     return cfg, model.eval(), tokenizer
 
 
+def composed_in(tmp_path: Path, *overrides: str, config_name: str) -> DictConfig:
+    """The config of `config_name` with `overrides`, its run dir tmp_path/run and its cache under tmp_path."""
+    cfg = compose_config(*overrides, config_name=config_name)
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
+    return cfg
+
+
 def fresh_family(name: str, minimind_dir: Path) -> tuple[DictConfig, Any, Any]:
     """(config, model in training mode, tokenizer) of family `name` (tests/families.py), built anew for a test
     that changes it."""

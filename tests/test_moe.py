@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
 from peft.tuners.lora import LoraLayer, ParamWrapper
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -27,7 +26,7 @@ from modeling import architecture
 from modeling.experts import ExpertLoad
 from modeling.log_probs import answer_log_probs
 from modeling.padding_free import keeps_sequences_apart
-from tests.conftest import built_model, compose_config, fresh_family
+from tests.conftest import built_model, composed_in, fresh_family
 from tests.families import MIXTURES, REMOTE_CODE, TINY_FIELDS, overrides
 from tests.remote_code import save_tiny_minimind
 
@@ -82,14 +81,13 @@ def test_a_parallel_hybrid_block_has_attention_beside_its_state_space_mixer() ->
 def test_the_attention_analysis_of_a_hybrid_says_which_blocks_have_none(
     minimind_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = compose_config(
+    cfg = composed_in(
+        tmp_path,
         *overrides("jamba", minimind_dir),
         "analysis.text='Tom has 3 apples.'",
         "analysis.save_maps=true",
         config_name="attention",
     )
-    with open_dict(cfg):
-        cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
     result = analyse(cfg)
     assert (result["attention_blocks"], result["blocks_without_attention"]) == ([1], [0])
     saved = json.loads((tmp_path / "run" / ANALYSIS_FILE).read_text())
@@ -203,15 +201,14 @@ def test_gradsim_on_routed_experts_equals_a_per_example_loop_and_follows_the_rou
 def test_the_gradsim_entrypoint_runs_on_a_mixture_without_a_dense_path(
     minimind_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = compose_config(
+    cfg = composed_in(
+        tmp_path,
         *overrides("mixtral", minimind_dir),
         "task=hotpotqa",
         "task.source=bundled",
         "analysis.max_pieces=4",
         config_name="gradsim",
     )
-    with open_dict(cfg):
-        cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
     gradsim.run(cfg)
     analysis = json.loads((tmp_path / "run" / "coupling_analysis.json").read_text())
     assert analysis["layers"] == ["model.layers.0.mlp.experts.down_proj"]  # model.memit.layers=[0]
