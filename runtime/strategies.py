@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from lightning.fabric.strategies.fsdp import _get_full_state_dict_context
 from lightning.pytorch.strategies import FSDPStrategy
+from peft.tuners.lora import ParamWrapper
 from torch.distributed.fsdp import (
     FullOptimStateDictConfig,
     FullStateDictConfig,
@@ -26,6 +27,13 @@ class LayerFSDPStrategy(FSDPStrategy):
     FSDP shards CPU tensors once it is told the device."""
 
     def __init__(self, model: torch.nn.Module, activation_checkpointing: bool = False, **kwargs) -> None:
+        if any(isinstance(module, ParamWrapper) for module in model.modules()):
+            raise ValueError(
+                "trainer=fsdp: method=lora adapts this mixture's fused experts through peft's "
+                "target_parameters, which re-registers a torch parametrization on them at every forward, and "
+                "FSDP's flat parameters break that; set method.target_parameters=[] (adapters on the other "
+                "linear maps only) or use trainer=ddp"
+            )
         if activation_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         super().__init__(auto_wrap_policy=architecture.block_classes(model), **kwargs)

@@ -26,6 +26,7 @@ from modeling import architecture
 from modeling.experts import ExpertLoad
 from modeling.log_probs import answer_log_probs
 from modeling.padding_free import keeps_sequences_apart
+from runtime.strategies import LayerFSDPStrategy
 from tests.conftest import built_model, composed_in, fresh_family
 from tests.families import MIXTURES, REMOTE_CODE, TINY_FIELDS, overrides
 from tests.remote_code import save_tiny_minimind
@@ -118,6 +119,17 @@ def test_lora_leaves_routers_out_and_adapts_every_expert(minimind_dir: Path, nam
     assert all(module.lora_dropout["default"].p == cfg.method.dropout for module in modular)
     if name == "minimind_moe":  # modular experts: each expert's projections are adapted as modules
         assert {f"mlp.experts.{e}.down_proj" for e in range(4)} <= wrapped
+
+
+def test_fsdp_refuses_fused_expert_adapters_and_takes_the_others(minimind_dir: Path) -> None:
+    cfg, model, _ = fresh_family("mixtral", minimind_dir)
+    adapted = lora.apply(model, MethodContext(model_cfg=cfg.model))
+    with pytest.raises(ValueError, match=r"trainer=fsdp: .*method.target_parameters=\[\].*trainer=ddp"):
+        LayerFSDPStrategy(adapted)
+    cfg, model, _ = fresh_family("mixtral", minimind_dir)
+    modules_only = lora.apply(model, MethodContext(model_cfg=cfg.model), target_parameters=[])
+    policy = LayerFSDPStrategy(modules_only).kwargs["auto_wrap_policy"]  # one unit per decoder block
+    assert policy._module_classes == {type(block) for block in architecture.decoder_blocks(model)}
 
 
 def test_lora_says_when_peft_drops_dense_targets_into_the_fused_experts(
