@@ -24,8 +24,8 @@ from modeling.discovery import (
     StructureError,
     discover,
     first_hidden,
+    has_submodule,
     is_conv1d,
-    outermost_linears,
     probe_forward,
 )
 from modeling.discovery import bare_model as bare_model
@@ -72,7 +72,7 @@ def attach(model: nn.Module, stated: Mapping[str, Any] | None) -> Structure:
     for part in ("attention", "mlp", "mlp_output"):
         if part in stated:
             # a hybrid has attention in some blocks only: the first that has it is checked
-            present = [i for i, block in enumerate(blocks) if _has(block, paths[part])]
+            present = [i for i, block in enumerate(blocks) if has_submodule(block, paths[part])]
             checked = present[:1] if part == "attention" and present else range(len(blocks))
             for index in checked:
                 _resolve(
@@ -98,8 +98,7 @@ def decoder_blocks(model: nn.Module) -> nn.ModuleList:
 def attention_layers(model: nn.Module) -> list[int]:
     """The indices of the decoder blocks that have attention (all of them but in a hybrid, whose other
     blocks mix positions with a state-space or convolution layer)."""
-    path = structure(model).part("attention")
-    return [i for i, block in enumerate(decoder_blocks(model)) if _has(block, path)]
+    return _blocks_with(model, structure(model).part("attention"))
 
 
 def attention_blocks(model: nn.Module) -> dict[str, list[int]]:
@@ -132,14 +131,6 @@ def block_parts(model: nn.Module) -> list[tuple[nn.Module, nn.Module, nn.Module]
     return parts
 
 
-def _has(root: nn.Module, path: str) -> bool:
-    try:
-        root.get_submodule(path)
-    except AttributeError:
-        return False
-    return True
-
-
 def mlp_output_modules(model: nn.Module, layers: list[int]) -> list[tuple[str, nn.Module, bool]]:
     """(name in the bare model, module, weights stored [in, out]) of the MLP output projection of each of
     `layers`."""
@@ -152,8 +143,12 @@ def mlp_output_modules(model: nn.Module, layers: list[int]) -> list[tuple[str, n
 def mlp_output_layers(model: nn.Module) -> list[int]:
     """The indices of the decoder blocks that have the MLP output projection (a hybrid mixture of experts
     has it in its dense blocks only)."""
-    path = structure(model).part("mlp_output")
-    return [i for i, block in enumerate(decoder_blocks(model)) if _has(block, path)]
+    return _blocks_with(model, structure(model).part("mlp_output"))
+
+
+def _blocks_with(model: nn.Module, path: str) -> list[int]:
+    """The indices of the decoder blocks that hold a module at `path`."""
+    return [i for i, block in enumerate(decoder_blocks(model)) if has_submodule(block, path)]
 
 
 def check_layers(model: nn.Module, layers: Sequence[int], key: str) -> None:
@@ -179,15 +174,6 @@ def check_layers(model: nn.Module, layers: Sequence[int], key: str) -> None:
 def block_classes(model: nn.Module) -> set[type[nn.Module]]:
     """The module classes of the decoder blocks (FSDP's wrap units)."""
     return {type(block) for block in decoder_blocks(model)}
-
-
-def block_linear_names(model: nn.Module) -> list[str]:
-    """The names of the linear maps (nn.Linear, Conv1D, or a peft layer wrapping one) inside the decoder
-    blocks, each as its path within a block (`self_attn.q_proj`), in module order."""
-    names: dict[str, None] = {}
-    for block in decoder_blocks(model):
-        names.update(dict.fromkeys(name for name, _ in outermost_linears(block)))
-    return list(names)
 
 
 def final_hidden_module(model: nn.Module) -> tuple[nn.Module, int]:

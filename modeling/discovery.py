@@ -84,9 +84,9 @@ def discover(model: nn.Module, blocks_path: str | None = None) -> Structure:
     blocks_path = blocks_path or _find_blocks(bare)
     blocks = list(bare.get_submodule(blocks_path))
     try:
-        first, second, found = _mixers(bare, blocks[:1])
-        if found[0][0] is None or not all(_has(block, found[0][0]) for block in blocks):
-            first, second, found = _mixers(bare, blocks)  # a hybrid: every block is traced
+        first, mixing, found = _mixers(bare, blocks[:1])
+        if found[0][0] is None or not all(has_submodule(block, found[0][0]) for block in blocks):
+            first, mixing, found = _mixers(bare, blocks)  # a hybrid: every block is traced
     except Exception as error:
         # any model may refuse a plain forward on token ids; the parts are then stated by hand
         why = f"a forward pass of {type(bare).__name__} on {PROBE_LENGTH} token ids failed ({error})"
@@ -95,11 +95,10 @@ def discover(model: nn.Module, blocks_path: str | None = None) -> Structure:
     attending = [i for i, (name, _) in enumerate(found) if name is not None and name in first[i].attends]
     attention, why = found[attending[0] if attending else 0]  # a hybrid's first attention block
     unresolved = {"attention": why} if attention is None else {}
-    mixing = _mixing(first[0], second[0])
-    mlp_output, conv1d = _find_mlp_output(blocks[0], first[0].calls, mixing, unresolved)
+    mlp_output, conv1d = _find_mlp_output(blocks[0], first[0].calls, mixing[0], unresolved)
     mlp, mixtures = None, expert_layers(blocks[0])
     if mlp_output is not None:
-        mlp = next(p for p in _prefixes(mlp_output) if not any(_inside(mixer, p) for mixer in mixing))
+        mlp = next(p for p in _prefixes(mlp_output) if not any(_inside(mixer, p) for mixer in mixing[0]))
     elif mixtures:  # experts without a dense output projection: the MoE layer is the MLP
         mlp = mixtures[0].path
         unresolved["mlp_output"] = (
@@ -113,15 +112,23 @@ def discover(model: nn.Module, blocks_path: str | None = None) -> Structure:
 
 def _mixers(
     bare: nn.Module, blocks: list[nn.Module]
-) -> tuple[list[BlockTrace], list[BlockTrace], list[tuple[str | None, str]]]:
-    """The two discovery traces of `blocks` (the forward stops after the last) and each block's mixer."""
+) -> tuple[list[BlockTrace], list[list[str]], list[tuple[str | None, str]]]:
+    """The first discovery trace of `blocks` (the forward stops after the last), each block's outermost
+    modules that mix positions (from the two traces), and each block's mixer."""
     first = trace(bare, blocks, 0)
     second = trace(bare, blocks, 1, anchor=first)
-    return first, second, [_find_mixer(b, *traced) for b, *traced in zip(blocks, first, second, strict=True)]
+    mixing = [_mixing(*traced) for traced in zip(first, second, strict=True)]
+    found = [_find_mixer(b, m, t.attends) for b, m, t in zip(blocks, mixing, first, strict=True)]
+    return first, mixing, found
 
 
-def _has(block: nn.Module, path: str) -> bool:
-    return path in dict(block.named_modules())
+def has_submodule(root: nn.Module, path: str) -> bool:
+    """Whether `root` holds a module at dotted `path`."""
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
 
 
 def _find_blocks(bare: nn.Module) -> str:
@@ -159,14 +166,13 @@ def _mixing(first: BlockTrace, second: BlockTrace) -> list[str]:
     return [name for name in mixing if name.count(".") == depth]
 
 
-def _find_mixer(block: nn.Module, first: BlockTrace, second: BlockTrace) -> tuple[str | None, str]:
-    """(the outermost module of `block` that mixes positions, or None; why not). Of several (a parallel
-    hybrid), the one that computed attention weights."""
-    outermost = _mixing(first, second)
+def _find_mixer(block: nn.Module, outermost: list[str], attends: set[str]) -> tuple[str | None, str]:
+    """(the one of `block`'s `outermost` position-mixing modules that is its mixer, or None; why not). Of
+    several (a parallel hybrid), the one that computed attention weights (`attends`)."""
     if not outermost:
         kind = type(block).__name__
         return None, f"no module of {kind} mixes positions (no attention, or one outside its modules)"
-    attending = [name for name in outermost if name in first.attends]
+    attending = [name for name in outermost if name in attends]
     if len(outermost) > 1 and len(attending) != 1:
         return None, f"several modules of {type(block).__name__} mix positions: {', '.join(outermost)}"
     return (attending or outermost)[0], ""
