@@ -67,6 +67,14 @@ def _writes_hidden(shape: torch.Size, hidden: int, transposed: bool) -> bool:
     return out_features == hidden != in_features
 
 
+def block_shape(weights: list[torch.Tensor], transposed: bool) -> tuple[int, int, int]:
+    """(experts, out, in) of one layer's expert output projections."""
+    if len(weights) == 1:  # fused
+        experts, rows, columns = weights[0].shape
+        return (experts, columns, rows) if transposed else (experts, rows, columns)
+    return (len(weights), *weights[0].shape)
+
+
 def expert_blocks(
     weights: list[torch.Tensor], transposed: bool, gradients: list[torch.Tensor]
 ) -> torch.Tensor:
@@ -85,7 +93,7 @@ class RoutedExpertGradients:
         self.model, self.targets = model, expert_output_weights(model, layers)
         self.projections: list[tuple[torch.Tensor, torch.Tensor]] = []
         if projection_dim:
-            shapes = [expert_blocks(ws, t, [w.detach() for w in ws]).shape for _, ws, t in self.targets]
+            shapes = [block_shape(weights, transposed) for _, weights, transposed in self.targets]
             side = math.ceil(math.sqrt(projection_dim / sum(experts for experts, _, _ in shapes)))
             generator = torch.Generator().manual_seed(seed)
             for _, out_features, in_features in shapes:

@@ -143,8 +143,8 @@ class CausalLMModule(OptimisedModule):
             }
         )
         for layer, share in shares.items():
-            limit = self.imbalance_factor * self.expert_load.top_k / len(share)
-            if layer not in self.imbalanced and float(share.max()) > limit:
+            balanced = self.expert_load.top_k / len(share)
+            if layer not in self.imbalanced and float(share.max()) > self.imbalance_factor * balanced:
                 self.imbalanced.add(layer)
                 log.warning(
                     "MoE layer %d: expert %d took %.0f%% of the tokens at step %d (balanced: %.0f%%; "
@@ -154,7 +154,7 @@ class CausalLMModule(OptimisedModule):
                     int(share.argmax()),
                     100 * float(share.max()),
                     self.global_step,
-                    100 * self.expert_load.top_k / len(share),
+                    100 * balanced,
                     self.imbalance_factor,
                 )
 

@@ -20,7 +20,8 @@ from transformers.pytorch_utils import Conv1D
 from lightning_modules.methods import MethodContext
 from modeling import architecture
 from modeling.discovery import outermost_linears
-from modeling.experts import expert_layers, fused_expert_parameters
+from modeling.expert_layers import expert_layers
+from modeling.experts import fused_expert_parameters
 
 SUPPORTS = ("causal_lm", "label_lm")  # the task modules it can train
 
@@ -67,10 +68,11 @@ def block_linear_targets(model: PreTrainedModel) -> list[str]:
     for block in architecture.decoder_blocks(model):
         routers = {path for layer in expert_layers(block) for path in layer.routers}
         for name, module in outermost_linears(block):
-            kind = type(getattr(module, "base_layer", module)).__name__
+            base = getattr(module, "base_layer", module)  # a peft layer: the map it wraps
+            kind = type(base).__name__
             if name in routers:
                 left_out[name] = f"{kind}: routes tokens"
-            elif not isinstance(getattr(module, "base_layer", module), (nn.Linear, Conv1D)):
+            elif not isinstance(base, (nn.Linear, Conv1D)):
                 left_out[name] = f"{kind}: not a layer type peft adapts"
             elif weight_read_directly(block, name):
                 left_out[name] = "its weight is read directly by a fused kernel path, bypassing an adapter"
