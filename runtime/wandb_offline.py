@@ -44,6 +44,8 @@ def _chunks(data: bytes) -> Iterator[bytes]:
         length = int.from_bytes(data[position + 4 : position + 6], "little")
         kind = data[position + 6]
         payload = data[position + CHUNK_HEADER : position + CHUNK_HEADER + length]
+        if len(payload) < length:  # the service is still writing this chunk: read it next time
+            return
         position += CHUNK_HEADER + length
         if kind == FULL:
             yield payload

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime import loggers
+from runtime import loggers, wandb_offline
 from runtime.results import read_results, write_results
 from runtime.sweeps import summarize, write_summary
 
@@ -47,3 +47,19 @@ def test_summary_has_one_row_per_job_in_job_order(tmp_path: Path) -> None:
     assert rows[0] == "job,status,overrides,val/loss,trainable_params"
     assert rows[1].startswith("2,ok,optim.lr=0.1,1.0") and rows[2].startswith("10,ok,optim.lr=0.3,3.0")
     assert read_results(tmp_path / "2")["metrics"] == {"val/loss": 1.0}
+
+
+def test_an_offline_run_file_read_while_its_last_chunk_is_being_written_gives_the_records_before_it(
+    tmp_path: Path,
+) -> None:
+    from wandb.proto import wandb_internal_pb2
+
+    record = wandb_internal_pb2.Record()
+    record.exit.exit_code = 0
+    payload = record.SerializeToString()
+    full = (0).to_bytes(4, "little") + len(payload).to_bytes(2, "little") + bytes([wandb_offline.FULL])
+    # the next chunk's header promises 100 bytes, of which the service has written 10 so far
+    partial = (0).to_bytes(4, "little") + (100).to_bytes(2, "little") + bytes([wandb_offline.FULL])
+    run_file = tmp_path / "run-x.wandb"
+    run_file.write_bytes(b":W&B\x00\x00\x00" + full + payload + partial + b"\xff" * 10)
+    assert wandb_offline.read_run(run_file).exit_code == 0
