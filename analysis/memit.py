@@ -45,7 +45,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from analysis.memit_inputs import batch, capture, flat_templates, pad_rows
+from analysis.memit_inputs import batch, captured_output, flat_templates, pad_rows
+from analysis.memit_sites import KeyReader, expert_deltas
 from datamodules import IGNORE_INDEX
 from modeling.architecture import decoder_blocks, mlp_output_modules
 
@@ -56,7 +57,8 @@ STOP_LOSS = 5e-2  # the reference's early-stop threshold on the total z loss
 
 @dataclass
 class LayerUpdate:
-    """One edited layer: dW in the module's weight layout, and the K [in, n] and R [out, n] it came from."""
+    """One edited layer: dW in the module's weight layout, and the K [in, n] and R [out, n] it came from
+    (routed experts: dW [E, out, in] and K [E, in, n])."""
 
     delta: torch.Tensor
     keys: torch.Tensor
@@ -182,24 +184,28 @@ def target_vector(
 def request_keys(
     model, tokenizer, layer: int, requests: list[dict[str, Any]], templates: list[list[str]]
 ) -> torch.Tensor:
-    """K: `layer`'s down-projection inputs at the subject's last token, mean within each template group, then
-    across groups: [in, n]."""
-    module = mlp_output_modules(model, [layer])[0][1]
+    """K: `layer`'s keys at the subject's last token, mean within each template group, then across groups:
+    [in, n], or [E, in, n] for the routed experts of a mixture without a dense path
+    (analysis/memit_sites.py)."""
     texts = [template.format(r["prompt"]) for r in requests for template in flat_templates(templates)]
     subjects = [r["subject"] for r in requests for _ in flat_templates(templates)]
-    inputs = capture(model, module, batch(tokenizer, texts), inputs=True)
+    encoded, reader = batch(tokenizer, texts), KeyReader(model, layer)
+    with reader.watching(), torch.no_grad():
+        model(**encoded)
     positions = [subject_position(tokenizer, t, s) for t, s in zip(texts, subjects, strict=True)]
-    keys = inputs[torch.arange(len(texts)), positions].double()  # [n * templates, in]
-    per_request = keys.view(len(requests), len(texts) // len(requests), -1)
+    keys = reader.keys(*encoded["input_ids"].shape)[:, torch.arange(len(texts)), positions].double()
+    # [E, n, templates, in]
+    per_request = keys.view(len(keys), len(requests), len(texts) // len(requests), -1)
     bounds = torch.tensor([0] + [len(group) for group in templates]).cumsum(0).tolist()
-    groups = [per_request[:, start:end].mean(1) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
-    return torch.stack(groups).mean(0).T
+    groups = [per_request[:, :, a:b].mean(2) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    keys = torch.stack(groups).mean(0).transpose(1, 2)  # [E, in, n]
+    return keys if reader.routed else keys[0]
 
 
 def _outputs_at_subject(model, tokenizer, layer: int, requests: list[dict[str, Any]]) -> torch.Tensor:
     prompts = [r["prompt"] for r in requests]
     positions = [subject_position(tokenizer, p, r["subject"]) for p, r in zip(prompts, requests, strict=True)]
-    outputs = capture(model, decoder_blocks(model)[layer], batch(tokenizer, prompts), inputs=False)
+    outputs = captured_output(model, decoder_blocks(model)[layer], batch(tokenizer, prompts))
     return outputs[torch.arange(len(prompts)), positions]  # [n, hidden]
 
 
@@ -228,11 +234,19 @@ def compute_updates(
         keys = request_keys(model, tokenizer, layer, requests, templates)  # [in, n]
         current = _outputs_at_subject(model, tokenizer, hparams.layers[-1], requests)  # [n, hidden]
         residual = ((targets - current) / (len(hparams.layers) - index)).double().T  # [hidden, n]
-        change = layer_delta(keys, residual, moments[layer], hparams.mom2_update_weight)
-        (_, module, conv1d) = mlp_output_modules(model, [layer])[0]
-        change = (change.T if conv1d else change).to(module.weight.dtype)
-        with torch.no_grad():
-            module.weight.add_(change)
+        site = KeyReader(model, layer)
+        if site.routed:  # [E, out, in], applied to each expert's [out, in] view
+            change = expert_deltas(keys, residual, moments[layer], hparams.mom2_update_weight, layer)
+            change = change.to(site.weights[0].dtype)
+            with torch.no_grad():
+                for matrix, expert_change in zip(site.matrices(), change, strict=True):
+                    matrix.add_(expert_change)
+        else:
+            change = layer_delta(keys, residual, moments[layer], hparams.mom2_update_weight)
+            (_, module, conv1d) = mlp_output_modules(model, [layer])[0]
+            change = (change.T if conv1d else change).to(module.weight.dtype)
+            with torch.no_grad():
+                module.weight.add_(change)
         updates[layer] = LayerUpdate(change, keys, residual)
     return updates
 
@@ -247,11 +261,11 @@ def edited(
     templates: list[list[str]],
 ) -> Iterator[dict[int, LayerUpdate]]:
     """Apply MEMIT edits for `requests` ({prompt, subject, target_new}); restore the exact weights on exit."""
-    modules = {layer: mlp_output_modules(model, [layer])[0][1] for layer in hparams.layers}
-    saved = {layer: module.weight.detach().clone() for layer, module in modules.items()}
+    weights = [weight for layer in hparams.layers for weight in KeyReader(model, layer).weights]
+    saved = [weight.detach().clone() for weight in weights]
     try:
         yield compute_updates(model, tokenizer, requests, hparams, moments, templates)
     finally:
         with torch.no_grad():
-            for layer, module in modules.items():
-                module.weight.copy_(saved[layer])
+            for weight, original in zip(weights, saved, strict=True):
+                weight.copy_(original)

@@ -4,6 +4,7 @@ edited model generates. Also the batching and activation-capture helpers both ha
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -17,7 +18,8 @@ from omegaconf import DictConfig
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from modeling.architecture import as_sequence, mlp_output_modules
+from analysis.memit_sites import KeyReader
+from modeling.architecture import as_sequence
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +39,12 @@ def batch(tokenizer, texts: Sequence[str]) -> dict[str, torch.Tensor]:
     return pad_rows([tokenizer(t)["input_ids"] for t in texts], tokenizer.pad_token_id)
 
 
-def capture(model, module: torch.nn.Module, encoded: dict[str, torch.Tensor], inputs: bool) -> torch.Tensor:
-    """The input (or output) of `module` in one no-grad forward pass: [N, T, d]."""
+def captured_output(model, module: torch.nn.Module, encoded: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The output of `module` in one no-grad forward pass: [N, T, d]."""
     captured: list[torch.Tensor] = []
-    if inputs:
-        handle = module.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
-    else:
-        handle = module.register_forward_hook(
-            lambda m, a, o: captured.append((o[0] if isinstance(o, tuple) else o).detach())
-        )
+    handle = module.register_forward_hook(
+        lambda m, a, o: captured.append((o[0] if isinstance(o, tuple) else o).detach())
+    )
     try:
         with torch.no_grad():
             model(**encoded)
@@ -61,9 +60,10 @@ def capture(model, module: torch.nn.Module, encoded: dict[str, torch.Tensor], in
 def second_moments(
     model, tokenizer, hparams: DictConfig, texts: Sequence[str], cache: Path | None, corpus: str = "texts"
 ) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
-    """C = E[k k^T] of each edited layer's down-projection inputs over the first `hparams.mom2_n_samples`
-    texts (each cut to `hparams.stats.max_tokens` tokens), one pass for all layers; and {corpus, texts,
-    tokens}. Cached per (layer, corpus, count, max_tokens)."""
+    """C = E[k k^T] of each edited layer's keys (the down-projection inputs; per expert for routed experts,
+    analysis/memit_sites.py) over the first `hparams.mom2_n_samples` texts (each cut to
+    `hparams.stats.max_tokens` tokens), one pass for all layers; and {corpus, texts, tokens}. Cached per
+    (layer, corpus, count, max_tokens)."""
     samples, max_tokens = hparams.mom2_n_samples, hparams.stats.get("max_tokens", 1024)
     tag = hashlib.sha256(corpus.encode()).hexdigest()[:10]
     paths = {
@@ -77,20 +77,14 @@ def second_moments(
                 info = json.loads(handle.metadata()["info"])
                 moments[layer] = handle.get_tensor("second_moment")
         return moments, info
-    modules = dict(
-        zip(hparams.layers, [m for _, m, _ in mlp_output_modules(model, list(hparams.layers))], strict=True)
-    )
+    readers = {layer: KeyReader(model, layer) for layer in hparams.layers}
     chosen = list(texts[:samples])
     totals: dict[int, torch.Tensor] = {}
-    captured: dict[int, torch.Tensor] = {}
-    handles = [
-        module.register_forward_pre_hook(
-            lambda m, args, layer=layer: captured.__setitem__(layer, args[0].detach())
-        )
-        for layer, module in modules.items()
-    ]
+    routed_tokens: dict[int, torch.Tensor] = {}  # per routed expert, the tokens routed to it: [E]
     count = 0
-    try:
+    with contextlib.ExitStack() as watching:
+        for reader in readers.values():
+            watching.enter_context(reader.watching())
         for start in range(0, len(chosen), 8):
             encoded = pad_rows(
                 [tokenizer(t)["input_ids"][:max_tokens] for t in chosen[start : start + 8]],
@@ -99,13 +93,12 @@ def second_moments(
             with torch.no_grad():
                 model(**encoded)
             real = encoded["attention_mask"].bool()
-            for layer in modules:
-                keys = as_sequence(captured[layer], *real.shape)[real].double()  # [N, in]
-                totals[layer] = keys.T @ keys + totals.get(layer, 0)
+            for layer, reader in readers.items():
+                keys = reader.keys(*real.shape)[:, real].double()  # [E, N, in]
+                totals[layer] = keys.transpose(1, 2) @ keys + totals.get(layer, 0)
+                if reader.routed:
+                    routed_tokens[layer] = (keys.abs().amax(-1) > 0).sum(1) + routed_tokens.get(layer, 0)
             count += int(real.sum())
-    finally:
-        for handle in handles:
-            handle.remove()
     if not count:
         raise ValueError(f"MEMIT statistics: no tokens in the corpus {corpus} (analysis.memit.stats)")
     if len(chosen) < samples:
@@ -113,7 +106,19 @@ def second_moments(
             "MEMIT statistics: the corpus has %d texts, fewer than mom2_n_samples=%d", len(chosen), samples
         )
     info = {"corpus": corpus, "texts": len(chosen), "tokens": count, "max_tokens_per_text": max_tokens}
-    moments = {layer: (total / count).float() for layer, total in totals.items()}
+    for layer, tokens in routed_tokens.items():
+        width = totals[layer].shape[-1]
+        if (tokens < width).any():  # fewer keys than dimensions: a singular second moment
+            raise ValueError(
+                f"MEMIT statistics: layer {layer} experts {(tokens < width).nonzero().flatten().tolist()} "
+                f"were routed {tokens[tokens < width].tolist()} tokens of {corpus}, fewer than their key "
+                f"width {width}; raise analysis.memit.mom2_n_samples (now {samples})"
+            )
+        info.setdefault("expert_tokens", {})[str(layer)] = tokens.tolist()
+    moments = {  # [in, in], or [E, in, in] for routed experts
+        layer: (total / count).float() if readers[layer].routed else (total[0] / count).float()
+        for layer, total in totals.items()
+    }
     for layer, path in paths.items():
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)

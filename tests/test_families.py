@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 import datamodules
 from analysis import gradsim, memit, memit_inputs
 from analysis.attention_maps import AttentionCapture, differential_maps, prefer_eager
+from analysis.memit_sites import KeyReader
 from datamodules.sources import load_split
 from modeling import architecture, models
 from modeling.generation import batches_continuously, generate
@@ -199,28 +200,24 @@ def test_gradsim_equals_a_per_example_gradient_loop(family_model, name: str) -> 
     model.requires_grad_(False)
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES) + DENSE_PATH)
+@pytest.mark.parametrize("name", sorted(FAMILIES) + sorted(MIXTURES))
 def test_one_memit_edit_computes_an_update_and_restores_the_weights_bit_for_bit(
     family_model, tmp_path: Path, name: str
 ) -> None:
     cfg, model, tokenizer = family_model(name)
     hparams = compose_config(*overrides(name, tmp_path), config_name="ripple").analysis.memit
     with open_dict(hparams):
-        hparams.mom2_n_samples, hparams.v_num_grad_steps, hparams.context_templates = 8, 3, [["{}"]]
+        hparams.mom2_n_samples, hparams.v_num_grad_steps, hparams.context_templates = 32, 3, [["{}"]]
     texts = [r["question"] for r in load_split({"kind": "bundled", "bundled": "gsm8k"}, "train")]
     moments, _ = memit_inputs.second_moments(model, tokenizer, hparams, texts, None)
     request = {"prompt": "The capital of Zorbia is", "subject": "Zorbia", "target_new": "Q"}
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
-    ((_, edited_module, _),) = architecture.mlp_output_modules(model, [0])
+    site = KeyReader(model, 0)  # the dense path's output projection, or every routed expert's
+    assert site.routed == (MIXTURES.get(name) is not None and MIXTURES[name].structure.mlp_output is None)
+    names = {id(p): n for n, p in model.named_parameters()}
     with memit.edited(model, tokenizer, [request], hparams, moments, [["{}"]]) as updates:
-        delta = updates[0].delta
-        assert (
-            delta.shape == edited_module.weight.shape
-            and bool(torch.isfinite(delta).all())
-            and delta.abs().max() > 0
-        )
-        assert not torch.equal(
-            edited_module.weight,
-            original[next(n for n, p in model.named_parameters() if p is edited_module.weight)],
-        )
+        delta = updates[0].delta  # [out, in] as stored, or [E, out, in] for routed experts
+        edited = torch.stack(site.matrices()) if site.routed else site.weights[0]
+        assert delta.shape == edited.shape and bool(torch.isfinite(delta).all()) and delta.abs().max() > 0
+        assert any(not torch.equal(w, original[names[id(w)]]) for w in site.weights)
     assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import datamodules
-from analysis import gradsim
+from analysis import ripple
 from analysis.attention import ANALYSIS_FILE, MAPS_FILE, analyse
 from analysis.expert_gradients import RoutedExpertGradients, expert_blocks, expert_output_weights, routed_only
 from lightning_modules.methods import MethodContext, lora
@@ -210,19 +210,27 @@ def test_gradsim_on_routed_experts_equals_a_per_example_loop_and_follows_the_rou
     assert projected.shape == (3, 72)  # 3x3 per expert matrix, 4 experts, 2 layers
 
 
-def test_the_gradsim_entrypoint_runs_on_a_mixture_without_a_dense_path(
-    minimind_dir: Path, tmp_path: Path
-) -> None:
+def test_the_ripple_study_runs_on_a_mixture_without_a_dense_path(minimind_dir: Path, tmp_path: Path) -> None:
     cfg = composed_in(
         tmp_path,
         *overrides("mixtral", minimind_dir),
         "task=hotpotqa",
         "task.source=bundled",
-        "analysis.max_pieces=4",
-        config_name="gradsim",
+        "analysis.gradsim.max_pieces=4",
+        "analysis.num_edits=2",
+        "analysis.bootstrap_samples=20",
+        "analysis.memit.stats.source.kind=bundled",
+        "analysis.memit.stats.text_field=question",
+        "analysis.memit.mom2_n_samples=32",
+        "analysis.memit.v_num_grad_steps=2",
+        config_name="ripple",
     )
-    gradsim.run(cfg)
-    analysis = json.loads((tmp_path / "run" / "coupling_analysis.json").read_text())
-    assert analysis["layers"] == ["model.layers.0.mlp.experts.down_proj"]  # model.memit.layers=[0]
+    ripple.run(cfg)
+    assert json.loads((tmp_path / "run" / "correlation_analysis.json").read_text())["layers"] == [0]
     matrix = np.load(tmp_path / "run" / "coupling_matrix.npy")
     assert matrix.shape == (4, 4) and np.allclose(np.diag(matrix), 1.0)
+    experiments = json.loads((tmp_path / "run" / "ripple_experiments.json").read_text())
+    assert len(experiments) == 2 and all(np.isfinite(e["delta_log_prob"]).all() for e in experiments)
+    assert any(np.abs(e["delta_log_prob"]).max() > 0 for e in experiments)  # the routed experts were edited
+    statistics = json.loads((tmp_path / "run" / "memit_statistics.json").read_text())
+    assert sum(statistics["expert_tokens"]["0"]) == 2 * statistics["tokens"]  # top-2 routing recorded
