@@ -18,50 +18,58 @@ from runtime import item_scores
 from runtime.saved_run import load_classifier
 
 
-def score(
+def outputs(
     cfg: DictConfig,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     datamodule: Any,
     records: list[dict[str, Any]],
-    run_dir: Path,
-) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[str, Any]]]:
-    """Classify every test example (label likelihood, or the saved projection head); accuracy and macro F1
-    with their intervals."""
+    share: range,
+) -> list[list[float]]:
+    """The class scores [C] of each record of `share` (label likelihood, or the saved projection head)."""
     module = load_classifier(model, cfg)
     if module is None:  # no saved head: the label likelihood
         module = LabelLMModule(
             model, datamodule.label_token_ids(), datamodule.class_names, datamodule.tokenizer.pad_token_id
         )
     module.eval()
-    examples = datamodule.tokenize_all(records, "test")
-    metrics, rows, size = ClassificationMetrics(len(datamodule.class_names)), [], cfg.generation.batch_size
+    examples = datamodule.tokenize_all([records[i] for i in share], "test")
+    scores, size = [], cfg.generation.batch_size
     with torch.no_grad():
         for first in range(0, len(examples), size):
             batch = datamodule.collate(examples[first : first + size])
-            # [B, C]
-            scores = module.predict_classes({k: v.to(module.device) for k, v in batch.items()}).cpu()
-            predicted = scores.argmax(-1)
-            metrics.update(predicted, batch["class_index"])
-            for offset, (record, guess, truth) in enumerate(
-                zip(
-                    records[first : first + size],
-                    predicted.tolist(),
-                    batch["class_index"].tolist(),
-                    strict=True,
-                )
-            ):
-                rows.append(
-                    {
-                        "index": first + offset,
-                        "where": record.get("_where"),
-                        "text": record[datamodule.text_column],
-                        "gold": datamodule.class_names[truth],
-                        "predicted": datamodule.class_names[guess],
-                        "correct": float(guess == truth),
-                        "scores": dict(zip(datamodule.class_names, scores[offset].tolist(), strict=True)),
-                    }
-                )
+            scores += (
+                module.predict_classes({k: v.to(module.device) for k, v in batch.items()}).float().tolist()
+            )
+    return scores
+
+
+def score(
+    cfg: DictConfig,
+    datamodule: Any,
+    records: list[dict[str, Any]],
+    class_scores: list[list[float]],
+    run_dir: Path,
+) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[str, Any]]]:
+    """Rows of every test example from its class scores; accuracy and macro F1 with their intervals."""
+    metrics, rows = ClassificationMetrics(len(datamodule.class_names)), []
+    scores = torch.tensor(class_scores)  # [N, C]
+    truth = torch.tensor([datamodule.class_index(record) for record in records])  # [N]
+    metrics.update(scores.argmax(-1), truth)
+    for index, (record, guess, gold, row_scores) in enumerate(
+        zip(records, scores.argmax(-1).tolist(), truth.tolist(), class_scores, strict=True)
+    ):
+        rows.append(
+            {
+                "index": index,
+                "where": record.get("_where"),
+                "text": record[datamodule.text_column],
+                "gold": datamodule.class_names[gold],
+                "predicted": datamodule.class_names[guess],
+                "correct": float(guess == gold),
+                "scores": dict(zip(datamodule.class_names, row_scores, strict=True)),
+            }
+        )
     values, matrix = metrics.compute()
     plot_confusion(
         matrix,

@@ -13,12 +13,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 
 import datamodules
-from runtime import classification_scoring, generation_scoring, item_scores
+from runtime import classification_scoring, data_parallel, generation_scoring, item_scores
 from runtime.judge import judge_rows
 from runtime.saved_run import load_model, use_checkpoint_model
 from runtime.session import overrides, start
@@ -26,11 +26,19 @@ from runtime.task_grid import headline_metric
 
 log = logging.getLogger(__name__)
 
-# DataModule.evaluation_kind -> score(cfg, model, tokenizer, datamodule, records, run_dir)
-#   -> (rows, metrics, intervals)
-SCORERS: dict[str, Callable[..., tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]]] = {
-    "generation": generation_scoring.score,
-    "classification": classification_scoring.score,
+
+class Scorer(NamedTuple):
+    """How one `evaluation_kind` is scored: `outputs` (the model's, per item of a share, JSON values: what
+    data-parallel processes compute) and `score` (rows, metrics and intervals from all the outputs)."""
+
+    outputs: data_parallel.Outputs
+    score: Callable[..., tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]]
+
+
+# DataModule.evaluation_kind -> its Scorer
+SCORERS: dict[str, Scorer] = {
+    "generation": Scorer(generation_scoring.outputs, generation_scoring.score),
+    "classification": Scorer(classification_scoring.outputs, classification_scoring.score),
 }
 
 
@@ -38,12 +46,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one (model, task, checkpoint); write predictions.jsonl, metrics.json and results.json."""
     use_checkpoint_model(cfg)
     with start(cfg, job_type="evaluate") as session:
+        data_parallel.world_size(cfg)  # refuse a bad `devices` before loading anything
         model, tokenizer = load_model(cfg)
+        model = data_parallel.place(model, cfg)
         datamodule = datamodules.build(cfg, tokenizer)
         records = _nonempty(datamodule.evaluation_records()[: cfg.get("limit")], cfg)
-        rows, metrics, intervals = scorer(datamodule.evaluation_kind)(
-            cfg, model, tokenizer, datamodule, records, session.run_dir
+        kind = scorer(datamodule.evaluation_kind)
+        outputs = data_parallel.gathered(
+            cfg, kind.outputs, model, tokenizer, datamodule, records, session.run_dir
         )
+        rows, metrics, intervals = kind.score(cfg, datamodule, records, outputs, session.run_dir)
         if cfg.get("judge") and rows:
             reference = next((k for k in ("correct", "exact_match_flexible") if k in rows[0]), None)
             metrics |= judge_rows(cfg.judge, cfg.task.name, rows, reference)
@@ -93,7 +105,7 @@ def _nonempty(records: list[dict[str, Any]], cfg: DictConfig) -> list[dict[str, 
     return records
 
 
-def scorer(kind: str) -> Callable[..., tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]]:
+def scorer(kind: str) -> Scorer:
     """The scoring function for a DataModule's `evaluation_kind`."""
     if kind not in SCORERS:
         raise ValueError(f"evaluation_kind={kind!r} has no scorer; known: {sorted(SCORERS)}")

@@ -27,25 +27,42 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
     return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
 
 
-def score(
+def prompts(cfg: DictConfig, datamodule: Any, records: list[dict[str, Any]]) -> list[str]:
+    """The prompt of every record, its exemplars drawn (seeded) over all records."""
+    style = datamodule.prompt_format
+    exemplars = style.fewshot_exemplars(records, cfg.prompting.num_fewshot, cfg.prompting.fewshot_seed)
+    return [style.prompt(record, shots) for record, shots in zip(records, exemplars, strict=True)]
+
+
+def outputs(
     cfg: DictConfig,
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     datamodule: Any,
     records: list[dict[str, Any]],
+    share: range,
+) -> list[list[str]]:
+    """The `generation.num_samples` completions of each record of `share`."""
+    everything = prompts(cfg, datamodule, records)
+    settings = OmegaConf.to_container(cfg.generation, resolve=True)
+    settings["stop_strings"] = datamodule.prompt_format.stop_strings(settings["stop_strings"])
+    return generate(model, tokenizer, [everything[i] for i in share], **settings)
+
+
+def score(
+    cfg: DictConfig,
+    datamodule: Any,
+    records: list[dict[str, Any]],
+    completions: list[list[str]],
     run_dir: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[str, Any]]]:
-    """Generate for every test example and score it: pass@ per `exact_match_*` score, means of the other
-    scores, corpus metrics; and the interval of each."""
+    """Score every completion: pass@ per `exact_match_*` score, means of the other scores, corpus metrics;
+    and the interval of each."""
     style = datamodule.prompt_format
-    exemplars = style.fewshot_exemplars(records, cfg.prompting.num_fewshot, cfg.prompting.fewshot_seed)
-    prompts = [style.prompt(record, shots) for record, shots in zip(records, exemplars, strict=True)]
-    settings = OmegaConf.to_container(cfg.generation, resolve=True)
-    settings["stop_strings"] = style.stop_strings(settings["stop_strings"])
-    completions = generate(model, tokenizer, prompts, **settings)
+    texts = prompts(cfg, datamodule, records)
 
     rows, samples = [], cfg.generation.num_samples
-    for index, (record, prompt, generations) in enumerate(zip(records, prompts, completions, strict=True)):
+    for index, (record, prompt, generations) in enumerate(zip(records, texts, completions, strict=True)):
         reference = style.reference(record)
         scores = [style.score(text, reference) for text in generations]
         row = {

@@ -1,0 +1,142 @@
+"""Evaluation split across processes (`evaluate.py devices=N`): each process loads the model on its own device
+and computes the outputs of one contiguous share of the items (completions, class scores); the first process
+is the evaluate.py run itself, which gathers the shares in item order and scores them as one run would.
+
+Each share is cut at a multiple of `generation.batch_size`, so a one-process run meets the same batches as far
+as batching by position goes. The shares come back through JSON files in the run dir (`shards/`), read once
+every process has exited: a process that fails stops the run with its exit code and share, nothing waits on a
+collective that will never complete. On CPU the cores are split between the processes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+import datamodules
+from runtime.saved_run import load_model
+
+log = logging.getLogger(__name__)
+
+SHARDS_DIR = "shards"
+
+# outputs(cfg, model, tokenizer, datamodule, records, share) -> one JSON value per item of `share`
+Outputs = Callable[[DictConfig, Any, Any, Any, list[dict[str, Any]], range], list[Any]]
+
+
+def shares(count: int, world: int, unit: int) -> list[range]:
+    """`count` items cut into `world` contiguous ranges of whole `unit`s, as even as they can be."""
+    units = math.ceil(count / unit)
+    bounds = [min(count, unit * (units * rank // world)) for rank in range(world + 1)]
+    return [range(start, end) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def device_for(cfg: DictConfig, rank: int) -> torch.device:
+    """The device of process `rank`: `accelerator` cpu, cuda, or auto (cuda when one is visible)."""
+    accelerator = cfg.get("accelerator") or "auto"
+    if accelerator not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"accelerator={accelerator!r}: auto, cpu or cuda")
+    cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+    if not cuda:
+        return torch.device("cpu")
+    if rank >= torch.cuda.device_count():
+        raise ValueError(f"devices={cfg.devices}: only {torch.cuda.device_count()} CUDA devices are visible")
+    return torch.device("cuda", rank)
+
+
+def place(model: Any, cfg: DictConfig, rank: int = 0) -> Any:
+    """`model` on process `rank`'s device; a model that `model.device_map` spread over devices stays put."""
+    if cfg.model.get("device_map") is not None:
+        return model
+    return model.to(device_for(cfg, rank))
+
+
+def world_size(cfg: DictConfig) -> int:
+    """`devices`, checked: a positive count, and 1 when `model.device_map` shards one model over devices."""
+    devices = cfg.get("devices", 1)
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ValueError(f"devices={devices!r}: the number of evaluation processes, a positive integer")
+    if devices > 1 and cfg.model.get("device_map") is not None:
+        raise ValueError(
+            f"devices={devices} with model.device_map={cfg.model.device_map}: a model sharded over the "
+            "devices runs in one process; set devices=1 or model.device_map=null"
+        )
+    return devices
+
+
+def gathered(
+    cfg: DictConfig,
+    outputs: Outputs,
+    model: Any,
+    tokenizer: Any,
+    datamodule: Any,
+    records: list,
+    run_dir: Path,
+) -> list[Any]:
+    """`outputs` for every record, in record order, computed by `devices` processes (this one first)."""
+    world = world_size(cfg)
+    if world == 1:
+        return outputs(cfg, model, tokenizer, datamodule, records, range(len(records)))
+    parts = shares(len(records), world, cfg.generation.batch_size)
+    directory = run_dir / SHARDS_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    context = multiprocessing.get_context("spawn")
+    workers = [
+        context.Process(target=_work, args=(outputs, resolved, records, rank, parts[rank], directory))
+        for rank in range(1, world)
+    ]
+    for worker in workers:
+        worker.start()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(_threads_each(world))
+        mine = outputs(cfg, model, tokenizer, datamodule, records, parts[0])
+    finally:
+        torch.set_num_threads(threads)
+    for worker in workers:
+        worker.join()
+    failed = [(rank, w.exitcode) for rank, w in enumerate(workers, start=1) if w.exitcode != 0]
+    if failed:
+        raise RuntimeError(
+            "evaluation processes failed (rank, exit code): "
+            + ", ".join(
+                f"{rank} ({code}) on items {parts[rank].start}..{parts[rank].stop - 1}"
+                for rank, code in failed
+            )
+            + "; their errors are in the log above"
+        )
+    everything = list(mine)
+    for rank in range(1, world):
+        everything += json.loads((directory / f"rank{rank}.json").read_text())
+    shutil.rmtree(directory)
+    log.info("%d items scored by %d processes (shares %s)", len(records), world, [len(p) for p in parts])
+    return everything
+
+
+def _threads_each(world: int) -> int:
+    return max(1, (os.cpu_count() or 1) // world)
+
+
+def _work(outputs: Outputs, resolved: dict, records: list, rank: int, share: range, directory: Path) -> None:
+    """One evaluation process: load the model on its device, compute its share, write it as JSON."""
+    torch.set_num_threads(_threads_each(resolved["devices"]))
+    cfg = OmegaConf.create(resolved)
+    lightning.seed_everything(cfg.seed, verbose=False)  # as the first process built the model (from_scratch)
+    model, tokenizer = load_model(cfg)
+    lightning.seed_everything(cfg.seed + rank, verbose=False)  # sampling: one stream per process
+    model = place(model, cfg, rank)
+    datamodule = datamodules.build(cfg, tokenizer)
+    result = outputs(cfg, model, tokenizer, datamodule, records, share)
+    (directory / f"rank{rank}.json").write_text(json.dumps(result))

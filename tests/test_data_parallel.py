@@ -1,0 +1,71 @@
+"""Data-parallel evaluation (runtime/data_parallel.py): `devices=2` on two CPU processes writes the same
+per-item outputs, in the same order, and the same metrics as one process, for generation and for
+classification scoring; the shares are whole batches; bad settings are refused by key."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+
+from runtime import evaluation
+from runtime.data_parallel import shares, world_size
+from tests.conftest import compose_config
+
+EVAL_TINY = ["model=tiny_llama", "task.source=bundled", "print_config=false", "generation.max_new_tokens=8"]
+
+
+def evaluated(tmp_path: Path, devices: int, *overrides: str) -> tuple[list[dict], dict]:
+    """predictions.jsonl rows and metrics.json of one evaluate run with `devices` processes."""
+    cfg = compose_config(*EVAL_TINY, f"devices={devices}", *overrides, config_name="evaluate")
+    run_dir = tmp_path / f"devices{devices}"
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(run_dir)
+    evaluation.run(cfg)
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert not (run_dir / "shards").exists()  # the shares were read back and removed
+    return rows, json.loads((run_dir / "metrics.json").read_text())
+
+
+def test_shares_are_contiguous_whole_batches_covering_every_item() -> None:
+    assert shares(10, 2, 3) == [range(0, 6), range(6, 10)]  # 4 batches of 3: two each
+    assert shares(7, 3, 2) == [range(0, 2), range(2, 4), range(4, 7)]
+    assert shares(2, 4, 8) == [range(0, 0), range(0, 0), range(0, 0), range(0, 2)]  # fewer batches than ranks
+    for count, world, unit in ((1319, 8, 8), (5, 2, 1), (100, 3, 7)):
+        parts = shares(count, world, unit)
+        assert [i for part in parts for i in part] == list(range(count))
+        assert all(part.start % unit == 0 for part in parts if len(part))
+
+
+@pytest.mark.xdist_group("processes")  # starts a second evaluation process
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("task=gsm8k", "limit=7", "generation.batch_size=2"),
+        ("task=classification", "limit=9", "generation.batch_size=4"),
+    ],
+    ids=["generation", "classification"],
+)
+def test_two_processes_write_what_one_writes(tmp_path: Path, overrides: tuple[str, ...]) -> None:
+    one_rows, one_metrics = evaluated(tmp_path, 1, *overrides)
+    two_rows, two_metrics = evaluated(tmp_path, 2, *overrides)
+    assert [r["item_id"] for r in two_rows] == [r["item_id"] for r in one_rows]  # item order
+    assert two_rows == one_rows and two_metrics == one_metrics
+    outputs = [r.get("generation", r.get("scores")) for r in one_rows]
+    assert len({json.dumps(o) for o in outputs}) > 1  # the items differ: the order is tested
+
+
+def test_bad_device_settings_are_refused_by_key(tmp_path: Path) -> None:
+    cfg = compose_config(*EVAL_TINY, "devices=0", config_name="evaluate")
+    with pytest.raises(ValueError, match=r"devices=0: .*positive integer"):
+        world_size(cfg)
+    cfg = compose_config(*EVAL_TINY, "devices=2", "+model.device_map=auto", config_name="evaluate")
+    with pytest.raises(ValueError, match=r"devices=2 with model.device_map=auto: .*devices=1"):
+        world_size(cfg)
+    cfg = compose_config(*EVAL_TINY, "accelerator=tpu", config_name="evaluate")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    with pytest.raises(ValueError, match=r"accelerator='tpu': auto, cpu or cuda"):
+        evaluation.run(cfg)
