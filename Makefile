@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(PY) bench/structure_discovery.py
 	$(PY) bench/sft_throughput.py
 	$(PY) bench/eval_prefix_cache.py
+	$(PY) bench/eval_data_parallel.py
 	$(PY) bench/interval_cost.py
 
 # on a CUDA machine: lmlab's fast paths on the GPU, written to gpu_check.json (bench/gpu_check.py)

@@ -168,6 +168,12 @@ def coupling_stage(
     model, tokenizer = load_model(cfg)
     for key, layers in layer_keys.items():
         check_layers(model, layers, key)
+    if offloaded := [name for name, p in model.named_parameters() if p.device.type == "meta"]:
+        raise ValueError(
+            f"model.device_map={cfg.model.device_map}: GradSim and MEMIT differentiate and edit weights, and "
+            f"{len(offloaded)} are offloaded (e.g. {offloaded[0]}); give model.max_memory room for the whole "
+            "model on the devices, or set model.device_map=null"
+        )
     model.eval()
     datamodule = datamodules.build(cfg, tokenizer)
     pieces, matrix = compute(model, datamodule, settings, cfg.seed)

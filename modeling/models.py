@@ -65,6 +65,11 @@ def build(
 def _load(
     cfg: DictConfig, cache_dir: str | os.PathLike | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    if cfg.get("device_map") is not None and (cfg.get("from_scratch") or cfg.get("scratch")):
+        raise ModelLoadError(
+            f"model.device_map={cfg.device_map}: only weights loaded with from_pretrained (model.path, "
+            "hub_id, gguf) are spread over devices; a fresh model is built in one place"
+        )
     if cfg.get("from_scratch") and not cfg.get("scratch"):
         return _random_init_of(cfg, cache_dir)
     if cfg.get("path"):
@@ -245,6 +250,10 @@ def _load_kwargs(cfg: DictConfig) -> dict[str, Any]:
     }
     if cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = cfg.attn_implementation
+    for key in ("device_map", "max_memory", "offload_folder"):  # a model sharded over devices
+        if cfg.get(key) is not None:
+            value = cfg[key]
+            kwargs[key] = OmegaConf.to_container(value) if isinstance(value, DictConfig) else value
     return kwargs
 
 

@@ -36,7 +36,9 @@ Outputs = Callable[[DictConfig, Any, Any, Any, list[dict[str, Any]], range], lis
 
 
 def shares(count: int, world: int, unit: int) -> list[range]:
-    """`count` items cut into `world` contiguous ranges of whole `unit`s, as even as they can be."""
+    """`count` items cut into `world` contiguous ranges, as even as they can be: of whole `unit`s where every
+    range gets one, else of single items (fewer items than ranges: the last ranges are empty)."""
+    unit = unit if count >= world * unit else 1
     units = math.ceil(count / unit)
     bounds = [min(count, unit * (units * rank // world)) for rank in range(world + 1)]
     return [range(start, end) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
@@ -88,20 +90,23 @@ def gathered(
     world = world_size(cfg)
     if world == 1:
         return outputs(cfg, model, tokenizer, datamodule, records, range(len(records)))
-    parts = shares(len(records), world, cfg.generation.batch_size)
+    parts = [part for part in shares(len(records), world, cfg.generation.batch_size) if part]
     directory = run_dir / SHARDS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     context = multiprocessing.get_context("spawn")
     workers = [
-        context.Process(target=_work, args=(outputs, resolved, records, rank, parts[rank], directory))
-        for rank in range(1, world)
+        context.Process(
+            target=_work,
+            args=(outputs, resolved, records, rank, parts[rank], directory, _threads_each(len(parts))),
+        )
+        for rank in range(1, len(parts))
     ]
     for worker in workers:
         worker.start()
     threads = torch.get_num_threads()
     try:
-        torch.set_num_threads(_threads_each(world))
+        torch.set_num_threads(_threads_each(len(parts)))
         mine = outputs(cfg, model, tokenizer, datamodule, records, parts[0])
     finally:
         torch.set_num_threads(threads)
@@ -118,10 +123,10 @@ def gathered(
             + "; their errors are in the log above"
         )
     everything = list(mine)
-    for rank in range(1, world):
+    for rank in range(1, len(parts)):
         everything += json.loads((directory / f"rank{rank}.json").read_text())
     shutil.rmtree(directory)
-    log.info("%d items scored by %d processes (shares %s)", len(records), world, [len(p) for p in parts])
+    log.info("%d items scored by %d processes (shares %s)", len(records), len(parts), [len(p) for p in parts])
     return everything
 
 
@@ -129,9 +134,11 @@ def _threads_each(world: int) -> int:
     return max(1, (os.cpu_count() or 1) // world)
 
 
-def _work(outputs: Outputs, resolved: dict, records: list, rank: int, share: range, directory: Path) -> None:
+def _work(
+    outputs: Outputs, resolved: dict, records: list, rank: int, share: range, directory: Path, threads: int
+) -> None:
     """One evaluation process: load the model on its device, compute its share, write it as JSON."""
-    torch.set_num_threads(_threads_each(resolved["devices"]))
+    torch.set_num_threads(threads)
     cfg = OmegaConf.create(resolved)
     lightning.seed_everything(cfg.seed, verbose=False)  # as the first process built the model (from_scratch)
     model, tokenizer = load_model(cfg)

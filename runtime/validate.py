@@ -28,6 +28,11 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "model.path and model.scratch are both set: pick one (a saved model or a fresh architecture)"
         )
+    if model.get("device_map") is not None:
+        raise ConfigError(
+            f"model.device_map={model.device_map}: a model spread over devices is for evaluate.py and the "
+            "analyses that read it; train.py shards with trainer=fsdp (docs/scaling.md)"
+        )
     from lightning_modules import methods
     from lightning_modules.task_modules import TASK_MODULES, task_module_name
 

@@ -57,6 +57,19 @@ def evaluated(
     return check
 
 
+def evaluated_by(
+    processes: int, pattern: str, model: str
+) -> Callable[[Workspace, subprocess.CompletedProcess], None]:
+    """A zero-shot evaluation whose problems `processes` processes shared."""
+    evaluation = evaluated(pattern, "zero_shot", model)
+
+    def check(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
+        evaluation(workspace, result)
+        assert f"scored by {processes} processes" in result.stdout + result.stderr
+
+    return check
+
+
 def swept(pattern: str, jobs: int, *files: str) -> Callable[[Workspace, subprocess.CompletedProcess], None]:
     """A -m sweep: `jobs` jobs that each ran, a summary row per job, and the sweep-level `files`."""
 

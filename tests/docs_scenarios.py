@@ -15,6 +15,7 @@ from tests.docs_promises import (
     coupling,
     demo_prints_its_results,
     evaluated,
+    evaluated_by,
     fast_dev_run,
     fsdp_tested,
     grid_tables,
@@ -265,6 +266,12 @@ SCENARIOS: dict[str, list[Step]] = {
             "python train.py trainer=fsdp trainer.accelerator=cpu trainer.devices=2 "
             "trainer.precision=32-true model=tiny_llama method=lora",
             fsdp_tested,
+        )
+    ],
+    "data_parallel_evaluation": [
+        Step(
+            "python evaluate.py model=smollm2_135m task=gsm8k devices=2 accelerator=cpu",
+            evaluated_by(2, "outputs/eval/gsm8k/tiny_llama/*", "tiny_llama"),
         )
     ],
     "submitit_local": [

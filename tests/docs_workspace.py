@@ -40,6 +40,15 @@ NOT_HERE = {
     "trainer=fsdp trainer.devices=8 trainer.num_nodes=2 method=lora": SLURM,
     "python train.py -m hydra/launcher=submitit_slurm trainer=ddp trainer.devices=4 trainer.num_nodes=2 "
     "method=lora": SLURM,
+    "python evaluate.py model=llama2_7b task=gsm8k devices=8": (
+        "needs eight GPUs; the same data-parallel path runs on two CPU processes (the evaluation section's "
+        "first command in docs/scaling.md)"
+    ),
+    "python evaluate.py model=llama2_70b task=gsm8k model.device_map=auto 'model.max_memory={0: 75GiB, 1: "
+    "75GiB}'": (
+        "needs two 80 GB GPUs and the gated weights; the same device_map path runs on CPU and disk in "
+        "tests/test_sharded_models.py"
+    ),
     "tensorboard --logdir multirun/gsm8k/<time>": (
         "starts a server that runs until stopped; the event files it reads are checked after the sweep that "
         "writes them"

@@ -32,7 +32,8 @@ def evaluated(tmp_path: Path, devices: int, *overrides: str) -> tuple[list[dict]
 def test_shares_are_contiguous_whole_batches_covering_every_item() -> None:
     assert shares(10, 2, 3) == [range(0, 6), range(6, 10)]  # 4 batches of 3: two each
     assert shares(7, 3, 2) == [range(0, 2), range(2, 4), range(4, 7)]
-    assert shares(2, 4, 8) == [range(0, 0), range(0, 0), range(0, 0), range(0, 2)]  # fewer batches than ranks
+    assert shares(3, 2, 8) == [range(0, 1), range(1, 3)]  # fewer batches than ranks: single items
+    assert shares(2, 4, 8) == [range(0, 0), range(0, 1), range(1, 1), range(1, 2)]  # fewer items than ranks
     for count, world, unit in ((1319, 8, 8), (5, 2, 1), (100, 3, 7)):
         parts = shares(count, world, unit)
         assert [i for part in parts for i in part] == list(range(count))
