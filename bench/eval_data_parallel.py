@@ -31,14 +31,16 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
-def evaluate(devices: int, problems: int, max_new_tokens: int, run_dir: Path) -> tuple[float, list[str]]:
-    """Wall seconds of one evaluate.py run and its completions, in problem order."""
+def evaluate(
+    devices: int, problems: int, max_new_tokens: int, run_dir: Path, model: str = "smollm2_135m"
+) -> tuple[float, list[str]]:
+    """Wall seconds of one evaluate.py run with `devices` processes and its completions, in problem order."""
     test = SHARED_GSM8K / "test.jsonl"
     data = f"task.data_files={{test: {test}}}" if test.exists() else "task.source=bundled"
     command = [
         sys.executable,
         "evaluate.py",
-        "model=smollm2_135m",
+        f"model={model}",
         data,
         f"limit={problems}",
         f"generation.max_new_tokens={max_new_tokens}",

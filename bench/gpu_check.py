@@ -8,12 +8,15 @@ minutes on one GPU).
 3. padding-free vs padded LoRA batches with sdpa and flash attention (flash where `flash-attn` is installed):
    tokens/s and the per-step losses of both;
 4. continuous-batching generation vs one prompt at a time: identical completions, generated tokens/s;
-5. FSDP over every visible GPU (two or more): a LoRA run that trains, tests and exports.
+5. FSDP over every visible GPU (two or more): a LoRA run that trains, tests and exports;
+6. data-parallel evaluation over every visible GPU (two or more): `evaluate.py devices=N` against one process,
+   identical completions and the speed ratio (goal 0.9 x N).
 
     python bench/gpu_check.py [--out gpu_check.json] [--steps 30]
     python bench/gpu_check.py --quick      # tiny models, a few steps, any device: checks the script itself
 
-Ends with `ratio padding_free_vs_padded_<attention> = <x> (goal >= 1.3)` lines.
+Ends with `ratio padding_free_vs_padded_<attention> = <x> (goal >= 1.3)` lines and
+`ratio eval_data_parallel_vs_one_process = <x> (goal >= 0.9 x N)`.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.eval_data_parallel import evaluate  # noqa: E402
 from modeling import models  # noqa: E402
 from modeling.generation import generate  # noqa: E402
 from runtime.training import run  # noqa: E402
@@ -139,6 +143,24 @@ def fsdp(run_dir: Path, quick: bool) -> dict[str, Any]:
     }
 
 
+def data_parallel_evaluation(run_dir: Path, quick: bool) -> dict[str, Any]:
+    """evaluate.py on every visible GPU against one (quick: two CPU processes, a tiny model)."""
+    devices = 2 if quick else torch.cuda.device_count()
+    if devices < 2:
+        return {"skipped": f"{devices} GPU visible; data-parallel evaluation needs two or more"}
+    model, problems = ("tiny_llama", 4) if quick else ("smollm2_135m", 64 * devices)
+    one, alone = evaluate(1, problems, 64, run_dir / "one", model)
+    many, together = evaluate(devices, problems, 64, run_dir / "many", model)
+    return {
+        "devices": devices,
+        "problems": problems,
+        "identical": sum(a == b for a, b in zip(alone, together, strict=True)),
+        "seconds_one": round(one, 1),
+        "seconds_data_parallel": round(many, 1),
+        "ratio": round(one / many, 3),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -196,6 +218,7 @@ def main() -> None:
                 )
         report["generation"] = generation(args.quick)
         report["fsdp"] = fsdp(root / "fsdp", args.quick)
+        report["eval_data_parallel"] = data_parallel_evaluation(root / "eval", args.quick)
     if not attention[1:]:
         report["flash_attention_2"] = "not run: flash-attn is not installed"
     args.out.write_text(json.dumps(report, indent=1) + "\n")
@@ -207,6 +230,10 @@ def main() -> None:
                 f"ratio padding_free_vs_padded_{implementation} = "
                 f"{packed['tokens_per_s'] / padded['tokens_per_s']:.2f} (goal >= 1.3)"
             )
+    evaluation = report["eval_data_parallel"]
+    if "ratio" in evaluation:
+        goal = 0.9 * evaluation["devices"] if torch.cuda.is_available() else 1.0
+        print(f"ratio eval_data_parallel_vs_one_process = {evaluation['ratio']:.2f} (goal >= {goal:.1f})")
 
 
 if __name__ == "__main__":

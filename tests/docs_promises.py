@@ -46,26 +46,14 @@ def trained(pattern: str, **expected) -> Callable[[Workspace, subprocess.Complet
 
 
 def evaluated(
-    pattern: str, stage: str, model: str
+    pattern: str, stage: str, model: str, processes: int = 1
 ) -> Callable[[Workspace, subprocess.CompletedProcess], None]:
     def check(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
         run_dir = workspace.newest(pattern)
         found = read_results(run_dir)
         assert (found["stage"], found["model"]) == (stage, model)
         assert len(lines(run_dir / "predictions.jsonl")) == 2 and "pass@1_flexible" in found["metrics"]
-
-    return check
-
-
-def evaluated_by(
-    processes: int, pattern: str, model: str
-) -> Callable[[Workspace, subprocess.CompletedProcess], None]:
-    """A zero-shot evaluation whose problems `processes` processes shared."""
-    evaluation = evaluated(pattern, "zero_shot", model)
-
-    def check(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
-        evaluation(workspace, result)
-        assert f"scored by {processes} processes" in result.stdout + result.stderr
+        assert processes == 1 or f"scored by {processes} processes" in result.stdout + result.stderr
 
     return check
 

@@ -15,7 +15,6 @@ from tests.docs_promises import (
     coupling,
     demo_prints_its_results,
     evaluated,
-    evaluated_by,
     fast_dev_run,
     fsdp_tested,
     grid_tables,
@@ -271,7 +270,7 @@ SCENARIOS: dict[str, list[Step]] = {
     "data_parallel_evaluation": [
         Step(
             "python evaluate.py model=smollm2_135m task=gsm8k devices=2 accelerator=cpu",
-            evaluated_by(2, "outputs/eval/gsm8k/tiny_llama/*", "tiny_llama"),
+            evaluated("outputs/eval/gsm8k/tiny_llama/*", "zero_shot", "tiny_llama", processes=2),
         )
     ],
     "submitit_local": [

@@ -34,6 +34,8 @@ def test_the_gpu_check_runs_end_to_end_in_its_quick_mode(tmp_path: Path) -> None
     )
     assert report["generation"]["identical"] == report["generation"]["prompts"]
     assert report["fsdp"]["ok"] and report["fsdp"]["final_exported"]
+    evaluation = report["eval_data_parallel"]  # two CPU processes against one
+    assert evaluation["devices"] == 2 and evaluation["identical"] == evaluation["problems"] == 4
 
 
 @pytest.mark.gpu
@@ -44,3 +46,5 @@ def test_the_gpu_check_on_a_cuda_device(tmp_path: Path) -> None:
     for section in ("smollm2_lora", "smollm2_full", "llama_375m_pretraining", "padding_free_sdpa"):
         assert report[section]["tokens_per_s"] and report[section]["mfu"], section
     assert report["padding_free_sdpa"]["padding_free"]
+    evaluation = report["eval_data_parallel"]
+    assert "skipped" in evaluation or evaluation["identical"] == evaluation["problems"]
