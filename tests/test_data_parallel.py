@@ -11,7 +11,7 @@ import pytest
 from omegaconf import open_dict
 
 from runtime import evaluation
-from runtime.data_parallel import shares, world_size
+from runtime.data_parallel import gathered, shares, world_size
 from tests.conftest import compose_config
 
 EVAL_TINY = ["model=tiny_llama", "task.source=bundled", "print_config=false", "generation.max_new_tokens=8"]
@@ -70,3 +70,20 @@ def test_bad_device_settings_are_refused_by_key(tmp_path: Path) -> None:
         cfg.paths.output_dir = str(tmp_path)
     with pytest.raises(ValueError, match=r"accelerator='tpu': auto, cpu or cuda"):
         evaluation.run(cfg)
+
+
+def fails_after_the_first_share(cfg, model, tokenizer, datamodule, records, share: range) -> list:
+    """Outputs that the first share gets and every later share fails on (a process that dies)."""
+    if share.start:
+        raise RuntimeError(f"share from {share.start} failed")
+    return [[""] for _ in share]
+
+
+@pytest.mark.xdist_group("processes")  # starts a second evaluation process
+def test_a_failed_process_stops_the_run_naming_its_rank_and_items(tmp_path: Path) -> None:
+    cfg = compose_config(*EVAL_TINY, "devices=2", "generation.batch_size=2", config_name="evaluate")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+    records = [{"question": str(i), "answer": "#### 1"} for i in range(4)]
+    with pytest.raises(RuntimeError, match=r"rank, exit code\): 1 \(1\) on items 2\.\.3"):
+        gathered(cfg, fails_after_the_first_share, None, None, None, records, tmp_path)
