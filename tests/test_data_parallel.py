@@ -1,9 +1,11 @@
 """Data-parallel evaluation (runtime/data_parallel.py): `devices=2` on two CPU processes writes the same
 per-item outputs, in the same order, and the same metrics as one process, for generation and for
-classification scoring; the shares are whole batches; bad settings are refused by key."""
+classification scoring; a `-m` grid runs every job that way; the shares are whole batches; a process that
+fails stops the run by name; bad settings are refused by key."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from omegaconf import open_dict
 
 from runtime import evaluation
 from runtime.data_parallel import gathered, shares, world_size
-from tests.conftest import compose_config
+from tests.conftest import compose_config, launch
 
 EVAL_TINY = ["model=tiny_llama", "task.source=bundled", "print_config=false", "generation.max_new_tokens=8"]
 
@@ -87,3 +89,20 @@ def test_a_failed_process_stops_the_run_naming_its_rank_and_items(tmp_path: Path
     records = [{"question": str(i), "answer": "#### 1"} for i in range(4)]
     with pytest.raises(RuntimeError, match=r"rank, exit code\): 1 \(1\) on items 2\.\.3"):
         gathered(cfg, fails_after_the_first_share, None, None, None, records, tmp_path)
+
+
+@pytest.mark.xdist_group("processes")  # each job starts a second evaluation process
+def test_a_grid_runs_every_job_data_parallel_and_writes_its_table(tmp_path: Path) -> None:
+    result = launch(
+        "evaluate.py",
+        "-m",
+        "task=gsm8k,gsm8k_inf",
+        "devices=2",
+        *EVAL_TINY,
+        "limit=3",
+        "generation.max_new_tokens=4",
+        f"hydra.sweep.dir={tmp_path}",
+    )
+    assert (result.stdout + result.stderr).count("3 items scored by 2 processes") == 2
+    with (tmp_path / "zero_shot_performance.csv").open() as handle:
+        assert sorted(row["dataset"] for row in csv.DictReader(handle)) == ["gsm8k", "gsm8k_inf"]
