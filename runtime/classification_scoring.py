@@ -32,6 +32,8 @@ def outputs(
         module = LabelLMModule(
             model, datamodule.label_token_ids(), datamodule.class_names, datamodule.tokenizer.pad_token_id
         )
+    if cfg.model.get("device_map") is None:  # the saved head goes where the model was placed
+        module = module.to(model.device)
     module.eval()
     examples = datamodule.tokenize_all([records[i] for i in share], "test")
     scores, size = [], cfg.generation.batch_size
