@@ -2,10 +2,11 @@
 and computes the outputs of one contiguous share of the items (completions, class scores); the first process
 is the evaluate.py run itself, which gathers the shares in item order and scores them as one run would.
 
-Each share is cut at a multiple of `generation.batch_size`, so a one-process run meets the same batches as far
-as batching by position goes. The shares come back through JSON files in the run dir (`shards/`), read once
-every process has exited: a process that fails stops the run with its exit code and share, nothing waits on a
-collective that will never complete. On CPU the cores are split between the processes.
+Each share is cut at a multiple of `generation.batch_size` (at single items when there are fewer batches than
+processes), so a one-process run meets the same batches as far as batching by position goes. The shares come
+back through JSON files in the run dir (`shards/`), read once every process has exited: a process that fails
+stops the run with its exit code and share, nothing waits on a collective that will never complete. On CPU
+the cores are split between the processes.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ def world_size(cfg: DictConfig) -> int:
             f"devices={devices} with model.device_map={cfg.model.device_map}: a model sharded over the "
             "devices runs in one process; set devices=1 or model.device_map=null"
         )
+    device_for(cfg, devices - 1)  # the accelerator is known and has a device for the last process
     return devices
 
 
