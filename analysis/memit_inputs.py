@@ -94,10 +94,13 @@ def second_moments(
                 model(**encoded)
             real = encoded["attention_mask"].bool()
             for layer, reader in readers.items():
-                keys = reader.keys(*real.shape)[:, real].double()  # [E, N, in]
-                totals[layer] = keys.transpose(1, 2) @ keys + totals.get(layer, 0)
+                keys = reader.keys(*real.shape)[:, real]  # [E, N, in]
+                routed = keys.abs().amax(-1) > 0  # [E, N]: the tokens routed to each expert
+                # one expert at a time, its routed rows only, so float64 copies stay one expert's size
+                blocks = [k[r].double().T @ k[r].double() for k, r in zip(keys, routed, strict=True)]
+                totals[layer] = torch.stack(blocks) + totals.get(layer, 0)
                 if reader.routed:
-                    routed_tokens[layer] = (keys.abs().amax(-1) > 0).sum(1) + routed_tokens.get(layer, 0)
+                    routed_tokens[layer] = routed.sum(1) + routed_tokens.get(layer, 0)
             count += int(real.sum())
     if not count:
         raise ValueError(f"MEMIT statistics: no tokens in the corpus {corpus} (analysis.memit.stats)")
