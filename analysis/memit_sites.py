@@ -72,7 +72,8 @@ class KeyReader:
             return self._routed_keys(args, kwargs, batch, length)
 
     def matrices(self) -> list[torch.Tensor]:
-        """The edited weights as [out, in] views, one per expert (one on a dense path)."""
+        """The edited weights as [out, in] views, one per expert; on a dense path, its one weight as stored
+        ([in, out] for GPT-2's Conv1D)."""
         if not self.routed:
             return [self.weights[0]]
         if len(self.weights) > 1:  # modular experts
