@@ -32,9 +32,15 @@ SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
 def evaluate(
-    devices: int, problems: int, max_new_tokens: int, run_dir: Path, model: str = "smollm2_135m"
+    devices: int,
+    problems: int,
+    max_new_tokens: int,
+    run_dir: Path,
+    model: str = "smollm2_135m",
+    overrides: tuple[str, ...] = (),
 ) -> tuple[float, list[str]]:
-    """Wall seconds of one evaluate.py run with `devices` processes and its completions, in problem order."""
+    """Wall seconds of one evaluate.py run with `devices` processes (and `overrides`) and its completions, in
+    problem order."""
     test = SHARED_GSM8K / "test.jsonl"
     data = f"task.data_files={{test: {test}}}" if test.exists() else "task.source=bundled"
     command = [
@@ -48,6 +54,7 @@ def evaluate(
         "print_config=false",
         f"hydra.run.dir={run_dir}",
         f"paths.output_dir={run_dir}",
+        *overrides,
     ]
     start = time.perf_counter()
     subprocess.run(

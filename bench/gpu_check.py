@@ -10,7 +10,8 @@ minutes on one GPU).
 4. continuous-batching generation vs one prompt at a time: identical completions, generated tokens/s;
 5. FSDP over every visible GPU (two or more): a LoRA run that trains, tests and exports;
 6. data-parallel evaluation over every visible GPU (two or more): `evaluate.py devices=N` against one process,
-   identical completions and the speed ratio (goal 0.9 x N).
+   identical completions and the speed ratio (goal 0.9 x N);
+7. a model spread over every visible GPU (`model.device_map=balanced`) against one GPU: identical completions.
 
     python bench/gpu_check.py [--out gpu_check.json] [--steps 30]
     python bench/gpu_check.py --quick      # tiny models, a few steps, any device: checks the script itself
@@ -161,6 +162,34 @@ def data_parallel_evaluation(run_dir: Path, quick: bool) -> dict[str, Any]:
     }
 
 
+def sharded_evaluation(run_dir: Path, quick: bool) -> dict[str, Any]:
+    """evaluate.py on a model spread over every visible GPU against the same model on one (quick: a saved tiny
+    model spread over the CPU and disk)."""
+    gpus = torch.cuda.device_count()
+    if gpus < 2 and not quick:
+        return {"skipped": f"{gpus} GPU visible; spreading a model needs two or more"}
+    if quick:
+        cfg = compose_config("model=tiny_llama", config_name="evaluate")
+        model, tokenizer = models.build(cfg.model)
+        model.save_pretrained(run_dir / "tiny")
+        tokenizer.save_pretrained(run_dir / "tiny")
+        name, common = "tiny_llama", (f"model.path={run_dir / 'tiny'}", "model.scratch=null")
+        placement = ("model.device_map=auto", "model.max_memory={cpu: 400KB}")
+    else:
+        name, common, placement = "smollm2_135m", (), ("model.device_map=balanced",)
+    spread = (*common, *placement, f"model.offload_folder={run_dir / 'offload'}")
+    problems = 4 if quick else 32
+    one, alone = evaluate(1, problems, 64, run_dir / "one", name, common)
+    sharded, together = evaluate(1, problems, 64, run_dir / "sharded", name, spread)
+    return {
+        "devices": "cpu+disk" if quick else gpus,
+        "problems": problems,
+        "identical": sum(a == b for a, b in zip(alone, together, strict=True)),
+        "seconds_one_device": round(one, 1),
+        "seconds_sharded": round(sharded, 1),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -219,6 +248,7 @@ def main() -> None:
         report["generation"] = generation(args.quick)
         report["fsdp"] = fsdp(root / "fsdp", args.quick)
         report["eval_data_parallel"] = data_parallel_evaluation(root / "eval", args.quick)
+        report["eval_sharded"] = sharded_evaluation(root / "sharded", args.quick)
     if not attention[1:]:
         report["flash_attention_2"] = "not run: flash-attn is not installed"
     args.out.write_text(json.dumps(report, indent=1) + "\n")

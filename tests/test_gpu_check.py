@@ -36,6 +36,8 @@ def test_the_gpu_check_runs_end_to_end_in_its_quick_mode(tmp_path: Path) -> None
     assert report["fsdp"]["ok"] and report["fsdp"]["final_exported"]
     evaluation = report["eval_data_parallel"]  # two CPU processes against one
     assert evaluation["devices"] == 2 and evaluation["identical"] == evaluation["problems"] == 4
+    sharded = report["eval_sharded"]  # a saved tiny model over CPU and disk against one device
+    assert sharded["identical"] == sharded["problems"] == 4
 
 
 @pytest.mark.gpu
@@ -48,3 +50,5 @@ def test_the_gpu_check_on_a_cuda_device(tmp_path: Path) -> None:
     assert report["padding_free_sdpa"]["padding_free"]
     evaluation = report["eval_data_parallel"]
     assert "skipped" in evaluation or evaluation["identical"] == evaluation["problems"]
+    sharded = report["eval_sharded"]
+    assert "skipped" in sharded or sharded["identical"] == sharded["problems"]
