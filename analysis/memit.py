@@ -48,7 +48,7 @@ from omegaconf import DictConfig
 from analysis.memit_inputs import batch, captured_output, flat_templates, pad_rows
 from analysis.memit_sites import KeyReader, expert_deltas
 from datamodules import IGNORE_INDEX
-from modeling.architecture import decoder_blocks, mlp_output_modules
+from modeling.architecture import decoder_blocks
 
 log = logging.getLogger(__name__)
 
@@ -243,10 +243,9 @@ def compute_updates(
                     matrix.add_(expert_change)
         else:
             change = layer_delta(keys, residual, moments[layer], hparams.mom2_update_weight)
-            (_, module, conv1d) = mlp_output_modules(model, [layer])[0]
-            change = (change.T if conv1d else change).to(module.weight.dtype)
+            change = (change.T if site.transposed else change).to(site.weights[0].dtype)  # as stored
             with torch.no_grad():
-                module.weight.add_(change)
+                site.weights[0].add_(change)
         updates[layer] = LayerUpdate(change, keys, residual)
     return updates
 

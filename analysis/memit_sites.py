@@ -48,7 +48,7 @@ class KeyReader:
             ((_, self.weights, self.transposed),) = expert_output_weights(model, [layer])
             self.module = block.get_submodule(moe_layers[0].path)
         else:
-            ((_, self.module, _),) = mlp_output_modules(model, [layer])
+            ((_, self.module, self.transposed),) = mlp_output_modules(model, [layer])  # Conv1D: [in, out]
             self.weights = [self.module.weight]
         self._inputs: tuple[tuple[Any, ...], dict[str, Any]] | None = None
 
@@ -72,10 +72,9 @@ class KeyReader:
             return self._routed_keys(args, kwargs, batch, length)
 
     def matrices(self) -> list[torch.Tensor]:
-        """The edited weights as [out, in] views, one per expert; on a dense path, its one weight as stored
-        ([in, out] for GPT-2's Conv1D)."""
+        """The edited weights as [out, in] views, one per expert (one on a dense path)."""
         if not self.routed:
-            return [self.weights[0]]
+            return [self.weights[0].T if self.transposed else self.weights[0]]
         if len(self.weights) > 1:  # modular experts
             return list(self.weights)
         fused = self.weights[0]
