@@ -103,6 +103,20 @@ def build_tokenizer(cfg: DictConfig, cache_dir: str | os.PathLike | None = None)
     return _load_tokenizer(name, cfg)
 
 
+def load_tokenizer(cfg: DictConfig, cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer `build(cfg)` pairs with the model, without loading the model's weights."""
+    directory = Path(cfg.path) if cfg.get("path") else None
+    if directory is None and cfg.get("gguf") and not cfg.get("scratch"):
+        directory = gguf_cache_dir(cfg, cache_dir)
+    if directory is not None and _has_tokenizer(directory):
+        return _load_tokenizer(directory, cfg)
+    return build_tokenizer(cfg, cache_dir)
+
+
+def _has_tokenizer(directory: Path) -> bool:
+    return (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists()
+
+
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     """A 259-token byte-level tokenizer built in code: offline, lossless, with offset mapping."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -173,8 +187,7 @@ def _from_directory(cfg: DictConfig, directory: Path) -> tuple[PreTrainedModel, 
             f"model.path={directory}: the model ships its own modelling code ({', '.join(files) or code}), "
             "which loading would run on this machine. Read it, then set model.trust_remote_code=true."
         )
-    has_tokenizer = (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists()
-    tokenizer = _load_tokenizer(directory, cfg) if has_tokenizer else build_tokenizer(cfg)
+    tokenizer = _load_tokenizer(directory, cfg) if _has_tokenizer(directory) else build_tokenizer(cfg)
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, **_load_kwargs(cfg))
     except Exception as error:

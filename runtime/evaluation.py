@@ -18,9 +18,9 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig
 
 import datamodules
-from runtime import classification_scoring, data_parallel, generation_scoring, item_scores
+from runtime import classification_scoring, data_parallel, generation_scoring, item_scores, vllm_backend
 from runtime.judge import judge_rows
-from runtime.saved_run import load_model, use_checkpoint_model
+from runtime.saved_run import load_model, load_tokenizer, use_checkpoint_model
 from runtime.session import overrides, start
 from runtime.task_grid import headline_metric
 
@@ -47,9 +47,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     use_checkpoint_model(cfg)
     with start(cfg, job_type="evaluate") as session:
         data_parallel.world_size(cfg)  # refuse a bad `devices` before loading anything
-        model, tokenizer = load_model(cfg)
-        model = data_parallel.place(model, cfg)
+        if vllm_backend.backend(cfg) == "vllm":
+            model, tokenizer = None, load_tokenizer(cfg)  # the engine loads the weights
+        else:
+            model, tokenizer = load_model(cfg)
+            model = data_parallel.place(model, cfg)
         datamodule = datamodules.build(cfg, tokenizer)
+        if model is None:
+            vllm_backend.check(cfg, datamodule.evaluation_kind)
         records = _nonempty(datamodule.evaluation_records()[: cfg.get("limit")], cfg)
         kind = scorer(datamodule.evaluation_kind)
         outputs = data_parallel.gathered(

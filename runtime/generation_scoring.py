@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling.generation import generate
-from runtime import item_scores
+from runtime import item_scores, vllm_backend
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
@@ -42,11 +42,22 @@ def outputs(
     records: list[dict[str, Any]],
     share: range,
 ) -> list[list[str]]:
-    """The `generation.num_samples` completions of each record of `share`."""
+    """The `generation.num_samples` completions of each record of `share`, from lmlab's generation or
+    (`generation.backend=vllm`) a vLLM engine."""
     everything = prompts(cfg, datamodule, records)
-    settings = OmegaConf.to_container(cfg.generation, resolve=True)
-    settings["stop_strings"] = datamodule.prompt_format.stop_strings(settings["stop_strings"])
-    return generate(model, tokenizer, [everything[i] for i in share], **settings)
+    chosen = [everything[i] for i in share]
+    if vllm_backend.backend(cfg) == "vllm":
+        return vllm_backend.generate(cfg, tokenizer, chosen, settings(cfg, datamodule))
+    return generate(model, tokenizer, chosen, **settings(cfg, datamodule))
+
+
+def settings(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+    """lmlab's generation keywords from `cfg.generation`, the task's stop strings added."""
+    chosen = OmegaConf.to_container(cfg.generation, resolve=True)
+    for engine_key in ("backend", "vllm"):
+        chosen.pop(engine_key, None)
+    chosen["stop_strings"] = datamodule.prompt_format.stop_strings(chosen["stop_strings"])
+    return chosen
 
 
 def score(

@@ -170,6 +170,14 @@ def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
     )
 
 
+def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer `load_model(cfg)` returns, without loading any weights."""
+    directory = checkpoint_dir(cfg)
+    if directory is not None and (directory / "tokenizer_config.json").exists():
+        return models.load_tokenizer(OmegaConf.merge(cfg.model, {"path": str(directory)}))
+    return models.load_tokenizer(cfg.model, cache_dir=cfg.paths.cache_dir)
+
+
 def restore_method(base: PreTrainedModel, directory: Path, model_cfg: DictConfig) -> PreTrainedModel:
     """Re-apply the method saved in `directory` (method.json, by its name only) to `base` and load its
     trained weights."""

@@ -20,6 +20,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from modeling.models import CONF_DIR
+from tests import warm_python
 
 ROOT = CONF_DIR.parent
 
@@ -71,17 +72,22 @@ def launch(
     env: dict[str, str | None] | None = None,
     check: bool = True,
     python: bool = True,
+    warm: bool = True,
 ) -> subprocess.CompletedProcess:
     """Run `python <arguments>` (an entrypoint, `-m <module>` or a bench script; with `python=False`,
     `arguments` is the whole command) in a fresh process with W&B offline, capturing its output. `env`
     adds variables (None removes one); with `check`, fail showing the command and the end of its output
-    unless it exits 0."""
+    unless it exits 0. A Python command forks from a warm server that has the libraries imported
+    (tests/warm_python.py); `warm=False` starts the interpreter cold."""
     environment = {**os.environ, "WANDB_MODE": "offline", **(env or {})}
     environment = {key: value for key, value in environment.items() if value is not None}
     command = [sys.executable, *arguments] if python else list(arguments)
-    result = subprocess.run(
-        command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment
-    )
+    if command[0] == sys.executable and warm:
+        result = warm_python.run(command[1:], cwd, environment, timeout)
+    else:
+        result = subprocess.run(
+            command, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=environment
+        )
     if check:
         assert result.returncode == 0, (
             f"{shlex.join(command)}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"

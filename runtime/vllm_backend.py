@@ -1,0 +1,144 @@
+"""Generation through vLLM (`evaluate.py generation.backend=vllm`): the same prompts, token ids, stop strings,
+decoding and extraction as lmlab's own generation; vLLM only chooses the tokens (paged attention, continuous
+batching, `generation.vllm.tensor_parallel_size` / `pipeline_parallel_size` over GPUs).
+
+- The engine loads the weights from where lmlab would (model.path, the dequantised GGUF copy, the hub id
+  at model.revision, or a full fine-tuning run's final/); a LoRA run (`ckpt=`) is served as a vLLM LoRA
+  adapter on its base. lmlab itself loads only the tokenizer.
+- Prompts go in as lmlab's token ids; completions come back as token ids, decoded by lmlab's tokenizer and cut
+  at the first stop string as lmlab's own are, so the text scored is what lmlab's generation would give for
+  the same tokens.
+- Greedy decoding is temperature 0; sampling takes temperature, top_p and a seed per prompt (cfg.seed + item).
+- Refused by key: a task scored by log-likelihood, `devices` > 1 and `model.device_map` (vLLM parallelises
+  itself), a fresh model (model.scratch / from_scratch: no weights to load), a run of a method other than
+  LoRA (vLLM serves LoRA adapters only).
+
+vLLM is an optional extra (`pip install 'lmlab[vllm]'`); docs/scaling.md says which versions install beside
+lmlab's.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from transformers import PreTrainedTokenizerBase
+
+from modeling import models
+from modeling.generation import truncate_at_stop
+from runtime.saved_run import ADAPTER_CONFIG, METHOD_FILE, MODEL_CONFIG, checkpoint_dir
+
+BACKENDS = ("lmlab", "vllm")
+SUPPORTED_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
+
+
+def backend(cfg: DictConfig) -> str:
+    """`generation.backend` (lmlab when unset), checked."""
+    chosen = (cfg.get("generation") or {}).get("backend") or "lmlab"
+    if chosen not in BACKENDS:
+        raise ValueError(f"generation.backend={chosen!r}: one of {', '.join(BACKENDS)}")
+    return chosen
+
+
+def check(cfg: DictConfig, evaluation_kind: str) -> None:
+    """Refuse, by key, what the vLLM backend cannot run; say how to install vLLM when it is missing."""
+    if evaluation_kind != "generation":
+        raise ValueError(
+            f"generation.backend=vllm generates text, but task '{cfg.task.name}' is scored by "
+            f"{evaluation_kind} (log-likelihoods); use generation.backend=lmlab"
+        )
+    if int(cfg.get("devices") or 1) > 1:
+        raise ValueError(
+            f"devices={cfg.devices} with generation.backend=vllm: vLLM spreads one engine over GPUs itself; "
+            "set generation.vllm.tensor_parallel_size (and pipeline_parallel_size) instead"
+        )
+    if cfg.model.get("device_map") is not None:
+        raise ValueError(
+            f"model.device_map={cfg.model.device_map} with generation.backend=vllm: vLLM places the model "
+            "itself; set generation.vllm.tensor_parallel_size instead"
+        )
+    if cfg.model.get("scratch") or cfg.model.get("from_scratch"):
+        raise ValueError(
+            f"model '{cfg.model.name}' is a fresh model (model.scratch / model.from_scratch): vLLM loads "
+            "saved weights; train it first and evaluate ckpt=<run dir>"
+        )
+    if importlib.util.find_spec("vllm") is None:
+        raise ModuleNotFoundError(
+            "generation.backend=vllm needs vLLM, which is not installed: pip install 'lmlab[vllm]' "
+            "(see docs/scaling.md for the versions that install beside lmlab's torch and transformers)"
+        )
+
+
+def weights(cfg: DictConfig) -> tuple[str, str | None, Path | None]:
+    """(what the engine loads: a directory or hub id; its revision; the LoRA adapter dir of `ckpt=`, or
+    None)."""
+    directory = checkpoint_dir(cfg)
+    if directory is not None and (directory / METHOD_FILE).exists():
+        method = json.loads((directory / METHOD_FILE).read_text()).get("name", "?")
+        raise ValueError(f"ckpt={cfg.ckpt} was trained with method={method}: vLLM serves LoRA adapters only")
+    if directory is not None and (directory / ADAPTER_CONFIG).exists():
+        adapter = json.loads((directory / ADAPTER_CONFIG).read_text())
+        if adapter.get("peft_type") != "LORA":
+            raise ValueError(
+                f"ckpt={cfg.ckpt} is a {adapter.get('peft_type')} adapter: vLLM serves LoRA adapters only"
+            )
+        return *_base_weights(cfg), directory
+    if directory is not None and (directory / MODEL_CONFIG).exists():
+        return str(directory), None, None
+    return *_base_weights(cfg), None
+
+
+def _base_weights(cfg: DictConfig) -> tuple[str, str | None]:
+    model = cfg.model
+    if model.get("path"):
+        return str(model.path), None
+    if model.get("gguf"):
+        return str(models.gguf_cache_dir(model, cfg.paths.cache_dir)), None
+    return str(model.hub_id), (str(model.revision) if model.get("revision") else None)
+
+
+def generate(
+    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str], settings: dict[str, Any]
+) -> list[list[str]]:
+    """`settings["num_samples"]` completions per prompt from a vLLM engine, decoded and cut as lmlab's are
+    (`settings`: lmlab's generation keywords, stop strings resolved)."""
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    source, revision, adapter = weights(cfg)
+    engine = OmegaConf.to_container(cfg.generation.vllm, resolve=True)
+    extra = engine.pop("engine_args", None) or {}
+    if adapter is not None:
+        rank = json.loads((adapter / ADAPTER_CONFIG).read_text())["r"]
+        extra |= {"enable_lora": True, "max_lora_rank": min(r for r in SUPPORTED_LORA_RANKS if r >= rank)}
+    llm = LLM(
+        model=source,
+        revision=revision,
+        seed=int(cfg.seed),
+        trust_remote_code=bool(cfg.model.get("trust_remote_code")),
+        **engine,
+        **extra,
+    )
+    sampled = bool(settings["do_sample"])
+    params = [
+        SamplingParams(
+            n=int(settings["num_samples"]),
+            temperature=float(settings["temperature"]) if sampled else 0.0,
+            top_p=float(settings["top_p"]) if sampled else 1.0,
+            max_tokens=int(settings["max_new_tokens"]),
+            stop=list(settings["stop_strings"]),
+            seed=int(cfg.seed) + index if sampled else None,
+        )
+        for index in range(len(prompts))
+    ]
+    inputs = [{"prompt_token_ids": ids} for ids in tokenizer(list(prompts))["input_ids"]]
+    request = LoRARequest("ckpt", 1, str(adapter)) if adapter is not None else None
+    results = llm.generate(inputs, params, lora_request=request)
+    stops = settings["stop_strings"]
+    return [
+        [truncate_at_stop(tokenizer.decode(c.token_ids, skip_special_tokens=True), stops) for c in r.outputs]
+        for r in results
+    ]
