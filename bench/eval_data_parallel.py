@@ -38,13 +38,15 @@ def evaluate(
     run_dir: Path,
     model: str = "smollm2_135m",
     overrides: tuple[str, ...] = (),
+    python: str = sys.executable,
+    env: dict[str, str] | None = None,
 ) -> tuple[float, list[str]]:
-    """Wall seconds of one evaluate.py run with `devices` processes (and `overrides`) and its completions, in
-    problem order."""
+    """Wall seconds of one evaluate.py run with `devices` processes (and `overrides`, by `python`, with `env`
+    added) and its completions, in problem order."""
     test = SHARED_GSM8K / "test.jsonl"
     data = f"task.data_files={{test: {test}}}" if test.exists() else "task.source=bundled"
     command = [
-        sys.executable,
+        python,
         "evaluate.py",
         f"model={model}",
         data,
@@ -58,7 +60,11 @@ def evaluate(
     ]
     start = time.perf_counter()
     subprocess.run(
-        command, cwd=ROOT, check=True, capture_output=True, env={**os.environ, "WANDB_MODE": "offline"}
+        command,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        env={**os.environ, "WANDB_MODE": "offline", **(env or {})},
     )
     seconds = time.perf_counter() - start
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]

@@ -28,7 +28,8 @@ def late():
 
 atexit.register(lambda: print("atexit ran"))
 threading.Thread(target=late).start()
-print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), "x": os.environ.get("LMLAB_X"), "main": __name__}))
+seen = {"x": os.environ.get("LMLAB_X"), "test": os.environ.get("PYTEST_CURRENT_TEST")}
+print(json.dumps({"argv": sys.argv, "cwd": os.getcwd(), **seen, "main": __name__}))
 print("to stderr", file=sys.stderr)
 how = sys.argv[1]
 if how == "exit":
@@ -64,7 +65,13 @@ def test_a_script_ends_as_it_would_cold(tmp_path: Path, how: str) -> None:
     )
     assert warm.stdout == cold.stdout
     first = json.loads(warm.stdout.splitlines()[0])
-    assert first == {"argv": ["script.py", how], "cwd": str(tmp_path), "x": "seen", "main": "__main__"}
+    assert first == {
+        "argv": ["script.py", how],
+        "cwd": str(tmp_path),
+        "x": "seen",
+        "test": os.environ["PYTEST_CURRENT_TEST"],  # set anew for every test, on one server
+        "main": "__main__",
+    }
     if how != "kill":
         assert "thread done" in warm.stdout and warm.stdout.rstrip().endswith("atexit ran")
     assert warm.stderr.startswith("to stderr")

@@ -5,7 +5,8 @@ those libraries once, then forks a child per command: the child takes the comman
 environment, argv and output files, runs the script or module as `__main__` (as the interpreter does)
 and ends as the interpreter would (threads joined, atexit handlers run, streams flushed; an uncaught Ctrl-C
 ends it by SIGINT). The libraries are imported with the command's own environment (a server serves one
-environment), so what they read as they load is what a cold start reads. The server imports no lmlab module.
+environment, but for PER_RUN variables, which each child sets), so what they read as they load is what a cold
+start reads. The server imports no lmlab module.
 tests/test_warm_python.py checks a warm run against a cold run of the same command, file for file.
 
 `run` is the client: it answers with the `subprocess.CompletedProcess` a `subprocess.run` would give."""
@@ -40,6 +41,8 @@ WARM_MODULES = (
     "safetensors.torch",
 )
 ROOT = Path(__file__).resolve().parent.parent
+# variables no library reads as it is imported, which differ from run to run: set in each child only
+PER_RUN = {"PYTEST_CURRENT_TEST"}
 MAX_SERVERS = 3  # per pytest worker; the least recently used one is stopped beyond that
 
 
@@ -72,6 +75,8 @@ def _child(request: dict) -> None:
     _redirect(1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     _redirect(2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
     argv = request["argv"]
     code, interrupted = 0, False
     try:
@@ -149,7 +154,7 @@ def run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float) -> subp
     server = _server(env)
     with tempfile.TemporaryDirectory(prefix="warm-") as scratch:
         out, err = Path(scratch, "stdout"), Path(scratch, "stderr")
-        request = {"argv": argv, "cwd": str(cwd), "stdout": str(out), "stderr": str(err)}
+        request = {"argv": argv, "cwd": str(cwd), "env": env, "stdout": str(out), "stderr": str(err)}
         server.stdin.write(json.dumps(request) + "\n")
         server.stdin.flush()
         pid = json.loads(_answer(server))["pid"]
@@ -172,7 +177,7 @@ def _answer(server: subprocess.Popen) -> str:
 
 def _server(env: dict[str, str]) -> subprocess.Popen:
     """The live server for `env`, started (and its imports done) on first use."""
-    key = tuple(sorted(env.items()))
+    key = tuple(sorted((name, value) for name, value in env.items() if name not in PER_RUN))
     server = _servers.pop(key, None)
     if server is None or server.poll() is not None:
         server = subprocess.Popen(
