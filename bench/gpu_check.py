@@ -11,13 +11,15 @@ minutes on one GPU).
 5. FSDP over every visible GPU (two or more): a LoRA run that trains, tests and exports;
 6. data-parallel evaluation over every visible GPU (two or more): `evaluate.py devices=N` against one process,
    identical completions and the speed ratio (goal 0.9 x N);
-7. a model spread over every visible GPU (`model.device_map=balanced`) against one GPU: identical completions.
+7. a model spread over every visible GPU (`model.device_map=balanced`) against one GPU: identical completions;
+8. `generation.backend=vllm` against lmlab's own generation (where vLLM is installed): identical completions
+   and the speed ratio.
 
     python bench/gpu_check.py [--out gpu_check.json] [--steps 30]
     python bench/gpu_check.py --quick      # tiny models, a few steps, any device: checks the script itself
 
 Ends with `ratio padding_free_vs_padded_<attention> = <x> (goal >= 1.3)` lines and
-`ratio eval_data_parallel_vs_one_process = <x> (goal >= 0.9 x N)`.
+`ratio eval_data_parallel_vs_one_process = <x> (goal >= 0.9 x N)`, `ratio vllm_vs_lmlab = <x> (goal >= 1.0)`.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.eval_data_parallel import evaluate  # noqa: E402
+from bench.eval_vllm import compare, has_vllm  # noqa: E402
 from modeling import models  # noqa: E402
 from modeling.generation import generate  # noqa: E402
 from runtime.training import run  # noqa: E402
@@ -169,11 +172,7 @@ def sharded_evaluation(run_dir: Path, quick: bool) -> dict[str, Any]:
     if gpus < 2 and not quick:
         return {"skipped": f"{gpus} GPU visible; spreading a model needs two or more"}
     if quick:
-        cfg = compose_config("model=tiny_llama", config_name="evaluate")
-        model, tokenizer = models.build(cfg.model)
-        model.save_pretrained(run_dir / "tiny")
-        tokenizer.save_pretrained(run_dir / "tiny")
-        name, common = "tiny_llama", (f"model.path={run_dir / 'tiny'}", "model.scratch=null")
+        name, common = "tiny_llama", saved_tiny_model(run_dir / "tiny")
         placement = ("model.device_map=auto", "model.max_memory={cpu: 400KB}")
     else:
         name, common, placement = "smollm2_135m", (), ("model.device_map=balanced",)
@@ -188,6 +187,27 @@ def sharded_evaluation(run_dir: Path, quick: bool) -> dict[str, Any]:
         "seconds_one_device": round(one, 1),
         "seconds_sharded": round(sharded, 1),
     }
+
+
+def saved_tiny_model(directory: Path) -> tuple[str, str]:
+    """tiny_llama saved with save_pretrained to `directory`; the overrides that load it."""
+    model, tokenizer = models.build(compose_config("model=tiny_llama", config_name="evaluate").model)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return f"model.path={directory}", "model.scratch=null"
+
+
+def vllm_generation(run_dir: Path, quick: bool) -> dict[str, Any]:
+    """evaluate.py with generation.backend=vllm against lmlab's own generation (quick: the tests' stand-in
+    engine, tests/fixtures/vllm_stand_in, on a saved tiny model)."""
+    model, env = ("model=smollm2_135m",), None
+    if quick:
+        model = ("model=tiny_llama", *saved_tiny_model(run_dir / "tiny"))
+        stand_in = ROOT / "tests" / "fixtures" / "vllm_stand_in"
+        env = {"PYTHONPATH": str(stand_in), "VLLM_STAND_IN_LOG": str(run_dir / "requests.jsonl")}
+    elif not has_vllm(sys.executable):
+        return {"skipped": "vLLM is not installed: pip install -e '.[vllm]'"}
+    return compare(sys.executable, 4 if quick else 128, 64, 1, run_dir, model, env)
 
 
 def main() -> None:
@@ -249,6 +269,7 @@ def main() -> None:
         report["fsdp"] = fsdp(root / "fsdp", args.quick)
         report["eval_data_parallel"] = data_parallel_evaluation(root / "eval", args.quick)
         report["eval_sharded"] = sharded_evaluation(root / "sharded", args.quick)
+        report["eval_vllm"] = vllm_generation(root / "vllm", args.quick)
     if not attention[1:]:
         report["flash_attention_2"] = "not run: flash-attn is not installed"
     args.out.write_text(json.dumps(report, indent=1) + "\n")
@@ -264,6 +285,8 @@ def main() -> None:
     if "ratio" in evaluation:
         goal = 0.9 * evaluation["devices"] if torch.cuda.is_available() else 1.0
         print(f"ratio eval_data_parallel_vs_one_process = {evaluation['ratio']:.2f} (goal >= {goal:.1f})")
+    if "ratio" in report["eval_vllm"]:
+        print(f"ratio vllm_vs_lmlab = {report['eval_vllm']['ratio']:.2f} (goal >= 1.0)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from lightning_modules.base import OptimisedModule, module_settings
 from lightning_modules.classification_metrics import ClassificationMetrics, log_classification_epoch
 from lightning_modules.methods.projection_head import SequenceClassifier, text_inputs
+from modeling.flops import classifier_batch_flops, flop_counts
 
 
 class ClassifierModule(OptimisedModule):
@@ -69,7 +70,26 @@ class ClassifierModule(OptimisedModule):
         """Class scores [B, C] of a classification batch."""
         return self(*text_inputs(batch))
 
+    def setup(self, stage: str) -> None:
+        """Read what the backbone's FLOPs per token depend on, before a strategy wraps or shards it."""
+        self.flop_counts = flop_counts(self.model)
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """FLOPs of the last batch (the ThroughputMonitor's FLOP/s and MFU), counted when read."""
+        counted = getattr(self, "_counted", None)
+        if counted is None or not hasattr(self, "flop_counts"):
+            return None
+        batch, backward = counted
+        extra = int(self.classifier.extra_token is not None)  # the trainable token after each text
+        lengths = [int(n) + extra for n in batch["prompt_length"]]  # the text, no label target
+        head = sum(p.numel() for p in self.classifier.head.parameters() if p.ndim >= 2)
+        positions = len(lengths) if self.classifier.keep_one_logit else sum(lengths)
+        trains = extra or any(p.requires_grad for p in self.model.parameters())
+        return classifier_batch_flops(self.flop_counts, lengths, head, positions, backward, bool(trains))
+
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        self._counted = (batch, stage == "train")  # counted only if flops_per_batch is read
         logits = self.predict_classes(batch)
         loss = nn.functional.cross_entropy(logits.float(), batch["class_index"])
         self.losses[f"{stage}_loss"](loss.detach(), len(logits))

@@ -7,6 +7,7 @@ again for the gradients of the activations, and as much again for the gradients 
 Attention scores and their weighted sum cost 4 * n^2 * width per layer forward for an example of n tokens
 (the full square, as PaLM's appendix B counts it), twice that backward. The output layer costs 2 * vocab *
 hidden per supervised position forward, the same backward for the activations and again if it trains.
+A projection-head classifier's head costs 2 FLOPs per weight per example forward, twice that backward.
 """
 
 from __future__ import annotations
@@ -65,6 +66,22 @@ def batch_flops(counts: FlopCounts, lengths: list[int], supervised: int, backwar
         total += blocks + 2 * counts.trainable_block_weights * tokens + 2 * attention
         total += output * (2 if counts.output_trains else 1)
     return total
+
+
+def classifier_batch_flops(
+    counts: FlopCounts,
+    lengths: list[int],
+    head_weights: int,
+    output_positions: int,
+    backward: bool,
+    through_backbone: bool,
+) -> int:
+    """FLOPs of a projection-head classifier over examples of `lengths` real tokens: the backbone forward
+    (its output layer at `output_positions`, outside the gradient's path), the head once per example; backward
+    through the head, and through the backbone when something in it trains (`through_backbone`)."""
+    backbone = batch_flops(counts, lengths, 0, backward and through_backbone)
+    head = 2 * head_weights * len(lengths)
+    return backbone + 2 * counts.output_weights * output_positions + head * (3 if backward else 1)
 
 
 @functools.cache

@@ -109,8 +109,8 @@ def generate(
     from vllm.lora.request import LoRARequest
 
     source, revision, adapter = weights(cfg)
-    engine = OmegaConf.to_container(cfg.generation.vllm, resolve=True)
-    extra = engine.pop("engine_args", None) or {}
+    engine = cfg.generation.vllm
+    extra = OmegaConf.to_container(engine.engine_args, resolve=True) if engine.get("engine_args") else {}
     if adapter is not None:
         rank = json.loads((adapter / ADAPTER_CONFIG).read_text())["r"]
         extra |= {"enable_lora": True, "max_lora_rank": min(r for r in SUPPORTED_LORA_RANKS if r >= rank)}
@@ -119,7 +119,10 @@ def generate(
         revision=revision,
         seed=int(cfg.seed),
         trust_remote_code=bool(cfg.model.get("trust_remote_code")),
-        **engine,
+        tensor_parallel_size=int(engine.tensor_parallel_size),
+        pipeline_parallel_size=int(engine.pipeline_parallel_size),
+        gpu_memory_utilization=float(engine.gpu_memory_utilization),
+        dtype=str(engine.dtype),
         **extra,
     )
     sampled = bool(settings["do_sample"])

@@ -26,7 +26,16 @@ INSTALLS = "installs into the environment that runs the tests (make test's own i
 SLURM = "submits to a SLURM cluster; `python -m runtime.slurm` prints the script it would submit (run here)"
 
 
+VLLM = (
+    "needs vLLM, which does not install beside this environment's transformers; the same backend runs "
+    "against a stand-in for vLLM's API in tests/test_vllm_backend.py"
+)
+
+
 NOT_HERE = {
+    "python evaluate.py model=llama2_70b task=gsm8k generation.backend=vllm "
+    "generation.vllm.tensor_parallel_size=4": VLLM,
+    "python evaluate.py task=gsm8k ckpt=<run dir> generation.backend=vllm": VLLM,
     "make test": "the command that runs this suite",
     "make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu": NETWORK,
     "make test TORCH=torch==2.6.0 TORCH_INDEX=https://download.pytorch.org/whl/cu124": NETWORK,

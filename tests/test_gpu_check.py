@@ -38,6 +38,8 @@ def test_the_gpu_check_runs_end_to_end_in_its_quick_mode(tmp_path: Path) -> None
     assert evaluation["devices"] == 2 and evaluation["identical"] == evaluation["problems"] == 4
     sharded = report["eval_sharded"]  # a saved tiny model over CPU and disk against one device
     assert sharded["identical"] == sharded["problems"] == 4
+    served = report["eval_vllm"]  # the stand-in engine against lmlab's own generation
+    assert served["identical"] == served["problems"] == 4 and len(served["seconds"]["vllm"]) == 1
 
 
 @pytest.mark.gpu
@@ -52,3 +54,7 @@ def test_the_gpu_check_on_a_cuda_device(tmp_path: Path) -> None:
     assert "skipped" in evaluation or evaluation["identical"] == evaluation["problems"]
     sharded = report["eval_sharded"]
     assert "skipped" in sharded or sharded["identical"] == sharded["problems"]
+    assert (
+        "skipped" in report["eval_vllm"]
+        or report["eval_vllm"]["identical"] == report["eval_vllm"]["problems"]
+    )

@@ -13,6 +13,7 @@ from datamodules import IGNORE_INDEX
 from datamodules.padding_free import model_inputs, one_row
 from lightning_modules.base import adamw_kernel
 from lightning_modules.causal_lm import CausalLMModule
+from lightning_modules.classifier import ClassifierModule
 from lightning_modules.methods import MethodContext, prompt_tuning
 from modeling import packed_attention
 from modeling.flops import batch_flops, flop_counts, measured_peak_flops
@@ -177,6 +178,30 @@ def test_flops_per_batch_equal_a_hand_count_on_a_tiny_model() -> None:
         for parameter in model.parameters():
             parameter.requires_grad_(True)
     assert frozen == 2 * blocks + 3 * attention + 2 * output
+
+
+@pytest.mark.parametrize("extra_token", [False, True])
+def test_classifier_flops_per_batch_equal_a_hand_count(extra_token: bool) -> None:
+    _, model, _ = built_model(*TINY, "model=tiny_llama")
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)  # the projection head's frozen backbone
+    module = ClassifierModule(model, ["a", "b", "c"], hidden=32, extra_token=extra_token)
+    module.setup("fit")
+    hidden, inner, layers, vocab = 64, 128, 2, model.config.vocab_size
+    weights = layers * (hidden * hidden * 2 + hidden * (hidden // 2) * 2 + 3 * hidden * inner)
+    lengths = [9 + extra_token, 12 + extra_token]  # the texts (and the trainable token after each)
+    blocks = 2 * weights * sum(lengths)
+    attention = 4 * sum(n * n for n in lengths) * hidden * layers
+    output = 2 * vocab * hidden * 2  # the backbone's output layer at one position per example
+    head = 2 * (hidden * 32 + 32 * 3) * 2  # two linear maps, once per example
+    batch = {"prompt_length": torch.tensor([9, 12]), "input_ids": torch.zeros(2, 14, dtype=torch.long)}
+    module._counted = (batch, False)
+    assert module.flops_per_batch == blocks + attention + output + head
+    module._counted = (batch, True)
+    # backward: the head's activation and weight gradients; through the frozen backbone only to reach the
+    # trainable token (activation gradients, no weight gradients)
+    through = blocks + 2 * attention if extra_token else 0
+    assert module.flops_per_batch == blocks + attention + output + 3 * head + through
 
 
 def test_measuring_the_peak_leaves_the_runs_random_stream_alone() -> None:
