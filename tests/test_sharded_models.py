@@ -19,19 +19,9 @@ from modeling import models
 from modeling.model_checks import ModelLoadError
 from runtime import evaluation
 from runtime.validate import ConfigError, check_config
-from tests.conftest import built_model, compose_config
+from tests.conftest import compose_config
 
 SHARDED = ["model.device_map=auto", "model.max_memory={cpu: 400KB}"]
-
-
-@pytest.fixture(scope="module")
-def saved_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny_llama (seed 0) saved with save_pretrained."""
-    directory = tmp_path_factory.mktemp("tiny_llama")
-    _, model, tokenizer = built_model("model=tiny_llama")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
 
 
 def composed(config_name: str, saved: Path, run_dir: Path, *overrides: str):

@@ -33,16 +33,6 @@ def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
         del sys.modules[name]
 
 
-@pytest.fixture(scope="module")
-def saved_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny_llama (seed 0) saved with save_pretrained, as a model.path."""
-    directory = tmp_path_factory.mktemp("tiny_llama")
-    _, model, tokenizer = built_model("model=tiny_llama")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def evaluated(run_dir: Path, *overrides: str) -> list[dict]:
     cfg = compose_config(
         "task.source=bundled", "print_config=false", "limit=5", *overrides, config_name="evaluate"
