@@ -39,7 +39,8 @@ def names_in_code() -> frozenset[str]:
     """Every identifier and every word inside a string literal of lmlab's Python code."""
     names: set[str] = set()
     for path in ROOT.rglob("*.py"):
-        if {".venv", "tests", "bench"} & set(path.relative_to(ROOT).parts):
+        parts = path.relative_to(ROOT).parts
+        if parts[0].startswith(".") or {"tests", "bench"} & set(parts):  # venvs (.venv, .venv-vllm), .git
             continue
         for token in tokenize.generate_tokens(io.StringIO(path.read_text()).readline):
             if token.type == tokenize.NAME:
