@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from transformers import get_cosine_schedule_with_warmup
 
+from modeling.flops import flop_counts
 from modeling.model_checks import BASE_IDENTITY_ATTR, ModelLoadError, check_same_base
 
 
@@ -98,6 +99,11 @@ class OptimisedModule(L.LightningModule):
         self.strict_loading = not self.base_is_frozen
         self.base_model_identity = getattr(backbone, BASE_IDENTITY_ATTR, None)
         self.allow_base_mismatch = False
+
+    def setup(self, stage: str) -> None:
+        """Read what the backbone's FLOPs per token depend on (`flop_counts`, for each module's
+        `flops_per_batch`), before a strategy wraps or shards it."""
+        self.flop_counts = flop_counts(self.model)
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over the trainable parameters (no decay on 1-D ones; fused or foreach: `adamw_kernel`),

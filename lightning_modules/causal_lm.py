@@ -25,7 +25,7 @@ from datamodules import IGNORE_INDEX
 from datamodules.padding_free import example_lengths
 from lightning_modules.base import OptimisedModule, module_settings
 from modeling.experts import ExpertLoad, aux_loss_weight, router_inputs
-from modeling.flops import batch_flops, flop_counts
+from modeling.flops import batch_flops
 from modeling.supervised import supervised_output, token_loss
 
 METRICS = ("loss", "token_acc", "top5_acc", "confidence")
@@ -67,10 +67,6 @@ class CausalLMModule(OptimisedModule):
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor | None = None
     ) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
-
-    def setup(self, stage: str) -> None:
-        """Read what the model's FLOPs per token depend on, before a strategy wraps or shards it."""
-        self.flop_counts = flop_counts(self.model)
 
     @property
     def flops_per_batch(self) -> int | None:

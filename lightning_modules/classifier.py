@@ -15,7 +15,7 @@ from transformers import PreTrainedModel
 from lightning_modules.base import OptimisedModule, module_settings
 from lightning_modules.classification_metrics import ClassificationMetrics, log_classification_epoch
 from lightning_modules.methods.projection_head import SequenceClassifier, text_inputs
-from modeling.flops import classifier_batch_flops, flop_counts
+from modeling.flops import classifier_batch_flops
 
 
 class ClassifierModule(OptimisedModule):
@@ -69,10 +69,6 @@ class ClassifierModule(OptimisedModule):
     def predict_classes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class scores [B, C] of a classification batch."""
         return self(*text_inputs(batch))
-
-    def setup(self, stage: str) -> None:
-        """Read what the backbone's FLOPs per token depend on, before a strategy wraps or shards it."""
-        self.flop_counts = flop_counts(self.model)
 
     @property
     def flops_per_batch(self) -> int | None:

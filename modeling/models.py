@@ -226,11 +226,17 @@ def _from_scratch(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTra
     return AutoModelForCausalLM.from_config(config, **kwargs)
 
 
+def weight_source(cfg: DictConfig, cache_dir: str | os.PathLike | None = None) -> str:
+    """Where the model's weights are read from: model.path, the safetensors copy of its GGUF file, or its hub
+    id (at model.revision)."""
+    return str(cfg.get("path") or (gguf_cache_dir(cfg, cache_dir) if cfg.get("gguf") else cfg.hub_id))
+
+
 def _random_init_of(
     cfg: DictConfig, cache_dir: str | os.PathLike | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Fresh random weights with the architecture (config.json) of the model's path, GGUF or hub id."""
-    source = cfg.get("path") or (gguf_cache_dir(cfg, cache_dir) if cfg.get("gguf") else cfg.hub_id)
+    source = weight_source(cfg, cache_dir)
     try:
         config = AutoConfig.from_pretrained(
             source,

@@ -92,12 +92,10 @@ def weights(cfg: DictConfig) -> tuple[str, str | None, Path | None]:
 
 
 def _base_weights(cfg: DictConfig) -> tuple[str, str | None]:
-    model = cfg.model
-    if model.get("path"):
-        return str(model.path), None
-    if model.get("gguf"):
-        return str(models.gguf_cache_dir(model, cfg.paths.cache_dir)), None
-    return str(model.hub_id), (str(model.revision) if model.get("revision") else None)
+    """The base model's weight source and, outside a local directory, its revision."""
+    source = models.weight_source(cfg.model, cfg.paths.cache_dir)
+    pinned = cfg.model.get("revision") and not Path(source).is_dir()
+    return source, (str(cfg.model.revision) if pinned else None)
 
 
 def generate(
