@@ -135,28 +135,29 @@ def rank_selection(args: argparse.Namespace) -> dict[str, float]:
     from lightning_modules.methods.lora import resolve_targets
     from modeling.models import build
 
-    cfg = bench_config(
-        [
-            f"model={args.model}",
-            "task=classification",
-            "task.source=bundled",
-            "method=svd_lora",
-            "data.batch_size=4",
-            "data.val_size=4",
-        ],
-        tempfile.mkdtemp(),
-    )
-    L.seed_everything(cfg.seed)
-    model, tokenizer = build(cfg.model, cache_dir=cfg.paths.cache_dir)
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg = bench_config(
+            [
+                f"model={args.model}",
+                "task=classification",
+                "task.source=bundled",
+                "method=svd_lora",
+                "data.batch_size=4",
+                "data.val_size=4",
+            ],
+            run_dir,
+        )
+        L.seed_everything(cfg.seed)
+        model, tokenizer = build(cfg.model, cache_dir=cfg.paths.cache_dir)
 
-    datamodule = datamodules.build(cfg, tokenizer)
-    datamodule.setup("fit")
-    batches = list(datamodule.train_dataloader())[:4]
-    gradients = svd_lora.accumulated_gradients(
-        model,
-        svd_lora.target_weights(model, resolve_targets(cfg.method.target_modules, cfg.model, model)),
-        batches,
-    )
+        datamodule = datamodules.build(cfg, tokenizer)
+        datamodule.setup("fit")
+        batches = list(datamodule.train_dataloader())[:4]
+        gradients = svd_lora.accumulated_gradients(
+            model,
+            svd_lora.target_weights(model, resolve_targets(cfg.method.target_modules, cfg.model, model)),
+            batches,
+        )
     knobs = cfg.method
     selection = svd_lora.RankSelection(
         knobs.tau, knobs.min_rank, knobs.max_rank, knobs.oversample, knobs.power_iters, knobs.exact_below
