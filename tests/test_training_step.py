@@ -18,7 +18,7 @@ from lightning_modules.methods import MethodContext, prompt_tuning
 from modeling import packed_attention
 from modeling.flops import batch_flops, flop_counts, measured_peak_flops
 from modeling.log_probs import answer_log_probs
-from modeling.packed_attention import attends_per_example
+from modeling.packed_attention import attends_per_example, same_logits
 from modeling.padding_free import keeps_sequences_apart
 from modeling.supervised import kept_positions, supervised_logits, token_loss
 from tests.conftest import TINY, built_model
@@ -112,6 +112,16 @@ def test_adamw_is_fused_where_the_device_has_the_kernel_and_foreach_elsewhere() 
     module._trainer = type("Trainer", (), settings)()
     optimizer = module.configure_optimizers()["optimizer"]
     assert optimizer.defaults["fused"] is True and not optimizer.defaults["foreach"]
+
+
+def test_the_probe_tells_rounding_from_attention_across_examples() -> None:
+    dense = torch.tensor([[30.0, -2.0, 0.5]])
+    rounded = dense + torch.tensor([[3e-5, -3e-5, 2e-5]])  # 1e-6 of the scale: a 30-layer float32 model
+    leaked = dense + torch.tensor([[0.0, 0.9, 0.0]])  # 3% of it
+    assert same_logits(rounded, dense, torch.float32) and not same_logits(leaked, dense, torch.float32)
+    # bfloat16 rounds at 2^-8: the same 3% is rounding there, 10% is not
+    assert same_logits(leaked, dense, torch.bfloat16)
+    assert not same_logits(dense + torch.tensor([[3.0, 0.0, 0.0]]), dense, torch.bfloat16)
 
 
 @pytest.mark.parametrize("sliding_window", [None, 3])
