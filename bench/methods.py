@@ -39,8 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from helpers.bench_config import bench_config  # noqa: E402
 from helpers.memory import PeakMemory, resident_mib  # noqa: E402
-from helpers.timing import bench_config  # noqa: E402
 
 METHODS = ["full", "lora", "svd_lora", "prompt_tuning", "adapter", "projection_head"]
 

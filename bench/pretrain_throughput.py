@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers.sides import LightningTimes, StepTimes, print_sides, report, run_rounds  # noqa: E402
-from helpers.timing import bench_config  # noqa: E402
+from helpers.bench_config import bench_config  # noqa: E402
+from helpers.sides import StepTimes, lmlab_fit, print_sides, report, run_rounds  # noqa: E402
 
 from modeling.flops import batch_flops, flop_counts, measured_peak_flops  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
@@ -62,21 +62,13 @@ def setup(args: argparse.Namespace, run_dir: str):
 
 
 def lmlab(args: argparse.Namespace, run_dir: str) -> None:
-    from lightning_modules.base import module_settings
-    from lightning_modules.task_modules import task_module_class
-    from runtime.session import build_loggers
-    from runtime.training import build_trainer
-
     cfg, model, datamodule = setup(args, run_dir)
     counts = flop_counts(model)
-    times = StepTimes(args.warmup)
-    trainer = build_trainer(cfg, model, build_loggers(cfg, "train", None))
-    trainer.callbacks.append(LightningTimes(times))
-    trainer.fit(task_module_class("causal_lm")(model, **module_settings(cfg)), datamodule=datamodule)
+    step_times = lmlab_fit(cfg, model, datamodule, args.warmup)
     block = cfg.data.max_length
     flops = batch_flops(counts, [block] * args.batch, args.batch * (block - 1), backward=True)
     report(
-        args.out, step_times=times.times, flops=flops, parameters=sum(p.numel() for p in model.parameters())
+        args.out, step_times=step_times, flops=flops, parameters=sum(p.numel() for p in model.parameters())
     )
 
 

@@ -1,12 +1,16 @@
-"""Optimizer steps/s of lmlab's train.py stack vs a hand-written PyTorch loop vs HF Trainer + peft.
+"""Per-step time of lmlab's train.py stack vs a hand-written PyTorch loop vs HF Trainer + peft, on identical
+padded work: what the stack itself (LightningModule, Trainer, callbacks, logger) costs per step.
 
-Same model (SmolLM2-135M-Instruct by default), same LoRA config, same tokenized GSM8K batches padded to
-one fixed width, same AdamW + warmup/cosine + clipping; each side trains `--steps` steps after
-`--warmup` untimed ones, in rounds that alternate the three sides. Prints the best steps/s of each and:
-    ratio lmlab_vs_torch_loop = <x> (goal >= 0.9)
-    ratio lmlab_vs_hf_trainer = <x> (goal >= 1.0)
+Same model (SmolLM2-135M-Instruct by default), same LoRA config, the same GSM8K batches padded to one fixed
+width (padded batches on every side, so padding-free rows and kept positions save nothing here; see
+sft_throughput.py for those), same AdamW + warmup/cosine + clipping. Each side runs in its own fresh process
+(`--side`), the three in an order shuffled per round, `--warmup` untimed then `--steps` timed steps each; the
+sides are compared by the median step time over every round, quartiles and range printed.
 
-    python bench/train_overhead.py [--model smollm2_135m] [--steps 12] [--rounds 2]
+    ratio lmlab_vs_torch_loop = <torch loop median step / lmlab median step> (goal >= 0.9)
+    ratio lmlab_vs_hf_trainer = <HF Trainer median step / lmlab median step> (goal >= 1.0)
+
+    python bench/train_overhead.py [--model smollm2_135m] [--steps 10] [--rounds 2]
 """
 
 from __future__ import annotations
@@ -24,19 +28,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers.timing import HFClock, StepClock, bench_config, lmlab_steps_per_second  # noqa: E402
+from helpers.bench_config import bench_config  # noqa: E402
+from helpers.sides import HFTimes, StepTimes, lmlab_fit, print_sides, report, run_rounds  # noqa: E402
 
 from datamodules import IGNORE_INDEX  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
 
 SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+SIDES = ["lmlab", "torch_loop", "hf_trainer"]
 
 
-def config(args: argparse.Namespace, run_dir: str):
+def setup(args: argparse.Namespace, run_dir: str):
+    """The config, a fresh seeded LoRA model and its datamodule, batches padded to `--max-length` tokens."""
     data = (
         [f"task.data_files={{train: {SHARED_GSM8K}, test: {SHARED_GSM8K}}}"] if SHARED_GSM8K.exists() else []
     )
-    return bench_config(
+    cfg = bench_config(
         [
             "task.source=bundled",
             f"model={args.model}",
@@ -44,85 +51,85 @@ def config(args: argparse.Namespace, run_dir: str):
             *data,
             f"data.batch_size={args.batch_size}",
             f"data.max_length={args.max_length}",
-            f"data.max_train_samples={args.batch_size * (args.steps + args.warmup)}",
+            # twice the batches the steps take: examples longer than the width are left out
+            f"data.max_train_samples={2 * args.batch_size * (args.steps + args.warmup)}",
             "data.val_size=4",
+            "data.padding_free=false",
             f"trainer.max_steps={args.steps + args.warmup}",
             "+trainer.limit_val_batches=0",
         ],
         run_dir,
     )
-
-
-def setup(cfg, width: int):
-    """Fresh seeded LoRA model and its datamodule, batches padded to `width` tokens."""
     L.seed_everything(cfg.seed)
     model, tokenizer, datamodule, _ = build_trainable_model(cfg)
     collate = datamodule.collate
 
     def fixed_width(examples):
         padding = {"input_ids": tokenizer.pad_token_id, "labels": IGNORE_INDEX}
+        width = args.max_length
         return collate([{k: v + [padding[k]] * (width - len(v)) for k, v in e.items()} for e in examples])
 
     datamodule.collate = fixed_width
     datamodule.setup("fit")
-    return model, datamodule
+    return cfg, model, datamodule
 
 
-def run_lmlab(cfg, args) -> float:
-    model, datamodule = setup(cfg, args.max_length)
-    return lmlab_steps_per_second(cfg, model, datamodule, args.warmup)
+def lmlab(args: argparse.Namespace, run_dir: str) -> None:
+    cfg, model, datamodule = setup(args, run_dir)
+    report(args.out, step_times=lmlab_fit(cfg, model, datamodule, args.warmup))
 
 
-def run_torch_loop(cfg, args) -> float:
-    model, datamodule = setup(cfg, args.max_length)
+def torch_loop(args: argparse.Namespace, run_dir: str) -> None:
+    cfg, model, datamodule = setup(args, run_dir)
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.optim.lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.optim.lr, weight_decay=0.0, fused=True)
     total = args.steps + args.warmup
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(cfg.optim.warmup_ratio * total), total)
-    clock = StepClock(args.warmup)
+    times = StepTimes(args.warmup)
     model.train()
     for step, batch in enumerate(datamodule.train_dataloader()):
-        clock.step_begin(step)
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        if step == total:
+            break
+        times.begin()
+        model(**batch, use_cache=False).loss.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, cfg.trainer.gradient_clip_val)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        clock.step_end(step)
-    return clock.rate()
+        times.end()
+    report(args.out, step_times=times.times)
 
 
-def run_hf_trainer(cfg, args, output_dir: str) -> float:
-    model, datamodule = setup(cfg, args.max_length)
-    clock = StepClock(args.warmup)
+def hf_trainer(args: argparse.Namespace, run_dir: str) -> None:
+    cfg, model, datamodule = setup(args, run_dir)
+    times = StepTimes(args.warmup)
+    total = args.steps + args.warmup
     training_args = TrainingArguments(
-        output_dir=output_dir,
+        output_dir=run_dir,
         per_device_train_batch_size=args.batch_size,
-        max_steps=args.steps + args.warmup,
+        max_steps=total,
         learning_rate=cfg.optim.lr,
         lr_scheduler_type="cosine",
-        warmup_steps=int(cfg.optim.warmup_ratio * (args.steps + args.warmup)),
+        warmup_steps=int(cfg.optim.warmup_ratio * total),
         weight_decay=0.0,
-        max_grad_norm=1.0,
+        max_grad_norm=cfg.trainer.gradient_clip_val,
         logging_steps=1,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=0,
         remove_unused_columns=False,
         disable_tqdm=True,
         seed=cfg.seed,
     )
-    trainer = Trainer(
+    Trainer(
         model=model,
         args=training_args,
         train_dataset=datamodule.datasets["train"],
         data_collator=datamodule.collate,
-        callbacks=[HFClock(clock)],
-    )
-    trainer.train()
-    return clock.rate()
+        callbacks=[HFTimes(times)],
+    ).train()
+    report(args.out, step_times=times.times)
 
 
 def main() -> None:
@@ -130,31 +137,30 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2_135m")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--side", choices=SIDES)
+    parser.add_argument("--out")
     args = parser.parse_args()
-    best = {"lmlab": 0.0, "torch_loop": 0.0, "hf_trainer": 0.0}
-    with tempfile.TemporaryDirectory() as tmp:
-        cfg = config(args, tmp)
-        for round_number in range(args.rounds):
-            rates = {
-                "lmlab": run_lmlab(cfg, args),
-                "torch_loop": run_torch_loop(cfg, args),
-                "hf_trainer": run_hf_trainer(cfg, args, tmp),
-            }
-            print(f"round {round_number}: " + ", ".join(f"{k} {v:.3f} steps/s" for k, v in rates.items()))
-            best = {k: max(best[k], rates[k]) for k in best}
+    if args.side:  # one side, in this fresh process
+        with tempfile.TemporaryDirectory() as run_dir:
+            {"lmlab": lmlab, "torch_loop": torch_loop, "hf_trainer": hf_trainer}[args.side](args, run_dir)
+        return
+    shared = [
+        *("--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup)),
+        *("--batch-size", str(args.batch_size), "--max-length", str(args.max_length)),
+    ]
+    medians = print_sides(run_rounds(Path(__file__), SIDES, args.rounds, args.seed, shared), "overhead")
     print(
-        f"model={args.model} batch={args.batch_size}x{args.max_length} steps={args.steps} "
+        f"model={args.model} batch={args.batch_size}x{args.max_length} timed steps per round={args.steps} "
         f"threads={torch.get_num_threads()}"
     )
-    for name, rate in best.items():
-        print(f"{name}: {rate:.3f} steps/s")
-    print(f"ratio lmlab_vs_torch_loop = {best['lmlab'] / best['torch_loop']:.3f} (goal >= 0.9)")
-    print(f"ratio lmlab_vs_hf_trainer = {best['lmlab'] / best['hf_trainer']:.3f} (goal >= 1.0)")
+    print(f"ratio lmlab_vs_torch_loop = {medians['torch_loop'] / medians['lmlab']:.3f} (goal >= 0.9)")
+    print(f"ratio lmlab_vs_hf_trainer = {medians['hf_trainer'] / medians['lmlab']:.3f} (goal >= 1.0)")
 
 
 if __name__ == "__main__":

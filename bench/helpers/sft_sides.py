@@ -9,10 +9,10 @@ from pathlib import Path
 import lightning as L
 import torch
 from helpers.batch_tokens import padding_share
-from helpers.sides import LightningTimes, StepTimes, report
-from helpers.timing import bench_config
+from helpers.bench_config import bench_config
+from helpers.sides import HFTimes, StepTimes, lmlab_fit, report
 from torch.utils.data import Sampler
-from transformers import DataCollatorForSeq2Seq, Trainer, TrainerCallback, TrainingArguments
+from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
 from datamodules.padding_free import model_inputs
 from modeling.supervised import supervised_logits, token_loss
@@ -64,30 +64,10 @@ def describe(args: argparse.Namespace, cfg, batches: list) -> str:
     )
 
 
-class HFTimes(TrainerCallback):
-    def __init__(self, times: StepTimes) -> None:
-        self.times = times
-
-    def on_step_begin(self, *unused, **kwargs) -> None:
-        self.times.begin()
-
-    def on_step_end(self, *unused, **kwargs) -> None:
-        self.times.end()
-
-
 def lmlab(padding_free: bool) -> Callable[[argparse.Namespace, str], None]:
     def side(args: argparse.Namespace, run_dir: str) -> None:
-        from lightning_modules.base import module_settings
-        from lightning_modules.task_modules import task_module_class
-        from runtime.session import build_loggers
-        from runtime.training import build_trainer
-
         cfg, model, _, datamodule = setup(args, run_dir, padding_free)
-        times = StepTimes(args.warmup)
-        trainer = build_trainer(cfg, model, build_loggers(cfg, "train", None))
-        trainer.callbacks.append(LightningTimes(times))
-        trainer.fit(task_module_class("causal_lm")(model, **module_settings(cfg)), datamodule=datamodule)
-        report(args.out, step_times=times.times)
+        report(args.out, step_times=lmlab_fit(cfg, model, datamodule, args.warmup))
 
     return side
 

@@ -1,5 +1,6 @@
-"""Not a benchmark: run the sides of a comparison each in a fresh process, in a shuffled order per round, and
-summarise their per-step times (median and quartiles)."""
+"""Not a benchmark: run the sides of a comparison each in a fresh process, in a shuffled order per round, time
+their steps (the train.py stack, HF Trainer or a hand loop) and summarise the per-step times (median and
+quartiles)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from omegaconf import DictConfig
+from transformers import TrainerCallback
 
 
 class StepTimes:
@@ -48,6 +51,36 @@ class LightningTimes(L.Callback):
 
     def on_train_batch_end(self, *unused) -> None:
         self.times.end()
+
+
+class HFTimes(TrainerCallback):
+    """StepTimes inside an HF Trainer."""
+
+    def __init__(self, times: StepTimes) -> None:
+        self.times = times
+
+    def on_step_begin(self, *unused, **kwargs) -> None:
+        self.times.begin()
+
+    def on_step_end(self, *unused, **kwargs) -> None:
+        self.times.end()
+
+
+def lmlab_fit(
+    cfg: DictConfig, model: torch.nn.Module, datamodule: L.LightningDataModule, warmup: int
+) -> list[float]:
+    """Per-step times of the train.py stack (causal-LM module, Trainer, callbacks, loggers) fitting `model` on
+    `datamodule`, the first `warmup` steps dropped."""
+    from lightning_modules.base import module_settings
+    from lightning_modules.task_modules import task_module_class
+    from runtime.session import build_loggers
+    from runtime.training import build_trainer
+
+    times = StepTimes(warmup)
+    trainer = build_trainer(cfg, model, build_loggers(cfg, "train", None))
+    trainer.callbacks.append(LightningTimes(times))
+    trainer.fit(task_module_class("causal_lm")(model, **module_settings(cfg)), datamodule=datamodule)
+    return times.times
 
 
 def report(path: str, **values: object) -> None:
