@@ -28,7 +28,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_modules import methods
 from lightning_modules.classifier import ClassifierModule
@@ -152,8 +152,8 @@ def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
             f"ckpt={cfg.ckpt}",
             bool(cfg.get("allow_base_mismatch")),
         )
-        if (directory / "tokenizer_config.json").exists():
-            tokenizer = AutoTokenizer.from_pretrained(directory)
+        if (directory / "tokenizer_config.json").exists():  # the run's own, saved beside its weights
+            tokenizer = load_tokenizer(cfg)
         if (directory / ADAPTER_CONFIG).exists():
             return _load_adapter(base, directory), tokenizer
         return restore_method(base, directory, cfg.model), tokenizer
