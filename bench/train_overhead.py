@@ -28,27 +28,23 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers.bench_config import bench_config  # noqa: E402
+from helpers.bench_config import bench_config, shared_gsm8k_train  # noqa: E402
 from helpers.sides import HFTimes, StepTimes, lmlab_fit, print_sides, report, run_rounds  # noqa: E402
 
 from datamodules import IGNORE_INDEX  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
 
-SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 SIDES = ["lmlab", "torch_loop", "hf_trainer"]
 
 
 def setup(args: argparse.Namespace, run_dir: str):
     """The config, a fresh seeded LoRA model and its datamodule, batches padded to `--max-length` tokens."""
-    data = (
-        [f"task.data_files={{train: {SHARED_GSM8K}, test: {SHARED_GSM8K}}}"] if SHARED_GSM8K.exists() else []
-    )
     cfg = bench_config(
         [
             "task.source=bundled",
             f"model={args.model}",
             "method=lora",
-            *data,
+            *shared_gsm8k_train(),
             f"data.batch_size={args.batch_size}",
             f"data.max_length={args.max_length}",
             # twice the batches the steps take: examples longer than the width are left out
@@ -64,9 +60,9 @@ def setup(args: argparse.Namespace, run_dir: str):
     model, tokenizer, datamodule, _ = build_trainable_model(cfg)
     collate = datamodule.collate
 
+    padding, width = {"input_ids": tokenizer.pad_token_id, "labels": IGNORE_INDEX}, args.max_length
+
     def fixed_width(examples):
-        padding = {"input_ids": tokenizer.pad_token_id, "labels": IGNORE_INDEX}
-        width = args.max_length
         return collate([{k: v + [padding[k]] * (width - len(v)) for k, v in e.items()} for e in examples])
 
     datamodule.collate = fixed_width

@@ -116,8 +116,9 @@ def same_logits(split: torch.Tensor, dense: torch.Tensor, dtype: torch.dtype) ->
     `dtype`: within max(1e-4, 4 eps) of the largest dense logit. Kernels that split the row sum in another
     order differ by about 1e-6 of it in float32 over a 30-layer model; attention leaking across examples
     moves the logits by a large share of it."""
-    tolerance = max(1e-4, 4 * torch.finfo(dtype).eps) * dense.float().abs().max()
-    return bool((split.float() - dense.float()).abs().max() <= tolerance)
+    dense = dense.float()
+    tolerance = max(1e-4, 4 * torch.finfo(dtype).eps) * dense.abs().max()
+    return bool((split.float() - dense).abs().max() <= tolerance)
 
 
 @torch.no_grad()

@@ -152,8 +152,8 @@ def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBas
             f"ckpt={cfg.ckpt}",
             bool(cfg.get("allow_base_mismatch")),
         )
-        if (directory / "tokenizer_config.json").exists():  # the run's own, saved beside its weights
-            tokenizer = load_tokenizer(cfg)
+        if (directory / "tokenizer_config.json").exists():
+            tokenizer = _run_tokenizer(cfg, directory)
         if (directory / ADAPTER_CONFIG).exists():
             return _load_adapter(base, directory), tokenizer
         return restore_method(base, directory, cfg.model), tokenizer
@@ -174,8 +174,13 @@ def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
     """The tokenizer `load_model(cfg)` returns, without loading any weights."""
     directory = checkpoint_dir(cfg)
     if directory is not None and (directory / "tokenizer_config.json").exists():
-        return models.load_tokenizer(OmegaConf.merge(cfg.model, {"path": str(directory)}))
+        return _run_tokenizer(cfg, directory)
     return models.load_tokenizer(cfg.model, cache_dir=cfg.paths.cache_dir)
+
+
+def _run_tokenizer(cfg: DictConfig, directory: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer a run saved beside its weights in `directory`, loaded by the model config's rules."""
+    return models.load_tokenizer(OmegaConf.merge(cfg.model, {"path": str(directory)}))
 
 
 def restore_method(base: PreTrainedModel, directory: Path, model_cfg: DictConfig) -> PreTrainedModel:

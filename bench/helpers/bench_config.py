@@ -8,6 +8,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[2]
+SHARED_GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 OFFLINE_CPU = [
     "trainer=cpu",
     "logger=csv",
@@ -16,6 +17,13 @@ OFFLINE_CPU = [
     "trainer.enable_model_summary=false",
     "test_after_fit=false",
 ]
+
+
+def shared_gsm8k_train() -> list[str]:
+    """Overrides that train (and validate) on the full GSM8K train file beside the repository, where the
+    machine has it; none otherwise (the task's bundled sample)."""
+    train = SHARED_GSM8K_TRAIN
+    return [f"task.data_files={{train: {train}, test: {train}}}"] if train.exists() else []
 
 
 def bench_config(overrides: list[str], run_dir: str) -> DictConfig:

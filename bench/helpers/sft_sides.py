@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 
 import lightning as L
 import torch
 from helpers.batch_tokens import padding_share
-from helpers.bench_config import bench_config
+from helpers.bench_config import bench_config, shared_gsm8k_train
 from helpers.sides import HFTimes, StepTimes, lmlab_fit, report
 from torch.utils.data import Sampler
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -18,22 +17,17 @@ from datamodules.padding_free import model_inputs
 from modeling.supervised import supervised_logits, token_loss
 from runtime.training import build_trainable_model
 
-ROOT = Path(__file__).resolve().parents[2]
-SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 LOSS_MATCH_BATCHES = 6
 PART_MODELS = {"lora": ["model=smollm2_135m", "method=lora"], "full": ["model=pretrain_small", "method=full"]}
 
 
 def config(args: argparse.Namespace, run_dir: str, padding_free: bool):
-    data = (
-        [f"task.data_files={{train: {SHARED_GSM8K}, test: {SHARED_GSM8K}}}"] if SHARED_GSM8K.exists() else []
-    )
     steps = args.steps + args.warmup
     return bench_config(
         [
             "task.source=bundled",
             *PART_MODELS[args.part],
-            *data,
+            *shared_gsm8k_train(),
             f"data.batch_size={args.batch}",
             "data.max_length=1024",
             f"data.max_train_samples={args.batch * steps}",
