@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from helpers.bench_config import bench_config  # noqa: E402
-from helpers.sides import StepTimes, lmlab_fit, print_sides, report, run_rounds  # noqa: E402
+from helpers.sides import StepTimes, lmlab_fit, print_ratio_spread, print_sides, report, run_rounds  # noqa: E402
 
 from modeling.flops import batch_flops, flop_counts, measured_peak_flops  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
@@ -129,6 +129,7 @@ def main() -> None:
     shared = ["--experiment", args.experiment, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     reports = run_rounds(Path(__file__), sides, args.rounds, args.seed, [*shared, "--batch", str(args.batch)])
     medians = print_sides(reports, "pre-training")
+    print_ratio_spread(reports, "torch_loop", "lmlab")
     first = reports["lmlab"][0]
     peak, where = peak_flops()
     print(

@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from helpers.sft_sides import SIDES  # noqa: E402
-from helpers.sides import print_sides, run_rounds  # noqa: E402
+from helpers.sides import print_ratio_spread, print_sides, run_rounds  # noqa: E402
 
 PARTS = {"lora": "", "full": "full_"}
 TIMED = ["padding_free", "padded", "hf_trainer", "trl", "trl_padding_free", "torch_loop"]
@@ -68,6 +68,12 @@ def main() -> None:
         match = run_rounds(Path(__file__), ["loss_match"], 1, args.seed, part_args)["loss_match"][0]
         medians = print_sides(reports, part)
         print(f"{part}: {match['description']}")
+        for side in ("hf_trainer", "padded", "torch_loop", "trl", "trl_padding_free"):
+            print_ratio_spread(reports, side, "padding_free")
+        flops = match["flops"]
+        shares = ", ".join(f"{side} {count / flops['padding_free']:.3f}" for side, count in flops.items())
+        print(f"{part}: FLOPs of the timed steps against lmlab padding-free's (the most that doing only")
+        print(f"  the useful work can gain): {shares}")
         trl = min((medians[s] for s in ("trl", "trl_padding_free") if s in medians), default=None)
         fast = medians["padding_free"]
         ratios += [

@@ -29,7 +29,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from helpers.bench_config import bench_config, shared_gsm8k_train  # noqa: E402
-from helpers.sides import HFTimes, StepTimes, lmlab_fit, print_sides, report, run_rounds  # noqa: E402
+from helpers.sides import (  # noqa: E402
+    HFTimes,
+    StepTimes,
+    lmlab_fit,
+    print_ratio_spread,
+    print_sides,
+    report,
+    run_rounds,
+)
 
 from datamodules import IGNORE_INDEX  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
@@ -150,7 +158,10 @@ def main() -> None:
         *("--model", args.model, "--steps", str(args.steps), "--warmup", str(args.warmup)),
         *("--batch-size", str(args.batch_size), "--max-length", str(args.max_length)),
     ]
-    medians = print_sides(run_rounds(Path(__file__), SIDES, args.rounds, args.seed, shared), "overhead")
+    reports = run_rounds(Path(__file__), SIDES, args.rounds, args.seed, shared)
+    medians = print_sides(reports, "overhead")
+    for side in ("torch_loop", "hf_trainer"):
+        print_ratio_spread(reports, side, "lmlab")
     print(
         f"model={args.model} batch={args.batch_size}x{args.max_length} timed steps per round={args.steps} "
         f"threads={torch.get_num_threads()}"

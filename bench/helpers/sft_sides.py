@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
-from helpers.batch_tokens import padding_share
+from helpers.batch_tokens import padding_share, side_flops
 from helpers.bench_config import bench_config, shared_gsm8k_train
 from helpers.sides import HFTimes, StepTimes, lmlab_fit, report
 from torch.utils.data import Sampler
@@ -178,17 +178,23 @@ def torch_loop(args: argparse.Namespace, run_dir: str) -> None:
 @torch.no_grad()
 def loss_match(args: argparse.Namespace, run_dir: str) -> None:
     """Share of the first LOSS_MATCH_BATCHES batches whose loss packed (lmlab's step) equals the model's own
-    padded loss to 1e-5, on the same weights (dropout off)."""
+    padded loss to 1e-5, on the same weights (dropout off); and the FLOPs each side spends on the timed
+    steps."""
     cfg, model, _, datamodule = setup(args, run_dir, padding_free=False)
     padded = list(datamodule.train_dataloader())
     datamodule.padding_free = True
-    packed = list(datamodule.train_dataloader())[:LOSS_MATCH_BATCHES]
+    packed = list(datamodule.train_dataloader())
     model.eval()
     matched = sum(
         abs(float(token_loss(*supervised_logits(model, a))) - float(model(**model_inputs(b)).loss)) <= 1e-5
-        for a, b in zip(packed, padded[:LOSS_MATCH_BATCHES], strict=True)
+        for a, b in zip(packed[:LOSS_MATCH_BATCHES], padded, strict=False)
     )
-    report(args.out, share=matched / len(packed), description=describe(args, cfg, padded))
+    report(
+        args.out,
+        share=matched / min(LOSS_MATCH_BATCHES, len(packed)),
+        description=describe(args, cfg, padded),
+        flops=side_flops(model, padded[args.warmup :], packed[args.warmup :]),
+    )
 
 
 SIDES = {

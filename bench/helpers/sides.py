@@ -113,6 +113,25 @@ def summary(times: list[float]) -> tuple[float, float, float]:
     return median, first, third
 
 
+def paired_ratios(reports: dict[str, list], numerator: str, denominator: str) -> list[float]:
+    """Per-step ratios `numerator` time / `denominator` time, step k of a round against step k of the same
+    round: the same batch on both sides, so the batches' differing sizes cancel."""
+    return [
+        slow / fast
+        for a, b in zip(reports[numerator], reports[denominator], strict=True)
+        for slow, fast in zip(a["step_times"], b["step_times"], strict=True)
+    ]
+
+
+def print_ratio_spread(reports: dict[str, list], numerator: str, denominator: str) -> None:
+    """Print the median and quartiles of the paired per-step ratios of two sides that both ran."""
+    if not all(reports.get(side) and "step_times" in reports[side][0] for side in (numerator, denominator)):
+        return
+    median, first, third = summary(paired_ratios(reports, numerator, denominator))
+    spread = f"quartiles {first:.3f}..{third:.3f}"
+    print(f"  {numerator} / {denominator}, paired per step: median {median:.3f} ({spread})")
+
+
 def print_sides(reports: dict[str, list], label: str) -> dict[str, float]:
     """Print each side's median step time with its quartiles and range over every timed step of every round;
     return the medians of the sides that ran."""
