@@ -96,14 +96,17 @@ def run_rounds(script: Path, sides: list[str], rounds: int, seed: int, args: lis
     with tempfile.TemporaryDirectory() as tmp:
         for round_number in range(rounds):
             shuffled = order.sample(sides, len(sides))
-            print(f"round {round_number}: {', '.join(shuffled)}", flush=True)
+            walls = []
             for side in shuffled:
                 out = Path(tmp) / f"{side}-{round_number}.json"
                 command = [sys.executable, str(script), "--side", side, "--out", str(out), *args]
+                start = time.perf_counter()
                 done = subprocess.run(command, capture_output=True, text=True)
                 if done.returncode != 0 or not out.exists():
                     raise RuntimeError(f"side {side} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+                walls.append(f"{side} {time.perf_counter() - start:.0f} s")
                 reports[side].append(json.loads(out.read_text()))
+            print(f"round {round_number}, each side's process start to exit: {', '.join(walls)}", flush=True)
     return reports
 
 

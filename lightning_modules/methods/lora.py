@@ -4,6 +4,7 @@ adapted through peft's `target_parameters` (modeling/experts.py finds both)."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import re
@@ -95,11 +96,18 @@ def weight_read_directly(block: nn.Module, name: str) -> bool:
     """Whether the code of the module holding `name` (a path within `block`) reads `name`'s weight itself
     (a state-space mixer hands `out_proj.weight` to its fused kernel) instead of calling the module."""
     parent, _, child = name.rpartition(".")
+    source = _class_source(type(block.get_submodule(parent)))
+    return source is not None and re.search(rf"self\.{re.escape(child)}\.weight\b", source) is not None
+
+
+@functools.cache
+def _class_source(cls: type) -> str | None:
+    """The source of `cls`, None where Python cannot find it; read once per class (each read parses its
+    file: a 30-block model asks about the same few classes 210 times)."""
     try:
-        source = inspect.getsource(type(block.get_submodule(parent)))
+        return inspect.getsource(cls)
     except (OSError, TypeError):
-        return False
-    return re.search(rf"self\.{re.escape(child)}\.weight\b", source) is not None
+        return None
 
 
 def lora_config(
