@@ -27,17 +27,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers.bench_config import bench_config  # noqa: E402
+from helpers.bench_config import SHARED_GSM8K_TRAIN, bench_config  # noqa: E402
 from helpers.sides import StepTimes, lmlab_fit, print_ratio_spread, print_sides, report, run_rounds  # noqa: E402
 
 from modeling.flops import batch_flops, flop_counts, measured_peak_flops  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
 
-SHARED_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
-
 
 def config(args: argparse.Namespace, run_dir: str):
-    source = [f"task.data_files={SHARED_TRAIN}"] if SHARED_TRAIN.exists() else ["task.source=bundled"]
+    source = (
+        [f"task.data_files={SHARED_GSM8K_TRAIN}"] if SHARED_GSM8K_TRAIN.exists() else ["task.source=bundled"]
+    )
     return bench_config(
         [
             f"experiment={args.experiment}",

@@ -185,13 +185,14 @@ def loss_match(args: argparse.Namespace, run_dir: str) -> None:
     datamodule.padding_free = True
     packed = list(datamodule.train_dataloader())
     model.eval()
+    compared = list(zip(packed[:LOSS_MATCH_BATCHES], padded[:LOSS_MATCH_BATCHES], strict=True))
     matched = sum(
         abs(float(token_loss(*supervised_logits(model, a))) - float(model(**model_inputs(b)).loss)) <= 1e-5
-        for a, b in zip(packed[:LOSS_MATCH_BATCHES], padded, strict=False)
+        for a, b in compared
     )
     report(
         args.out,
-        share=matched / min(LOSS_MATCH_BATCHES, len(packed)),
+        share=matched / len(compared),
         description=describe(args, cfg, padded),
         flops=side_flops(model, padded[args.warmup :], packed[args.warmup :]),
     )
