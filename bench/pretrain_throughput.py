@@ -3,11 +3,13 @@
 Same from-scratch model (experiment ablation/baseline by default: Llama 384/6/12, SmolLM tokenizer), same
 packed blocks in the same order, same AdamW + warmup/cosine + clipping. Each side runs in its own fresh
 process (`--side`), the two in an order shuffled per round, `--warmup` untimed then `--steps` timed steps
-each; the sides are compared by the median step time over every round, with quartiles and range printed. MFU
-is the FLOPs of a batch (modeling/flops.py: the count the ThroughputMonitor logs) per median step over the
-device's peak: Lightning's table on a known GPU, else the float32 matmul rate measured here.
+each. The ratio is the median of the paired per-step ratios (step k of one side against step k of the other in
+the same round: the same block), printed with their quartiles and the ratio of the sides' medians in each
+round; each side's median step, quartiles and range are printed too. MFU is the FLOPs of a batch
+(modeling/flops.py: the count the ThroughputMonitor logs) per median step over the device's peak: Lightning's
+table on a known GPU, else the float32 matmul rate measured here.
 
-    ratio lmlab_vs_torch_loop = <torch loop median step / train.py median step> (goal >= 1.0)
+    ratio lmlab_vs_torch_loop = <median of torch loop step / train.py step, paired> (goal >= 1.0)
 
 python bench/pretrain_throughput.py [--experiment ablation/baseline] [--steps 10] [--rounds 2] [--batch 2]"""
 
@@ -28,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from helpers.bench_config import SHARED_GSM8K_TRAIN, bench_config  # noqa: E402
-from helpers.sides import StepTimes, lmlab_fit, print_ratio_spread, print_sides, report, run_rounds  # noqa: E402
+from helpers.sides import StepTimes, lmlab_fit, paired_ratio, print_sides, report, run_rounds  # noqa: E402
 
 from modeling.flops import batch_flops, flop_counts, measured_peak_flops  # noqa: E402
 from runtime.training import build_trainable_model  # noqa: E402
@@ -129,7 +131,7 @@ def main() -> None:
     shared = ["--experiment", args.experiment, "--steps", str(args.steps), "--warmup", str(args.warmup)]
     reports = run_rounds(Path(__file__), sides, args.rounds, args.seed, [*shared, "--batch", str(args.batch)])
     medians = print_sides(reports, "pre-training")
-    print_ratio_spread(reports, "torch_loop", "lmlab")
+    ratio = paired_ratio(reports, "torch_loop", "lmlab")
     first = reports["lmlab"][0]
     peak, where = peak_flops()
     print(
@@ -138,7 +140,7 @@ def main() -> None:
     )
     mfu = first["flops"] / medians["lmlab"] / peak
     print(f"MFU estimate: {mfu:.3f} of {peak / 1e12:.3f} TFLOP/s ({where})")
-    print(f"ratio lmlab_vs_torch_loop = {medians['torch_loop'] / medians['lmlab']:.3f} (goal >= 1.0)")
+    print(f"ratio lmlab_vs_torch_loop = {ratio:.3f} (goal >= 1.0)")
 
 
 if __name__ == "__main__":

@@ -6,13 +6,14 @@ small from-scratch Llama (model=pretrain_small: 8 layers of 256, SmolLM tokenize
 their natural lengths (prompt masked, loss on the solution), AdamW, no clipping, cosine schedule. Every side
 runs in its own fresh process (`--side`), the sides in an order shuffled per round, each `--warmup` untimed
 steps then `--steps` timed ones (20 timed steps per side at the defaults); a step is timed from its start to
-the end of its optimiser step. Sides are compared by the median over all their timed steps of every round;
-quartiles and range are printed. HF Trainer pads each batch (DataCollatorForSeq2Seq); TRL gets the same tokens
-and labels; the torch loop trains on lmlab's packed rows with the model's own loss (full logits, the dense
-packed mask) and fused AdamW.
+the end of its optimiser step. A ratio is the median of the paired per-step ratios (step k of one side against
+step k of the other in the same round: the same batch), printed with their quartiles and the ratio of the two
+sides' medians in each round; each side's median step, quartiles and range are printed too. HF Trainer pads
+each batch (DataCollatorForSeq2Seq); TRL gets the same tokens and labels; the torch loop trains on lmlab's
+packed rows with the model's own loss (full logits, the dense packed mask) and fused AdamW.
 
-    ratio padding_free_vs_hf_trainer = <HF Trainer median step / lmlab padding-free median step> (goal >= 1.5)
-    ratio padding_free_vs_trl = <faster TRL side / lmlab padding-free> (goal >= 1.3)
+    ratio padding_free_vs_hf_trainer = <median of HF Trainer step / lmlab padding-free step> (goal >= 1.5)
+    ratio padding_free_vs_trl = <the faster TRL side / lmlab padding-free, likewise> (goal >= 1.3)
     ratio padded_vs_hf_trainer = <HF Trainer / lmlab padded> (goal >= 1.05)
     ratio lmlab_vs_torch_loop = <torch loop / lmlab padding-free> (goal >= 1.0)
     ratio padding_free_loss_match = <share of the first 6 batches whose loss packed equals padded to 1e-5,
@@ -35,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from helpers.sft_sides import SIDES  # noqa: E402
-from helpers.sides import print_ratio_spread, print_sides, run_rounds  # noqa: E402
+from helpers.sides import paired_ratio, print_sides, run_rounds  # noqa: E402
 
 PARTS = {"lora": "", "full": "full_"}
 TIMED = ["padding_free", "padded", "hf_trainer", "trl", "trl_padding_free", "torch_loop"]
@@ -66,21 +67,23 @@ def main() -> None:
         part_args = [*shared, "--part", part]
         reports = run_rounds(Path(__file__), TIMED, args.rounds, args.seed, part_args)
         match = run_rounds(Path(__file__), ["loss_match"], 1, args.seed, part_args)["loss_match"][0]
-        medians = print_sides(reports, part)
+        print_sides(reports, part)
         print(f"{part}: {match['description']}")
-        for side in ("hf_trainer", "padded", "torch_loop", "trl", "trl_padding_free"):
-            print_ratio_spread(reports, side, "padding_free")
+        vs_fast = {
+            side: paired_ratio(reports, side, "padding_free")
+            for side in ("hf_trainer", "padded", "torch_loop", "trl", "trl_padding_free")
+        }
+        padded_vs_hf = paired_ratio(reports, "hf_trainer", "padded")
         flops = match["flops"]
         shares = ", ".join(f"{side} {count / flops['padding_free']:.3f}" for side, count in flops.items())
         print(f"{part}: FLOPs of the timed steps against lmlab padding-free's (the most that doing only")
         print(f"  the useful work can gain): {shares}")
-        trl = min((medians[s] for s in ("trl", "trl_padding_free") if s in medians), default=None)
-        fast = medians["padding_free"]
+        trl = min((vs_fast[s] for s in ("trl", "trl_padding_free") if vs_fast[s]), default=None)
         ratios += [
-            (f"{prefix}padding_free_vs_hf_trainer", medians["hf_trainer"] / fast, ">=", 1.5),
-            *([(f"{prefix}padding_free_vs_trl", trl / fast, ">=", 1.3)] if trl else []),
-            (f"{prefix}padded_vs_hf_trainer", medians["hf_trainer"] / medians["padded"], ">=", 1.05),
-            (f"{prefix}lmlab_vs_torch_loop", medians["torch_loop"] / fast, ">=", 1.0),
+            (f"{prefix}padding_free_vs_hf_trainer", vs_fast["hf_trainer"], ">=", 1.5),
+            *([(f"{prefix}padding_free_vs_trl", trl, ">=", 1.3)] if trl else []),
+            (f"{prefix}padded_vs_hf_trainer", padded_vs_hf, ">=", 1.05),
+            (f"{prefix}lmlab_vs_torch_loop", vs_fast["torch_loop"], ">=", 1.0),
             (f"{prefix}padding_free_loss_match", match["share"], ">=", 1.0),
         ]
     for name, value, direction, goal in ratios:

@@ -4,11 +4,13 @@ padded work: what the stack itself (LightningModule, Trainer, callbacks, logger)
 Same model (SmolLM2-135M-Instruct by default), same LoRA config, the same GSM8K batches padded to one fixed
 width (padded batches on every side, so padding-free rows and kept positions save nothing here; see
 sft_throughput.py for those), same AdamW + warmup/cosine + clipping. Each side runs in its own fresh process
-(`--side`), the three in an order shuffled per round, `--warmup` untimed then `--steps` timed steps each; the
-sides are compared by the median step time over every round, quartiles and range printed.
+(`--side`), the three in an order shuffled per round, `--warmup` untimed then `--steps` timed steps each. A
+ratio is the median of the paired per-step ratios (step k of one side against step k of the other in the same
+round), printed with their quartiles and the ratio of the two sides' medians in each round; each side's median
+step, quartiles and range are printed too.
 
-    ratio lmlab_vs_torch_loop = <torch loop median step / lmlab median step> (goal >= 0.9)
-    ratio lmlab_vs_hf_trainer = <HF Trainer median step / lmlab median step> (goal >= 1.0)
+    ratio lmlab_vs_torch_loop = <median of torch loop step / lmlab step, paired> (goal >= 0.9)
+    ratio lmlab_vs_hf_trainer = <median of HF Trainer step / lmlab step, paired> (goal >= 1.0)
 
     python bench/train_overhead.py [--model smollm2_135m] [--steps 10] [--rounds 2]
 """
@@ -33,7 +35,7 @@ from helpers.sides import (  # noqa: E402
     HFTimes,
     StepTimes,
     lmlab_fit,
-    print_ratio_spread,
+    paired_ratio,
     print_sides,
     report,
     run_rounds,
@@ -159,15 +161,14 @@ def main() -> None:
         *("--batch-size", str(args.batch_size), "--max-length", str(args.max_length)),
     ]
     reports = run_rounds(Path(__file__), SIDES, args.rounds, args.seed, shared)
-    medians = print_sides(reports, "overhead")
-    for side in ("torch_loop", "hf_trainer"):
-        print_ratio_spread(reports, side, "lmlab")
+    print_sides(reports, "overhead")
+    vs_lmlab = {side: paired_ratio(reports, side, "lmlab") for side in ("torch_loop", "hf_trainer")}
     print(
         f"model={args.model} batch={args.batch_size}x{args.max_length} timed steps per round={args.steps} "
         f"threads={torch.get_num_threads()}"
     )
-    print(f"ratio lmlab_vs_torch_loop = {medians['torch_loop'] / medians['lmlab']:.3f} (goal >= 0.9)")
-    print(f"ratio lmlab_vs_hf_trainer = {medians['hf_trainer'] / medians['lmlab']:.3f} (goal >= 1.0)")
+    print(f"ratio lmlab_vs_torch_loop = {vs_lmlab['torch_loop']:.3f} (goal >= 0.9)")
+    print(f"ratio lmlab_vs_hf_trainer = {vs_lmlab['hf_trainer']:.3f} (goal >= 1.0)")
 
 
 if __name__ == "__main__":

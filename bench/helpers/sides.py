@@ -126,13 +126,27 @@ def paired_ratios(reports: dict[str, list], numerator: str, denominator: str) ->
     ]
 
 
-def print_ratio_spread(reports: dict[str, list], numerator: str, denominator: str) -> None:
-    """Print the median and quartiles of the paired per-step ratios of two sides that both ran."""
+def round_ratios(reports: dict[str, list], numerator: str, denominator: str) -> list[float]:
+    """Per round, `numerator`'s median step time over `denominator`'s: each round runs every side in a fresh
+    process, so the rounds are the independent repeats and their spread is the ratio's uncertainty."""
+    return [
+        statistics.median(a["step_times"]) / statistics.median(b["step_times"])
+        for a, b in zip(reports[numerator], reports[denominator], strict=True)
+    ]
+
+
+def paired_ratio(reports: dict[str, list], numerator: str, denominator: str) -> float | None:
+    """The median of the paired per-step ratios `numerator` / `denominator` (None unless both sides ran),
+    printed with its quartiles and the ratio of the two sides' medians in each round. Pairing cancels the
+    batches' differing sizes and a round's machine state, which the medians pooled over rounds do not."""
     if not all(reports.get(side) and "step_times" in reports[side][0] for side in (numerator, denominator)):
-        return
+        return None
     median, first, third = summary(paired_ratios(reports, numerator, denominator))
+    rounds = ", ".join(f"{ratio:.3f}" for ratio in round_ratios(reports, numerator, denominator))
     spread = f"quartiles {first:.3f}..{third:.3f}"
     print(f"  {numerator} / {denominator}, paired per step: median {median:.3f} ({spread})")
+    print(f"    ratio of the medians per round: {rounds}")
+    return median
 
 
 def print_sides(reports: dict[str, list], label: str) -> dict[str, float]:
