@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) bench/eval_vs_lm_eval.py
 	$(PY) bench/attention_memory.py
 	$(PY) bench/pretrain_throughput.py
+	$(PY) bench/gradient_memory.py
 	$(PY) bench/gradsim.py
 	$(PY) bench/methods.py
 	$(PY) bench/fault_tolerance.py

@@ -1,9 +1,9 @@
-"""What every lmlab LightningModule shares: AdamW + warmup/cosine, the gradient-norm log, frozen-base
-checkpoints."""
+"""What every lmlab LightningModule shares: AdamW + warmup/cosine, the gradient-norm log, gradients freed
+right after each optimiser step, frozen-base checkpoints."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +172,19 @@ class OptimisedModule(L.LightningModule):
         if sharded:  # each rank holds a shard: sum the squares over ranks
             norm = self.trainer.strategy.reduce(norm.square(), reduce_op="sum").sqrt()
         self.log_measured({"train/grad_norm": norm})
+
+    def optimizer_step(
+        self,
+        epoch: int,
+        batch_idx: int,
+        optimizer: Any,
+        optimizer_closure: Callable[[], Any] | None = None,
+    ) -> None:
+        """The optimiser step, then the gradients freed at once, as HF Trainer and a hand-written loop do.
+        Lightning alone would free them only after the next step's forward, so that forward would hold a
+        model-sized set of gradients beside its activations in full fine-tuning."""
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        optimizer.zero_grad(set_to_none=True)
 
     def configure_gradient_clipping(
         self,

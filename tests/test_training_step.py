@@ -1,13 +1,16 @@
 """The training step computes only what the loss needs. The output layer on supervised positions only
 (modeling/supervised.py) gives the loss and the gradients of the model's own `labels=` loss over every
 position, to 1e-6 in float32: padded and packed, on every family of the test matrix, and with a method that
-prepends virtual tokens. AdamW runs fused where the device has the kernel. A batch's FLOPs equal a hand count.
+prepends virtual tokens. AdamW runs fused where the device has the kernel, and the gradients are freed right
+after each optimiser step. A batch's FLOPs equal a hand count.
 """
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
+from torch.utils.data import DataLoader
 
 from datamodules import IGNORE_INDEX
 from datamodules.padding_free import model_inputs, one_row
@@ -15,12 +18,14 @@ from lightning_modules.base import adamw_kernel
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.classifier import ClassifierModule
 from lightning_modules.methods import MethodContext, prompt_tuning
+from lightning_modules.task_modules import task_module_class
 from modeling import packed_attention
 from modeling.flops import batch_flops, flop_counts, measured_peak_flops
 from modeling.log_probs import answer_log_probs
 from modeling.packed_attention import attends_per_example, same_logits
 from modeling.padding_free import keeps_sequences_apart
 from modeling.supervised import kept_positions, supervised_logits, token_loss
+from runtime.training import build_trainable_model
 from tests.conftest import TINY, built_model
 from tests.families import FAMILIES, overrides
 
@@ -112,6 +117,35 @@ def test_adamw_is_fused_where_the_device_has_the_kernel_and_foreach_elsewhere() 
     module._trainer = type("Trainer", (), settings)()
     optimizer = module.configure_optimizers()["optimizer"]
     assert optimizer.defaults["fused"] is True and not optimizer.defaults["foreach"]
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_gradients_are_freed_after_the_optimiser_step_not_held_through_the_next_forward(
+    tiny_config, accumulate: int
+) -> None:
+    cfg = tiny_config("model=tiny_llama", "method=full", f"trainer.accumulate_grad_batches={accumulate}")
+    model, _, datamodule, _ = build_trainable_model(cfg)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    held = []  # per training forward: whether any parameter still holds a gradient
+    model.register_forward_pre_hook(
+        lambda m, _: held.append(any(p.grad is not None for p in m.parameters())) if m.training else None
+    )
+    module = task_module_class("causal_lm")(model, **cfg.optim)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=3,
+        accumulate_grad_batches=accumulate,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader([batch] * 3 * accumulate, batch_size=None))
+    # a micro-batch after the first of an accumulation still sees the gradients it adds to
+    assert held == [False, *[True] * (accumulate - 1)] * 3
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_the_probe_tells_rounding_from_attention_across_examples() -> None:
