@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from runtime.evaluation import run
+from evaluation.evaluate import run
 from runtime.session import optimized_value
 
 

@@ -12,7 +12,7 @@ Reads every job's metrics from its CSV log (`metrics/metrics.csv`) or, when ther
 offline W&B run file, and its config from `config.yaml`. Jobs of one configuration (its run name) with
 different seeds are one row: each final metric's mean with its t interval over seeds, and a verdict on the
 validation loss against the baseline (paired t over common seeds, else Welch; Holm-adjusted over the
-configurations; runtime/statistics.py). Writes `training_loss_curves.png` and `convergence.png` (mean over
+configurations; stats/estimates.py). Writes `training_loss_curves.png` and `convergence.png` (mean over
 seeds with a band of one s.d.), `final_performance.png` (means with their intervals), `efficiency.png`,
 `results.md`, `performance_metrics.csv` and `research_data.json` (every run's config, final metrics and
 curves, for re-plotting elsewhere).
@@ -32,9 +32,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.plots import ablation_figures
-from runtime import comparisons, seed_statistics, tables
 from runtime.results import logged_rows
 from runtime.session import start_report
+from stats import comparisons, seed_statistics, tables
 
 CURVES = (
     "train/loss_step",

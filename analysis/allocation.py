@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig
 
 from datamodules.gsm8k import GSM8KDataModule
-from runtime import statistics
+from stats import estimates
 
 CLASSES = GSM8KDataModule.attention_classes  # KMI, NI, OC: the noise study's allocation table
 
@@ -54,7 +54,7 @@ def summarise(
     per_problem: dict[str, list[np.ndarray]], settings: DictConfig, classes: tuple[str, ...] = CLASSES
 ) -> dict[str, Any]:
     """Mean/std over problems of the ratios and normalised scores, the mean with its interval over problems
-    (`low`, `high`, `n`: runtime/statistics.py at `settings`): overall, per layer and per head, per map
+    (`low`, `high`, `n`: stats/estimates.py at `settings`): overall, per layer and per head, per map
     (`table3`: KMI and NI scores and their ratio, for the GSM8K noise classes)."""
     summary: dict[str, Any] = {}
     for key, values in per_problem.items():
@@ -84,7 +84,7 @@ def _interval(values: np.ndarray, settings: DictConfig) -> dict[str, Any]:
     finite = values[np.isfinite(values)]
     if len(finite) == 0:
         return {"low": None, "high": None, "n": 0, "method": None}
-    estimate = statistics.mean_estimate(finite, None, settings.resamples, settings.seed, settings.confidence)
+    estimate = estimates.mean_estimate(finite, None, settings.resamples, settings.seed, settings.confidence)
     return {"low": estimate.low, "high": estimate.high, "n": estimate.n, "method": estimate.method}
 
 

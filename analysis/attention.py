@@ -42,10 +42,10 @@ from analysis import plots
 from analysis.allocation import allocation, summarise, token_classes
 from analysis.attention_maps import AttentionCapture, attention_maps, prefer_eager, select, token_strings
 from modeling.architecture import attention_blocks
-from runtime import tables
-from runtime.saved_run import load_model, use_checkpoint_model
+from runtime import saved_run
 from runtime.session import Session, overrides, start
 from runtime.sweeps import MultirunSummary
+from stats import tables
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,9 @@ MAPS_FILE = "attention_maps.safetensors"
 def analyse(cfg: DictConfig) -> dict[str, Any]:
     """The attention analysis of `cfg` (free text when `analysis.text` / `analysis.text_file` is set, else the
     task's records) in one run; returns what attention_analysis.json holds."""
-    use_checkpoint_model(cfg)
+    choice = saved_run.resolve(cfg)
     with start(cfg, job_type="analysis") as session:
-        model, tokenizer = load_model(cfg)
+        model, tokenizer = saved_run.load(choice, cfg.paths.cache_dir)
         blocks = attention_blocks(model)  # a hybrid's other blocks have none; the results say which
         select(_list(cfg.analysis.layers), len(blocks["attention_blocks"]), "analysis.layers")
         if cfg.analysis.get("text") or cfg.analysis.get("text_file"):

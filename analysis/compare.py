@@ -5,7 +5,7 @@
 Every two runs (A before B in the order given) are compared on the items both scored, read from each run's
 predictions.jsonl: difference of means with its paired interval, exact McNemar for 0/1 scores (items that
 flipped each way), the minimum detectable effect at this n, and a verdict Holm-adjusted across the table
-(runtime/comparisons.py). Runs whose item ids differ are refused. Writes `comparison.csv` and `comparison.md`
+(stats/comparisons.py). Runs whose item ids differ are refused. Writes `comparison.csv` and `comparison.md`
 into `--out` (default `outputs/compare/<time>`) and prints the markdown table. The interval level, power and
 seed come from conf/statistics/default.yaml (`--confidence`, `--power` override them).
 """
@@ -20,8 +20,9 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from runtime import comparisons, item_scores, tables
+from evaluation import predictions
 from runtime.results import read_results
+from stats import comparisons, tables
 
 
 def compare(
@@ -31,9 +32,9 @@ def compare(
     table into `out_dir`."""
     if len(run_dirs) < 2:
         raise ValueError(f"analysis.compare needs at least two run dirs, got {len(run_dirs)}")
-    runs = [item_scores.read(run_dir, metric) for run_dir in run_dirs]
+    runs = [predictions.read(run_dir, metric) for run_dir in run_dirs]
     chosen = metric or runs[0].metric
-    runs = [run if run.metric == chosen else item_scores.read(run.run_dir, chosen) for run in runs]
+    runs = [run if run.metric == chosen else predictions.read(run.run_dir, chosen) for run in runs]
     labels = _labels(run_dirs)
     pairs = list(itertools.combinations(range(len(runs)), 2))
     rows = comparisons.table(

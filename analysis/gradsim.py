@@ -35,7 +35,8 @@ import datamodules
 from analysis.expert_gradients import RoutedExpertGradients, expert_output_weights, routed_only
 from modeling.architecture import as_sequence, check_layers, mlp_output_modules
 from modeling.log_probs import answer_log_probs
-from runtime.saved_run import load_model, use_checkpoint_model
+from runtime import saved_run
+from runtime.saved_run import RunModel
 from runtime.session import overrides, start
 
 log = logging.getLogger(__name__)
@@ -161,11 +162,11 @@ def compute(
 
 
 def coupling_stage(
-    cfg: DictConfig, settings: DictConfig, run_dir: Path, layer_keys: dict[str, Any]
+    cfg: DictConfig, choice: RunModel, settings: DictConfig, run_dir: Path, layer_keys: dict[str, Any]
 ) -> tuple[Any, Any, Any, list[dict[str, Any]], np.ndarray]:
-    """Load the model (refusing a layer it does not have, for every config key -> layers of `layer_keys`) and
-    the task, compute GradSim, write knowledge_pieces.json and coupling_matrix.npy."""
-    model, tokenizer = load_model(cfg)
+    """Load the model `choice` names (refusing a layer it does not have, for every config key -> layers of
+    `layer_keys`) and the task, compute GradSim, write knowledge_pieces.json and coupling_matrix.npy."""
+    model, tokenizer = saved_run.load(choice, cfg.paths.cache_dir)
     for key, layers in layer_keys.items():
         check_layers(model, layers, key)
     if offloaded := [name for name, p in model.named_parameters() if p.device.type == "meta"]:
@@ -187,10 +188,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Stage 1: write the pieces, the coupling matrix, its statistics and heatmap into the run dir."""
     from analysis import plots
 
-    use_checkpoint_model(cfg)
+    choice = saved_run.resolve(cfg)
     with start(cfg, job_type="analysis") as session:
         layers = {"analysis.layers": cfg.analysis.layers}
-        model, _, _, pieces, matrix = coupling_stage(cfg, cfg.analysis, session.run_dir, layers)
+        model, _, _, pieces, matrix = coupling_stage(cfg, choice, cfg.analysis, session.run_dir, layers)
         analysis = {
             "model": cfg.model.name,
             "task": cfg.task.name,

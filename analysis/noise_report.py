@@ -8,7 +8,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from analysis import allocation
-from runtime import tables
+from stats import tables
 
 
 def report(

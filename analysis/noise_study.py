@@ -12,7 +12,7 @@ base and fine-tuned, on every noisy set) and `study_report.md`, which states per
 whether the first model (differential attention) was more robust than the second: the drop from clean
 to noisy Pass@1 of each, the difference of the drops with a paired interval over problems (the clean and
 noisy versions of a problem stay together), its p-value Holm-adjusted over the rows, the number of problems
-and a verdict only where the data support one (runtime/statistics.py); every Pass@1 with its interval.
+and a verdict only where the data support one (stats/estimates.py); every Pass@1 with its interval.
 """
 
 from __future__ import annotations
@@ -29,8 +29,10 @@ from omegaconf import DictConfig, open_dict
 
 from analysis import allocation, attention, plots
 from analysis.noise_report import report
-from runtime import evaluation, item_scores, statistics, task_grid, training
+from evaluation import evaluate, predictions, task_grid
+from runtime import training
 from runtime.session import overrides, start
+from stats import estimates, item_scores
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +48,7 @@ def _stage(study: DictConfig, study_dir: Path, stage: str, model: str, ckpt: lis
     """Evaluate `model` (base or `ckpt`) on every task, then analyse its attention on the noisy ones."""
     common = list(study.common)
     results = [
-        evaluation.run(
+        evaluate.run(
             _job(
                 "evaluate",
                 [*common, *study.evaluate, f"model={model}", f"task={task}", *ckpt],
@@ -130,7 +132,7 @@ def robustness(
 
     advantage = drop(second model) - drop(first model): positive when the first model loses less to the
     noise. Problems are paired by item id (a clean problem and its noisy version share it), so the interval
-    is the paired t interval over problems of the per-problem advantage (runtime/statistics.py).
+    is the paired t interval over problems of the per-problem advantage (stats/estimates.py).
     """
     if len(models) < 2:
         return []
@@ -143,13 +145,13 @@ def robustness(
             if not all(k in by_key for k in keys):
                 continue
             clean_a, noisy_a, clean_b, noisy_b = (
-                item_scores.read(Path(by_key[k]["run_dir"]), f"pass@1_{mode}") for k in keys
+                predictions.read(Path(by_key[k]["run_dir"]), f"pass@1_{mode}") for k in keys
             )
             kept_a, lost_a, clusters = (np.array(v) for v in item_scores.aligned(clean_a, noisy_a))
             kept_b = np.array(item_scores.aligned(clean_a, clean_b)[1])
             lost_b = np.array(item_scores.aligned(clean_a, noisy_b)[1])
             # per problem: how much less of its clean score each model keeps under noise (the negative drop)
-            comparison = statistics.paired(
+            comparison = estimates.paired(
                 lost_a - kept_a, lost_b - kept_b, clusters, settings.confidence, settings.power
             )
             compared.append(comparison)
@@ -170,7 +172,7 @@ def robustness(
             )
     names = [(first, second)] * len(compared)
     for row, verdict in zip(
-        rows, statistics.verdicts(compared, names, 1 - settings.confidence, "more robust"), strict=True
+        rows, estimates.verdicts(compared, names, 1 - settings.confidence, "more robust"), strict=True
     ):
         row |= {"p_holm": verdict["p_holm"], "verdict": verdict["verdict"]}
     return rows

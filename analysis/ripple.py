@@ -37,9 +37,10 @@ from scipy import stats
 from analysis import gradsim, memit, memit_inputs, plots
 from datamodules import IGNORE_INDEX
 from datamodules.sources import load_split
-from runtime import statistics
-from runtime.saved_run import use_checkpoint_model
+from runtime import saved_run
+from runtime.saved_run import RunModel
 from runtime.session import overrides, start
+from stats import estimates
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +93,7 @@ def correlation(x: np.ndarray, y: np.ndarray, samples: int, confidence: float, s
             return float(function(x[index], y[index])[0])
 
         r, p = function(x, y)
-        estimate = statistics.bootstrap(r_of, len(x), None, samples, seed, confidence)
+        estimate = estimates.bootstrap(r_of, len(x), None, samples, seed, confidence)
         low, high = (np.nan, np.nan) if estimate.low is None else (estimate.low, estimate.high)
         result[name] = {"r": float(r), "p": float(p), "ci": [float(low), float(high)]}
     return result
@@ -137,9 +138,9 @@ def analyse_pairs(pairs: dict[str, np.ndarray], settings: DictConfig, seed: int)
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Stages 1-3 for one model in one run (runtime/session.py); returns the correlation analysis."""
-    use_checkpoint_model(cfg)
+    choice = saved_run.resolve(cfg)
     with start(cfg, job_type="analysis") as session:
-        analysis = ripple_study(cfg, session.run_dir)
+        analysis = ripple_study(cfg, choice, session.run_dir)
         spearman = analysis["correlation"]["all"]["spearman"] or {}
         headline = {
             "ripple/edit_success_rate": analysis["edit_success_rate"],
@@ -163,7 +164,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     return analysis
 
 
-def ripple_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def ripple_study(cfg: DictConfig, choice: RunModel, run_dir: Path) -> dict[str, Any]:
     """GradSim, one MEMIT edit per piece and the ripple of each on every piece; writes every output into
     run_dir."""
     settings = cfg.analysis
@@ -172,7 +173,7 @@ def ripple_study(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "analysis.memit.layers": settings.memit.layers,
     }
     model, tokenizer, datamodule, pieces, matrix = gradsim.coupling_stage(
-        cfg, settings.gradsim, run_dir, layers
+        cfg, choice, settings.gradsim, run_dir, layers
     )
 
     hparams = cfg.analysis.memit

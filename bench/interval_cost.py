@@ -113,7 +113,8 @@ def grid_statistics_steps(steps: int) -> dict:
     """Seconds per whole grid: every run's intervals, then the grid tables with the paired comparisons."""
     from omegaconf import OmegaConf
 
-    from runtime import comparisons, item_scores, task_grid
+    from evaluation import task_grid
+    from stats import comparisons, item_scores
 
     settings = comparisons.default_settings()
     times = []
@@ -143,14 +144,14 @@ def grid_statistics_steps(steps: int) -> dict:
 
 def bootstrap_steps(steps: int) -> dict:
     """Seconds per percentile bootstrap (2,000 resamples) of a mean over 10,000 items in 5,000 clusters."""
-    from runtime import statistics
+    from stats import estimates
 
     rng = np.random.default_rng(0)
     scores, clusters = rng.random(10_000), np.repeat(np.arange(5_000), 2)
     times = []
     for step in range(steps + 1):
         began = time.perf_counter()
-        statistics.mean_estimate(scores, clusters, seed=step)
+        estimates.mean_estimate(scores, clusters, seed=step)
         times.append(time.perf_counter() - began)
     return {"step_seconds": times[1:], "items_per_step": 10_000}
 

@@ -203,6 +203,10 @@ class OptimisedModule(L.LightningModule):
             return
         self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def write_extras(self, target: Path) -> None:
+        """Save what this module adds to its model beside a saved run's weights in `target` (nothing here; a
+        classifier's head)."""
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the base model the trained weights belong to."""
         checkpoint[BASE_IDENTITY_ATTR] = self.base_model_identity

@@ -1,9 +1,10 @@
 """LightningModule that trains a classifier over a (frozen) causal-LM backbone with cross-entropy: the
-projection head (lightning_modules/methods/projection_head.py) on the pooled last token; accuracy, macro F1
+projection head (modeling/classifier_head.py) on the pooled last token; accuracy, macro F1
 and the confusion matrix per stage (lightning_modules/classification_metrics.py)."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -14,7 +15,8 @@ from transformers import PreTrainedModel
 
 from lightning_modules.base import OptimisedModule, module_settings
 from lightning_modules.classification_metrics import ClassificationMetrics, log_classification_epoch
-from lightning_modules.methods.projection_head import SequenceClassifier, text_inputs
+from modeling import classifier_head
+from modeling.classifier_head import SequenceClassifier
 from modeling.flops import classifier_batch_flops
 
 
@@ -68,7 +70,11 @@ class ClassifierModule(OptimisedModule):
 
     def predict_classes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Class scores [B, C] of a classification batch."""
-        return self(*text_inputs(batch))
+        return classifier_head.head_scores(self.classifier, batch)
+
+    def write_extras(self, target: Path) -> None:
+        """Save the head beside the model (modeling/classifier_head.py)."""
+        classifier_head.save(self.classifier, self.head_config, target)
 
     @property
     def flops_per_batch(self) -> int | None:

@@ -17,7 +17,7 @@ from transformers import PreTrainedModel
 from lightning_modules.base import module_settings
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.classification_metrics import ClassificationMetrics, log_classification_epoch
-from modeling.log_probs import label_logprobs
+from modeling.classifier_head import label_scores
 
 
 class LabelLMModule(CausalLMModule):
@@ -56,11 +56,7 @@ class LabelLMModule(CausalLMModule):
 
     def predict_classes(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Label log-likelihoods [B, C] of a classification batch."""
-        prompts = [
-            ids[:length].tolist()
-            for ids, length in zip(batch["input_ids"], batch["prompt_length"], strict=True)
-        ]
-        return label_logprobs(self.model, prompts, self.label_token_ids, self.pad_token_id)
+        return label_scores(self.model, batch, self.label_token_ids, self.pad_token_id)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)

@@ -4,10 +4,12 @@ identity of the base model a trained method belongs to (refused on another base)
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file
 from transformers import (
     PreTrainedModel,
 )
@@ -93,3 +95,13 @@ def check_same_base(
         "model= out "
         "for evaluate.py), or allow_base_mismatch=true if you really mean to apply it to another base."
     )
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a corrupt or truncated file raises ValueError naming it."""
+    try:
+        return load_file(path)
+    except Exception as error:  # safetensors raises SafetensorError / OSError for damaged files
+        raise ValueError(
+            f"{path}: not a readable safetensors file, truncated or corrupt ({error}); re-export it"
+        ) from error

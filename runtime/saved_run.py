@@ -5,13 +5,12 @@ A saved run is one of three layouts, by what training changed:
 - a whole model (`config.json` + `model.safetensors`, save_pretrained): full fine-tuning;
 - a frozen-base method's trainable weights (`trainable.safetensors`) and its config (`method.json`),
   re-applied by its name on load (adapters, the projection head's backbone);
-with, in every layout, `base_model.json` (the base model's identity and model config), the tokenizer, and for
-a projection-head classifier its head (`classifier_head.safetensors` + `classifier.json`). An FSDP run's
-weights are gathered first, so its final/ is a single-device run's.
+with, in every layout, `base_model.json` (the base model's identity and model config), the tokenizer, and what
+the task module adds to the model (a projection head: modeling/classifier_head.py). An FSDP run's weights are
+gathered first, so its final/ is a single-device run's.
 
-Reading: `checkpoint_dir` resolves `ckpt=`, `checkpoint_model` picks the model config it was trained on,
-`load_model` builds that base, checks it is the base the run was trained on, and restores the method;
-`load_classifier` restores the head.
+Reading: `resolve` says once, at an entrypoint's start, which model a config with `ckpt=` loads (a `RunModel`:
+base model config, export, layout); `load`, `load_tokenizer` and `load_head` read it.
 """
 
 from __future__ import annotations
@@ -19,22 +18,22 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_modules import methods
-from lightning_modules.classifier import ClassifierModule
 from lightning_modules.methods import MethodContext, count_parameters, trainable_state
-from modeling import model_checks, models
-from runtime.session import overrides
+from modeling import classifier_head, model_checks, models
+from modeling.classifier_head import SequenceClassifier
+from modeling.model_checks import read_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +42,18 @@ MODEL_CONFIG = "config.json"
 TRAINABLE_FILE = "trainable.safetensors"
 METHOD_FILE = "method.json"
 BASE_MODEL_FILE = "base_model.json"
-HEAD_FILE = "classifier_head.safetensors"
-HEAD_CONFIG = "classifier.json"
+# model.* keys that say how to load a model rather than which model it is: given on the command line, they
+# apply on top of the model config a ckpt= run saved (conf/model/from_ckpt.yaml)
+LOADING_KEYS = (
+    "dtype",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "attn_implementation",
+    "trust_remote_code",
+)
+# conf/model/from_ckpt.yaml's marker: the command line named no model option
+FROM_CKPT = "from_ckpt"
 
 
 def write_final(
@@ -73,17 +82,10 @@ def write_final(
 def write(
     module: L.LightningModule, method_cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, target: Path
 ) -> None:
-    """Save what training changed in `module` (its model as its method saves it, and a classifier's head) and
-    the tokenizer to `target`."""
+    """Save what training changed in `module` (its model as its method saves it, and what the module adds to
+    it) and the tokenizer to `target`."""
     write_model(module.model, method_cfg, target)
-    if isinstance(module, ClassifierModule):
-        head = {
-            name: p.detach().contiguous()
-            for name, p in module.classifier.named_parameters()
-            if not name.startswith("model.")
-        }
-        save_file(head, target / HEAD_FILE)
-        (target / HEAD_CONFIG).write_text(json.dumps(module.head_config, indent=2) + "\n")
+    module.write_extras(target)
     tokenizer.save_pretrained(target)
 
 
@@ -106,81 +108,82 @@ def write_model(model: PreTrainedModel, method_cfg: DictConfig, target: Path) ->
     )
 
 
-def checkpoint_dir(cfg: DictConfig) -> Path | None:
-    """The directory `cfg.ckpt` names (a run dir's final/ when given a run dir), or None for the base
-    model."""
-    if not cfg.get("ckpt"):
-        return None
-    directory = Path(cfg.ckpt)
-    return directory / "final" if (directory / "final").is_dir() else directory
+@dataclass(frozen=True)
+class RunModel:
+    """Which model an entrypoint loads, resolved once from `model` and `ckpt`: the base model's config, the
+    export whose weights apply to it (None: the base model itself) and what that export holds."""
+
+    config: DictConfig
+    export: Path | None = None
+    # base: no export; adapter: a peft adapter; method: a frozen-base method's weights; whole: save_pretrained
+    layout: str = "base"
+    saved_identity: dict[str, Any] | None = None
+    ckpt: str | None = None
+    allow_base_mismatch: bool = False
+
+    @property
+    def has_tokenizer(self) -> bool:
+        """The export saved its own tokenizer (train.py's runs do)."""
+        return self.export is not None and (self.export / "tokenizer_config.json").exists()
 
 
-def use_checkpoint_model(cfg: DictConfig) -> None:
-    """Set `cfg.model` to the model a `ckpt=` export was trained on when the command line chose no
-    `model=`."""
+def resolve(cfg: DictConfig) -> RunModel:
+    """The model `cfg` asks for, and `cfg.model` set to its config (run names and results name it). With no
+    model option named (model=from_ckpt, the default of evaluate.py and the analyses): a ckpt= export's saved
+    base model with the LOADING_KEYS given on the command line on top, or without ckpt= the default model;
+    with one named: that option (checked against the export's base when loaded)."""
+    export = _export_dir(cfg)
+    saved = _saved_identity(export) if export is not None else None
+    config = cfg.model
+    if config.get(FROM_CKPT):
+        given = {key: config[key] for key in LOADING_KEYS if config.get(key) is not None}
+        if saved is not None and "config" in saved:
+            log.info("ckpt=%s was trained on model '%s': loading that model", cfg.ckpt, saved["name"])
+            config = OmegaConf.merge(saved["config"], given)
+        else:
+            config = OmegaConf.masked_copy(config, [key for key in config if key != FROM_CKPT])
+    choice = RunModel(
+        config, export, _layout(export, cfg), saved, cfg.get("ckpt"), bool(cfg.get("allow_base_mismatch"))
+    )
     with open_dict(cfg):
-        cfg.model = checkpoint_model(cfg)
+        cfg.model = choice.config
+    return choice
 
 
-def checkpoint_model(cfg: DictConfig) -> DictConfig:
-    """The model config to evaluate or analyse: the one a `ckpt=` export was trained on when the command line
-    chose no `model=` (its base_model.json), else `cfg.model`."""
-    directory = checkpoint_dir(cfg)
-    saved = _saved_identity(directory) if directory is not None else None
-    chosen = any(o.lstrip("+~").startswith("model") for o in overrides())
-    if saved is None or chosen or "config" not in saved:
-        return cfg.model
-    log.info(
-        "ckpt=%s was trained on model '%s': evaluating that model (pass model=... to choose another)",
-        cfg.ckpt,
-        saved["name"],
+def load(choice: RunModel, cache_dir: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The model `choice` names: its base; the base with the export's method restored (refused when the
+    export was trained on another base model, unless allow_base_mismatch); or the exported whole model."""
+    if choice.layout == "whole":
+        # architecture comes from the saved config.json, whatever the model config claims
+        return models.build(OmegaConf.merge(choice.config, {"path": str(choice.export), "family": "custom"}))
+    base, tokenizer = models.build(choice.config, cache_dir=cache_dir)
+    if choice.layout == "base":
+        return base, tokenizer
+    model_checks.check_same_base(
+        choice.saved_identity,
+        model_checks.base_identity(base, choice.config),
+        f"ckpt={choice.ckpt}",
+        choice.allow_base_mismatch,
     )
-    return OmegaConf.create(saved["config"])
+    if choice.has_tokenizer:
+        tokenizer = load_tokenizer(choice, cache_dir)
+    if choice.layout == "adapter":
+        return _load_adapter(base, choice.export), tokenizer
+    return restore_method(base, choice.export, choice.config), tokenizer
 
 
-def load_model(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """The base model of `cfg.model`, or the fine-tuned one that `cfg.ckpt` points to (refused when it was
-    trained on another base model, unless allow_base_mismatch)."""
-    directory = checkpoint_dir(cfg)
-    if directory is None:
-        return models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-    if (directory / ADAPTER_CONFIG).exists() or (directory / METHOD_FILE).exists():
-        base, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-        model_checks.check_same_base(
-            _saved_identity(directory),
-            model_checks.base_identity(base, cfg.model),
-            f"ckpt={cfg.ckpt}",
-            bool(cfg.get("allow_base_mismatch")),
-        )
-        if (directory / "tokenizer_config.json").exists():
-            tokenizer = _run_tokenizer(cfg, directory)
-        if (directory / ADAPTER_CONFIG).exists():
-            return _load_adapter(base, directory), tokenizer
-        return restore_method(base, directory, cfg.model), tokenizer
-    if (directory / MODEL_CONFIG).exists():
-        model_cfg = cfg.model.copy()
-        with open_dict(model_cfg):
-            # architecture comes from the saved config.json, whatever model= claims
-            model_cfg.path = str(directory)
-            model_cfg.family = "custom"
-        return models.build(model_cfg)
-    raise FileNotFoundError(
-        f"ckpt={cfg.ckpt}: expected a train.py run dir (with final/), a peft adapter dir ({ADAPTER_CONFIG}), "
-        f"a frozen-base method dir ({METHOD_FILE}) or a save_pretrained dir ({MODEL_CONFIG})"
-    )
+def load_tokenizer(choice: RunModel, cache_dir: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer `load(choice)` returns, without loading any weights: the export's own, else the base
+    model's (by the model config's rules: pad-token fallback, trust_remote_code)."""
+    if choice.has_tokenizer:
+        return models.load_tokenizer(OmegaConf.merge(choice.config, {"path": str(choice.export)}))
+    return models.load_tokenizer(choice.config, cache_dir=cache_dir)
 
 
-def load_tokenizer(cfg: DictConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer `load_model(cfg)` returns, without loading any weights."""
-    directory = checkpoint_dir(cfg)
-    if directory is not None and (directory / "tokenizer_config.json").exists():
-        return _run_tokenizer(cfg, directory)
-    return models.load_tokenizer(cfg.model, cache_dir=cfg.paths.cache_dir)
-
-
-def _run_tokenizer(cfg: DictConfig, directory: Path) -> PreTrainedTokenizerBase:
-    """The tokenizer a run saved beside its weights in `directory`, loaded by the model config's rules."""
-    return models.load_tokenizer(OmegaConf.merge(cfg.model, {"path": str(directory)}))
+def load_head(model: PreTrainedModel, choice: RunModel) -> tuple[SequenceClassifier, list[str]] | None:
+    """The projection head the export saved, on its (restored) backbone `model`, with its class names; None
+    when it saved none."""
+    return classifier_head.load(model, choice.export) if choice.export is not None else None
 
 
 def restore_method(base: PreTrainedModel, directory: Path, model_cfg: DictConfig) -> PreTrainedModel:
@@ -202,33 +205,26 @@ def restore_method(base: PreTrainedModel, directory: Path, model_cfg: DictConfig
     return model
 
 
-def load_classifier(model: PreTrainedModel, cfg: DictConfig) -> ClassifierModule | None:
-    """The projection-head classifier `cfg.ckpt` saved, on its (restored) backbone `model`; None when the
-    saved run has no head."""
-    directory = checkpoint_dir(cfg)
-    if directory is None or not (directory / HEAD_CONFIG).exists():
+def _export_dir(cfg: DictConfig) -> Path | None:
+    """The directory `cfg.ckpt` names (a run dir's final/ when given a run dir), or None (the base
+    model)."""
+    if not cfg.get("ckpt"):
         return None
-    module = ClassifierModule(model, **json.loads((directory / HEAD_CONFIG).read_text()))
-    missing, unexpected = module.classifier.load_state_dict(
-        read_safetensors(directory / HEAD_FILE), strict=False
+    directory = Path(cfg.ckpt)
+    return directory / "final" if (directory / "final").is_dir() else directory
+
+
+def _layout(export: Path | None, cfg: DictConfig) -> str:
+    """What `export` holds (RunModel.layout); a directory with no saved run in it raises FileNotFoundError."""
+    if export is None:
+        return "base"
+    for layout, marker in (("adapter", ADAPTER_CONFIG), ("method", METHOD_FILE), ("whole", MODEL_CONFIG)):
+        if (export / marker).exists():
+            return layout
+    raise FileNotFoundError(
+        f"ckpt={cfg.ckpt}: expected a train.py run dir (with final/), a peft adapter dir ({ADAPTER_CONFIG}), "
+        f"a frozen-base method dir ({METHOD_FILE}) or a save_pretrained dir ({MODEL_CONFIG})"
     )
-    missing = [name for name in missing if not name.startswith("model.")]
-    if missing or unexpected:
-        raise ValueError(
-            f"{directory / HEAD_FILE}: does not match {HEAD_CONFIG} (missing {missing}, "
-            f"unexpected {unexpected})"
-        )
-    return module
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file; a corrupt or truncated file raises ValueError naming it."""
-    try:
-        return load_file(path)
-    except Exception as error:  # safetensors raises SafetensorError / OSError for damaged files
-        raise ValueError(
-            f"{path}: not a readable safetensors file, truncated or corrupt ({error}); re-export it"
-        ) from error
 
 
 def _saved_identity(directory: Path) -> dict[str, Any] | None:

@@ -32,10 +32,10 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from runtime import item_scores
 from runtime.loggers import print_config_tree, wandb_logger
 from runtime.results import write_results
 from runtime.wandb_runs import finish_wandb, sweep_group, wandb_run_id
+from stats import item_scores
 
 log = logging.getLogger(__name__)
 

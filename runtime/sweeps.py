@@ -18,10 +18,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from modeling.figures import pyplot
-from runtime import seed_statistics, tables
 from runtime.checkpointing import write_atomically
 from runtime.results import RESULTS_FILE, logged_rows
 from runtime.session import Session, metric_direction, start_report
+from stats import seed_statistics, tables
 
 log = logging.getLogger(__name__)
 

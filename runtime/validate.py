@@ -20,6 +20,11 @@ def check_config(cfg: DictConfig) -> None:
     """Raise ConfigError for a model without weight source, a method that cannot train the task, a missing
     ckpt_path."""
     model = cfg.model
+    if model.get("from_ckpt"):
+        raise ConfigError(
+            "model=from_ckpt is evaluate.py's and the analyses' default (the model a ckpt= run was trained "
+            "on); train.py trains a named model: model=<name> (conf/model/)"
+        )
     if not (model.get("path") or model.get("scratch") or model.get("gguf") or model.get("hub_id")):
         raise ConfigError(
             f"model '{model.name}' has no weight source: set model.hub_id, model.path or model.scratch"

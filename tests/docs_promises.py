@@ -273,7 +273,7 @@ def compared_runs(workspace: Workspace, result: subprocess.CompletedProcess) -> 
 
 def grouped_over_seeds(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     """Two configurations of three seeds each, with the t interval of each metric over its seeds."""
-    from runtime import seed_statistics
+    from stats import seed_statistics
 
     sweep = workspace.newest("multirun/gsm8k/*")
     grouped = {row["configuration"]: row for row in csv_rows(sweep / "summary_by_config.csv")}

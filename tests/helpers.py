@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from datamodules.padding_free import model_inputs
+from runtime import saved_run
 
 
 class InterruptAtEpoch(L.Callback):
@@ -101,6 +102,11 @@ class RecordOutputs(L.Callback):
         save_file(
             {"outputs": outputs.contiguous(), **{k: v.contiguous() for k, v in batch.items()}}, self.path
         )
+
+
+def load_saved(cfg) -> tuple:
+    """(model, tokenizer) of an evaluate.py config, resolved as evaluate.py resolves it."""
+    return saved_run.load(saved_run.resolve(cfg), cfg.paths.cache_dir)
 
 
 def module_outputs(module: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:

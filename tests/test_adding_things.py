@@ -15,12 +15,13 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
+from evaluation import evaluate
 from lightning_modules import methods
 from modeling import architecture
-from runtime import evaluation, saved_run
 from runtime.results import logged_rows
 from runtime.training import run
 from tests.conftest import CONF_DIR, ROOT
+from tests.helpers import load_saved
 
 # a fenced block whose first line names its file: "# path"
 BLOCK = re.compile(r"```(?:yaml|python)\n# (\S+?)\n(.*?)```", re.S)
@@ -114,12 +115,12 @@ def test_worked_example_trains_exports_reloads_and_evaluates(
     )
     with open_dict(eval_cfg):
         eval_cfg.paths.output_dir = str(tmp_path / "eval")
-    restored, _ = saved_run.load_model(eval_cfg)
+    restored, _ = load_saved(eval_cfg)
     norms = {n: p for n, p in restored.named_parameters() if "norm" in n}
     # trained norms
     assert len(norms) == 5 and any(not torch.equal(p, torch.ones_like(p)) for p in norms.values())
     assert architecture.structure(restored).mlp_output == "mlp.down_proj" and "bitfit" in methods.names()
-    metrics = evaluation.run(eval_cfg)["metrics"]
+    metrics = evaluate.run(eval_cfg)["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert [row["gold"] for row in rows] == [" ".join(s.split()[::-1]) for s in sentences]
     assert metrics["pass@1_words"] == sum(row["generation"].strip() == row["gold"] for row in rows) / len(

@@ -1,4 +1,4 @@
-"""Data-parallel evaluation (runtime/data_parallel.py): `devices=2` on two CPU processes writes the same
+"""Data-parallel evaluation (evaluation/data_parallel.py): `devices=2` on two CPU processes writes the same
 per-item outputs, in the same order, and the same metrics as one process, for generation and for
 classification scoring; a `-m` grid runs every job that way; the shares are whole batches; a process that
 fails stops the run by name; bad settings are refused by key."""
@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-from runtime import evaluation
-from runtime.data_parallel import gathered, shares, world_size
+from evaluation import evaluate
+from evaluation.data_parallel import gathered, shares, world_size
+from evaluation.loaded import Loaded
+from runtime import saved_run
 from tests.conftest import compose_config, launch
 
 EVAL_TINY = ["model=tiny_llama", "task.source=bundled", "print_config=false", "generation.max_new_tokens=8"]
@@ -25,7 +27,7 @@ def evaluated(tmp_path: Path, devices: int, *overrides: str) -> tuple[list[dict]
     run_dir = tmp_path / f"devices{devices}"
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
-    evaluation.run(cfg)
+    evaluate.run(cfg)
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert not (run_dir / "shards").exists()  # the shares were read back and removed
     return rows, json.loads((run_dir / "metrics.json").read_text())
@@ -71,10 +73,10 @@ def test_bad_device_settings_are_refused_by_key(tmp_path: Path) -> None:
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     with pytest.raises(ValueError, match=r"accelerator='tpu': auto, cpu or cuda"):
-        evaluation.run(cfg)
+        evaluate.run(cfg)
 
 
-def fails_after_the_first_share(cfg, model, tokenizer, datamodule, records, share: range) -> list:
+def fails_after_the_first_share(cfg, loaded, datamodule, records, share: range) -> list:
     """Outputs that the first share gets and every later share fails on (a process that dies)."""
     if share.start:
         raise RuntimeError(f"share from {share.start} failed")
@@ -88,7 +90,8 @@ def test_a_failed_process_stops_the_run_naming_its_rank_and_items(tmp_path: Path
         cfg.paths.output_dir = str(tmp_path)
     records = [{"question": str(i), "answer": "#### 1"} for i in range(4)]
     with pytest.raises(RuntimeError, match=r"rank, exit code\): 1 \(1\) on items 2\.\.3"):
-        gathered(cfg, fails_after_the_first_share, None, None, None, records, tmp_path)
+        loaded = Loaded(None, None, None, saved_run.resolve(cfg))
+        gathered(cfg, fails_after_the_first_share, loaded, None, records, tmp_path)
 
 
 @pytest.mark.xdist_group("processes")  # each job starts a second evaluation process

@@ -98,9 +98,9 @@ def assert_export_matches_checkpoint(run_dir: Path, method: str, trained: dict[s
     from omegaconf import open_dict
 
     from lightning_modules.task_modules import task_module_class
-    from runtime.saved_run import load_model
     from runtime.training import build_trainable_model
     from tests.conftest import compose_config
+    from tests.helpers import load_saved
 
     assert (run_dir / "final" / ("adapter_config.json" if method == "lora" else "model.safetensors")).exists()
     evaluate_cfg = compose_config("model=tiny_llama", f"ckpt={run_dir}", config_name="evaluate")
@@ -110,7 +110,7 @@ def assert_export_matches_checkpoint(run_dir: Path, method: str, trained: dict[s
             cfg.paths.output_dir = str(run_dir.parent / "reference")
             cfg.paths.cache_dir = str(run_dir.parent / "cache")
     L.seed_everything(42)
-    exported, tokenizer = load_model(evaluate_cfg)
+    exported, tokenizer = load_saved(evaluate_cfg)
     L.seed_everything(42)
     model, _, datamodule, _ = build_trainable_model(train_cfg)
     reference = task_module_class("causal_lm").from_config(model, train_cfg, datamodule)

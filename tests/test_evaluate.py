@@ -12,15 +12,12 @@ from omegaconf import open_dict
 from peft import PeftModel
 
 from datamodules.gsm8k import extract_flexible, extract_strict, gold_answer
+from evaluation import evaluate, generation_scoring
 from modeling import models
 from modeling.generation import generate, truncate_at_stop
-from runtime import (
-    evaluation,
-    generation_scoring,
-    saved_run,
-)
 from runtime.training import run as train
 from tests.conftest import compose_config
+from tests.helpers import load_saved
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,7 +131,7 @@ def test_evaluate_writes_predictions_and_metrics(tmp_path: Path) -> None:
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
-    results = evaluation.run(cfg)
+    results = evaluate.run(cfg)
     assert results["stage"] == "zero_shot" and results["metrics"]["num_problems"] == 5
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(rows) == 5 and all(len(r["generations"]) == 2 for r in rows)
@@ -158,7 +155,7 @@ def test_fewshot_prompt_prepends_train_exemplars(tmp_path: Path) -> None:
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
-    evaluation.run(cfg)
+    evaluate.run(cfg)
     prompt = json.loads((tmp_path / "predictions.jsonl").read_text())["prompt"]
     assert prompt.count("Question:") == 3 and prompt.count("#### ") == 2
 
@@ -170,7 +167,7 @@ def test_fine_tuned_checkpoints_load_with_their_own_architecture(tiny_config, tm
     cfg = compose_config(
         "model=tiny_llama", f"ckpt={lora_run['run_dir']}", *EVAL_TINY, config_name="evaluate"
     )
-    model, _ = saved_run.load_model(cfg)
+    model, _ = load_saved(cfg)
     assert isinstance(model, PeftModel)
     assert any(n.endswith("lora_B.default.weight") and p.abs().sum() > 0 for n, p in model.named_parameters())
 
@@ -182,14 +179,14 @@ def test_fine_tuned_checkpoints_load_with_their_own_architecture(tiny_config, tm
     cfg = compose_config(
         "model=tiny_llama", f"ckpt={full_run['final_dir']}", *EVAL_TINY, config_name="evaluate"
     )
-    model, _ = saved_run.load_model(cfg)
+    model, _ = load_saved(cfg)
     assert type(model).__name__ == "DiffLlamaForCausalLM"  # read from the saved config, not from model=
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "eval")
-    assert evaluation.run(cfg)["stage"] == "sft"
+    assert evaluate.run(cfg)["stage"] == "sft"
 
 
 def test_unusable_ckpt_says_what_it_expects(tmp_path: Path) -> None:
     cfg = compose_config("model=tiny_llama", f"ckpt={tmp_path}", config_name="evaluate")
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
-        saved_run.load_model(cfg)
+        load_saved(cfg)

@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from lightning_modules.methods import UnknownMethodError
 from modeling.model_checks import ModelLoadError
+from runtime import saved_run
 from runtime.results import read_results
 from runtime.saved_run import METHOD_FILE, TRAINABLE_FILE, restore_method
 from runtime.training import run
-from tests.conftest import ROOT, TINY, launch
+from runtime.validate import ConfigError, check_config
+from tests.conftest import ROOT, TINY, compose_config, launch
+from tests.helpers import load_saved
 
 
 def evaluate_process(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -48,6 +52,12 @@ def test_an_adapter_is_never_applied_to_another_base_model(tiny_config, tmp_path
     implied = evaluate_process(f"ckpt={lora['run_dir']}", cwd=tmp_path)
     assert implied.returncode == 0, implied.stderr[-3000:]
     assert read_results(tmp_path / "eval")["model"] == "tiny_llama"
+    # a loading key on the command line is not a model choice: the saved base model, in bfloat16
+    in_bf16 = evaluate_process(f"ckpt={lora['run_dir']}", "model.dtype=bfloat16", cwd=tmp_path / "bf16")
+    assert in_bf16.returncode == 0, in_bf16.stderr[-3000:]
+    evaluated = OmegaConf.load(tmp_path / "bf16" / "eval" / "config.yaml").model
+    assert (evaluated.name, evaluated.dtype, evaluated.scratch.hidden_size) == ("tiny_llama", "bfloat16", 64)
+    assert read_results(tmp_path / "bf16" / "eval")["model"] == "tiny_llama"
 
     last = Path(lora["run_dir"]) / "checkpoints" / "last.ckpt"
     with pytest.raises(
@@ -170,3 +180,42 @@ def test_corrupt_safetensors_are_named(tiny_config, tmp_path: Path) -> None:
     adapter_file.write_bytes(b"junk")
     result = evaluate_process(f"ckpt={lora['run_dir']}", cwd=tmp_path)
     assert result.returncode != 0 and f"{adapter_file}: not a readable safetensors file" in result.stderr
+
+
+def test_loading_keys_apply_on_top_of_the_saved_model_and_a_named_model_is_checked(
+    tiny_config, tmp_path: Path
+) -> None:
+    """evaluate.py with ckpt= and no model option loads the saved base model, with the loading keys given on
+    the command line on top; naming a model option loads that one (refused on another base)."""
+    lora = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=1", "test_after_fit=false"))
+    ckpt = f"ckpt={lora['run_dir']}"
+    saved = compose_config(
+        ckpt, "model.dtype=bfloat16", "model.attn_implementation=eager", config_name="evaluate"
+    )
+    choice = saved_run.resolve(saved)
+    assert choice.layout == "adapter" and saved.model == choice.config
+    assert (choice.config.name, choice.config.dtype, choice.config.attn_implementation) == (
+        "tiny_llama",
+        "bfloat16",
+        "eager",
+    )
+    assert "from_ckpt" not in choice.config and choice.config.trust_remote_code is False  # the saved value
+    model, _ = saved_run.load(choice)
+    base_weights = {p.dtype for name, p in model.named_parameters() if "lora_" not in name}
+    assert base_weights == {torch.bfloat16}  # peft keeps the adapter itself in float32
+    assert model.config._attn_implementation == "eager"
+
+    as_saved = saved_run.resolve(compose_config(ckpt, config_name="evaluate")).config
+    assert (as_saved.name, as_saved.dtype) == ("tiny_llama", "float32")
+    default = saved_run.resolve(compose_config(config_name="evaluate")).config
+    assert default.name == "smollm2_135m" and "from_ckpt" not in default
+    with pytest.raises(ModelLoadError, match="was trained on model 'tiny_llama'"):
+        load_saved(compose_config("model=tiny_qwen2", ckpt, config_name="evaluate"))
+    assert load_saved(
+        compose_config("model=tiny_llama", ckpt, "model.dtype=bfloat16", config_name="evaluate")
+    )
+
+
+def test_train_refuses_the_evaluation_default_model() -> None:
+    with pytest.raises(ConfigError, match="model=from_ckpt"):
+        check_config(compose_config("model=from_ckpt"))

@@ -21,12 +21,13 @@ from analysis.attention_maps import AttentionCapture, differential_maps, prefer_
 from analysis.memit_sites import KeyReader
 from datamodules.sources import load_split
 from modeling import architecture, models
+from modeling.classifier_head import head_scores
 from modeling.generation import batches_continuously, generate
 from runtime import saved_run
 from runtime.training import run
 from tests.conftest import compose_config
 from tests.families import FAMILIES, HYBRIDS, MIXTURES, REMOTE_CODE, overrides
-from tests.helpers import greedy_without_cache, module_outputs
+from tests.helpers import greedy_without_cache, lm_logits
 
 NATIVE = sorted(set(FAMILIES) - REMOTE_CODE)
 # the mixtures and hybrids whose MLP has one dense output projection (a shared expert, or dense MLPs)
@@ -95,21 +96,13 @@ def test_method_trains_two_steps_and_reloads_from_its_export(
     )
     # the same random base weights as the training run (tiny models are built from seed)
     L.seed_everything(cfg.seed)
-    model, _ = saved_run.load_model(eval_cfg)
-    module = saved_run.load_classifier(model, eval_cfg)
-    assert (module is not None) == (method == "projection_head")
+    choice = saved_run.resolve(eval_cfg)
+    model, _ = saved_run.load(choice)
+    head = saved_run.load_head(model, choice)
+    assert (head is not None) == (method == "projection_head")
     with torch.no_grad():
-        reloaded = module_outputs(module.eval() if module else _Wrapped(model.eval()), batch)
+        reloaded = head_scores(head[0].eval(), batch) if head else lm_logits(model.eval(), batch)
     torch.testing.assert_close(reloaded, saved["outputs"], rtol=1e-5, atol=1e-5)
-
-
-class _Wrapped(torch.nn.Module):
-    """A bare model as a task module's `.model` (tests.helpers.module_outputs reads the LM logits through
-    it)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES) + sorted(MIXTURES))

@@ -13,11 +13,8 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from analysis import noise_study
-from runtime import (
-    item_scores,
-    statistics,
-    task_grid,
-)
+from evaluation import predictions, task_grid
+from stats import estimates, item_scores
 
 
 def test_grid_drop_is_relative_to_the_clean_score() -> None:
@@ -84,7 +81,7 @@ def fake_evaluation(directory: Path, stage: str, model: str, task: str, correct:
     item_scores.assign_ids(rows)
     (directory / "predictions.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     interval = {
-        **statistics.wilson(int(sum(correct)), len(correct)).as_dict(),
+        **estimates.wilson(int(sum(correct)), len(correct)).as_dict(),
         "item_field": "pass@1_flexible",
     }
     result = {
@@ -129,7 +126,7 @@ def test_noisy_runs_pair_with_clean_ones_only_on_the_same_problems(tmp_path: Pat
     fewer = fake_evaluation(tmp_path / "inf", "zero_shot", "m", "gsm8k_inf", [0.0] * 8)  # another limit
     with pytest.raises(ValueError, match="item ids differ"):
         item_scores.aligned(
-            item_scores.read(Path(clean["run_dir"])), item_scores.read(Path(fewer["run_dir"]))
+            predictions.read(Path(clean["run_dir"])), predictions.read(Path(fewer["run_dir"]))
         )
 
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from runtime import evaluation
-from runtime.judge import Judge, judge_rows, parse_verdict
+from evaluation import evaluate
+from evaluation.judge import Judge, judge_rows, parse_verdict
 from tests.conftest import compose_config
 from tests.helpers import FakeEndpoint, serving
 
@@ -127,7 +127,7 @@ def test_evaluate_with_judge_keeps_the_key_out_of_every_output(
         cfg.judge.merge_with(
             OmegaConf.create({"base_url": endpoint, "cache_dir": str(tmp_path / "cache"), "backoff_s": 0.01})
         )
-    metrics = evaluation.run(cfg)["metrics"]
+    metrics = evaluate.run(cfg)["metrics"]
     assert metrics["judge_judged"] == 12 and "judge_agreement" in metrics
     predictions = [
         json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()

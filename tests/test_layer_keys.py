@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from analysis import attention, gradsim, ripple
 from modeling.discovery import StructureError
+from runtime import saved_run
 from tests.conftest import compose_config
 
 
@@ -30,7 +31,7 @@ def test_memit_layers_beyond_the_depth_are_named_before_gradsim_runs(tmp_path: P
         "analysis.memit.layers=[0, 2]: [2] is not a layer of LlamaForCausalLM, which has 2 decoder blocks"
     )
     with pytest.raises(StructureError, match=re.escape(expected + " (layers 0..1)")):
-        ripple.ripple_study(cfg, tmp_path)
+        ripple.ripple_study(cfg, saved_run.resolve(cfg), tmp_path)
 
 
 @pytest.mark.parametrize("layers", [[4], [-1]])

@@ -1,5 +1,6 @@
 """The layout the design card fixes: its top-level names, the LightningModules in lightning_modules/, imports
-that run one way (datamodules -> modeling -> lightning_modules -> runtime -> analysis -> entrypoints), and no
+that run one way (stats -> datamodules -> modeling -> lightning_modules -> runtime -> evaluation -> analysis
+-> entrypoints), runtime/ holding the run lifecycle only, evaluation and analysis without Lightning, and no
 file over 300 lines."""
 
 from __future__ import annotations
@@ -26,7 +27,26 @@ DESIGN_CARD_TOP_LEVEL = (
     "outputs",
 )
 # lowest first: a module may import its own layer and the ones before it
-LAYERS = ("datamodules", "modeling", "lightning_modules", "runtime", "analysis")
+LAYERS = ("stats", "datamodules", "modeling", "lightning_modules", "runtime", "evaluation", "analysis")
+# what runtime/ holds: the run lifecycle (docstring of runtime/__init__.py), nothing that scores or reports
+RUN_LIFECYCLE = {
+    "__init__",
+    "checkpointing",
+    "loggers",
+    "results",
+    "rng_state",
+    "run_dir",
+    "saved_run",
+    "session",
+    "slurm",
+    "strategies",
+    "sweeps",
+    "throughput",
+    "training",
+    "validate",
+    "wandb_offline",
+    "wandb_runs",
+}
 ENTRYPOINTS = ("train.py", "evaluate.py")
 MAX_LINES = 300
 
@@ -113,13 +133,30 @@ def test_the_import_check_catches_a_planted_lazy_upward_import(tmp_path: Path) -
     body = next(
         i for i in range(first_def, len(lines)) if lines[i].startswith("    ") and '"""' not in lines[i]
     )
-    lines.insert(body, "    from runtime.evaluation import scorer  # planted")
+    lines.insert(body, "    from evaluation.evaluate import scorer  # planted")
     generation.write_text("\n".join(lines) + "\n")
     (tmp_path / "datamodules" / "planted.py").write_text('SCORER = "analysis.compare.main"\n')
+    (tmp_path / "stats" / "planted.py").write_text("from runtime.results import read_results\n")
     assert upward_imports(tmp_path) == [
+        "stats/planted.py:1 imports runtime.results",
         "datamodules/planted.py:1 imports analysis.compare.main",
-        f"modeling/generation.py:{body + 1} imports runtime.evaluation",
+        f"modeling/generation.py:{body + 1} imports evaluation.evaluate",
     ]
+
+
+def test_runtime_holds_the_run_lifecycle_only() -> None:
+    assert {path.stem for path in (ROOT / "runtime").glob("*.py")} <= RUN_LIFECYCLE
+
+
+def test_evaluation_and_analysis_import_no_lightning() -> None:
+    importing = [
+        f"{path.relative_to(ROOT)}:{line}"
+        for package in ("evaluation", "analysis")
+        for path in sorted((ROOT / package).rglob("*.py"))
+        for line, name in imported_names(ast.parse(path.read_text()))
+        if name.split(".")[0] in ("lightning", "pytorch_lightning", "lightning_modules")
+    ]
+    assert importing == []
 
 
 def test_no_project_file_is_over_300_lines() -> None:

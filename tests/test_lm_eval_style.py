@@ -13,8 +13,8 @@ from omegaconf import open_dict
 
 import datamodules
 from datamodules import lm_eval_format
+from evaluation import evaluate
 from modeling import models
-from runtime import evaluation
 from tests.conftest import compose_config
 
 TRAIN = [
@@ -125,7 +125,7 @@ def test_evaluate_in_lm_eval_style(gsm8k_files: str, tmp_path: Path) -> None:
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "run")
-    results = evaluation.run(cfg)
+    results = evaluate.run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "predictions.jsonl").read_text().splitlines()]
     assert [r["gold"] for r in rows] == ["8", "2"]
     assert all(r["prompt"].count("Question:") == 4 and r["prompt"].endswith("\nAnswer:") for r in rows)

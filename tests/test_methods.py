@@ -12,16 +12,17 @@ import torch
 from omegaconf import open_dict
 
 from datamodules.padding_free import model_inputs
+from evaluation import evaluate
 from lightning_modules import methods
 from lightning_modules.methods import MethodContext, adapter
-from lightning_modules.methods.projection_head import SequenceClassifier
 from modeling import architecture, models
+from modeling.classifier_head import SequenceClassifier
 from modeling.generation import generate
-from runtime import evaluation, saved_run
+from runtime import saved_run
 from runtime.results import read_results
 from runtime.training import build_trainable_model, run
 from tests.conftest import compose_config
-from tests.helpers import lm_logits
+from tests.helpers import lm_logits, load_saved
 
 TINY_MODELS = ["tiny_llama", "tiny_diffllama", "tiny_qwen2", "tiny_gpt2"]
 # which parameter names each method may train
@@ -73,7 +74,7 @@ def test_method_trains_only_its_parameters_and_round_trips(
 
     eval_cfg = compose_config(f"model={model_name}", f"ckpt={tmp_path / 'saved'}", config_name="evaluate")
     L.seed_everything(0)  # the same random base weights (tiny models are built from scratch)
-    restored, _ = saved_run.load_model(eval_cfg)
+    restored, _ = load_saved(eval_cfg)
     restored.eval()
     actual = lm_logits(restored, batch)
     torch.testing.assert_close(actual, expected)
@@ -161,7 +162,7 @@ def test_projection_head_trains_saves_and_evaluates_from_its_run_dir(tiny_config
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path / "eval")
-    metrics = evaluation.run(cfg)["metrics"]
+    metrics = evaluate.run(cfg)["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
     assert metrics["num_examples"] == len(rows) == 12
     assert metrics["accuracy"] == pytest.approx(sum(r["correct"] for r in rows) / 12)

@@ -104,7 +104,7 @@ def _write(path: Path, data: bytes) -> Path:
 
 
 def test_empty_files_and_splits_are_named(tiny_config, tmp_path: Path) -> None:
-    from runtime.evaluation import run as evaluate
+    from evaluation.evaluate import run as evaluate
 
     good = b'{"question": "1+1?", "answer": "2 #### 2"}\n' * 6
     empty = _write(tmp_path / "empty.jsonl", b"")

@@ -18,13 +18,13 @@ from safetensors.torch import load_file, save_file
 
 from analysis.attention_maps import attention_maps
 from datamodules import IGNORE_INDEX
+from evaluation import evaluate
 from lightning_modules.methods import MethodContext, prompt_tuning
-from lightning_modules.methods.projection_head import SequenceClassifier
 from modeling import injection, models
 from modeling.architecture import final_hidden_states
+from modeling.classifier_head import SequenceClassifier
 from modeling.generation import batches_continuously, truncate_at_stop
 from modeling.model_checks import ModelLoadError
-from runtime import evaluation
 from tests.conftest import TINY, compose_config
 from tests.helpers import greedy_without_cache
 from tests.remote_code import fixture_module, save_tiny_minimind
@@ -197,7 +197,7 @@ def test_zero_shot_evaluation_generates_on_minimind(minimind_dir: Path, tmp_path
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
-    results = evaluation.run(cfg)
+    results = evaluate.run(cfg)
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert results["metrics"]["num_problems"] == len(rows) == 3 and "pass@1_flexible" in results["metrics"]
     model, tokenizer = models.build(cfg.model)

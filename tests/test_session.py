@@ -184,8 +184,8 @@ def test_a_failing_run_still_ends_its_wandb_run(error: BaseException, tmp_path: 
 
 
 def test_a_logger_config_error_is_raised_before_any_model_loads(tmp_path: Path, monkeypatch) -> None:
+    from evaluation import evaluate
     from modeling import models
-    from runtime import evaluation
 
     monkeypatch.setattr(
         models, "build", lambda *a, **k: pytest.fail("the model was loaded before the loggers")
@@ -200,7 +200,7 @@ def test_a_logger_config_error_is_raised_before_any_model_loads(tmp_path: Path, 
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     with pytest.raises(Exception, match="missing_key"):
-        evaluation.run(cfg)
+        evaluate.run(cfg)
 
 
 def test_a_resumed_run_continues_the_same_wandb_run(tiny_config, tmp_path: Path) -> None:

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from analysis import gradsim
 from analysis.attention import MAPS_FILE, analyse
+from evaluation import evaluate
 from modeling import models
 from modeling.model_checks import ModelLoadError
-from runtime import evaluation
+from runtime import saved_run
 from runtime.validate import ConfigError, check_config
 from tests.conftest import compose_config
 
@@ -56,7 +57,7 @@ def test_evaluate_and_attention_maps_on_a_sharded_model_equal_the_unsharded(
     outputs = {}
     for name, extra in (("whole", []), ("sharded", SHARDED)):
         run_dir = tmp_path / name
-        evaluation.run(
+        evaluate.run(
             composed("evaluate", saved_llama, run_dir, *extra, "limit=4", "generation.max_new_tokens=6")
         )
         predictions = (run_dir / "predictions.jsonl").read_text().splitlines()
@@ -83,7 +84,8 @@ def test_evaluate_and_attention_maps_on_a_sharded_model_equal_the_unsharded(
 def test_what_cannot_run_on_a_sharded_model_is_refused_by_key(saved_llama: Path, tmp_path: Path) -> None:
     cfg = composed("gradsim", saved_llama, tmp_path, *SHARDED, "task=hotpotqa", "analysis.max_pieces=2")
     with pytest.raises(ValueError, match=r"model.device_map=auto: GradSim and MEMIT .* offloaded"):
-        gradsim.coupling_stage(cfg, cfg.analysis, tmp_path, {"analysis.layers": [0]})
+        choice = saved_run.resolve(cfg)
+        gradsim.coupling_stage(cfg, choice, cfg.analysis, tmp_path, {"analysis.layers": [0]})
     with pytest.raises(ConfigError, match=r"model.device_map=auto: .*trainer=fsdp"):
         check_config(composed("train", saved_llama, tmp_path, *SHARDED))
     fresh = compose_config("model=tiny_llama", "model.device_map=auto", config_name="evaluate").model

@@ -11,7 +11,9 @@ import pytest
 from omegaconf import open_dict
 
 from analysis import compare
-from runtime import evaluation, item_scores, statistics
+from evaluation import evaluate as evaluation_run
+from evaluation import predictions as prediction_files
+from stats import estimates
 from tests.conftest import compose_config
 
 EVAL_TINY = ["task.source=bundled", "print_config=false", "generation.max_new_tokens=8", "logger=csv"]
@@ -21,11 +23,11 @@ def evaluate(run_dir: Path, *overrides: str) -> dict:
     cfg = compose_config(*EVAL_TINY, *overrides, config_name="evaluate")
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
-    return evaluation.run(cfg)
+    return evaluation_run.run(cfg)
 
 
 def predictions(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / item_scores.ITEMS_FILE).read_text().splitlines()]
+    return [json.loads(line) for line in (run_dir / prediction_files.ITEMS_FILE).read_text().splitlines()]
 
 
 @pytest.mark.parametrize(
@@ -55,7 +57,7 @@ def test_every_metric_has_its_interval_and_per_item_scores(
         bootstrap = "percentile bootstrap over items (2000 resamples)"
         assert interval["method"] == ("wilson" if zero_one else bootstrap)
         if interval["item_field"]:  # computable later from the per-item file alone
-            again = statistics.mean_estimate(
+            again = estimates.mean_estimate(
                 [row[interval["item_field"]] for row in scored], [row["cluster"] for row in scored]
             )
             assert (again.low, again.high, again.n) == (interval["low"], interval["high"], interval["n"])
@@ -78,7 +80,7 @@ def test_compare_two_evaluations_writes_a_table_with_a_verdict(tmp_path: Path) -
         [str(tmp_path / "tiny_llama"), str(tmp_path / "tiny_diffllama"), "--out", str(tmp_path / "c")]
     )
     (row,) = csv.DictReader((tmp_path / "c" / "comparison.csv").open())
-    a, b = (item_scores.read(tmp_path / m).by_id() for m in ("tiny_llama", "tiny_diffllama"))
+    a, b = (prediction_files.read(tmp_path / m).by_id() for m in ("tiny_llama", "tiny_diffllama"))
     assert (row["a"], row["b"], row["metric"]) == (
         "tiny_llama/gsm8k",
         "tiny_diffllama/gsm8k",
@@ -86,7 +88,7 @@ def test_compare_two_evaluations_writes_a_table_with_a_verdict(tmp_path: Path) -
     )
     assert int(row["n"]) == len(a) == 8 and int(row["a_only"]) == sum(a[i] > b[i] for i in a)
     assert float(row["difference"]) == pytest.approx((sum(a.values()) - sum(b.values())) / 8)
-    expected = statistics.paired(list(a.values()), [b[i] for i in a])
+    expected = estimates.paired(list(a.values()), [b[i] for i in a])
     assert row["verdict"] == f"no detectable difference (MDE {expected.mde:.3f})"
     assert "Holm-adjusted" in (tmp_path / "c" / "comparison.md").read_text()
 
@@ -98,8 +100,8 @@ def fake_run(run_dir: Path, correct: list[int], ids: list[str]) -> Path:
         {"index": i, "item_id": item, "cluster": item, "pass@1_flexible": float(c)}
         for i, (item, c) in enumerate(zip(ids, correct, strict=True))
     ]
-    (run_dir / item_scores.ITEMS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
-    interval = {**statistics.wilson(sum(correct), len(correct)).as_dict(), "item_field": "pass@1_flexible"}
+    (run_dir / prediction_files.ITEMS_FILE).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    interval = {**estimates.wilson(sum(correct), len(correct)).as_dict(), "item_field": "pass@1_flexible"}
     results = {
         "model": run_dir.name,
         "task": "gsm8k",
@@ -135,11 +137,11 @@ def test_compare_names_the_better_run_and_refuses_runs_on_other_items(
 
 def test_a_malformed_per_item_file_is_named_with_its_line(tmp_path: Path) -> None:
     run = fake_run(tmp_path / "run", [1, 0, 1], ["a:1", "a:2", "a:3"])
-    lines = (run / item_scores.ITEMS_FILE).read_text().splitlines()
-    (run / item_scores.ITEMS_FILE).write_text("\n".join([lines[0], "{oops", lines[2]]) + "\n")
+    lines = (run / prediction_files.ITEMS_FILE).read_text().splitlines()
+    (run / prediction_files.ITEMS_FILE).write_text("\n".join([lines[0], "{oops", lines[2]]) + "\n")
     with pytest.raises(ValueError, match=r"predictions.jsonl:2: not a JSON line"):
-        item_scores.read(run)
+        prediction_files.read(run)
     with pytest.raises(
         ValueError, match=r"metric 'bleu' has no per-item scores; those that do: \['pass@1_flexible'\]"
     ):
-        item_scores.read(run, "bleu")
+        prediction_files.read(run, "bleu")

@@ -16,9 +16,9 @@ from datamodules.base import TextDataModule
 from datamodules.dialogues import dialogues_of, gsm8k_dialogue
 from datamodules.socratic import text_tokens
 from datamodules.sources import DataSourceError, read_file
+from evaluation import evaluate
 from modeling import models
 from modeling.log_probs import label_logprobs
-from runtime import evaluation
 from runtime.validate import ConfigError, check_config
 from tests.conftest import compose_config, launch
 
@@ -183,7 +183,7 @@ def test_socratic_evaluation_scores_generated_teacher_turns(tmp_path: Path, turn
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
-    metrics = evaluation.run(cfg)["metrics"]
+    metrics = evaluate.run(cfg)["metrics"]
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert metrics["num_problems"] == len(rows) == count
     assert rows[0]["prompt"].endswith("Teacher:") and rows[0]["prompt"].startswith(

@@ -1,4 +1,4 @@
-"""`generation.backend=vllm` (runtime/vllm_backend.py), run against a stand-in for vLLM's offline API
+"""`generation.backend=vllm` (evaluation/vllm_backend.py), run against a stand-in for vLLM's offline API
 (tests/fixtures/vllm_stand_in: transformers underneath, every request logged) because vLLM does not install
 beside lmlab's torch and transformers here: what lmlab hands the engine (weights, revision, dtype, parallel
 sizes, seed, prompt token ids, stop strings, LoRA adapter) and what it makes of the answers (the same
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-from runtime import evaluation, vllm_backend
+from evaluation import evaluate, vllm_backend
+from runtime import saved_run
 from runtime.training import run as train
 from tests.conftest import ROOT, TINY, built_model, compose_config
 
@@ -39,7 +40,7 @@ def evaluated(run_dir: Path, *overrides: str) -> list[dict]:
     )
     with open_dict(cfg):
         cfg.paths.output_dir, cfg.paths.cache_dir = str(run_dir), str(run_dir.parent / "cache")
-    evaluation.run(cfg)
+    evaluate.run(cfg)
     return [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
 
 
@@ -146,7 +147,7 @@ def test_a_fresh_model_or_another_method_is_refused_and_a_missing_vllm_says_how_
     with open_dict(cfg):
         cfg.ckpt = run_dir
     with pytest.raises(ValueError, match="PROMPT_TUNING adapter: vLLM serves LoRA adapters only"):
-        vllm_backend.weights(cfg)
+        vllm_backend.weights(cfg, saved_run.resolve(cfg))
     with pytest.raises(ValueError, match="generation.backend='beam'"):
         vllm_backend.backend(compose_config("generation.backend=beam", config_name="evaluate"))
     missing = compose_config(*TINY[:1], "model=tiny_llama", "model.path=x", "model.scratch=null")

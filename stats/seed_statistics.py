@@ -1,4 +1,4 @@
-"""Statistics over seeds, built on runtime/statistics.py: one configuration's metric over its seeds (mean,
+"""Statistics over seeds, built on stats/estimates.py: one configuration's metric over its seeds (mean,
 s.d., t interval) and tests between configurations (paired t over the seeds both ran, else Welch), Holm over
 the configurations compared with a reference."""
 
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from runtime.statistics import CONFIDENCE, holm
+from stats.estimates import CONFIDENCE, holm
 
 
 def seed_method(seeds: int, confidence: float = CONFIDENCE) -> str:

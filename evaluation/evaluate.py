@@ -3,9 +3,9 @@ with the scorer its DataModule asks for (`evaluation_kind`: generation or classi
 per-item outcomes (predictions.jsonl, with item ids), metrics.json and results.json, every metric with its
 interval (conf/statistics, docs/statistics.md).
 
-With `judge=openai_compatible`, an LLM judge also scores every prediction (runtime/judge.py):
+With `judge=openai_compatible`, an LLM judge also scores every prediction (evaluation/judge.py):
 `judge_accuracy` and its agreement with exact match are reported beside the automatic metrics.
-A `-m` grid of runs is summarised by `runtime.task_grid.EvaluationGrid`.
+A `-m` grid of runs is summarised by `evaluation.task_grid.EvaluationGrid`.
 """
 
 from __future__ import annotations
@@ -18,11 +18,13 @@ from typing import Any, NamedTuple
 from omegaconf import DictConfig
 
 import datamodules
-from runtime import classification_scoring, data_parallel, generation_scoring, item_scores, vllm_backend
-from runtime.judge import judge_rows
-from runtime.saved_run import load_model, load_tokenizer, use_checkpoint_model
+from evaluation import classification_scoring, data_parallel, generation_scoring, predictions, vllm_backend
+from evaluation.judge import judge_rows
+from evaluation.loaded import load
+from evaluation.task_grid import headline_metric
+from runtime import saved_run
 from runtime.session import overrides, start
-from runtime.task_grid import headline_metric
+from stats import item_scores
 
 log = logging.getLogger(__name__)
 
@@ -44,30 +46,23 @@ SCORERS: dict[str, Scorer] = {
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one (model, task, checkpoint); write predictions.jsonl, metrics.json and results.json."""
-    use_checkpoint_model(cfg)
+    choice = saved_run.resolve(cfg)
     with start(cfg, job_type="evaluate") as session:
         data_parallel.world_size(cfg)  # refuse a bad `devices` before loading anything
-        if vllm_backend.backend(cfg) == "vllm":
-            model, tokenizer = None, load_tokenizer(cfg)  # the engine loads the weights
-        else:
-            model, tokenizer = load_model(cfg)
-            model = data_parallel.place(model, cfg)
-        datamodule = datamodules.build(cfg, tokenizer)
-        if model is None:
+        loaded = load(choice, cfg)
+        datamodule = datamodules.build(cfg, loaded.tokenizer)
+        if loaded.model is None:
             vllm_backend.check(cfg, datamodule.evaluation_kind)
         records = _nonempty(datamodule.evaluation_records()[: cfg.get("limit")], cfg)
         kind = scorer(datamodule.evaluation_kind)
-        outputs = data_parallel.gathered(
-            cfg, kind.outputs, model, tokenizer, datamodule, records, session.run_dir
-        )
+        outputs = data_parallel.gathered(cfg, kind.outputs, loaded, datamodule, records, session.run_dir)
         rows, metrics, intervals = kind.score(cfg, datamodule, records, outputs, session.run_dir)
         if cfg.get("judge") and rows:
             reference = next((k for k in ("correct", "exact_match_flexible") if k in rows[0]), None)
             metrics |= judge_rows(cfg.judge, cfg.task.name, rows, reference)
             judged = {"judge_accuracy": "judge_correct", "judge_agreement": "judge_agrees"}
             intervals |= item_scores.intervals(rows, metrics, judged, {}, cfg.statistics)
-        with (session.run_dir / item_scores.ITEMS_FILE).open("w", encoding="utf-8") as handle:
-            handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        predictions.write(session.run_dir, rows)
         (session.run_dir / "metrics.json").write_text(
             json.dumps({**metrics, "intervals": intervals}, indent=2) + "\n"
         )

@@ -4,7 +4,7 @@ Pass@1 is the mean exact match over problems (over samples too when `generation.
 pass@k uses the unbiased estimator of Chen et al. (2021): 1 - C(n-c, k) / C(n, k). Every other float score
 of a row (BLEU, judge agreement, ...) is averaged over the rows that have it. Every mean comes with its
 interval from the per-item scores, and every corpus metric (corpus BLEU) with a bootstrap interval over
-items (runtime/item_scores.py).
+items (stats/item_scores.py).
 """
 
 from __future__ import annotations
@@ -14,10 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from evaluation import vllm_backend
+from evaluation.loaded import Loaded
 from modeling.generation import generate
-from runtime import item_scores, vllm_backend
+from stats import item_scores
 
 
 def pass_at_k(samples: int, correct: int, k: int) -> float:
@@ -35,20 +36,15 @@ def prompts(cfg: DictConfig, datamodule: Any, records: list[dict[str, Any]]) -> 
 
 
 def outputs(
-    cfg: DictConfig,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    datamodule: Any,
-    records: list[dict[str, Any]],
-    share: range,
+    cfg: DictConfig, loaded: Loaded, datamodule: Any, records: list[dict[str, Any]], share: range
 ) -> list[list[str]]:
     """The `generation.num_samples` completions of each record of `share`, from lmlab's generation or
     (`generation.backend=vllm`) a vLLM engine."""
     everything = prompts(cfg, datamodule, records)
     chosen = [everything[i] for i in share]
     if vllm_backend.backend(cfg) == "vllm":
-        return vllm_backend.generate(cfg, tokenizer, chosen, settings(cfg, datamodule))
-    return generate(model, tokenizer, chosen, **settings(cfg, datamodule))
+        return vllm_backend.generate(cfg, loaded.choice, loaded.tokenizer, chosen, settings(cfg, datamodule))
+    return generate(loaded.model, loaded.tokenizer, chosen, **settings(cfg, datamodule))
 
 
 def settings(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:

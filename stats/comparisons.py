@@ -1,6 +1,6 @@
 """Paired comparisons of evaluation runs on the same items, as one table: per pair the difference of means
 with its interval, the test's p-value, the items that flipped each way, the minimum detectable effect, and a
-verdict after a Holm adjustment across the table (runtime/statistics.py). evaluate.py grids, the noise study
+verdict after a Holm adjustment across the table (stats/estimates.py). evaluate.py grids, the noise study
 and `python -m analysis.compare` write these tables."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from runtime import item_scores, statistics
-from runtime.item_scores import ItemScores
+from stats import estimates, item_scores
+from stats.item_scores import ItemScores
 
 SETTINGS_FILE = Path(__file__).resolve().parents[1] / "conf" / "statistics" / "default.yaml"
 
@@ -29,8 +29,8 @@ def table(
     compared = []
     for first, second in pairs:
         a, b, clusters = item_scores.aligned(first, second)
-        compared.append((a, b, statistics.paired(a, b, clusters, settings.confidence, settings.power)))
-    judged = statistics.verdicts([c for _, _, c in compared], labels, 1 - settings.confidence)
+        compared.append((a, b, estimates.paired(a, b, clusters, settings.confidence, settings.power)))
+    judged = estimates.verdicts([c for _, _, c in compared], labels, 1 - settings.confidence)
     rows = []
     for (first, _), (label_a, label_b), (a, b, comparison), verdict in zip(
         pairs, labels, compared, judged, strict=True

@@ -1,5 +1,6 @@
 """Per-item outcomes of an evaluation: each scored item's id and cluster, the interval of every metric
-computed from them, and the scores read back from a saved run for paired comparisons.
+computed from them, and one run's scores of one metric (`ItemScores`, read back by evaluation/predictions.py)
+paired with another's.
 
 An item's id is where its record came from (`file:line` with the file's folder and name only, so runs made
 in another checkout pair too; `hub_id[split][i]`), so the clean and noisy versions of a GSM8K problem share
@@ -10,7 +11,6 @@ they are not independent.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,10 +20,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
-from runtime import statistics
-from runtime.results import RESULTS_FILE, read_results
-
-ITEMS_FILE = "predictions.jsonl"
+from stats import estimates
 
 
 def assign_ids(rows: list[dict[str, Any]]) -> None:
@@ -60,7 +57,7 @@ def intervals(
         scored = [row for row in rows if row.get(field) is not None]
         if metric not in metrics or not scored:
             continue
-        estimate = statistics.mean_estimate(
+        estimate = estimates.mean_estimate(
             [row[field] for row in scored],
             [row["cluster"] for row in scored],
             settings.resamples,
@@ -71,7 +68,7 @@ def intervals(
     for metric, statistic in corpus.items():
         if metric not in metrics:
             continue
-        estimate = statistics.bootstrap(
+        estimate = estimates.bootstrap(
             statistic,
             len(rows),
             [row["cluster"] for row in rows],
@@ -106,47 +103,6 @@ class ItemScores:
     def by_id(self) -> dict[str, float]:
         """Item id -> score."""
         return dict(zip(self.ids, self.scores, strict=True))
-
-
-def read(run_dir: Path, metric: str | None = None) -> ItemScores:
-    """The per-item scores of `metric` (default: the run's optimized metric, else its first metric with
-    per-item scores) from an evaluation run's results.json and predictions.jsonl."""
-    run_dir = Path(run_dir)
-    results_path, items_path = run_dir / RESULTS_FILE, run_dir / ITEMS_FILE
-    for path in (results_path, items_path):
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: not found; is {run_dir} an evaluate.py run dir?")
-    results = read_results(run_dir)
-    per_item = {k: v["item_field"] for k, v in results.get("intervals", {}).items() if v.get("item_field")}
-    if not per_item:
-        raise ValueError(f"{results_path}: no metric with per-item scores (written by an older lmlab?)")
-    chosen = metric or (
-        results.get("optimized_metric")
-        if results.get("optimized_metric") in per_item
-        else next(iter(per_item))
-    )
-    if chosen not in per_item:
-        raise ValueError(
-            f"{results_path}: metric {chosen!r} has no per-item scores; those that do: {sorted(per_item)}"
-        )
-    field = per_item[chosen]
-    rows = []
-    for number, line in enumerate(items_path.read_text().splitlines(), start=1):
-        try:
-            row = json.loads(line) if line.strip() else {}
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{items_path}:{number}: not a JSON line ({error})") from error
-        if row.get(field) is not None:
-            if "item_id" not in row or "cluster" not in row:
-                raise ValueError(f"{items_path}:{number}: no item_id / cluster (written by an older lmlab?)")
-            rows.append(row)
-    return ItemScores(
-        run_dir,
-        chosen,
-        [row["item_id"] for row in rows],
-        [row["cluster"] for row in rows],
-        [float(row[field]) for row in rows],
-    )
 
 
 def aligned(first: ItemScores, second: ItemScores) -> tuple[list[float], list[float], list[str]]:

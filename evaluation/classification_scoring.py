@@ -9,40 +9,34 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig
-from torchmetrics.functional.classification import multiclass_f1_score
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from torchmetrics.functional.classification import (
+    multiclass_accuracy,
+    multiclass_confusion_matrix,
+    multiclass_f1_score,
+)
 
-from lightning_modules.classification_metrics import ClassificationMetrics, plot_confusion
-from lightning_modules.label_lm import LabelLMModule
-from runtime import item_scores
-from runtime.saved_run import load_classifier
+from evaluation.loaded import Loaded
+from modeling import classifier_head
+from modeling.figures import plot_confusion
+from stats import item_scores
 
 
 def outputs(
-    cfg: DictConfig,
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    datamodule: Any,
-    records: list[dict[str, Any]],
-    share: range,
+    cfg: DictConfig, loaded: Loaded, datamodule: Any, records: list[dict[str, Any]], share: range
 ) -> list[list[float]]:
-    """The class scores [C] of each record of `share` (label likelihood, or the saved projection head)."""
-    module = load_classifier(model, cfg)
-    if module is None:  # no saved head: the label likelihood
-        module = LabelLMModule(
-            model, datamodule.label_token_ids(), datamodule.class_names, datamodule.tokenizer.pad_token_id
-        )
-    if cfg.model.get("device_map") is None:  # the saved head goes where the model was placed
-        module = module.to(model.device)
-    module.eval()
+    """The class scores [C] of each record of `share`: the saved projection head's logits, else every
+    label's log-likelihood (modeling/classifier_head.py)."""
     examples = datamodule.tokenize_all([records[i] for i in share], "test")
+    device = loaded.head.head[0].weight.device if loaded.head is not None else loaded.model.device
     scores, size = [], cfg.generation.batch_size
     with torch.no_grad():
         for first in range(0, len(examples), size):
-            batch = datamodule.collate(examples[first : first + size])
-            scores += (
-                module.predict_classes({k: v.to(module.device) for k, v in batch.items()}).float().tolist()
-            )
+            batch = {k: v.to(device) for k, v in datamodule.collate(examples[first : first + size]).items()}
+            if loaded.head is not None:
+                scores += classifier_head.head_scores(loaded.head, batch).float().tolist()
+            else:
+                labels, pad = datamodule.label_token_ids(), datamodule.tokenizer.pad_token_id
+                scores += classifier_head.label_scores(loaded.model, batch, labels, pad).float().tolist()
     return scores
 
 
@@ -54,10 +48,9 @@ def score(
     run_dir: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[str, Any]]]:
     """Rows of every test example from its class scores; accuracy and macro F1 with their intervals."""
-    metrics, rows = ClassificationMetrics(len(datamodule.class_names)), []
+    rows, classes = [], len(datamodule.class_names)
     scores = torch.tensor(class_scores)  # [N, C]
     truth = torch.tensor([datamodule.class_index(record) for record in records])  # [N]
-    metrics.update(scores.argmax(-1), truth)
     for index, (record, guess, gold, row_scores) in enumerate(
         zip(records, scores.argmax(-1).tolist(), truth.tolist(), class_scores, strict=True)
     ):
@@ -72,7 +65,12 @@ def score(
                 "scores": dict(zip(datamodule.class_names, row_scores, strict=True)),
             }
         )
-    values, matrix = metrics.compute()
+    guesses = scores.argmax(-1)  # [N]
+    values = {
+        "accuracy": float(multiclass_accuracy(guesses, truth, classes, average="micro")),
+        "macro_f1": float(multiclass_f1_score(guesses, truth, classes, average="macro")),
+    }
+    matrix = multiclass_confusion_matrix(guesses, truth, classes)  # [C, C], true classes as rows
     plot_confusion(
         matrix,
         datamodule.class_names,

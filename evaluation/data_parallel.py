@@ -21,19 +21,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import lightning
 import torch
 from omegaconf import DictConfig, OmegaConf
+from transformers import set_seed
 
 import datamodules
-from runtime.saved_run import load_model
+from evaluation.loaded import Loaded, device_for, load
+from runtime.saved_run import RunModel
 
 log = logging.getLogger(__name__)
 
 SHARDS_DIR = "shards"
 
-# outputs(cfg, model, tokenizer, datamodule, records, share) -> one JSON value per item of `share`
-Outputs = Callable[[DictConfig, Any, Any, Any, list[dict[str, Any]], range], list[Any]]
+# outputs(cfg, loaded, datamodule, records, share) -> one JSON value per item of `share`
+Outputs = Callable[[DictConfig, Loaded, Any, list[dict[str, Any]], range], list[Any]]
 
 
 def shares(count: int, world: int, unit: int) -> list[range]:
@@ -43,26 +44,6 @@ def shares(count: int, world: int, unit: int) -> list[range]:
     units = math.ceil(count / unit)
     bounds = [min(count, unit * (units * rank // world)) for rank in range(world + 1)]
     return [range(start, end) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def device_for(cfg: DictConfig, rank: int) -> torch.device:
-    """The device of process `rank`: `accelerator` cpu, cuda, or auto (cuda when one is visible)."""
-    accelerator = cfg.get("accelerator") or "auto"
-    if accelerator not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"accelerator={accelerator!r}: auto, cpu or cuda")
-    cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
-    if not cuda:
-        return torch.device("cpu")
-    if rank >= torch.cuda.device_count():
-        raise ValueError(f"devices={cfg.devices}: only {torch.cuda.device_count()} CUDA devices are visible")
-    return torch.device("cuda", rank)
-
-
-def place(model: Any, cfg: DictConfig, rank: int = 0) -> Any:
-    """`model` on process `rank`'s device; a model that `model.device_map` spread over devices stays put."""
-    if cfg.model.get("device_map") is not None:
-        return model
-    return model.to(device_for(cfg, rank))
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -82,8 +63,7 @@ def world_size(cfg: DictConfig) -> int:
 def gathered(
     cfg: DictConfig,
     outputs: Outputs,
-    model: Any,
-    tokenizer: Any,
+    loaded: Loaded,
     datamodule: Any,
     records: list,
     run_dir: Path,
@@ -91,7 +71,7 @@ def gathered(
     """`outputs` for every record, in record order, computed by `devices` processes (this one first)."""
     world = world_size(cfg)
     if world == 1:
-        return outputs(cfg, model, tokenizer, datamodule, records, range(len(records)))
+        return outputs(cfg, loaded, datamodule, records, range(len(records)))
     parts = [part for part in shares(len(records), world, cfg.generation.batch_size) if part]
     directory = run_dir / SHARDS_DIR
     directory.mkdir(parents=True, exist_ok=True)
@@ -100,7 +80,16 @@ def gathered(
     workers = [
         context.Process(
             target=_work,
-            args=(outputs, resolved, records, rank, parts[rank], directory, _threads_each(len(parts))),
+            args=(
+                outputs,
+                resolved,
+                loaded.choice,
+                records,
+                rank,
+                parts[rank],
+                directory,
+                _threads_each(len(parts)),
+            ),
         )
         for rank in range(1, len(parts))
     ]
@@ -109,7 +98,7 @@ def gathered(
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(_threads_each(len(parts)))
-        mine = outputs(cfg, model, tokenizer, datamodule, records, parts[0])
+        mine = outputs(cfg, loaded, datamodule, records, parts[0])
     finally:
         torch.set_num_threads(threads)
     for worker in workers:
@@ -137,15 +126,21 @@ def _threads_each(world: int) -> int:
 
 
 def _work(
-    outputs: Outputs, resolved: dict, records: list, rank: int, share: range, directory: Path, threads: int
+    outputs: Outputs,
+    resolved: dict,
+    choice: RunModel,
+    records: list,
+    rank: int,
+    share: range,
+    directory: Path,
+    threads: int,
 ) -> None:
     """One evaluation process: load the model on its device, compute its share, write it as JSON."""
     torch.set_num_threads(threads)
     cfg = OmegaConf.create(resolved)
-    lightning.seed_everything(cfg.seed, verbose=False)  # as the first process built the model (from_scratch)
-    model, tokenizer = load_model(cfg)
-    lightning.seed_everything(cfg.seed + rank, verbose=False)  # sampling: one stream per process
-    model = place(model, cfg, rank)
-    datamodule = datamodules.build(cfg, tokenizer)
-    result = outputs(cfg, model, tokenizer, datamodule, records, share)
+    set_seed(cfg.seed)  # as the first process built the model (from_scratch)
+    loaded = load(choice, cfg, rank)
+    set_seed(cfg.seed + rank)  # sampling: one stream per process
+    datamodule = datamodules.build(cfg, loaded.tokenizer)
+    result = outputs(cfg, loaded, datamodule, records, share)
     (directory / f"rank{rank}.json").write_text(json.dumps(result))

@@ -29,7 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from modeling import models
 from modeling.generation import truncate_at_stop
-from runtime.saved_run import ADAPTER_CONFIG, METHOD_FILE, MODEL_CONFIG, checkpoint_dir
+from runtime.saved_run import ADAPTER_CONFIG, METHOD_FILE, RunModel
 
 BACKENDS = ("lmlab", "vllm")
 SUPPORTED_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
@@ -72,22 +72,23 @@ def check(cfg: DictConfig, evaluation_kind: str) -> None:
         )
 
 
-def weights(cfg: DictConfig) -> tuple[str, str | None, Path | None]:
+def weights(cfg: DictConfig, choice: RunModel) -> tuple[str, str | None, Path | None]:
     """(what the engine loads: a directory or hub id; its revision; the LoRA adapter dir of `ckpt=`, or
     None)."""
-    directory = checkpoint_dir(cfg)
-    if directory is not None and (directory / METHOD_FILE).exists():
-        method = json.loads((directory / METHOD_FILE).read_text()).get("name", "?")
-        raise ValueError(f"ckpt={cfg.ckpt} was trained with method={method}: vLLM serves LoRA adapters only")
-    if directory is not None and (directory / ADAPTER_CONFIG).exists():
-        adapter = json.loads((directory / ADAPTER_CONFIG).read_text())
+    if choice.layout == "method":
+        method = json.loads((choice.export / METHOD_FILE).read_text()).get("name", "?")
+        raise ValueError(
+            f"ckpt={choice.ckpt} was trained with method={method}: vLLM serves LoRA adapters only"
+        )
+    if choice.layout == "adapter":
+        adapter = json.loads((choice.export / ADAPTER_CONFIG).read_text())
         if adapter.get("peft_type") != "LORA":
             raise ValueError(
-                f"ckpt={cfg.ckpt} is a {adapter.get('peft_type')} adapter: vLLM serves LoRA adapters only"
+                f"ckpt={choice.ckpt} is a {adapter.get('peft_type')} adapter: vLLM serves LoRA adapters only"
             )
-        return *_base_weights(cfg), directory
-    if directory is not None and (directory / MODEL_CONFIG).exists():
-        return str(directory), None, None
+        return *_base_weights(cfg), choice.export
+    if choice.layout == "whole":
+        return str(choice.export), None, None
     return *_base_weights(cfg), None
 
 
@@ -99,14 +100,18 @@ def _base_weights(cfg: DictConfig) -> tuple[str, str | None]:
 
 
 def generate(
-    cfg: DictConfig, tokenizer: PreTrainedTokenizerBase, prompts: list[str], settings: dict[str, Any]
+    cfg: DictConfig,
+    choice: RunModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    settings: dict[str, Any],
 ) -> list[list[str]]:
     """`settings["num_samples"]` completions per prompt from a vLLM engine, decoded and cut as lmlab's are
     (`settings`: lmlab's generation keywords, stop strings resolved)."""
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
 
-    source, revision, adapter = weights(cfg)
+    source, revision, adapter = weights(cfg, choice)
     engine = cfg.generation.vllm
     extra = OmegaConf.to_container(engine.engine_args, resolve=True) if engine.get("engine_args") else {}
     if adapter is not None:
@@ -120,7 +125,7 @@ def generate(
         tensor_parallel_size=int(engine.tensor_parallel_size),
         pipeline_parallel_size=int(engine.pipeline_parallel_size),
         gpu_memory_utilization=float(engine.gpu_memory_utilization),
-        dtype=str(engine.dtype),
+        dtype=str(engine.dtype or "auto"),  # null: the weights' own
         **extra,
     )
     sampled = bool(settings["do_sample"])

@@ -6,7 +6,7 @@ from (docs/statistics.md says what each number means).
 - two runs on the same items: `paired` (difference of means with a t interval over clusters, exact McNemar
   for 0/1 scores, items flipped each way, the minimum detectable effect); `holm` and `verdicts` over a
   table;
-- several seeds of one configuration: runtime/seed_statistics.py, on the same footing (`over_seeds`,
+- several seeds of one configuration: stats/seed_statistics.py, on the same footing (`over_seeds`,
   `seed_test`).
 
 scipy.stats does the arithmetic (binomtest's Wilson interval, the t and normal quantiles and tests); the

@@ -18,11 +18,12 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from evaluation import predictions
 from modeling.figures import pyplot
-from runtime import comparisons, item_scores, tables
 from runtime.results import job_results
 from runtime.session import Session
 from runtime.sweeps import MultirunSummary
+from stats import comparisons, tables
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def comparison_table(
     """Paired comparisons of one stage on its headline metric: every two models on each task, and each
     model's `baseline` task against each other task (the drop, items paired by problem); Holm across all."""
     metric = headline_metric(results[0]["metrics"])
-    runs = {(r["model"], r["task"]): item_scores.read(Path(r["run_dir"]), metric) for r in results}
+    runs = {(r["model"], r["task"]): predictions.read(Path(r["run_dir"]), metric) for r in results}
     models = list(dict.fromkeys(r["model"] for r in results))
     tasks = list(dict.fromkeys(r["task"] for r in results))
     pairs, labels = [], []

@@ -1,0 +1,56 @@
+"""What one evaluation process scores with, loaded from the run's `RunModel` (runtime/saved_run.py) on that
+process's device: the model, its tokenizer and a saved projection head. evaluate.py and each data-parallel
+process (evaluation/data_parallel.py) load it the same way."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from omegaconf import DictConfig
+from transformers import PreTrainedTokenizerBase
+
+from evaluation import vllm_backend
+from modeling.classifier_head import SequenceClassifier
+from runtime import saved_run
+from runtime.saved_run import RunModel
+
+
+class Loaded(NamedTuple):
+    """The model (None when a vLLM engine loads the weights), its tokenizer, the projection head a run saved
+    (None: classify by label likelihood) and the `RunModel` they came from."""
+
+    model: Any
+    tokenizer: PreTrainedTokenizerBase
+    head: SequenceClassifier | None
+    choice: RunModel
+
+
+def load(choice: RunModel, cfg: DictConfig, rank: int = 0) -> Loaded:
+    """`choice` loaded for process `rank` in eval mode, on its device (`accelerator`; a model that
+    `model.device_map` spreads over devices stays put)."""
+    if vllm_backend.backend(cfg) == "vllm":  # the engine loads the weights
+        return Loaded(None, saved_run.load_tokenizer(choice, cfg.paths.cache_dir), None, choice)
+    model, tokenizer = saved_run.load(choice, cfg.paths.cache_dir)
+    sharded = cfg.model.get("device_map") is not None
+    if not sharded:
+        model = model.to(device_for(cfg, rank))
+    saved = saved_run.load_head(model, choice)
+    head = None
+    if saved is not None:
+        head = saved[0] if sharded else saved[0].to(model.device)
+        head.eval()
+    return Loaded(model.eval(), tokenizer, head, choice)
+
+
+def device_for(cfg: DictConfig, rank: int) -> torch.device:
+    """The device of process `rank`: `accelerator` cpu, cuda, or auto (cuda when one is visible)."""
+    accelerator = cfg.get("accelerator") or "auto"
+    if accelerator not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"accelerator={accelerator!r}: auto, cpu or cuda")
+    cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+    if not cuda:
+        return torch.device("cpu")
+    if rank >= torch.cuda.device_count():
+        raise ValueError(f"devices={cfg.devices}: only {torch.cuda.device_count()} CUDA devices are visible")
+    return torch.device("cuda", rank)
