@@ -9,10 +9,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from datamodules.gsm8k import GSM8KDataModule
+from datamodules.gsm8k import GSM8KTask
 from stats import estimates
 
-CLASSES = GSM8KDataModule.attention_classes  # KMI, NI, OC: the noise study's allocation table
+CLASSES = GSM8KTask.attention_classes  # KMI, NI, OC: the noise study's allocation table
 
 
 def token_classes(

@@ -5,10 +5,10 @@
     python -m analysis.attention model=llama analysis.text="Tom has 3 apples." [analysis.save_maps=true]
     python -m analysis.attention -m model=diffllama,llama task=gsm8k_inf                # + comparison chart
 
-Task mode: for each record the model reads the task's input (`DataModule.attention_input`: the evaluation
+Task mode: for each record the model reads the task's input (`Task.attention_input`: the evaluation
 prompt) with eager attention; hooks (analysis/attention_maps.py) keep only the answer-side query rows (the
 last prompt token, optionally generated tokens) over the prompt keys (bounded memory). Where the task labels
-token classes (`DataModule.attention_classes`: KMI / NI / OC on the GSM8K sets, LABEL / TEXT / OTHER in
+token classes (`Task.attention_classes`: KMI / NI / OC on the GSM8K sets, LABEL / TEXT / OTHER in
 classification prompts, STUDENT / TEACHER / OTHER in Socratic dialogues) the allocation to each class is
 reported; other tasks get the maps and the heatmap only. Free-text mode (`analysis.text` or
 `analysis.text_file`, one prompt per line): the full query x key maps of each prompt, one figure each.
@@ -41,6 +41,7 @@ import datamodules
 from analysis import plots
 from analysis.allocation import allocation, summarise, token_classes
 from analysis.attention_maps import AttentionCapture, attention_maps, prefer_eager, select, token_strings
+from datamodules.task import Task
 from modeling.architecture import attention_blocks
 from runtime import saved_run
 from runtime.session import Session, overrides, start
@@ -64,7 +65,9 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
         if cfg.analysis.get("text") or cfg.analysis.get("text_file"):
             result = analyse_texts(cfg, model, tokenizer, session.run_dir)
         else:
-            result = analyse_task(cfg, model, tokenizer, datamodules.build(cfg, tokenizer), session.run_dir)
+            result = analyse_task(
+                cfg, model, tokenizer, datamodules.build_task(cfg, tokenizer), session.run_dir
+            )
         result |= blocks
         figures = {Path(f).stem: Path(f) for f in result.pop("figures")}
         (session.run_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1) + "\n")
@@ -93,18 +96,16 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
     return result
 
 
-def analyse_task(
-    cfg: DictConfig, model: Any, tokenizer: Any, datamodule: Any, run_dir: Path
-) -> dict[str, Any]:
+def analyse_task(cfg: DictConfig, model: Any, tokenizer: Any, task: Task, run_dir: Path) -> dict[str, Any]:
     """Capture the answer-side rows of `cfg.analysis.num_problems` records of the task; summarise the class
     allocation where the task labels classes; write the heatmap, the allocation figure and (save_maps) the
     maps."""
     settings = cfg.analysis
-    records = datamodule.records(settings.split)[: settings.num_problems]
+    records = task.records(settings.split)[: settings.num_problems]
     if not records:
         raise ValueError(f"task '{cfg.task.name}': split '{settings.split}' has no records to analyse")
-    classes = tuple(getattr(datamodule, "attention_classes", ()))
-    inputs = [attention_input(datamodule, record, cfg.task.name) for record in records]
+    classes = tuple(getattr(task, "attention_classes", ()))
+    inputs = [attention_input(task, record, cfg.task.name) for record in records]
     prefer_eager(model)
     capture = AttentionCapture(model, list(settings.maps))
     per_problem: dict[str, list[np.ndarray]] = {}
@@ -179,16 +180,13 @@ def analyse_task(
     }
 
 
-def attention_input(
-    datamodule: Any, record: dict[str, Any], task: str
-) -> tuple[str, list[tuple[int, int, str]]]:
-    """The text the model reads for `record` and its class spans; a task whose DataModule cannot say is
-    named."""
+def attention_input(task: Task, record: dict[str, Any], name: str) -> tuple[str, list[tuple[int, int, str]]]:
+    """The text the model reads for `record` and its class spans; a task that cannot say is named."""
     try:
-        return datamodule.attention_input(record)
+        return task.attention_input(record)
     except (NotImplementedError, AttributeError) as error:
         raise ValueError(
-            f"task '{task}' cannot be analysed: its DataModule ({type(datamodule).__name__}) does not "
+            f"task '{name}' cannot be analysed: its task class ({type(task).__name__}) does not "
             "say what text the model reads (implement attention_input, or format_example); analyse free "
             "text instead with analysis.text='...' or analysis.text_file=<file>"
         ) from error

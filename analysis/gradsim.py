@@ -33,6 +33,7 @@ from omegaconf import DictConfig
 
 import datamodules
 from analysis.expert_gradients import RoutedExpertGradients, expert_output_weights, routed_only
+from datamodules.task import Task
 from modeling.architecture import as_sequence, check_layers, mlp_output_modules
 from modeling.log_probs import answer_log_probs
 from runtime import saved_run
@@ -143,20 +144,20 @@ def coupling_statistics(matrix: np.ndarray, chains: list[str]) -> dict[str, Any]
 
 
 def compute(
-    model: torch.nn.Module, datamodule, settings: DictConfig, seed: int
+    model: torch.nn.Module, task: Task, settings: DictConfig, seed: int
 ) -> tuple[list[dict[str, Any]], np.ndarray]:
-    """Knowledge pieces of the datamodule's `settings.split` and their GradSim matrix."""
-    pieces = datamodule.records(settings.split)[: settings.max_pieces]
+    """Knowledge pieces of the task's `settings.split` and their GradSim matrix."""
+    pieces = task.records(settings.split)[: settings.max_pieces]
     if len(pieces) < 2:
         raise ValueError(
             f"{len(pieces)} knowledge pieces in split '{settings.split}'; GradSim needs at least 2"
         )
-    examples = [datamodule.answer_example(p["prompt"], p["answer"]) for p in pieces]
+    examples = [task.answer_example(p["prompt"], p["answer"]) for p in pieces]
     per_example = RoutedExpertGradients if routed_only(model) else PerExampleGradients
     gradients = per_example(model, list(settings.layers), settings.projection_dim, seed)
     size = settings.batch_size
     vectors = torch.cat(
-        [gradients(datamodule.collate(examples[i : i + size])) for i in range(0, len(examples), size)]
+        [gradients(task.collate(examples[i : i + size])) for i in range(0, len(examples), size)]
     )
     return pieces, cosine_matrix(vectors)
 
@@ -176,12 +177,12 @@ def coupling_stage(
             "model on the devices, or set model.device_map=null"
         )
     model.eval()
-    datamodule = datamodules.build(cfg, tokenizer)
-    pieces, matrix = compute(model, datamodule, settings, cfg.seed)
+    task = datamodules.build_task(cfg, tokenizer)
+    pieces, matrix = compute(model, task, settings, cfg.seed)
     clean = [{k: v for k, v in p.items() if k != "_where"} for p in pieces]
     (run_dir / "knowledge_pieces.json").write_text(json.dumps(clean, indent=1, ensure_ascii=False) + "\n")
     np.save(run_dir / "coupling_matrix.npy", matrix)
-    return model, tokenizer, datamodule, pieces, matrix
+    return model, tokenizer, task, pieces, matrix
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

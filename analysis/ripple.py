@@ -37,6 +37,7 @@ from scipy import stats
 from analysis import gradsim, memit, memit_inputs, plots
 from datamodules import IGNORE_INDEX
 from datamodules.sources import load_split
+from datamodules.task import Task
 from runtime import saved_run
 from runtime.saved_run import RunModel
 from runtime.session import overrides, start
@@ -46,14 +47,14 @@ log = logging.getLogger(__name__)
 
 
 def score_pieces(
-    model, datamodule, pieces: list[dict[str, Any]], answers: list[str] | None = None
+    model: torch.nn.Module, task: Task, pieces: list[dict[str, Any]], answers: list[str] | None = None
 ) -> dict[str, np.ndarray]:
     """log P(answer | prompt) and exact match of every piece (answers default to the pieces' own)."""
     answers = answers or [p["answer"] for p in pieces]
-    examples = [datamodule.answer_example(p["prompt"], a) for p, a in zip(pieces, answers, strict=True)]
+    examples = [task.answer_example(p["prompt"], a) for p, a in zip(pieces, answers, strict=True)]
     log_probs, matches = [], []
     for first in range(0, len(examples), 8):
-        batch = datamodule.collate(examples[first : first + 8])
+        batch = task.collate(examples[first : first + 8])
         with torch.no_grad():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[
                 :, :-1
@@ -172,7 +173,7 @@ def ripple_study(cfg: DictConfig, choice: RunModel, run_dir: Path) -> dict[str, 
         "analysis.gradsim.layers": settings.gradsim.layers,
         "analysis.memit.layers": settings.memit.layers,
     }
-    model, tokenizer, datamodule, pieces, matrix = gradsim.coupling_stage(
+    model, tokenizer, task, pieces, matrix = gradsim.coupling_stage(
         cfg, choice, settings.gradsim, run_dir, layers
     )
 
@@ -191,7 +192,7 @@ def ripple_study(cfg: DictConfig, choice: RunModel, run_dir: Path) -> dict[str, 
     (run_dir / "memit_statistics.json").write_text(
         json.dumps({**statistics, "context_templates": templates}, indent=1) + "\n"
     )
-    before = score_pieces(model, datamodule, pieces)
+    before = score_pieces(model, task, pieces)
     experiments = []
     for index in range(min(cfg.analysis.num_edits, len(pieces))):
         piece = pieces[index]
@@ -201,8 +202,8 @@ def ripple_study(cfg: DictConfig, choice: RunModel, run_dir: Path) -> dict[str, 
             "target_new": counterfactual(pieces, index),
         }
         with memit.edited(model, tokenizer, [request], hparams, moments, templates):
-            after = score_pieces(model, datamodule, pieces)
-            edit = score_pieces(model, datamodule, [piece], [request["target_new"]])
+            after = score_pieces(model, task, pieces)
+            edit = score_pieces(model, task, [piece], [request["target_new"]])
         experiments.append(
             {
                 "index": index,

@@ -53,16 +53,14 @@ def main() -> None:
             "evaluate", overrides=["model=smollm2_135m", *data, f"prompting.num_fewshot={args.shots}"]
         )
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-    datamodule = datamodules.build(cfg, tokenizer)
-    records = datamodule.evaluation_records()[: args.problems]
-    exemplars = datamodule.prompt_format.fewshot_exemplars(records, args.shots, cfg.prompting.fewshot_seed)
-    prompts = [datamodule.prompt_format.prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
-    stops = datamodule.prompt_format.stop_strings(list(cfg.generation.stop_strings))
+    task = datamodules.build_task(cfg, tokenizer)
+    records = task.evaluation_records()[: args.problems]
+    exemplars = task.prompt_format.fewshot_exemplars(records, args.shots, cfg.prompting.fewshot_seed)
+    prompts = [task.prompt_format.prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
+    stops = task.prompt_format.stop_strings(list(cfg.generation.stop_strings))
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]
     prefix = len(
-        tokenizer(datamodule.prompt_format.prompt(records[0], exemplars[0]).rsplit("Question:", 1)[0])[
-            "input_ids"
-        ]
+        tokenizer(task.prompt_format.prompt(records[0], exemplars[0]).rsplit("Question:", 1)[0])["input_ids"]
     )
 
     seconds: dict[bool, float] = {}

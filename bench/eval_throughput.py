@@ -66,8 +66,8 @@ def main() -> None:
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"model={args.model}", "task.source=bundled", *data])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-    datamodule = datamodules.build(cfg, tokenizer)
-    prompts = [datamodule.prompt_format.prompt(r, []) for r in datamodule.records("test")[: args.problems]]
+    task = datamodules.build_task(cfg, tokenizer)
+    prompts = [task.prompt_format.prompt(r, []) for r in task.records("test")[: args.problems]]
     stops = list(cfg.generation.stop_strings)
 
     start = time.perf_counter()

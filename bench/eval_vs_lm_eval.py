@@ -69,11 +69,11 @@ def lmlab_prompts(model_name: str, problems: int) -> tuple:
             ],
         )
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-    datamodule = datamodules.build(cfg, tokenizer)
-    records = datamodule.evaluation_records()[:problems]
-    exemplars = datamodule.prompt_format.fewshot_exemplars(records, SHOTS, cfg.prompting.fewshot_seed)
-    prompts = [datamodule.prompt_format.prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
-    stops = datamodule.prompt_format.stop_strings(list(cfg.generation.stop_strings))
+    task = datamodules.build_task(cfg, tokenizer)
+    records = task.evaluation_records()[:problems]
+    exemplars = task.prompt_format.fewshot_exemplars(records, SHOTS, cfg.prompting.fewshot_seed)
+    prompts = [task.prompt_format.prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
+    stops = task.prompt_format.stop_strings(list(cfg.generation.stop_strings))
     return model, tokenizer, prompts, stops
 
 

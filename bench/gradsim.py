@@ -59,20 +59,18 @@ def main() -> None:
         cfg = compose("ripple", overrides=[f"model={args.model}", *data])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     model.eval()
-    datamodule = datamodules.build(cfg, tokenizer)
-    real = datamodule.records("test")
-    bundled = datamodules.build(cfg, tokenizer)
+    task = datamodules.build_task(cfg, tokenizer)
+    real = task.records("test")
+    bundled = datamodules.build_task(cfg, tokenizer)
     bundled.source = {"kind": "bundled", "bundled": "hotpotqa"}
     pool = real + bundled.records("test")
     pieces = [pool[i % len(pool)] for i in range(args.pieces)]
-    examples = [datamodule.answer_example(p["prompt"], p["answer"]) for p in pieces]
+    examples = [task.answer_example(p["prompt"], p["answer"]) for p in pieces]
     layers = list(cfg.analysis.gradsim.layers)
 
     start = time.perf_counter()
     batched = gradsim.PerExampleGradients(model, layers)
-    vectors = torch.cat(
-        [batched(datamodule.collate(examples[i : i + 8])) for i in range(0, len(examples), 8)]
-    )
+    vectors = torch.cat([batched(task.collate(examples[i : i + 8])) for i in range(0, len(examples), 8)])
     batched_seconds = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -84,7 +82,7 @@ def main() -> None:
     for example in examples:
         for module in targets:
             module.weight.grad = None
-        gradsim.answer_log_probs(model, datamodule.collate([example])).sum().backward()
+        gradsim.answer_log_probs(model, task.collate([example])).sum().backward()
         loop.append(torch.cat([m.weight.grad.flatten() for m in targets]))
     loop_seconds = time.perf_counter() - start
     model.requires_grad_(False)
@@ -110,13 +108,11 @@ def main() -> None:
         start = time.perf_counter()
         with memit.edited(model, tokenizer, [request], hparams, moments, templates):
             seconds.append(time.perf_counter() - start)
-            edit = ripple.score_pieces(model, datamodule, [piece], [new_answer])
+            edit = ripple.score_pieces(model, task, [piece], [new_answer])
             successes += int(edit["exact_match"][0])
-            efficacious += int(
-                edit["log_prob"][0] > ripple.score_pieces(model, datamodule, [piece])["log_prob"][0]
-            )
-            own = ripple.score_pieces(model, datamodule, others)["log_prob"]
-            new = ripple.score_pieces(model, datamodule, others, [new_answer] * len(others))["log_prob"]
+            efficacious += int(edit["log_prob"][0] > ripple.score_pieces(model, task, [piece])["log_prob"][0])
+            own = ripple.score_pieces(model, task, others)["log_prob"]
+            new = ripple.score_pieces(model, task, others, [new_answer] * len(others))["log_prob"]
             specific += int((own > new).sum())
             neighbours += len(others)
 

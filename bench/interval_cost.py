@@ -52,9 +52,9 @@ def evaluation_steps(batches: int, batch_size: int, max_new_tokens: int) -> dict
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=["model=smollm2_135m", *data])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
-    datamodule = datamodules.build(cfg, tokenizer)
-    style = datamodule.prompt_format
-    records = datamodule.evaluation_records()[: (batches + 1) * batch_size]
+    task = datamodules.build_task(cfg, tokenizer)
+    style = task.prompt_format
+    records = task.evaluation_records()[: (batches + 1) * batch_size]
     prompts = [style.prompt(record, []) for record in records]
     stops = style.stop_strings(list(cfg.generation.stop_strings))
     times = []

@@ -68,14 +68,14 @@ def setup(args: argparse.Namespace, run_dir: str):
     )
     L.seed_everything(cfg.seed)
     model, tokenizer, datamodule, _ = build_trainable_model(cfg)
-    collate = datamodule.collate
+    collate = datamodule.task.collate
 
     padding, width = {"input_ids": tokenizer.pad_token_id, "labels": IGNORE_INDEX}, args.max_length
 
     def fixed_width(examples):
         return collate([{k: v + [padding[k]] * (width - len(v)) for k, v in e.items()} for e in examples])
 
-    datamodule.collate = fixed_width
+    datamodule.task.collate = fixed_width
     datamodule.setup("fit")
     return cfg, model, datamodule
 
@@ -132,7 +132,7 @@ def hf_trainer(args: argparse.Namespace, run_dir: str) -> None:
         model=model,
         args=training_args,
         train_dataset=datamodule.datasets["train"],
-        data_collator=datamodule.collate,
+        data_collator=datamodule.task.collate,
         callbacks=[HFTimes(times)],
     ).train()
     report(args.out, step_times=times.times)

@@ -15,11 +15,11 @@ from typing import Any
 import torch
 
 from datamodules import IGNORE_INDEX
-from datamodules.base import TextDataModule
 from datamodules.sources import DataSourceError
+from datamodules.task import Task
 
 
-class ClassificationDataModule(TextDataModule):
+class ClassificationTask(Task):
     """(text, label) records as prompt -> label-name examples, with the class index in every batch."""
 
     # the label scorer reads a padded batch (prompt_length per row)

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from datamodules.base import TextDataModule
 from datamodules.sources import DataSourceError
+from datamodules.task import Task
 
 
 def concatenate_into_blocks(documents: list[list[int]], block_size: int, separator: int) -> list[list[int]]:
@@ -22,7 +22,7 @@ def concatenate_into_blocks(documents: list[list[int]], block_size: int, separat
     return [stream[i : i + block_size] for i in range(0, len(stream) - block_size + 1, block_size)]
 
 
-class PretrainDataModule(TextDataModule):
+class PretrainTask(Task):
     """Next-token prediction in fixed-length blocks over documents whose text is in `text_fields`."""
 
     # its blocks are full already: no padding to remove

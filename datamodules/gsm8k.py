@@ -15,11 +15,11 @@ from types import MappingProxyType
 from typing import Any
 
 from datamodules import lm_eval_format
-from datamodules.base import TextDataModule
 from datamodules.lm_eval_format import LmEvalGSM8KFormat
 from datamodules.noise import NoisyProblem, annotate, inject
 from datamodules.prompt_format import PromptFormat
 from datamodules.sources import DataSourceError
+from datamodules.task import Task
 
 CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
 STRICT = (lm_eval_format.STRICT, re.compile(r"The answer is (\-?[0-9\.\,]+)\."))
@@ -63,7 +63,7 @@ def validate_record(record: Mapping[str, Any]) -> None:
             )
 
 
-class GSM8KDataModule(TextDataModule):
+class GSM8KTask(Task):
     """GSM8K, clean or with injected noise; the prompt template comes from the task config."""
 
     def __init__(

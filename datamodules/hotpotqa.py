@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from datamodules import IGNORE_INDEX
-from datamodules.base import TextDataModule
 from datamodules.sources import DataSourceError
+from datamodules.task import Task
 
 
 def _paragraphs(record: Mapping[str, Any]) -> tuple[dict[str, list[str]], list[tuple[str, int]]]:
@@ -88,7 +88,7 @@ def knowledge_pieces(record: Mapping[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
-class HotpotQADataModule(TextDataModule):
+class HotpotQATask(Task):
     """Knowledge pieces of HotpotQA as (cloze prompt, " answer") examples; the loss covers the answer."""
 
     def records(self, stage: str) -> list[dict[str, Any]]:

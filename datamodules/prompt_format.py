@@ -1,5 +1,5 @@
 """Evaluation prompt formats: how a task's evaluation prompts are built and its generations scored, one object
-per `prompting.style`, chosen once when the DataModule is built (`TextDataModule.prompt_format`).
+per `prompting.style`, chosen once when the task is built (`Task.prompt_format`).
 
 `PromptFormat` is lmlab's own style for any task; a style that reproduces another harness subclasses it
 (lm_eval_format.LmEvalGSM8KFormat) and the task lists it in its `prompt_formats`.
@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 
 class FormattedTask(Protocol):
-    """What a prompt format asks of its task (a TextDataModule): this module depends on this much only."""
+    """What a prompt format asks of its task (datamodules/task.py): this module depends on this much only."""
 
     extra_stop_strings: tuple[str, ...]
 

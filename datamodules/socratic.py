@@ -27,11 +27,11 @@ from typing import Any
 import numpy as np
 
 from datamodules import IGNORE_INDEX
-from datamodules.base import TextDataModule
 from datamodules.dialogues import convert, dialogues_of
 from datamodules.gsm8k import FLEXIBLE, extract_flexible, normalise
 from datamodules.prompt_format import PromptFormat
 from datamodules.sources import DataSourceError
+from datamodules.task import Task
 
 PLAIN_ROLES = {"system": "System", "user": "Student", "assistant": "Teacher"}
 CJK_OR_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+")
@@ -62,7 +62,7 @@ class DialoguePromptFormat(PromptFormat):
         return self.task.render(list(record["messages"]), add_generation_prompt=True)
 
 
-class SocraticDataModule(TextDataModule):
+class SocraticTask(Task):
     """Tutoring dialogues: teacher-turn loss for training, next-teacher-turn generation for evaluation."""
 
     extra_stop_strings = ("\nStudent:",)

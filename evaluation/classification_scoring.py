@@ -15,6 +15,7 @@ from torchmetrics.functional.classification import (
     multiclass_f1_score,
 )
 
+from datamodules.task import Task
 from evaluation.loaded import Loaded
 from modeling import classifier_head
 from modeling.figures import plot_confusion
@@ -22,35 +23,35 @@ from stats import item_scores
 
 
 def outputs(
-    cfg: DictConfig, loaded: Loaded, datamodule: Any, records: list[dict[str, Any]], share: range
+    cfg: DictConfig, loaded: Loaded, task: Task, records: list[dict[str, Any]], share: range
 ) -> list[list[float]]:
     """The class scores [C] of each record of `share`: the saved projection head's logits, else every
     label's log-likelihood (modeling/classifier_head.py)."""
-    examples = datamodule.tokenize_all([records[i] for i in share], "test")
+    examples = task.tokenize_all([records[i] for i in share], "test")
     device = loaded.head.head[0].weight.device if loaded.head is not None else loaded.model.device
     scores, size = [], cfg.generation.batch_size
     with torch.no_grad():
         for first in range(0, len(examples), size):
-            batch = {k: v.to(device) for k, v in datamodule.collate(examples[first : first + size]).items()}
+            batch = {k: v.to(device) for k, v in task.collate(examples[first : first + size]).items()}
             if loaded.head is not None:
                 scores += classifier_head.head_scores(loaded.head, batch).float().tolist()
             else:
-                labels, pad = datamodule.label_token_ids(), datamodule.tokenizer.pad_token_id
+                labels, pad = task.label_token_ids(), task.tokenizer.pad_token_id
                 scores += classifier_head.label_scores(loaded.model, batch, labels, pad).float().tolist()
     return scores
 
 
 def score(
     cfg: DictConfig,
-    datamodule: Any,
+    task: Task,
     records: list[dict[str, Any]],
     class_scores: list[list[float]],
     run_dir: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[str, Any]]]:
     """Rows of every test example from its class scores; accuracy and macro F1 with their intervals."""
-    rows, classes = [], len(datamodule.class_names)
+    rows, classes = [], len(task.class_names)
     scores = torch.tensor(class_scores)  # [N, C]
-    truth = torch.tensor([datamodule.class_index(record) for record in records])  # [N]
+    truth = torch.tensor([task.class_index(record) for record in records])  # [N]
     for index, (record, guess, gold, row_scores) in enumerate(
         zip(records, scores.argmax(-1).tolist(), truth.tolist(), class_scores, strict=True)
     ):
@@ -58,11 +59,11 @@ def score(
             {
                 "index": index,
                 "where": record.get("_where"),
-                "text": record[datamodule.text_column],
-                "gold": datamodule.class_names[gold],
-                "predicted": datamodule.class_names[guess],
+                "text": record[task.text_column],
+                "gold": task.class_names[gold],
+                "predicted": task.class_names[guess],
                 "correct": float(guess == gold),
-                "scores": dict(zip(datamodule.class_names, row_scores, strict=True)),
+                "scores": dict(zip(task.class_names, row_scores, strict=True)),
             }
         )
     guesses = scores.argmax(-1)  # [N]
@@ -73,18 +74,16 @@ def score(
     matrix = multiclass_confusion_matrix(guesses, truth, classes)  # [C, C], true classes as rows
     plot_confusion(
         matrix,
-        datamodule.class_names,
+        task.class_names,
         run_dir / "confusion_matrix.png",
         f"{cfg.model.name} on {cfg.task.name}",
     )
-    predicted = torch.tensor([datamodule.class_names.index(row["predicted"]) for row in rows])  # [N]
-    gold = torch.tensor([datamodule.class_names.index(row["gold"]) for row in rows])  # [N]
+    predicted = torch.tensor([task.class_names.index(row["predicted"]) for row in rows])  # [N]
+    gold = torch.tensor([task.class_names.index(row["gold"]) for row in rows])  # [N]
 
     def macro_f1(indices: np.ndarray) -> float:
         picked = torch.from_numpy(indices)
-        return float(
-            multiclass_f1_score(predicted[picked], gold[picked], len(datamodule.class_names), "macro")
-        )
+        return float(multiclass_f1_score(predicted[picked], gold[picked], len(task.class_names), "macro"))
 
     item_scores.assign_ids(rows)
     intervals = item_scores.intervals(

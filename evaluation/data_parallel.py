@@ -26,6 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import set_seed
 
 import datamodules
+from datamodules.task import Task
 from evaluation.loaded import Loaded, device_for, load
 from runtime.saved_run import RunModel
 
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 
 SHARDS_DIR = "shards"
 
-# outputs(cfg, loaded, datamodule, records, share) -> one JSON value per item of `share`
+# outputs(cfg, loaded, task, records, share) -> one JSON value per item of `share`
 Outputs = Callable[[DictConfig, Loaded, Any, list[dict[str, Any]], range], list[Any]]
 
 
@@ -64,14 +65,14 @@ def gathered(
     cfg: DictConfig,
     outputs: Outputs,
     loaded: Loaded,
-    datamodule: Any,
+    task: Task,
     records: list,
     run_dir: Path,
 ) -> list[Any]:
     """`outputs` for every record, in record order, computed by `devices` processes (this one first)."""
     world = world_size(cfg)
     if world == 1:
-        return outputs(cfg, loaded, datamodule, records, range(len(records)))
+        return outputs(cfg, loaded, task, records, range(len(records)))
     parts = [part for part in shares(len(records), world, cfg.generation.batch_size) if part]
     directory = run_dir / SHARDS_DIR
     directory.mkdir(parents=True, exist_ok=True)
@@ -98,7 +99,7 @@ def gathered(
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(_threads_each(len(parts)))
-        mine = outputs(cfg, loaded, datamodule, records, parts[0])
+        mine = outputs(cfg, loaded, task, records, parts[0])
     finally:
         torch.set_num_threads(threads)
     for worker in workers:
@@ -141,6 +142,6 @@ def _work(
     set_seed(cfg.seed)  # as the first process built the model (from_scratch)
     loaded = load(choice, cfg, rank)
     set_seed(cfg.seed + rank)  # sampling: one stream per process
-    datamodule = datamodules.build(cfg, loaded.tokenizer)
-    result = outputs(cfg, loaded, datamodule, records, share)
+    task = datamodules.build_task(cfg, loaded.tokenizer)
+    result = outputs(cfg, loaded, task, records, share)
     (directory / f"rank{rank}.json").write_text(json.dumps(result))

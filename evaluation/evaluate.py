@@ -1,5 +1,5 @@
 """The evaluation run behind evaluate.py: load the model (base or `ckpt=`), score it on a task's test split
-with the scorer its DataModule asks for (`evaluation_kind`: generation or classification), write the results:
+with the scorer its task asks for (`evaluation_kind`: generation or classification), write the results:
 per-item outcomes (predictions.jsonl, with item ids), metrics.json and results.json, every metric with its
 interval (conf/statistics, docs/statistics.md).
 
@@ -37,7 +37,7 @@ class Scorer(NamedTuple):
     score: Callable[..., tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]]
 
 
-# DataModule.evaluation_kind -> its Scorer
+# Task.evaluation_kind -> its Scorer
 SCORERS: dict[str, Scorer] = {
     "generation": Scorer(generation_scoring.outputs, generation_scoring.score),
     "classification": Scorer(classification_scoring.outputs, classification_scoring.score),
@@ -50,13 +50,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with start(cfg, job_type="evaluate") as session:
         data_parallel.world_size(cfg)  # refuse a bad `devices` before loading anything
         loaded = load(choice, cfg)
-        datamodule = datamodules.build(cfg, loaded.tokenizer)
+        task = datamodules.build_task(cfg, loaded.tokenizer)
         if loaded.model is None:
-            vllm_backend.check(cfg, datamodule.evaluation_kind)
-        records = _nonempty(datamodule.evaluation_records()[: cfg.get("limit")], cfg)
-        kind = scorer(datamodule.evaluation_kind)
-        outputs = data_parallel.gathered(cfg, kind.outputs, loaded, datamodule, records, session.run_dir)
-        rows, metrics, intervals = kind.score(cfg, datamodule, records, outputs, session.run_dir)
+            vllm_backend.check(cfg, task.evaluation_kind)
+        records = _nonempty(task.evaluation_records()[: cfg.get("limit")], cfg)
+        kind = scorer(task.evaluation_kind)
+        outputs = data_parallel.gathered(cfg, kind.outputs, loaded, task, records, session.run_dir)
+        rows, metrics, intervals = kind.score(cfg, task, records, outputs, session.run_dir)
         if cfg.get("judge") and rows:
             reference = next((k for k in ("correct", "exact_match_flexible") if k in rows[0]), None)
             metrics |= judge_rows(cfg.judge, cfg.task.name, rows, reference)
@@ -106,7 +106,7 @@ def _nonempty(records: list[dict[str, Any]], cfg: DictConfig) -> list[dict[str, 
 
 
 def scorer(kind: str) -> Scorer:
-    """The scoring function for a DataModule's `evaluation_kind`."""
+    """The scoring function for a task's `evaluation_kind`."""
     if kind not in SCORERS:
         raise ValueError(f"evaluation_kind={kind!r} has no scorer; known: {sorted(SCORERS)}")
     return SCORERS[kind]

@@ -15,6 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from datamodules.task import Task
 from evaluation import vllm_backend
 from evaluation.loaded import Loaded
 from modeling.generation import generate
@@ -28,45 +29,45 @@ def pass_at_k(samples: int, correct: int, k: int) -> float:
     return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
 
 
-def prompts(cfg: DictConfig, datamodule: Any, records: list[dict[str, Any]]) -> list[str]:
+def prompts(cfg: DictConfig, task: Task, records: list[dict[str, Any]]) -> list[str]:
     """The prompt of every record, its exemplars drawn (seeded) over all records."""
-    style = datamodule.prompt_format
+    style = task.prompt_format
     exemplars = style.fewshot_exemplars(records, cfg.prompting.num_fewshot, cfg.prompting.fewshot_seed)
     return [style.prompt(record, shots) for record, shots in zip(records, exemplars, strict=True)]
 
 
 def outputs(
-    cfg: DictConfig, loaded: Loaded, datamodule: Any, records: list[dict[str, Any]], share: range
+    cfg: DictConfig, loaded: Loaded, task: Task, records: list[dict[str, Any]], share: range
 ) -> list[list[str]]:
     """The `generation.num_samples` completions of each record of `share`, from lmlab's generation or
     (`generation.backend=vllm`) a vLLM engine."""
-    everything = prompts(cfg, datamodule, records)
+    everything = prompts(cfg, task, records)
     chosen = [everything[i] for i in share]
     if vllm_backend.backend(cfg) == "vllm":
-        return vllm_backend.generate(cfg, loaded.choice, loaded.tokenizer, chosen, settings(cfg, datamodule))
-    return generate(loaded.model, loaded.tokenizer, chosen, **settings(cfg, datamodule))
+        return vllm_backend.generate(cfg, loaded.choice, loaded.tokenizer, chosen, settings(cfg, task))
+    return generate(loaded.model, loaded.tokenizer, chosen, **settings(cfg, task))
 
 
-def settings(cfg: DictConfig, datamodule: Any) -> dict[str, Any]:
+def settings(cfg: DictConfig, task: Task) -> dict[str, Any]:
     """lmlab's generation keywords from `cfg.generation`, the task's stop strings added."""
     chosen = OmegaConf.to_container(cfg.generation, resolve=True)
     for engine_key in ("backend", "vllm"):
         chosen.pop(engine_key, None)
-    chosen["stop_strings"] = datamodule.prompt_format.stop_strings(chosen["stop_strings"])
+    chosen["stop_strings"] = task.prompt_format.stop_strings(chosen["stop_strings"])
     return chosen
 
 
 def score(
     cfg: DictConfig,
-    datamodule: Any,
+    task: Task,
     records: list[dict[str, Any]],
     completions: list[list[str]],
     run_dir: Path,
 ) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[str, Any]]]:
     """Score every completion: pass@ per `exact_match_*` score, means of the other scores, corpus metrics;
     and the interval of each."""
-    style = datamodule.prompt_format
-    texts = prompts(cfg, datamodule, records)
+    style = task.prompt_format
+    texts = prompts(cfg, task, records)
 
     rows, samples = [], cfg.generation.num_samples
     for index, (record, prompt, generations) in enumerate(zip(records, texts, completions, strict=True)):
@@ -98,13 +99,13 @@ def score(
         values = [row[key] for row in rows if row.get(key) is not None]
         metrics[key] = sum(values) / len(values)
     generations, golds = [row["generation"] for row in rows], [row["gold"] for row in rows]
-    metrics |= datamodule.corpus_metrics(generations, golds)
+    metrics |= task.corpus_metrics(generations, golds)
     item_scores.assign_ids(rows)
     intervals = item_scores.intervals(
         rows,
         metrics,
         {key: key for key in metric_keys},
-        datamodule.corpus_statistics(generations, golds),
+        task.corpus_statistics(generations, golds),
         cfg.statistics,
     )
     metrics["num_problems"] = len(rows)

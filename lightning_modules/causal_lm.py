@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from datamodules import IGNORE_INDEX
 from datamodules.padding_free import example_lengths
+from datamodules.task import Task
 from lightning_modules.base import OptimisedModule, module_settings
 from modeling.experts import ExpertLoad, aux_loss_weight, router_inputs
 from modeling.flops import batch_flops
@@ -58,8 +59,8 @@ class CausalLMModule(OptimisedModule):
         )
 
     @classmethod
-    def from_config(cls, model: PreTrainedModel, cfg: DictConfig, datamodule: Any) -> CausalLMModule:
-        """The module for a train.py config (`cfg.optim`, `cfg.metrics`, `cfg.moe`); the DataModule is unused
+    def from_config(cls, model: PreTrainedModel, cfg: DictConfig, task: Task) -> CausalLMModule:
+        """The module for a train.py config (`cfg.optim`, `cfg.metrics`, `cfg.moe`); the task is unused
         here."""
         return cls(model, **module_settings(cfg), **cfg.moe)
 

@@ -5,7 +5,6 @@ and the confusion matrix per stage (lightning_modules/classification_metrics.py)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -13,6 +12,7 @@ from torch import nn
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
+from datamodules.task import Task
 from lightning_modules.base import OptimisedModule, module_settings
 from lightning_modules.classification_metrics import ClassificationMetrics, log_classification_epoch
 from modeling import classifier_head
@@ -55,10 +55,10 @@ class ClassifierModule(OptimisedModule):
         )
 
     @classmethod
-    def from_config(cls, model: PreTrainedModel, cfg: DictConfig, datamodule: Any) -> ClassifierModule:
-        """The module for a train.py config: classes from the DataModule, head from `method.head`,
+    def from_config(cls, model: PreTrainedModel, cfg: DictConfig, task: Task) -> ClassifierModule:
+        """The module for a train.py config: classes from the task, head from `method.head`,
         `cfg.optim`, `cfg.metrics`."""
-        return cls(model, datamodule.class_names, **(cfg.method.get("head") or {}), **module_settings(cfg))
+        return cls(model, task.class_names, **(cfg.method.get("head") or {}), **module_settings(cfg))
 
     @property
     def model(self) -> PreTrainedModel:

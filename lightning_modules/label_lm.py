@@ -14,6 +14,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import PreTrainedModel
 
+from datamodules.task import Task
 from lightning_modules.base import module_settings
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.classification_metrics import ClassificationMetrics, log_classification_epoch
@@ -42,14 +43,13 @@ class LabelLMModule(CausalLMModule):
         )
 
     @classmethod
-    def from_config(cls, model: PreTrainedModel, cfg: DictConfig, datamodule: Any) -> LabelLMModule:
-        """The module for a train.py config: label tokens and class names from the classification
-        DataModule."""
+    def from_config(cls, model: PreTrainedModel, cfg: DictConfig, task: Task) -> LabelLMModule:
+        """The module for a train.py config: label tokens and class names from the classification task."""
         return cls(
             model,
-            datamodule.label_token_ids(),
-            datamodule.class_names,
-            datamodule.tokenizer.pad_token_id,
+            task.label_token_ids(),
+            task.class_names,
+            task.tokenizer.pad_token_id,
             **module_settings(cfg),
             **cfg.moe,
         )

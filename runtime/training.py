@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import datamodules
+from datamodules.task import Task
 from lightning_modules import methods
 from lightning_modules.base import NonFiniteLossError
 from lightning_modules.methods import MethodContext, count_parameters
@@ -50,20 +51,18 @@ def build_trainable_model(
     context = MethodContext(cfg.model, tokenizer, datamodule, Path(cfg.paths.output_dir))
     model = methods.build(cfg.method)(model, context)
     setattr(model, model_checks.BASE_IDENTITY_ATTR, identity)  # recorded in every checkpoint and export
-    datamodule.padding_free = padding_free(model, datamodule)
+    datamodule.task.padding_free = padding_free(model, datamodule.task)
     model.train()  # from_pretrained leaves eval mode (dropout off); training needs train mode
     return model, tokenizer, datamodule, context.metrics
 
 
-def padding_free(model: PreTrainedModel, datamodule: L.LightningDataModule) -> bool:
+def padding_free(model: PreTrainedModel, task: Task) -> bool:
     """Padding-free batches where `data.padding_free` asks for them, the task's examples allow them and the
     model keeps packed examples apart; one log line where a run pads instead."""
-    if not datamodule.padding_free_requested:
+    if not task.padding_free_requested:
         return False
-    if not datamodule.allows_padding_free:
-        log.info(
-            "data.padding_free: %s batches are padded (its batches do not pack)", type(datamodule).__name__
-        )
+    if not task.allows_padding_free:
+        log.info("data.padding_free: %s batches are padded (its batches do not pack)", type(task).__name__)
         return False
     if not keeps_sequences_apart(model):
         log.info(
@@ -96,7 +95,7 @@ def trainable_module(cfg: DictConfig) -> L.LightningModule:
     """The task module of `cfg` around a freshly built trainable model (an FSDP run's unsharded copy for
     export)."""
     model, _, datamodule, _ = build_trainable_model(cfg)
-    return task_module_class(task_module_name(cfg)).from_config(model, cfg, datamodule)
+    return task_module_class(task_module_name(cfg)).from_config(model, cfg, datamodule.task)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -105,7 +104,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with start(cfg, job_type="train") as session:
         model, tokenizer, datamodule, method_metrics = build_trainable_model(cfg)
         check_data(cfg, datamodule)
-        module = task_module_class(task_module_name(cfg)).from_config(model, cfg, datamodule)
+        module = task_module_class(task_module_name(cfg)).from_config(model, cfg, datamodule.task)
         module.allow_base_mismatch = bool(cfg.get("allow_base_mismatch"))
         if cfg.get("ckpt_path"):
             for path in remove_partial_files(Path(cfg.ckpt_path).parent):
@@ -133,7 +132,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "trainable_params": trainable,
             "total_params": total,
             "trainable_share": trainable / total,
-            "padding_free": datamodule.padding_free,
+            "padding_free": datamodule.task.padding_free,
             **divergence(module, cfg.divergence_max_abs_weight),
             "metrics": {key: float(value) for key, value in trainer.callback_metrics.items()},
         }

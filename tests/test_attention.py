@@ -16,7 +16,7 @@ import datamodules
 from analysis.allocation import CLASSES, allocation, token_classes
 from analysis.attention import analyse
 from analysis.attention_maps import AttentionCapture
-from datamodules.gsm8k import GSM8KDataModule
+from datamodules.gsm8k import GSM8KTask
 from modeling import models
 from modeling.architecture import attention_modules
 from tests.conftest import ROOT, compose_config
@@ -32,7 +32,7 @@ def test_token_class_rule_on_hand_made_offsets() -> None:
 
 def test_token_classes_follow_the_injected_spans_through_the_tokenizer() -> None:
     tokenizer = models.byte_level_tokenizer()
-    module = GSM8KDataModule(
+    module = GSM8KTask(
         tokenizer=tokenizer,
         source={"kind": "bundled", "bundled": "gsm8k"},
         splits={"train": "train", "test": "test"},
@@ -72,8 +72,8 @@ def test_forced_uniform_attention_gives_the_class_shares(name: str, keep_sink: b
     for module in attention_modules(model):
         torch.nn.init.zeros_(module.q_proj.weight)  # every score 0 -> uniform over the causal window
 
-    datamodule = datamodules.build(cfg, tokenizer)
-    prompt, spans = datamodule.attention_input(datamodule.records("test")[0])
+    task = datamodules.build_task(cfg, tokenizer)
+    prompt, spans = task.attention_input(task.records("test")[0])
     encoded = tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
     classes = token_classes(encoded["offset_mapping"][0].tolist(), spans, prompt)
     length = len(classes)
@@ -128,7 +128,7 @@ def test_a_task_that_cannot_be_analysed_is_named(tmp_path: Path) -> None:
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
     with pytest.raises(
-        ValueError, match="task 'cosmopedia' cannot be analysed: .*PretrainDataModule.*analysis.text="
+        ValueError, match="task 'cosmopedia' cannot be analysed: .*PretrainTask.*analysis.text="
     ):
         analyse(cfg)
 

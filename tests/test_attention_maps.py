@@ -72,13 +72,13 @@ def expected_maps(model: torch.nn.Module, input_ids: torch.Tensor, name: str) ->
 
 
 @pytest.mark.parametrize("model_name", ["tiny_llama", "tiny_diffllama"])
-@pytest.mark.parametrize("task", ["classification", "socratic_math"])
+@pytest.mark.parametrize("task_name", ["classification", "socratic_math"])
 def test_task_maps_equal_output_attentions_and_classes_come_from_the_task(
-    task: str, model_name: str, tmp_path: Path
+    task_name: str, model_name: str, tmp_path: Path
 ) -> None:
     cfg = compose_config(
         f"model={model_name}",
-        f"task={task}",
+        f"task={task_name}",
         "task.source=bundled",
         "analysis.num_problems=2",
         "analysis.save_maps=true",
@@ -86,12 +86,12 @@ def test_task_maps_equal_output_attentions_and_classes_come_from_the_task(
     )
     L.seed_everything(0)
     model, tokenizer = models.build(cfg.model)
-    datamodule = datamodules.build(cfg, tokenizer)
-    result = analyse_task(cfg, model, tokenizer, datamodule, tmp_path)
+    task = datamodules.build_task(cfg, tokenizer)
+    result = analyse_task(cfg, model, tokenizer, task, tmp_path)
     classes = {
         "classification": ["LABEL", "TEXT", "OTHER"],
         "socratic_math": ["STUDENT", "TEACHER", "OTHER"],
-    }[task]
+    }[task_name]
     assert result["classes"] == classes and result["num_problems"] == 2
     name = "diff" if model_name == "tiny_diffllama" else "standard"
     ratios = result["maps"][name]["ratio"]
@@ -100,8 +100,8 @@ def test_task_maps_equal_output_attentions_and_classes_come_from_the_task(
         load_file(tmp_path / MAPS_FILE),
         json.loads((tmp_path / "attention_maps.json").read_text()),
     )
-    for index, record in enumerate(datamodule.records("test")[:2]):
-        prompt, spans = datamodule.attention_input(record)
+    for index, record in enumerate(task.records("test")[:2]):
+        prompt, spans = task.attention_input(record)
         assert described["inputs"][index]["text"] == prompt
         assert set(classes[:2]) <= set(described["inputs"][index]["classes"])  # both labelled classes occur
         input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
@@ -110,20 +110,18 @@ def test_task_maps_equal_output_attentions_and_classes_come_from_the_task(
             assert torch.allclose(
                 saved[f"{index}/{name}"][layer], expected[:, [length - 1], :length], atol=1e-6
             )
-    if task == "classification":
-        record = datamodule.records("test")[0]
-        prompt, spans = datamodule.attention_input(record)
-        assert prompt == datamodule.format_example(record)[0]
-        assert [prompt[a:b] for a, b, label in spans if label == "LABEL"] == datamodule.class_names
-        assert [prompt[a:b] for a, b, label in spans if label == "TEXT"] == [
-            record[datamodule.text_column].strip()
-        ]
+    if task_name == "classification":
+        record = task.records("test")[0]
+        prompt, spans = task.attention_input(record)
+        assert prompt == task.format_example(record)[0]
+        assert [prompt[a:b] for a, b, label in spans if label == "LABEL"] == task.class_names
+        assert [prompt[a:b] for a, b, label in spans if label == "TEXT"] == [record[task.text_column].strip()]
     else:
-        record = datamodule.records("test")[0]
-        prompt, spans = datamodule.attention_input(record)
+        record = task.records("test")[0]
+        prompt, spans = task.attention_input(record)
         messages = record["messages"]
         context = messages[: max(i for i, m in enumerate(messages) if m["role"] == "assistant")]
-        assert prompt == datamodule.render(context, add_generation_prompt=True)
+        assert prompt == task.render(context, add_generation_prompt=True)
         for role, label in (("user", "STUDENT"), ("assistant", "TEACHER")):
             assert [prompt[a:b] for a, b, kind in spans if kind == label] == [
                 m["content"] for m in context if m["role"] == role

@@ -23,7 +23,7 @@ BUNDLED = {"kind": "bundled", "bundled": "hotpotqa"}
 
 def tiny(name: str):
     cfg, model, tokenizer = built_model(f"model={name}", "task.source=bundled", config_name="ripple")
-    return cfg, model, tokenizer, datamodules.build(cfg, tokenizer)
+    return cfg, model, tokenizer, datamodules.build_task(cfg, tokenizer)
 
 
 def test_bridge_questions_become_two_hop_cloze_pieces() -> None:
@@ -69,8 +69,8 @@ def test_comparison_questions_give_no_pieces() -> None:
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
 def test_gradsim_is_symmetric_unit_diagonal_and_equals_a_per_example_loop(name: str) -> None:
-    cfg, model, _, datamodule = tiny(name)
-    pieces, matrix = gradsim.compute(model, datamodule, cfg.analysis.gradsim, cfg.seed)
+    cfg, model, _, task = tiny(name)
+    pieces, matrix = gradsim.compute(model, task, cfg.analysis.gradsim, cfg.seed)
     assert matrix.shape == (12, 12)
     assert np.allclose(matrix, matrix.T) and np.allclose(np.diag(matrix), 1.0)
 
@@ -78,7 +78,7 @@ def test_gradsim_is_symmetric_unit_diagonal_and_equals_a_per_example_loop(name: 
     loop = []
     for piece in pieces:
         model.zero_grad()
-        batch = datamodule.collate([datamodule.answer_example(piece["prompt"], piece["answer"])])
+        batch = task.collate([task.answer_example(piece["prompt"], piece["answer"])])
         gradsim.answer_log_probs(model, batch).sum().backward()
         loop.append(module.weight.grad.flatten().clone())
     expected = gradsim.cosine_matrix(torch.stack(loop))
@@ -86,12 +86,12 @@ def test_gradsim_is_symmetric_unit_diagonal_and_equals_a_per_example_loop(name: 
 
 
 def test_projected_gradsim_keeps_the_coupling_structure() -> None:
-    cfg, model, _, datamodule = tiny("tiny_llama")
-    _, exact = gradsim.compute(model, datamodule, cfg.analysis.gradsim, cfg.seed)
+    cfg, model, _, task = tiny("tiny_llama")
+    _, exact = gradsim.compute(model, task, cfg.analysis.gradsim, cfg.seed)
     settings = cfg.analysis.gradsim.copy()
     with open_dict(settings):
         settings.projection_dim = 4096
-    _, projected = gradsim.compute(model, datamodule, settings, cfg.seed)
+    _, projected = gradsim.compute(model, task, settings, cfg.seed)
     upper = np.triu_indices(12, k=1)
     assert np.allclose(np.diag(projected), 1.0)
     # half the dimensions, random Kronecker map
@@ -193,8 +193,8 @@ def test_local_hotpotqa_file_is_read_for_the_test_stage(tmp_path: Path) -> None:
     path = tmp_path / "dev.json"
     path.write_text(json.dumps([{k: v for k, v in r.items() if k != "_where"} for r in records]))
     cfg = compose_config("model=tiny_llama", f"task.data_files={{test: {path}}}", config_name="ripple")
-    datamodule = datamodules.build(cfg, models.byte_level_tokenizer())
-    pieces = datamodule.records("test")
+    task = datamodules.build_task(cfg, models.byte_level_tokenizer())
+    pieces = task.records("test")
     assert len(pieces) == 12 and pieces[0]["_where"] == f"{path}[0]"
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from datamodules import IGNORE_INDEX
-from datamodules.base import EpochSeededSampler
-from datamodules.gsm8k import GSM8KDataModule
+from datamodules.base import EpochSeededSampler, TextDataModule
+from datamodules.gsm8k import GSM8KTask
 from datamodules.sources import DataSourceError, load_split, read_file
 from modeling.models import byte_level_tokenizer
 from tests.conftest import compose_config
@@ -18,8 +18,8 @@ from tests.conftest import compose_config
 TEMPLATE = "Question: {question}\nAnswer:"
 
 
-def gsm8k_module(source: dict, **kwargs) -> GSM8KDataModule:
-    return GSM8KDataModule(
+def gsm8k_module(source: dict, **kwargs) -> GSM8KTask:
+    return GSM8KTask(
         tokenizer=byte_level_tokenizer(),
         source=source,
         splits={"train": "train", "test": "test"},
@@ -56,7 +56,7 @@ def test_record_missing_a_field_names_file_line_and_field(tmp_path: Path) -> Non
     path = write_jsonl(
         tmp_path / "train.jsonl", [{"question": "q1", "answer": "a #### 1"}, {"question": "q2"}] * 3
     )
-    module = gsm8k_module({"data_files": {"train": str(path), "test": str(path)}}, val_size=1)
+    module = TextDataModule(gsm8k_module({"data_files": {"train": str(path), "test": str(path)}}, val_size=1))
     with pytest.raises(DataSourceError, match=rf"{re.escape(str(path))}:\d+: GSM8K record needs .*'answer'"):
         module.setup("fit")
 
@@ -89,7 +89,7 @@ def test_unreachable_hub_says_how_to_load_local_files(monkeypatch: pytest.Monkey
 def test_a_task_without_a_hub_dataset_asks_for_one_or_for_local_files() -> None:
     cfg = compose_config("task=gsm8k", "task.hub_id=null")
     with pytest.raises(DataSourceError, match="task.hub_id=<dataset id> or task.data_files=<local file>"):
-        load_split(cfg.task.datamodule.source, "train")
+        load_split(cfg.task.definition.source, "train")
 
 
 def test_loss_mask_covers_exactly_the_target_tokens() -> None:
@@ -108,7 +108,7 @@ def test_loss_mask_covers_exactly_the_target_tokens() -> None:
 
 
 def test_a_max_length_that_cuts_off_every_target_is_an_error(tmp_path: Path) -> None:
-    module = gsm8k_module({"kind": "bundled", "bundled": "gsm8k"}, max_length=64, val_size=4)
+    module = TextDataModule(gsm8k_module({"kind": "bundled", "bundled": "gsm8k"}, max_length=64, val_size=4))
     # every bundled prompt is longer than 64 bytes: nothing would train
     with pytest.raises(
         DataSourceError, match="train: data.max_length=64 cuts off the target of all 28 examples"

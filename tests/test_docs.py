@@ -134,12 +134,12 @@ def test_the_download_commands_write_the_files_the_tasks_read(
         ("openai/gsm8k", "socratic", "test"),
         ("hotpotqa/hotpot_qa", "distractor", "validation"),
     ]
-    for task, files in (
+    for name, files in (
         ("gsm8k", "{train: data/gsm8k/train.jsonl, test: data/gsm8k/test.jsonl}"),
         ("hotpotqa", "{test: data/hotpotqa/hotpot_dev_distractor.json}"),
     ):
-        downloaded = datamodules.build(compose_config(f"task={task}", f"task.data_files={files}"), None)
-        bundled_copy = datamodules.build(compose_config(f"task={task}", "task.source=bundled"), None)
+        downloaded = datamodules.build_task(compose_config(f"task={name}", f"task.data_files={files}"), None)
+        bundled_copy = datamodules.build_task(compose_config(f"task={name}", "task.source=bundled"), None)
         assert without_origin(downloaded.records("test")) == without_origin(bundled_copy.records("test"))
 
 

@@ -113,7 +113,7 @@ def assert_export_matches_checkpoint(run_dir: Path, method: str, trained: dict[s
     exported, tokenizer = load_saved(evaluate_cfg)
     L.seed_everything(42)
     model, _, datamodule, _ = build_trainable_model(train_cfg)
-    reference = task_module_class("causal_lm").from_config(model, train_cfg, datamodule)
+    reference = task_module_class("causal_lm").from_config(model, train_cfg, datamodule.task)
     # a frozen base: trainable weights only
     reference.load_state_dict(trained, strict=reference.strict_loading)
     input_ids = tokenizer("Question: 2 + 3 = ?\nAnswer:", return_tensors="pt")["input_ids"]

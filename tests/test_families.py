@@ -175,18 +175,18 @@ def test_attention_maps_equal_the_weights_eager_attention_returns(family_model, 
 @pytest.mark.parametrize("name", sorted(FAMILIES) + DENSE_PATH)
 def test_gradsim_equals_a_per_example_gradient_loop(family_model, name: str) -> None:
     cfg, model, tokenizer = family_model(name)
-    datamodule = datamodules.build(cfg, tokenizer)
+    task = datamodules.build_task(cfg, tokenizer)
     examples = [
-        datamodule.tokenize(f"{p} ", a)
+        task.tokenize(f"{p} ", a)
         for p, a in (("Paris is in", "France"), ("2 + 2 is", "4"), ("Ice is", "cold"))
     ]
     layers = architecture.mlp_output_layers(model)  # both, but a hybrid mixture's dense block only
     assert layers == ([0] if name == "jamba" else [0, 1])
-    vectors = gradsim.PerExampleGradients(model, layers)(datamodule.collate(examples))  # [3, D]
+    vectors = gradsim.PerExampleGradients(model, layers)(task.collate(examples))  # [3, D]
     modules = [module for _, module, _ in architecture.mlp_output_modules(model, layers)]
     for row, example in enumerate(examples):
         model.zero_grad()
-        gradsim.answer_log_probs(model, datamodule.collate([example])).sum().backward()
+        gradsim.answer_log_probs(model, task.collate([example])).sum().backward()
         expected = torch.cat([module.weight.grad.flatten() for module in modules])
         torch.testing.assert_close(vectors[row], expected, rtol=1e-4, atol=1e-6)
     model.zero_grad(set_to_none=True)

@@ -43,13 +43,13 @@ def gsm8k_files(tmp_path: Path) -> str:
 def lm_eval_datamodule(*overrides: str):
     cfg = compose_config("model=tiny_llama", "prompting.style=lm_eval", *overrides, config_name="evaluate")
     _, tokenizer = models.build(cfg.model)
-    return datamodules.build(cfg, tokenizer)
+    return datamodules.build_task(cfg, tokenizer)
 
 
 def test_prompt_is_lm_evals_text_with_exemplars_drawn_per_problem(gsm8k_files: str) -> None:
-    datamodule = lm_eval_datamodule(gsm8k_files)
-    records = datamodule.evaluation_records()
-    exemplars = datamodule.prompt_format.fewshot_exemplars(records, 2, 1234)
+    task = lm_eval_datamodule(gsm8k_files)
+    records = task.evaluation_records()
+    exemplars = task.prompt_format.fewshot_exemplars(records, 2, 1234)
     # lm-eval's ContextSampler: one Random(seed) draws each test problem's exemplars in test order, from the
     # whole train split (lmlab's own style holds out a validation part and shares one draw)
     draw = random.Random(1234)
@@ -60,7 +60,7 @@ def test_prompt_is_lm_evals_text_with_exemplars_drawn_per_problem(gsm8k_files: s
     assert exemplars[0] != exemplars[1]
 
     first, second = exemplars[0]
-    prompt = datamodule.prompt_format.prompt(records[0], exemplars[0])
+    prompt = task.prompt_format.prompt(records[0], exemplars[0])
     assert prompt == (
         f"Question: {first['question']}\nAnswer: {first['answer']}\n\n"
         f"Question: {second['question']}\nAnswer: {second['answer']}\n\n"
@@ -70,26 +70,26 @@ def test_prompt_is_lm_evals_text_with_exemplars_drawn_per_problem(gsm8k_files: s
     shots = {e["question"]: e for e in TRAIN}
     assert "<<" in prompt and all(e["question"] in shots for e in exemplars[0])
     assert (
-        datamodule.prompt_format.prompt(records[1], [])
+        task.prompt_format.prompt(records[1], [])
         == "Question: Flo bakes 6 pies and sells 4. How many left?\nAnswer:"
     )
     # lm-eval's `until`, replacing generation.stop_strings: "\n\nQuestion:" would also cut the blank line it
     # keeps
-    assert datamodule.prompt_format.stop_strings(["\n\nQuestion:"]) == ["Question:", "</s>", "<|im_end|>"]
+    assert task.prompt_format.stop_strings(["\n\nQuestion:"]) == ["Question:", "</s>", "<|im_end|>"]
 
 
 def test_lmlab_style_is_unchanged(gsm8k_files: str) -> None:
     cfg = compose_config("model=tiny_llama", gsm8k_files, config_name="evaluate")
     _, tokenizer = models.build(cfg.model)
-    datamodule = datamodules.build(cfg, tokenizer)
-    records = datamodule.evaluation_records()
-    exemplars = datamodule.prompt_format.fewshot_exemplars(records, 1, 1234)
+    task = datamodules.build_task(cfg, tokenizer)
+    records = task.evaluation_records()
+    exemplars = task.prompt_format.fewshot_exemplars(records, 1, 1234)
     assert exemplars[0] == exemplars[1]
-    prompt = datamodule.prompt_format.prompt(records[0], exemplars[0])
+    prompt = task.prompt_format.prompt(records[0], exemplars[0])
     assert prompt.endswith(
         "Question: Ed has 7 cats and gets 1 more. How many cats?\nAnswer: Let's think step by step.\n"
     )
-    assert "<<" not in prompt and datamodule.prompt_format.stop_strings(["Q:"]) == ["Q:"]
+    assert "<<" not in prompt and task.prompt_format.stop_strings(["Q:"]) == ["Q:"]
 
 
 @pytest.mark.parametrize(
@@ -137,6 +137,6 @@ def test_evaluate_in_lm_eval_style(gsm8k_files: str, tmp_path: Path) -> None:
 def test_lm_eval_style_on_another_task_names_the_setting() -> None:
     with pytest.raises(
         InstantiationException,
-        match=r"prompting.style=lm_eval: ClassificationDataModule builds only \['lmlab'\]",
+        match=r"prompting.style=lm_eval: ClassificationTask builds only \['lmlab'\]",
     ):
         lm_eval_datamodule("task=classification", "task.source=bundled")

@@ -176,16 +176,16 @@ def test_gradsim_on_routed_experts_equals_a_per_example_loop_and_follows_the_rou
         cfg, model, tokenizer = fresh_family(name, minimind_dir)
         model.eval()
     assert routed_only(model)  # no dense output projection beside the experts
-    datamodule = datamodules.build(cfg, tokenizer)
-    examples = [datamodule.tokenize(f"{p} ", a) for p, a in TEXTS]
-    vectors = RoutedExpertGradients(model, [0, 1])(datamodule.collate(examples))  # [3, D]
+    task = datamodules.build_task(cfg, tokenizer)
+    examples = [task.tokenize(f"{p} ", a) for p, a in TEXTS]
+    vectors = RoutedExpertGradients(model, [0, 1])(task.collate(examples))  # [3, D]
     targets = expert_output_weights(model, [0, 1])
     assert [n.rsplit(".", 1)[-1] for n, _, _ in targets] == [
         "down_proj"
     ] * 2  # the projection back, not gate/up
     load = ExpertLoad(model)
     for row, example in enumerate(examples):
-        single = datamodule.collate([example])
+        single = task.collate([example])
         model.zero_grad()
         model.requires_grad_(True)
         answer_log_probs(model, single).sum().backward()
@@ -206,7 +206,7 @@ def test_gradsim_on_routed_experts_equals_a_per_example_loop_and_follows_the_rou
                 model(input_ids=single["input_ids"])
             touched = blocks[layer].flatten(1).abs().amax(1) > 0  # [E]
             assert touched.tolist() == (load.counts[layer] > 0).tolist()
-    projected = RoutedExpertGradients(model, [0, 1], projection_dim=72)(datamodule.collate(examples))
+    projected = RoutedExpertGradients(model, [0, 1], projection_dim=72)(task.collate(examples))
     assert projected.shape == (3, 72)  # 3x3 per expert matrix, 4 experts, 2 layers
 
 

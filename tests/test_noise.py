@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from datamodules.gsm8k import GSM8KDataModule
+from datamodules.gsm8k import GSM8KTask
 from datamodules.noise import NOISE_TYPES, NUMBER_WORDS, export, inject
 from datamodules.sentences import main_subject, split_sentences
 from datamodules.sources import SAMPLES_DIR, load_split
@@ -98,7 +98,7 @@ def test_distractors_vary_across_problems() -> None:
 
 def test_noisy_task_keeps_the_gold_answer_and_the_solution() -> None:
     def module(noise):
-        return GSM8KDataModule(
+        return GSM8KTask(
             tokenizer=byte_level_tokenizer(),
             source=BUNDLED,
             splits={"train": "train", "test": "test"},

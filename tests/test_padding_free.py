@@ -36,12 +36,12 @@ PACKS = sorted(set(FAMILIES) - REMOTE_CODE - {"opt", "bloom"})
 @pytest.mark.parametrize("name", sorted(set(FAMILIES) - REMOTE_CODE))
 def test_a_packed_batch_has_the_padded_batch_s_loss_and_gradients(family_model, name: str) -> None:
     cfg, model, tokenizer = family_model(name)
-    datamodule = datamodules.build(cfg, tokenizer)
-    examples = datamodule.tokenize_all(datamodule.records("train")[:4], "train")  # four lengths
+    task = datamodules.build_task(cfg, tokenizer)
+    examples = task.tokenize_all(task.records("train")[:4], "train")  # four lengths
     assert len({len(e["input_ids"]) for e in examples}) > 1
-    padded = datamodule.collate(examples)
-    datamodule.padding_free = True
-    packed = datamodule.collate(examples)
+    padded = task.collate(examples)
+    task.padding_free = True
+    packed = task.collate(examples)
     assert (
         packed["input_ids"].shape == (1, sum(len(e["input_ids"]) for e in examples))
         and "attention_mask" not in packed
@@ -77,7 +77,7 @@ def test_a_model_that_ignores_position_ids_trains_on_padded_batches_and_says_so(
     cfg = tiny_config("model=minimind2", f"model.path={minimind_dir}", "method=lora", "trainer.max_steps=1")
     with caplog.at_level(logging.INFO):
         model, _, datamodule, _ = build_trainable_model(cfg)
-    assert not keeps_sequences_apart(model) and not datamodule.padding_free
+    assert not keeps_sequences_apart(model) and not datamodule.task.padding_free
     assert "data.padding_free: MiniMindForCausalLM does not keep packed examples apart" in caplog.text
 
 

@@ -51,8 +51,9 @@ def test_pretrain_datamodule_holds_out_validation_documents() -> None:
     assert all(
         len(b["input_ids"]) == cfg.data.max_length and b["labels"] == b["input_ids"] for b in train + val
     )
-    train_docs = {datamodule.document(r) for r in datamodule.records("train")}
-    val_docs = {datamodule.document(r) for r in datamodule.records("val")}
+    task = datamodule.task
+    train_docs = {task.document(r) for r in task.records("train")}
+    val_docs = {task.document(r) for r in task.records("val")}
     assert len(val_docs) == 6 and not train_docs & val_docs
 
 

@@ -24,8 +24,8 @@ TEXTS = [("Paris is in", "France"), ("2 + 2 is", "4"), ("Ice is very", "cold")]
 
 def batch_of(cfg, tokenizer) -> dict[str, torch.Tensor]:
     """A padded batch of three short examples."""
-    datamodule = datamodules.build(cfg, tokenizer)
-    return datamodule.collate([datamodule.tokenize(f"{p} ", a) for p, a in TEXTS])
+    task = datamodules.build_task(cfg, tokenizer)
+    return task.collate([task.tokenize(f"{p} ", a) for p, a in TEXTS])
 
 
 def aux_case(name: str, minimind_dir: Path, coef: float | None = None):

@@ -16,6 +16,7 @@ from datamodules.base import TextDataModule
 from datamodules.dialogues import dialogues_of, gsm8k_dialogue
 from datamodules.socratic import text_tokens
 from datamodules.sources import DataSourceError, read_file
+from datamodules.task import Task
 from evaluation import evaluate
 from modeling import models
 from modeling.log_probs import label_logprobs
@@ -33,10 +34,10 @@ SOCRATIC_GSM8K = {
 }
 
 
-def datamodule(task: str, *overrides: str):
-    cfg = compose_config("model=tiny_llama", f"task={task}", "task.source=bundled", *overrides)
+def built_task(name: str, *overrides: str) -> Task:
+    cfg = compose_config("model=tiny_llama", f"task={name}", "task.source=bundled", *overrides)
     _, tokenizer = models.build(cfg.model)
-    return datamodules.build(cfg, tokenizer)
+    return datamodules.build_task(cfg, tokenizer)
 
 
 def test_label_scores_sum_every_token_of_each_label() -> None:
@@ -58,7 +59,7 @@ def test_label_scores_sum_every_token_of_each_label() -> None:
 
 
 def test_classification_labels_may_be_names_or_ids_and_bad_labels_name_the_record(tmp_path: Path) -> None:
-    data = datamodule("classification")
+    data = built_task("classification")
     assert data.class_index({"text": "x", "label": "Sci/Tech"}) == 3
     assert data.class_index({"text": "x", "label": 1}) == data.class_index({"text": "x", "label": "1"}) == 1
     (tmp_path / "bad.csv").write_text("text,label\nfine,World\nbroken,Weather\n")
@@ -67,9 +68,10 @@ def test_classification_labels_may_be_names_or_ids_and_bad_labels_name_the_recor
 
 
 def test_classification_batches_carry_the_class_and_the_prompt_length() -> None:
-    data = datamodule("classification")
-    data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    data = built_task("classification")
+    batches = TextDataModule(data)
+    batches.setup("fit")
+    batch = next(iter(batches.train_dataloader()))
     for row in range(len(batch["input_ids"])):
         length = int(batch["prompt_length"][row])
         assert (batch["labels"][row, :length] == IGNORE_INDEX).all() and batch["labels"][
@@ -89,7 +91,7 @@ def test_projection_head_needs_a_task_that_offers_the_classifier() -> None:
 
 @pytest.mark.parametrize("template", [None, CHATML])
 def test_loss_covers_exactly_the_teacher_turns(template: str | None) -> None:
-    data = datamodule("socratic_math", "data.max_length=4096")  # byte-level tokens: keep the whole dialogue
+    data = built_task("socratic_math", "data.max_length=4096")  # byte-level tokens: keep the whole dialogue
     data.tokenizer.chat_template = template
     dialogue = data.records("train")[0]
     example = data.tokenize_record(dialogue)
@@ -162,7 +164,7 @@ def test_chinese_text_metrics_use_characters() -> None:
     generated, reference = "每人分到4个苹果", "所以每人分到4个苹果"
     assert text_tokens(generated, "13a") == ["每人分到4个苹果"]  # whitespace words: one token, no overlap
     assert text_tokens(generated, "zh")[:3] == ["每", "人", "分"]
-    data = datamodule("socratic_math")
+    data = built_task("socratic_math")
     answer = {"turn": reference, "answer": None}
     chinese = data.score(generated, answer)
     data.tokenize_mode = "13a"
@@ -214,14 +216,14 @@ def test_socratic_settings_compose_on_a_tiny_model() -> None:
 def test_socratic_corpus_statistics_equal_corpus_metrics_on_any_subset(tokenize: str) -> None:
     """The per-turn decomposition that the bootstrap resamples gives the corpus BLEU and ROUGE-L that
     `corpus_metrics` computes on the same turns (repeats included, as a resample has them)."""
-    data = datamodule("socratic_math", "task.eval_turns=all")
+    data = built_task("socratic_math", "task.eval_turns=all")
     data.tokenize_mode = tokenize
     records = data.evaluation_records()
     references = [data.reference(record) for record in records]
     words = [reference["turn"].split() for reference in references]
     generations = [" ".join(w[: len(w) // 2] + ["so", "what", "next?"]) for w in words]  # partly right
     fast = data.corpus_statistics(generations, references)
-    recomputed = TextDataModule.corpus_statistics(data, generations, references)  # corpus_metrics per subset
+    recomputed = Task.corpus_statistics(data, generations, references)  # corpus_metrics per subset
     rng = np.random.default_rng(0)
     for indices in [
         np.arange(len(records)),

@@ -233,7 +233,7 @@ def test_test_ckpt_best_measures_the_lowest_validation_loss_checkpoint(tiny_conf
     # an independent measurement: a fresh module carrying the checkpoint's weights, tested by a new Trainer
     L.seed_everything(cfg.seed)
     model, _, datamodule, _ = build_trainable_model(cfg)
-    module = task_module_class("causal_lm").from_config(model, cfg, datamodule)
+    module = task_module_class("causal_lm").from_config(model, cfg, datamodule.task)
     module.load_state_dict(torch.load(tested["checkpoint"], weights_only=True)["state_dict"])
     trainer = L.Trainer(
         accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False

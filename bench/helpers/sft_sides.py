@@ -47,7 +47,7 @@ def setup(args: argparse.Namespace, run_dir: str, padding_free: bool):
     L.seed_everything(cfg.seed)
     model, tokenizer, datamodule, _ = build_trainable_model(cfg)
     datamodule.setup("fit")
-    assert datamodule.padding_free is padding_free
+    assert datamodule.task.padding_free is padding_free
     return cfg, model, tokenizer, datamodule
 
 
@@ -182,7 +182,7 @@ def loss_match(args: argparse.Namespace, run_dir: str) -> None:
     steps."""
     cfg, model, _, datamodule = setup(args, run_dir, padding_free=False)
     padded = list(datamodule.train_dataloader())
-    datamodule.padding_free = True
+    datamodule.task.padding_free = True
     packed = list(datamodule.train_dataloader())
     model.eval()
     compared = list(zip(packed[:LOSS_MATCH_BATCHES], padded[:LOSS_MATCH_BATCHES], strict=True))
