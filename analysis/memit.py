@@ -36,23 +36,30 @@ prompts are right-padded when batched, as the reference's GPT-2 tokenizer does.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import hydra
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from analysis.memit_inputs import batch, captured_output, flat_templates, pad_rows
+from analysis import memit_inputs
+from analysis.memit_inputs import batch, captured_output, flat_templates
 from analysis.memit_sites import KeyReader, expert_deltas
-from datamodules import IGNORE_INDEX
+from analysis.memit_z import subject_position, target_vector
+from modeling import model_checks
 from modeling.architecture import decoder_blocks
+from modeling.log_probs import label_logprobs
+from runtime import saved_run
+from runtime.session import start
+from stats import estimates
 
 log = logging.getLogger(__name__)
-
-STOP_LOSS = 5e-2  # the reference's early-stop threshold on the total z loss
 
 
 @dataclass
@@ -63,118 +70,6 @@ class LayerUpdate:
     delta: torch.Tensor
     keys: torch.Tensor
     residual: torch.Tensor
-
-
-def subject_position(tokenizer, prompt: str, subject: str | None) -> int:
-    """Index of the subject's last token in `prompt` (the prompt's last token when there is no subject)."""
-    if subject and subject in prompt:
-        end = prompt.rindex(subject) + len(subject)
-        return len(tokenizer(prompt[:end])["input_ids"]) - 1
-    return len(tokenizer(prompt)["input_ids"]) - 1
-
-
-# -- 3. the target vector z
-# ---------------------------------------------------------------------------------------
-
-
-class ZObjective:
-    """The z loss of one request as a function of delta: `terms(delta)` gives each term (section 3)."""
-
-    def __init__(
-        self, model, tokenizer, request: dict[str, Any], hparams: DictConfig, templates: list[list[str]]
-    ) -> None:
-        self.model, self.hparams, self.layer = model, hparams, hparams.layers[-1]
-        if self.layer >= len(decoder_blocks(model)) - 1:
-            raise ValueError(
-                f"MEMIT: the last edited layer ({self.layer}) must be followed by another block, or the "
-                "edit cannot reach the answer tokens; the model has "
-                f"{len(decoder_blocks(model))} blocks (analysis.layers / model.memit.layers)"
-            )
-        subject = request["subject"]
-        target_ids = tokenizer(hparams.target_prefix + request["target_new"], add_special_tokens=False)[
-            "input_ids"
-        ]
-        rewrites = [template.format(request["prompt"]) for template in flat_templates(templates)]
-        kl_prompt = f"{subject or request['prompt']} is a"
-        rows = [tokenizer(text)["input_ids"] + target_ids[:-1] for text in rewrites] + [
-            tokenizer(kl_prompt)["input_ids"]
-        ]
-        self.encoded = pad_rows(rows, tokenizer.pad_token_id)
-        self.positions = [subject_position(tokenizer, text, subject) for text in [*rewrites, kl_prompt]]
-        self.rewrite_count, self.target_length = len(rewrites), len(target_ids)
-        # labels[i, p] = the answer token predicted at position p (the last len(target) positions of each
-        # rewrite)
-        self.labels = torch.full((len(rewrites), self.encoded["input_ids"].shape[1]), IGNORE_INDEX)
-        for row, ids in enumerate(rows[: len(rewrites)]):
-            self.labels[row, len(ids) - len(target_ids) : len(ids)] = torch.tensor(target_ids)
-        self.delta: torch.Tensor | None = None
-        handle = decoder_blocks(model)[self.layer].register_forward_hook(self._add_delta)
-        try:
-            with torch.no_grad():
-                logits = model(**self.encoded).logits
-        finally:
-            handle.remove()
-        self.original_kl = F.log_softmax(logits[-1, self.positions[-1]].float(), -1)  # [V], delta = 0
-        self.h = self.captured_h  # L's output at the subject of the bare prompt (the first rewrite): [hidden]
-
-    def _add_delta(self, module, args, output):
-        hidden = output[0] if isinstance(output, tuple) else output
-        if self.delta is None:
-            self.captured_h = hidden[0, self.positions[0]].detach().clone()
-            return output
-        hidden = hidden.clone()
-        hidden[torch.arange(len(self.positions)), self.positions] += self.delta
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
-
-    def terms(self, delta: torch.Tensor) -> dict[str, torch.Tensor]:
-        """nll, kl (already times kl_factor), weight_decay and total at `delta`, differentiable in delta."""
-        self.delta = delta
-        handle = decoder_blocks(self.model)[self.layer].register_forward_hook(self._add_delta)
-        try:
-            logits = self.model(**self.encoded).logits
-        finally:
-            handle.remove()
-            self.delta = None
-        log_probs = F.log_softmax(logits[: self.rewrite_count].float(), -1)  # [R, T, V]
-        mask = self.labels != IGNORE_INDEX
-        picked = log_probs.gather(2, self.labels.clamp(min=0).unsqueeze(2)).squeeze(2)  # [R, T]
-        nll = (-(picked * mask).sum(1) / self.target_length).mean()
-        edited_kl = F.log_softmax(logits[-1, self.positions[-1]].float(), -1)
-        # KL(edited || original)
-        kl = self.hparams.kl_factor * (edited_kl.exp() * (edited_kl - self.original_kl)).sum()
-        weight_decay = self.hparams.v_weight_decay * delta.norm() / self.h.norm() ** 2
-        return {"nll": nll, "kl": kl, "weight_decay": weight_decay, "total": nll + kl + weight_decay}
-
-
-def target_vector(
-    model,
-    tokenizer,
-    request: dict[str, Any],
-    hparams: DictConfig,
-    templates: list[list[str]],
-    trace: list[dict[str, float]] | None = None,
-) -> torch.Tensor:
-    """z: the last edited block's output at the subject's last token that makes the new answer likely.
-    `trace`, when given, receives each iteration's terms and whether an optimiser step followed."""
-    objective = ZObjective(model, tokenizer, request, hparams, templates)
-    delta = torch.zeros_like(objective.h, requires_grad=True)
-    max_norm = hparams.clamp_norm_factor * objective.h.norm()
-    optimizer = torch.optim.Adam([delta], lr=hparams.v_lr)
-    model.requires_grad_(False)
-    for iteration in range(hparams.v_num_grad_steps):
-        terms = objective.terms(delta)
-        stop = terms["total"].item() < STOP_LOSS or iteration == hparams.v_num_grad_steps - 1
-        if trace is not None:
-            trace.append({**{k: v.item() for k, v in terms.items()}, "stepped": not stop})
-        if stop:
-            break
-        optimizer.zero_grad()
-        terms["total"].backward()
-        optimizer.step()
-        with torch.no_grad():
-            if delta.norm() > max_norm:
-                delta.mul_(max_norm / delta.norm())
-    return (objective.h + delta).detach()
 
 
 # -- 4. the update
@@ -268,3 +163,120 @@ def edited(
         with torch.no_grad():
             for weight, original in zip(weights, saved, strict=True):
                 weight.copy_(original)
+
+
+# -- the entrypoint: python -m analysis.memit
+# -------------------------------------------------------------------------------
+
+
+def requests_of(settings: DictConfig) -> list[dict[str, Any]]:
+    """`analysis.requests` as MEMIT requests: {prompt with the subject filled in for "{}", subject,
+    target_new}; a request without a prompt, subject or target is refused by its index."""
+    requests = []
+    for index, given in enumerate(settings.get("requests") or []):
+        missing = [key for key in ("prompt", "subject", "target") if not given.get(key)]
+        if missing:
+            raise ValueError(
+                f"analysis.requests[{index}] lacks {missing}: each edit is "
+                '{prompt: "{} plays the sport of", subject: LeBron James, target: football}'
+            )
+        prompt = given.prompt.replace("{}", given.subject)
+        if given.subject not in prompt:
+            raise ValueError(f"analysis.requests[{index}]: subject {given.subject!r} is not in {prompt!r}")
+        requests.append({"prompt": prompt, "subject": given.subject, "target_new": str(given.target)})
+    if not requests:
+        raise ValueError("analysis.requests is empty: give at least one {prompt, subject, target}")
+    return requests
+
+
+def target_log_probs(model, tokenizer, requests: list[dict[str, Any]], prefix: str) -> list[float]:
+    """log P(target | prompt) of every request: the target's tokens (after `prefix`) summed."""
+    return [
+        float(
+            label_logprobs(
+                model,
+                [tokenizer(r["prompt"])["input_ids"]],
+                [tokenizer(prefix + r["target_new"], add_special_tokens=False)["input_ids"]],
+                tokenizer.pad_token_id,
+            )[0, 0]
+        )
+        for r in requests
+    ]
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Edit the model with every request of `analysis.requests` at once; write each target's probability
+    before and after (edits.jsonl, with intervals over requests in results.json) and the edited weights'
+    deltas in final/ (`ckpt=<run dir>` loads the edited model)."""
+    choice = saved_run.resolve(cfg)
+    if choice.layout != "base":
+        raise ValueError(
+            f"ckpt={choice.ckpt}: MEMIT saves its edits as weight deltas on a base model; edit the base "
+            "model (leave ckpt= out)"
+        )
+    requests, hparams = requests_of(cfg.analysis), cfg.analysis
+    with start(cfg, job_type="analysis") as session:
+        model, tokenizer = saved_run.load(choice, cfg.paths.cache_dir)
+        identity = model_checks.base_identity(model, cfg.model)
+        cache = Path(cfg.paths.cache_dir) / "memit_stats" / cfg.model.name
+        moments, templates = memit_inputs.prepared(model, tokenizer, hparams, cache, session.run_dir)
+        before = target_log_probs(model, tokenizer, requests, hparams.target_prefix)
+        names = {id(p): name for name, p in model.named_parameters()}
+        weights = [weight for layer in hparams.layers for weight in KeyReader(model, layer).weights]
+        originals = [weight.detach().float().clone() for weight in weights]
+        with edited(model, tokenizer, requests, hparams, moments, templates):
+            after = target_log_probs(model, tokenizer, requests, hparams.target_prefix)
+            deltas = {names[id(w)]: w.detach().float() - o for w, o in zip(weights, originals, strict=True)}
+        saved_run.write_weight_deltas(deltas, identity, requests, session.run_dir / "final")
+        rows = [
+            {
+                **request,
+                "log_prob_before": old,
+                "log_prob_after": new,
+                "probability_before": math.exp(old),
+                "probability_after": math.exp(new),
+            }
+            for request, old, new in zip(requests, before, after, strict=True)
+        ]
+        (session.run_dir / "edits.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        session.log_table("edits", rows)
+        summary = summarise(rows, cfg.statistics)
+        session.log_metrics({f"memit/{k}": v["value"] for k, v in summary.items() if "value" in v})
+        return session.finish(
+            {"model": cfg.model.name, "layers": list(hparams.layers), "edits": len(rows), **summary}
+        )
+
+
+def summarise(rows: list[dict[str, Any]], settings: DictConfig) -> dict[str, dict[str, Any]]:
+    """The mean probability and log-probability of the targets before and after the edit, each with its
+    interval over requests, and with two or more requests each paired change (after - before) with its
+    verdict."""
+    summary = {}
+    for measure in ("probability", "log_prob"):
+        before, after = ([row[f"{measure}_{when}"] for row in rows] for when in ("before", "after"))
+        for when, values in (("before", before), ("after", after)):
+            estimate = estimates.mean_estimate(
+                values, None, settings.resamples, settings.seed, settings.confidence
+            )
+            summary[f"{measure}_{when}"] = estimate.as_dict()
+        if len(rows) >= 2:
+            change = estimates.paired(after, before, None, settings.confidence, settings.power)
+            (verdict,) = estimates.verdicts([change], [("edited", "original")], better="higher")
+            summary[f"{measure}_change"] = {"value": change.difference, **change.as_dict(), **verdict}
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="memit")
+def main(cfg: DictConfig) -> None:
+    """Hydra entrypoint of a MEMIT edit."""
+    results = run(cfg)
+    log.info(
+        "mean target probability %.4g -> %.4g over %d edits",
+        results["probability_before"]["value"],
+        results["probability_after"]["value"],
+        results["edits"],
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from analysis.memit_sites import KeyReader
+from datamodules.sources import load_split
 from modeling.architecture import as_sequence
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,22 @@ def context_templates(model, tokenizer, hparams: DictConfig, cache: Path | None)
         path.write_text(json.dumps(groups, indent=1) + "\n")
     log.info("MEMIT context templates: %s", groups)
     return groups
+
+
+def prepared(
+    model, tokenizer, hparams: DictConfig, cache: Path, run_dir: Path
+) -> tuple[dict[int, torch.Tensor], list[list[str]]]:
+    """C of every edited layer and the context templates, from the statistics corpus of `hparams` (both cached
+    under `cache`); which statistics and templates the edits rest on is written to
+    `run_dir`/memit_statistics.json, so runs with different ones are never compared unknowingly."""
+    records = load_split(hparams.stats.source, hparams.stats.split)
+    texts = [r[hparams.stats.text_field] for r in records if str(r.get(hparams.stats.text_field, "")).strip()]
+    moments, statistics = second_moments(model, tokenizer, hparams, texts, cache, corpus_name(hparams.stats))
+    templates = context_templates(model, tokenizer, hparams, cache)
+    (run_dir / "memit_statistics.json").write_text(
+        json.dumps({**statistics, "context_templates": templates}, indent=1) + "\n"
+    )
+    return moments, templates
 
 
 def flat_templates(templates: list[list[str]]) -> list[str]:

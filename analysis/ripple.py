@@ -14,7 +14,7 @@ confidence intervals over pairs, overall and split into within-chain and across-
 Outputs: the stage 1 files, ripple_experiments.json, correlation_analysis.json,
 comprehensive_analysis.png (six panels) and report.md.
 
-Across models: `python -m analysis.ripple compare <run dir>... [--out DIR]` reads several runs and writes
+Across models: `python -m analysis.ripple_compare <run dir>... [--out DIR]` reads several runs and writes
 coupling_comparison.csv / .md / .png: GradSim and ripple-strength distributions per model, the
 GradSim-ripple Spearman correlation with its confidence interval, and whether the hypothesis holds
 consistently across architectures.
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,6 @@ from scipy import stats
 
 from analysis import gradsim, memit, memit_inputs, plots
 from datamodules import IGNORE_INDEX
-from datamodules.sources import load_split
 from datamodules.task import Task
 from runtime import saved_run
 from runtime.saved_run import RunModel
@@ -178,20 +176,8 @@ def ripple_study(cfg: DictConfig, choice: RunModel, run_dir: Path) -> dict[str, 
     )
 
     hparams = cfg.analysis.memit
-    stats_records = load_split(hparams.stats.source, hparams.stats.split)
-    texts = [
-        r[hparams.stats.text_field] for r in stats_records if str(r.get(hparams.stats.text_field, "")).strip()
-    ]
     cache = Path(cfg.paths.cache_dir) / "memit_stats" / cfg.model.name
-    moments, statistics = memit_inputs.second_moments(
-        model, tokenizer, hparams, texts, cache, memit_inputs.corpus_name(hparams.stats)
-    )
-    templates = memit_inputs.context_templates(model, tokenizer, hparams, cache)
-    # which statistics and templates these edits rest on, so runs with different ones are never compared
-    # unknowingly
-    (run_dir / "memit_statistics.json").write_text(
-        json.dumps({**statistics, "context_templates": templates}, indent=1) + "\n"
-    )
+    moments, templates = memit_inputs.prepared(model, tokenizer, hparams, cache, run_dir)
     before = score_pieces(model, task, pieces)
     experiments = []
     for index in range(min(cfg.analysis.num_edits, len(pieces))):
@@ -280,9 +266,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["compare"]:
-        from analysis.ripple_compare import compare_main
-
-        compare_main(sys.argv[2:])
-    else:
-        main()
+    main()

@@ -1,4 +1,4 @@
-"""Comparing ripple studies across models (`python -m analysis.ripple compare <run dir>...`): each run's
+"""Comparing ripple studies across models (`python -m analysis.ripple_compare <run dir>...`): each run's
 coupling/ripple correlation side by side, a verdict on whether the hypothesis holds for every model, one
 figure."""
 
@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -132,10 +133,10 @@ def compare(run_dirs: list[Path], out_dir: Path) -> dict[str, Any]:
     return {"rows": rows, "verdict": verdict}
 
 
-def compare_main(argv: list[str]) -> None:
-    """`python -m analysis.ripple compare <run dir>... [--out DIR]`."""
+def main(argv: list[str]) -> None:
+    """`python -m analysis.ripple_compare <run dir>... [--out DIR]`."""
     parser = argparse.ArgumentParser(
-        prog="python -m analysis.ripple compare", description="Compare ripple runs across models"
+        prog="python -m analysis.ripple_compare", description="Compare ripple runs across models"
     )
     parser.add_argument("run_dirs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path, default=Path("outputs/ripple/comparison"))
@@ -144,3 +145,7 @@ def compare_main(argv: list[str]) -> None:
     print(
         f"{len(result['rows'])} models; hypothesis {result['verdict']}; tables and figure in {arguments.out}"
     )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

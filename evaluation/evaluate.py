@@ -37,6 +37,10 @@ class Scorer(NamedTuple):
     score: Callable[..., tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]]
 
 
+# what a run evaluates, by the layout of its saved run (runtime/saved_run.py): the base model, a fine-tuned
+# one or a MEMIT-edited one; a grid's tables are written per stage
+STAGES = {"base": "zero_shot", "adapter": "sft", "method": "sft", "whole": "sft", "edit": "edited"}
+
 # Task.evaluation_kind -> its Scorer
 SCORERS: dict[str, Scorer] = {
     "generation": Scorer(generation_scoring.outputs, generation_scoring.score),
@@ -72,7 +76,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results = {
             "model": cfg.model.name,
             "task": cfg.task.name,
-            "stage": "sft" if cfg.get("ckpt") else "zero_shot",
+            "stage": STAGES[choice.layout],
             "ckpt": cfg.get("ckpt"),
             "overrides": overrides(),
             "grid_baseline": cfg.task.get("grid_baseline"),

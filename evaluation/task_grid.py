@@ -103,7 +103,7 @@ def write_grid(
     results: list[dict[str, Any]], out_dir: Path, baseline: str | None, settings: DictConfig
 ) -> list[Path]:
     """`<stage>_performance.csv` / `.md` / `.png` and `<stage>_comparisons.csv` / `.md` in `out_dir` for every
-    stage (zero_shot, sft) among `results`."""
+    stage (zero_shot, sft, edited) among `results`."""
     written = []
     for stage in sorted({r["stage"] for r in results}):
         staged = [r for r in results if r["stage"] == stage]

@@ -80,6 +80,10 @@ def weights(cfg: DictConfig, choice: RunModel) -> tuple[str, str | None, Path | 
         raise ValueError(
             f"ckpt={choice.ckpt} was trained with method={method}: vLLM serves LoRA adapters only"
         )
+    if choice.layout == "edit":
+        raise ValueError(
+            f"ckpt={choice.ckpt} is a MEMIT edit (weight deltas): vLLM cannot serve it; use backend=lmlab"
+        )
     if choice.layout == "adapter":
         adapter = json.loads((choice.export / ADAPTER_CONFIG).read_text())
         if adapter.get("peft_type") != "LORA":

@@ -1,10 +1,12 @@
 """A saved run: what train.py writes to `<run dir>/final/` and how `ckpt=` reads it back, in one place.
 
-A saved run is one of three layouts, by what training changed:
+A saved run is one of four layouts, by what training (or an edit) changed:
 - a peft adapter (`adapter_config.json` + `adapter_model.safetensors`): LoRA, svd_lora, prompt tuning;
 - a whole model (`config.json` + `model.safetensors`, save_pretrained): full fine-tuning;
 - a frozen-base method's trainable weights (`trainable.safetensors`) and its config (`method.json`),
   re-applied by its name on load (adapters, the projection head's backbone);
+- an edit of the base model's weights (`weight_deltas.safetensors`, added on load, and `edits.json`): a
+  `python -m analysis.memit` run;
 with, in every layout, `base_model.json` (the base model's identity and model config), the tokenizer, and what
 the task module adds to the model (a projection head: modeling/classifier_head.py). An FSDP run's weights are
 gathered first, so its final/ is a single-device run's.
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
 from peft import PeftModel
@@ -42,6 +45,8 @@ MODEL_CONFIG = "config.json"
 TRAINABLE_FILE = "trainable.safetensors"
 METHOD_FILE = "method.json"
 BASE_MODEL_FILE = "base_model.json"
+DELTAS_FILE = "weight_deltas.safetensors"
+EDITS_FILE = "edits.json"
 # model.* keys that say how to load a model rather than which model it is: given on the command line, they
 # apply on top of the model config a ckpt= run saved (conf/model/from_ckpt.yaml)
 LOADING_KEYS = (
@@ -108,6 +113,17 @@ def write_model(model: PreTrainedModel, method_cfg: DictConfig, target: Path) ->
     )
 
 
+def write_weight_deltas(
+    deltas: dict[str, torch.Tensor], identity: dict[str, Any], edits: list[dict[str, Any]], target: Path
+) -> None:
+    """Save an edit of a base model: each changed weight's delta by parameter name, the base model's identity
+    and the edits that made them."""
+    target.mkdir(parents=True, exist_ok=True)
+    save_file({name: delta.contiguous() for name, delta in deltas.items()}, target / DELTAS_FILE)
+    (target / BASE_MODEL_FILE).write_text(json.dumps(identity, indent=2) + "\n")
+    (target / EDITS_FILE).write_text(json.dumps(edits, indent=2) + "\n")
+
+
 @dataclass(frozen=True)
 class RunModel:
     """Which model an entrypoint loads, resolved once from `model` and `ckpt`: the base model's config, the
@@ -115,7 +131,8 @@ class RunModel:
 
     config: DictConfig
     export: Path | None = None
-    # base: no export; adapter: a peft adapter; method: a frozen-base method's weights; whole: save_pretrained
+    # base: no export; adapter: a peft adapter; method: a frozen-base method's weights; whole:
+    # save_pretrained; edit: weight deltas on the base
     layout: str = "base"
     saved_identity: dict[str, Any] | None = None
     ckpt: str | None = None
@@ -169,6 +186,8 @@ def load(choice: RunModel, cache_dir: str | None = None) -> tuple[PreTrainedMode
         tokenizer = load_tokenizer(choice, cache_dir)
     if choice.layout == "adapter":
         return _load_adapter(base, choice.export), tokenizer
+    if choice.layout == "edit":
+        return _add_deltas(base, choice.export / DELTAS_FILE), tokenizer
     return restore_method(base, choice.export, choice.config), tokenizer
 
 
@@ -218,12 +237,19 @@ def _layout(export: Path | None, cfg: DictConfig) -> str:
     """What `export` holds (RunModel.layout); a directory with no saved run in it raises FileNotFoundError."""
     if export is None:
         return "base"
-    for layout, marker in (("adapter", ADAPTER_CONFIG), ("method", METHOD_FILE), ("whole", MODEL_CONFIG)):
+    markers = (
+        ("adapter", ADAPTER_CONFIG),
+        ("method", METHOD_FILE),
+        ("whole", MODEL_CONFIG),
+        ("edit", DELTAS_FILE),
+    )
+    for layout, marker in markers:
         if (export / marker).exists():
             return layout
     raise FileNotFoundError(
-        f"ckpt={cfg.ckpt}: expected a train.py run dir (with final/), a peft adapter dir ({ADAPTER_CONFIG}), "
-        f"a frozen-base method dir ({METHOD_FILE}) or a save_pretrained dir ({MODEL_CONFIG})"
+        f"ckpt={cfg.ckpt}: expected a train.py or analysis.memit run dir (with final/), a peft adapter "
+        f"dir ({ADAPTER_CONFIG}), a frozen-base method dir ({METHOD_FILE}), a save_pretrained dir "
+        f"({MODEL_CONFIG}) or an edit ({DELTAS_FILE})"
     )
 
 
@@ -241,3 +267,20 @@ def _load_adapter(base: PreTrainedModel, directory: Path) -> PeftModel:
         if weights.exists():
             read_safetensors(weights)  # raises the error that names a damaged file
         raise
+
+
+def _add_deltas(model: PreTrainedModel, path: Path) -> PreTrainedModel:
+    """`model` with each weight delta of `path` added (in float32, stored in the weight's dtype); a delta
+    for a weight the model lacks or shapes otherwise raises ValueError naming the file."""
+    for name, delta in read_safetensors(path).items():
+        try:
+            weight = model.get_parameter(name)
+        except AttributeError as error:
+            raise ValueError(f"{path}: {name} is not a weight of {type(model).__name__}") from error
+        if weight.shape != delta.shape:
+            raise ValueError(
+                f"{path}: {name} is {tuple(delta.shape)} here, {tuple(weight.shape)} in the model"
+            )
+        with torch.no_grad():
+            weight.copy_((weight.float() + delta.to(weight.device)).to(weight.dtype))
+    return model

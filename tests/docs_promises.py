@@ -199,6 +199,14 @@ def ripple(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     assert (run_dir / "report.md").exists() and (run_dir / "comprehensive_analysis.png").exists()
 
 
+def memit_edit(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
+    run_dir = workspace.newest("outputs/memit/tiny_gpt2/*")
+    (edit,) = lines(run_dir / "edits.jsonl")
+    assert (edit["subject"], edit["target_new"]) == ("LeBron James", "football")
+    assert read_results(run_dir)["probability_after"]["n"] == 1
+    assert (run_dir / "final" / "weight_deltas.safetensors").exists()
+
+
 def ripple_comparison(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     rows = csv_rows(workspace.root / "outputs" / "ripple" / "comparison" / "coupling_comparison.csv")
     assert len(rows) == 2

@@ -21,6 +21,7 @@ from tests.docs_promises import (
     grouped_over_seeds,
     judged,
     lm_eval_prompts,
+    memit_edit,
     methods_table,
     noise_study,
     noisy_sets,
@@ -107,9 +108,20 @@ SCENARIOS: dict[str, list[Step]] = {
             ripple,
         ),
         Step(
-            "python -m analysis.ripple compare outputs/ripple/hotpotqa/gpt2/<time> "
+            "python -m analysis.ripple_compare outputs/ripple/hotpotqa/gpt2/<time> "
             "outputs/ripple/hotpotqa/smollm2_135m/<time> --out outputs/ripple/comparison",
             ripple_comparison,
+        ),
+    ],
+    "memit_edit_then_evaluate_it": [
+        Step(
+            'python -m analysis.memit model=gpt2 \'analysis.requests=[{prompt: "{} plays the sport of", '
+            "subject: LeBron James, target: football}]'",
+            memit_edit,
+        ),
+        Step(
+            "python evaluate.py ckpt=outputs/memit/gpt2/<time>",
+            evaluated("outputs/eval/gsm8k/*/*", "edited", "tiny_gpt2"),
         ),
     ],
     "gradsim_on_local_files": [

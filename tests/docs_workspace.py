@@ -90,6 +90,12 @@ SCALE = {
         "analysis.memit.stats.source.kind=bundled",
         "analysis.memit.stats.text_field=question",
     ],
+    "analysis.memit": [
+        "analysis.mom2_n_samples=8",
+        "analysis.v_num_grad_steps=2",
+        "analysis.stats.source.kind=bundled",
+        "analysis.stats.text_field=question",
+    ],
 }
 
 
@@ -99,6 +105,7 @@ HYDRA_ENTRYPOINTS = {
     "analysis.attention",
     "analysis.gradsim",
     "analysis.ripple",
+    "analysis.memit",
     "analysis.noise_study",
     "runtime.slurm",
 }
@@ -172,7 +179,7 @@ def scaled(command: str, workspace: Workspace) -> list[str]:
         or program == "runtime.slurm"
         or (rest and "=" not in rest[0] and rest[0] != "-m")
     ):
-        return [*prefix, *rest]  # not a Hydra run (a sub-command such as `analysis.ripple compare`)
+        return [*prefix, *rest]  # not a Hydra run (a plain command line such as `analysis.ripple_compare`)
     return [*prefix, *swapped(rest, workspace), *scale_down(program, rest, workspace)]
 
 
@@ -218,7 +225,7 @@ def scale_down(program: str, arguments: list[str], workspace: Workspace) -> list
     extra = list(SCALE.get(program, []))
     if program == "analysis.noise_study":
         return [] if "study" in values else ["study=diffllama_noise_quick"]
-    if "task.data_files" not in values:
+    if "task.data_files" not in values and program != "analysis.memit":  # the one entrypoint without a task
         extra.append("task.source=bundled")
     experiment = values.get("experiment", "")
     if values.get("task") == "cosmopedia" or experiment.startswith("ablation"):

@@ -41,6 +41,11 @@ def test_the_required_model_configs_exist() -> None:
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_every_model_config_composes_and_validates(name: str, method: str) -> None:
     cfg = compose_config(f"model={name}", f"method={method}")
+    if name == "from_ckpt":  # evaluate.py's default: a ckpt= run's model, else SmolLM2; not one to train
+        assert cfg.model.name == "smollm2_135m" and cfg.model.from_ckpt
+        with pytest.raises(ConfigError, match="model=from_ckpt is evaluate.py's and the analyses' default"):
+            check_config(cfg)
+        return
     assert cfg.model.name == name
     if name == "hf_causal_lm":  # a template: the user supplies the hub id
         with pytest.raises(ConfigError, match="model.hub_id"):

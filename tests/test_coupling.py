@@ -12,7 +12,7 @@ import torch
 from omegaconf import OmegaConf, open_dict
 
 import datamodules
-from analysis import gradsim, memit, memit_inputs, ripple, ripple_compare
+from analysis import gradsim, memit, memit_inputs, memit_z, ripple, ripple_compare
 from datamodules.hotpotqa import knowledge_pieces
 from datamodules.sources import load_split
 from modeling import architecture, models
@@ -127,7 +127,7 @@ def test_last_edited_layer_must_be_followed_by_a_block() -> None:
     cfg, model, tokenizer, _ = tiny("tiny_llama")
     hparams = OmegaConf.merge(cfg.analysis.memit, {"layers": [1]})
     with pytest.raises(ValueError, match="must be followed by another block"):
-        memit.target_vector(
+        memit_z.target_vector(
             model, tokenizer, {"prompt": "a b c", "subject": None, "target_new": "x"}, hparams, [["{}"]]
         )
 
@@ -237,8 +237,7 @@ def test_compare_joins_runs_into_one_table_and_a_verdict(tmp_path: Path) -> None
     fake_ripple_run(tmp_path / "b", "smollm2_135m", coupled=False, seed=2)
     launch(
         "-m",
-        "analysis.ripple",
-        "compare",
+        "analysis.ripple_compare",
         str(tmp_path / "a"),
         str(tmp_path / "b"),
         "--out",

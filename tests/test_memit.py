@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from analysis import memit, memit_inputs
+from analysis import memit, memit_inputs, memit_z
 from datamodules.sources import load_split
 from modeling.architecture import mlp_output_modules
 from tests.memit_reference import ARCHITECTURES, OTHER, REQUEST, TEMPLATES, forward, ids, subject_end, tiny
@@ -20,7 +20,7 @@ from tests.memit_reference import ARCHITECTURES, OTHER, REQUEST, TEMPLATES, forw
 def test_z_loss_terms_equal_the_reference_formulas(name: str) -> None:
     model, tokenizer, hparams = tiny(name)
     layer = hparams.layers[-1]
-    objective = memit.ZObjective(model, tokenizer, REQUEST, hparams, TEMPLATES)
+    objective = memit_z.ZObjective(model, tokenizer, REQUEST, hparams, TEMPLATES)
     delta = torch.randn(objective.h.shape, generator=torch.Generator().manual_seed(1)) * 0.5
     with torch.no_grad():
         terms = objective.terms(delta)
@@ -68,8 +68,8 @@ def test_z_optimisation_stops_on_the_total_loss_and_never_steps_on_the_last_iter
     name: str, monkeypatch
 ) -> None:
     # the reference's threshold; a tiny random model cannot reach it, so it is raised here
-    assert memit.STOP_LOSS == 5e-2
-    monkeypatch.setattr(memit, "STOP_LOSS", 4.5)
+    assert memit_z.STOP_LOSS == 5e-2
+    monkeypatch.setattr(memit_z, "STOP_LOSS", 4.5)
     model, tokenizer, hparams = tiny(name)
     with open_dict(hparams):
         hparams.v_num_grad_steps, hparams.v_lr, hparams.clamp_norm_factor, hparams.v_weight_decay = (
@@ -82,28 +82,28 @@ def test_z_optimisation_stops_on_the_total_loss_and_never_steps_on_the_last_iter
     # one token, edited at the last prompt token (no subject)
     request = {**REQUEST, "subject": None, "target_new": "Q"}
     trace: list[dict] = []
-    memit.target_vector(model, tokenizer, request, hparams, TEMPLATES, trace)
-    first_below = next(i for i, t in enumerate(trace) if t["total"] < memit.STOP_LOSS)
+    memit_z.target_vector(model, tokenizer, request, hparams, TEMPLATES, trace)
+    first_below = next(i for i, t in enumerate(trace) if t["total"] < memit_z.STOP_LOSS)
     assert len(trace) == first_below + 1 < 60  # reached the threshold: stopped there
     assert [t["stepped"] for t in trace] == [True] * first_below + [
         False
     ]  # updates = iterations before the stop
-    assert all(t["total"] >= memit.STOP_LOSS for t in trace[:-1])
+    assert all(t["total"] >= memit_z.STOP_LOSS for t in trace[:-1])
 
     # a weight-decay term that keeps the total above the threshold while the NLL is below it
     with open_dict(hparams):
         hparams.v_num_grad_steps, hparams.v_weight_decay = 30, 2e-3
     trace = []
-    memit.target_vector(model, tokenizer, request, hparams, TEMPLATES, trace)
-    assert any(t["nll"] < memit.STOP_LOSS for t in trace) and all(
-        t["total"] >= memit.STOP_LOSS for t in trace
+    memit_z.target_vector(model, tokenizer, request, hparams, TEMPLATES, trace)
+    assert any(t["nll"] < memit_z.STOP_LOSS for t in trace) and all(
+        t["total"] >= memit_z.STOP_LOSS for t in trace
     )
     assert [t["stepped"] for t in trace] == [True] * 29 + [False]  # no stop on the NLL alone
 
     with open_dict(hparams):
         hparams.v_num_grad_steps, hparams.v_lr = 3, 1e-6
     trace = []
-    memit.target_vector(model, tokenizer, request, hparams, TEMPLATES, trace)
+    memit_z.target_vector(model, tokenizer, request, hparams, TEMPLATES, trace)
     assert [t["stepped"] for t in trace] == [True, True, False]  # 3 iterations, 2 optimiser updates
 
 
@@ -144,7 +144,7 @@ def test_each_layer_update_is_the_closed_form_with_the_residual_spread_over_laye
     moments, info = memit_inputs.second_moments(model, tokenizer, hparams, texts, None)
     assert info["texts"] == 30 and info["tokens"] == sum(len(ids(tokenizer, t)) for t in texts[:30])
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
-    z = memit.target_vector(model, tokenizer, REQUEST, hparams, TEMPLATES)
+    z = memit_z.target_vector(model, tokenizer, REQUEST, hparams, TEMPLATES)
     with memit.edited(model, tokenizer, [REQUEST], hparams, moments, TEMPLATES) as updates:
         pass
     assert all(torch.equal(p, original[n]) for n, p in model.named_parameters())  # restored bit for bit

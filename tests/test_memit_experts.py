@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import open_dict
 
-from analysis import memit, memit_inputs
+from analysis import memit, memit_inputs, memit_z
 from analysis.memit_sites import KeyReader, expert_deltas
 from datamodules.sources import load_split
 from tests.conftest import TINY, built_model, compose_config
@@ -146,10 +146,10 @@ def test_an_edit_reaches_its_target_through_the_routed_experts_and_is_undone(min
     texts = [r["question"] for r in load_split({"kind": "bundled", "bundled": "gsm8k"}, "train")]
     moments, _ = memit_inputs.second_moments(model, tokenizer, hparams, texts, None)
     assert moments[0].shape == (4, 128, 128)
-    z = memit.target_vector(model, tokenizer, REQUEST, hparams, [["{}"]])
+    z = memit_z.target_vector(model, tokenizer, REQUEST, hparams, [["{}"]])
     before = memit._outputs_at_subject(model, tokenizer, 0, [REQUEST])[0]
     _, keys, _ = read_keys(model, tokenizer, [REQUEST["prompt"]])
-    routed = keys[:, 0, memit.subject_position(tokenizer, REQUEST["prompt"], "Zorbia")].abs().amax(-1) > 0
+    routed = keys[:, 0, memit_z.subject_position(tokenizer, REQUEST["prompt"], "Zorbia")].abs().amax(-1) > 0
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     with memit.edited(model, tokenizer, [REQUEST], hparams, moments, [["{}"]]) as updates:
         after = memit._outputs_at_subject(model, tokenizer, 0, [REQUEST])[0]
