@@ -39,8 +39,8 @@ class Task:
     # the evaluation prompt formats this task can build, by `prompting.style` name
     # (datamodules/prompt_format.py)
     prompt_formats: Mapping[str, type[PromptFormat]] = MappingProxyType({"lmlab": PromptFormat})
-    # how evaluate.py scores this task (evaluation/evaluate.py SCORERS): "generation" (generate, then `score`)
-    # or "classification" (each label's likelihood, or the projection head a run saved)
+    # how evaluate.py scores this task: the scorer of this name (evaluation/scorers/): "generation" (generate,
+    # then `score`) or "classification" (each label's likelihood, or the projection head a run saved)
     evaluation_kind: str = "generation"
     # token classes the attention analysis can label in this task's inputs (attention_input), in tie-break
     # order; the last one is every unlabelled character. Empty: the task labels none (maps only).

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 from omegaconf import DictConfig
 
 import datamodules
-from evaluation import classification_scoring, data_parallel, generation_scoring, predictions, vllm_backend
+from evaluation import data_parallel, predictions, vllm_backend
 from evaluation.judge import judge_rows
 from evaluation.loaded import load
+from evaluation.scorers import scorer
 from evaluation.task_grid import headline_metric
 from runtime import saved_run
 from runtime.session import overrides, start
@@ -29,23 +29,9 @@ from stats import item_scores
 log = logging.getLogger(__name__)
 
 
-class Scorer(NamedTuple):
-    """How one `evaluation_kind` is scored: `outputs` (the model's, per item of a share, JSON values: what
-    data-parallel processes compute) and `score` (rows, metrics and intervals from all the outputs)."""
-
-    outputs: data_parallel.Outputs
-    score: Callable[..., tuple[list[dict[str, Any]], dict[str, float], dict[str, Any]]]
-
-
 # what a run evaluates, by the layout of its saved run (runtime/saved_run.py): the base model, a fine-tuned
 # one or a MEMIT-edited one; a grid's tables are written per stage
 STAGES = {"base": "zero_shot", "adapter": "sft", "method": "sft", "whole": "sft", "edit": "edited"}
-
-# Task.evaluation_kind -> its Scorer
-SCORERS: dict[str, Scorer] = {
-    "generation": Scorer(generation_scoring.outputs, generation_scoring.score),
-    "classification": Scorer(classification_scoring.outputs, classification_scoring.score),
-}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -107,10 +93,3 @@ def _nonempty(records: list[dict[str, Any]], cfg: DictConfig) -> list[dict[str, 
             "check task.data_files.test (or the task's source) and limit"
         )
     return records
-
-
-def scorer(kind: str) -> Scorer:
-    """The scoring function for a task's `evaluation_kind`."""
-    if kind not in SCORERS:
-        raise ValueError(f"evaluation_kind={kind!r} has no scorer; known: {sorted(SCORERS)}")
-    return SCORERS[kind]

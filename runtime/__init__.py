@@ -1,5 +1,12 @@
-"""Run plumbing shared by the entrypoints: the run lifecycle, config checks, loggers, strategies, results
-files.
+"""The run lifecycle, shared by the entrypoints: sessions (session.py: run dir, config, seed, loggers,
+results.json, W&B finish), checkpoints and RNG state (checkpointing.py, rng_state.py), run dirs (run_dir.py),
+loggers and W&B (loggers.py, wandb_runs.py, wandb_offline.py), strategies (strategies.py), throughput
+(throughput.py), the training run (training.py), config checks (validate.py), results files (results.py),
+saved runs (saved_run.py: what train.py and analysis.memit write, resolved once by the entrypoints that take
+ckpt=), SLURM (slurm.py) and a sweep's bookkeeping (sweeps.py). Nothing here scores, serves or reports:
+evaluation/ and stats/ do.
+
+May import: stats, datamodules, modeling, lightning_modules; never evaluation or analysis.
 
 Config resolvers: `${unique_dir:<path>}` (run dirs no two runs share), `${run_group:<default>}` (the W&B
 group: the sweep dir in a `-m` run) and `${metric_direction:<metric>}` (minimize / maximize, for sweepers).

@@ -10,14 +10,18 @@ import shutil
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
-from evaluation import evaluate
+import datamodules
+from datamodules import IGNORE_INDEX
+from evaluation import evaluate, scorers
 from lightning_modules import methods
-from modeling import architecture
+from modeling import architecture, models
+from modeling.log_probs import answer_log_probs
 from runtime.results import logged_rows
 from runtime.training import run
 from tests.conftest import CONF_DIR, ROOT
@@ -27,17 +31,20 @@ from tests.helpers import load_saved
 BLOCK = re.compile(r"```(?:yaml|python)\n# (\S+?)\n(.*?)```", re.S)
 
 
-def worked_example() -> list[tuple[str, str]]:
+def blocks_of(section: str) -> list[tuple[str, str]]:
+    """The (path, body) blocks of one `## <section>` of docs/extending.md."""
     text = (ROOT / "docs" / "extending.md").read_text()
-    return BLOCK.findall(text[text.index("## Worked example") :])
+    start = text.index(f"## {section}")
+    end = text.find("\n## ", start + 1)
+    return BLOCK.findall(text[start : end if end > 0 else None])
 
 
-def add_to_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """Apply every block: YAML into a copy of conf/, new modules into a copy of their package's folder that
-    the package searches too (undone after the test)."""
+def add_to_repository(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, section: str) -> Path:
+    """Apply every block of `section`: YAML into a copy of conf/, new modules into a copy of their package's
+    folder that the package searches too (undone after the test)."""
     conf = tmp_path / "conf"
     shutil.copytree(CONF_DIR, conf)
-    for path, body in worked_example():
+    for path, body in blocks_of(section):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / path).write_text(body)
         if path.endswith(".py"):
@@ -55,7 +62,7 @@ def compose_in(conf: Path, config_name: str, *overrides: str) -> DictConfig:
 def test_worked_example_trains_exports_reloads_and_evaluates(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    blocks = worked_example()
+    blocks = blocks_of("Worked example")
     assert [path for path, _ in blocks] == [
         "conf/model/tiny_mistral.yaml",
         "lightning_modules/methods/bitfit.py",
@@ -63,7 +70,7 @@ def test_worked_example_trains_exports_reloads_and_evaluates(
         "datamodules/reverse.py",
         "conf/task/reverse.yaml",
     ]
-    conf = add_to_repository(tmp_path, monkeypatch)
+    conf = add_to_repository(tmp_path, monkeypatch, "Worked example")
     data = tmp_path / "reverse.jsonl"
     sentences = [
         "the cat sat",
@@ -126,3 +133,58 @@ def test_worked_example_trains_exports_reloads_and_evaluates(
     assert metrics["pass@1_words"] == sum(row["generation"].strip() == row["gold"] for row in rows) / len(
         rows
     )
+
+
+def test_a_scorer_added_by_its_module_scores_the_task_that_names_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert [path for path, _ in blocks_of("Adding a scorer")] == [
+        "evaluation/scorers/likelihood.py",
+        "datamodules/gsm8k_likelihood.py",
+        "conf/task/gsm8k_likelihood.yaml",
+    ]
+    conf = add_to_repository(tmp_path, monkeypatch, "Adding a scorer")
+    cfg = compose_in(
+        conf, "evaluate", "model=tiny_llama", "task=gsm8k_likelihood", "task.source=bundled", "limit=3"
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "eval")
+    results = evaluate.run(cfg)
+    assert "likelihood" in scorers.names() and results["intervals"]["nll_per_token"]["n"] == 3
+
+    L.seed_everything(cfg.seed)  # the tiny model's weights, as evaluate.py built them
+    model, tokenizer = models.build(cfg.model)
+    task = datamodules.build_task(cfg, tokenizer)
+    expected = []
+    for record in task.records("test")[:3]:
+        batch = task.collate([task.tokenize_record(record)])
+        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        expected.append(-float(answer_log_probs(model.eval(), batch)[0]) / tokens)
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert [row["nll_per_token"] for row in rows] == pytest.approx(expected, rel=1e-5)
+    assert results["metrics"]["nll_per_token"] == pytest.approx(sum(expected) / 3, rel=1e-5)
+
+
+def test_an_analysis_added_by_its_module_runs_on_a_base_model_and_a_ckpt_run(
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert [path for path, _ in blocks_of("Adding an analysis")] == [
+        "analysis/next_token.py",
+        "conf/next_token.yaml",
+    ]
+    conf = add_to_repository(tmp_path, monkeypatch, "Adding an analysis")
+    analysis = importlib.import_module("analysis.next_token")
+    lora = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=1", "test_after_fit=false"))
+    for name, model_choice in (("base", ["model=tiny_llama"]), ("lora", [f"ckpt={lora['run_dir']}"])):
+        cfg = compose_in(conf, "next_token", *model_choice, "task.source=bundled", "analysis.num_prompts=3")
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / name)
+        results = analysis.run(cfg)
+        rows = [json.loads(line) for line in (tmp_path / name / "next_token.jsonl").read_text().splitlines()]
+        assert results["model"] == "tiny_llama" and len(rows) == 3
+        mean = sum(row["probability"] for row in rows) / 3
+        assert (
+            results["top_probability"]["value"] == pytest.approx(mean)
+            and results["top_probability"]["n"] == 3
+        )
+        assert all(0 < row["probability"] <= 1 for row in rows)

@@ -12,7 +12,8 @@ from omegaconf import open_dict
 from peft import PeftModel
 
 from datamodules.gsm8k import extract_flexible, extract_strict, gold_answer
-from evaluation import evaluate, generation_scoring
+from evaluation import evaluate
+from evaluation.scorers import generation as generation_scoring
 from modeling import models
 from modeling.generation import generate, truncate_at_stop
 from runtime.training import run as train
