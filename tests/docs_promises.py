@@ -202,9 +202,7 @@ def ripple(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
 def memit_edit(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     run_dir = workspace.newest("outputs/memit/tiny_gpt2/*")
     (edit,) = lines(run_dir / "edits.jsonl")
-    assert (edit["subject"], edit["target_new"]) == ("LeBron James", "football")
-    assert read_results(run_dir)["probability_after"]["n"] == 1
-    assert (run_dir / "final" / "weight_deltas.safetensors").exists()
+    assert edit["target_new"] == "football" and (run_dir / "final" / "weight_deltas.safetensors").exists()
 
 
 def ripple_comparison(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
