@@ -99,11 +99,26 @@ class OptimisedModule(L.LightningModule):
         self.strict_loading = not self.base_is_frozen
         self.base_model_identity = getattr(backbone, BASE_IDENTITY_ATTR, None)
         self.allow_base_mismatch = False
+        # what the last step's `batch_flops` reads (its batch, ...): set by each step, read only if asked
+        self.counted: tuple[Any, ...] | None = None
 
     def setup(self, stage: str) -> None:
-        """Read what the backbone's FLOPs per token depend on (`flop_counts`, for each module's
-        `flops_per_batch`), before a strategy wraps or shards it."""
+        """Read what the backbone's FLOPs per token depend on (`flop_counts`, for `flops_per_batch`), before
+        a strategy wraps or shards it."""
         self.flop_counts = flop_counts(self.model)
+
+    @property
+    def flops_per_batch(self) -> int | None:
+        """FLOPs of the last batch (the ThroughputMonitor's FLOP/s and MFU), counted when read, after the
+        step: nothing is counted, and the device is not waited on, for a run that does not ask. A module
+        keeps its last batch's arguments to `batch_flops` in `counted` at each step."""
+        if self.counted is None or not hasattr(self, "flop_counts"):
+            return None
+        return self.batch_flops(*self.counted)
+
+    def batch_flops(self, *counted: Any) -> int:
+        """FLOPs of one batch from what the module kept of it (`counted`); each module counts its own."""
+        raise NotImplementedError
 
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW over the trainable parameters (no decay on 1-D ones; fused or foreach: `adamw_kernel`),

@@ -69,14 +69,9 @@ class CausalLMModule(OptimisedModule):
     ) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
 
-    @property
-    def flops_per_batch(self) -> int | None:
-        """FLOPs of the last batch (the ThroughputMonitor's FLOP/s and MFU), counted when read, after the
-        step: nothing is counted, and the device is not waited on, for a run that does not ask."""
-        counted = getattr(self, "_counted", None)
-        if counted is None or not hasattr(self, "flop_counts"):
-            return None
-        batch, supervised, backward = counted
+    def batch_flops(self, batch: dict[str, torch.Tensor], supervised: torch.Tensor, backward: bool) -> int:
+        """FLOPs of a batch: every example's forward (and backward), the output layer at the supervised
+        positions only."""
         return batch_flops(self.flop_counts, example_lengths(batch), int(supervised.sum()), backward)
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
@@ -89,7 +84,7 @@ class CausalLMModule(OptimisedModule):
         loss = token_loss(logits, targets)
         values = {"loss": loss.detach()}
         supervised = targets != IGNORE_INDEX  # [B, K]
-        self._counted = (batch, supervised, stage == "train")  # counted only if flops_per_batch is read
+        self.counted = (batch, supervised, stage == "train")  # counted only if flops_per_batch is read
         if stage == "train" and self.aux_weight and getattr(output, "aux_loss", None) is not None:
             aux_loss = self.aux_weight * output.aux_loss  # optimised with the cross-entropy, logged apart
             self.log("train/aux_loss", aux_loss.detach(), on_step=True, on_epoch=True)

@@ -76,13 +76,9 @@ class ClassifierModule(OptimisedModule):
         """Save the head beside the model (modeling/classifier_head.py)."""
         classifier_head.save(self.classifier, self.head_config, target)
 
-    @property
-    def flops_per_batch(self) -> int | None:
-        """FLOPs of the last batch (the ThroughputMonitor's FLOP/s and MFU), counted when read."""
-        counted = getattr(self, "_counted", None)
-        if counted is None or not hasattr(self, "flop_counts"):
-            return None
-        batch, backward = counted
+    def batch_flops(self, batch: dict[str, torch.Tensor], backward: bool) -> int:
+        """FLOPs of a batch: the backbone over each text (and the extra token), the head at the pooled
+        positions."""
         extra = int(self.classifier.extra_token is not None)  # the trainable token after each text
         lengths = [int(n) + extra for n in batch["prompt_length"]]  # the text, no label target
         head = sum(p.numel() for p in self.classifier.head.parameters() if p.ndim >= 2)
@@ -91,7 +87,7 @@ class ClassifierModule(OptimisedModule):
         return classifier_batch_flops(self.flop_counts, lengths, head, positions, backward, bool(trains))
 
     def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        self._counted = (batch, stage == "train")  # counted only if flops_per_batch is read
+        self.counted = (batch, stage == "train")  # counted only if flops_per_batch is read
         logits = self.predict_classes(batch)
         loss = nn.functional.cross_entropy(logits.float(), batch["class_index"])
         self.losses[f"{stage}_loss"](loss.detach(), len(logits))

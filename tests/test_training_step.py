@@ -239,9 +239,9 @@ def test_classifier_flops_per_batch_equal_a_hand_count(extra_token: bool) -> Non
     output = 2 * vocab * hidden * 2  # the backbone's output layer at one position per example
     head = 2 * (hidden * 32 + 32 * 3) * 2  # two linear maps, once per example
     batch = {"prompt_length": torch.tensor([9, 12]), "input_ids": torch.zeros(2, 14, dtype=torch.long)}
-    module._counted = (batch, False)
+    module.counted = (batch, False)
     assert module.flops_per_batch == blocks + attention + output + head
-    module._counted = (batch, True)
+    module.counted = (batch, True)
     # backward: the head's activation and weight gradients; through the frozen backbone only to reach the
     # trainable token (activation gradients, no weight gradients)
     through = blocks + 2 * attention if extra_token else 0
