@@ -55,7 +55,7 @@ def summarise(
 ) -> dict[str, Any]:
     """Mean/std over problems of the ratios and normalised scores, the mean with its interval over problems
     (`low`, `high`, `n`: stats/estimates.py at `settings`): overall, per layer and per head, per map
-    (`table3`: KMI and NI scores and their ratio, for the GSM8K noise classes)."""
+    (`kmi_vs_ni`: KMI and NI scores and their ratio, for the GSM8K noise classes)."""
     summary: dict[str, Any] = {}
     for key, values in per_problem.items():
         name, kind = key.split("/")
@@ -75,7 +75,7 @@ def summarise(
     if {"KMI", "NI"} <= set(classes):
         for entry in summary.values():
             kmi, ni = entry["score"]["KMI"]["mean"], entry["score"]["NI"]["mean"]
-            entry["table3"] = {"kmi_score": kmi, "ni_score": ni, "kmi_to_ni": kmi / ni if ni else None}
+            entry["kmi_vs_ni"] = {"kmi_score": kmi, "ni_score": ni, "kmi_to_ni": kmi / ni if ni else None}
     return summary
 
 

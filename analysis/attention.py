@@ -80,7 +80,7 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
         headline |= {
             f"attention/{m}/{k}": v
             for m, s in result["maps"].items()
-            for k, v in s.get("table3", {}).items()
+            for k, v in s.get("kmi_vs_ni", {}).items()
             if v is not None
         }
         session.log_metrics(headline)

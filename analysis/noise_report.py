@@ -83,7 +83,7 @@ def report(
         for result in allocations:
             entry = next(iter(result["maps"].values()))
             ratio = {c: entry["ratio"][c] for c in allocation.CLASSES}
-            kmi_to_ni = entry["table3"]["kmi_to_ni"]
+            kmi_to_ni = entry["kmi_vs_ni"]["kmi_to_ni"]
             lines.append(
                 f"| {result['stage']} | {result['model']} | {result['task']} | {result['num_problems']} | "
                 + " | ".join(

@@ -196,7 +196,7 @@ def write_allocations(allocations: list[dict[str, Any]], study_dir: Path) -> Pat
                     for c in allocation.CLASSES
                     for end in ("low", "high")
                 },
-                "kmi_to_ni_score": entry["table3"]["kmi_to_ni"],
+                "kmi_to_ni_score": entry["kmi_vs_ni"]["kmi_to_ni"],
             }
         )
     with (study_dir / "attention_allocation.csv").open("w", newline="") as handle:

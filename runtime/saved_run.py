@@ -237,6 +237,11 @@ def _layout(export: Path | None, cfg: DictConfig) -> str:
     """What `export` holds (RunModel.layout); a directory with no saved run in it raises FileNotFoundError."""
     if export is None:
         return "base"
+    if export.is_file() and export.suffix == ".ckpt":
+        raise FileNotFoundError(
+            f"ckpt={cfg.ckpt}: a training checkpoint, which train.py resumes from (ckpt_path={cfg.ckpt}); "
+            f"ckpt= takes the run dir it belongs to ({export.parent.parent})"
+        )
     markers = (
         ("adapter", ADAPTER_CONFIG),
         ("method", METHOD_FILE),

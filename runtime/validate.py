@@ -63,6 +63,12 @@ def check_config(cfg: DictConfig) -> None:
     _check_data_and_optim(cfg)
     # FSDP state_dict_type=sharded
     sharded = cfg.get("ckpt_path") and _is_sharded_checkpoint(Path(cfg.ckpt_path))
+    if cfg.get("ckpt_path") and not sharded and Path(cfg.ckpt_path, "final").is_dir():
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path}: a finished run dir; ckpt_path resumes training from a checkpoint "
+            f"file ({cfg.ckpt_path}/checkpoints/last.ckpt), ckpt= evaluates or analyses a run "
+            "(evaluate.py ckpt=<run dir>)"
+        )
     if cfg.get("ckpt_path") and not sharded and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(
             f"ckpt_path={cfg.ckpt_path}: no such checkpoint file (runs keep them in <run dir>/checkpoints)"

@@ -113,6 +113,9 @@ def test_analysis_writes_json_and_non_empty_figures(tmp_path: Path) -> None:
     ]
     assert per_head == pytest.approx([1.0] * 4)
     assert len(diff["KMI"]["per_layer"]) == 2
+    scores, versus = saved["maps"]["diff"]["score"], saved["maps"]["diff"]["kmi_vs_ni"]
+    assert (versus["kmi_score"], versus["ni_score"]) == (scores["KMI"]["mean"], scores["NI"]["mean"])
+    assert versus["kmi_to_ni"] == pytest.approx(versus["kmi_score"] / versus["ni_score"])
     for figure in ("attention_heatmap.png", "allocation_by_layer.png"):
         assert (tmp_path / figure).stat().st_size > 5000
 

@@ -211,9 +211,21 @@ def test_loading_keys_apply_on_top_of_the_saved_model_and_a_named_model_is_check
     assert default.name == "smollm2_135m" and "from_ckpt" not in default
     with pytest.raises(ModelLoadError, match="was trained on model 'tiny_llama'"):
         load_saved(compose_config("model=tiny_qwen2", ckpt, config_name="evaluate"))
-    assert load_saved(
+    named, _ = load_saved(
         compose_config("model=tiny_llama", ckpt, "model.dtype=bfloat16", config_name="evaluate")
     )
+    assert {p.dtype for name, p in named.named_parameters() if "lora_" not in name} == {torch.bfloat16}
+
+    # ckpt= (a run to evaluate) and ckpt_path (a checkpoint to resume) each refuse the other's argument
+    last = Path(lora["run_dir"]) / "checkpoints" / "last.ckpt"
+    with pytest.raises(
+        FileNotFoundError, match=r"a training checkpoint, which train.py resumes from \(ckpt_path="
+    ):
+        saved_run.resolve(compose_config(f"ckpt={last}", config_name="evaluate"))
+    with pytest.raises(
+        ConfigError, match="a finished run dir; ckpt_path resumes training from a checkpoint file"
+    ):
+        check_config(compose_config("model=tiny_llama", f"ckpt_path={lora['run_dir']}"))
 
 
 def test_train_refuses_the_evaluation_default_model() -> None:
