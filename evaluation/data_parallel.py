@@ -27,7 +27,7 @@ from transformers import set_seed
 
 import datamodules
 from datamodules.task import Task
-from evaluation.loaded import Loaded, device_for, load
+from evaluation.loaded import Loaded, load
 from runtime.saved_run import RunModel
 
 log = logging.getLogger(__name__)
@@ -47,20 +47,6 @@ def shares(count: int, world: int, unit: int) -> list[range]:
     return [range(start, end) for start, end in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
-def world_size(cfg: DictConfig) -> int:
-    """`devices`, checked: a positive count, and 1 when `model.device_map` shards one model over devices."""
-    devices = cfg.get("devices", 1)
-    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
-        raise ValueError(f"devices={devices!r}: the number of evaluation processes, a positive integer")
-    if devices > 1 and cfg.model.get("device_map") is not None:
-        raise ValueError(
-            f"devices={devices} with model.device_map={cfg.model.device_map}: a model sharded over the "
-            "devices runs in one process; set devices=1 or model.device_map=null"
-        )
-    device_for(cfg, devices - 1)  # the accelerator is known and has a device for the last process
-    return devices
-
-
 def gathered(
     cfg: DictConfig,
     outputs: Outputs,
@@ -70,7 +56,7 @@ def gathered(
     run_dir: Path,
 ) -> list[Any]:
     """`outputs` for every record, in record order, computed by `devices` processes (this one first)."""
-    world = world_size(cfg)
+    world = cfg.get("devices", 1)  # checked with the run's config (runtime/validate.py)
     if world == 1:
         return outputs(cfg, loaded, task, records, range(len(records)))
     parts = [part for part in shares(len(records), world, cfg.generation.batch_size) if part]

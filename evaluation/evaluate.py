@@ -38,7 +38,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Evaluate one (model, task, checkpoint); write predictions.jsonl, metrics.json and results.json."""
     choice = saved_run.resolve(cfg)
     with start(cfg, job_type="evaluate") as session:
-        data_parallel.world_size(cfg)  # refuse a bad `devices` before loading anything
         loaded = load(choice, cfg)
         task = datamodules.build_task(cfg, loaded.tokenizer)
         if loaded.model is None:

@@ -31,39 +31,22 @@ from modeling import models
 from modeling.generation import truncate_at_stop
 from runtime.saved_run import ADAPTER_CONFIG, METHOD_FILE, RunModel
 
-BACKENDS = ("lmlab", "vllm")
 SUPPORTED_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
 
 
 def backend(cfg: DictConfig) -> str:
-    """`generation.backend` (lmlab when unset), checked."""
-    chosen = (cfg.get("generation") or {}).get("backend") or "lmlab"
-    if chosen not in BACKENDS:
-        raise ValueError(f"generation.backend={chosen!r}: one of {', '.join(BACKENDS)}")
-    return chosen
+    """`generation.backend` (lmlab when unset; its value is checked with the run's config:
+    runtime/validate.py)."""
+    return (cfg.get("generation") or {}).get("backend") or "lmlab"
 
 
 def check(cfg: DictConfig, evaluation_kind: str) -> None:
-    """Refuse, by key, what the vLLM backend cannot run; say how to install vLLM when it is missing."""
+    """Refuse a task the vLLM backend cannot score (the config rules are runtime/validate.py's); say how to
+    install vLLM when it is missing."""
     if evaluation_kind != "generation":
         raise ValueError(
             f"generation.backend=vllm generates text, but task '{cfg.task.name}' is scored by "
             f"{evaluation_kind} (log-likelihoods); use generation.backend=lmlab"
-        )
-    if int(cfg.get("devices") or 1) > 1:
-        raise ValueError(
-            f"devices={cfg.devices} with generation.backend=vllm: vLLM spreads one engine over GPUs itself; "
-            "set generation.vllm.tensor_parallel_size (and pipeline_parallel_size) instead"
-        )
-    if cfg.model.get("device_map") is not None:
-        raise ValueError(
-            f"model.device_map={cfg.model.device_map} with generation.backend=vllm: vLLM places the model "
-            "itself; set generation.vllm.tensor_parallel_size instead"
-        )
-    if cfg.model.get("scratch") or cfg.model.get("from_scratch"):
-        raise ValueError(
-            f"model '{cfg.model.name}' is a fresh model (model.scratch / model.from_scratch): vLLM loads "
-            "saved weights; train it first and evaluate ckpt=<run dir>"
         )
     if importlib.util.find_spec("vllm") is None:
         raise ModuleNotFoundError(

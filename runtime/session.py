@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from runtime.loggers import print_config_tree, wandb_logger
 from runtime.results import write_results
+from runtime.validate import check
 from runtime.wandb_runs import finish_wandb, sweep_group, wandb_run_id
 from stats import item_scores
 
@@ -128,8 +129,9 @@ class Session:
 
 @contextmanager
 def start(cfg: DictConfig, job_type: str) -> Iterator[Session]:
-    """Open a run of `cfg`: create its dir, save the resolved config, seed, build (and so validate) its
-    loggers."""
+    """Open a run of `cfg`: check its config (runtime/validate.py, the entrypoint's rules by `job_type`),
+    create its dir, save the resolved config, seed, build (and so validate) its loggers."""
+    check(cfg, job_type)
     run_dir = Path(cfg.paths.output_dir)
     write_config(cfg, run_dir)
     L.seed_everything(cfg.seed, workers=True)

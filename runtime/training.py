@@ -28,7 +28,6 @@ from runtime import saved_run
 from runtime.checkpointing import AtomicCheckpointIO, remove_partial_files, with_checkpoints
 from runtime.rng_state import RestoreRNG
 from runtime.session import overrides, start
-from runtime.validate import check_config
 from runtime.wandb_runs import RecordRunId
 
 log = logging.getLogger(__name__)
@@ -100,7 +99,6 @@ def trainable_module(cfg: DictConfig) -> L.LightningModule:
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train, test and save one run; return (and write to results.json) its final metrics."""
-    check_config(cfg)
     with start(cfg, job_type="train") as session:
         model, tokenizer, datamodule, method_metrics = build_trainable_model(cfg)
         check_data(cfg, datamodule)

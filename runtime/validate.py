@@ -1,10 +1,15 @@
-"""Checks a composed config before any weights load, so mistakes fail in seconds with a clear message."""
+"""Checks a composed config before any weights load, so mistakes fail in seconds with a clear message. The
+session runs `check(cfg, job_type)` when an entrypoint's run starts: every config rule of that entrypoint is
+here (what can only be known once a model or task is loaded is checked where it is loaded: a fresh model
+spread over devices in modeling/models.py, offloaded weights in the analyses that differentiate them, a task's
+evaluation kind against the vLLM backend)."""
 
 from __future__ import annotations
 
 import inspect
 from pathlib import Path
 
+import torch
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from omegaconf import DictConfig
 
@@ -16,9 +21,60 @@ class ConfigError(ValueError):
     """The composed config is inconsistent; the message names the config key."""
 
 
+ACCELERATORS = ("auto", "cpu", "cuda")  # evaluate.py's `accelerator`
+BACKENDS = ("lmlab", "vllm")  # evaluate.py's `generation.backend`
+
+
+def check(cfg: DictConfig, job_type: str) -> None:
+    """Every config rule of the entrypoint whose run starts (`job_type`: train, evaluate, analysis)."""
+    if job_type == "train":
+        check_config(cfg)
+    elif job_type == "evaluate":
+        check_evaluation(cfg)
+
+
+def check_evaluation(cfg: DictConfig) -> None:
+    """evaluate.py's rules: `devices` a positive count, one process for a model sharded by `model.device_map`,
+    a known `accelerator` with a device for every process, and what the vLLM backend cannot run."""
+    devices, device_map = cfg.get("devices", 1), cfg.model.get("device_map")
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ConfigError(f"devices={devices!r}: the number of evaluation processes, a positive integer")
+    if devices > 1 and device_map is not None:
+        raise ConfigError(
+            f"devices={devices} with model.device_map={device_map}: a model sharded over the "
+            "devices runs in one process; set devices=1 or model.device_map=null"
+        )
+    accelerator = cfg.get("accelerator") or "auto"
+    if accelerator not in ACCELERATORS:
+        raise ConfigError(f"accelerator={accelerator!r}: auto, cpu or cuda")
+    cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+    if cuda and devices > torch.cuda.device_count():
+        raise ConfigError(f"devices={devices}: only {torch.cuda.device_count()} CUDA devices are visible")
+    backend = (cfg.get("generation") or {}).get("backend") or "lmlab"
+    if backend not in BACKENDS:
+        raise ConfigError(f"generation.backend={backend!r}: one of {', '.join(BACKENDS)}")
+    if backend != "vllm":
+        return
+    if devices > 1:
+        raise ConfigError(
+            f"devices={devices} with generation.backend=vllm: vLLM spreads one engine over GPUs itself; "
+            "set generation.vllm.tensor_parallel_size (and pipeline_parallel_size) instead"
+        )
+    if device_map is not None:
+        raise ConfigError(
+            f"model.device_map={device_map} with generation.backend=vllm: vLLM places the model "
+            "itself; set generation.vllm.tensor_parallel_size instead"
+        )
+    if cfg.model.get("scratch") or cfg.model.get("from_scratch"):
+        raise ConfigError(
+            f"model '{cfg.model.name}' is a fresh model (model.scratch / model.from_scratch): vLLM loads "
+            "saved weights; train it first and evaluate ckpt=<run dir>"
+        )
+
+
 def check_config(cfg: DictConfig) -> None:
-    """Raise ConfigError for a model without weight source, a method that cannot train the task, a missing
-    ckpt_path."""
+    """train.py's rules: raise ConfigError for a model without weight source, a method that cannot train the
+    task, a missing ckpt_path."""
     model = cfg.model
     if model.get("from_ckpt"):
         raise ConfigError(

@@ -13,9 +13,10 @@ import pytest
 from omegaconf import open_dict
 
 from evaluation import evaluate
-from evaluation.data_parallel import gathered, shares, world_size
+from evaluation.data_parallel import gathered, shares
 from evaluation.loaded import Loaded
 from runtime import saved_run
+from runtime.validate import ConfigError, check
 from tests.conftest import compose_config, launch
 
 EVAL_TINY = ["model=tiny_llama", "task.source=bundled", "print_config=false", "generation.max_new_tokens=8"]
@@ -64,16 +65,18 @@ def test_two_processes_write_what_one_writes(tmp_path: Path, overrides: tuple[st
 
 def test_bad_device_settings_are_refused_by_key(tmp_path: Path) -> None:
     cfg = compose_config(*EVAL_TINY, "devices=0", config_name="evaluate")
-    with pytest.raises(ValueError, match=r"devices=0: .*positive integer"):
-        world_size(cfg)
+    with pytest.raises(ConfigError, match=r"devices=0: .*positive integer"):
+        check(cfg, "evaluate")
     cfg = compose_config(*EVAL_TINY, "devices=2", "+model.device_map=auto", config_name="evaluate")
-    with pytest.raises(ValueError, match=r"devices=2 with model.device_map=auto: .*devices=1"):
-        world_size(cfg)
+    with pytest.raises(ConfigError, match=r"devices=2 with model.device_map=auto: .*devices=1"):
+        check(cfg, "evaluate")
+    check(compose_config(*EVAL_TINY, "devices=2", "accelerator=cpu", config_name="evaluate"), "evaluate")
     cfg = compose_config(*EVAL_TINY, "accelerator=tpu", config_name="evaluate")
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)
-    with pytest.raises(ValueError, match=r"accelerator='tpu': auto, cpu or cuda"):
+    with pytest.raises(ConfigError, match=r"accelerator='tpu': auto, cpu or cuda"):
         evaluate.run(cfg)
+    assert not (tmp_path / "config.yaml").exists()  # refused before the run dir is written
 
 
 def fails_after_the_first_share(cfg, loaded, datamodule, records, share: range) -> list:

@@ -18,6 +18,7 @@ from omegaconf import open_dict
 from evaluation import evaluate, vllm_backend
 from runtime import saved_run
 from runtime.training import run as train
+from runtime.validate import ConfigError, check
 from tests.conftest import ROOT, TINY, built_model, compose_config
 
 STAND_IN = ROOT / "tests" / "fixtures" / "vllm_stand_in"
@@ -148,8 +149,8 @@ def test_a_fresh_model_or_another_method_is_refused_and_a_missing_vllm_says_how_
         cfg.ckpt = run_dir
     with pytest.raises(ValueError, match="PROMPT_TUNING adapter: vLLM serves LoRA adapters only"):
         vllm_backend.weights(cfg, saved_run.resolve(cfg))
-    with pytest.raises(ValueError, match="generation.backend='beam'"):
-        vllm_backend.backend(compose_config("generation.backend=beam", config_name="evaluate"))
+    with pytest.raises(ConfigError, match="generation.backend='beam'"):
+        check(compose_config("generation.backend=beam", config_name="evaluate"), "evaluate")
     missing = compose_config(*TINY[:1], "model=tiny_llama", "model.path=x", "model.scratch=null")
     with open_dict(missing):
         missing.generation = {"backend": "vllm"}
