@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, OmegaConf
 
-from analysis.plots import ablation_figures
+from figures.analysis import ablation_figures
 from runtime.results import logged_rows
 from runtime.session import start_report
 from stats import comparisons, seed_statistics, tables

@@ -38,10 +38,10 @@ from omegaconf import DictConfig
 from safetensors.torch import save_file
 
 import datamodules
-from analysis import plots
 from analysis.allocation import allocation, summarise, token_classes
 from analysis.attention_maps import AttentionCapture, attention_maps, prefer_eager, select, token_strings
 from datamodules.task import Task
+from figures import analysis as plots
 from modeling.architecture import attention_blocks
 from runtime import saved_run
 from runtime.session import Session, overrides, start

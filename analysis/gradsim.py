@@ -187,7 +187,7 @@ def coupling_stage(
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Stage 1: write the pieces, the coupling matrix, its statistics and heatmap into the run dir."""
-    from analysis import plots
+    from figures import analysis as plots
 
     choice = saved_run.resolve(cfg)
     with start(cfg, job_type="analysis") as session:

@@ -27,9 +27,10 @@ import numpy as np
 from hydra import compose
 from omegaconf import DictConfig, open_dict
 
-from analysis import allocation, attention, plots
+from analysis import allocation, attention
 from analysis.noise_report import report
 from evaluation import evaluate, predictions, task_grid
+from figures import analysis as plots
 from runtime import training
 from runtime.session import overrides, start
 from stats import estimates, item_scores

@@ -33,9 +33,10 @@ import torch
 from omegaconf import DictConfig
 from scipy import stats
 
-from analysis import gradsim, memit, memit_inputs, plots
+from analysis import gradsim, memit, memit_inputs
 from datamodules import IGNORE_INDEX
 from datamodules.task import Task
+from figures import analysis as plots
 from runtime import saved_run
 from runtime.saved_run import RunModel
 from runtime.session import overrides, start

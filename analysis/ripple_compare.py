@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from analysis import plots
 from analysis.ripple import ripple_pairs
+from figures import analysis as plots
 
 
 def load_run(run_dir: Path) -> dict[str, Any]:

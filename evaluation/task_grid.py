@@ -15,11 +15,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 
 from evaluation import predictions
-from modeling.figures import pyplot
+from figures import runs as figures
 from runtime.results import job_results
 from runtime.session import Session
 from runtime.sweeps import MultirunSummary
@@ -113,7 +112,7 @@ def write_grid(
         note = f"Each score with its {level} interval [low, high] over the n problems (method: `interval`)."
         path, shown = Path(out_dir) / f"{stage}_performance.csv", [_display(row) for row in rows]
         written += tables.write(rows, path, f"{stage} performance", note, shown)
-        written.append(_bar_chart(rows, metric, Path(out_dir) / f"{stage}_performance.png", stage))
+        written.append(figures.grid_bars(rows, metric, Path(out_dir) / f"{stage}_performance.png", stage))
         try:
             if not all(r.get("run_dir") for r in staged):
                 raise FileNotFoundError("the results name no run dirs to read per-item scores from")
@@ -137,43 +136,6 @@ def _display(row: dict[str, Any]) -> dict[str, Any]:
             value = tables.with_interval(value, row[f"{key}_low"], row[f"{key}_high"])
         shown[key] = value
     return shown
-
-
-def _bar_chart(rows: list[dict[str, Any]], metric: str, path: Path, stage: str) -> Path:
-    plt = pyplot()
-
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
-    model_names = list(dict.fromkeys(r["model"] for r in rows))
-    width = 0.8 / len(model_names)
-    figure, axis = plt.subplots(figsize=(1.6 + 1.4 * len(datasets), 3.6))
-    for i, model_name in enumerate(model_names):
-        mine = {r["dataset"]: r for r in rows if r["model"] == model_name}
-        heights = [(mine.get(d) or {}).get(metric) or 0.0 for d in datasets]
-        # error bars: the interval's distance below and above each score (none where there is no interval)
-        errors = [
-            [
-                max(0.0, h - ((mine.get(d) or {}).get(f"{metric}_low") or h)),
-                max(0.0, ((mine.get(d) or {}).get(f"{metric}_high") or h) - h),
-            ]
-            for d, h in zip(datasets, heights, strict=True)
-        ]
-        axis.bar(
-            [d + i * width for d in range(len(datasets))],
-            heights,
-            width,
-            yerr=np.array(errors).T,
-            capsize=3,
-            label=model_name,
-        )
-    axis.set_xticks([d + width * (len(model_names) - 1) / 2 for d in range(len(datasets))], datasets)
-    axis.set_ylim(0, max(0.05, 1.15 * max(r.get(f"{metric}_high") or r.get(metric) or 0.0 for r in rows)))
-    axis.set_ylabel(metric)
-    axis.set_title(f"{metric} per dataset ({stage.replace('_', '-')}), with intervals")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
 
 
 class EvaluationGrid(MultirunSummary):

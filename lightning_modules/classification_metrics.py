@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassF1Score
 
-from modeling.figures import plot_confusion
+from figures.runs import plot_confusion
 
 
 class ClassificationMetrics(nn.Module):

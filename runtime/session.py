@@ -32,6 +32,7 @@ from lightning.pytorch.loggers import Logger, TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
+from figures import read_png
 from runtime.loggers import print_config_tree, wandb_logger
 from runtime.results import write_results
 from runtime.validate import check
@@ -94,12 +95,8 @@ class Session:
                 for key, path in images.items():
                     logger.log_image(key, images=[str(path)])
             elif isinstance(logger, TensorBoardLogger):
-                import matplotlib.image
-
                 for key, path in images.items():
-                    logger.experiment.add_image(
-                        key, matplotlib.image.imread(path)[..., :3], dataformats="HWC"
-                    )
+                    logger.experiment.add_image(key, read_png(path), dataformats="HWC")
 
     def finish(self, results: dict[str, Any]) -> dict[str, Any]:
         """Write results.json (rank zero) and give every logger the run's final metrics with their intervals

@@ -17,7 +17,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from modeling.figures import pyplot
+from figures import runs as figures
 from runtime.checkpointing import write_atomically
 from runtime.results import RESULTS_FILE, logged_rows
 from runtime.session import Session, metric_direction, start_report
@@ -167,10 +167,7 @@ def swept_parameters(rows: list[dict[str, Any]]) -> dict[str, list[str | None]]:
 
 def sweep_figure(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path | None:
     """`sweep.png`: every job's validation loss curve on one axis, then the optimised metric against each
-    swept parameter (log axis for positive numbers spanning 10x or more); None when the sweep has nothing to
-    plot."""
-    plt = pyplot()
-
+    swept parameter (figures/runs.py); None when the sweep has nothing to plot."""
     curves = {row["job"]: _curve(Path(sweep_dir) / row["job"]) for row in rows}
     curves = {job: points for job, points in curves.items() if points}
     metric = next((row["optimized_metric"] for row in rows if row.get("optimized_metric")), CURVE)
@@ -178,39 +175,21 @@ def sweep_figure(sweep_dir: Path, rows: list[dict[str, Any]]) -> Path | None:
     parameters = swept if any(metric in row for row in rows) else {}
     if not curves and not parameters:
         return None
-    panels = (1 if curves else 0) + len(parameters)
-    figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
-    axes = list(axes[0])
-    if curves:
-        axis = axes.pop(0)
-        for index, row in enumerate(rows):
-            if row["job"] in curves:
-                steps, values = zip(*curves[row["job"]], strict=True)
-                label = ", ".join(f"{key}={_short(values_[index])}" for key, values_ in swept.items())
-                axis.plot(steps, values, marker=".", label=f"{row['job']}: {label}"[:70])
-        axis.set(xlabel="step", ylabel=CURVE, title="validation loss per job")
-        axis.legend(fontsize=6)
-    for axis, (key, values) in zip(axes, parameters.items(), strict=True):
-        points = [
-            (_number(v), row.get(metric))
-            for v, row in zip(values, rows, strict=True)
-            if _finite(row.get(metric))
+    labelled = {}
+    for index, row in enumerate(rows):
+        if row["job"] in curves:
+            label = ", ".join(f"{key}={_short(values[index])}" for key, values in swept.items())
+            labelled[f"{row['job']}: {label}"[:70]] = curves[row["job"]]
+    panels = []
+    for key, values in parameters.items():
+        kept = [
+            (value, row[metric]) for value, row in zip(values, rows, strict=True) if _finite(row.get(metric))
         ]
-        if all(x is not None for x, _ in points):
-            axis.scatter([x for x, _ in points], [y for _, y in points])
-            xs = [x for x, _ in points]
-            if xs and min(xs) > 0 and max(xs) >= 10 * min(xs):
-                axis.set_xscale("log")
-        else:
-            labels = [str(v) for v, row in zip(values, rows, strict=True) if _finite(row.get(metric))]
-            axis.scatter(range(len(labels)), [y for _, y in points])
-            axis.set_xticks(range(len(labels)), labels, rotation=30, fontsize=7)
-        axis.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key}")
-    figure.tight_layout()
-    path = Path(sweep_dir) / "sweep.png"
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+        numbers = [_number(value) for value, _ in kept]
+        numeric = all(number is not None for number in numbers)
+        xs = numbers if numeric else [str(value) for value, _ in kept]
+        panels.append((key, xs, [y for _, y in kept], numeric))
+    return figures.sweep(Path(sweep_dir) / "sweep.png", labelled, CURVE, panels, metric)
 
 
 class MultirunSummary(Callback):

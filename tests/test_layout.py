@@ -27,7 +27,16 @@ DESIGN_CARD_TOP_LEVEL = (
     "outputs",
 )
 # lowest first: a module may import its own layer and the ones before it
-LAYERS = ("stats", "datamodules", "modeling", "lightning_modules", "runtime", "evaluation", "analysis")
+LAYERS = (
+    "stats",
+    "figures",
+    "datamodules",
+    "modeling",
+    "lightning_modules",
+    "runtime",
+    "evaluation",
+    "analysis",
+)
 # what runtime/ holds: the run lifecycle (docstring of runtime/__init__.py), nothing that scores or reports
 RUN_LIFECYCLE = {
     "__init__",
@@ -168,3 +177,22 @@ def test_no_project_file_is_over_300_lines() -> None:
         and (count := len(path.read_text().splitlines())) > MAX_LINES
     }
     assert long == {}
+
+
+def test_figures_are_drawn_in_one_package() -> None:
+    """Only figures/ imports matplotlib or asks for pyplot."""
+    drawing = []
+    for layer in LAYERS:
+        for path in sorted((ROOT / layer).rglob("*.py")) if layer != "figures" else []:
+            tree = ast.parse(path.read_text())
+            drawing += [
+                f"{path.relative_to(ROOT)}:{line} imports {name}"
+                for line, name in imported_names(tree)
+                if name.split(".")[0] == "matplotlib"
+            ]
+            drawing += [
+                f"{path.relative_to(ROOT)}:{node.lineno} calls pyplot()"
+                for node in ast.walk(tree)
+                if isinstance(node, ast.Call) and ast.unparse(node.func).endswith("pyplot")
+            ]
+    assert drawing == []

@@ -14,8 +14,8 @@ import pytest
 import datamodules
 from analysis.ablation import main as ablation_main
 from analysis.ablation import read_run, write_report
-from analysis.plots import banded
 from datamodules.cosmopedia import concatenate_into_blocks
+from figures.analysis import banded
 from runtime.wandb_offline import find_run_files
 from runtime.wandb_offline import read_run as read_wandb
 from tests.conftest import compose_config, launch

@@ -17,8 +17,8 @@ from torchmetrics.functional.classification import (
 
 from datamodules.task import Task
 from evaluation.loaded import Loaded
+from figures.runs import plot_confusion
 from modeling import classifier_head
-from modeling.figures import plot_confusion
 from stats import item_scores
 
 

@@ -27,9 +27,9 @@ from peft import PeftModel, get_peft_model
 from transformers import PreTrainedModel
 
 from datamodules.padding_free import model_inputs
+from figures import runs as figures
 from lightning_modules.methods import MethodContext
 from lightning_modules.methods.lora import lora_config, resolve_targets
-from modeling.figures import pyplot
 
 SUPPORTS = ("causal_lm", "label_lm")  # the task modules it can train
 
@@ -188,8 +188,6 @@ def rank_metrics(ranks: dict[str, int]) -> dict[str, float]:
 
 def write_rank_map(ranks: dict[str, int], run_dir: Path) -> Path:
     """`rank_map.json` and a layer x module heatmap `rank_map.png` in `run_dir`."""
-    plt = pyplot()
-
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / RANK_MAP_FILE
     path.write_text(json.dumps(ranks, indent=2) + "\n")
@@ -199,16 +197,7 @@ def write_rank_map(ranks: dict[str, int], run_dir: Path) -> Path:
     for name, rank in ranks.items():
         digits = [int(n) for n in name.split(".") if n.isdigit()]
         grid[layers.index(digits[0]) if digits else 0, kinds.index(name.rsplit(".", 1)[-1])] = rank
-    figure, axis = plt.subplots(figsize=(1.2 + 0.9 * len(kinds), 1.0 + 0.25 * len(layers)))
-    image = axis.imshow(grid.numpy(), aspect="auto", cmap="viridis")
-    axis.set_xticks(range(len(kinds)), kinds, rotation=45, ha="right")
-    axis.set_yticks(range(len(layers)), [str(n) for n in layers])
-    axis.set_ylabel("layer")
-    axis.set_title("svd_lora rank per layer")
-    figure.colorbar(image, ax=axis)
-    figure.tight_layout()
-    figure.savefig(path.with_suffix(".png"), dpi=110)
-    plt.close(figure)
+    figures.rank_map(grid, layers, kinds, path.with_suffix(".png"))
     return path
 
 

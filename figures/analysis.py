@@ -1,4 +1,4 @@
-"""Figures of the analysis entrypoints (matplotlib, Agg backend, PNG)."""
+"""Figures of the analysis entrypoints (matplotlib, Agg backend, PNG); importing it loads matplotlib."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from modeling.figures import pyplot
+from figures import pyplot
 
 plt = pyplot()
 
