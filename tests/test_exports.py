@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from lightning_modules.methods import UnknownMethodError
 from modeling.model_checks import ModelLoadError
@@ -231,3 +231,36 @@ def test_loading_keys_apply_on_top_of_the_saved_model_and_a_named_model_is_check
 def test_train_refuses_the_evaluation_default_model() -> None:
     with pytest.raises(ConfigError, match="model=from_ckpt"):
         check_config(compose_config("model=from_ckpt"))
+
+
+def test_an_evaluation_resolves_its_saved_run_once_and_builds_its_model_once(
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from evaluation import evaluate
+    from modeling import models
+
+    lora = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=1", "test_after_fit=false"))
+    calls = {"resolve": 0, "build": 0, "load_tokenizer": 0}
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(saved_run, "resolve", counted("resolve", saved_run.resolve))
+    monkeypatch.setattr(models, "build", counted("build", models.build))
+    monkeypatch.setattr(models, "load_tokenizer", counted("load_tokenizer", models.load_tokenizer))
+    cfg = compose_config(
+        f"ckpt={lora['run_dir']}",
+        "task.source=bundled",
+        "limit=2",
+        "generation.max_new_tokens=2",
+        config_name="evaluate",
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "eval")
+    assert evaluate.run(cfg)["model"] == "tiny_llama"
+    # the base model once, and the tokenizer the run saved beside its adapter once
+    assert calls == {"resolve": 1, "build": 1, "load_tokenizer": 1}
