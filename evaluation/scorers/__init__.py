@@ -8,6 +8,10 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from types import ModuleType
+from typing import Any
+
+# what `score` returns: per-item rows, the metrics, and each metric's interval
+Scored = tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[str, Any]]]
 
 
 def names() -> list[str]:

@@ -17,6 +17,7 @@ from torchmetrics.functional.classification import (
 
 from datamodules.task import Task
 from evaluation.loaded import Loaded
+from evaluation.scorers import Scored
 from figures.runs import plot_confusion
 from modeling import classifier_head
 from stats import item_scores
@@ -47,7 +48,7 @@ def score(
     records: list[dict[str, Any]],
     class_scores: list[list[float]],
     run_dir: Path,
-) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[str, Any]]]:
+) -> Scored:
     """Rows of every test example from its class scores; accuracy and macro F1 with their intervals."""
     rows, classes = [], len(task.class_names)
     scores = torch.tensor(class_scores)  # [N, C]

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from datamodules.task import Task
 from evaluation import vllm_backend
 from evaluation.loaded import Loaded
+from evaluation.scorers import Scored
 from modeling.generation import generate
 from stats import item_scores
 
@@ -63,7 +64,7 @@ def score(
     records: list[dict[str, Any]],
     completions: list[list[str]],
     run_dir: Path,
-) -> tuple[list[dict[str, Any]], dict[str, float], dict[str, dict[str, Any]]]:
+) -> Scored:
     """Score every completion: pass@ per `exact_match_*` score, means of the other scores, corpus metrics;
     and the interval of each."""
     style = task.prompt_format
