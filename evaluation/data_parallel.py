@@ -2,12 +2,11 @@
 and computes the outputs of one contiguous share of the items (completions, class scores); the first process
 is the evaluate.py run itself, which gathers the shares in item order and scores them as one run would.
 
-Each share is cut at a multiple of `generation.batch_size` (at single items when there are fewer batches than
-processes), so a one-process run meets the same batches as far as batching by position goes. The shares come
-back through JSON files in the run dir (`shards/`), read once every process has exited: a process that fails
-stops the run with its exit code and share, nothing waits on a collective that will never complete. On CPU
-the cores are split between the processes.
-"""
+Each share is cut at a multiple of the scorer's batch (`generation.batch_size`, `data.eval_batch_size`) (at
+single items when there are fewer batches than processes), so a one-process run meets the same batches as far
+as batching by position goes. The shares come back through JSON files in the run dir (`shards/`), read once
+every process has exited: a process that fails stops the run with its exit code and share, nothing waits on a
+collective that will never complete. On CPU the cores are split between the processes."""
 
 from __future__ import annotations
 
@@ -50,16 +49,18 @@ def shares(count: int, world: int, unit: int) -> list[range]:
 def gathered(
     cfg: DictConfig,
     outputs: Outputs,
+    unit: int,
     loaded: Loaded,
     task: Task,
     records: list,
     run_dir: Path,
 ) -> list[Any]:
-    """`outputs` for every record, in record order, computed by `devices` processes (this one first)."""
+    """`outputs` for every record, in record order, computed by `devices` processes (this one first), each
+    share cut at a multiple of `unit` (the scorer's batch)."""
     world = cfg.get("devices", 1)  # checked with the run's config (runtime/validate.py)
     if world == 1:
         return outputs(cfg, loaded, task, records, range(len(records)))
-    parts = [part for part in shares(len(records), world, cfg.generation.batch_size) if part]
+    parts = [part for part in shares(len(records), world, unit) if part]
     directory = run_dir / SHARDS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)

@@ -44,7 +44,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             vllm_backend.check(cfg, task.evaluation_kind)
         records = _nonempty(task.evaluation_records()[: cfg.get("limit")], cfg)
         kind = scorer(task.evaluation_kind)
-        outputs = data_parallel.gathered(cfg, kind.outputs, loaded, task, records, session.run_dir)
+        unit = kind.batch_size(cfg)
+        outputs = data_parallel.gathered(cfg, kind.outputs, unit, loaded, task, records, session.run_dir)
         rows, metrics, intervals = kind.score(cfg, task, records, outputs, session.run_dir)
         if cfg.get("judge") and rows:
             reference = next((k for k in ("correct", "exact_match_flexible") if k in rows[0]), None)

@@ -50,7 +50,7 @@ def test_shares_are_contiguous_whole_batches_covering_every_item() -> None:
     "overrides",
     [
         ("task=gsm8k", "limit=7", "generation.batch_size=2"),
-        ("task=classification", "limit=9", "generation.batch_size=4"),
+        ("task=classification", "limit=9", "data.eval_batch_size=3"),
     ],
     ids=["generation", "classification"],
 )
@@ -94,7 +94,7 @@ def test_a_failed_process_stops_the_run_naming_its_rank_and_items(tmp_path: Path
     records = [{"question": str(i), "answer": "#### 1"} for i in range(4)]
     with pytest.raises(RuntimeError, match=r"rank, exit code\): 1 \(1\) on items 2\.\.3"):
         loaded = Loaded(None, None, None, saved_run.resolve(cfg))
-        gathered(cfg, fails_after_the_first_share, loaded, None, records, tmp_path)
+        gathered(cfg, fails_after_the_first_share, 2, loaded, None, records, tmp_path)
 
 
 @pytest.mark.xdist_group("processes")  # each job starts a second evaluation process

@@ -23,6 +23,12 @@ from modeling import classifier_head
 from stats import item_scores
 
 
+def batch_size(cfg: DictConfig) -> int:
+    """Examples per forward: `data.eval_batch_size` (else `data.batch_size`), as train.py's validation
+    classifies."""
+    return cfg.data.get("eval_batch_size") or cfg.data.batch_size
+
+
 def outputs(
     cfg: DictConfig, loaded: Loaded, task: Task, records: list[dict[str, Any]], share: range
 ) -> list[list[float]]:
@@ -30,7 +36,7 @@ def outputs(
     label's log-likelihood (modeling/classifier_head.py)."""
     examples = task.tokenize_all([records[i] for i in share], "test")
     device = loaded.head.head[0].weight.device if loaded.head is not None else loaded.model.device
-    scores, size = [], cfg.generation.batch_size
+    scores, size = [], batch_size(cfg)
     with torch.no_grad():
         for first in range(0, len(examples), size):
             batch = {k: v.to(device) for k, v in task.collate(examples[first : first + size]).items()}

@@ -37,6 +37,11 @@ def prompts(cfg: DictConfig, task: Task, records: list[dict[str, Any]]) -> list[
     return [style.prompt(record, shots) for record, shots in zip(records, exemplars, strict=True)]
 
 
+def batch_size(cfg: DictConfig) -> int:
+    """Prompts decoded together: `generation.batch_size`."""
+    return cfg.generation.batch_size
+
+
 def outputs(
     cfg: DictConfig, loaded: Loaded, task: Task, records: list[dict[str, Any]], share: range
 ) -> list[list[str]]:
