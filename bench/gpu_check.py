@@ -48,7 +48,7 @@ from modeling.generation import generate  # noqa: E402
 from runtime.training import run  # noqa: E402
 
 LLAMA_375M = (
-    "+model.scratch={model_type:llama,hidden_size:1024,intermediate_size:2816,num_hidden_layers:24,"
+    "+model.architecture={model_type:llama,hidden_size:1024,intermediate_size:2816,num_hidden_layers:24,"
     "num_attention_heads:16,num_key_value_heads:16,max_position_embeddings:2048,tie_word_embeddings:false}"
 )
 
@@ -194,7 +194,7 @@ def saved_tiny_model(directory: Path) -> tuple[str, str]:
     model, tokenizer = models.build(compose_config("model=tiny_llama", config_name="evaluate").model)
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
-    return f"model.path={directory}", "model.scratch=null"
+    return f"model.path={directory}", "model.architecture=null"
 
 
 def vllm_generation(run_dir: Path, quick: bool) -> dict[str, Any]:

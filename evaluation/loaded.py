@@ -18,12 +18,14 @@ from runtime.saved_run import RunModel
 
 class Loaded(NamedTuple):
     """The model (None when a vLLM engine loads the weights), its tokenizer, the projection head a run saved
-    (None: classify by label likelihood) and the `RunModel` they came from."""
+    (None: classify by label likelihood) with the class names it was trained on, and the `RunModel` they came
+    from."""
 
     model: Any
     tokenizer: PreTrainedTokenizerBase
     head: SequenceClassifier | None
     choice: RunModel
+    head_classes: list[str] | None = None
 
 
 def load(choice: RunModel, cfg: DictConfig, rank: int = 0) -> Loaded:
@@ -36,11 +38,11 @@ def load(choice: RunModel, cfg: DictConfig, rank: int = 0) -> Loaded:
     if not sharded:
         model = model.to(device_for(cfg, rank))
     saved = saved_run.load_head(model, choice)
-    head = None
-    if saved is not None:
-        head = saved[0] if sharded else saved[0].to(model.device)
-        head.eval()
-    return Loaded(model.eval(), tokenizer, head, choice)
+    if saved is None:
+        return Loaded(model.eval(), tokenizer, None, choice)
+    head, classes = saved
+    head = head if sharded else head.to(model.device)
+    return Loaded(model.eval(), tokenizer, head.eval(), choice, classes)
 
 
 def device_for(cfg: DictConfig, rank: int) -> torch.device:

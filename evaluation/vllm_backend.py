@@ -10,7 +10,7 @@ batching, `generation.vllm.tensor_parallel_size` / `pipeline_parallel_size` over
   the same tokens.
 - Greedy decoding is temperature 0; sampling takes temperature, top_p and a seed per prompt (cfg.seed + item).
 - Refused by key: a task scored by log-likelihood, `devices` > 1 and `model.device_map` (vLLM parallelises
-  itself), a fresh model (model.scratch / from_scratch: no weights to load), a run of a method other than
+  itself), a fresh model (model.architecture / from_scratch: no weights to load), a run of a method other than
   LoRA (vLLM serves LoRA adapters only).
 
 vLLM is an optional extra (`pip install 'lmlab[vllm]'`); docs/scaling.md says which versions install beside

@@ -2,7 +2,7 @@
 
 Where weights come from, first match wins:
 1. `path`: a local directory written by `save_pretrained` (the same code path as a hub download);
-2. `scratch`: a from-scratch architecture config (tiny test models, pre-training ablations);
+2. `architecture`: the config.json fields of a fresh model (tiny test models, pre-training ablations);
 3. `gguf`: a GGUF file shipped inside a Python package (the embedded SmolLM2 default), dequantised
    once and cached as safetensors, because a GGUF-loaded model refuses `save_pretrained`;
 4. `hub_id`: `from_pretrained(hub_id)` from the Hugging Face hub.
@@ -65,16 +65,16 @@ def build(
 def _load(
     cfg: DictConfig, cache_dir: str | os.PathLike | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    if cfg.get("device_map") is not None and (cfg.get("from_scratch") or cfg.get("scratch")):
+    if cfg.get("device_map") is not None and (cfg.get("from_scratch") or cfg.get("architecture")):
         raise ModelLoadError(
             f"model.device_map={cfg.device_map}: only weights loaded with from_pretrained (model.path, "
             "hub_id, gguf) are spread over devices; a fresh model is built in one place"
         )
-    if cfg.get("from_scratch") and not cfg.get("scratch"):
+    if cfg.get("from_scratch") and not cfg.get("architecture"):
         return _random_init_of(cfg, cache_dir)
     if cfg.get("path"):
         return _from_directory(cfg, Path(cfg.path))
-    if cfg.get("scratch"):
+    if cfg.get("architecture"):
         tokenizer = build_tokenizer(cfg, cache_dir)
         return _from_scratch(cfg, tokenizer), tokenizer
     if cfg.get("gguf"):
@@ -106,7 +106,7 @@ def build_tokenizer(cfg: DictConfig, cache_dir: str | os.PathLike | None = None)
 def load_tokenizer(cfg: DictConfig, cache_dir: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer `build(cfg)` pairs with the model, without loading the model's weights."""
     directory = Path(cfg.path) if cfg.get("path") else None
-    if directory is None and cfg.get("gguf") and not cfg.get("scratch"):
+    if directory is None and cfg.get("gguf") and not cfg.get("architecture"):
         directory = gguf_cache_dir(cfg, cache_dir)
     if directory is not None and _has_tokenizer(directory):
         return _load_tokenizer(directory, cfg)
@@ -212,7 +212,7 @@ def _from_hub(cfg: DictConfig) -> tuple[PreTrainedModel, PreTrainedTokenizerBase
 
 
 def _from_scratch(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    arch: dict[str, Any] = OmegaConf.to_container(cfg.scratch, resolve=True)
+    arch: dict[str, Any] = OmegaConf.to_container(cfg.architecture, resolve=True)
     model_type = arch.pop("model_type")
     special = {
         "vocab_size": len(tokenizer),

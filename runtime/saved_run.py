@@ -156,7 +156,7 @@ def resolve(cfg: DictConfig) -> RunModel:
         given = {key: config[key] for key in LOADING_KEYS if config.get(key) is not None}
         if saved is not None and "config" in saved:
             log.info("ckpt=%s was trained on model '%s': loading that model", cfg.ckpt, saved["name"])
-            config = OmegaConf.merge(saved["config"], given)
+            config = OmegaConf.merge(_current_keys(saved["config"]), given)
         else:
             config = OmegaConf.masked_copy(config, [key for key in config if key != FROM_CKPT])
     choice = RunModel(
@@ -256,6 +256,14 @@ def _layout(export: Path | None, cfg: DictConfig) -> str:
         f"dir ({ADAPTER_CONFIG}), a frozen-base method dir ({METHOD_FILE}), a save_pretrained dir "
         f"({MODEL_CONFIG}) or an edit ({DELTAS_FILE})"
     )
+
+
+def _current_keys(config: dict[str, Any]) -> dict[str, Any]:
+    """A saved model config in today's keys: runs saved before `model.scratch` was renamed
+    `model.architecture` load as they were trained."""
+    if config.get("scratch") is not None and config.get("architecture") is None:
+        config = {**config, "architecture": config["scratch"]}
+    return {key: value for key, value in config.items() if key != "scratch"}
 
 
 def _saved_identity(directory: Path) -> dict[str, Any] | None:

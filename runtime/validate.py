@@ -27,6 +27,11 @@ BACKENDS = ("lmlab", "vllm")  # evaluate.py's `generation.backend`
 
 def check(cfg: DictConfig, job_type: str) -> None:
     """Every config rule of the entrypoint whose run starts (`job_type`: train, evaluate, analysis)."""
+    if (cfg.get("model") or {}).get("scratch") is not None:
+        raise ConfigError(
+            "model.scratch is now model.architecture (the config.json fields of a fresh model; "
+            "model.from_scratch asks for fresh weights in the architecture of a weight source)"
+        )
     if job_type == "train":
         check_config(cfg)
     elif job_type == "evaluate":
@@ -65,9 +70,10 @@ def check_evaluation(cfg: DictConfig) -> None:
             f"model.device_map={device_map} with generation.backend=vllm: vLLM places the model "
             "itself; set generation.vllm.tensor_parallel_size instead"
         )
-    if cfg.model.get("scratch") or cfg.model.get("from_scratch"):
+    if cfg.model.get("architecture") or cfg.model.get("from_scratch"):
         raise ConfigError(
-            f"model '{cfg.model.name}' is a fresh model (model.scratch / model.from_scratch): vLLM loads "
+            f"model '{cfg.model.name}' is a fresh model (model.architecture / model.from_scratch): vLLM "
+            "loads "
             "saved weights; train it first and evaluate ckpt=<run dir>"
         )
 
@@ -81,13 +87,13 @@ def check_config(cfg: DictConfig) -> None:
             "model=from_ckpt is evaluate.py's and the analyses' default (the model a ckpt= run was trained "
             "on); train.py trains a named model: model=<name> (conf/model/)"
         )
-    if not (model.get("path") or model.get("scratch") or model.get("gguf") or model.get("hub_id")):
+    if not (model.get("path") or model.get("architecture") or model.get("gguf") or model.get("hub_id")):
         raise ConfigError(
-            f"model '{model.name}' has no weight source: set model.hub_id, model.path or model.scratch"
+            f"model '{model.name}' has no weight source: set model.hub_id, model.path or model.architecture"
         )
-    if model.get("path") and model.get("scratch"):
+    if model.get("path") and model.get("architecture"):
         raise ConfigError(
-            "model.path and model.scratch are both set: pick one (a saved model or a fresh architecture)"
+            "model.path and model.architecture are both set: pick one (a saved model or a fresh one)"
         )
     if model.get("device_map") is not None:
         raise ConfigError(

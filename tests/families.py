@@ -141,6 +141,6 @@ def overrides(name: str, minimind_dir: Path) -> list[str]:
         "model=hf_causal_lm",
         f"model.name=tiny_{name}",
         "model.tokenizer=byte",
-        f"model.scratch={{{scratch}}}",
+        f"model.architecture={{{scratch}}}",
         *memit,
     ]

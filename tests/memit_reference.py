@@ -22,7 +22,9 @@ ARCHITECTURES = ["tiny_gpt2", "tiny_llama"]
 
 
 def tiny(name: str, *overrides: str):
-    layers = "model.scratch.n_layer=3" if name == "tiny_gpt2" else "model.scratch.num_hidden_layers=3"
+    layers = (
+        "model.architecture.n_layer=3" if name == "tiny_gpt2" else "model.architecture.num_hidden_layers=3"
+    )
     cfg, model, tokenizer = built_model(
         f"model={name}", layers, "model.memit.layers=[0,1]", *overrides, config_name="ripple"
     )

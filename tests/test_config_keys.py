@@ -93,7 +93,7 @@ def unread_keys(node: dict[str, Any], path: str, target: str | None = None) -> I
         where = f"{path}.{key}" if path else str(key)
         if key in HYDRA_KEYS:
             continue
-        if where.endswith(".scratch") and isinstance(child, dict):
+        if where.endswith(".architecture") and isinstance(child, dict):
             fields = config_fields(child["model_type"])
             yield from (
                 f"{where}.{k}: not a {child['model_type']} config field"
@@ -141,12 +141,15 @@ def test_every_config_key_is_read_by_something() -> None:
 
 def test_the_check_finds_an_unread_key_a_misspelt_trainer_flag_and_a_wrong_config_field() -> None:
     node = {
-        "model": {"scratch": {"model_type": "llama", "hidden_size": 8, "hiden_size": 8}, "unused_setting": 1},
+        "model": {
+            "architecture": {"model_type": "llama", "hidden_size": 8, "hiden_size": 8},
+            "unused_setting": 1,
+        },
         "trainer": {"max_steps": 2, "max_step": 2},
     }
     found = list(unread_keys(node, ""))
     assert found == [
-        "model.scratch.hiden_size: not a llama config field",
+        "model.architecture.hiden_size: not a llama config field",
         "model.unused_setting: no code or interpolation reads 'unused_setting'",
         "trainer.max_step: not a parameter of lightning.pytorch.Trainer",
     ]

@@ -60,7 +60,7 @@ def test_fsdp_on_two_cpu_processes_trains_like_ddp_and_exports_what_it_trained(
         "trainer.devices=2",
         "trainer.precision=32-true",
         f"method={method}",
-        "method.dropout=0.1" if method == "lora" else "+model.scratch.attention_dropout=0.1",
+        "method.dropout=0.1" if method == "lora" else "+model.architecture.attention_dropout=0.1",
         "data.max_train_samples=40",
         "trainer.max_steps=4",
         "metrics.every_n_steps=1",

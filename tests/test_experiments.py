@@ -41,7 +41,7 @@ def test_experiment_keeps_its_settings_when_scaled_down(experiment: str) -> None
     the experiment pins: its optimiser, method, task and run name."""
     overrides = [f"experiment={experiment}", "trainer=debug", "task.source=bundled"]
     model = compose_config(*overrides).model
-    if model.get("hub_id") and not (model.get("gguf") or model.get("scratch")):
+    if model.get("hub_id") and not (model.get("gguf") or model.get("architecture")):
         overrides.append(f"model={TINY_OF_FAMILY[model.family]}")
     cfg, reference = compose_config(*overrides), compose_config(f"experiment={experiment}")
     assert (cfg.optim, cfg.method, cfg.task.name, cfg.run_name) == (
@@ -50,7 +50,7 @@ def test_experiment_keeps_its_settings_when_scaled_down(experiment: str) -> None
         reference.task.name,
         reference.run_name,
     )
-    assert cfg.model.scratch or cfg.model.gguf  # buildable offline
+    assert cfg.model.architecture or cfg.model.gguf  # buildable offline
 
 
 # per-step training losses of 3 steps on tiny_llama, seed 42, the first 12 bundled GSM8K problems (batch 4),

@@ -18,7 +18,7 @@ from runtime import saved_run
 from runtime.results import read_results
 from runtime.saved_run import METHOD_FILE, TRAINABLE_FILE, restore_method
 from runtime.training import run
-from runtime.validate import ConfigError, check_config
+from runtime.validate import ConfigError, check, check_config
 from tests.conftest import ROOT, TINY, compose_config, launch
 from tests.helpers import load_saved
 
@@ -231,6 +231,22 @@ def test_loading_keys_apply_on_top_of_the_saved_model_and_a_named_model_is_check
 def test_train_refuses_the_evaluation_default_model() -> None:
     with pytest.raises(ConfigError, match="model=from_ckpt"):
         check_config(compose_config("model=from_ckpt"))
+
+
+def test_the_renamed_scratch_key_is_refused_and_runs_saved_with_it_still_load(
+    tiny_config, tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError, match="model.scratch is now model.architecture"):
+        check(compose_config("model=tiny_llama", "model.scratch={model_type: llama}"), "train")
+    lora = run(tiny_config("model=tiny_llama", "method=lora", "trainer.max_steps=1", "test_after_fit=false"))
+    identity_file = Path(lora["final_dir"]) / "base_model.json"
+    identity = json.loads(identity_file.read_text())
+    trained = identity["config"]["architecture"]
+    identity["config"]["scratch"] = identity["config"].pop("architecture")  # as a run saved before the rename
+    identity_file.write_text(json.dumps(identity))
+    choice = saved_run.resolve(compose_config(f"ckpt={lora['run_dir']}", config_name="evaluate"))
+    assert choice.config.architecture == trained and "scratch" not in choice.config
+    assert type(saved_run.load(choice)[0].base_model.model).__name__ == "LlamaForCausalLM"
 
 
 def test_an_evaluation_resolves_its_saved_run_once_and_builds_its_model_once(

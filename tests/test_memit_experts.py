@@ -26,14 +26,16 @@ TEXTS = ["The capital of Zorbia is", "Ice is cold and water is wet", "2 + 2 is 4
 
 def routed_family(name: str, minimind_dir: Path, *fields: str):
     """(model in eval mode, tokenizer, MEMIT settings at layer 0) of a mixture without a dense path; `fields`
-    are extra `model.scratch` entries (`key:value`)."""
+    are extra `model.architecture` entries (`key:value`)."""
     if name == "minimind_routed":  # modular experts, no shared expert
         path = save_tiny_minimind(minimind_dir.parent / "minimind_routed", use_moe=True, n_shared_experts=0)
         arguments = ["model=minimind2", f"model.path={path}", "model.memit.layers=[0]"]
     else:
         arguments = overrides(name, minimind_dir)
         arguments = [
-            a.replace("}", "," + ",".join(fields) + "}") if a.startswith("model.scratch") and fields else a
+            a.replace("}", "," + ",".join(fields) + "}")
+            if a.startswith("model.architecture") and fields
+            else a
             for a in arguments
         ]
     _, model, tokenizer = built_model(*TINY, *arguments)

@@ -169,6 +169,12 @@ def test_projection_head_trains_saves_and_evaluates_from_its_run_dir(tiny_config
     # same head, same test set
     assert metrics["accuracy"] == pytest.approx(results["metrics"]["test/accuracy"])
     assert (tmp_path / "eval" / "confusion_matrix.png").exists()
+    # the head answers for the classes it was trained on: a task with other classes is refused by key
+    with open_dict(cfg):
+        cfg.task.class_names = ["a", "b", "c", "d"]
+        cfg.paths.output_dir = str(tmp_path / "other")
+    with pytest.raises(ValueError, match=r"projection head was trained on classes \[.*task.class_names"):
+        evaluate.run(cfg)
 
 
 def test_each_method_reports_its_trainable_share(tiny_config, tmp_path: Path) -> None:

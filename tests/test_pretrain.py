@@ -62,7 +62,7 @@ def test_full_scale_experiments_pin_the_study_settings(name: str) -> None:
     cfg = compose_config(f"experiment=ablation/{name}")
     lr, batch, sequence, small = SPEC[name]
     assert (cfg.optim.lr, cfg.data.batch_size, cfg.data.max_length) == (lr, batch, sequence)
-    scratch = cfg.model.scratch
+    scratch = cfg.model.architecture
     assert (scratch.hidden_size, scratch.num_attention_heads, scratch.num_hidden_layers) == (
         (256, 4, 8) if small else (384, 6, 12)
     )

@@ -30,7 +30,7 @@ RESUMABLE = [
 
 DROPOUT = {
     "lora": ["method=lora", "method.dropout=0.1"],
-    "full": ["method=full", "+model.scratch.attention_dropout=0.2"],
+    "full": ["method=full", "+model.architecture.attention_dropout=0.2"],
 }
 
 

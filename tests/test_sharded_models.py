@@ -29,7 +29,7 @@ def composed(config_name: str, saved: Path, run_dir: Path, *overrides: str):
     cfg = compose_config(
         "model=tiny_llama",
         f"model.path={saved}",
-        "model.scratch=null",
+        "model.architecture=null",
         f"model.offload_folder={run_dir / 'offload'}",
         "task.source=bundled",
         "print_config=false",

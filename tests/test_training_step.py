@@ -172,7 +172,7 @@ def test_a_packed_row_attends_example_by_example_without_a_mask_over_the_row(
         else ""
     )
     _, model, _ = built_model(
-        *TINY, "model=hf_causal_lm", "model.tokenizer=byte", f"model.scratch={fields}{window}}}"
+        *TINY, "model=hf_causal_lm", "model.tokenizer=byte", f"model.architecture={fields}{window}}}"
     )
     assert attends_per_example(model)
     shapes = []

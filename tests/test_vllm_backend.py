@@ -52,7 +52,7 @@ def requests(log: Path) -> list[dict]:
 def test_vllm_predictions_equal_lmlab_and_the_engine_gets_lmlab_inputs(
     saved_llama: Path, stand_in: Path, tmp_path: Path
 ) -> None:
-    model = ["model=tiny_llama", f"model.path={saved_llama}", "model.scratch=null", "task=gsm8k"]
+    model = ["model=tiny_llama", f"model.path={saved_llama}", "model.architecture=null", "task=gsm8k"]
     short = ["generation.max_new_tokens=12", "generation.stop_strings=[' a']"]
     own = evaluated(tmp_path / "lmlab", *model, *short)
     served = evaluated(
@@ -84,7 +84,7 @@ def test_vllm_predictions_equal_lmlab_and_the_engine_gets_lmlab_inputs(
 def test_a_lora_run_is_served_as_an_adapter_on_its_base(
     saved_llama: Path, stand_in: Path, tmp_path: Path, tiny_config
 ) -> None:
-    base = ["model=tiny_llama", f"model.path={saved_llama}", "model.scratch=null"]
+    base = ["model=tiny_llama", f"model.path={saved_llama}", "model.architecture=null"]
     # a learning rate large enough that three steps change the greedy outputs
     cfg = tiny_config(*base, "task=gsm8k", "method=lora", "trainer.max_steps=3", "optim.lr=0.05")
     run_dir = Path(train(cfg)["run_dir"])
@@ -107,7 +107,7 @@ def test_sampled_completions_ask_for_n_per_prompt_with_a_seed_each(
         tmp_path / "run",
         "model=tiny_llama",
         f"model.path={saved_llama}",
-        "model.scratch=null",
+        "model.architecture=null",
         "task=gsm8k",
         "generation.backend=vllm",
         "generation.do_sample=true",
@@ -133,7 +133,7 @@ def test_sampled_completions_ask_for_n_per_prompt_with_a_seed_each(
 def test_what_vllm_cannot_run_is_refused_by_key(
     saved_llama: Path, stand_in: Path, tmp_path: Path, overrides: list[str], named: str
 ) -> None:
-    model = ["model=tiny_llama", f"model.path={saved_llama}", "model.scratch=null"]
+    model = ["model=tiny_llama", f"model.path={saved_llama}", "model.architecture=null"]
     with pytest.raises(ValueError, match=named):
         evaluated(tmp_path / "run", *model, *overrides, "generation.backend=vllm")
 
@@ -141,7 +141,7 @@ def test_what_vllm_cannot_run_is_refused_by_key(
 def test_a_fresh_model_or_another_method_is_refused_and_a_missing_vllm_says_how_to_install(
     tmp_path: Path, tiny_config
 ) -> None:
-    with pytest.raises(ValueError, match="model.scratch"):
+    with pytest.raises(ValueError, match="model.architecture"):
         evaluated(tmp_path / "fresh", "model=tiny_llama", "task=gsm8k", "generation.backend=vllm")
     cfg = tiny_config("model=tiny_llama", "task=gsm8k", "method=prompt_tuning", "trainer.max_steps=1")
     run_dir = train(cfg)["run_dir"]
@@ -151,7 +151,7 @@ def test_a_fresh_model_or_another_method_is_refused_and_a_missing_vllm_says_how_
         vllm_backend.weights(cfg, saved_run.resolve(cfg))
     with pytest.raises(ConfigError, match="generation.backend='beam'"):
         check(compose_config("generation.backend=beam", config_name="evaluate"), "evaluate")
-    missing = compose_config(*TINY[:1], "model=tiny_llama", "model.path=x", "model.scratch=null")
+    missing = compose_config(*TINY[:1], "model=tiny_llama", "model.path=x", "model.architecture=null")
     with open_dict(missing):
         missing.generation = {"backend": "vllm"}
         missing.devices = 1

@@ -34,6 +34,11 @@ def outputs(
 ) -> list[list[float]]:
     """The class scores [C] of each record of `share`: the saved projection head's logits, else every
     label's log-likelihood (modeling/classifier_head.py)."""
+    if loaded.head is not None and loaded.head_classes != list(task.class_names):
+        raise ValueError(
+            f"ckpt={loaded.choice.ckpt}: its projection head was trained on classes {loaded.head_classes}, "
+            f"task '{cfg.task.name}' has {list(task.class_names)} (task.class_names)"
+        )
     examples = task.tokenize_all([records[i] for i in share], "test")
     device = loaded.head.head[0].weight.device if loaded.head is not None else loaded.model.device
     scores, size = [], batch_size(cfg)
