@@ -56,7 +56,11 @@ def test_an_adapter_is_never_applied_to_another_base_model(tiny_config, tmp_path
     in_bf16 = evaluate_process(f"ckpt={lora['run_dir']}", "model.dtype=bfloat16", cwd=tmp_path / "bf16")
     assert in_bf16.returncode == 0, in_bf16.stderr[-3000:]
     evaluated = OmegaConf.load(tmp_path / "bf16" / "eval" / "config.yaml").model
-    assert (evaluated.name, evaluated.dtype, evaluated.scratch.hidden_size) == ("tiny_llama", "bfloat16", 64)
+    assert (evaluated.name, evaluated.dtype, evaluated.architecture.hidden_size) == (
+        "tiny_llama",
+        "bfloat16",
+        64,
+    )
     assert read_results(tmp_path / "bf16" / "eval")["model"] == "tiny_llama"
 
     last = Path(lora["run_dir"]) / "checkpoints" / "last.ckpt"
