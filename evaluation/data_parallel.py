@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 SHARDS_DIR = "shards"
 
 # outputs(cfg, loaded, task, records, share) -> one JSON value per item of `share`
-Outputs = Callable[[DictConfig, Loaded, Any, list[dict[str, Any]], range], list[Any]]
+Outputs = Callable[[DictConfig, Loaded, Task, list[dict[str, Any]], range], list[Any]]
 
 
 def shares(count: int, world: int, unit: int) -> list[range]:

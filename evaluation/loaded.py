@@ -14,6 +14,7 @@ from evaluation import vllm_backend
 from modeling.classifier_head import SequenceClassifier
 from runtime import saved_run
 from runtime.saved_run import RunModel
+from runtime.validate import uses_cuda
 
 
 class Loaded(NamedTuple):
@@ -48,6 +49,4 @@ def load(choice: RunModel, cfg: DictConfig, rank: int = 0) -> Loaded:
 def device_for(cfg: DictConfig, rank: int) -> torch.device:
     """The device of process `rank`: `accelerator` cpu, cuda, or auto (cuda when one is visible; checked with
     the run's config: runtime/validate.py)."""
-    accelerator = cfg.get("accelerator") or "auto"
-    cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
-    return torch.device("cuda", rank) if cuda else torch.device("cpu")
+    return torch.device("cuda", rank) if uses_cuda(cfg) else torch.device("cpu")

@@ -38,6 +38,12 @@ def check(cfg: DictConfig, job_type: str) -> None:
         check_evaluation(cfg)
 
 
+def uses_cuda(cfg: DictConfig) -> bool:
+    """evaluate.py's `accelerator`: cuda, or auto where a CUDA device is visible."""
+    accelerator = cfg.get("accelerator") or "auto"
+    return accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+
+
 def check_evaluation(cfg: DictConfig) -> None:
     """evaluate.py's rules: `devices` a positive count, one process for a model sharded by `model.device_map`,
     a known `accelerator` with a device for every process, and what the vLLM backend cannot run."""
@@ -52,8 +58,7 @@ def check_evaluation(cfg: DictConfig) -> None:
     accelerator = cfg.get("accelerator") or "auto"
     if accelerator not in ACCELERATORS:
         raise ConfigError(f"accelerator={accelerator!r}: auto, cpu or cuda")
-    cuda = accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
-    if cuda and devices > torch.cuda.device_count():
+    if uses_cuda(cfg) and devices > torch.cuda.device_count():
         raise ConfigError(f"devices={devices}: only {torch.cuda.device_count()} CUDA devices are visible")
     backend = (cfg.get("generation") or {}).get("backend") or "lmlab"
     if backend not in BACKENDS:
