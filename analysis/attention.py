@@ -43,6 +43,7 @@ from analysis.attention_maps import AttentionCapture, attention_maps, prefer_eag
 from datamodules.task import Task
 from figures import analysis as plots
 from modeling.architecture import attention_blocks
+from modeling.progress import counted
 from runtime import saved_run
 from runtime.session import Session, overrides, start
 from runtime.sweeps import MultirunSummary
@@ -113,7 +114,7 @@ def analyse_task(cfg: DictConfig, model: Any, tokenizer: Any, task: Task, run_di
     saved: dict[str, torch.Tensor] = {}
     described = []
     try:
-        for index, (prompt, spans) in enumerate(inputs):
+        for index, (prompt, spans) in enumerate(counted(inputs, "problems read")):
             encoded = tokenizer(prompt, return_offsets_mapping=True, return_tensors="pt")
             input_ids, length = encoded["input_ids"], encoded["input_ids"].shape[1]
             labels = (

@@ -36,6 +36,7 @@ from analysis.expert_gradients import RoutedExpertGradients, expert_output_weigh
 from datamodules.task import Task
 from modeling.architecture import as_sequence, check_layers, mlp_output_modules
 from modeling.log_probs import answer_log_probs
+from modeling.progress import counted
 from runtime import saved_run
 from runtime.saved_run import RunModel
 from runtime.session import overrides, start
@@ -157,7 +158,10 @@ def compute(
     gradients = per_example(model, list(settings.layers), settings.projection_dim, seed)
     size = settings.batch_size
     vectors = torch.cat(
-        [gradients(task.collate(examples[i : i + size])) for i in range(0, len(examples), size)]
+        [
+            gradients(task.collate(examples[i : i + size]))
+            for i in counted(range(0, len(examples), size), f"batches of {size} pieces' gradients")
+        ]
     )
     return pieces, cosine_matrix(vectors)
 

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from analysis.memit_sites import KeyReader
 from datamodules.sources import load_split
 from modeling.architecture import as_sequence
+from modeling.progress import counted
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +87,7 @@ def second_moments(
     with contextlib.ExitStack() as watching:
         for reader in readers.values():
             watching.enter_context(reader.watching())
-        for start in range(0, len(chosen), 8):
+        for start in counted(range(0, len(chosen), 8), "batches of 8 statistics texts"):
             encoded = pad_rows(
                 [tokenizer(t)["input_ids"][:max_tokens] for t in chosen[start : start + 8]],
                 tokenizer.pad_token_id,

@@ -37,6 +37,7 @@ from analysis import gradsim, memit, memit_inputs
 from datamodules import IGNORE_INDEX
 from datamodules.task import Task
 from figures import analysis as plots
+from modeling.progress import counted
 from runtime import saved_run
 from runtime.saved_run import RunModel
 from runtime.session import overrides, start
@@ -181,7 +182,7 @@ def ripple_study(cfg: DictConfig, choice: RunModel, run_dir: Path) -> dict[str, 
     moments, templates = memit_inputs.prepared(model, tokenizer, hparams, cache, run_dir)
     before = score_pieces(model, task, pieces)
     experiments = []
-    for index in range(min(cfg.analysis.num_edits, len(pieces))):
+    for index in counted(range(min(cfg.analysis.num_edits, len(pieces))), "edits measured"):
         piece = pieces[index]
         request = {
             "prompt": piece["prompt"],

@@ -50,12 +50,12 @@ def main() -> None:
     )
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
-            "evaluate", overrides=["model=smollm2_135m", *data, f"prompting.num_fewshot={args.shots}"]
+            "evaluate", overrides=["model=smollm2_135m", *data, f"prompt.num_fewshot={args.shots}"]
         )
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     task = datamodules.build_task(cfg, tokenizer)
     records = task.evaluation_records()[: args.problems]
-    exemplars = task.prompt_format.fewshot_exemplars(records, args.shots, cfg.prompting.fewshot_seed)
+    exemplars = task.prompt_format.fewshot_exemplars(records, args.shots, cfg.prompt.fewshot_seed)
     prompts = [task.prompt_format.prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
     stops = task.prompt_format.stop_strings(list(cfg.generation.stop_strings))
     lengths = [len(tokenizer(p)["input_ids"]) for p in prompts]

@@ -6,7 +6,7 @@ itself. On the first `--problems` problems of ../shared/data/gsm8k/test.jsonl (e
 beside it):
 1. lm-eval builds its `gsm8k` task's 5-shot requests (its own yaml, data read from those files) and lmlab
   builds
-   `evaluate.py prompting.style=lm_eval prompting.num_fewshot=5` prompts; the count of identical prompts is
+   `evaluate.py prompt.style=lm_eval prompt.num_fewshot=5` prompts; the count of identical prompts is
    printed.
 2. Both generate greedily from lm-eval's prompt strings with one model object (SmolLM2-135M-Instruct by
   default),
@@ -63,15 +63,15 @@ def lmlab_prompts(model_name: str, problems: int) -> tuple:
             overrides=[
                 f"model={model_name}",
                 "task=gsm8k",
-                "prompting.style=lm_eval",
-                f"prompting.num_fewshot={SHOTS}",
+                "prompt.style=lm_eval",
+                f"prompt.num_fewshot={SHOTS}",
                 f"task.data_files={{train: {GSM8K / 'train.jsonl'}, test: {GSM8K / 'test.jsonl'}}}",
             ],
         )
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     task = datamodules.build_task(cfg, tokenizer)
     records = task.evaluation_records()[:problems]
-    exemplars = task.prompt_format.fewshot_exemplars(records, SHOTS, cfg.prompting.fewshot_seed)
+    exemplars = task.prompt_format.fewshot_exemplars(records, SHOTS, cfg.prompt.fewshot_seed)
     prompts = [task.prompt_format.prompt(r, shots) for r, shots in zip(records, exemplars, strict=True)]
     stops = task.prompt_format.stop_strings(list(cfg.generation.stop_strings))
     return model, tokenizer, prompts, stops

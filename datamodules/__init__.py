@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
 
 IGNORE_INDEX = -100  # the label the loss skips (prompt tokens, padding)
 # the `data` keys that batch a task's examples (the DataModule's); the others are the task's own
@@ -20,16 +20,27 @@ if TYPE_CHECKING:
 
 
 def build_task(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
-    """The task of `cfg.task` (its `definition`) with the run's data settings and, in evaluate.py, its prompt
-    style (`cfg.prompting.style`)."""
+    """The task of `cfg.task` (its `definition`) with the run's data settings and its prompt settings
+    (`cfg.prompt`: style, chat template; plain-text prompts of lmlab's style where the config has none)."""
+    from datamodules import chat
+
     if "datamodule" in cfg.task:
         raise ValueError(
             f"task '{cfg.task.name}': task.datamodule is now task.definition (the task class and its "
             "settings; the DataModule that batches it is built from `data`)"
         )
-    style = {"prompt_style": cfg.prompting.style} if "prompting" in cfg else {}
+    if cfg.get("prompting") is not None:
+        raise ValueError("prompting.* is now prompt.* (conf/prompt/default.yaml): e.g. prompt.num_fewshot=5")
+    prompt = OmegaConf.to_container(cfg.prompt, resolve=True) if cfg.get("prompt") else {}
+    style = chat.style_for(prompt, bool(cfg.model.get("chat")), tokenizer)
+    if style is not None and not get_class(cfg.task.definition._target_).renders_chat:
+        if prompt["chat_template"] is True:
+            raise ValueError(f"prompt.chat_template=true: task '{cfg.task.name}' prompts in plain text only")
+        style = None
     settings = {key: value for key, value in cfg.data.items() if key not in BATCHING_KEYS}
-    return instantiate(cfg.task.definition, tokenizer=tokenizer, **settings, **style)
+    # partial: the chat style is passed as the object it is, not converted to config
+    task = instantiate(cfg.task.definition, _partial_=True)
+    return task(tokenizer=tokenizer, **settings, prompt_style=prompt.get("style", "lmlab"), chat_style=style)
 
 
 def build(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> TextDataModule:

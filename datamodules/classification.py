@@ -74,8 +74,8 @@ class ClassificationTask(Task):
     attention_classes = ("LABEL", "TEXT", "OTHER")
 
     def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
-        """The classification prompt (as format_example builds it): the text is TEXT, each class name in the
-        list of labels is LABEL, the template around them OTHER."""
+        """The classification prompt (as format_example builds it, in the chat template where prompts are):
+        the text is TEXT, each class name in the list of labels is LABEL, the template around them OTHER."""
         prompt, spans = "", []
         for literal, field, _, _ in string.Formatter().parse(self.prompt_template):
             prompt += literal
@@ -88,10 +88,17 @@ class ClassificationTask(Task):
                     prompt += ", " if number else ""
                     spans.append((len(prompt), len(prompt) + len(name), "LABEL"))
                     prompt += name
-        return prompt, spans
+        rendered, offset = self.chat_prompt(prompt)
+        return rendered, [(start + offset, end + offset, label) for start, end, label in spans]
 
     def label_token_ids(self) -> list[list[int]]:
-        """Token ids of each full label string as the target tokenizes it: " <name>" + EOS."""
+        """Token ids of each full label string as the target tokenizes it: " <name>" + EOS (in the chat
+        template: the assistant turn of the name, its end-of-turn included)."""
+        if self.chat_style is not None:
+            return [
+                self.tokenizer(self.chat_pair("", name)[1], add_special_tokens=False)["input_ids"]
+                for name in self.class_names
+            ]
         return [
             self.tokenizer(" " + name, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
             for name in self.class_names

@@ -27,6 +27,8 @@ class PretrainTask(Task):
 
     # its blocks are full already: no padding to remove
     allows_padding_free = False
+    # documents are read as they are, never as a conversation
+    renders_chat = False
 
     def __init__(self, text_fields: Sequence[str] = ("text",), **kwargs: Any) -> None:
         super().__init__(**kwargs)

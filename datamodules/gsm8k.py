@@ -4,7 +4,7 @@ lmlab's prompt style (the task's `prompt_template`) extracts answers in the mann
 GSM8K tasks: strict = the first `#### <number>` (or, for CoT prompts, `The answer is <number>.`); flexible =
 the last number-like match of `(-?[$0-9.,]{2,})|(-?[0-9]+)`. Before comparing, a leading `(?s).*#### `,
 `,` and `$`, and a trailing `.` are removed, and a trailing `.0` is normalised away.
-`prompting.style=lm_eval` builds lm-eval's own prompts and scores exactly as it does (lm_eval_format.py).
+`prompt.style=lm_eval` builds lm-eval's own prompts and scores exactly as it does (lm_eval_format.py).
 """
 
 from __future__ import annotations
@@ -95,10 +95,11 @@ class GSM8KTask(Task):
     prompt_formats = MappingProxyType({"lmlab": PromptFormat, "lm_eval": LmEvalGSM8KFormat})
 
     def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
-        """The prompt and the (start, end, label) character spans of its question; template text is OC."""
+        """The prompt (in the chat template where prompts are) and the (start, end, label) character spans of
+        its question; template text is OC."""
         problem = self.problem(record)
-        offset = self.prompt_template.index("{question}")
-        prompt = self.prompt_template.format(question=problem.question)
+        prompt, placed = self.chat_prompt(self.prompt_template.format(question=problem.question))
+        offset = placed + self.prompt_template.index("{question}")
         return prompt, [(offset + s.start, offset + s.end, s.label) for s in problem.spans]
 
     def format_example(self, record: Mapping[str, Any]) -> tuple[str, str]:

@@ -91,6 +91,9 @@ def knowledge_pieces(record: Mapping[str, Any]) -> list[dict[str, Any]]:
 class HotpotQATask(Task):
     """Knowledge pieces of HotpotQA as (cloze prompt, " answer") examples; the loss covers the answer."""
 
+    # cloze pieces stay plain text, as ROME/MEMIT score facts
+    renders_chat = False
+
     def records(self, stage: str) -> list[dict[str, Any]]:
         pieces = []
         for record in super().records(stage):

@@ -1,8 +1,10 @@
 """lm-evaluation-harness's GSM8K task (`gsm8k`, task version 3.0 in lm-eval 0.4.x), reproduced exactly.
 
-`evaluate.py prompting.style=lm_eval` uses it so a GSM8K score can be compared with lm-eval's published ones:
+`evaluate.py prompt.style=lm_eval` uses it so a GSM8K score can be compared with lm-eval's published ones:
 - prompt: `num_fewshot` exemplars "Question: <question>\\nAnswer: <full solution, <<calculator>> notes kept>",
-  each followed by a blank line, then "Question: <question>\\nAnswer:";
+  each followed by a blank line, then "Question: <question>\\nAnswer:"; in a chat template
+  (`prompt.chat_template`), the messages lm-eval's `--apply_chat_template` renders: that text as one user
+  message, or with `prompt.fewshot_as_multiturn` each exemplar as a user and an assistant turn;
 - exemplars: drawn per problem from the whole train split by one `random.Random(seed)` (lm-eval's default
   fewshot seed is 1234) in test order, as lm-eval's ContextSampler does;
 - generation stops at "Question:", "</s>" or "<|im_end|>";
@@ -23,21 +25,11 @@ from datamodules.sources import load_split
 
 QUESTION_TEMPLATE = "Question: {question}\nAnswer:"
 TARGET_DELIMITER = " "
-FEWSHOT_DELIMITER = "\n\n"
 STOP_STRINGS = ("Question:", "</s>", "<|im_end|>")
 FALLBACK = "[invalid]"
 STRICT = re.compile(r"#### (\-?[0-9\.\,]+)")
 FLEXIBLE = re.compile(r"(-?[$0-9.,]{2,})|(-?[0-9]+)")
 IGNORED = (re.compile(","), re.compile(r"\$"), re.compile(r"(?s).*#### "), re.compile(r"\.$"))
-
-
-def prompt(question: str, exemplars: Sequence[tuple[str, str]]) -> str:
-    """The k-shot prompt for `question`; exemplars are (question, full solution) pairs."""
-    shots = "".join(
-        QUESTION_TEMPLATE.format(question=q) + TARGET_DELIMITER + solution + FEWSHOT_DELIMITER
-        for q, solution in exemplars
-    )
-    return shots + QUESTION_TEMPLATE.format(question=question)
 
 
 def exemplars_per_problem(
@@ -96,8 +88,11 @@ def score(generation: str, gold: str) -> dict[str, Any]:
 
 
 class LmEvalGSM8KFormat(PromptFormat):
-    """`prompting.style=lm_eval` of the GSM8K tasks: lm-eval's prompts, exemplar draws, stop strings and
-    scoring (the question noise-injected where the task injects noise)."""
+    """`prompt.style=lm_eval` of the GSM8K tasks: lm-eval's prompts, exemplar draws, stop strings and
+    scoring (the question noise-injected where the task injects noise); in a chat template, as lm-eval's
+    `--apply_chat_template` (and `--fewshot_as_multiturn`) renders them."""
+
+    target_delimiter = TARGET_DELIMITER
 
     def fewshot_exemplars(
         self, records: list[dict[str, Any]], count: int, seed: int
@@ -106,9 +101,11 @@ class LmEvalGSM8KFormat(PromptFormat):
         pool = load_split(self.task.source, self.task.splits["train"], "train") if count else []
         return exemplars_per_problem(pool, len(records), count, seed)
 
-    def prompt(self, record: Mapping[str, Any], exemplars: list[Mapping[str, Any]]) -> str:
-        question = self.task.stored_question
-        return prompt(question(record), [(question(e), e["answer"]) for e in exemplars])
+    def example(self, record: Mapping[str, Any]) -> tuple[str, str]:
+        return QUESTION_TEMPLATE.format(question=self.task.stored_question(record)), record["answer"]
+
+    def question(self, record: Mapping[str, Any]) -> str:
+        return QUESTION_TEMPLATE.format(question=self.task.stored_question(record))
 
     def stop_strings(self, configured: list[str]) -> list[str]:
         """Exactly lm-eval's, in place of the configured ones (a completion keeps the blank line before

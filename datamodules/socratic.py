@@ -7,9 +7,9 @@ Three input formats, recognised per record:
 - GSM8K Socratic (`openai/gsm8k` config `socratic`, or `test_socratic.jsonl`): solution lines
   `sub-question ** step` become teacher questions and student answers (`gsm8k_dialogue`).
 
-Dialogues are rendered with the tokenizer's chat template (or, when it has none, a plain
-"Student: / Teacher:" template); the loss covers the teacher turns only: the text each assistant turn
-adds after the generation prompt. Evaluation generates a teacher turn from the dialogue before it and
+Dialogues are rendered with the tokenizer's chat template where prompts are (`prompt.chat_template`), else
+with a plain "Student: / Teacher:" template; the loss covers the teacher turns only: the text each assistant
+turn adds after the generation prompt. Evaluation generates a teacher turn from the dialogue before it and
 scores it against the reference with BLEU and ROUGE-L (`text_metrics.tokenize`: `13a` for English,
 `zh` or `char` for Chinese, i.e. characters, not whitespace) and, on the final teacher turn of a
 dialogue that has an answer, whether the generated turn states it.
@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 
-from datamodules import IGNORE_INDEX
 from datamodules.dialogues import convert, dialogues_of
 from datamodules.gsm8k import FLEXIBLE, extract_flexible, normalise
 from datamodules.prompt_format import PromptFormat
@@ -85,9 +84,8 @@ class SocraticTask(Task):
         dialogues = []
         for record in super().records(stage):
             for dialogue in dialogues_of(record):
-                messages = (
-                    [{"role": "system", "content": self.system_prompt}] if self.system_prompt else []
-                ) + dialogue["messages"]
+                system = self.system_prompt or (self.chat_style and self.chat_style.system)
+                messages = ([{"role": "system", "content": system}] if system else []) + dialogue["messages"]
                 if not any(m["role"] == "assistant" for m in messages):
                     raise DataSourceError(
                         f"{record.get('_where', '?')}: dialogue has no teacher (assistant) turn"
@@ -96,39 +94,15 @@ class SocraticTask(Task):
         return dialogues
 
     def render(self, messages: list[dict[str, str]], add_generation_prompt: bool = False) -> str:
-        """The dialogue as text: the tokenizer's chat template, or the plain Student/Teacher template."""
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
+        """The dialogue as text: the chat template where prompts are in it, else the plain Student/Teacher
+        template."""
+        if self.chat_style is not None:
+            return super().render(messages, add_generation_prompt)
         text = "".join(f"{PLAIN_ROLES[m['role']]}: {m['content']}\n" for m in messages)
         return text + ("Teacher:" if add_generation_prompt else "")
 
-    def segments(self, messages: list[dict[str, str]]) -> list[tuple[str, bool]]:
-        """The rendered dialogue cut into (text, is_teacher_turn) pieces that concatenate to the whole."""
-        pieces, done = [], ""
-        for index, message in enumerate(messages):
-            if message["role"] != "assistant":
-                continue
-            before = self.render(messages[:index], add_generation_prompt=True)
-            after = self.render(messages[: index + 1])
-            if not (before.startswith(done) and after.startswith(before)):
-                raise ValueError(
-                    "the chat template does not render dialogues prefix by prefix; teacher turns cannot be "
-                    "masked"
-                )
-            pieces += [(before[len(done) :], False), (after[len(before) :], True)]
-            done = after
-        return pieces + [(self.render(messages)[len(done) :], False)]
-
     def tokenize_record(self, record: Mapping[str, Any]) -> dict[str, list[int]]:
-        input_ids: list[int] = []
-        labels: list[int] = []
-        for number, (text, supervised) in enumerate(self.segments(record["messages"])):
-            ids = self.tokenizer(text, add_special_tokens=number == 0)["input_ids"] if text else []
-            input_ids += ids
-            labels += ids if supervised else [IGNORE_INDEX] * len(ids)
-        return {"input_ids": input_ids[: self.max_length], "labels": labels[: self.max_length]}
+        return self.tokenize_conversation(record["messages"])
 
     attention_classes = ("STUDENT", "TEACHER", "OTHER")
 

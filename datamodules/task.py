@@ -21,7 +21,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from datamodules import IGNORE_INDEX, padding_free
+from datamodules import IGNORE_INDEX, chat, padding_free
+from datamodules.chat import ChatStyle, Messages
 from datamodules.prompt_format import PromptFormat
 from datamodules.sources import DataSourceError, load_split
 
@@ -36,7 +37,9 @@ class Task:
     # whether its batches can be padding-free (datamodules/padding_free.py): each example is one sequence
     # with its own labels
     allows_padding_free: bool = True
-    # the evaluation prompt formats this task can build, by `prompting.style` name
+    # whether its prompts can be put in a chat template (`prompt.chat_template`; false: always plain text)
+    renders_chat: bool = True
+    # the evaluation prompt formats this task can build, by `prompt.style` name
     # (datamodules/prompt_format.py)
     prompt_formats: Mapping[str, type[PromptFormat]] = MappingProxyType({"lmlab": PromptFormat})
     # how evaluate.py scores this task: the scorer of this name (evaluation/scorers/): "generation" (generate,
@@ -57,15 +60,17 @@ class Task:
         max_eval_samples: int | None = None,
         seed: int = 0,
         prompt_style: str = "lmlab",
+        chat_style: ChatStyle | None = None,
         padding_free: bool = True,
     ) -> None:
         if prompt_style not in self.prompt_formats:
             raise ValueError(
-                f"prompting.style={prompt_style}: {type(self).__name__} builds only "
-                f"{list(self.prompt_formats)}"
+                f"prompt.style={prompt_style}: {type(self).__name__} builds only {list(self.prompt_formats)}"
             )
-        # how evaluation prompts are built and generations scored (prompting.style)
+        # how evaluation prompts are built and generations scored (prompt.style)
         self.prompt_format = self.prompt_formats[prompt_style](self)
+        # None: plain-text prompts; else the chat template's system message and exemplar turns
+        self.chat_style = chat_style
         self.tokenizer = tokenizer
         self.source, self.splits = source, splits
         self.max_length, self.val_size = max_length, val_size
@@ -160,15 +165,47 @@ class Task:
         """Token ids and labels of one record: its (prompt, target) pair by default."""
         return self.tokenize(*self.format_example(record))
 
+    def render(self, messages: Messages, add_generation_prompt: bool = False) -> str:
+        """`messages` in the tokenizer's chat template (`chat.render`)."""
+        return chat.render(self.tokenizer, messages, add_generation_prompt)
+
+    def chat_pair(self, prompt: str, target: str) -> tuple[str, str]:
+        """A (prompt, target) example in the chat template: the system message and the prompt as the user turn
+        with the generation prompt, and the text the target's assistant turn adds after it."""
+        messages = chat.conversation(self.chat_style, [], prompt)
+        before = self.render(messages, add_generation_prompt=True)
+        turn = {"role": "assistant", "content": target.strip()}
+        return before, chat.segments(self.render, [*messages, turn])[1][0]
+
+    def chat_prompt(self, text: str) -> tuple[str, int]:
+        """The prompt the model reads for the plain prompt `text` (rendered in the chat template where prompts
+        are) and where `text` starts in it."""
+        if self.chat_style is None:
+            return text, 0
+        rendered = self.chat_pair(text, "")[0]
+        return rendered, rendered.rindex(text)
+
     def tokenize(self, prompt: str, target: str) -> dict[str, list[int]]:
-        """Token ids of prompt + target + EOS, with labels masked to IGNORE_INDEX on the prompt."""
+        """Token ids of prompt + target + EOS (in the chat template: the prompt's turns + the assistant turn),
+        with labels masked to IGNORE_INDEX on the prompt."""
+        eos = [self.tokenizer.eos_token_id]
+        if self.chat_style is not None:
+            (prompt, target), eos = self.chat_pair(prompt, target), []
         prompt_ids = self.tokenizer(prompt)["input_ids"]
-        target_ids = self.tokenizer(target, add_special_tokens=False)["input_ids"] + [
-            self.tokenizer.eos_token_id
-        ]
+        target_ids = self.tokenizer(target, add_special_tokens=False)["input_ids"] + eos
         input_ids = (prompt_ids + target_ids)[: self.max_length]
         labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[: self.max_length]
         return {"input_ids": input_ids, "labels": labels}
+
+    def tokenize_conversation(self, messages: Messages) -> dict[str, list[int]]:
+        """Token ids of a rendered conversation with labels on its assistant turns only."""
+        input_ids: list[int] = []
+        labels: list[int] = []
+        for number, (text, supervised) in enumerate(chat.segments(self.render, messages)):
+            ids = self.tokenizer(text, add_special_tokens=number == 0)["input_ids"] if text else []
+            input_ids += ids
+            labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+        return {"input_ids": input_ids[: self.max_length], "labels": labels[: self.max_length]}
 
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
         """Padding-free, one row of the examples (`padding_free`: datamodules/padding_free.py), else

@@ -26,6 +26,7 @@ from transformers import set_seed
 
 import datamodules
 from datamodules.task import Task
+from evaluation.journal import Journal
 from evaluation.loaded import Loaded, load
 from runtime.saved_run import RunModel
 
@@ -33,8 +34,11 @@ log = logging.getLogger(__name__)
 
 SHARDS_DIR = "shards"
 
-# outputs(cfg, loaded, task, records, share) -> one JSON value per item of `share`
-Outputs = Callable[[DictConfig, Loaded, Task, list[dict[str, Any]], range], list[Any]]
+# outputs(cfg, loaded, task, records, share, on_finished) -> one JSON value per item of `share` (record
+# indices), each also handed to on_finished(index, value) as soon as it is done
+Outputs = Callable[
+    [DictConfig, Loaded, Task, list[dict[str, Any]], list[int], Callable[[int, Any], None]], list[Any]
+]
 
 
 def shares(count: int, world: int, unit: int) -> list[range]:
@@ -54,13 +58,21 @@ def gathered(
     task: Task,
     records: list,
     run_dir: Path,
+    finished: dict[int, Any],
 ) -> list[Any]:
-    """`outputs` for every record, in record order, computed by `devices` processes (this one first), each
-    share cut at a multiple of `unit` (the scorer's batch)."""
+    """`outputs` for every record, in record order: those `finished` before as they are, the others computed
+    by `devices` processes (this one first), each share of them cut at a multiple of `unit` (the scorer's
+    batch), every item recorded in the run's journal (evaluation/journal.py) as it is done."""
     world = cfg.get("devices", 1)  # checked with the run's config (runtime/validate.py)
-    if world == 1:
-        return outputs(cfg, loaded, task, records, range(len(records)))
-    parts = [part for part in shares(len(records), world, unit) if part]
+    pending = [index for index in range(len(records)) if index not in finished]
+    if world == 1 or len(pending) <= 1:
+        journal = Journal(run_dir)
+        try:
+            computed = outputs(cfg, loaded, task, records, pending, journal) if pending else []
+        finally:
+            journal.close()
+        return _in_order(finished, pending, computed, len(records))
+    parts = [[pending[j] for j in part] for part in shares(len(pending), world, unit) if part]
     directory = run_dir / SHARDS_DIR
     directory.mkdir(parents=True, exist_ok=True)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -84,11 +96,13 @@ def gathered(
     for worker in workers:
         worker.start()
     threads = torch.get_num_threads()
+    journal = Journal(run_dir)
     try:
         torch.set_num_threads(_threads_each(len(parts)))
-        mine = outputs(cfg, loaded, task, records, parts[0])
+        mine = outputs(cfg, loaded, task, records, parts[0], journal)
     finally:
         torch.set_num_threads(threads)
+        journal.close()
     for worker in workers:
         worker.join()
     failed = [(rank, w.exitcode) for rank, w in enumerate(workers, start=1) if w.exitcode != 0]
@@ -96,17 +110,22 @@ def gathered(
         raise RuntimeError(
             "evaluation processes failed (rank, exit code): "
             + ", ".join(
-                f"{rank} ({code}) on items {parts[rank].start}..{parts[rank].stop - 1}"
-                for rank, code in failed
+                f"{rank} ({code}) on items {parts[rank][0]}..{parts[rank][-1]}" for rank, code in failed
             )
             + "; their errors are in the log above"
         )
-    everything = list(mine)
+    computed = list(mine)
     for rank in range(1, len(parts)):
-        everything += json.loads((directory / f"rank{rank}.json").read_text())
+        computed += json.loads((directory / f"rank{rank}.json").read_text())
     shutil.rmtree(directory)
-    log.info("%d items scored by %d processes (shares %s)", len(records), len(parts), [len(p) for p in parts])
-    return everything
+    log.info("%d items scored by %d processes (shares %s)", len(pending), len(parts), [len(p) for p in parts])
+    return _in_order(finished, [i for part in parts for i in part], computed, len(records))
+
+
+def _in_order(finished: dict[int, Any], indices: list[int], computed: list[Any], count: int) -> list[Any]:
+    """Every item's output in item order, from those finished before and those just computed."""
+    outputs = {**finished, **dict(zip(indices, computed, strict=True))}
+    return [outputs[index] for index in range(count)]
 
 
 def _threads_each(world: int) -> int:
@@ -119,16 +138,21 @@ def _work(
     choice: RunModel,
     records: list,
     rank: int,
-    share: range,
+    share: list[int],
     directory: Path,
     threads: int,
 ) -> None:
-    """One evaluation process: load the model on its device, compute its share, write it as JSON."""
+    """One evaluation process: load the model on its device, compute its share (each item journalled as it
+    is done), write it as JSON."""
     torch.set_num_threads(threads)
     cfg = OmegaConf.create(resolved)
     set_seed(cfg.seed)  # as the first process built the model (from_scratch)
     loaded = load(choice, cfg, rank)
     set_seed(cfg.seed + rank)  # sampling: one stream per process
     task = datamodules.build_task(cfg, loaded.tokenizer)
-    result = outputs(cfg, loaded, task, records, share)
+    journal = Journal(directory.parent, rank)
+    try:
+        result = outputs(cfg, loaded, task, records, share, journal)
+    finally:
+        journal.close()
     (directory / f"rank{rank}.json").write_text(json.dumps(result))

@@ -14,10 +14,10 @@ import json
 import logging
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import datamodules
-from evaluation import data_parallel, predictions, vllm_backend
+from evaluation import data_parallel, journal, predictions, vllm_backend
 from evaluation.judge import judge_rows
 from evaluation.loaded import load
 from evaluation.scorers import scorer
@@ -45,7 +45,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         records = _nonempty(task.evaluation_records()[: cfg.get("limit")], cfg)
         kind = scorer(task.evaluation_kind)
         unit = kind.batch_size(cfg)
-        outputs = data_parallel.gathered(cfg, kind.outputs, unit, loaded, task, records, session.run_dir)
+        finished = journal.start(cfg, choice, session.run_dir)
+        outputs = data_parallel.gathered(
+            cfg, kind.outputs, unit, loaded, task, records, session.run_dir, finished
+        )
         rows, metrics, intervals = kind.score(cfg, task, records, outputs, session.run_dir)
         if cfg.get("judge") and rows:
             reference = next((k for k in ("correct", "exact_match_flexible") if k in rows[0]), None)
@@ -53,6 +56,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             judged = {"judge_accuracy": "judge_correct", "judge_agreement": "judge_agrees"}
             intervals |= item_scores.intervals(rows, metrics, judged, {}, cfg.statistics)
         predictions.write(session.run_dir, rows)
+        journal.remove(session.run_dir)
         (session.run_dir / "metrics.json").write_text(
             json.dumps({**metrics, "intervals": intervals}, indent=2) + "\n"
         )
@@ -66,6 +70,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "ckpt": cfg.get("ckpt"),
             "overrides": overrides(),
             "grid_baseline": cfg.task.get("grid_baseline"),
+            # the settings the outputs depend on, beside the scores they gave
+            "prompt": OmegaConf.to_container(cfg.prompt, resolve=True),
+            "generation": OmegaConf.to_container(cfg.generation, resolve=True),
             "optimized_metric": cfg.optimized_metric or headline_metric(metrics),
             "metrics": metrics,
             "intervals": intervals,

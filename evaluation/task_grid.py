@@ -1,12 +1,12 @@
 """The summary of an evaluate.py `-m` grid (or of a study): one table and bar chart per stage (zero-shot,
 after fine-tuning) with every model's score and its interval on every task and, when a baseline task is set,
-the drop from it; and one table of paired comparisons per stage (every two models on each task, and each
-model's baseline task against each other task), with verdicts Holm-adjusted across the table.
+the drop from it (with sampled completions, a pass@k / maj@k curve per run too); and one table of paired
+comparisons per stage (every two models on each task, and each model's baseline task against each other task),
+with verdicts Holm-adjusted across the table.
 
 The scores are each run's Pass@1 (strict and flexible) for generation tasks, else its headline metric
-(accuracy, corpus BLEU). The baseline task comes from config: `task.grid_baseline` of the evaluated tasks
-(the GSM8K tasks name clean `gsm8k`, so a noise grid reports each noisy set's drop), or the study's.
-"""
+(accuracy, corpus BLEU). The baseline task comes from config: `task.grid_baseline` of the evaluated tasks (the
+GSM8K tasks name clean `gsm8k`, so a noise grid reports each noisy set's drop), or the study's."""
 
 from __future__ import annotations
 
@@ -113,6 +113,13 @@ def write_grid(
         path, shown = Path(out_dir) / f"{stage}_performance.csv", [_display(row) for row in rows]
         written += tables.write(rows, path, f"{stage} performance", note, shown)
         written.append(figures.grid_bars(rows, metric, Path(out_dir) / f"{stage}_performance.png", stage))
+        sampled = {
+            f"{r['model']} on {r['task']}": (r["metrics"], r.get("intervals", {}))
+            for r in staged
+            if any(key.startswith("maj@") for key in r["metrics"])
+        }
+        if sampled:
+            written.append(figures.pass_at_k_curves(sampled, Path(out_dir) / f"{stage}_pass_at_k.png", stage))
         try:
             if not all(r.get("run_dir") for r in staged):
                 raise FileNotFoundError("the results name no run dirs to read per-item scores from")

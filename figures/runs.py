@@ -1,8 +1,10 @@
 """Figures of training and evaluation runs: a sweep's curves and metric against each swept parameter, an
-SVD-LoRA run's rank per layer, a classifier's confusion matrix, an evaluation grid's bars with intervals."""
+SVD-LoRA run's rank per layer, a classifier's confusion matrix, an evaluation grid's bars with intervals,
+pass@k and maj@k against k."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +127,37 @@ def sweep(
             axis.set_xticks(range(len(xs)), xs, rotation=30, fontsize=7)
         axis.set(xlabel=key, ylabel=metric, title=f"{metric} vs {key}")
     figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def pass_at_k_curves(
+    runs: dict[str, tuple[dict[str, float], dict[str, dict[str, Any]]]], path: Path, title: str
+) -> Path:
+    """pass@k and maj@k against k (log 2 axis), one line per run (label -> its metrics and intervals) and
+    score, with each point's interval."""
+    plt = pyplot()
+
+    figure, axis = plt.subplots(figsize=(5.5, 3.8))
+    for label, (metrics, intervals) in runs.items():
+        curves: dict[str, list[tuple[int, str]]] = {}
+        for key in metrics:
+            match = re.fullmatch(r"(pass|maj)@(\d+)_(\w+)", key)
+            if match:
+                curves.setdefault(f"{match[1]}@k {match[3]}", []).append((int(match[2]), key))
+        for name, points in sorted(curves.items()):
+            ks, keys = zip(*sorted(points), strict=True)
+            values = np.array([metrics[key] for key in keys])
+            low = np.array([intervals.get(key, {}).get("low", metrics[key]) for key in keys])
+            high = np.array([intervals.get(key, {}).get("high", metrics[key]) for key in keys])
+            bars = [values - low, high - values]
+            axis.errorbar(ks, values, yerr=bars, marker="o", capsize=3, label=f"{label}: {name}")
+    axis.set_xscale("log", base=2)
+    axis.set(xlabel="k (samples)", ylabel="score", title=f"pass@k and maj@k on {title}", ylim=(0, 1.02))
+    axis.legend(fontsize=6)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
     plt.close(figure)
     return path

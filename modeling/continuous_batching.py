@@ -5,16 +5,13 @@ once). modeling/generation.py decides when a model can decode this way."""
 from __future__ import annotations
 
 import copy
-import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from modeling.architecture import forward_accepts
 from modeling.decoding import Row, Sampler, Stopping, cache_keyword, pad_mask, positions
-
-log = logging.getLogger(__name__)
 
 MIN_SHARED_PREFIX = 16  # tokens every prompt must share before that prefix is prefilled once
 
@@ -45,23 +42,20 @@ class ContinuousBatch:
         self.prefix: list[int] = []  # the token ids every prompt starts with, prefilled once into `prefix_kv`
         self.prefix_kv: DynamicCache | None = None
 
-    def run(self, prompts: Sequence[str], requests: list[int]) -> dict[int, list[str]]:
-        """Completions (full decoded text, before stop-string truncation) of `requests`, by prompt index."""
+    def run(self, prompts: Sequence[str], requests: list[int], collect: Callable[[int, str], None]) -> None:
+        """Decodes `requests` (prompt indices), handing each completion's full text (before stop-string
+        truncation) to `collect` as its row finishes."""
         ids = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
         if self.prefix_cache:
             self._prefill_shared_prefix([ids[i] for i in dict.fromkeys(requests)])
-        waiting, done = list(requests), {i: [] for i in requests}
+        waiting = list(requests)
         while waiting or self.rows:
             free = self.batch_size - len(self.rows)
             if waiting and free:
                 self._prefill([ids[i] for i in waiting[:free]], waiting[:free])
                 waiting = waiting[free:]
-            finished = self._step()
-            for row in finished:
-                done[row.index].append(self.tokenizer.decode(row.new, skip_special_tokens=True))
-            if finished:
-                log.info("generated %d / %d completions", sum(map(len, done.values())), len(requests))
-        return done
+            for row in self._step():
+                collect(row.index, self.tokenizer.decode(row.new, skip_special_tokens=True))
 
     def _prefill_shared_prefix(self, prompts: list[list[int]]) -> None:
         """Prefill the tokens all `prompts` start with (when they are at least MIN_SHARED_PREFIX and every

@@ -23,8 +23,7 @@ position ids, and a model with absolute positions, GPT-2, would see shifted ones
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -33,8 +32,12 @@ from modeling.architecture import forward_accepts
 from modeling.continuous_batching import ContinuousBatch
 from modeling.decoding import Row, Sampler, Stopping, cache_keyword, returned_cache
 from modeling.injection import embedding_prompt
+from modeling.progress import Progress
 
-log = logging.getLogger(__name__)
+# called with a prompt's index and its completions (cut at the stop strings) as soon as all are done
+Finished = Callable[[int, list[str]], None]
+# called by a decoder with a prompt's index and one completion's full text, as soon as it is done
+Collect = Callable[[int, str], None]
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -56,36 +59,48 @@ def generate(
     top_p: float = 1.0,
     num_samples: int = 1,
     prefix_cache: bool = True,
+    on_finished: Finished | None = None,
 ) -> list[list[str]]:
     """`num_samples` completions per prompt, in prompt order, each cut at its first stop string
-    (`prefix_cache`: the prefix all prompts share is prefilled once)."""
+    (`prefix_cache`: the prefix all prompts share is prefilled once); `on_finished` hears of each prompt
+    whose completions are all done, as it happens. Progress is shown as completions finish."""
     model.eval()
     tokenizer.padding_side = "left"
-    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        texts = _generate_prompt_learning(
-            model,
-            tokenizer,
-            prompts,
-            batch_size,
-            max_new_tokens,
-            stop_strings,
-            do_sample,
-            temperature,
-            top_p,
-            num_samples,
-        )
-    else:
-        sampler = Sampler(do_sample, temperature, top_p)
-        stopping = Stopping(model, tokenizer, max_new_tokens, stop_strings)
-        requests = [
-            i for i in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) for _ in range(num_samples)
-        ]
-        if batches_continuously(model):
-            decoder = ContinuousBatch(model, tokenizer, batch_size, stopping, sampler, prefix_cache)
+    texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+    progress = Progress(len(prompts) * num_samples, "completions generated")
+
+    def collect(index: int, text: str) -> None:
+        texts[index].append(truncate_at_stop(text, stop_strings))
+        progress.advance()
+        if on_finished is not None and len(texts[index]) == num_samples:
+            on_finished(index, texts[index])
+
+    with progress:
+        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+            _generate_prompt_learning(
+                model,
+                tokenizer,
+                prompts,
+                collect,
+                batch_size,
+                max_new_tokens,
+                stop_strings,
+                do_sample,
+                temperature,
+                top_p,
+                num_samples,
+            )
         else:
-            decoder = _SameLengthBatches(model, tokenizer, batch_size, stopping, sampler)
-        texts = decoder.run(prompts, requests)
-    return [[truncate_at_stop(t, stop_strings) for t in texts[i]] for i in range(len(prompts))]
+            sampler = Sampler(do_sample, temperature, top_p)
+            stopping = Stopping(model, tokenizer, max_new_tokens, stop_strings)
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+            requests = [i for i in order for _ in range(num_samples)]
+            if batches_continuously(model):
+                decoder = ContinuousBatch(model, tokenizer, batch_size, stopping, sampler, prefix_cache)
+            else:
+                decoder = _SameLengthBatches(model, tokenizer, batch_size, stopping, sampler)
+            decoder.run(prompts, requests, collect)
+    return [texts[i] for i in range(len(prompts))]
 
 
 def batches_continuously(model: PreTrainedModel) -> bool:
@@ -124,18 +139,16 @@ class _SameLengthBatches:
         self.cache_key = cache_keyword(model)
         self.caches = forward_accepts(model, self.cache_key) and forward_accepts(model, "use_cache")
 
-    def run(self, prompts: Sequence[str], requests: list[int]) -> dict[int, list[str]]:
-        """Completions (full decoded text, before stop-string truncation) of `requests`, by prompt index."""
+    def run(self, prompts: Sequence[str], requests: list[int], collect: Collect) -> None:
+        """Decodes `requests` (prompt indices), handing each completion's full text (before stop-string
+        truncation) to `collect`."""
         groups: dict[int, list[int]] = {}
         for index in requests:
             groups.setdefault(len(self.tokenizer(prompts[index])["input_ids"]), []).append(index)
-        done: dict[int, list[str]] = {i: [] for i in requests}
         for group in groups.values():
             for first in range(0, len(group), self.batch_size):
                 for row in self._decode(prompts, group[first : first + self.batch_size]):
-                    done[row.index].append(self.tokenizer.decode(row.new, skip_special_tokens=True))
-            log.info("generated %d / %d completions", sum(map(len, done.values())), len(requests))
-        return done
+                    collect(row.index, self.tokenizer.decode(row.new, skip_special_tokens=True))
 
     def _decode(self, prompts: Sequence[str], indices: list[int]) -> list[Row]:
         encoded = self.tokenizer([prompts[i] for i in indices], return_tensors="pt")
@@ -160,6 +173,7 @@ def _generate_prompt_learning(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
+    collect: Collect,
     batch_size: int,
     max_new_tokens: int,
     stop_strings: Sequence[str],
@@ -167,15 +181,15 @@ def _generate_prompt_learning(
     temperature: float,
     top_p: float,
     num_samples: int,
-) -> dict[int, list[str]]:
-    """Completions through `model.generate`, in batches of prompts of one token length."""
+) -> None:
+    """Completions through `model.generate`, in batches of prompts of one token length, each handed to
+    `collect`."""
     groups: dict[int, list[int]] = {}
     for index in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
         groups.setdefault(len(tokenizer(prompts[index])["input_ids"]), []).append(index)
     sampling = (
         {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
     )
-    completions: dict[int, list[str]] = {}
     for group in groups.values():
         for first in range(0, len(group), batch_size):
             indices = group[first : first + batch_size]
@@ -196,5 +210,5 @@ def _generate_prompt_learning(
                 output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
             )
             for row, index in enumerate(indices):
-                completions[index] = texts[row * num_samples : (row + 1) * num_samples]
-    return completions
+                for text in texts[row * num_samples : (row + 1) * num_samples]:
+                    collect(index, text)

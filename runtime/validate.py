@@ -13,6 +13,8 @@ import torch
 from lightning.fabric.strategies.fsdp import _is_sharded_checkpoint
 from omegaconf import DictConfig
 
+from stats import sampled
+
 # the weights train.py's test stage measures: as training ended, or the best-by-validation checkpoint
 TEST_CHECKPOINTS = ("last", "best")
 
@@ -46,7 +48,8 @@ def uses_cuda(cfg: DictConfig) -> bool:
 
 def check_evaluation(cfg: DictConfig) -> None:
     """evaluate.py's rules: `devices` a positive count, one process for a model sharded by `model.device_map`,
-    a known `accelerator` with a device for every process, and what the vLLM backend cannot run."""
+    a known `accelerator` with a device for every process, the k of pass@k within the samples, and what the
+    vLLM backend cannot run."""
     devices, device_map = cfg.get("devices", 1), cfg.model.get("device_map")
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         raise ConfigError(f"devices={devices!r}: the number of evaluation processes, a positive integer")
@@ -60,7 +63,13 @@ def check_evaluation(cfg: DictConfig) -> None:
         raise ConfigError(f"accelerator={accelerator!r}: auto, cpu or cuda")
     if uses_cuda(cfg) and devices > torch.cuda.device_count():
         raise ConfigError(f"devices={devices}: only {torch.cuda.device_count()} CUDA devices are visible")
-    backend = (cfg.get("generation") or {}).get("backend") or "lmlab"
+    generation = cfg.get("generation") or {}
+    if generation:
+        try:
+            sampled.ks(generation.num_samples, generation.get("k"))
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
+    backend = generation.get("backend") or "lmlab"
     if backend not in BACKENDS:
         raise ConfigError(f"generation.backend={backend!r}: one of {', '.join(BACKENDS)}")
     if backend != "vllm":

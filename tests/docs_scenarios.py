@@ -228,7 +228,7 @@ SCENARIOS: dict[str, list[Step]] = {
     ],
     "lm_eval_gsm8k": [
         Step(
-            "python evaluate.py task=gsm8k prompting.style=lm_eval prompting.num_fewshot=5",
+            "python evaluate.py task=gsm8k prompt.style=lm_eval prompt.num_fewshot=5",
             promise.lm_eval_prompts,
         )
     ],

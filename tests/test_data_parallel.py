@@ -79,10 +79,10 @@ def test_bad_device_settings_are_refused_by_key(tmp_path: Path) -> None:
     assert not (tmp_path / "config.yaml").exists()  # refused before the run dir is written
 
 
-def fails_after_the_first_share(cfg, loaded, datamodule, records, share: range) -> list:
+def fails_after_the_first_share(cfg, loaded, task, records, share: list[int], on_finished) -> list:
     """Outputs that the first share gets and every later share fails on (a process that dies)."""
-    if share.start:
-        raise RuntimeError(f"share from {share.start} failed")
+    if share[0]:
+        raise RuntimeError(f"share from {share[0]} failed")
     return [[""] for _ in share]
 
 
@@ -94,7 +94,7 @@ def test_a_failed_process_stops_the_run_naming_its_rank_and_items(tmp_path: Path
     records = [{"question": str(i), "answer": "#### 1"} for i in range(4)]
     with pytest.raises(RuntimeError, match=r"rank, exit code\): 1 \(1\) on items 2\.\.3"):
         loaded = Loaded(None, None, None, saved_run.resolve(cfg))
-        gathered(cfg, fails_after_the_first_share, 2, loaded, None, records, tmp_path)
+        gathered(cfg, fails_after_the_first_share, 2, loaded, None, records, tmp_path, {})
 
 
 @pytest.mark.xdist_group("processes")  # each job starts a second evaluation process

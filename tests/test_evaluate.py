@@ -13,10 +13,10 @@ from peft import PeftModel
 
 from datamodules.gsm8k import extract_flexible, extract_strict, gold_answer
 from evaluation import evaluate
-from evaluation.scorers import generation as generation_scoring
 from modeling import models
 from modeling.generation import generate, truncate_at_stop
 from runtime.training import run as train
+from stats import sampled
 from tests.conftest import compose_config
 from tests.helpers import load_saved
 
@@ -59,13 +59,6 @@ def test_gold_answer_is_normalised() -> None:
 def test_stop_strings_cut_the_completion() -> None:
     assert truncate_at_stop("#### 5\n\nQuestion: more", ["Question:", "\n\nQuestion:"]) == "#### 5"
     assert truncate_at_stop("no stop here", ["Question:"]) == "no stop here"
-
-
-def test_pass_at_k_estimator() -> None:
-    assert generation_scoring.pass_at_k(5, 0, 1) == 0.0
-    assert generation_scoring.pass_at_k(5, 5, 1) == 1.0
-    assert generation_scoring.pass_at_k(4, 1, 1) == pytest.approx(0.25)
-    assert generation_scoring.pass_at_k(4, 1, 2) == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("name", ["tiny_llama", "tiny_gpt2"])
@@ -126,7 +119,7 @@ def test_evaluate_writes_predictions_and_metrics(tmp_path: Path) -> None:
         "model=tiny_llama",
         "task=gsm8k_sd",
         *EVAL_TINY,
-        "generation.num_samples=2",
+        "generation.num_samples=4",
         "generation.do_sample=true",
         config_name="evaluate",
     )
@@ -134,25 +127,27 @@ def test_evaluate_writes_predictions_and_metrics(tmp_path: Path) -> None:
         cfg.paths.output_dir = str(tmp_path)
     results = evaluate.run(cfg)
     assert results["stage"] == "zero_shot" and results["metrics"]["num_problems"] == 5
+    assert results["generation"]["num_samples"] == 4 and results["generation"]["do_sample"] is True
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
-    assert len(rows) == 5 and all(len(r["generations"]) == 2 for r in rows)
-    assert {
-        "prompt",
-        "generation",
-        "extracted_strict",
-        "extracted_flexible",
-        "gold",
-        "pass@1_flexible",
-        "pass@2_flexible",
-    } <= set(rows[0])
-    assert json.loads((tmp_path / "metrics.json").read_text())["pass@1_flexible"] == pytest.approx(
-        sum(r["pass@1_flexible"] for r in rows) / 5
-    )
+    assert len(rows) == 5 and all(len(r["generations"]) == 4 for r in rows)
+    scored = ["pass@1_flexible", "pass@2_flexible", "pass@4_flexible", "maj@2_flexible", "maj@4_flexible"]
+    assert {"prompt", "generation", "extracted_strict", "extracted_flexible", "gold", *scored} <= set(rows[0])
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    for key in scored:
+        assert metrics[key] == pytest.approx(sum(r[key] for r in rows) / 5)
+        assert metrics["intervals"][key]["n"] == 5 and metrics["intervals"][key]["low"] <= metrics[key]
+    for row in rows:  # each row's scores from its own four samples
+        samples = [extract_flexible(text) for text in row["generations"]]
+        right = [float(answer == row["gold"]) for answer in samples]
+        assert row["pass@1_flexible"] == pytest.approx(sum(right) / 4)
+        assert row["pass@4_flexible"] == float(any(right))
+        assert row["maj@4_flexible"] == sampled.majority_at_k(samples, right, 4)
+    assert (tmp_path / "pass_at_k.png").stat().st_size > 0
 
 
 def test_fewshot_prompt_prepends_train_exemplars(tmp_path: Path) -> None:
     cfg = compose_config(
-        "model=tiny_llama", *EVAL_TINY, "prompting.num_fewshot=2", "limit=1", config_name="evaluate"
+        "model=tiny_llama", *EVAL_TINY, "prompt.num_fewshot=2", "limit=1", config_name="evaluate"
     )
     with open_dict(cfg):
         cfg.paths.output_dir = str(tmp_path)

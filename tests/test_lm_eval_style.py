@@ -1,4 +1,4 @@
-"""`prompting.style=lm_eval`: lm-evaluation-harness's GSM8K prompts, exemplar draws, stop strings and
+"""`prompt.style=lm_eval`: lm-evaluation-harness's GSM8K prompts, exemplar draws, stop strings and
 scoring."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-from hydra.errors import InstantiationException
 from omegaconf import open_dict
 
 import datamodules
@@ -41,7 +40,7 @@ def gsm8k_files(tmp_path: Path) -> str:
 
 
 def lm_eval_datamodule(*overrides: str):
-    cfg = compose_config("model=tiny_llama", "prompting.style=lm_eval", *overrides, config_name="evaluate")
+    cfg = compose_config("model=tiny_llama", "prompt.style=lm_eval", *overrides, config_name="evaluate")
     _, tokenizer = models.build(cfg.model)
     return datamodules.build_task(cfg, tokenizer)
 
@@ -117,8 +116,8 @@ def test_evaluate_in_lm_eval_style(gsm8k_files: str, tmp_path: Path) -> None:
     cfg = compose_config(
         "model=tiny_llama",
         gsm8k_files,
-        "prompting.style=lm_eval",
-        "prompting.num_fewshot=3",
+        "prompt.style=lm_eval",
+        "prompt.num_fewshot=3",
         "print_config=false",
         "generation.max_new_tokens=6",
         config_name="evaluate",
@@ -135,8 +134,5 @@ def test_evaluate_in_lm_eval_style(gsm8k_files: str, tmp_path: Path) -> None:
 
 
 def test_lm_eval_style_on_another_task_names_the_setting() -> None:
-    with pytest.raises(
-        InstantiationException,
-        match=r"prompting.style=lm_eval: ClassificationTask builds only \['lmlab'\]",
-    ):
+    with pytest.raises(ValueError, match=r"prompt.style=lm_eval: ClassificationTask builds only \['lmlab'\]"):
         lm_eval_datamodule("task=classification", "task.source=bundled")

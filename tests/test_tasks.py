@@ -13,6 +13,7 @@ from omegaconf import open_dict
 import datamodules
 from datamodules import IGNORE_INDEX
 from datamodules.base import TextDataModule
+from datamodules.chat import ChatStyle
 from datamodules.dialogues import dialogues_of, gsm8k_dialogue
 from datamodules.socratic import text_tokens
 from datamodules.sources import DataSourceError, read_file
@@ -93,6 +94,7 @@ def test_projection_head_needs_a_task_that_offers_the_classifier() -> None:
 def test_loss_covers_exactly_the_teacher_turns(template: str | None) -> None:
     data = built_task("socratic_math", "data.max_length=4096")  # byte-level tokens: keep the whole dialogue
     data.tokenizer.chat_template = template
+    data.chat_style = ChatStyle() if template else None  # prompt.chat_template=true / false
     dialogue = data.records("train")[0]
     example = data.tokenize_record(dialogue)
     supervised = data.tokenizer.decode([t for t in example["labels"] if t != IGNORE_INDEX])

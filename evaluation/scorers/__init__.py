@@ -1,6 +1,7 @@
 """Scorers, one module per task `evaluation_kind` (datamodules/task.py), found by that name: `<kind>.py` holds
-`outputs(cfg, loaded, task, records, share)` (the model's outputs for each record of a share: JSON values,
-what data-parallel processes compute) and `score(cfg, task, records, outputs, run_dir)` (rows, metrics and
+`outputs(cfg, loaded, task, records, share, on_finished)` (the model's outputs for each record of a share,
+JSON values that data-parallel processes compute, each handed to `on_finished` when done: the journal a killed
+run resumes from) and `score(cfg, task, records, outputs, run_dir)` (rows, metrics and
 intervals from all of them) and `batch_size(cfg)` (the records per call of `outputs`, the unit data-parallel
 shares are cut at)."""
 

@@ -3,6 +3,7 @@ example; accuracy (Wilson interval), macro F1 (bootstrap interval over items) an
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from evaluation.loaded import Loaded
 from evaluation.scorers import Scored
 from figures.runs import plot_confusion
 from modeling import classifier_head
+from modeling.progress import Progress
 from stats import item_scores
 
 
@@ -30,10 +32,16 @@ def batch_size(cfg: DictConfig) -> int:
 
 
 def outputs(
-    cfg: DictConfig, loaded: Loaded, task: Task, records: list[dict[str, Any]], share: range
+    cfg: DictConfig,
+    loaded: Loaded,
+    task: Task,
+    records: list[dict[str, Any]],
+    share: list[int],
+    on_finished: Callable[[int, Any], None],
 ) -> list[list[float]]:
-    """The class scores [C] of each record of `share`: the saved projection head's logits, else every
-    label's log-likelihood (modeling/classifier_head.py)."""
+    """The class scores [C] of each record of `share` (indices into `records`): the saved projection head's
+    logits, else every label's log-likelihood (modeling/classifier_head.py); each batch's handed to
+    `on_finished` as it is scored."""
     if loaded.head is not None and loaded.head_classes != list(task.class_names):
         raise ValueError(
             f"ckpt={loaded.choice.ckpt}: its projection head was trained on classes {loaded.head_classes}, "
@@ -42,14 +50,18 @@ def outputs(
     examples = task.tokenize_all([records[i] for i in share], "test")
     device = loaded.head.head[0].weight.device if loaded.head is not None else loaded.model.device
     scores, size = [], batch_size(cfg)
-    with torch.no_grad():
+    with torch.no_grad(), Progress(len(examples), "examples classified") as progress:
         for first in range(0, len(examples), size):
             batch = {k: v.to(device) for k, v in task.collate(examples[first : first + size]).items()}
             if loaded.head is not None:
-                scores += classifier_head.head_scores(loaded.head, batch).float().tolist()
+                scored = classifier_head.head_scores(loaded.head, batch).float().tolist()
             else:
                 labels, pad = task.label_token_ids(), task.tokenizer.pad_token_id
-                scores += classifier_head.label_scores(loaded.model, batch, labels, pad).float().tolist()
+                scored = classifier_head.label_scores(loaded.model, batch, labels, pad).float().tolist()
+            for index, item_scores in zip(share[first : first + size], scored, strict=True):
+                on_finished(index, item_scores)
+            scores += scored
+            progress.advance(len(scored))
     return scores
 
 

@@ -1,7 +1,9 @@
 """Generation scoring for evaluate.py: generate for every test example of a task and score each completion.
 
-Pass@1 is the mean exact match over problems (over samples too when `generation.num_samples` > 1);
-pass@k uses the unbiased estimator of Chen et al. (2021): 1 - C(n-c, k) / C(n, k). Every other float score
+Pass@1 is the mean exact match over problems (over samples too when `generation.num_samples` > 1); with
+n samples, pass@k for every k of `generation.k` uses the unbiased estimator of Chen et al. (2021),
+1 - C(n-c, k) / C(n, k), and maj@k the majority answer of the first k samples (stats/sampled.py); a pass@k
+curve is drawn in the run dir (pass_at_k.png). Every other float score
 of a row (BLEU, judge agreement, ...) is averaged over the rows that have it. Every mean comes with its
 interval from the per-item scores, and every corpus metric (corpus BLEU) with a bootstrap interval over
 items (stats/item_scores.py).
@@ -9,7 +11,7 @@ items (stats/item_scores.py).
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +21,15 @@ from datamodules.task import Task
 from evaluation import vllm_backend
 from evaluation.loaded import Loaded
 from evaluation.scorers import Scored
+from figures.runs import pass_at_k_curves
 from modeling.generation import generate
-from stats import item_scores
-
-
-def pass_at_k(samples: int, correct: int, k: int) -> float:
-    """Unbiased pass@k for one problem with `correct` of `samples` completions right."""
-    if samples - correct < k:
-        return 1.0
-    return 1.0 - math.comb(samples - correct, k) / math.comb(samples, k)
+from stats import item_scores, sampled
 
 
 def prompts(cfg: DictConfig, task: Task, records: list[dict[str, Any]]) -> list[str]:
     """The prompt of every record, its exemplars drawn (seeded) over all records."""
     style = task.prompt_format
-    exemplars = style.fewshot_exemplars(records, cfg.prompting.num_fewshot, cfg.prompting.fewshot_seed)
+    exemplars = style.fewshot_exemplars(records, cfg.prompt.num_fewshot, cfg.prompt.fewshot_seed)
     return [style.prompt(record, shots) for record, shots in zip(records, exemplars, strict=True)]
 
 
@@ -43,21 +39,34 @@ def batch_size(cfg: DictConfig) -> int:
 
 
 def outputs(
-    cfg: DictConfig, loaded: Loaded, task: Task, records: list[dict[str, Any]], share: range
+    cfg: DictConfig,
+    loaded: Loaded,
+    task: Task,
+    records: list[dict[str, Any]],
+    share: list[int],
+    on_finished: Callable[[int, Any], None],
 ) -> list[list[str]]:
-    """The `generation.num_samples` completions of each record of `share`, from lmlab's generation or
-    (`generation.backend=vllm`) a vLLM engine."""
+    """The `generation.num_samples` completions of each record of `share` (indices into `records`), from
+    lmlab's generation or (`generation.backend=vllm`) a vLLM engine, each record's handed to `on_finished`
+    once they are all done."""
     everything = prompts(cfg, task, records)
     chosen = [everything[i] for i in share]
     if vllm_backend.backend(cfg) == "vllm":
-        return vllm_backend.generate(cfg, loaded.choice, loaded.tokenizer, chosen, settings(cfg, task))
-    return generate(loaded.model, loaded.tokenizer, chosen, **settings(cfg, task))
+        texts = vllm_backend.generate(cfg, loaded.choice, loaded.tokenizer, chosen, settings(cfg, task))
+        for index, completions in zip(share, texts, strict=True):
+            on_finished(index, completions)
+        return texts
+
+    def finished(position: int, completions: list[str]) -> None:
+        on_finished(share[position], completions)
+
+    return generate(loaded.model, loaded.tokenizer, chosen, **settings(cfg, task), on_finished=finished)
 
 
 def settings(cfg: DictConfig, task: Task) -> dict[str, Any]:
     """lmlab's generation keywords from `cfg.generation`, the task's stop strings added."""
     chosen = OmegaConf.to_container(cfg.generation, resolve=True)
-    for engine_key in ("backend", "vllm"):
+    for engine_key in ("backend", "vllm", "k"):
         chosen.pop(engine_key, None)
     chosen["stop_strings"] = task.prompt_format.stop_strings(chosen["stop_strings"])
     return chosen
@@ -76,6 +85,7 @@ def score(
     texts = prompts(cfg, task, records)
 
     rows, samples = [], cfg.generation.num_samples
+    chosen_ks = sampled.ks(samples, cfg.generation.get("k"))
     for index, (record, prompt, generations) in enumerate(zip(records, texts, completions, strict=True)):
         reference = style.reference(record)
         scores = [style.score(text, reference) for text in generations]
@@ -88,10 +98,12 @@ def score(
         }
         row |= scores[0]
         for mode in [key.removeprefix("exact_match_") for key in scores[0] if key.startswith("exact_match_")]:
-            right = int(sum(s[f"exact_match_{mode}"] for s in scores))
-            row[f"pass@1_{mode}"] = right / samples
-            if samples > 1:
-                row[f"pass@{samples}_{mode}"] = pass_at_k(samples, right, samples)
+            right = [s[f"exact_match_{mode}"] for s in scores]
+            for k in chosen_ks:
+                row[f"pass@{k}_{mode}"] = sampled.pass_at_k(samples, int(sum(right)), k)
+            answers = [s.get(f"extracted_{mode}") for s in scores]
+            for k in [k for k in chosen_ks if k > 1 and f"extracted_{mode}" in scores[0]]:
+                row[f"maj@{k}_{mode}"] = sampled.majority_at_k(answers, right, k)
         if samples > 1:
             row["generations"] = generations
         rows.append(row)
@@ -115,4 +127,6 @@ def score(
         cfg.statistics,
     )
     metrics["num_problems"] = len(rows)
+    if samples > 1:
+        pass_at_k_curves({cfg.model.name: (metrics, intervals)}, run_dir / "pass_at_k.png", cfg.task.name)
     return rows, metrics, intervals
