@@ -18,7 +18,6 @@ dialogue that has an answer, whether the generated turn states it.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -31,9 +30,9 @@ from datamodules.gsm8k import FLEXIBLE, extract_flexible, normalise
 from datamodules.prompt_format import PromptFormat
 from datamodules.sources import DataSourceError
 from datamodules.task import Task
+from datamodules.text_metrics import sentence_scores, text_tokens
 
 PLAIN_ROLES = {"system": "System", "user": "Student", "assistant": "Teacher"}
-CJK_OR_WORD = re.compile(r"[\u3400-\u9fff\uf900-\ufaff]|[^\W_]+")
 
 
 def states_answer(text: str, answer: str) -> bool:
@@ -42,15 +41,6 @@ def states_answer(text: str, answer: str) -> bool:
     if FLEXIBLE.fullmatch(answer.strip()):
         return extract_flexible(text) == normalise(answer)
     return answer.strip() in text
-
-
-def text_tokens(text: str, tokenize: str) -> list[str]:
-    """Tokens for ROUGE: lower-cased words (`13a`), CJK characters + words (`zh`), or characters (`char`)."""
-    if tokenize == "char":
-        return [c for c in text if not c.isspace()]
-    if tokenize == "zh":
-        return CJK_OR_WORD.findall(text.lower())
-    return re.findall(r"[^\W_]+", text.lower())
 
 
 class DialoguePromptFormat(PromptFormat):
@@ -143,22 +133,8 @@ class SocraticTask(Task):
 
     def score(self, generation: str, reference: Mapping[str, Any]) -> dict[str, Any]:
         """Sentence BLEU (smoothed) and ROUGE-L F1 of one generated turn; answer_correct on final turns."""
-        from torchmetrics.functional.text import rouge_score, sacre_bleu_score
-
-        rouge = rouge_score(
-            generation,
-            reference["turn"],
-            rouge_keys="rougeL",
-            normalizer=lambda text: text,
-            tokenizer=lambda text: text_tokens(text, self.tokenize_mode),
-        )
         return {
-            "bleu": float(
-                sacre_bleu_score(
-                    [generation], [[reference["turn"]]], tokenize=self.tokenize_mode, smooth=True
-                )
-            ),
-            "rouge_l": float(rouge["rougeL_fmeasure"]),
+            **sentence_scores(generation, reference["turn"], self.tokenize_mode),
             "answer_correct": None
             if reference["answer"] is None
             else float(states_answer(generation, reference["answer"])),

@@ -55,10 +55,17 @@ def load_split(source: Mapping[str, Any], split: str, stage: str | None = None) 
 
 
 def read_file(path: Path) -> list[dict[str, Any]]:
-    """Records of one local file, chosen by extension: .jsonl, .json, .csv or .txt (one text per line)."""
+    """Records of one local file, chosen by extension: .jsonl, .json, .csv, .parquet or .txt (one text per
+    line)."""
     if not path.exists():
         raise DataSourceError(f"data file not found: {path}")
-    readers = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".txt": _read_txt}
+    readers = {
+        ".jsonl": _read_jsonl,
+        ".json": _read_json,
+        ".csv": _read_csv,
+        ".parquet": _read_parquet,
+        ".txt": _read_txt,
+    }
     reader = readers.get(path.suffix)
     if reader is None:
         raise DataSourceError(f"{path}: unsupported extension '{path.suffix}' (use one of {sorted(readers)})")
@@ -117,6 +124,16 @@ def _read_json(path: Path) -> list[dict[str, Any]]:
 def _read_csv(path: Path) -> list[dict[str, Any]]:
     rows = csv.DictReader(io.StringIO(read_text(path), newline=""))
     return [{**row, "_where": f"{path}:{i + 2}"} for i, row in enumerate(rows)]
+
+
+def _read_parquet(path: Path) -> list[dict[str, Any]]:
+    import pyarrow.parquet
+
+    try:
+        rows = pyarrow.parquet.read_table(path).to_pylist()
+    except pyarrow.ArrowInvalid as error:
+        raise DataSourceError(f"{path}: not a readable Parquet file ({error})") from error
+    return [{**row, "_where": f"{path}[row {i}]"} for i, row in enumerate(rows)]
 
 
 def _read_txt(path: Path) -> list[dict[str, Any]]:

@@ -197,11 +197,15 @@ class Task:
         labels = ([IGNORE_INDEX] * len(prompt_ids) + target_ids)[: self.max_length]
         return {"input_ids": input_ids, "labels": labels}
 
-    def tokenize_conversation(self, messages: Messages) -> dict[str, list[int]]:
-        """Token ids of a rendered conversation with labels on its assistant turns only."""
+    def tokenize_conversation(self, messages: Messages, last_turn_only: bool = False) -> dict[str, list[int]]:
+        """Token ids of a rendered conversation with labels on its assistant turns only (the last one only,
+        with `last_turn_only`)."""
         input_ids: list[int] = []
         labels: list[int] = []
-        for number, (text, supervised) in enumerate(chat.segments(self.render, messages)):
+        pieces = chat.segments(self.render, messages)
+        last = max(number for number, (_, supervised) in enumerate(pieces) if supervised)
+        for number, (text, supervised) in enumerate(pieces):
+            supervised = supervised and (number == last or not last_turn_only)
             ids = self.tokenizer(text, add_special_tokens=number == 0)["input_ids"] if text else []
             input_ids += ids
             labels += ids if supervised else [IGNORE_INDEX] * len(ids)

@@ -15,9 +15,9 @@ from datamodules import IGNORE_INDEX
 from datamodules.base import TextDataModule
 from datamodules.chat import ChatStyle
 from datamodules.dialogues import dialogues_of, gsm8k_dialogue
-from datamodules.socratic import text_tokens
 from datamodules.sources import DataSourceError, read_file
 from datamodules.task import Task
+from datamodules.text_metrics import text_tokens
 from evaluation import evaluate
 from modeling import models
 from modeling.log_probs import label_logprobs
