@@ -2,6 +2,9 @@
 
     python -m analysis.compare RUN_DIR_A RUN_DIR_B [RUN_DIR_C ...] [--metric pass@1_flexible] [--out DIR]
 
+`--metric` may be given several times, or as `all` (every metric of the first run with per-item scores: each
+benchmark of a `task=lm_eval` run, pass@k and maj@k), Holm-adjusting across every row of the table.
+
 Every two runs (A before B in the order given) are compared on the items both scored, read from each run's
 predictions.jsonl: difference of means with its paired interval, exact McNemar for 0/1 scores (items that
 flipped each way), the minimum detectable effect at this n, and a verdict Holm-adjusted across the table
@@ -26,26 +29,29 @@ from stats import comparisons, tables
 
 
 def compare(
-    run_dirs: list[Path], out_dir: Path, settings: DictConfig, metric: str | None = None
+    run_dirs: list[Path], out_dir: Path, settings: DictConfig, metrics: list[str] | None = None
 ) -> list[Path]:
-    """Compare every two of `run_dirs` on `metric` (default: the first run's optimized metric); write the
-    table into `out_dir`."""
+    """Compare every two of `run_dirs` on each of `metrics` (default: the first run's optimized metric; `all`:
+    every metric it has per-item scores for); write the table into `out_dir`."""
     if len(run_dirs) < 2:
         raise ValueError(f"analysis.compare needs at least two run dirs, got {len(run_dirs)}")
-    runs = [predictions.read(run_dir, metric) for run_dir in run_dirs]
-    chosen = metric or runs[0].metric
-    runs = [run if run.metric == chosen else predictions.read(run.run_dir, chosen) for run in runs]
+    if metrics == ["all"]:
+        metrics = predictions.item_metrics(run_dirs[0])
+    chosen = metrics or [predictions.read(run_dirs[0]).metric]
     labels = _labels(run_dirs)
-    pairs = list(itertools.combinations(range(len(runs)), 2))
-    rows = comparisons.table(
-        [(runs[i], runs[j]) for i, j in pairs], [(labels[i], labels[j]) for i, j in pairs], settings
-    )
+    pairs, named = [], []
+    for metric in chosen:
+        runs = [predictions.read(run_dir, metric) for run_dir in run_dirs]
+        for i, j in itertools.combinations(range(len(runs)), 2):
+            pairs.append((runs[i], runs[j]))
+            named.append((labels[i], labels[j]))
+    rows = comparisons.table(pairs, named, settings)
     out_dir.mkdir(parents=True, exist_ok=True)
     runs_note = "\n".join(f"- {label}: {run_dir}" for label, run_dir in zip(labels, run_dirs, strict=True))
     return tables.write(
         rows,
         out_dir / "comparison.csv",
-        f"Paired comparison on {chosen}",
+        f"Paired comparison on {', '.join(chosen)}",
         f"{runs_note}\n\n{comparisons.note(settings)}",
     )
 
@@ -74,7 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m analysis.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dirs", nargs="+", type=Path, help="evaluate.py run dirs")
     parser.add_argument(
-        "--metric", default=None, help="a metric with per-item scores (default: the headline)"
+        "--metric",
+        action="append",
+        default=None,
+        help="a metric with per-item scores (default: the headline); repeat it, or `all`",
     )
     parser.add_argument("--out", type=Path, default=None, help="where the table goes")
     parser.add_argument("--confidence", type=float, default=None)

@@ -65,6 +65,8 @@ def lmlab_prompts(model_name: str, problems: int) -> tuple:
                 "task=gsm8k",
                 "prompt.style=lm_eval",
                 f"prompt.num_fewshot={SHOTS}",
+                # lm-eval's plain-text prompts (its run below applies no chat template)
+                "prompt.chat_template=false",
                 f"task.data_files={{train: {GSM8K / 'train.jsonl'}, test: {GSM8K / 'test.jsonl'}}}",
             ],
         )

@@ -118,6 +118,10 @@ class Task:
         """The examples evaluate.py generates for: the test records, by default."""
         return self.records("test")
 
+    def limited(self, records: list[dict[str, Any]], limit: int | None) -> list[dict[str, Any]]:
+        """The evaluation records `limit` (evaluate.py's) keeps: the first `limit`."""
+        return records[:limit]
+
     def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
         """The text the model reads for `record` (its zero-shot evaluation prompt) and the (start, end, class)
         character spans of its parts labelled with `attention_classes` (none by default)."""

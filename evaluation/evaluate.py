@@ -42,7 +42,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         task = datamodules.build_task(cfg, loaded.tokenizer)
         if loaded.model is None:
             vllm_backend.check(cfg, task.evaluation_kind)
-        records = _nonempty(task.evaluation_records()[: cfg.get("limit")], cfg)
+        records = _nonempty(task.limited(task.evaluation_records(), cfg.get("limit")), cfg)
         kind = scorer(task.evaluation_kind)
         unit = kind.batch_size(cfg)
         finished = journal.start(cfg, choice, session.run_dir)

@@ -19,6 +19,12 @@ def write(run_dir: Path, rows: list[dict[str, Any]]) -> None:
         handle.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
 
 
+def item_metrics(run_dir: Path) -> list[str]:
+    """The metrics of an evaluation run that have per-item scores."""
+    intervals = read_results(Path(run_dir)).get("intervals", {})
+    return [metric for metric, entry in intervals.items() if entry.get("item_field")]
+
+
 def read(run_dir: Path, metric: str | None = None) -> ItemScores:
     """The per-item scores of `metric` (default: the run's optimized metric, else its first metric with
     per-item scores) from an evaluation run's results.json and predictions.jsonl."""
