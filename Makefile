@@ -53,6 +53,7 @@ bench: $(STAMP)
 	$(PY) bench/sft_throughput.py
 	$(PY) bench/eval_prefix_cache.py
 	$(PY) bench/eval_data_parallel.py
+	$(PY) bench/eval_resume.py
 	$(PY) bench/interval_cost.py
 
 $(VLLM_VENV)/.lmlab-installed: pyproject.toml

@@ -117,8 +117,17 @@ def _has_tokenizer(directory: Path) -> bool:
     return (directory / "tokenizer.json").exists() or (directory / "tokenizer_config.json").exists()
 
 
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
 def byte_level_tokenizer() -> PreTrainedTokenizerFast:
-    """A 259-token byte-level tokenizer built in code: offline, lossless, with offset mapping."""
+    """A 259-token byte-level tokenizer built in code: offline, lossless, with offset mapping, and a
+    ChatML chat template (SmolLM2's and Qwen's layout) so that tiny models render chat prompts
+    (`prompt.chat_template=true`; tiny model configs are not chat models, so `auto` leaves their prompts
+    plain)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
     specials = ["<pad>", "<s>", "</s>"]
@@ -128,7 +137,7 @@ def byte_level_tokenizer() -> PreTrainedTokenizerFast:
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", chat_template=CHATML
     )
 
 

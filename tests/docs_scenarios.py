@@ -7,6 +7,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from tests import docs_evaluation
 from tests import docs_promises as promise
 from tests.docs_workspace import Workspace
 
@@ -287,6 +288,8 @@ SCENARIOS: dict[str, list[Step]] = {
     "demo": [Step("make demo", promise.demo_prints_its_results)],
 }
 
+# docs/evaluation.md's chat templates, pass@k, own data and lm-eval benchmarks (tests/docs_evaluation.py)
+SCENARIOS |= {name: [Step(*step) for step in steps] for name, steps in docs_evaluation.SCENARIOS.items()}
 
 DOWNLOADS = (
     "python -m datamodules.download gsm8k --out data/",

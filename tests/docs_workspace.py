@@ -232,6 +232,8 @@ def scale_down(program: str, arguments: list[str], workspace: Workspace) -> list
         extra.append("task.text_fields=[question,answer]")  # the bundled pre-training text is GSM8K's
     if "model" not in values and "ckpt" not in values and not experiment.startswith(("ablation", "demo")):
         extra.append("model=tiny_qwen2" if experiment.startswith("socratic") else "model=tiny_llama")
+    if values.get("task") == "lm_eval" and "task.include_path" not in values:  # stand-ins under the hub names
+        extra.append(f"task.include_path={workspace.root / 'lm_eval_tasks'}")
     if values.get("model") == "minimind2":
         extra.append(f"model.path={workspace.minimind}")
     if experiment.startswith("ablation/"):  # the full-scale configs: a short sequence, fp32 (bf16 autocast

@@ -13,12 +13,9 @@ from tokenizers.processors import TemplateProcessing
 import datamodules
 from datamodules import IGNORE_INDEX, chat
 from modeling import models
+from modeling.models import CHATML
 from tests.conftest import compose_config
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SAMPLES = Path(datamodules.__file__).parent / "samples" / "gsm8k"
 
 

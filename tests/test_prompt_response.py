@@ -16,13 +16,10 @@ from datamodules import IGNORE_INDEX
 from datamodules.sources import DataSourceError
 from evaluation import evaluate
 from modeling import models
+from modeling.models import CHATML
 from runtime.training import run as train
 from tests.conftest import compose_config
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 PAIRS = [(f"What is {a} plus {b}?", f"The sum is {a + b}.") for a in range(1, 5) for b in range(1, 4)]
 
 
@@ -92,7 +89,8 @@ def test_answer_extraction_rouge_and_bleu(tmp_path: Path) -> None:
     assert task_for(str(path), "task.metric=rouge_l").score("the sum is 7", "The sum is 7.") == {
         "rouge_l": 1.0
     }
-    assert 0 < task_for(str(path), "task.metric=bleu").score("so the sum is 7 then", "The sum is 7 then")["bleu"] < 1
+    bleu = task_for(str(path), "task.metric=bleu").score("so the sum is 7 then", "The sum is 7 then")["bleu"]
+    assert 0 < bleu < 1
 
 
 def test_a_chat_column_trains_on_its_last_assistant_turn_only(tmp_path: Path) -> None:

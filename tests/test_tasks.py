@@ -21,13 +21,10 @@ from datamodules.text_metrics import text_tokens
 from evaluation import evaluate
 from modeling import models
 from modeling.log_probs import label_logprobs
+from modeling.models import CHATML
 from runtime.validate import ConfigError, check_config
 from tests.conftest import compose_config, launch
 
-CHATML = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 SOCRATIC_GSM8K = {
     "question": "Ann has 3 bags of 4 apples. She eats 2. How many are left?",
     "answer": "How many apples does Ann have? ** Ann has 3 * 4 = <<3*4=12>>12 apples.\n"
