@@ -51,7 +51,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )
         rows, metrics, intervals = kind.score(cfg, task, records, outputs, session.run_dir)
         if cfg.get("judge") and rows:
-            reference = next((k for k in ("correct", "exact_match_flexible") if k in rows[0]), None)
+            exact = [k for k in rows[0] if k.startswith("exact_match_")]
+            reference = next((k for k in ("correct", "exact_match_flexible", *exact) if k in rows[0]), None)
             metrics |= judge_rows(cfg.judge, cfg.task.name, rows, reference)
             judged = {"judge_accuracy": "judge_correct", "judge_agreement": "judge_agrees"}
             intervals |= item_scores.intervals(rows, metrics, judged, {}, cfg.statistics)

@@ -118,7 +118,6 @@ SCENARIOS = {
     ],
     "side_effects": [
         ("python train.py task=gsm8k method=lora", lambda workspace, result: None),
-        (f"{LM_EVAL} ckpt=<run dir>", benchmarks("outputs/eval/lm_eval/*/*")),
         (f"{LM_EVAL} hydra.run.dir=outputs/side_effects/base", benchmarks("outputs/side_effects/base")),
         (
             f"{LM_EVAL} ckpt=<run dir> hydra.run.dir=outputs/side_effects/lora",
