@@ -49,9 +49,7 @@ def main() -> None:
         else ["task.source=bundled"]
     )
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            "evaluate", overrides=["model=smollm2_135m", *data, f"prompt.num_fewshot={args.shots}"]
-        )
+        cfg = compose("evaluate", overrides=["model=smollm2_135m", *data, f"prompt.num_fewshot={args.shots}"])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     task = datamodules.build_task(cfg, tokenizer)
     records = task.evaluation_records()[: args.problems]
