@@ -47,6 +47,9 @@ def build_trainable_model(
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     identity = model_checks.base_identity(model, cfg.model)
     datamodule = datamodules.build(cfg, tokenizer)
+    if datamodule.task.renders_chat:  # as its examples were rendered (a chat template or not), so evaluation
+        # and the analyses of its export render prompts the same way under prompt.chat_template=auto
+        identity["config"]["chat"] = datamodule.task.chat_style is not None
     context = MethodContext(cfg.model, tokenizer, datamodule, Path(cfg.paths.output_dir))
     model = methods.build(cfg.method)(model, context)
     setattr(model, model_checks.BASE_IDENTITY_ATTR, identity)  # recorded in every checkpoint and export

@@ -3,17 +3,21 @@ the assistant turn only), evaluation (token ids equal lm-eval's `--apply_chat_te
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import open_dict
 from tokenizers.processors import TemplateProcessing
 
 import datamodules
 from datamodules import IGNORE_INDEX, chat
+from evaluation import evaluate
 from modeling import models
 from modeling.models import CHATML
+from runtime.training import run as train
 from tests.conftest import compose_config
 
 SAMPLES = Path(datamodules.__file__).parent / "samples" / "gsm8k"
@@ -59,6 +63,33 @@ def test_training_supervises_the_assistant_turn_only(task_name: str) -> None:
     assert whole == expected + "<|im_start|>assistant\n" + target.strip() + "<|im_end|>\n"
     # evaluation prompts the same conversation, up to the generation prompt
     assert task.prompt_format.prompt(record, []) == expected + "<|im_start|>assistant\n"
+
+
+def test_a_run_is_evaluated_in_the_rendering_it_trained_in(tiny_config, tmp_path: Path) -> None:
+    for setting in ("true", "false"):
+        run = train(
+            tiny_config(
+                "model=tiny_llama",
+                f"prompt.chat_template={setting}",
+                "model.chat=true",  # auto would render in the template: the run's own setting must win
+                "trainer.max_steps=1",
+                "data.max_train_samples=4",
+                "data.val_size=2",
+                run_dir=tmp_path / setting,
+            )
+        )
+        cfg = compose_config(
+            f"ckpt={run['run_dir']}",
+            "task.source=bundled",
+            "limit=1",
+            "generation.max_new_tokens=2",
+            config_name="evaluate",
+        )
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / f"eval_{setting}")
+        evaluate.run(cfg)
+        prompt = json.loads((tmp_path / f"eval_{setting}" / "predictions.jsonl").read_text())["prompt"]
+        assert prompt.startswith("<|im_start|>") == (setting == "true")
 
 
 def test_fewshot_exemplars_as_turns_or_in_one_user_message() -> None:
