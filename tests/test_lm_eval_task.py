@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 from omegaconf import open_dict
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from analysis import compare
 from evaluation import evaluate
+from runtime import saved_run
 from stats import comparisons
 from tests.conftest import compose_config
 
@@ -68,41 +68,42 @@ def evaluated(run_dir: Path, saved: Path, include_path: Path, *overrides: str) -
     return evaluate.run(cfg)
 
 
+@pytest.mark.parametrize("template", [False, True])
 def test_lm_eval_benchmark_through_lmlab_equals_lm_eval_direct(
-    saved_llama: Path, include_path: Path, tmp_path
+    saved_llama: Path, include_path: Path, tmp_path, template: bool
 ) -> None:
+    """Plain prompts, and in the chat template (lm-eval's --apply_chat_template --system_instruction)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    results = evaluated(tmp_path / "zero", saved_llama, include_path)
+    chat = [f"prompt.chat_template={str(template).lower()}", *(["prompt.system=Answer."] if template else [])]
+    results = evaluated(tmp_path / "zero", saved_llama, include_path, *chat)
+    # the same model object lmlab scores with (a random tiny model's choices are near-ties, so the same
+    # numerics matter: its load, attention implementation and lmlab's batch, data.batch_size)
+    model, tokenizer = saved_run.load(
+        saved_run.resolve(compose_config(f"ckpt={saved_llama}", config_name="evaluate"))
+    )
     direct = lm_eval.simple_evaluate(
-        model=HFLM(
-            pretrained=AutoModelForCausalLM.from_pretrained(saved_llama),
-            tokenizer=AutoTokenizer.from_pretrained(saved_llama),
-            batch_size=8,
-        ),
+        model=HFLM(pretrained=model.eval(), tokenizer=tokenizer, batch_size=4),
         tasks=["lmlab_mc"],
         task_manager=TaskManager(include_path=str(include_path), include_defaults=False),
         log_samples=True,
         bootstrap_iters=0,
+        apply_chat_template=template,
+        system_instruction="Answer." if template else None,
     )
     for metric in ("acc,none", "acc_norm,none"):
-        assert results["metrics"][f"lmlab_mc/{metric}"] == pytest.approx(
-            direct["results"]["lmlab_mc"][metric], abs=1e-12
-        )
+        assert results["metrics"][f"lmlab_mc/{metric}"] == direct["results"]["lmlab_mc"][metric]
         interval = results["intervals"][f"lmlab_mc/{metric}"]
-        assert (
-            interval["n"] == len(QUESTIONS)
-            and interval["method"]
-            and interval["item_field"] == f"lmlab_mc/{metric}"
-        )
+        assert interval["n"] == len(QUESTIONS) and interval["item_field"] == f"lmlab_mc/{metric}"
     rows = [json.loads(line) for line in (tmp_path / "zero" / "predictions.jsonl").read_text().splitlines()]
     by_doc = {s["doc_id"]: s["acc"] for s in direct["samples"]["lmlab_mc"]}
     assert [row["item_id"] for row in rows] == [f"lmlab_mc[{i}]" for i in range(len(QUESTIONS))]
     assert [row["lmlab_mc/acc,none"] for row in rows] == [float(by_doc[i]) for i in range(len(QUESTIONS))]
-
-    evaluated(tmp_path / "two_shot", saved_llama, include_path, "task.num_fewshot=2")
+    if template:
+        return
+    evaluated(tmp_path / "two_shot", saved_llama, include_path, *chat, "task.num_fewshot=2")
     written = compare.compare(
         [tmp_path / "zero", tmp_path / "two_shot"], tmp_path / "cmp", comparisons.default_settings(), ["all"]
     )
