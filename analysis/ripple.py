@@ -115,8 +115,9 @@ def ripple_pairs(
     return {"gradsim": np.array(sims), "ripple": np.array(strengths), "within": np.array(within, dtype=bool)}
 
 
-def analyse_pairs(pairs: dict[str, np.ndarray], settings: DictConfig, seed: int) -> dict[str, Any]:
-    """Correlations overall, within chain and across chains, and whether the hypothesis held."""
+def analyse_pairs(pairs: dict[str, np.ndarray], settings: DictConfig) -> dict[str, Any]:
+    """Correlations overall, within chain and across chains, with intervals at `settings` (conf/statistics:
+    confidence, resamples, seed), and whether the hypothesis held."""
     result = {}
     for name, mask in (
         ("all", np.ones_like(pairs["within"])),
@@ -126,9 +127,9 @@ def analyse_pairs(pairs: dict[str, np.ndarray], settings: DictConfig, seed: int)
         result[name] = correlation(
             pairs["gradsim"][mask],
             pairs["ripple"][mask],
-            settings.bootstrap_samples,
+            settings.resamples,
             settings.confidence,
-            seed,
+            settings.seed,
         )
     spearman = result["all"]["spearman"]
     result["hypothesis_held"] = bool(
@@ -212,7 +213,7 @@ def ripple_study(cfg: DictConfig, choice: RunModel, run_dir: Path) -> dict[str, 
         "layers": list(hparams.layers),
         "edits": len(experiments),
         "edit_success_rate": float(np.mean([e["success"] for e in experiments])),
-        "correlation": analyse_pairs(pairs, cfg.analysis, cfg.seed),
+        "correlation": analyse_pairs(pairs, cfg.statistics),
     }
     (run_dir / "ripple_experiments.json").write_text(json.dumps(experiments, indent=1) + "\n")
     (run_dir / "correlation_analysis.json").write_text(json.dumps(analysis, indent=1) + "\n")
@@ -249,7 +250,7 @@ def report(analysis: dict[str, Any], pieces: int, cfg: DictConfig) -> str:
     lines += [
         "",
         "Hypothesis (higher GradSim -> stronger ripple, Spearman r > 0 with p < "
-        f"{1 - cfg.analysis.confidence:.2f} "
+        f"{1 - cfg.statistics.confidence:.2f} "
         f"and CI above 0): **{'held' if held else 'not supported'}** for {analysis['model']}.",
         "",
     ]

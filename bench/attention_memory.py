@@ -22,8 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
-SHARED_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
+from helpers import bench_data  # noqa: E402
 
 
 def peak_mib() -> float:
@@ -43,7 +44,7 @@ def child(mode: str, model_name: str, tokens: int) -> dict:
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     model.set_attn_implementation("eager")
     model.eval()
-    source = SHARED_TEST if SHARED_TEST.exists() else SAMPLES_DIR / "gsm8k" / "test.jsonl"
+    source = bench_data.path("gsm8k", "test.jsonl") or SAMPLES_DIR / "gsm8k" / "test.jsonl"
     text = "\n\n".join(r["question"] for r in read_file(source))
     input_ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :tokens]
     length = input_ids.shape[1]
@@ -72,7 +73,9 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--child", choices=["hooks", "plain"])
+    bench_data.add_option(parser)
     args = parser.parse_args()
+    bench_data.announce("GSM8K")
     if args.child:
         print(json.dumps(child(args.child, args.model, args.tokens)))
         return

@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 import torch
+from helpers import bench_data
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
 def evaluate(
@@ -43,8 +43,8 @@ def evaluate(
 ) -> tuple[float, list[str]]:
     """Wall seconds of one evaluate.py run with `devices` processes (and `overrides`, by `python`, with `env`
     added) and its completions, in problem order."""
-    test = SHARED_GSM8K / "test.jsonl"
-    data = f"task.data_files={{test: {test}}}" if test.exists() else "task.source=bundled"
+    test = bench_data.path("gsm8k", "test.jsonl")
+    data = f"task.data_files={{test: {test}}}" if test else "task.source=bundled"
     command = [
         python,
         "evaluate.py",
@@ -80,7 +80,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    bench_data.add_option(parser)
     args = parser.parse_args()
+    bench_data.announce("GSM8K")
 
     order = random.Random(args.seed)
     seconds: dict[int, list[float]] = {1: [], args.devices: []}

@@ -23,12 +23,13 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from helpers import bench_data  # noqa: E402
 
 import datamodules  # noqa: E402
 from modeling import models  # noqa: E402
 from modeling.generation import generate  # noqa: E402
-
-SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
 def main() -> None:
@@ -40,12 +41,14 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
+    bench_data.add_option(parser)
     args = parser.parse_args()
+    bench_data.announce("GSM8K")
 
-    files = SHARED_GSM8K / "train.jsonl", SHARED_GSM8K / "test.jsonl"
+    gsm8k = bench_data.path("gsm8k")
     data = (
-        [f"task.data_files={{train: {files[0]}, test: {files[1]}}}"]
-        if files[1].exists()
+        [f"task.data_files={{train: {gsm8k / 'train.jsonl'}, test: {gsm8k / 'test.jsonl'}}}"]
+        if gsm8k
         else ["task.source=bundled"]
     )
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):

@@ -2,7 +2,7 @@
 
 Both decode greedily with the same prompts (zero-shot CoT GSM8K prompts of the task config), the same
 stop strings and max_new_tokens, on the same model (SmolLM2-135M-Instruct by default) and the first
-`--problems` problems of ../shared/data/gsm8k/test.jsonl (the bundled sample when it is absent).
+`--problems` GSM8K test problems (`--data DIR`: DIR/gsm8k/test.jsonl; the bundled sample without it).
 Prints both rates, how many completions are identical, and:
     ratio batched_vs_one_by_one = <x> (goal >= 3.0)
 
@@ -21,12 +21,13 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from helpers import bench_data  # noqa: E402
 
 import datamodules  # noqa: E402
 from modeling import models  # noqa: E402
 from modeling.generation import generate, truncate_at_stop  # noqa: E402
-
-SHARED_TEST = ROOT.parent / "shared" / "data" / "gsm8k" / "test.jsonl"
 
 
 def one_by_one(model, tokenizer, prompts, max_new_tokens, stop_strings) -> list[str]:
@@ -60,9 +61,12 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
+    bench_data.add_option(parser)
     args = parser.parse_args()
+    bench_data.announce("GSM8K")
 
-    data = [f"task.data_files={{train: {SHARED_TEST}, test: {SHARED_TEST}}}"] if SHARED_TEST.exists() else []
+    test = bench_data.path("gsm8k", "test.jsonl")
+    data = [f"task.data_files={{train: {test}, test: {test}}}"] if test else []
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=[f"model={args.model}", "task.source=bundled", *data])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)

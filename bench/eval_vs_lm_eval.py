@@ -2,7 +2,7 @@
 time.
 
 Needs the optional `bench` extra (`pip install -e .[bench]`, which `make bench` does); installs nothing
-itself. On the first `--problems` problems of ../shared/data/gsm8k/test.jsonl (exemplars from train.jsonl
+itself. On the first `--problems` problems of `--data DIR`/gsm8k/test.jsonl (exemplars from train.jsonl
 beside it):
 1. lm-eval builds its `gsm8k` task's 5-shot requests (its own yaml, data read from those files) and lmlab
   builds
@@ -30,23 +30,25 @@ from hydra import compose, initialize_config_dir
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from helpers import bench_data  # noqa: E402
 
 import datamodules  # noqa: E402
 from modeling import models  # noqa: E402
 from modeling.generation import generate  # noqa: E402
 
-GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 BATCH, MAX_NEW_TOKENS, SHOTS = 8, 256, 5
 
 
-def lm_eval_requests(problems: int) -> list:
+def lm_eval_requests(gsm8k: Path, problems: int) -> list:
     """lm-eval's own gsm8k task (its yaml), reading the local GSM8K files, with its requests built."""
     import lm_eval.tasks
     import yaml
     from lm_eval.api.task import ConfigurableTask
 
     config = yaml.safe_load((Path(lm_eval.tasks.__file__).parent / "gsm8k" / "gsm8k.yaml").read_text())
-    files = {"train": str(GSM8K / "train.jsonl"), "test": str(GSM8K / "test.jsonl")}
+    files = {"train": str(gsm8k / "train.jsonl"), "test": str(gsm8k / "test.jsonl")}
     config |= {"dataset_path": "json", "dataset_name": None, "dataset_kwargs": {"data_files": files}}
     config.pop("tag", None)
     task = ConfigurableTask(config=config)
@@ -55,7 +57,7 @@ def lm_eval_requests(problems: int) -> list:
     return sorted(task.instances, key=lambda instance: instance.doc_id)
 
 
-def lmlab_prompts(model_name: str, problems: int) -> tuple:
+def lmlab_prompts(gsm8k: Path, model_name: str, problems: int) -> tuple:
     """The model and tokenizer of `model_name`, lmlab's lm_eval-style 5-shot prompts and its stop strings."""
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
@@ -67,7 +69,7 @@ def lmlab_prompts(model_name: str, problems: int) -> tuple:
                 f"prompt.num_fewshot={SHOTS}",
                 # lm-eval's plain-text prompts (its run below applies no chat template)
                 "prompt.chat_template=false",
-                f"task.data_files={{train: {GSM8K / 'train.jsonl'}, test: {GSM8K / 'test.jsonl'}}}",
+                f"task.data_files={{train: {gsm8k / 'train.jsonl'}, test: {gsm8k / 'test.jsonl'}}}",
             ],
         )
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
@@ -86,16 +88,19 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--problems", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    bench_data.add_option(parser)
     args = parser.parse_args()
+    bench_data.announce("GSM8K")
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         sys.exit("bench/eval_vs_lm_eval.py needs lm-eval: pip install -e '.[bench]'")
-    if not (GSM8K / "test.jsonl").exists():
-        sys.exit(f"bench/eval_vs_lm_eval.py reads {GSM8K}/train.jsonl and test.jsonl; they are missing")
+    gsm8k = bench_data.path("gsm8k")
+    if gsm8k is None:
+        sys.exit("bench/eval_vs_lm_eval.py compares on real GSM8K: pass --data DIR (DIR/gsm8k/*.jsonl)")
 
-    requests = lm_eval_requests(args.problems)
-    model, tokenizer, prompts, stops = lmlab_prompts(args.model, args.problems)
+    requests = lm_eval_requests(gsm8k, args.problems)
+    model, tokenizer, prompts, stops = lmlab_prompts(gsm8k, args.model, args.problems)
     theirs = [r.args[0] for r in requests]
     print(f"identical prompts: {sum(a == b for a, b in zip(prompts, theirs, strict=True))}/{len(prompts)}")
     print(f"stop strings: lmlab {stops}, lm-eval {requests[0].args[1]['until']}")

@@ -1,6 +1,6 @@
 """GradSim: batched per-example gradients vs a per-example backward loop; MEMIT edit cost and quality.
 
-Part 1, on SmolLM2-135M-Instruct and 64 knowledge pieces (HotpotQA pieces of ../shared/data/hotpotqa
+Part 1, on SmolLM2-135M-Instruct and 64 knowledge pieces (HotpotQA pieces of `--data DIR`/hotpotqa
 and the bundled sample, cycled to 64): lmlab's batched hook computation (batch 8) vs one backward per
 piece, same layers (the model's MEMIT layers), same exact gradients; prints both times and the largest
 difference between the two GradSim matrices.
@@ -8,7 +8,7 @@ Part 2: 20 single MEMIT edits of real HotpotQA pieces (each to another piece's a
 edit, edit success (greedy exact match of every token of the new answer), efficacy (MEMIT's efficacy score:
 P(new answer) > P(old answer) after the edit) and neighbourhood specificity (share of the other pieces
 whose own answer stays more likely than the edit's new answer). MEMIT is the reference algorithm with the
-model config's settings; covariance statistics come from the first --stats-samples (200) ../shared GSM8K
+model config's settings; covariance statistics come from the first --stats-samples (200) `--data DIR`/gsm8k
 train texts, an offline stand-in for Wikipedia (the reference's 100,000 texts take hours on 2 CPU cores),
 cached under ~/.cache/lmlab; the corpus, text and token counts and the generated templates are printed.
     ratio gradsim_batched_vs_loop = <x> (goal >= 3.0)
@@ -30,13 +30,14 @@ from omegaconf import open_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from helpers import bench_data  # noqa: E402
 
 import datamodules  # noqa: E402
 from analysis import gradsim, memit, memit_inputs, ripple  # noqa: E402
 from datamodules.sources import SAMPLES_DIR, read_file  # noqa: E402
 from modeling import architecture, models  # noqa: E402
-
-SHARED = ROOT.parent / "shared" / "data"
 
 
 def main() -> None:
@@ -49,12 +50,13 @@ def main() -> None:
     parser.add_argument(
         "--stats-samples", type=int, default=200, help="texts for the covariance (a CPU-sized stand-in)"
     )
+    bench_data.add_option(parser)
     args = parser.parse_args()
+    bench_data.announce("HotpotQA and GSM8K")
 
-    shared_hotpot = SHARED / "hotpotqa" / "hotpot_dev_distractor_sample.json"
-    data = (
-        [f"task.data_files={{test: {shared_hotpot}}}"] if shared_hotpot.exists() else ["task.source=bundled"]
-    )
+    hotpot = bench_data.path("hotpotqa")
+    hotpot = next(hotpot.glob("hotpot_dev_distractor*.json"), None) if hotpot else None
+    data = [f"task.data_files={{test: {hotpot}}}"] if hotpot else ["task.source=bundled"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("ripple", overrides=[f"model={args.model}", *data])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
@@ -88,8 +90,7 @@ def main() -> None:
     model.requires_grad_(False)
     difference = np.abs(gradsim.cosine_matrix(vectors) - gradsim.cosine_matrix(torch.stack(loop))).max()
 
-    stats_file = SHARED / "gsm8k" / "train.jsonl"
-    stats_path = stats_file if stats_file.exists() else SAMPLES_DIR / "gsm8k" / "train.jsonl"
+    stats_path = bench_data.path("gsm8k", "train.jsonl") or SAMPLES_DIR / "gsm8k" / "train.jsonl"
     texts = [r["question"] + " " + r["answer"] for r in read_file(stats_path)]
     hparams = cfg.analysis.memit
     with open_dict(hparams):

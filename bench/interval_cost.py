@@ -34,9 +34,11 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from helpers import bench_data  # noqa: E402
 
 PROBLEMS, MODELS, TASKS = 1319, 4, ("gsm8k", "gsm8k_inf", "gsm8k_rcs", "gsm8k_sd")
-SHARED_GSM8K = ROOT.parent / "shared" / "data" / "gsm8k"
 
 
 def evaluation_steps(batches: int, batch_size: int, max_new_tokens: int) -> dict:
@@ -47,8 +49,8 @@ def evaluation_steps(batches: int, batch_size: int, max_new_tokens: int) -> dict
     from modeling import models
     from modeling.generation import generate
 
-    test = SHARED_GSM8K / "test.jsonl"
-    data = [f"task.data_files={{train: {test}, test: {test}}}"] if test.exists() else ["task.source=bundled"]
+    test = bench_data.path("gsm8k", "test.jsonl")
+    data = [f"task.data_files={{train: {test}, test: {test}}}"] if test else ["task.source=bundled"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=["model=smollm2_135m", *data])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
@@ -179,7 +181,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--grid-steps", type=int, default=5)
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
+    bench_data.add_option(parser)
     args = parser.parse_args()
+    bench_data.announce("GSM8K")
     if args.side:  # a child: time one side and print its result as the last line
         sides = {
             "evaluation": lambda: evaluation_steps(args.batches, args.batch_size, args.max_new_tokens),

@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers.bench_config import SHARED_GSM8K_TRAIN, bench_config  # noqa: E402
+from helpers import bench_data  # noqa: E402
+from helpers.bench_config import bench_config  # noqa: E402
 from helpers.sides import StepTimes, lmlab_fit, paired_ratio, print_sides, report, run_rounds  # noqa: E402
 
 from modeling.flops import batch_flops, flop_counts, measured_peak_flops  # noqa: E402
@@ -38,7 +39,9 @@ from runtime.training import build_trainable_model  # noqa: E402
 
 def config(args: argparse.Namespace, run_dir: str):
     source = (
-        [f"task.data_files={SHARED_GSM8K_TRAIN}"] if SHARED_GSM8K_TRAIN.exists() else ["task.source=bundled"]
+        [f"task.data_files={train}"]
+        if (train := bench_data.path("gsm8k", "train.jsonl"))
+        else ["task.source=bundled"]
     )
     return bench_config(
         [
@@ -122,7 +125,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--side", choices=["lmlab", "torch_loop"])
     parser.add_argument("--out")
+    bench_data.add_option(parser)
     args = parser.parse_args()
+    bench_data.announce("GSM8K")
     if args.side:
         with tempfile.TemporaryDirectory() as run_dir:
             {"lmlab": lmlab, "torch_loop": torch_loop}[args.side](args, run_dir)

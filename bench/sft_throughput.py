@@ -35,6 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from helpers import bench_data  # noqa: E402
 from helpers.sft_sides import SIDES  # noqa: E402
 from helpers.sides import paired_ratio, print_sides, run_rounds  # noqa: E402
 
@@ -55,7 +56,9 @@ def main() -> None:
     parser.add_argument("--part", choices=list(PARTS))
     parser.add_argument("--side", choices=[*TIMED, "loss_match"])
     parser.add_argument("--out")
+    bench_data.add_option(parser)
     args = parser.parse_args()
+    bench_data.announce("GSM8K")
     if args.side:  # one side, in this fresh process
         with tempfile.TemporaryDirectory() as run_dir:
             SIDES[args.side](args, run_dir)

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers.bench_config import bench_config, shared_gsm8k_train  # noqa: E402
+from helpers import bench_data  # noqa: E402
+from helpers.bench_config import bench_config, gsm8k_train  # noqa: E402
 from helpers.sides import (  # noqa: E402
     HFTimes,
     StepTimes,
@@ -54,7 +55,7 @@ def setup(args: argparse.Namespace, run_dir: str):
             "task.source=bundled",
             f"model={args.model}",
             "method=lora",
-            *shared_gsm8k_train(),
+            *gsm8k_train(),
             f"data.batch_size={args.batch_size}",
             f"data.max_length={args.max_length}",
             # twice the batches the steps take: examples longer than the width are left out
@@ -151,7 +152,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--side", choices=SIDES)
     parser.add_argument("--out")
+    bench_data.add_option(parser)
     args = parser.parse_args()
+    bench_data.announce("GSM8K")
     if args.side:  # one side, in this fresh process
         with tempfile.TemporaryDirectory() as run_dir:
             {"lmlab": lmlab, "torch_loop": torch_loop, "hf_trainer": hf_trainer}[args.side](args, run_dir)

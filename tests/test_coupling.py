@@ -142,18 +142,18 @@ def test_ripple_pairs_and_correlations_on_a_hand_built_case() -> None:
     assert pairs["gradsim"].tolist() == [0.9, 0.1, 0.1, 0.5]
     assert pairs["ripple"].tolist() == [2.0, 0.5, 0.2, 1.0]
     assert pairs["within"].tolist() == [True, False, False, False]
-    settings = OmegaConf.create({"bootstrap_samples": 200, "confidence": 0.95})
+    settings = OmegaConf.create({"resamples": 200, "confidence": 0.95, "seed": 0})
     monotone = {
         "gradsim": np.linspace(0, 1, 30),
         "ripple": np.linspace(0, 1, 30) ** 2,
         "within": np.zeros(30, dtype=bool),
     }
-    result = ripple.analyse_pairs(monotone, settings, seed=0)
+    result = ripple.analyse_pairs(monotone, settings)
     assert result["all"]["spearman"]["r"] == pytest.approx(1.0)
     assert result["all"]["spearman"]["ci"][0] > 0.9 and result["hypothesis_held"] is True
     assert result["within_chain"]["spearman"] is None  # no within-chain pairs
     reversed_pairs = {**monotone, "ripple": monotone["ripple"][::-1]}
-    assert ripple.analyse_pairs(reversed_pairs, settings, seed=0)["hypothesis_held"] is False
+    assert ripple.analyse_pairs(reversed_pairs, settings)["hypothesis_held"] is False
 
 
 def test_ripple_study_writes_every_output(tmp_path: Path) -> None:
@@ -164,7 +164,7 @@ def test_ripple_study_writes_every_output(tmp_path: Path) -> None:
         "analysis.memit.stats.text_field=question",
         "analysis.memit.mom2_n_samples=30",
         "analysis.num_edits=3",
-        "analysis.bootstrap_samples=50",
+        "statistics.resamples=50",
         config_name="ripple",
     )
     with open_dict(cfg):
@@ -216,12 +216,12 @@ def fake_ripple_run(run_dir: Path, model: str, coupled: bool, seed: int) -> None
         for i in range(8)
     ]  # every delta > 0, so the ripple strength |delta| follows +-GradSim
     pairs = ripple.ripple_pairs(experiments, matrix, chains)
-    settings = OmegaConf.create({"bootstrap_samples": 200, "confidence": 0.95})
+    settings = OmegaConf.create({"resamples": 200, "confidence": 0.95, "seed": 0})
     analysis = {
         "model": model,
         "edits": 8,
         "edit_success_rate": 0.5,
-        "correlation": ripple.analyse_pairs(pairs, settings, seed=0),
+        "correlation": ripple.analyse_pairs(pairs, settings),
     }
     run_dir.mkdir(parents=True)
     np.save(run_dir / "coupling_matrix.npy", matrix)

@@ -218,7 +218,7 @@ def test_the_ripple_study_runs_on_a_mixture_without_a_dense_path(minimind_dir: P
         "task.source=bundled",
         "analysis.gradsim.max_pieces=4",
         "analysis.num_edits=2",
-        "analysis.bootstrap_samples=20",
+        "statistics.resamples=20",
         "analysis.memit.stats.source.kind=bundled",
         "analysis.memit.stats.text_field=question",
         "analysis.memit.mom2_n_samples=32",

@@ -135,7 +135,7 @@ ANALYSES = {
         "analysis.memit.stats.text_field=question",
         "analysis.memit.mom2_n_samples=30",
         "analysis.num_edits=2",
-        "analysis.bootstrap_samples=20",
+        "statistics.resamples=20",
         "analysis.gradsim.max_pieces=6",
     ],
 }

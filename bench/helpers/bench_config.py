@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from helpers import bench_data
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 ROOT = Path(__file__).resolve().parents[2]
-SHARED_GSM8K_TRAIN = ROOT.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
 OFFLINE_CPU = [
     "trainer=cpu",
     "logger=csv",
@@ -19,11 +19,11 @@ OFFLINE_CPU = [
 ]
 
 
-def shared_gsm8k_train() -> list[str]:
-    """Overrides that train (and validate) on the full GSM8K train file beside the repository, where the
-    machine has it; none otherwise (the task's bundled sample)."""
-    train = SHARED_GSM8K_TRAIN
-    return [f"task.data_files={{train: {train}, test: {train}}}"] if train.exists() else []
+def gsm8k_train() -> list[str]:
+    """Overrides that train (and validate) on the real GSM8K train file of `--data` (bench_data.py); none
+    without it (the task's bundled sample)."""
+    train = bench_data.path("gsm8k", "train.jsonl")
+    return [f"task.data_files={{train: {train}, test: {train}}}"] if train else []
 
 
 def bench_config(overrides: list[str], run_dir: str) -> DictConfig:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from helpers.batch_tokens import padding_share, side_flops
-from helpers.bench_config import bench_config, shared_gsm8k_train
+from helpers.bench_config import bench_config, gsm8k_train
 from helpers.sides import HFTimes, StepTimes, lmlab_fit, report
 from torch.utils.data import Sampler
 from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
@@ -27,7 +27,7 @@ def config(args: argparse.Namespace, run_dir: str, padding_free: bool):
         [
             "task.source=bundled",
             *PART_MODELS[args.part],
-            *shared_gsm8k_train(),
+            *gsm8k_train(),
             f"data.batch_size={args.batch}",
             "data.max_length=1024",
             f"data.max_train_samples={args.batch * steps}",
