@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tests import docs_evaluation
+from tests import docs_evaluation, docs_first_steps
 from tests import docs_promises as promise
 from tests.docs_workspace import Workspace
 
@@ -152,12 +152,6 @@ SCENARIOS: dict[str, list[Step]] = {
         ),
     ],
     "seed_sweep": [Step("python train.py -m seed=0,1,2 optim.lr=1e-4,3e-4", promise.grouped_over_seeds)],
-    "grid_sweep": [
-        Step(
-            "python train.py -m optim.lr=1e-4,3e-4 data.batch_size=4,8",
-            promise.swept("multirun/gsm8k/*", 4, "summary.csv", "summary.md", "sweep.png"),
-        )
-    ],
     "tensorboard_sweep": [
         Step(
             "python train.py -m logger=tensorboard optim.lr=1e-4,3e-4 data.batch_size=4,8",
@@ -285,11 +279,12 @@ SCENARIOS: dict[str, list[Step]] = {
             promise.sbatch_script,
         )
     ],
-    "demo": [Step("make demo", promise.demo_prints_its_results)],
 }
 
-# docs/evaluation.md's chat templates, pass@k, own data and lm-eval benchmarks (tests/docs_evaluation.py)
-SCENARIOS |= {name: [Step(*step) for step in steps] for name, steps in docs_evaluation.SCENARIOS.items()}
+# README's first steps (tests/docs_first_steps.py) and docs/evaluation.md's chat templates, pass@k, own data
+# and lm-eval benchmarks (tests/docs_evaluation.py)
+for module in (docs_first_steps, docs_evaluation):
+    SCENARIOS |= {name: [Step(*step) for step in steps] for name, steps in module.SCENARIOS.items()}
 
 DOWNLOADS = (
     "python -m datamodules.download gsm8k --out data/",
