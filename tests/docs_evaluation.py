@@ -10,23 +10,10 @@ from pathlib import Path
 
 from runtime.results import read_results
 from tests.docs_workspace import Workspace
+from tests.helpers import lm_eval_tasks
 
 Promise = Callable[[Workspace, subprocess.CompletedProcess], None]
 # stand-ins for lm-eval's hub benchmarks under their names, over local files (no network): multiple choice
-STAND_IN = """task: {name}
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 QUESTIONS = [
     {"question": "The sky on a clear day is", "choices": ["blue", "green", "loud"], "label": 0},
     {"question": "Two plus two is", "choices": ["three", "four", "ten"], "label": 1},
@@ -38,12 +25,7 @@ def write_inputs(root: Path) -> None:
     """data/qa.jsonl (question/answer columns) and lm_eval_tasks/ (arc_easy and hellaswag stand-ins)."""
     pairs = [{"question": f"What is {a} plus {a}?", "answer": f"It is {2 * a}."} for a in range(1, 7)]
     (root / "data" / "qa.jsonl").write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
-    folder = root / "lm_eval_tasks"
-    folder.mkdir()
-    data = folder / "questions.jsonl"
-    data.write_text("".join(json.dumps(question) + "\n" for question in QUESTIONS))
-    for name in ("arc_easy", "hellaswag"):
-        (folder / f"{name}.yaml").write_text(STAND_IN.format(name=name, data=data))
+    lm_eval_tasks(root / "lm_eval_tasks", ["arc_easy", "hellaswag"], QUESTIONS)
 
 
 def chat_prompts(workspace: Workspace, result: subprocess.CompletedProcess) -> None:

@@ -179,3 +179,31 @@ def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
         yield f"http://127.0.0.1:{server.server_address[1]}/v1"
     finally:
         server.shutdown()
+
+
+# an lm-eval multiple-choice task over a local JSONL file of {question, choices, label} records (no network)
+MULTIPLE_CHOICE_TASK = """task: {name}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+fewshot_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{label}}}}"
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+"""
+
+
+def lm_eval_tasks(folder: Path, names: list[str], questions: list[dict]) -> Path:
+    """`folder` holding one multiple-choice lm-eval task per name over `questions` (an `include_path`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = folder / "questions.jsonl"
+    data.write_text("".join(json.dumps(question) + "\n" for question in questions))
+    for name in names:
+        (folder / f"{name}.yaml").write_text(MULTIPLE_CHOICE_TASK.format(name=name, data=data))
+    return folder

@@ -14,6 +14,7 @@ from evaluation import evaluate
 from runtime import saved_run
 from stats import comparisons
 from tests.conftest import compose_config
+from tests.helpers import lm_eval_tasks
 
 QUESTIONS = [
     ("The sky on a clear day is", ["blue", "green", "loud"], 0),
@@ -23,34 +24,13 @@ QUESTIONS = [
     ("The sun rises in the", ["west", "east", "cellar"], 1),
     ("Paris is a city in", ["Peru", "Chad", "France"], 2),
 ]
-TASK_YAML = """task: lmlab_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-fewshot_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{label}}}}"
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 
 
 @pytest.fixture
 def include_path(tmp_path: Path) -> Path:
     """A folder with one multiple-choice lm-eval task over a local JSONL file."""
-    folder = tmp_path / "tasks"
-    folder.mkdir()
-    data = folder / "mc.jsonl"
-    data.write_text(
-        "".join(json.dumps({"question": q, "choices": c, "label": a}) + "\n" for q, c, a in QUESTIONS)
-    )
-    (folder / "lmlab_mc.yaml").write_text(TASK_YAML.format(data=data))
-    return folder
+    records = [{"question": q, "choices": c, "label": a} for q, c, a in QUESTIONS]
+    return lm_eval_tasks(tmp_path / "tasks", ["lmlab_mc"], records)
 
 
 def evaluated(run_dir: Path, saved: Path, include_path: Path, *overrides: str) -> dict:
