@@ -36,7 +36,8 @@ $(STAMP): pyproject.toml $(TORCH_SPEC)
 demo: $(STAMP)
 	$(PY) train.py experiment=demo
 
-# parallel workers, one thread each (tests/conftest.py); the tests that start several processes share one worker
+# parallel workers (one more than cores), one thread each (tests/conftest.py); the tests that start several
+# processes share one worker
 test: $(STAMP)
 	$(PY) -m pytest -q -n auto --dist loadgroup
 
