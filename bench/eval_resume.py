@@ -3,7 +3,7 @@ JSON line, flushed and fsynced) against the evaluation it protects.
 
 Two sides, each in a fresh process per round, in a shuffled order: `journal` (evaluate.py as it runs, each
 append timed) and `no_journal` (the same evaluation with appends that do nothing). SmolLM2-135M-Instruct,
-greedy, GSM8K (the bundled sample's `--problems` test problems, or `--data DIR` with train.jsonl/test.jsonl),
+greedy, GSM8K (the bundled sample's `--problems` test problems, or `--data DIR`'s DIR/gsm8k),
 `--max-new-tokens`. Prints per round the summed append time, the evaluation's wall time and both sides' wall
 times, then (medians over rounds, with the range)
 
@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from helpers import bench_data  # noqa: E402
 from helpers.sides import report, run_rounds  # noqa: E402
 
 SIDES = ["journal", "no_journal"]
@@ -50,9 +51,10 @@ def side(name: str, out: str, args: argparse.Namespace) -> None:
         appends.append(time.perf_counter() - start)
 
     journal.Journal.__call__ = timed  # the class every evaluation process records with
+    gsm8k = bench_data.path("gsm8k")
     data = (
-        [f"task.data_files={{train: {args.data}/train.jsonl, test: {args.data}/test.jsonl}}"]
-        if args.data
+        [f"task.data_files={{train: {gsm8k / 'train.jsonl'}, test: {gsm8k / 'test.jsonl'}}}"]
+        if gsm8k
         else ["task.source=bundled"]
     )
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
@@ -82,17 +84,15 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--data", default=None, help="a folder with GSM8K train.jsonl / test.jsonl")
+    bench_data.add_option(parser)
     parser.add_argument("--side", choices=SIDES)
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.side:
         side(args.side, args.out, args)
         return
-    source = args.data or "the bundled GSM8K sample (datamodules/samples/gsm8k)"
-    print(f"data: {source}, {args.problems} problems")
+    bench_data.announce("GSM8K")
     passed = ["--problems", str(args.problems), "--max-new-tokens", str(args.max_new_tokens)]
-    passed += ["--data", args.data] if args.data else []
     reports = run_rounds(Path(__file__), SIDES, args.rounds, seed=0, args=passed)
     bookkeeping, walls = [], []
     for number, (kept, skipped) in enumerate(zip(reports["journal"], reports["no_journal"], strict=True)):

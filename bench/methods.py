@@ -64,7 +64,7 @@ def setup(model_name: str, method: str, steps: int, run_dir: str):
     )
     L.seed_everything(cfg.seed)
     model, _, datamodule, _ = build_trainable_model(cfg)
-    module = task_module_class(task_module_name(cfg)).from_config(model, cfg, datamodule)
+    module = task_module_class(task_module_name(cfg)).from_config(model, cfg, datamodule.task)
     datamodule.setup("fit")
     batches = []
     while len(batches) < steps:
@@ -199,7 +199,7 @@ def adalora(args: argparse.Namespace, target_r: int) -> dict[str, float]:
             target_r=target_r,
             lora_alpha=16,
             lora_dropout=0.05,
-            target_modules=resolve_targets(cfg.method.target_modules, cfg.model, module.model),
+            target_modules=resolve_targets(cfg.method.get("target_modules"), cfg.model, module.model),
             task_type="CAUSAL_LM",
             tinit=args.warmup,
             tfinal=2,
