@@ -16,6 +16,10 @@ ENV = "LMLAB_BENCH_DATA"
 
 class _Remember(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
+        if not Path(values).is_dir():
+            parser.error(
+                f"--data {values}: no such folder (python -m datamodules.download gsm8k --out {values})"
+            )
         os.environ[ENV] = str(Path(values).resolve())
         setattr(namespace, self.dest, values)
 
