@@ -45,12 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     bench_data.announce("GSM8K")
 
-    gsm8k = bench_data.path("gsm8k")
-    data = (
-        [f"task.data_files={{train: {gsm8k / 'train.jsonl'}, test: {gsm8k / 'test.jsonl'}}}"]
-        if gsm8k
-        else ["task.source=bundled"]
-    )
+    data = bench_data.gsm8k_overrides()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("evaluate", overrides=["model=smollm2_135m", *data, f"prompt.num_fewshot={args.shots}"])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)

@@ -51,12 +51,7 @@ def side(name: str, out: str, args: argparse.Namespace) -> None:
         appends.append(time.perf_counter() - start)
 
     journal.Journal.__call__ = timed  # the class every evaluation process records with
-    gsm8k = bench_data.path("gsm8k")
-    data = (
-        [f"task.data_files={{train: {gsm8k / 'train.jsonl'}, test: {gsm8k / 'test.jsonl'}}}"]
-        if gsm8k
-        else ["task.source=bundled"]
-    )
+    data = bench_data.gsm8k_overrides()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             "evaluate",

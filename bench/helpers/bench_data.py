@@ -55,3 +55,11 @@ def announce(what: str) -> None:
         print(f"data: {what} from {root}")
     else:
         print(f"data: the bundled {what} sample (datamodules/samples): pass --data DIR for the real data set")
+
+
+def gsm8k_overrides() -> list[str]:
+    """evaluate.py's overrides for GSM8K: the train and test files of `--data`, else the bundled sample."""
+    gsm8k = path("gsm8k")
+    if gsm8k is None:
+        return ["task.source=bundled"]
+    return [f"task.data_files={{train: {gsm8k / 'train.jsonl'}, test: {gsm8k / 'test.jsonl'}}}"]

@@ -50,16 +50,16 @@ def outputs(
     examples = task.tokenize_all([records[i] for i in share], "test")
     device = loaded.head.head[0].weight.device if loaded.head is not None else loaded.model.device
     scores, size = [], batch_size(cfg)
+    labels, pad = task.label_token_ids(), task.tokenizer.pad_token_id  # each label's tokens, rendered once
     with torch.no_grad(), Progress(len(examples), "examples classified") as progress:
         for first in range(0, len(examples), size):
             batch = {k: v.to(device) for k, v in task.collate(examples[first : first + size]).items()}
             if loaded.head is not None:
                 scored = classifier_head.head_scores(loaded.head, batch).float().tolist()
             else:
-                labels, pad = task.label_token_ids(), task.tokenizer.pad_token_id
                 scored = classifier_head.label_scores(loaded.model, batch, labels, pad).float().tolist()
-            for index, item_scores in zip(share[first : first + size], scored, strict=True):
-                on_finished(index, item_scores)
+            for index, values in zip(share[first : first + size], scored, strict=True):
+                on_finished(index, values)
             scores += scored
             progress.advance(len(scored))
     return scores
