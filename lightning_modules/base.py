@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from transformers import get_cosine_schedule_with_warmup
 
+from lightning_modules.methods import LR_RATIO_ATTR
 from modeling.flops import flop_counts
 from modeling.model_checks import BASE_IDENTITY_ATTR, ModelLoadError, check_same_base
 
@@ -120,25 +121,33 @@ class OptimisedModule(L.LightningModule):
         """FLOPs of one batch from what the module kept of it (`counted`); each module counts its own."""
         raise NotImplementedError
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW over the trainable parameters (no decay on 1-D ones; fused or foreach: `adamw_kernel`),
-        linear warmup then cosine decay per step."""
-        decay, no_decay = [], []
-        for parameter in self.parameters():
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The trainable parameters in AdamW groups: weight decay on those of 2 or more dimensions only, and
+        each at the learning rate its method asks for (`LR_RATIO_ATTR`: LoRA+ trains B at a multiple)."""
+        ratios = getattr(self.model, LR_RATIO_ATTR, None) or {}
+        groups: dict[tuple[bool, float], list[torch.Tensor]] = {}
+        for name, parameter in self.named_parameters():
             if parameter.requires_grad:
-                (decay if parameter.ndim >= 2 else no_decay).append(parameter)
-        groups = [
-            {"params": decay, "weight_decay": self.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
+                ratio = next((value for part, value in ratios.items() if part in name), 1.0)
+                groups.setdefault((parameter.ndim >= 2, ratio), []).append(parameter)
+        order = sorted(groups, key=lambda key: (not key[0], key[1]))  # decayed first, as AdamW's state was
+        return [
+            {"params": groups[decay, ratio], "weight_decay": self.weight_decay * decay, "lr": self.lr * ratio}
+            for decay, ratio in order
         ]
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """AdamW over the trainable parameters (`parameter_groups`; fused or foreach: `adamw_kernel`), linear
+        warmup then cosine decay per step."""
+        groups = self.parameter_groups()
         amp_clips = isinstance(self.trainer.precision_plugin, MixedPrecision) and bool(
             self.trainer.gradient_clip_val
         )
         optimizer = torch.optim.AdamW(
-            [g for g in groups if g["params"]],
+            groups,
             lr=self.lr,
             betas=self.betas,
-            **adamw_kernel(decay + no_decay, amp_clips),
+            **adamw_kernel([p for group in groups for p in group["params"]], amp_clips),
         )
         total = max(1, int(self.trainer.estimated_stepping_batches))
         scheduler = get_cosine_schedule_with_warmup(optimizer, int(self.warmup_ratio * total), total)

@@ -28,12 +28,12 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_modules import methods
-from lightning_modules.methods import MethodContext, count_parameters, trainable_state
+from lightning_modules.methods import MethodContext, count_parameters, lora, trainable_state
 from modeling import classifier_head, model_checks, models
 from modeling.classifier_head import SequenceClassifier
 from modeling.model_checks import read_safetensors
@@ -102,6 +102,9 @@ def write_model(model: PreTrainedModel, method_cfg: DictConfig, target: Path) ->
     if identity is not None:
         (target / BASE_MODEL_FILE).write_text(json.dumps(identity, indent=2) + "\n")
     trainable, total = count_parameters(model)
+    if isinstance(model, PeftModel) and isinstance(model.peft_config[model.active_adapter], LoraConfig):
+        lora.save_adapter(model, target)
+        return
     if isinstance(model, PeftModel) or trainable == total:
         model.save_pretrained(target, safe_serialization=True)
         return

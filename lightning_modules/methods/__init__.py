@@ -26,6 +26,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 # keys of a method config or method.json that describe it rather than being knobs of its `apply` (supports,
 # module, apply: what the method.json of runs saved before methods declared these themselves holds)
 DESCRIPTION_KEYS = ("name", "head", "supports", "module", "apply")
+# a trained model's learning-rate ratios: {parameter-name part: ratio}, set by a method (LoRA+ on lora_B) and
+# read by the optimiser (lightning_modules/base.py)
+LR_RATIO_ATTR = "lmlab_lr_ratios"
 
 
 class UnknownMethodError(ValueError):

@@ -23,13 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import PreTrainedModel
 
 from datamodules.padding_free import model_inputs
 from figures import runs as figures
 from lightning_modules.methods import MethodContext
-from lightning_modules.methods.lora import lora_config, resolve_targets
+from lightning_modules.methods.lora import (
+    adapted_model,
+    lora_config,
+    resolve_targets,
+    set_lr_ratio,
+    training_batches,
+    variant_options,
+)
 
 SUPPORTS = ("causal_lm", "label_lm")  # the task modules it can train
 
@@ -137,17 +144,8 @@ def rank_map_from_gradients(
 ) -> dict[str, int]:
     """Per target module, the rank that the spectrum of its gradient accumulated over `steps` batches asks
     for."""
-    if context.datamodule is None:
-        raise ValueError(
-            "method=svd_lora needs training data to choose ranks; or pass method.rank_map=<rank_map.json>"
-        )
-    datamodule = context.datamodule
-    datamodule.setup("fit")
-    batches = []
-    for batch in datamodule.train_dataloader():
-        batches.append({key: value.to(model.device) for key, value in batch.items()})
-        if len(batches) == steps:
-            break
+    why = "method=svd_lora (choosing ranks; or pass method.rank_map=<rank_map.json>)"
+    batches = list(training_batches(model, context, steps, why))
     weights = target_weights(model, targets)
     started = time.perf_counter()
     gradients = accumulated_gradients(model, weights, batches)
@@ -217,9 +215,12 @@ def apply(
     exact_below: int = 64,
     seed: int = 0,
     rank_map: str | None = None,
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    loraplus_lr_ratio: float | None = None,
 ) -> PeftModel:
     """Choose (or read from `rank_map`) a rank per target layer, then freeze the base and add LoRA with those
-    ranks; the ranks go to `context.metrics`."""
+    ranks (DoRA, rsLoRA and LoRA+ as in method=lora); the ranks go to `context.metrics`."""
     if rank_map:
         ranks = read_rank_map(rank_map)
     else:
@@ -232,15 +233,16 @@ def apply(
         log.info("svd_lora rank %3d  %s", rank, name)
     context.metrics.update(rank_metrics(ranks))
     scale = alpha / r
-    return get_peft_model(
+    config = lora_config(
         model,
-        lora_config(
-            model,
-            sorted(ranks),
-            r,
-            alpha,
-            dropout,
-            rank_pattern=dict(ranks),
-            alpha_pattern={name: scale * rank for name, rank in ranks.items()},
-        ),
+        sorted(ranks),
+        r,
+        alpha,
+        dropout,
+        rank_pattern=dict(ranks),
+        # alpha / r at every rank; rsLoRA: alpha / sqrt(rank)
+        alpha_pattern={name: alpha if use_rslora else scale * rank for name, rank in ranks.items()},
+        **variant_options(use_dora, use_rslora, "default"),
     )
+    adapted = adapted_model(model, config, "method.use_dora / method.use_rslora")
+    return set_lr_ratio(adapted, loraplus_lr_ratio)
