@@ -15,9 +15,12 @@ from omegaconf import DictConfig
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from transformers import get_cosine_schedule_with_warmup
 
-from lightning_modules.methods import LR_RATIO_ATTR
+from lightning_modules.methods import LR_RATIO_ATTR, training_hooks
 from modeling.flops import flop_counts
 from modeling.model_checks import BASE_IDENTITY_ATTR, ModelLoadError, check_same_base
+
+# the training checkpoint's entry for the state of a method that acts during training (TrainingHooks)
+METHOD_STATE_KEY = "method_state"
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -158,7 +161,12 @@ class OptimisedModule(L.LightningModule):
         raise NotImplementedError
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        return self._shared_step(batch, "train")
+        loss = self._shared_step(batch, "train")
+        regulariser = training_hooks(self.model).regulariser()
+        if regulariser is None:
+            return loss
+        self.log("train/method_regulariser", regulariser.detach(), on_step=True, on_epoch=True)
+        return loss + regulariser
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "val")
@@ -208,7 +216,17 @@ class OptimisedModule(L.LightningModule):
         Lightning alone would free them only after the next step's forward, so that forward would hold a
         model-sized set of gradients beside its activations in full fine-tuning."""
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        training_hooks(self.model).after_optimizer_step(self.global_step)
         optimizer.zero_grad(set_to_none=True)
+
+    def on_fit_start(self) -> None:
+        """Tell the method how many optimiser steps training takes (AdaLoRA's budget schedule)."""
+        training_hooks(self.model).on_fit_start(max(1, int(self.trainer.estimated_stepping_batches)))
+
+    def on_fit_end(self) -> None:
+        """Let the method write what it reports (AdaLoRA's final rank map) into its run dir."""
+        if self.trainer.is_global_zero:
+            training_hooks(self.model).on_fit_end()
 
     def configure_gradient_clipping(
         self,
@@ -232,8 +250,10 @@ class OptimisedModule(L.LightningModule):
         classifier's head)."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the base model the trained weights belong to."""
+        """Record the base model the trained weights belong to, and the state of a method that acts during
+        training."""
         checkpoint[BASE_IDENTITY_ATTR] = self.base_model_identity
+        checkpoint[METHOD_STATE_KEY] = training_hooks(self.model).state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another base model (unless allow_base_mismatch)."""
@@ -243,6 +263,7 @@ class OptimisedModule(L.LightningModule):
             "the checkpoint (ckpt_path)",
             self.allow_base_mismatch,
         )
+        training_hooks(self.model).load_state_dict(checkpoint.get(METHOD_STATE_KEY) or {})
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False

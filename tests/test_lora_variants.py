@@ -4,6 +4,7 @@ decoder family of tests/families.py one optimiser step, then the export reloaded
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -13,25 +14,37 @@ import torch
 from omegaconf import open_dict
 
 from datamodules.padding_free import model_inputs
+from lightning_modules import methods
+from lightning_modules.base import METHOD_STATE_KEY
 from lightning_modules.task_modules import task_module_class
 from runtime import saved_run
-from runtime.training import build_trainable_model
+from runtime.training import build_trainable_model, run
 from tests.conftest import TINY, compose_config
 from tests.families import FAMILIES, MIXTURES, overrides
 from tests.helpers import lm_logits
+from tests.test_resume import RESUMABLE, assert_same_run, interrupted_run
 
 FUSED = {name for name, family in MIXTURES.items() if family.fused}
-# each a set of variant keys trained together; together they cover every key and init
-VARIANTS = {
-    "dora_rslora_pissa": ["method.use_dora=true", "method.use_rslora=true", "method.init=pissa_niter_2"],
-    "eva_loraplus": [
+# LoRA variant keys trained together (together they cover every key and init), and the other peft methods
+CASES = {
+    "lora_dora_rslora_pissa": [
+        "method=lora",
+        "method.use_dora=true",
+        "method.use_rslora=true",
+        "method.init=pissa_niter_2",
+    ],
+    "lora_eva_loraplus": [
+        "method=lora",
         "method.init=eva",
         "method.r=4",
         "method.init_batches=4",
         "method.eva_tau=0.9",
         "method.loraplus_lr_ratio=4",
     ],
-    "olora": ["method.init=olora"],
+    "lora_olora": ["method=lora", "method.init=olora"],
+    "adalora": ["method=adalora", "method.init_r=4", "method.target_r=2"],
+    "vera": ["method=vera", "method.r=16"],
+    "ia3": ["method=ia3"],
 }
 
 
@@ -44,9 +57,11 @@ def variant_config(tmp_path: Path, *extra: str):
     return cfg
 
 
-def trained_and_reloaded(cfg, family: list[str], tmp_path: Path) -> tuple[torch.Tensor, torch.Tensor]:
-    """Logits on a training batch after one optimiser step of the method (the run's own AdamW groups), and
-    after the export of that step is reloaded by `ckpt=` onto a freshly built base."""
+def trained_and_reloaded(
+    cfg, family: list[str], tmp_path: Path
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Logits on a training batch before and after one optimiser step of the method (the run's own AdamW
+    groups), and after the export of that step is reloaded by `ckpt=` onto a freshly built base."""
     L.seed_everything(0)
     model, tokenizer, datamodule, _ = build_trainable_model(cfg)
     datamodule.setup("fit")
@@ -55,6 +70,8 @@ def trained_and_reloaded(cfg, family: list[str], tmp_path: Path) -> tuple[torch.
         model, lr=1e-2, weight_decay=0.0, betas=(0.9, 0.99), warmup_ratio=0
     )
     optimizer = torch.optim.AdamW(module.parameter_groups())
+    before = lm_logits(model.eval(), batch)
+    model.train()
     model(**model_inputs(batch)).loss.backward()
     optimizer.step()
     expected = lm_logits(model.eval(), batch)
@@ -63,26 +80,28 @@ def trained_and_reloaded(cfg, family: list[str], tmp_path: Path) -> tuple[torch.
     L.seed_everything(0)
     choice = saved_run.resolve(compose_config(*family, f"ckpt={tmp_path / 'export'}", config_name="evaluate"))
     restored, _ = saved_run.load(choice)
-    return expected, lm_logits(restored.eval(), batch)
+    return before, expected, lm_logits(restored.eval(), batch)
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
+@pytest.mark.parametrize("case", sorted(CASES))
 @pytest.mark.parametrize("name", sorted(FAMILIES) + sorted(MIXTURES))
-def test_variant_trains_a_step_and_its_export_reloads_to_the_same_outputs(
-    minimind_dir: Path, tmp_path: Path, name: str, variant: str
+def test_method_trains_a_step_and_its_export_reloads_to_the_same_outputs(
+    minimind_dir: Path, tmp_path: Path, name: str, case: str
 ) -> None:
     family = overrides(name, minimind_dir)
-    keys = VARIANTS[variant]
-    if name in FUSED:  # peft applies these to modules, not to fused 3-D expert parameters: refused by key
+    keys = CASES[case]
+    if name in FUSED and case.startswith("lora_"):  # peft applies these to modules only: refused by key
         with pytest.raises(ValueError, match=r"method\.(use_dora|init)"):
-            build_trainable_model(variant_config(tmp_path, *family, "method=lora", *keys))
+            build_trainable_model(variant_config(tmp_path, *family, *keys))
         keys = [*keys, "method.target_parameters=[]"]
-    if name == "gpt2" and variant == "olora":  # peft's OLoRA misreads Conv1D weights: refused by key
+    if name == "gpt2" and case == "lora_olora":  # peft's OLoRA misreads Conv1D weights: refused by key
         with pytest.raises(ValueError, match=r"method\.init=olora: .*Conv1D"):
-            build_trainable_model(variant_config(tmp_path, *family, "method=lora", *keys))
+            build_trainable_model(variant_config(tmp_path, *family, *keys))
         return
-    cfg = variant_config(tmp_path, *family, "method=lora", *keys)
-    expected, reloaded = trained_and_reloaded(cfg, family, tmp_path)
+    before, expected, reloaded = trained_and_reloaded(
+        variant_config(tmp_path, *family, *keys), family, tmp_path
+    )
+    assert not torch.equal(expected, before)  # the step changed the outputs
     torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-5)
 
 
@@ -177,3 +196,53 @@ def test_loraplus_trains_b_at_the_ratio_times_the_learning_rate(tmp_path: Path) 
 def test_bad_variant_keys_are_refused_by_name(tmp_path: Path, keys: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_trainable_model(variant_config(tmp_path, "method=lora", *keys))
+
+
+def test_adalora_penalty_is_what_peft_adds_to_a_loss_from_labels(tmp_path: Path) -> None:
+    L.seed_everything(0)
+    model, _, datamodule, _ = build_trainable_model(variant_config(tmp_path, "method=adalora"))
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    nudge = {name: torch.randn_like(p) * 0.1 for name, p in model.named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if name in nudge:
+                parameter.add_(nudge[name])
+    model.train()
+    torch.manual_seed(1)
+    with_penalty = model(**model_inputs(batch)).loss  # peft adds its penalty to a loss from labels
+    config = model.peft_config["default"]
+    config.orth_reg_weight, weight = 0.0, config.orth_reg_weight
+    torch.manual_seed(1)  # the same dropout masks
+    plain = model(**model_inputs(batch)).loss
+    config.orth_reg_weight = weight
+    penalty = methods.training_hooks(model).regulariser()
+    assert penalty > 0
+    torch.testing.assert_close(penalty, with_penalty - plain, rtol=1e-5, atol=1e-6)
+
+
+ADALORA = [
+    "method=adalora",
+    "method.init_r=6",
+    "method.target_r=2",
+    "method.tinit=2",
+    "method.tfinal=3",
+    "method.delta_t=2",
+]
+
+
+def test_adalora_prunes_to_the_target_mean_rank_writes_its_map_and_resumes_exactly(
+    tiny_config, tmp_path: Path
+) -> None:
+    overrides = [*RESUMABLE, *ADALORA]  # 15 optimiser steps: pruning from step 2 to step 12
+    straight = run(tiny_config(*overrides, run_dir=tmp_path / "straight"))
+    ranks = json.loads((tmp_path / "straight" / "rank_map.json").read_text())
+    assert ranks and set(ranks.values()) <= set(range(7)) and len(set(ranks.values())) > 1  # moved apart
+    assert sum(ranks.values()) == 2 * len(ranks)  # the budget: target_r on average
+    assert (tmp_path / "straight" / "rank_map.png").exists()
+    last = interrupted_run(tiny_config, overrides, tmp_path / "interrupted", 7)  # mid-pruning, mid-epoch
+    state = torch.load(last, weights_only=True)[METHOD_STATE_KEY]
+    assert state["exp_avg_ipt"]  # the importance scores travel with the checkpoint
+    resumed = run(tiny_config(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed"))
+    assert_same_run(straight, resumed)
+    assert json.loads((tmp_path / "resumed" / "rank_map.json").read_text()) == ranks

@@ -29,6 +29,8 @@ DESCRIPTION_KEYS = ("name", "head", "supports", "module", "apply")
 # a trained model's learning-rate ratios: {parameter-name part: ratio}, set by a method (LoRA+ on lora_B) and
 # read by the optimiser (lightning_modules/base.py)
 LR_RATIO_ATTR = "lmlab_lr_ratios"
+# a trained model's TrainingHooks, set by a method that acts during training (AdaLoRA's rank budget)
+TRAINING_HOOKS_ATTR = "lmlab_training_hooks"
 
 
 class UnknownMethodError(ValueError):
@@ -45,6 +47,38 @@ class MethodContext:
     datamodule: Any = None
     run_dir: Path | None = None
     metrics: dict[str, float] = field(default_factory=dict)
+
+
+class TrainingHooks:
+    """What a method does while its model trains, called by the task module: at fit start with the total
+    number of optimiser steps, for a term added to each training loss, after every optimiser step (gradients
+    still there), at fit end to write into its run dir; its state travels in the training checkpoint, so a
+    resumed run continues it exactly."""
+
+    def on_fit_start(self, total_steps: int) -> None:
+        """Training is about to take `total_steps` optimiser steps."""
+
+    def regulariser(self) -> torch.Tensor | None:
+        """A term the method adds to every training loss (None: none)."""
+        return None
+
+    def after_optimizer_step(self, step: int) -> None:
+        """Optimiser step `step` (0-based) was taken; its gradients are not yet freed."""
+
+    def on_fit_end(self) -> None:
+        """Training ended (on rank 0): write what the method reports into the run dir it was applied in."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to continue (tensors, numbers, lists)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from `state_dict()` of an interrupted run."""
+
+
+def training_hooks(model: torch.nn.Module) -> TrainingHooks:
+    """The TrainingHooks a method left on `model` (none: hooks that do nothing)."""
+    return getattr(model, TRAINING_HOOKS_ATTR, None) or TrainingHooks()
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

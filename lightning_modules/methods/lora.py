@@ -242,7 +242,9 @@ def adapted_model(model: PreTrainedModel, config: LoraConfig, keys: str) -> Peft
     """`get_peft_model` on `config`; what peft refuses is raised again naming the method keys (`keys`) that
     asked for it, with peft's reason."""
     try:
-        return get_peft_model(model, config, low_cpu_mem_usage=config.init_lora_weights == "eva")
+        return get_peft_model(
+            model, config, low_cpu_mem_usage=getattr(config, "init_lora_weights", None) == "eva"
+        )
     except (ValueError, TypeError, NotImplementedError) as error:
         raise ValueError(f"{keys}: peft cannot apply this to {type(model).__name__}: {error}") from error
 
