@@ -3,7 +3,7 @@ results.json, W&B finish), checkpoints and RNG state (checkpointing.py, rng_stat
 loggers and W&B (loggers.py, wandb_runs.py, wandb_offline.py), strategies (strategies.py), throughput
 (throughput.py), the training run (training.py), config checks (validate.py), results files (results.py),
 saved runs (saved_run.py: what train.py and analysis.memit write, resolved once by the entrypoints that take
-ckpt=), SLURM (slurm.py) and a sweep's bookkeeping (sweeps.py). Nothing here scores, serves or reports:
+ckpt=; export.py: one as a standalone transformers model), SLURM (slurm.py) and a sweep's bookkeeping (sweeps.py). Nothing here scores, serves or reports:
 evaluation/ and stats/ do.
 
 May import: stats, datamodules, modeling, lightning_modules; never evaluation or analysis.

@@ -41,6 +41,7 @@ LAYERS = (
 RUN_LIFECYCLE = {
     "__init__",
     "checkpointing",
+    "export",
     "loggers",
     "results",
     "rng_state",
