@@ -31,6 +31,7 @@ from transformers import (
 
 from modeling import architecture
 from modeling.model_checks import ModelLoadError, check_finite, rebuild_unsaved_buffers
+from modeling.quantization import quantization_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def build(
 def _load(
     cfg: DictConfig, cache_dir: str | os.PathLike | None
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    quantization_kwargs(cfg, torch.float32)  # model.quantization refused before anything loads
     if cfg.get("device_map") is not None and (cfg.get("from_scratch") or cfg.get("architecture")):
         raise ModelLoadError(
             f"model.device_map={cfg.device_map}: only weights loaded with from_pretrained (model.path, "
@@ -272,10 +274,9 @@ def _load_tokenizer(name_or_dir: str | Path, cfg: DictConfig) -> PreTrainedToken
 
 
 def _load_kwargs(cfg: DictConfig) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "dtype": DTYPES[cfg.get("dtype") or "float32"],
-        "trust_remote_code": bool(cfg.get("trust_remote_code")),
-    }
+    dtype = DTYPES[cfg.get("dtype") or "float32"]
+    kwargs = {"dtype": dtype, "trust_remote_code": bool(cfg.get("trust_remote_code"))}
+    kwargs |= quantization_kwargs(cfg, dtype)  # model.quantization: bitsandbytes, refused where unavailable
     if cfg.get("attn_implementation"):
         kwargs["attn_implementation"] = cfg.attn_implementation
     for key in ("device_map", "max_memory", "offload_folder"):  # a model sharded over devices

@@ -3,14 +3,13 @@ results.json, W&B finish), checkpoints and RNG state (checkpointing.py, rng_stat
 loggers and W&B (loggers.py, wandb_runs.py, wandb_offline.py), strategies (strategies.py), throughput
 (throughput.py), the training run (training.py), config checks (validate.py), results files (results.py),
 saved runs (saved_run.py: what train.py and analysis.memit write, resolved once by the entrypoints that take
-ckpt=; export.py: one as a standalone transformers model), SLURM (slurm.py) and a sweep's bookkeeping (sweeps.py). Nothing here scores, serves or reports:
-evaluation/ and stats/ do.
+ckpt=; export.py: one as a standalone transformers model), SLURM (slurm.py) and a sweep's bookkeeping
+(sweeps.py). Nothing here scores, serves or reports: evaluation/ and stats/ do.
 
 May import: stats, datamodules, modeling, lightning_modules; never evaluation or analysis.
 
 Config resolvers: `${unique_dir:<path>}` (run dirs no two runs share), `${run_group:<default>}` (the W&B
-group: the sweep dir in a `-m` run) and `${metric_direction:<metric>}` (minimize / maximize, for sweepers).
-"""
+group: the sweep dir in a `-m` run) and `${metric_direction:<metric>}` (minimize / maximize, for sweepers)."""
 
 from omegaconf import OmegaConf
 

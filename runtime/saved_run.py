@@ -1,7 +1,8 @@
 """A saved run: what train.py writes to `<run dir>/final/` and how `ckpt=` reads it back, in one place.
 
 A saved run is one of four layouts, by what training (or an edit) changed:
-- a peft adapter (`adapter_config.json` + `adapter_model.safetensors`): LoRA, svd_lora, prompt tuning;
+- a peft adapter (`adapter_config.json` + `adapter_model.safetensors`): LoRA (PiSSA / OLoRA as plain LoRA),
+  svd_lora, AdaLoRA, VeRA, IA3, prompt tuning;
 - a whole model (`config.json` + `model.safetensors`, save_pretrained): full fine-tuning;
 - a frozen-base method's trainable weights (`trainable.safetensors`) and its config (`method.json`),
   re-applied by its name on load (adapters, the projection head's backbone);
@@ -12,8 +13,7 @@ the task module adds to the model (a projection head: modeling/classifier_head.p
 gathered first, so its final/ is a single-device run's.
 
 Reading: `resolve` says once, at an entrypoint's start, which model a config with `ckpt=` loads (a `RunModel`:
-base model config, export, layout); `load`, `load_tokenizer` and `load_head` read it.
-"""
+base model config, export, layout); `load`, `load_tokenizer` and `load_head` read it."""
 
 from __future__ import annotations
 
@@ -28,14 +28,15 @@ import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig, OmegaConf, open_dict
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_modules import methods
-from lightning_modules.methods import MethodContext, count_parameters, lora, trainable_state
+from lightning_modules.methods import MethodContext, count_parameters, trainable_state
 from modeling import classifier_head, model_checks, models
 from modeling.classifier_head import SequenceClassifier
+from modeling.lora_init import save_adapter
 from modeling.model_checks import read_safetensors
 
 log = logging.getLogger(__name__)
@@ -102,12 +103,10 @@ def write_model(model: PreTrainedModel, method_cfg: DictConfig, target: Path) ->
     if identity is not None:
         (target / BASE_MODEL_FILE).write_text(json.dumps(identity, indent=2) + "\n")
     trainable, total = count_parameters(model)
-    if isinstance(model, PeftModel) and isinstance(model.peft_config[model.active_adapter], LoraConfig):
-        lora.save_adapter(model, target)
-        return
-    if isinstance(model, PeftModel) or trainable == total:
-        model.save_pretrained(target, safe_serialization=True)
-        return
+    if isinstance(model, PeftModel):  # a PiSSA / OLoRA adapter saved as a plain LoRA
+        return save_adapter(model, target)
+    if trainable == total:
+        return model.save_pretrained(target, safe_serialization=True)
     state = trainable_state(model)
     if state:
         save_file(state, target / TRAINABLE_FILE)
@@ -270,8 +269,7 @@ def _current_keys(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def _saved_identity(directory: Path) -> dict[str, Any] | None:
-    path = directory / BASE_MODEL_FILE
-    return json.loads(path.read_text()) if path.exists() else None
+    return json.loads(path.read_text()) if (path := directory / BASE_MODEL_FILE).exists() else None
 
 
 def _load_adapter(base: PreTrainedModel, directory: Path) -> PeftModel:

@@ -17,6 +17,7 @@ from datamodules.padding_free import model_inputs
 from lightning_modules import methods
 from lightning_modules.base import METHOD_STATE_KEY
 from lightning_modules.task_modules import task_module_class
+from modeling.model_checks import ModelLoadError
 from runtime import saved_run
 from runtime.training import build_trainable_model, run
 from tests.conftest import TINY, compose_config
@@ -246,3 +247,24 @@ def test_adalora_prunes_to_the_target_mean_rank_writes_its_map_and_resumes_exact
     resumed = run(tiny_config(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed"))
     assert_same_run(straight, resumed)
     assert json.loads((tmp_path / "resumed" / "rank_map.json").read_text()) == ranks
+
+
+@pytest.mark.parametrize(
+    "keys, message",
+    [
+        (["model.quantization=nf4"], r"model\.quantization=nf4: .*(bitsandbytes|CUDA)"),
+        (["model.quantization=int4"], r"model\.quantization='int4': expected one of"),
+    ],
+)
+def test_quantization_is_refused_by_key_where_it_cannot_apply(
+    tmp_path: Path, saved_llama: Path, keys: list[str], message: str
+) -> None:
+    # a pretrained model (model.path) on this CPU-only machine: bitsandbytes' kernels need CUDA
+    with pytest.raises(ModelLoadError, match=message):
+        build_trainable_model(
+            variant_config(
+                tmp_path, "method=lora", f"model.path={saved_llama}", "model.architecture=null", *keys
+            )
+        )
+    with pytest.raises(ModelLoadError, match=r"model\.quantization=nf4: .*model\.architecture"):
+        build_trainable_model(variant_config(tmp_path, "method=lora", "model.quantization=nf4"))

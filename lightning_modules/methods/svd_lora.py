@@ -35,8 +35,8 @@ from lightning_modules.methods.lora import (
     resolve_targets,
     set_lr_ratio,
     training_batches,
-    variant_options,
 )
+from modeling.lora_init import variant_options
 
 SUPPORTS = ("causal_lm", "label_lm")  # the task modules it can train
 
