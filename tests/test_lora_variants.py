@@ -21,7 +21,7 @@ from modeling.model_checks import ModelLoadError
 from runtime import saved_run
 from runtime.training import build_trainable_model, run
 from tests.conftest import TINY, compose_config
-from tests.families import FAMILIES, MIXTURES, overrides
+from tests.families import FAMILIES, MIXTURES, TINY_FIELDS, overrides
 from tests.helpers import lm_logits
 from tests.test_resume import RESUMABLE, assert_same_run, interrupted_run
 
@@ -268,3 +268,30 @@ def test_quantization_is_refused_by_key_where_it_cannot_apply(
         )
     with pytest.raises(ModelLoadError, match=r"model\.quantization=nf4: .*model\.architecture"):
         build_trainable_model(variant_config(tmp_path, "method=lora", "model.quantization=nf4"))
+
+
+# families whose default LoRA must leave a linear map out: peft refuses FalconMamba's mixer out_proj (its
+# fused kernel path); DeepSeek-V4's grouped output projection is a Linear whose forward is block-diagonal
+LEFT_OUT = {"falcon_mamba": "mixer.out_proj", "deepseek_v4": "self_attn.o_a_proj"}
+
+
+@pytest.mark.parametrize("name", sorted(LEFT_OUT))
+def test_default_lora_leaves_out_what_it_cannot_adapt_then_trains_and_reloads(
+    tmp_path: Path, name: str
+) -> None:
+    left_out = LEFT_OUT[name]
+    scratch = ",".join(f"{key}:{value}" for key, value in {"model_type": name, **TINY_FIELDS}.items())
+    family = [
+        "model=hf_causal_lm",
+        f"model.name=tiny_{name}",
+        "model.tokenizer=byte",
+        f"model.architecture={{{scratch}}}",
+    ]
+    cfg = variant_config(tmp_path, *family, "method=lora")
+    L.seed_everything(0)
+    model, _, _, _ = build_trainable_model(cfg)
+    adapted = {name.split(".lora_A")[0] for name, _ in model.named_parameters() if ".lora_A" in name}
+    assert adapted and not any(path.endswith(left_out) for path in adapted)
+    before, expected, reloaded = trained_and_reloaded(cfg, family, tmp_path)
+    assert not torch.equal(expected, before)
+    torch.testing.assert_close(reloaded, expected, rtol=1e-5, atol=1e-5)

@@ -28,6 +28,7 @@ from peft import (
     prepare_model_for_kbit_training,
 )
 from peft.tuners.lora import ParamWrapper
+from peft.tuners.tuners_utils import _check_lora_target_modules_mamba as check_target_modules
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
@@ -98,8 +99,14 @@ def block_linear_targets(model: PreTrainedModel) -> list[str]:
                 left_out[name] = f"{kind}: routes tokens"
             elif not isinstance(base, (nn.Linear, Conv1D)):
                 left_out[name] = f"{kind}: not a layer type peft adapts"
+            elif not computes_its_weight(base):
+                left_out[name] = (
+                    f"{kind}: its forward is not x W^T + b, so LoRA's added B A x does not fit it"
+                )
             elif weight_read_directly(block, name):
                 left_out[name] = "its weight is read directly by a fused kernel path, bypassing an adapter"
+            elif refusal := peft_refuses(model, name):
+                left_out[name] = f"peft refuses it: {refusal}"
             else:
                 adapted[name] = None
     if left_out:
@@ -113,6 +120,42 @@ def block_linear_targets(model: PreTrainedModel) -> list[str]:
         and ((match := inside.fullmatch(name)) is None or match.group(1) not in adapted)
     ]
     return sorted(adapted) if clashes else sorted(short)
+
+
+def computes_its_weight(layer: nn.Module) -> bool:
+    """Whether a linear layer's output is x W^T + b, as LoRA's additive update assumes: true of nn.Linear and
+    Conv1D themselves; a subclass with its own forward (DeepSeek-V4's block-diagonal grouped projection) is
+    run on a probe input and compared. Weights that are not plain floats (quantized, offloaded) are
+    trusted."""
+    if type(layer) in (nn.Linear, Conv1D) or type(layer).forward in (nn.Linear.forward, Conv1D.forward):
+        return True
+    weight = layer.weight
+    if not weight.is_floating_point() or weight.device.type == "meta" or weight.ndim != 2:
+        return True
+    conv1d = isinstance(layer, Conv1D)
+    probe = torch.randn(
+        2, weight.shape[0] if conv1d else weight.shape[1], dtype=weight.dtype, device=weight.device
+    )
+    with torch.no_grad():
+        try:
+            output = layer(probe)
+        except RuntimeError:
+            return False
+        expected = probe @ weight if conv1d else probe @ weight.T
+        if getattr(layer, "bias", None) is not None:
+            expected = expected + layer.bias
+        return output.shape == expected.shape and torch.allclose(output, expected, rtol=1e-3, atol=1e-3)
+
+
+def peft_refuses(model: PreTrainedModel, name: str) -> str | None:
+    """peft's own reason for refusing LoRA on the module `name` of `model` (its check of the modules a
+    state-space model's fused kernel reads, e.g. FalconMamba's `out_proj`), None where it accepts it."""
+    config = LoraConfig(target_modules=[name])
+    try:
+        check_target_modules(config, model, name.rsplit(".", 1)[-1])
+    except ValueError as error:
+        return str(error).split("Incompatible modules")[0].strip()
+    return None
 
 
 def weight_read_directly(block: nn.Module, name: str) -> bool:
@@ -238,8 +281,9 @@ def apply(
         parameters,
         **variant_options(use_dora, use_rslora, init, eva_rho, eva_tau),
     )
-    asked = [f"method.{key}" for key, on in (("use_dora", use_dora), ("use_rslora", use_rslora)) if on]
-    adapted = adapted_model(model, config, ", ".join([*asked, f"method.init={init}"]))
+    asked = [f"method.{key}=true" for key, on in (("use_dora", use_dora), ("use_rslora", use_rslora)) if on]
+    asked += [f"method.init={init}"] if init != "default" else []
+    adapted = adapted_model(model, config, ", ".join(asked) or "method=lora")
     warn_if_converted(adapted, targets)
     if init == "eva":
         eva_initialised(adapted, list(training_batches(adapted, context, init_batches, "method.init=eva")))
