@@ -7,7 +7,7 @@ import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tests import docs_evaluation, docs_first_steps
+from tests import docs_evaluation, docs_first_steps, docs_training
 from tests import docs_promises as promise
 from tests.docs_workspace import Workspace
 
@@ -28,6 +28,7 @@ SCENARIOS: dict[str, list[Step]] = {
             "python evaluate.py task=gsm8k_inf ckpt=outputs/gsm8k_inf/diffllama-lora/<time>",
             promise.evaluated("outputs/eval/gsm8k_inf/*/*", "sft", "tiny_diffllama"),
         ),
+        Step("python -m runtime.export ckpt=<run dir> out=merged", docs_training.merged_export),
     ],
     "zero_shot": [
         Step(

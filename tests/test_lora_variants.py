@@ -52,7 +52,7 @@ CASES = {
 def variant_config(tmp_path: Path, *extra: str):
     """A tiny train config (tiny_llama unless `extra` names a model) with `extra` overrides, its run dir under
     `tmp_path`."""
-    cfg = compose_config(*TINY, "model=tiny_llama", "data.batch_size=4", *extra)
+    cfg = compose_config(*TINY, "model=tiny_llama", "data.batch_size=4", "data.max_train_samples=16", *extra)
     with open_dict(cfg):
         cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
     return cfg
