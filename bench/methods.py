@@ -1,21 +1,25 @@
-"""Every method on one model and task, side by side: trainable parameters, steps/s, peak memory, loss.
+"""Every method and LoRA variant on one model and task, side by side: trainable parameters, steps/s, peak
+memory, and the held-out loss after training with its interval over seeds.
 
 Model: SmolLM2-135M-Instruct (embedded default); task: the bundled classification sample (generative
-mode; projection_head uses the head mode on the same batches). Each method trains `--steps` AdamW steps
-(after `--warmup` untimed ones) in a child process of its own, so peak memory is that method's: the
-peak resident memory of the process during training (model included), sampled every 5 ms; the growth over
-the memory before the first step is printed too (it under-counts when the allocator already holds freed
-memory, as after svd_lora's gradient pass), but the ratios use the peak.
-Then, in this process:
+mode; projection_head uses the head mode on the same batches). Entries (ENTRIES): the six methods, peft's
+AdaLoRA, VeRA and IA3, and LoRA with DoRA, rsLoRA, PiSSA, EVA and LoRA+. Each entry trains `--steps` AdamW
+steps (after `--warmup` untimed ones; the run's own parameter groups and the method's training hooks, so
+LoRA+'s ratio and AdaLoRA's budget act as in train.py) once per seed, each in a child process of its own, so
+peak memory is that entry's: the peak resident memory of the process during training (model included),
+sampled every 5 ms; the growth over the memory before the first step is printed too, but the ratios use the
+peak. Then, in this process:
 - svd_lora rank selection on the same accumulated gradients: randomized vs exact SVD, time and the
   share of layers that get the same rank;
-- svd_lora vs peft's AdaLoRA at the same rank budget (AdaLoRA target_r = svd_lora's mean rank, init_r
+- svd_lora vs AdaLoRA at the same rank budget (AdaLoRA target_r = svd_lora's mean rank, init_r
   = 1.5 x target_r, as AdaLoRA's defaults 12 -> 8): final loss and steps/s, same batches in the same order.
-"final loss" everywhere is the task loss on the held-out validation examples after training.
+"final loss" everywhere is the task loss on the held-out validation examples after training: the mean over
+seeds with its t interval (95%; one seed: no interval).
 
-    python bench/methods.py [--model smollm2_135m] [--steps 12] [--warmup 2]
-Prints one line per method and ends with:
-    ratio peak_memory_<method>_vs_full = <x> (goal <= 1.0)          for every method but full
+    python bench/methods.py [--model smollm2_135m] [--steps 12] [--warmup 2] [--seeds 3]
+    python bench/methods.py --quick      # tiny model, two steps, one process: checks the script itself
+Prints one line per entry and ends with:
+    ratio peak_memory_<entry>_vs_full = <x> (goal <= 1.0)          for every entry but full
     ratio svd_rank_selection_exact_vs_randomized_time = <x> (goal >= 2.0)
     ratio svd_rank_agreement = <x> (goal >= 0.9)
     ratio svd_lora_vs_adalora_steps_per_second = <x> (goal >= 1.0)
@@ -42,11 +46,28 @@ sys.path.insert(0, str(ROOT / "bench"))
 from helpers.bench_config import bench_config  # noqa: E402
 from helpers.memory import PeakMemory, resident_mib  # noqa: E402
 
-METHODS = ["full", "lora", "svd_lora", "prompt_tuning", "adapter", "projection_head"]
+# entry -> its method overrides
+ENTRIES = {
+    "full": ["method=full"],
+    "lora": ["method=lora"],
+    "svd_lora": ["method=svd_lora", "method.rank_eval_steps=4"],
+    "prompt_tuning": ["method=prompt_tuning"],
+    "adapter": ["method=adapter"],
+    "projection_head": ["method=projection_head"],
+    "adalora": ["method=adalora"],
+    "vera": ["method=vera"],
+    "ia3": ["method=ia3"],
+    "lora_dora": ["method=lora", "method.use_dora=true"],
+    "lora_rslora": ["method=lora", "method.use_rslora=true"],
+    "lora_pissa": ["method=lora", "method.init=pissa_niter_4"],
+    "lora_eva": ["method=lora", "method.init=eva"],
+    "lora_plus": ["method=lora", "method.loraplus_lr_ratio=16"],
+}
 
 
-def setup(model_name: str, method: str, steps: int, run_dir: str):
-    """Seeded model + method + module + the first `steps` training batches of the classification sample."""
+def setup(model_name: str, entry: list[str], steps: int, run_dir: str, seed: int = 42):
+    """Seeded model + method (`entry`'s overrides) + module + the first `steps` training batches of the
+    classification sample."""
     from lightning_modules.task_modules import task_module_class, task_module_name
     from runtime.training import build_trainable_model
 
@@ -55,10 +76,11 @@ def setup(model_name: str, method: str, steps: int, run_dir: str):
             f"model={model_name}",
             "task=classification",
             "task.source=bundled",
-            f"method={method}",
+            *entry,
             "data.batch_size=4",
             "data.val_size=4",
-            "method.rank_eval_steps=4" if method == "svd_lora" else "seed=42",
+            "optim.lr=3e-4",
+            f"seed={seed}",
         ],
         run_dir,
     )
@@ -79,11 +101,14 @@ def loss_of(module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return module(batch["input_ids"], batch["attention_mask"], batch["labels"]).loss
 
 
-def train(module, batches: list, held_out: list, warmup: int, after_step=None) -> dict[str, float]:
-    """AdamW (lr 3e-4) over the trainable parameters; steps/s after `warmup`, peak memory, held-out loss
-    after."""
-    parameters = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=3e-4)
+def train(module, batches: list, held_out: list, warmup: int) -> dict[str, float]:
+    """AdamW over the run's parameter groups (lr 3e-4, LoRA+'s ratio on B), the method's training hooks
+    (AdaLoRA's penalty and budget); steps/s after `warmup`, peak memory, held-out loss after."""
+    from lightning_modules.methods import training_hooks
+
+    hooks = training_hooks(module.model)
+    optimizer = torch.optim.AdamW(module.parameter_groups(), lr=3e-4)
+    hooks.on_fit_start(len(batches))
     module.train()
     losses, before = [], resident_mib()
     with PeakMemory() as memory:
@@ -91,14 +116,14 @@ def train(module, batches: list, held_out: list, warmup: int, after_step=None) -
             if step == warmup:
                 start = time.perf_counter()
             loss = loss_of(module, batch)
-            loss.backward()
+            penalty = hooks.regulariser()
+            (loss if penalty is None else loss + penalty).backward()
             optimizer.step()
-            if after_step is not None:
-                after_step(step)
+            hooks.after_optimizer_step(step)
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
     seconds = time.perf_counter() - start
-    module.eval()  # the task loss only (AdaLoRA adds its orthogonality penalty to the loss in train mode)
+    module.eval()
     with torch.no_grad():
         final = sum(loss_of(module, batch).item() for batch in held_out) / len(held_out)
     return {
@@ -110,22 +135,62 @@ def train(module, batches: list, held_out: list, warmup: int, after_step=None) -
     }
 
 
-def one_method(args: argparse.Namespace) -> None:
-    """Child process: train one method and print its numbers as JSON."""
+def one_entry(args: argparse.Namespace, name: str, seed: int, extra: list[str]) -> dict:
+    """Train entry `name` (with `extra` overrides) for one seed in this process; its numbers."""
     with tempfile.TemporaryDirectory() as run_dir:
-        _, module, batches, held_out = setup(args.model, args.one, args.steps + args.warmup, run_dir)
+        entry = [*ENTRIES[name], *extra]
+        _, module, batches, held_out = setup(args.model, entry, args.steps + args.warmup, run_dir, seed)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         total = sum(p.numel() for p in module.parameters())
-        print(
-            json.dumps(
-                {
-                    "method": args.one,
-                    "trainable": trainable,
-                    "total": total,
-                    **train(module, batches, held_out, args.warmup),
-                }
-            )
-        )
+        return {
+            "entry": name,
+            "trainable": trainable,
+            "total": total,
+            **train(module, batches, held_out, args.warmup),
+        }
+
+
+def entry_runs(args: argparse.Namespace, name: str, extra: list[str] = ()) -> list[dict]:
+    """Entry `name` once per seed: each in a child process of its own (in this one with --quick)."""
+    runs = []
+    for seed in range(42, 42 + args.seeds):
+        if args.quick:
+            runs.append(one_entry(args, name, seed, list(extra)))
+            continue
+        command = [sys.executable, __file__, "--one", name, "--seed", str(seed), "--model", args.model]
+        command += [
+            "--steps",
+            str(args.steps),
+            "--warmup",
+            str(args.warmup),
+            *(f"--extra={e}" for e in extra),
+        ]
+        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        runs.append(json.loads(output.strip().splitlines()[-1]))
+    return runs
+
+
+def summary(runs: list[dict]) -> dict:
+    """An entry's numbers over its seeds: medians of speed and memory, the held-out loss over seeds."""
+    from stats.seed_statistics import over_seeds
+
+    middle = len(runs) // 2
+    return {
+        "trainable": runs[0]["trainable"],
+        "total": runs[0]["total"],
+        "steps_per_second": sorted(r["steps_per_second"] for r in runs)[middle],
+        "peak_mib": sorted(r["peak_mib"] for r in runs)[middle],
+        "training_mib": sorted(r["training_mib"] for r in runs)[middle],
+        "final_loss": over_seeds([r["final_loss"] for r in runs]),
+    }
+
+
+def loss_text(loss: dict) -> str:
+    """The held-out loss over seeds, with its interval where there is one."""
+    if loss["low"] is None:
+        return f"{loss['mean']:.4f} (n={loss['seeds']}, {loss['method']})"
+    interval = f"[{loss['low']:.4f}, {loss['high']:.4f}]"
+    return f"{loss['mean']:.4f} {interval} (n={loss['seeds']} seeds, {loss['method']})"
 
 
 def rank_selection(args: argparse.Namespace) -> dict[str, float]:
@@ -185,94 +250,58 @@ def rank_selection(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def adalora(args: argparse.Namespace, target_r: int) -> dict[str, float]:
-    """peft AdaLoRA on the same model, task and batches, with rank budget `target_r` per layer."""
-    from peft import AdaLoraConfig, get_peft_model
-
-    from lightning_modules.methods.lora import resolve_targets
-
-    with tempfile.TemporaryDirectory() as run_dir:
-        cfg, module, batches, held_out = setup(args.model, "full", args.steps + args.warmup, run_dir)
-        total_steps = len(batches)
-        config = AdaLoraConfig(
-            init_r=max(target_r + 1, round(1.5 * target_r)),
-            target_r=target_r,
-            lora_alpha=16,
-            lora_dropout=0.05,
-            target_modules=resolve_targets(cfg.method.get("target_modules"), cfg.model, module.model),
-            task_type="CAUSAL_LM",
-            tinit=args.warmup,
-            tfinal=2,
-            deltaT=1,
-            total_step=total_steps,
-        )
-        module.model = get_peft_model(module.model.requires_grad_(False), config)
-        trainable = sum(p.numel() for p in module.model.parameters() if p.requires_grad)
-        numbers = train(
-            module, batches, held_out, args.warmup, after_step=module.model.base_model.update_and_allocate
-        )
-    return {"trainable": trainable, **numbers}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--one", choices=METHODS, help="(internal) run one method in this process")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--quick", action="store_true", help="tiny model, two steps, one seed, one process")
+    parser.add_argument("--one", choices=sorted(ENTRIES), help="(internal) run one entry in this process")
+    parser.add_argument("--seed", type=int, default=42, help="(internal) the seed of --one")
+    parser.add_argument("--extra", action="append", default=[], help="(internal) overrides of --one")
     args = parser.parse_args()
     if args.one:
-        one_method(args)
+        print(json.dumps(one_entry(args, args.one, args.seed, args.extra)))
         return
+    if args.quick:
+        args.model, args.steps, args.warmup, args.seeds = "tiny_llama", 2, 1, 1
 
     results = {}
-    for method in METHODS:
-        command = [
-            sys.executable,
-            __file__,
-            "--one",
-            method,
-            "--model",
-            args.model,
-            "--steps",
-            str(args.steps),
-            "--warmup",
-            str(args.warmup),
-        ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-        results[method] = json.loads(output.strip().splitlines()[-1])
-        r = results[method]
+    for name in ENTRIES:
+        results[name] = r = summary(entry_runs(args, name))
         print(
-            f"{method:16s} trainable {r['trainable']:>12,} ({r['trainable'] / r['total']:8.4%})  "
+            f"{name:16s} trainable {r['trainable']:>12,} ({r['trainable'] / r['total']:8.4%})  "
             f"{r['steps_per_second']:.3f} steps/s  "
             f"peak {r['peak_mib']:7.0f} MiB (+{r['training_mib']:6.0f} in training)  final loss "
-            f"{r['final_loss']:.4f}",
+            f"{loss_text(r['final_loss'])}",
             flush=True,
         )
 
     selection = rank_selection(args)
     svd = results["svd_lora"]
-    ada = adalora(args, target_r=max(1, round(selection["mean_rank"])))
-    print(
-        f"svd_lora: {svd['trainable']:,} trainable, {svd['steps_per_second']:.3f} steps/s, final loss "
-        f"{svd['final_loss']:.4f}"
-    )
-    print(
-        f"adalora : {ada['trainable']:,} trainable, {ada['steps_per_second']:.3f} steps/s, final loss "
-        f"{ada['final_loss']:.4f}"
-    )
+    target_r = max(1, round(selection["mean_rank"]))
+    budget = [f"method.target_r={target_r}", f"method.init_r={max(target_r + 1, round(1.5 * target_r))}"]
+    ada = summary(entry_runs(args, "adalora", budget))
+    for name, r in (("svd_lora", svd), (f"adalora (target_r {target_r})", ada)):
+        print(
+            f"{name}: {r['trainable']:,} trainable, {r['steps_per_second']:.3f} steps/s, final loss "
+            f"{loss_text(r['final_loss'])}"
+        )
 
     full_memory = results["full"]["peak_mib"]
-    for method in METHODS[1:]:
-        peak = results[method]["peak_mib"] / full_memory
-        print(f"ratio peak_memory_{method}_vs_full = {peak:.3f} (goal <= 1.0)")
+    for name in list(ENTRIES)[1:]:
+        print(
+            f"ratio peak_memory_{name}_vs_full = {results[name]['peak_mib'] / full_memory:.3f} (goal <= 1.0)"
+        )
     print(f"ratio svd_rank_selection_exact_vs_randomized_time = {selection['speedup']:.2f} (goal >= 2.0)")
     print(f"ratio svd_rank_agreement = {selection['agreement']:.3f} (goal >= 0.9)")
     print(
         "ratio svd_lora_vs_adalora_steps_per_second = "
         f"{svd['steps_per_second'] / ada['steps_per_second']:.3f} (goal >= 1.0)"
     )
-    print(f"ratio adalora_vs_svd_lora_final_loss = {ada['final_loss'] / svd['final_loss']:.3f} (goal >= 1.0)")
+    loss_ratio = ada["final_loss"]["mean"] / svd["final_loss"]["mean"]
+    print(f"ratio adalora_vs_svd_lora_final_loss = {loss_ratio:.3f} (goal >= 1.0)")
 
 
 if __name__ == "__main__":
