@@ -1,20 +1,15 @@
 """Every method and LoRA variant on one model and task, side by side: trainable parameters, steps/s, peak
 memory, and the held-out loss after training with its interval over seeds.
 
-Model: SmolLM2-135M-Instruct (embedded default); task: the bundled classification sample (generative
-mode; projection_head uses the head mode on the same batches). Entries (ENTRIES): the six methods, peft's
-AdaLoRA, VeRA and IA3, and LoRA with DoRA, rsLoRA, PiSSA, EVA and LoRA+. Each entry trains `--steps` AdamW
-steps (after `--warmup` untimed ones; the run's own parameter groups and the method's training hooks, so
-LoRA+'s ratio and AdaLoRA's budget act as in train.py) once per seed, each in a child process of its own, so
-peak memory is that entry's: the peak resident memory of the process during training (model included),
-sampled every 5 ms; the growth over the memory before the first step is printed too, but the ratios use the
-peak. Then, in this process:
-- svd_lora rank selection on the same accumulated gradients: randomized vs exact SVD, time and the
-  share of layers that get the same rank;
-- svd_lora vs AdaLoRA at the same rank budget (AdaLoRA target_r = svd_lora's mean rank, init_r
-  = 1.5 x target_r, as AdaLoRA's defaults 12 -> 8): final loss and steps/s, same batches in the same order.
-"final loss" everywhere is the task loss on the held-out validation examples after training: the mean over
-seeds with its t interval (95%; one seed: no interval).
+Model: SmolLM2-135M-Instruct (embedded default); task: the bundled classification sample (generative mode;
+projection_head uses the head mode on the same batches). Entries (ENTRIES): the six methods, AdaLoRA, VeRA,
+IA3, and LoRA with DoRA, rsLoRA, PiSSA, EVA and LoRA+. Each trains `--steps` AdamW steps (after `--warmup`
+untimed ones; the run's own parameter groups and the method's training hooks, as in train.py) once per seed,
+each in a child process of its own, so peak memory (resident, sampled every 5 ms, model included) is that
+entry's. Then, in this process: svd_lora rank selection on the same accumulated gradients, randomized vs exact
+SVD (time, share of layers with the same rank); svd_lora vs AdaLoRA at the same rank budget (target_r =
+svd_lora's mean rank, init_r = 1.5 x target_r). "final loss" is the task loss on the held-out validation
+examples after training: the mean over seeds with its t interval (95%; one seed: none).
 
     python bench/methods.py [--model smollm2_135m] [--steps 12] [--warmup 2] [--seeds 3]
     python bench/methods.py --quick      # tiny model, two steps, one process: checks the script itself
@@ -46,6 +41,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from helpers.bench_config import bench_config  # noqa: E402
 from helpers.memory import PeakMemory, resident_mib  # noqa: E402
 
+# the task and data every entry trains on
+TASK = ["task=classification", "task.source=bundled", "data.batch_size=4", "data.val_size=4"]
 # entry -> its method overrides
 ENTRIES = {
     "full": ["method=full"],
@@ -60,7 +57,11 @@ ENTRIES = {
     "lora_dora": ["method=lora", "method.use_dora=true"],
     "lora_rslora": ["method=lora", "method.use_rslora=true"],
     "lora_pissa": ["method=lora", "method.init=pissa_niter_4"],
-    "lora_eva": ["method=lora", "method.init=eva"],
+    "lora_eva": [
+        "method=lora",
+        "method.init=eva",
+        "method.eva_label_mask=false",
+    ],  # 1-2 label tokens per example
     "lora_plus": ["method=lora", "method.loraplus_lr_ratio=16"],
 }
 
@@ -71,19 +72,7 @@ def setup(model_name: str, entry: list[str], steps: int, run_dir: str, seed: int
     from lightning_modules.task_modules import task_module_class, task_module_name
     from runtime.training import build_trainable_model
 
-    cfg = bench_config(
-        [
-            f"model={model_name}",
-            "task=classification",
-            "task.source=bundled",
-            *entry,
-            "data.batch_size=4",
-            "data.val_size=4",
-            "optim.lr=3e-4",
-            f"seed={seed}",
-        ],
-        run_dir,
-    )
+    cfg = bench_config([f"model={model_name}", *TASK, *entry, "optim.lr=3e-4", f"seed={seed}"], run_dir)
     L.seed_everything(cfg.seed)
     model, _, datamodule, _ = build_trainable_model(cfg)
     module = task_module_class(task_module_name(cfg)).from_config(model, cfg, datamodule.task)
@@ -201,17 +190,7 @@ def rank_selection(args: argparse.Namespace) -> dict[str, float]:
     from modeling.models import build
 
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg = bench_config(
-            [
-                f"model={args.model}",
-                "task=classification",
-                "task.source=bundled",
-                "method=svd_lora",
-                "data.batch_size=4",
-                "data.val_size=4",
-            ],
-            run_dir,
-        )
+        cfg = bench_config([f"model={args.model}", *TASK, "method=svd_lora"], run_dir)
         L.seed_everything(cfg.seed)
         model, tokenizer = build(cfg.model, cache_dir=cfg.paths.cache_dir)
 

@@ -75,29 +75,66 @@ def check_init(init: str, model: PreTrainedModel, parameters: Sequence[str]) -> 
 
 
 def variant_options(
-    use_dora: bool, use_rslora: bool, init: str, eva_rho: float = 2.0, eva_tau: float = 0.99
+    use_dora: bool,
+    use_rslora: bool,
+    init: str,
+    eva_rho: float = 2.0,
+    eva_tau: float = 0.99,
+    eva_label_mask: bool = True,
 ) -> dict[str, Any]:
     """The LoraConfig keywords of the variant keys (DoRA, rsLoRA, the initialisation)."""
     options: dict[str, Any] = {"use_dora": bool(use_dora), "use_rslora": bool(use_rslora)}
     options["init_lora_weights"] = peft_init(init)
     if init == "eva":
-        options["eva_config"] = EvaConfig(rho=eva_rho, tau=eva_tau)
+        options["eva_config"] = EvaConfig(rho=eva_rho, tau=eva_tau, use_label_mask=eva_label_mask)
     return options
 
 
-def eva_initialised(model: PeftModel, batches: list[dict[str, torch.Tensor]]) -> PeftModel:
+class EvaNotConverged(RuntimeError):
+    """EVA's estimates did not settle within the passes allowed over its batches."""
+
+
+def eva_initialised(model: PeftModel, batches: list[dict[str, torch.Tensor]], max_passes: int) -> PeftModel:
     """EVA (Paischer et al. 2024): each adapter's A from the top right-singular vectors of its layer's inputs
-    (response tokens only), estimated incrementally over the training `batches`, cycled until the
-    components converge (peft's criterion: cosine similarity `EvaConfig.tau` between successive estimates);
-    ranks redistributed by explained variance."""
-    initialize_lora_eva_weights(
-        model,
-        dataloader=batches,
-        forward_fn=lambda model, batch: model(**model_inputs(batch)),
-        prepare_model_inputs_fn=eva_token_mask,
-        prepare_layer_inputs_fn=eva_layer_rows,
-        show_progress_bar=False,
-    )
+    (response tokens only, unless the EVA config says otherwise), estimated incrementally over the training
+    `batches`, cycled until the components converge (peft's criterion: cosine similarity `EvaConfig.tau`
+    between successive estimates), at most `max_passes` times; ranks redistributed by explained variance.
+    ValueError naming the keys where a batch has fewer such tokens than components to estimate (peft would
+    cycle forever), or where the estimates do not settle in time."""
+    config = model.peft_config[model.active_adapter]
+    components = round(config.r * config.eva_config.rho)
+    fewest = min(int(eva_token_mask(batch, config).sum()) for batch in batches)
+    if fewest < components:
+        kind = "response" if config.eva_config.use_label_mask else "real"
+        raise ValueError(
+            f"method.init=eva estimates {components} components (method.r x method.eva_rho) per layer from "
+            f"each batch's {kind} tokens, and a training batch has only {fewest}: raise data.batch_size, or "
+            "set method.eva_label_mask=false (every token)"
+        )
+    calls = 0
+
+    def forward(model: PeftModel, batch: dict[str, torch.Tensor]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls > max_passes * len(batches):
+            raise EvaNotConverged
+        return model(**model_inputs(batch))
+
+    try:
+        initialize_lora_eva_weights(
+            model,
+            dataloader=batches,
+            forward_fn=forward,
+            prepare_model_inputs_fn=eva_token_mask,
+            prepare_layer_inputs_fn=eva_layer_rows,
+            show_progress_bar=False,
+        )
+    except EvaNotConverged:
+        raise ValueError(
+            f"method.init=eva: the estimates did not converge to method.eva_tau={config.eva_config.tau} in "
+            f"method.eva_max_passes={max_passes} passes over {len(batches)} batches (a routed expert may see "
+            "few tokens): lower eva_tau, or raise init_batches or eva_max_passes"
+        ) from None
     return model
 
 

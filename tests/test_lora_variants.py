@@ -192,6 +192,9 @@ def test_loraplus_trains_b_at_the_ratio_times_the_learning_rate(tmp_path: Path) 
         (["method.init=spectral"], r"method\.init='spectral': expected one of"),
         (["method.init=loftq"], r"method\.init=loftq .* model\.quantization=nf4"),
         (["method.loraplus_lr_ratio=0"], r"method\.loraplus_lr_ratio=0"),
+        # fewer response tokens in a batch than components: peft would cycle the batches forever
+        (["task=classification", "method.init=eva", "method.r=32"], r"eva estimates 64 components .* only"),
+        (["method.init=eva", "method.eva_tau=1.0", "method.eva_max_passes=1"], r"did not converge"),
     ],
 )
 def test_bad_variant_keys_are_refused_by_name(tmp_path: Path, keys: list[str], message: str) -> None:
