@@ -90,14 +90,12 @@ class AdaLoraHooks(TrainingHooks):
 def final_ranks(model: PeftModel) -> dict[str, int]:
     """Each adapted module's rank now: the count of its kept singular values (all of them before any
     pruning), by module name as svd_lora's rank maps name them."""
-    ranks = {}
-    for name, module in model.base_model.model.named_modules():
-        values = (
-            getattr(module, "lora_E", {}).get(model.active_adapter) if hasattr(module, "lora_E") else None
-        )
-        if values is not None:
-            ranks[name] = int((values.detach() != 0).sum())
-    return ranks
+    adapter = model.active_adapter
+    return {
+        name: int((module.lora_E[adapter].detach() != 0).sum())
+        for name, module in model.base_model.model.named_modules()
+        if adapter in getattr(module, "lora_E", {})
+    }
 
 
 def apply(

@@ -35,10 +35,11 @@ def apply(
     """Freeze the base and add (IA)^3 scaling vectors on `target_modules` (as method=lora chooses them), the
     input of `feedforward_modules` (null: the MLP output projection) and the output of the others."""
     targets = resolve_targets(target_modules, context.model_cfg, model)
-    feedforward = list(feedforward_modules) if feedforward_modules is not None else None
+    if feedforward_modules is None:
+        feedforward_modules = feedforward_targets(model, targets)
     config = IA3Config(
         target_modules=targets,
-        feedforward_modules=feedforward if feedforward is not None else feedforward_targets(model, targets),
+        feedforward_modules=list(feedforward_modules),
         task_type="CAUSAL_LM",
         fan_in_fan_out=architecture.stores_transposed_linears(model),
     )

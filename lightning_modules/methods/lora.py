@@ -128,6 +128,13 @@ def set_lr_ratio(model: PeftModel, ratio: float | None) -> PeftModel:
     return model
 
 
+def variant_keys(method: str, use_dora: bool, use_rslora: bool, init: str = "default") -> str:
+    """The keys a run set to ask for its LoRA variants (what a refusal by peft names), else `method=...`."""
+    asked = [f"method.{key}=true" for key, on in (("use_dora", use_dora), ("use_rslora", use_rslora)) if on]
+    asked += [f"method.init={init}"] if init != "default" else []
+    return ", ".join(asked) or f"method={method}"
+
+
 def adapted_model(model: PreTrainedModel, config: LoraConfig, keys: str) -> PeftModel:
     """`get_peft_model` on `config`; what peft refuses is raised again naming the method keys (`keys`) that
     asked for it, with peft's reason."""
@@ -185,9 +192,7 @@ def apply(
         parameters,
         **variant_options(use_dora, use_rslora, init, eva_rho, eva_tau, eva_label_mask),
     )
-    asked = [f"method.{key}=true" for key, on in (("use_dora", use_dora), ("use_rslora", use_rslora)) if on]
-    asked += [f"method.init={init}"] if init != "default" else []
-    adapted = adapted_model(model, config, ", ".join(asked) or "method=lora")
+    adapted = adapted_model(model, config, variant_keys("lora", use_dora, use_rslora, init))
     warn_if_converted(adapted, targets)
     if init == "eva":
         batches = list(training_batches(adapted, context, init_batches, "method.init=eva"))

@@ -35,6 +35,7 @@ from lightning_modules.methods.lora import (
     resolve_targets,
     set_lr_ratio,
     training_batches,
+    variant_keys,
 )
 from modeling.lora_init import variant_options
 
@@ -244,5 +245,5 @@ def apply(
         alpha_pattern={name: alpha if use_rslora else scale * rank for name, rank in ranks.items()},
         **variant_options(use_dora, use_rslora, "default"),
     )
-    adapted = adapted_model(model, config, "method.use_dora / method.use_rslora")
+    adapted = adapted_model(model, config, variant_keys("svd_lora", use_dora, use_rslora))
     return set_lr_ratio(adapted, loraplus_lr_ratio)
