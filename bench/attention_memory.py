@@ -9,6 +9,7 @@ rows. Prints the peak RSS of each, the growth over the loaded model, and:
     ratio attention_growth_hooks_vs_output_attentions = <x> (goal <= 0.2)
 
     python bench/attention_memory.py [--tokens 2048]
+    python bench/attention_memory.py --quick   # tiny_llama, 64 tokens: checks the script
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers import bench_data  # noqa: E402
+from helpers import bench_data, quick  # noqa: E402
 
 
 def peak_mib() -> float:
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--child", choices=["hooks", "plain"])
     bench_data.add_option(parser)
-    args = parser.parse_args()
+    args = quick.parse(parser, model="tiny_llama", tokens=64)
     bench_data.announce("GSM8K")
     if args.child:
         print(json.dumps(child(args.child, args.model, args.tokens)))
@@ -82,7 +82,6 @@ def main() -> None:
     results = {}
     for mode in ("hooks", "plain"):
         command = [
-            sys.executable,
             __file__,
             "--child",
             mode,
@@ -91,7 +90,7 @@ def main() -> None:
             "--tokens",
             str(args.tokens),
         ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        output = quick.run_python(command).stdout
         results[mode] = json.loads(output.strip().splitlines()[-1])
         r = results[mode]
         print(

@@ -1,14 +1,15 @@
 """Few-shot evaluation with the shared exemplar prefix prefilled once vs every prompt prefilled in full.
 
 lmlab's k-shot style draws one seeded set of exemplars for every problem, so all prompts start with the same
-tokens. Both sides run lmlab's continuous batching on the same prompts (SmolLM2-135M-Instruct, the first
-`--problems` GSM8K test problems, `--shots`-shot, greedy, `--max-new-tokens`, batch `--batch-size`),
-alternating order, best of `--rounds`: `generation.prefix_cache` on and off. Prints both wall times, the
-prompt and prefix lengths, how many completions are identical, and
+tokens. Both sides run lmlab's continuous batching on the same prompts (`--model`: SmolLM2-135M-Instruct by
+default, the first `--problems` GSM8K test problems, `--shots`-shot, greedy, `--max-new-tokens`, batch
+`--batch-size`), alternating order, best of `--rounds`: `generation.prefix_cache` on and off. Prints both wall
+times, the prompt and prefix lengths, how many completions are identical, and
 
     ratio prefix_cache_vs_full_prefill = <full-prefill seconds / prefix-cache seconds> (goal >= 1.5)
 
     python bench/eval_prefix_cache.py [--problems 32] [--shots 5] [--max-new-tokens 256]
+    python bench/eval_prefix_cache.py --quick   # tiny_llama, two problems, four tokens: checks the script
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers import bench_data  # noqa: E402
+from helpers import bench_data, quick  # noqa: E402
 
 import datamodules  # noqa: E402
 from modeling import models  # noqa: E402
@@ -36,18 +37,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--problems", type=int, default=32)
     parser.add_argument("--shots", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=2)
     bench_data.add_option(parser)
-    args = parser.parse_args()
+    args = quick.parse(
+        parser, model="tiny_llama", problems=2, shots=1, batch_size=2, max_new_tokens=4, rounds=1
+    )
     bench_data.announce("GSM8K")
 
     data = bench_data.gsm8k_overrides()
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=["model=smollm2_135m", *data, f"prompt.num_fewshot={args.shots}"])
+        cfg = compose(
+            "evaluate", overrides=[f"model={args.model}", *data, f"prompt.num_fewshot={args.shots}"]
+        )
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     task = datamodules.build_task(cfg, tokenizer)
     records = task.evaluation_records()[: args.problems]
@@ -71,7 +77,7 @@ def main() -> None:
             print(f"round {round_number}: prefix_cache={shared} {time.perf_counter() - start:.1f} s")
     same = sum(a == b for a, b in zip(outputs[True], outputs[False], strict=True))
     print(
-        f"SmolLM2-135M-Instruct, {len(prompts)} problems, {args.shots}-shot, batch {args.batch_size}, "
+        f"model={args.model}, {len(prompts)} problems, {args.shots}-shot, batch {args.batch_size}, "
         f"max_new_tokens {args.max_new_tokens}, threads={torch.get_num_threads()}"
     )
     print(f"prompt tokens: mean {sum(lengths) / len(lengths):.0f}, shared exemplar prefix about {prefix}")

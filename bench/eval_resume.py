@@ -2,10 +2,10 @@
 JSON line, flushed and fsynced) against the evaluation it protects.
 
 Two sides, each in a fresh process per round, in a shuffled order: `journal` (evaluate.py as it runs, each
-append timed) and `no_journal` (the same evaluation with appends that do nothing). SmolLM2-135M-Instruct,
-greedy, GSM8K (the bundled sample's `--problems` test problems, or `--data DIR`'s DIR/gsm8k),
-`--max-new-tokens`. Prints per round the summed append time, the evaluation's wall time and both sides' wall
-times, then (medians over rounds, with the range)
+append timed) and `no_journal` (the same evaluation with appends that do nothing). `--model`
+(SmolLM2-135M-Instruct), greedy, GSM8K (the bundled sample's `--problems` test problems, or `--data DIR`'s
+DIR/gsm8k), `--max-new-tokens`. Prints per round the summed append time, the evaluation's wall time and both
+sides' wall times, then (medians over rounds, with the range)
 
     ratio resume_bookkeeping_vs_eval = <append seconds / evaluation seconds> (goal <= 0.01)
 
@@ -13,6 +13,7 @@ and, for scale, the journal side's wall time over the no-journal side's (rounds 
 appends cost on a shared machine, so that figure bounds the cost loosely).
 
     python bench/eval_resume.py [--problems 8] [--max-new-tokens 128] [--rounds 3] [--data DIR]
+    python bench/eval_resume.py --quick   # tiny_llama, two problems, one round: checks the script
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers import bench_data  # noqa: E402
+from helpers import bench_data, quick  # noqa: E402
 from helpers.sides import report, run_rounds  # noqa: E402
 
 SIDES = ["journal", "no_journal"]
@@ -56,7 +57,7 @@ def side(name: str, out: str, args: argparse.Namespace) -> None:
         cfg = compose(
             "evaluate",
             overrides=[
-                "model=smollm2_135m",
+                f"model={args.model}",
                 *data,
                 f"limit={args.problems}",
                 f"generation.max_new_tokens={args.max_new_tokens}",
@@ -76,18 +77,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--problems", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
     bench_data.add_option(parser)
     parser.add_argument("--side", choices=SIDES)
     parser.add_argument("--out")
-    args = parser.parse_args()
+    args = quick.parse(parser, model="tiny_llama", problems=2, max_new_tokens=4, rounds=1)
     if args.side:
         side(args.side, args.out, args)
         return
     bench_data.announce("GSM8K")
-    passed = ["--problems", str(args.problems), "--max-new-tokens", str(args.max_new_tokens)]
+    passed = [
+        "--model",
+        args.model,
+        "--problems",
+        str(args.problems),
+        "--max-new-tokens",
+        str(args.max_new_tokens),
+    ]
     reports = run_rounds(Path(__file__), SIDES, args.rounds, seed=0, args=passed)
     bookkeeping, walls = [], []
     for number, (kept, skipped) in enumerate(zip(reports["journal"], reports["no_journal"], strict=True)):

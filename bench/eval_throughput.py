@@ -7,6 +7,7 @@ Prints both rates, how many completions are identical, and:
     ratio batched_vs_one_by_one = <x> (goal >= 3.0)
 
     python bench/eval_throughput.py [--problems 32] [--batch-size 16] [--max-new-tokens 128]
+    python bench/eval_throughput.py --quick   # tiny_llama, two problems, four tokens: checks the script
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers import bench_data  # noqa: E402
+from helpers import bench_data, quick  # noqa: E402
 
 import datamodules  # noqa: E402
 from modeling import models  # noqa: E402
@@ -62,7 +63,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     bench_data.add_option(parser)
-    args = parser.parse_args()
+    args = quick.parse(parser, model="tiny_llama", problems=2, batch_size=2, max_new_tokens=4)
     bench_data.announce("GSM8K")
 
     test = bench_data.path("gsm8k", "test.jsonl")

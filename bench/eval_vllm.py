@@ -12,6 +12,7 @@ side's median wall time with its range, the share of completions identical to lm
 
     python bench/eval_vllm.py [--python .venv-vllm/bin/python] [--problems 16] [--max-new-tokens 128]
                               [--rounds 2]
+    python bench/eval_vllm.py --quick   # the tests' stand-in engine on a saved tiny model: checks the script
 """
 
 from __future__ import annotations
@@ -25,7 +26,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+from helpers import quick  # noqa: E402
+
 from bench.eval_data_parallel import evaluate  # noqa: E402
 
 SIDES = ("lmlab", "vllm")
@@ -76,6 +81,28 @@ def compare(
     }
 
 
+def saved_tiny_model(folder: Path) -> tuple[str, str]:
+    """tiny_llama saved with save_pretrained to `folder`; the overrides that load it."""
+    from hydra import compose, initialize_config_dir
+
+    from modeling import models
+
+    with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("evaluate", overrides=["model=tiny_llama"])
+    model, tokenizer = models.build(cfg.model)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return f"model.path={folder}", "model.architecture=null"
+
+
+def stand_in_engine(folder: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The model overrides and environment that run `generation.backend=vllm` on the tests' stand-in engine
+    (tests/fixtures/vllm_stand_in: vLLM's interface over transformers) with tiny_llama saved to `folder`."""
+    stand_in = ROOT / "tests" / "fixtures" / "vllm_stand_in"
+    env = {"PYTHONPATH": str(stand_in), "VLLM_STAND_IN_LOG": str(folder / "requests.jsonl")}
+    return ("model=tiny_llama", *saved_tiny_model(folder)), env
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -84,18 +111,22 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
-    args = parser.parse_args()
-    if not has_vllm(args.python):
-        print(
-            f"{args.python} cannot import vLLM: make vllm-venv (CPU build) or pip install -e '.[vllm]' (GPU)"
-        )
-        print("ratio vllm_vs_lmlab = nan (goal >= 1.0)")
-        print("ratio vllm_identical_share = nan (goal >= 1.0)")
-        return
+    args = quick.parse(parser, problems=2, max_new_tokens=4, rounds=1)
     with tempfile.TemporaryDirectory() as scratch:
-        result = compare(args.python, args.problems, args.max_new_tokens, args.rounds, Path(scratch))
+        if args.quick:
+            model, env = stand_in_engine(Path(scratch) / "tiny")
+        elif has_vllm(args.python):
+            model, env = ("model=smollm2_135m",), None
+        else:
+            print(f"{args.python} cannot import vLLM: make vllm-venv (CPU build) or pip install -e '.[vllm]'")
+            print("ratio vllm_vs_lmlab = nan (goal >= 1.0)")
+            print("ratio vllm_identical_share = nan (goal >= 1.0)")
+            return
+        result = compare(
+            args.python, args.problems, args.max_new_tokens, args.rounds, Path(scratch), model, env
+        )
     print(
-        f"SmolLM2-135M-Instruct, {args.problems} GSM8K problems, greedy, max_new_tokens "
+        f"{model[0]}, {args.problems} GSM8K problems, greedy, max_new_tokens "
         f"{args.max_new_tokens}, {args.rounds} rounds, whole evaluate.py commands by {args.python}"
     )
     for side, times in result["seconds"].items():

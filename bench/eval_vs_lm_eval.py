@@ -16,6 +16,7 @@ Prints the identical-completion count and
     ratio lmlab_vs_lm_eval = <lm-eval seconds / lmlab seconds> (goal >= 1.5)
 
     python bench/eval_vs_lm_eval.py [--problems 32] [--model smollm2_135m] [--rounds 2]
+    python bench/eval_vs_lm_eval.py --quick   # tiny_llama, two bundled problems: checks the script
 """
 
 from __future__ import annotations
@@ -32,13 +33,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers import bench_data  # noqa: E402
+from helpers import bench_data, quick  # noqa: E402
 
 import datamodules  # noqa: E402
 from modeling import models  # noqa: E402
 from modeling.generation import generate  # noqa: E402
 
-BATCH, MAX_NEW_TOKENS, SHOTS = 8, 256, 5
+BATCH, SHOTS = 8, 5
 
 
 def lm_eval_requests(gsm8k: Path, problems: int) -> list:
@@ -88,14 +89,15 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--problems", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
     bench_data.add_option(parser)
-    args = parser.parse_args()
+    args = quick.parse(parser, model="tiny_llama", problems=2, rounds=1, max_new_tokens=4)
     bench_data.announce("GSM8K")
     try:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         sys.exit("bench/eval_vs_lm_eval.py needs lm-eval: pip install -e '.[bench]'")
-    gsm8k = bench_data.path("gsm8k")
+    gsm8k = bench_data.path("gsm8k") or (ROOT / "datamodules" / "samples" / "gsm8k" if args.quick else None)
     if gsm8k is None:
         sys.exit("bench/eval_vs_lm_eval.py compares on real GSM8K: pass --data DIR (DIR/gsm8k/*.jsonl)")
 
@@ -104,13 +106,13 @@ def main() -> None:
     theirs = [r.args[0] for r in requests]
     print(f"identical prompts: {sum(a == b for a, b in zip(prompts, theirs, strict=True))}/{len(prompts)}")
     print(f"stop strings: lmlab {stops}, lm-eval {requests[0].args[1]['until']}")
-    harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=BATCH, max_gen_toks=MAX_NEW_TOKENS)
+    harness = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=BATCH, max_gen_toks=args.max_new_tokens)
 
     def run_lm_eval() -> list[str]:
         return harness.generate_until(requests, disable_tqdm=True)
 
     def run_lmlab() -> list[str]:
-        return [c[0] for c in generate(model, tokenizer, theirs, BATCH, MAX_NEW_TOKENS, stops)]
+        return [c[0] for c in generate(model, tokenizer, theirs, BATCH, args.max_new_tokens, stops)]
 
     seconds: dict[str, list[float]] = {"lm_eval": [], "lmlab": []}
     outputs: dict[str, list[str]] = {}
@@ -125,7 +127,7 @@ def main() -> None:
     same = sum(a == b for a, b in zip(outputs["lmlab"], outputs["lm_eval"], strict=True))
     best = {name: min(times) for name, times in seconds.items()}
     print(
-        f"model={args.model} problems={len(prompts)} batch={BATCH} max_new_tokens={MAX_NEW_TOKENS} "
+        f"model={args.model} problems={len(prompts)} batch={BATCH} max_new_tokens={args.max_new_tokens} "
         f"threads={torch.get_num_threads()}"
     )
     print(

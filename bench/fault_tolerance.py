@@ -10,12 +10,12 @@ Prints each trial and:
     ratio lost_checkpoint_share = <lost / trials> (goal <= 0.0)
 
     python bench/fault_tolerance.py [--trials 20] [--seed 0]
+    python bench/fault_tolerance.py --quick   # one trial: checks the script
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import signal
 import subprocess
@@ -30,6 +30,9 @@ from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from helpers import forked, quick  # noqa: E402
 
 from runtime.checkpointing import CheckpointError, load_checkpoint_file  # noqa: E402
 
@@ -53,20 +56,16 @@ RUN = [
 ]
 
 
-def train(run_dir: Path, *extra: str, announced: bool = False) -> subprocess.Popen:
+def train(run_dir: Path, *extra: str, announced: bool = False) -> subprocess.Popen | forked.Started:
     script = ROOT / "bench" / "helpers" / "announced_writes.py" if announced else ROOT / "train.py"
     command = [
-        sys.executable,
         str(script),
         *RUN,
         *extra,
         f"hydra.run.dir={run_dir}",
         f"paths.cache_dir={run_dir.parent / 'cache'}",
     ]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(
-        command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env
-    )
+    return quick.start_python(command, {"WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"})
 
 
 def final_adapter(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -108,7 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = quick.parse(parser, trials=1)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -9,7 +9,8 @@ Prints each step's two losses, the steps/s of both and their quotient (FSDP gath
 for the forward and again for the backward pass: on CPU it is expected to be slower; no goal), then:
     ratio fsdp_vs_ddp_loss_match = <share of steps whose losses agree> (goal >= 1.0)
 
-    python bench/fsdp_vs_ddp.py [--steps 12] [--model tiny_llama]
+    python bench/fsdp_vs_ddp.py [--steps 12] [--model tiny_llama] [--methods full,lora]
+    python bench/fsdp_vs_ddp.py --quick   # two steps, LoRA only: checks the script
 """
 
 from __future__ import annotations
@@ -17,14 +18,15 @@ from __future__ import annotations
 import argparse
 import csv
 import math
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+from helpers import quick  # noqa: E402
+
 COMMON = [
     "task.source=bundled",
     "logger=csv",
@@ -44,7 +46,6 @@ TOLERANCE = 1e-5
 def run(strategy: str, method: str, model: str, steps: int, run_dir: Path) -> tuple[list[float], float]:
     """Per-step training losses of one train.py run and its wall time (seconds)."""
     command = [
-        sys.executable,
         "train.py",
         *COMMON,
         f"trainer={strategy}",
@@ -56,9 +57,7 @@ def run(strategy: str, method: str, model: str, steps: int, run_dir: Path) -> tu
         f"paths.cache_dir={run_dir.parent / 'cache'}",
     ]
     started = time.perf_counter()
-    result = subprocess.run(
-        command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "WANDB_MODE": "offline"}
-    )
+    result = quick.run_python(command, env={"WANDB_MODE": "offline"}, check=False)
     elapsed = time.perf_counter() - started
     if result.returncode != 0:
         raise RuntimeError(f"{strategy} {method} failed:\n{result.stderr[-3000:]}")
@@ -80,11 +79,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--model", default="tiny_llama")
-    args = parser.parse_args()
+    parser.add_argument("--methods", default="full,lora")
+    args = quick.parse(parser, steps=2, methods="lora")
     agree = total = 0
     speeds: dict[str, list[float]] = {"ddp": [], "fsdp": []}
     with tempfile.TemporaryDirectory() as scratch:
-        for method in ("full", "lora"):
+        for method in args.methods.split(","):
             losses = {}
             for strategy in ("ddp", "fsdp"):
                 run_dir = Path(scratch) / f"{method}-{strategy}"
@@ -103,7 +103,7 @@ def main() -> None:
                 )
     ddp_speed, fsdp_speed = (sum(speeds[s]) / len(speeds[s]) for s in ("ddp", "fsdp"))
     print(
-        f"steps/s (mean over full, lora): ddp {ddp_speed:.2f}, fsdp {fsdp_speed:.2f}, fsdp/ddp "
+        f"steps/s (mean over {args.methods}): ddp {ddp_speed:.2f}, fsdp {fsdp_speed:.2f}, fsdp/ddp "
         f"{fsdp_speed / ddp_speed:.3f}"
     )
     print(f"ratio fsdp_vs_ddp_loss_match = {agree / total:.3f} (goal >= 1.0)")

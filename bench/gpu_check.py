@@ -29,7 +29,6 @@ import csv
 import gc
 import importlib.util
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,8 +40,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+from helpers import quick as quick_mode  # noqa: E402
+
 from bench.eval_data_parallel import evaluate  # noqa: E402
-from bench.eval_vllm import compare, has_vllm  # noqa: E402
+from bench.eval_vllm import compare, has_vllm, saved_tiny_model, stand_in_engine  # noqa: E402
 from modeling import models  # noqa: E402
 from modeling.generation import generate  # noqa: E402
 from runtime.training import run  # noqa: E402
@@ -122,7 +124,6 @@ def fsdp(run_dir: Path, quick: bool) -> dict[str, Any]:
         else [f"trainer.devices={devices}"]
     )
     command = [
-        sys.executable,
         "train.py",
         "trainer=fsdp",
         *hardware,
@@ -134,7 +135,7 @@ def fsdp(run_dir: Path, quick: bool) -> dict[str, Any]:
         "print_config=false",
         f"hydra.run.dir={run_dir}",
     ]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    result = quick_mode.run_python(command, check=False)
     if result.returncode:
         return {"ok": False, "error": result.stderr[-2000:]}
     results = json.loads((run_dir / "results.json").read_text())
@@ -189,22 +190,12 @@ def sharded_evaluation(run_dir: Path, quick: bool) -> dict[str, Any]:
     }
 
 
-def saved_tiny_model(directory: Path) -> tuple[str, str]:
-    """tiny_llama saved with save_pretrained to `directory`; the overrides that load it."""
-    model, tokenizer = models.build(compose_config("model=tiny_llama", config_name="evaluate").model)
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return f"model.path={directory}", "model.architecture=null"
-
-
 def vllm_generation(run_dir: Path, quick: bool) -> dict[str, Any]:
     """evaluate.py with generation.backend=vllm against lmlab's own generation (quick: the tests' stand-in
     engine, tests/fixtures/vllm_stand_in, on a saved tiny model)."""
     model, env = ("model=smollm2_135m",), None
     if quick:
-        model = ("model=tiny_llama", *saved_tiny_model(run_dir / "tiny"))
-        stand_in = ROOT / "tests" / "fixtures" / "vllm_stand_in"
-        env = {"PYTHONPATH": str(stand_in), "VLLM_STAND_IN_LOG": str(run_dir / "requests.jsonl")}
+        model, env = stand_in_engine(run_dir / "tiny")
     elif not has_vllm(sys.executable):
         return {"skipped": "vLLM is not installed: pip install -e '.[vllm]'"}
     return compare(sys.executable, 4 if quick else 128, 64, 1, run_dir, model, env)
@@ -216,9 +207,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    steps = 3 if args.quick else args.steps
+    args = quick_mode.parse(parser, steps=3)
+    steps = args.steps
     smol = "model=tiny_llama" if args.quick else "model=smollm2_135m"
     common = [
         f"trainer.max_steps={steps}",

@@ -10,7 +10,8 @@ Lightning's order. Measured per side: the peak over training minus the memory he
     ratio peak_training_memory_vs_lightning_order = <lmlab peak increase / Lightning order's> (goal <= 1.0)
     ratio gradient_memory_freed_share = <(Lightning order's peak - lmlab's) / gradient bytes> (goal >= 0.5)
 
-python bench/gradient_memory.py [--experiment ablation/baseline] [--steps 3] [--rounds 3] [--batch 2]"""
+python bench/gradient_memory.py [--experiment ablation/baseline] [--steps 3] [--rounds 3] [--batch 2]
+python bench/gradient_memory.py --quick   # ablation_tiny, two steps, one round: checks the script"""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from helpers import quick  # noqa: E402
 from helpers.memory import PeakMemory, resident_mib  # noqa: E402
 from helpers.sides import lmlab_fit, report, run_rounds  # noqa: E402
 from pretrain_throughput import setup  # noqa: E402
@@ -66,7 +68,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--side", choices=SIDES)
     parser.add_argument("--out")
-    args = parser.parse_args()
+    args = quick.parse(parser, experiment="ablation_tiny/baseline", steps=2, warmup=1, rounds=1)
     if args.side:
         with tempfile.TemporaryDirectory() as run_dir:
             side(args, run_dir)

@@ -14,6 +14,7 @@ cached under ~/.cache/lmlab; the corpus, text and token counts and the generated
     ratio gradsim_batched_vs_loop = <x> (goal >= 3.0)
 
     python bench/gradsim.py [--pieces 64] [--edits 20]
+    python bench/gradsim.py --quick   # tiny_llama, 4 pieces, 2 edits: checks the script
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers import bench_data  # noqa: E402
+from helpers import bench_data, quick  # noqa: E402
 
 import datamodules  # noqa: E402
 from analysis import gradsim, memit, memit_inputs, ripple  # noqa: E402
@@ -51,7 +52,7 @@ def main() -> None:
         "--stats-samples", type=int, default=200, help="texts for the covariance (a CPU-sized stand-in)"
     )
     bench_data.add_option(parser)
-    args = parser.parse_args()
+    args = quick.parse(parser, model="tiny_llama", pieces=4, edits=2, stats_samples=8)
     bench_data.announce("HotpotQA and GSM8K")
 
     hotpot = bench_data.path("hotpotqa")

@@ -2,9 +2,10 @@
 against the evaluation that produced it, and a bootstrap over 10,000 items.
 
 Sides, each in a fresh process, in shuffled order per round (`--rounds`):
-- `evaluation`: the evaluation itself: SmolLM2-135M-Instruct (the embedded default) generating for GSM8K test
-  problems as evaluate.py does (continuous batching, greedy, `--max-new-tokens`, batch `--batch-size`); each
-  timed step is one batch. Its per-problem cost, times 1,319 x 4, is the grid's evaluation time.
+- `evaluation`: the evaluation itself: `--model` (SmolLM2-135M-Instruct, the embedded default) generating for
+  GSM8K test problems as evaluate.py does (continuous batching, greedy, `--max-new-tokens`, batch
+  `--batch-size`); each timed step is one batch. Its per-problem cost, times 1,319 x 4, is the grid's
+  evaluation time.
 - `grid_statistics`: everything the statistics add to that grid: the per-metric intervals of 4 x 4 runs of
   1,319 problems (`item_scores.intervals`) and the grid's tables with the paired comparisons and Holm verdicts
   (`task_grid.write_grid`), on per-item scores written as evaluate.py writes them; each timed step is one
@@ -17,6 +18,7 @@ Prints every side's median step time with its spread (min, max over steps and ro
     ratio bootstrap_10k_vs_1s = <bootstrap seconds / 1 s> (goal <= 1.0)
 
     python bench/interval_cost.py [--rounds 3] [--batches 3] [--batch-size 8] [--max-new-tokens 256]
+    python bench/interval_cost.py --quick   # tiny_llama, one batch, one grid, one round: checks the script
 """
 
 from __future__ import annotations
@@ -24,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,12 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers import bench_data  # noqa: E402
+from helpers import bench_data, quick  # noqa: E402
 
 PROBLEMS, MODELS, TASKS = 1319, 4, ("gsm8k", "gsm8k_inf", "gsm8k_rcs", "gsm8k_sd")
 
 
-def evaluation_steps(batches: int, batch_size: int, max_new_tokens: int) -> dict:
+def evaluation_steps(model_name: str, batches: int, batch_size: int, max_new_tokens: int) -> dict:
     """Seconds per batch of evaluate.py's generation on GSM8K test problems (first batch untimed)."""
     from hydra import compose, initialize_config_dir
 
@@ -52,7 +53,7 @@ def evaluation_steps(batches: int, batch_size: int, max_new_tokens: int) -> dict
     test = bench_data.path("gsm8k", "test.jsonl")
     data = [f"task.data_files={{train: {test}, test: {test}}}"] if test else ["task.source=bundled"]
     with initialize_config_dir(str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("evaluate", overrides=["model=smollm2_135m", *data])
+        cfg = compose("evaluate", overrides=[f"model={model_name}", *data])
     model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     task = datamodules.build_task(cfg, tokenizer)
     style = task.prompt_format
@@ -161,13 +162,16 @@ def bootstrap_steps(steps: int) -> dict:
 def run_side(side: str, args: argparse.Namespace) -> dict:
     """One side in a fresh process; its JSON result."""
     command = [
-        sys.executable,
         __file__,
         "--side",
         side,
-        *[f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in ("side", "rounds")],
+        *[
+            f"--{k.replace('_', '-')}={v}"
+            for k, v in vars(args).items()
+            if k not in ("side", "rounds", "quick") and v is not None  # quick mode passes by its variable
+        ],
     ]
-    output = subprocess.run(command, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    output = quick.run_python(command).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -175,6 +179,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--model", default="smollm2_135m")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batches", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -182,11 +187,15 @@ def main() -> None:
     parser.add_argument("--grid-steps", type=int, default=5)
     parser.add_argument("--side", default=None, help=argparse.SUPPRESS)
     bench_data.add_option(parser)
-    args = parser.parse_args()
+    args = quick.parse(
+        parser, model="tiny_llama", rounds=1, batches=1, batch_size=2, max_new_tokens=4, grid_steps=1
+    )
     bench_data.announce("GSM8K")
     if args.side:  # a child: time one side and print its result as the last line
         sides = {
-            "evaluation": lambda: evaluation_steps(args.batches, args.batch_size, args.max_new_tokens),
+            "evaluation": lambda: evaluation_steps(
+                args.model, args.batches, args.batch_size, args.max_new_tokens
+            ),
             "grid_statistics": lambda: grid_statistics_steps(args.grid_steps),
             "bootstrap_10k": lambda: bootstrap_steps(args.grid_steps),
         }

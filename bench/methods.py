@@ -12,7 +12,7 @@ svd_lora's mean rank, init_r = 1.5 x target_r). "final loss" is the task loss on
 examples after training: the mean over seeds with its t interval (95%; one seed: none).
 
     python bench/methods.py [--model smollm2_135m] [--steps 12] [--warmup 2] [--seeds 3]
-    python bench/methods.py --quick      # tiny model, two steps, one process: checks the script itself
+    python bench/methods.py --quick      # tiny model, two steps, one seed: checks the script itself
 Prints one line per entry and ends with:
     ratio peak_memory_<entry>_vs_full = <x> (goal <= 1.0)          for every entry but full
     ratio svd_rank_selection_exact_vs_randomized_time = <x> (goal >= 2.0)
@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from helpers import quick  # noqa: E402
 from helpers.bench_config import bench_config  # noqa: E402
 from helpers.memory import PeakMemory, resident_mib  # noqa: E402
 
@@ -140,13 +140,10 @@ def one_entry(args: argparse.Namespace, name: str, seed: int, extra: list[str]) 
 
 
 def entry_runs(args: argparse.Namespace, name: str, extra: list[str] = ()) -> list[dict]:
-    """Entry `name` once per seed: each in a child process of its own (in this one with --quick)."""
+    """Entry `name` once per seed: each in a child process of its own (forked with --quick)."""
     runs = []
     for seed in range(42, 42 + args.seeds):
-        if args.quick:
-            runs.append(one_entry(args, name, seed, list(extra)))
-            continue
-        command = [sys.executable, __file__, "--one", name, "--seed", str(seed), "--model", args.model]
+        command = [__file__, "--one", name, "--seed", str(seed), "--model", args.model]
         command += [
             "--steps",
             str(args.steps),
@@ -154,7 +151,7 @@ def entry_runs(args: argparse.Namespace, name: str, extra: list[str] = ()) -> li
             str(args.warmup),
             *(f"--extra={e}" for e in extra),
         ]
-        output = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+        output = quick.run_python(command).stdout
         runs.append(json.loads(output.strip().splitlines()[-1]))
     return runs
 
@@ -235,16 +232,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--quick", action="store_true", help="tiny model, two steps, one seed, one process")
     parser.add_argument("--one", choices=sorted(ENTRIES), help="(internal) run one entry in this process")
     parser.add_argument("--seed", type=int, default=42, help="(internal) the seed of --one")
     parser.add_argument("--extra", action="append", default=[], help="(internal) overrides of --one")
-    args = parser.parse_args()
+    args = quick.parse(parser, model="tiny_llama", steps=2, warmup=1, seeds=1)
     if args.one:
         print(json.dumps(one_entry(args, args.one, args.seed, args.extra)))
         return
-    if args.quick:
-        args.model, args.steps, args.warmup, args.seeds = "tiny_llama", 2, 1, 1
 
     results = {}
     for name in ENTRIES:

@@ -11,7 +11,8 @@ table on a known GPU, else the float32 matmul rate measured here.
 
     ratio lmlab_vs_torch_loop = <median of torch loop step / train.py step, paired> (goal >= 1.0)
 
-python bench/pretrain_throughput.py [--experiment ablation/baseline] [--steps 10] [--rounds 2] [--batch 2]"""
+python bench/pretrain_throughput.py [--experiment ablation/baseline] [--steps 10] [--rounds 2] [--batch 2]
+python bench/pretrain_throughput.py --quick   # ablation_tiny, two steps, one round: checks the script"""
 
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers import bench_data  # noqa: E402
+from helpers import bench_data, quick  # noqa: E402
 from helpers.bench_config import bench_config  # noqa: E402
 from helpers.sides import StepTimes, lmlab_fit, paired_ratio, print_sides, report, run_rounds  # noqa: E402
 
@@ -110,7 +111,8 @@ def peak_flops() -> tuple[float, str]:
         if flops:
             return float(flops), f"{torch.cuda.get_device_name()} fp32 (table)"
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return measured_peak_flops(device, 2048, 10), f"{device.type} fp32 matmul, measured"
+    size = 256 if quick.on() else 2048
+    return measured_peak_flops(device, size, 10), f"{device.type} fp32 matmul, measured"
 
 
 def main() -> None:
@@ -126,7 +128,7 @@ def main() -> None:
     parser.add_argument("--side", choices=["lmlab", "torch_loop"])
     parser.add_argument("--out")
     bench_data.add_option(parser)
-    args = parser.parse_args()
+    args = quick.parse(parser, experiment="ablation_tiny/baseline", steps=2, warmup=1, rounds=1)
     bench_data.announce("GSM8K")
     if args.side:
         with tempfile.TemporaryDirectory() as run_dir:

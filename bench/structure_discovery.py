@@ -1,14 +1,15 @@
 """What finding a model's structure costs, against loading the model it is found in.
 
-    python bench/structure_discovery.py [--repeats 3]
+    python bench/structure_discovery.py [--repeats 3] [--model smollm2_135m]
+    python bench/structure_discovery.py --quick   # one repeat, tiny_llama for the ratio: checks the script
 
 Discovery (modeling/discovery.py) runs once per loaded model: two one-row forward passes of six
 tokens through the embeddings and the decoder blocks, with hooks on the blocks' modules (each block's
-position mixer is found, so a hybrid's attention blocks are found wherever they sit). Measured on the
-embedded SmolLM2-135M-Instruct (load: its cached safetensors through `models.build`) and on the tiny
-from-scratch models (load: built from config). Prints each side's best time and
+position mixer is found, so a hybrid's attention blocks are found wherever they sit). Measured on
+`--model`, the embedded SmolLM2-135M-Instruct by default (load: its cached safetensors, `models.build`),
+and on the tiny from-scratch models (load: built from config). Prints each side's best time and
 
-    ratio discovery_vs_load = <discovery / load on SmolLM2> (goal <= 0.05)
+    ratio discovery_vs_load = <discovery / load on --model> (goal <= 0.05)
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from helpers import quick  # noqa: E402
 
 from modeling import discovery, models  # noqa: E402
 
@@ -50,16 +55,19 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--model", default="smollm2_135m")
+    args = quick.parse(parser, repeats=1, model="tiny_llama")
 
     print(f"{'model':16s} {'load s':>8s} {'discovery s':>12s} {'share':>7s}")
     for name in TINY:
         load, discovery = measure(models.load_config(name), args.repeats)
         print(f"{name:16s} {load:8.3f} {discovery:12.4f} {discovery / load:7.1%}")
-    smollm = models.load_config("smollm2_135m")
-    models.build(smollm)  # the first build dequantises the GGUF file once; every later one reads the cache
-    load, discovery = measure(smollm, args.repeats)
-    print(f"{'smollm2_135m':16s} {load:8.3f} {discovery:12.4f} {discovery / load:7.1%}")
+    loaded = models.load_config(args.model)
+    models.build(
+        loaded
+    )  # the first build of a GGUF file dequantises it once; every later one reads the cache
+    load, discovery = measure(loaded, args.repeats)
+    print(f"{args.model:16s} {load:8.3f} {discovery:12.4f} {discovery / load:7.1%}")
     print(f"ratio discovery_vs_load = {discovery / load:.3f} (goal <= 0.05)")
 
 

@@ -13,6 +13,7 @@ step, quartiles and range are printed too.
     ratio lmlab_vs_hf_trainer = <median of HF Trainer step / lmlab step, paired> (goal >= 1.0)
 
     python bench/train_overhead.py [--model smollm2_135m] [--steps 10] [--rounds 2]
+    python bench/train_overhead.py --quick   # tiny_llama, two steps, one round: checks the script
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from helpers import bench_data  # noqa: E402
+from helpers import bench_data, quick  # noqa: E402
 from helpers.bench_config import bench_config, gsm8k_train  # noqa: E402
 from helpers.sides import (  # noqa: E402
     HFTimes,
@@ -153,7 +154,7 @@ def main() -> None:
     parser.add_argument("--side", choices=SIDES)
     parser.add_argument("--out")
     bench_data.add_option(parser)
-    args = parser.parse_args()
+    args = quick.parse(parser, model="tiny_llama", steps=2, warmup=1, rounds=1, batch_size=2, max_length=512)
     bench_data.announce("GSM8K")
     if args.side:  # one side, in this fresh process
         with tempfile.TemporaryDirectory() as run_dir:

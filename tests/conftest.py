@@ -51,6 +51,7 @@ FIRST = (
     "test_session.py",
     "test_pretrain.py",
     "test_reliability.py",
+    "test_bench_quick.py",
 )
 
 

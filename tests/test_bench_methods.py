@@ -1,6 +1,6 @@
-"""bench/methods.py's quick mode (tiny model, two steps, one process) runs the script's own code path for
-every entry and prints its table and every ratio line; what it prints is checked against what each method
-trains."""
+"""bench/methods.py's quick mode (tiny model, two steps, one seed, each entry forked) runs the script's own
+code path for every entry and prints its table and every ratio line; what it prints is checked against what
+each method trains."""
 
 from __future__ import annotations
 

@@ -1,12 +1,12 @@
 """Fresh processes without the import bill. Every `python train.py ...` the suite runs pays about 8 s of
 imports (torch, Lightning, transformers, Hydra) before any work, and the documented commands alone are over a
 hundred runs. A warm server (`python -m tests.warm_python`, one per pytest worker and environment) imports
-those libraries once, then forks a child per command: the child takes the command's working directory,
-environment, argv and output files, runs the script or module as `__main__` (as the interpreter does)
-and ends as the interpreter would (threads joined, atexit handlers run, streams flushed; an uncaught Ctrl-C
-ends it by SIGINT). The libraries are imported with the command's own environment (a server serves one
-environment, but for PER_RUN variables, which each child sets), so what they read as they load is what a cold
-start reads. The server imports no lmlab module.
+those libraries once, then forks a child per command that runs it as the interpreter would
+(bench/helpers/forked.py: the command's working directory, environment, argv and output files, the script or
+module as `__main__`, the interpreter's ending). The libraries are imported with the command's own
+environment (a server serves one environment, but for PER_RUN variables, which each child sets), so what they
+read as they load is what a cold start reads. The server imports no lmlab module (bench/helpers/forked.py
+imports only the standard library).
 tests/test_warm_python.py checks a warm run against a cold run of the same command, file for file.
 
 `run` is the client: it answers with the `subprocess.CompletedProcess` a `subprocess.run` would give."""
@@ -16,18 +16,16 @@ from __future__ import annotations
 import atexit
 import contextlib
 import importlib
-import importlib.machinery
 import json
 import os
-import runpy
 import select
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
-import types
 from pathlib import Path
+
+from bench.helpers.forked import run_child
 
 # what every entrypoint imports before it starts work (its import chain: runtime.session, the Lightning
 # modules, modeling.models); lmlab's own modules are imported by each child
@@ -62,84 +60,10 @@ def serve() -> None:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(request)
+            run_child(request, own_group=True)
         answers.write(json.dumps({"pid": pid}) + "\n")
         _, status = os.waitpid(pid, 0)
         answers.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
-
-
-def _child(request: dict) -> None:
-    """Run one command in this forked process and exit with its code; never returns."""
-    os.setpgid(0, 0)  # its own group: a timeout stops it and whatever it started
-    _redirect(0, os.devnull, os.O_RDONLY)
-    _redirect(1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    _redirect(2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
-    os.chdir(request["cwd"])
-    os.environ.clear()
-    os.environ.update(request["env"])
-    argv = request["argv"]
-    code, interrupted = 0, False
-    try:
-        if argv[0] == "-m":
-            sys.argv = [argv[1], *argv[2:]]
-            sys.path[0] = os.getcwd()
-            runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
-        else:
-            _run_script(argv)
-    except SystemExit as stop:
-        code = _exit_code(stop.code)
-    except KeyboardInterrupt:
-        sys.excepthook(*sys.exc_info())
-        interrupted = True
-    except BaseException:
-        sys.excepthook(*sys.exc_info())
-        code = 1
-    _finish(code, interrupted)
-
-
-def _run_script(argv: list[str]) -> None:
-    """Run `argv[0]` as the interpreter runs a script: a new `__main__` module whose `__file__` is the
-    absolute path, `sys.argv` as given, the script's directory first on the path."""
-    script = os.path.abspath(argv[0])
-    sys.argv = list(argv)
-    sys.path[0] = os.path.dirname(script)
-    main = types.ModuleType("__main__")
-    main.__file__ = script
-    main.__loader__ = importlib.machinery.SourceFileLoader("__main__", script)
-    sys.modules["__main__"] = main
-    code = compile(Path(script).read_bytes(), script, "exec")
-    exec(code, main.__dict__)
-
-
-def _redirect(fd: int, path: str, flags: int) -> None:
-    target = os.open(path, flags, 0o644)
-    os.dup2(target, fd)
-    os.close(target)
-
-
-def _exit_code(code: object) -> int:
-    """The exit code the interpreter gives `sys.exit(code)`."""
-    if code is None:
-        return 0
-    if isinstance(code, int):
-        return code
-    print(code, file=sys.stderr)
-    return 1
-
-
-def _finish(code: int, interrupted: bool) -> None:
-    """End as the interpreter ends: join threads, run atexit handlers, flush; a Ctrl-C ends by SIGINT."""
-    with contextlib.suppress(BaseException):
-        threading._shutdown()  # type: ignore[attr-defined]  # what the interpreter calls at exit
-    with contextlib.suppress(BaseException):
-        atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(BaseException):
-            stream.flush()
-    if interrupted:
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-        os.kill(os.getpid(), signal.SIGINT)
-    os._exit(code)
 
 
 # -- the client

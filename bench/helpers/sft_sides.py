@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from helpers import quick
 from helpers.batch_tokens import padding_share, side_flops
 from helpers.bench_config import bench_config, gsm8k_train
 from helpers.sides import HFTimes, StepTimes, lmlab_fit, report
@@ -19,6 +20,10 @@ from runtime.training import build_trainable_model
 
 LOSS_MATCH_BATCHES = 6
 PART_MODELS = {"lora": ["model=smollm2_135m", "method=lora"], "full": ["model=pretrain_small", "method=full"]}
+QUICK_MODELS = {
+    "lora": ["model=tiny_llama", "method=lora"],
+    "full": ["model=tiny_pretrain_small", "method=full"],
+}
 
 
 def config(args: argparse.Namespace, run_dir: str, padding_free: bool):
@@ -26,7 +31,7 @@ def config(args: argparse.Namespace, run_dir: str, padding_free: bool):
     return bench_config(
         [
             "task.source=bundled",
-            *PART_MODELS[args.part],
+            *(QUICK_MODELS if quick.on() else PART_MODELS)[args.part],
             *gsm8k_train(),
             f"data.batch_size={args.batch}",
             "data.max_length=1024",

@@ -7,14 +7,13 @@ from __future__ import annotations
 import json
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import lightning as L
 import torch
+from helpers import quick
 from omegaconf import DictConfig
 from transformers import TrainerCallback
 
@@ -90,7 +89,8 @@ def report(path: str, **values: object) -> None:
 
 def run_rounds(script: Path, sides: list[str], rounds: int, seed: int, args: list[str]) -> dict[str, list]:
     """Each side of `script` once per round, each run as `script --side NAME --out FILE *args` in a fresh
-    process, the sides in an order shuffled per round (seeded); each side's reports, one per round."""
+    process (forked in quick mode: helpers/quick.py), the sides in an order shuffled per round (seeded); each
+    side's reports, one per round."""
     order = random.Random(seed)
     reports: dict[str, list] = {side: [] for side in sides}
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,9 +99,8 @@ def run_rounds(script: Path, sides: list[str], rounds: int, seed: int, args: lis
             walls = []
             for side in shuffled:
                 out = Path(tmp) / f"{side}-{round_number}.json"
-                command = [sys.executable, str(script), "--side", side, "--out", str(out), *args]
                 start = time.perf_counter()
-                done = subprocess.run(command, capture_output=True, text=True)
+                done = quick.run_python([str(script), "--side", side, "--out", str(out), *args], check=False)
                 if done.returncode != 0 or not out.exists():
                     raise RuntimeError(f"side {side} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
                 walls.append(f"{side} {time.perf_counter() - start:.0f} s")
