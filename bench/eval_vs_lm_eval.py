@@ -3,7 +3,7 @@ time.
 
 Needs the optional `bench` extra (`pip install -e .[bench]`, which `make bench` does); installs nothing
 itself. On the first `--problems` problems of `--data DIR`/gsm8k/test.jsonl (exemplars from train.jsonl
-beside it):
+beside it; the bundled sample's files without `--data`):
 1. lm-eval builds its `gsm8k` task's 5-shot requests (its own yaml, data read from those files) and lmlab
   builds
    `evaluate.py prompt.style=lm_eval prompt.num_fewshot=5` prompts; the count of identical prompts is
@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from helpers import bench_data, quick  # noqa: E402
 
 import datamodules  # noqa: E402
+from datamodules.sources import SAMPLES_DIR  # noqa: E402
 from modeling import models  # noqa: E402
 from modeling.generation import generate  # noqa: E402
 
@@ -97,9 +98,7 @@ def main() -> None:
         from lm_eval.models.huggingface import HFLM
     except ImportError:
         sys.exit("bench/eval_vs_lm_eval.py needs lm-eval: pip install -e '.[bench]'")
-    gsm8k = bench_data.path("gsm8k") or (ROOT / "datamodules" / "samples" / "gsm8k" if args.quick else None)
-    if gsm8k is None:
-        sys.exit("bench/eval_vs_lm_eval.py compares on real GSM8K: pass --data DIR (DIR/gsm8k/*.jsonl)")
+    gsm8k = bench_data.path("gsm8k") or SAMPLES_DIR / "gsm8k"
 
     requests = lm_eval_requests(gsm8k, args.problems)
     model, tokenizer, prompts, stops = lmlab_prompts(gsm8k, args.model, args.problems)

@@ -73,7 +73,9 @@ def test_the_bench_script_runs_in_its_quick_mode_and_ends_with_its_ratios(
         assert re.search(pattern, output), (pattern, output[-3000:])
 
 
-def test_every_bench_script_documents_its_quick_mode_and_a_test_runs_it() -> None:
+def test_every_bench_script_documents_its_quick_mode_and_a_make_target_runs_it() -> None:
+    makefile = (ROOT / "Makefile").read_text()
     for path in BENCH.glob("*.py"):
         assert f"python bench/{path.name} --quick" in path.read_text(), path.name
+        assert f"bench/{path.name}" in makefile, f"no make target runs bench/{path.name}"
     assert all((ROOT / "tests" / test).exists() for test in OWN_TESTS.values())
