@@ -13,13 +13,16 @@ minutes on one GPU).
    identical completions and the speed ratio (goal 0.9 x N);
 7. a model spread over every visible GPU (`model.device_map=balanced`) against one GPU: identical completions;
 8. `generation.backend=vllm` against lmlab's own generation (where vLLM is installed): identical completions
-   and the speed ratio.
+   and the speed ratio;
+9. QLoRA: LoRA on SmolLM2's NF4-quantized base (`model.quantization=nf4`) against LoRA on its bf16 weights
+   (`model.dtype=bfloat16`): the peak GPU memory of training and the losses (where bitsandbytes is installed).
 
     python bench/gpu_check.py [--out gpu_check.json] [--steps 30]
     python bench/gpu_check.py --quick      # tiny models, a few steps, any device: checks the script itself
 
 Ends with `ratio padding_free_vs_padded_<attention> = <x> (goal >= 1.3)` lines and
-`ratio eval_data_parallel_vs_one_process = <x> (goal >= 0.9 x N)`, `ratio vllm_vs_lmlab = <x> (goal >= 1.0)`.
+`ratio eval_data_parallel_vs_one_process = <x> (goal >= 0.9 x N)`, `ratio vllm_vs_lmlab = <x> (goal >= 1.0)`,
+`ratio qlora_vs_bf16_lora_peak_memory = <x> (goal <= 0.8)`.
 """
 
 from __future__ import annotations
@@ -42,9 +45,8 @@ sys.path.insert(0, str(ROOT))
 
 sys.path.insert(0, str(ROOT / "bench"))
 from helpers import quick as quick_mode  # noqa: E402
+from helpers.gpu_evaluation import data_parallel_evaluation, sharded_evaluation, vllm_generation  # noqa: E402
 
-from bench.eval_data_parallel import evaluate  # noqa: E402
-from bench.eval_vllm import compare, has_vllm, saved_tiny_model, stand_in_engine  # noqa: E402
 from modeling import models  # noqa: E402
 from modeling.generation import generate  # noqa: E402
 from runtime.training import run  # noqa: E402
@@ -73,7 +75,10 @@ def train(run_dir: Path, overrides: list[str], quick: bool) -> dict[str, Any]:
     with open_dict(cfg):
         cfg.paths.output_dir = str(run_dir)
     started = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     results = run(cfg)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
     rows = list(csv.DictReader((run_dir / "metrics" / "metrics.csv").open()))
     last = lambda key: next((float(r[key]) for r in reversed(rows) if r.get(key)), None)  # noqa: E731
     gc.collect()
@@ -85,6 +90,7 @@ def train(run_dir: Path, overrides: list[str], quick: bool) -> dict[str, Any]:
         "padding_free": results["padding_free"],
         "tokens_per_s": last("train/device/items_per_sec"),
         "mfu": last("train/device/mfu"),
+        "peak_memory_mib": peak,
         "losses": [float(r["train/loss_step"]) for r in rows if r.get("train/loss_step")],
     }
 
@@ -148,57 +154,17 @@ def fsdp(run_dir: Path, quick: bool) -> dict[str, Any]:
     }
 
 
-def data_parallel_evaluation(run_dir: Path, quick: bool) -> dict[str, Any]:
-    """evaluate.py on every visible GPU against one (quick: two CPU processes, a tiny model)."""
-    devices = 2 if quick else torch.cuda.device_count()
-    if devices < 2:
-        return {"skipped": f"{devices} GPU visible; data-parallel evaluation needs two or more"}
-    model, problems = ("tiny_llama", 4) if quick else ("smollm2_135m", 64 * devices)
-    one, alone = evaluate(1, problems, 64, run_dir / "one", model)
-    many, together = evaluate(devices, problems, 64, run_dir / "many", model)
-    return {
-        "devices": devices,
-        "problems": problems,
-        "identical": sum(a == b for a, b in zip(alone, together, strict=True)),
-        "seconds_one": round(one, 1),
-        "seconds_data_parallel": round(many, 1),
-        "ratio": round(one / many, 3),
-    }
+def qlora_memory(root: Path, smol: str, common: list[str], quick: bool) -> dict[str, Any]:
+    """LoRA on the bf16 base against LoRA on its NF4-quantized base: each run's numbers and the ratio of their
+    peak memory (skipped, with the reason, where bitsandbytes cannot quantize)."""
+    from modeling.quantization import unavailable_reason
 
-
-def sharded_evaluation(run_dir: Path, quick: bool) -> dict[str, Any]:
-    """evaluate.py on a model spread over every visible GPU against the same model on one (quick: a saved tiny
-    model spread over the CPU and disk)."""
-    gpus = torch.cuda.device_count()
-    if gpus < 2 and not quick:
-        return {"skipped": f"{gpus} GPU visible; spreading a model needs two or more"}
-    if quick:
-        name, common = "tiny_llama", saved_tiny_model(run_dir / "tiny")
-        placement = ("model.device_map=auto", "model.max_memory={cpu: 400KB}")
-    else:
-        name, common, placement = "smollm2_135m", (), ("model.device_map=balanced",)
-    spread = (*common, *placement, f"model.offload_folder={run_dir / 'offload'}")
-    problems = 4 if quick else 32
-    one, alone = evaluate(1, problems, 64, run_dir / "one", name, common)
-    sharded, together = evaluate(1, problems, 64, run_dir / "sharded", name, spread)
-    return {
-        "devices": "cpu+disk" if quick else gpus,
-        "problems": problems,
-        "identical": sum(a == b for a, b in zip(alone, together, strict=True)),
-        "seconds_one_device": round(one, 1),
-        "seconds_sharded": round(sharded, 1),
-    }
-
-
-def vllm_generation(run_dir: Path, quick: bool) -> dict[str, Any]:
-    """evaluate.py with generation.backend=vllm against lmlab's own generation (quick: the tests' stand-in
-    engine, tests/fixtures/vllm_stand_in, on a saved tiny model)."""
-    model, env = ("model=smollm2_135m",), None
-    if quick:
-        model, env = stand_in_engine(run_dir / "tiny")
-    elif not has_vllm(sys.executable):
-        return {"skipped": "vLLM is not installed: pip install -e '.[vllm]'"}
-    return compare(sys.executable, 4 if quick else 128, 64, 1, run_dir, model, env)
+    if reason := unavailable_reason():
+        return {"skipped": f"model.quantization=nf4 {reason}"}
+    lora = [smol, "method=lora", "model.dtype=bfloat16", *common]
+    sides = {"bf16": train(root / "bf16", lora, quick)}
+    sides["nf4"] = train(root / "nf4", [*lora, "model.quantization=nf4"], quick)
+    return {**sides, "ratio": sides["nf4"]["peak_memory_mib"] / sides["bf16"]["peak_memory_mib"]}
 
 
 def main() -> None:
@@ -260,6 +226,7 @@ def main() -> None:
         report["eval_data_parallel"] = data_parallel_evaluation(root / "eval", args.quick)
         report["eval_sharded"] = sharded_evaluation(root / "sharded", args.quick)
         report["eval_vllm"] = vllm_generation(root / "vllm", args.quick)
+        report["qlora"] = qlora_memory(root / "qlora", smol, common, args.quick)
     if not attention[1:]:
         report["flash_attention_2"] = "not run: flash-attn is not installed"
     args.out.write_text(json.dumps(report, indent=1) + "\n")
@@ -277,6 +244,8 @@ def main() -> None:
         print(f"ratio eval_data_parallel_vs_one_process = {evaluation['ratio']:.2f} (goal >= {goal:.1f})")
     if "ratio" in report["eval_vllm"]:
         print(f"ratio vllm_vs_lmlab = {report['eval_vllm']['ratio']:.2f} (goal >= 1.0)")
+    if "ratio" in report["qlora"]:
+        print(f"ratio qlora_vs_bf16_lora_peak_memory = {report['qlora']['ratio']:.2f} (goal <= 0.8)")
 
 
 if __name__ == "__main__":

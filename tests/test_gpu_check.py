@@ -40,6 +40,7 @@ def test_the_gpu_check_runs_end_to_end_in_its_quick_mode(tmp_path: Path) -> None
     assert sharded["identical"] == sharded["problems"] == 4
     served = report["eval_vllm"]  # the stand-in engine against lmlab's own generation
     assert served["identical"] == served["problems"] == 4 and len(served["seconds"]["vllm"]) == 1
+    assert "model.quantization=nf4 needs" in report["qlora"]["skipped"]  # no bitsandbytes kernels on the CPU
 
 
 @pytest.mark.gpu
@@ -57,4 +58,8 @@ def test_the_gpu_check_on_a_cuda_device(tmp_path: Path) -> None:
     assert (
         "skipped" in report["eval_vllm"]
         or report["eval_vllm"]["identical"] == report["eval_vllm"]["problems"]
+    )
+    qlora = report["qlora"]
+    assert "skipped" in qlora or (
+        qlora["nf4"]["peak_memory_mib"] < qlora["bf16"]["peak_memory_mib"] and len(qlora["nf4"]["losses"]) > 1
     )
