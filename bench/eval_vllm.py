@@ -4,14 +4,15 @@ prompts, stop strings and extraction; vLLM only picks the tokens.
 Both sides are whole `python evaluate.py` commands (model load or engine start-up, generation, scoring) run by
 `--python`, an interpreter that has vLLM (`make vllm-venv` builds `.venv-vllm` with vLLM's CPU build; on a GPU
 node, `pip install -e '.[vllm]'`), each in a fresh process, the sides in an order shuffled per round (seeded);
-SmolLM2-135M-Instruct on the first `--problems` GSM8K test problems, greedy, `--max-new-tokens`. Prints each
-side's median wall time with its range, the share of completions identical to lmlab's, and
+`--model` (SmolLM2-135M-Instruct, or e.g. a merged export) on the first `--problems` GSM8K test problems,
+greedy, `--max-new-tokens`. Prints each side's median wall time with its range, the share of completions
+identical to lmlab's, and
 
     ratio vllm_vs_lmlab = <lmlab seconds / vLLM seconds> (goal >= 1.0)
     ratio vllm_identical_share = <identical completions / problems> (goal >= 1.0)
 
     python bench/eval_vllm.py [--python .venv-vllm/bin/python] [--problems 16] [--max-new-tokens 128]
-                              [--rounds 2]
+                              [--rounds 2] [--model 'model=hf_causal_lm model.path=merged']
     python bench/eval_vllm.py --quick   # the tests' stand-in engine on a saved tiny model: checks the script
 """
 
@@ -111,12 +112,17 @@ def main() -> None:
     parser.add_argument("--problems", type=int, default=16)
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--model",
+        default="model=smollm2_135m",
+        help="the model's overrides, space-separated (a merged export: 'model=hf_causal_lm model.path=DIR')",
+    )
     args = quick.parse(parser, problems=2, max_new_tokens=4, rounds=1)
     with tempfile.TemporaryDirectory() as scratch:
         if args.quick:
             model, env = stand_in_engine(Path(scratch) / "tiny")
         elif has_vllm(args.python):
-            model, env = ("model=smollm2_135m",), None
+            model, env = tuple(args.model.split()), None
         else:
             print(f"{args.python} cannot import vLLM: make vllm-venv (CPU build) or pip install -e '.[vllm]'")
             print("ratio vllm_vs_lmlab = nan (goal >= 1.0)")

@@ -1,17 +1,21 @@
 """Not a benchmark: `--quick`, a bench script's check of itself. It runs the script's own code path end to end
 at its smallest scale (a tiny model, a step or two, one round) and prints every ratio line; each process the
 script starts is forked from the script's own (helpers/forked.py), so the check pays no second import bill.
-It computes on one thread: a fork of a process whose OpenMP threads have started hangs at its first parallel
-region. Its figures mean nothing. The test suite runs every script so (tests/test_bench_quick.py). The choice
-reaches the processes a script starts through LMLAB_BENCH_QUICK."""
+It computes on one thread (a fork of a process whose OpenMP threads have started hangs at its first parallel
+region) and caches in a folder of its own, removed at exit (LMLAB_CACHE). Its figures mean nothing. The test
+suite runs every script so (tests/test_bench_quick.py). The choice reaches the processes a script starts
+through LMLAB_BENCH_QUICK."""
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
 import shlex
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +38,10 @@ def parse(parser: argparse.ArgumentParser, **smallest: Any) -> argparse.Namespac
     if args.quick or on():
         import torch
 
+        if not on():  # the script itself, not a process it started
+            cache = tempfile.mkdtemp(prefix="lmlab-quick-cache-")
+            atexit.register(shutil.rmtree, cache, ignore_errors=True)
+            os.environ["LMLAB_CACHE"] = cache
         os.environ[ENV], os.environ["OMP_NUM_THREADS"] = "1", "1"
         torch.set_num_threads(1)
         args.quick = True
