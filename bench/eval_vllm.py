@@ -4,15 +4,15 @@ prompts, stop strings and extraction; vLLM only picks the tokens.
 Both sides are whole `python evaluate.py` commands (model load or engine start-up, generation, scoring) run by
 `--python`, an interpreter that has vLLM (`make vllm-venv` builds `.venv-vllm` with vLLM's CPU build; on a GPU
 node, `pip install -e '.[vllm]'`), each in a fresh process, the sides in an order shuffled per round (seeded);
-`--model` (SmolLM2-135M-Instruct, or e.g. a merged export) on the first `--problems` GSM8K test problems,
-greedy, `--max-new-tokens`. Prints each side's median wall time with its range, the share of completions
-identical to lmlab's, and
+`--model` (SmolLM2-135M-Instruct, or e.g. a merged export) on the first `--problems` GSM8K test problems
+(`--data DIR`'s, or the bundled sample's), greedy, `--max-new-tokens`. Prints each side's median wall time
+with its range, the share of completions identical to lmlab's, and
 
     ratio vllm_vs_lmlab = <lmlab seconds / vLLM seconds> (goal >= 1.0)
     ratio vllm_identical_share = <identical completions / problems> (goal >= 1.0)
 
     python bench/eval_vllm.py [--python .venv-vllm/bin/python] [--problems 16] [--max-new-tokens 128]
-                              [--rounds 2] [--model 'model=hf_causal_lm model.path=merged']
+                              [--rounds 2] [--model 'model=hf_causal_lm model.path=merged'] [--data DIR]
     python bench/eval_vllm.py --quick   # the tests' stand-in engine on a saved tiny model: checks the script
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-from helpers import quick  # noqa: E402
+from helpers import bench_data, quick  # noqa: E402
 
 from bench.eval_data_parallel import evaluate  # noqa: E402
 
@@ -75,7 +75,7 @@ def compare(
             print(f"round {round_number}: {side} {wall:.1f} s", flush=True)
     same = sum(a == b for a, b in zip(completions["lmlab"], completions["vllm"], strict=True))
     return {
-        "problems": problems,
+        "problems": len(completions["lmlab"]),  # fewer than asked where the data has fewer
         "identical": same,
         "seconds": {side: [round(s, 1) for s in times] for side, times in seconds.items()},
         "ratio": statistics.median(seconds["lmlab"]) / statistics.median(seconds["vllm"]),
@@ -117,7 +117,9 @@ def main() -> None:
         default="model=smollm2_135m",
         help="the model's overrides, space-separated (a merged export: 'model=hf_causal_lm model.path=DIR')",
     )
+    bench_data.add_option(parser)
     args = quick.parse(parser, problems=2, max_new_tokens=4, rounds=1)
+    bench_data.announce("GSM8K")
     with tempfile.TemporaryDirectory() as scratch:
         if args.quick:
             model, env = stand_in_engine(Path(scratch) / "tiny")
@@ -132,7 +134,7 @@ def main() -> None:
             args.python, args.problems, args.max_new_tokens, args.rounds, Path(scratch), model, env
         )
     print(
-        f"{model[0]}, {args.problems} GSM8K problems, greedy, max_new_tokens "
+        f"{' '.join(model)}, {result['problems']} GSM8K problems, greedy, max_new_tokens "
         f"{args.max_new_tokens}, {args.rounds} rounds, whole evaluate.py commands by {args.python}"
     )
     for side, times in result["seconds"].items():
