@@ -32,7 +32,7 @@ EXACT = {
     "eval_vs_lm_eval": [r"identical prompts: (\d+)/\1\n"],
     "fault_tolerance": [r"ratio exact_resume_share = 1\.000", r"ratio lost_checkpoint_share = 0\.000"],
     "fsdp_vs_ddp": [r"ratio fsdp_vs_ddp_loss_match = 1\.000"],
-    "gradsim": [r"max \|GradSim difference\| = \d\.\d\de-(0[6-9]|[1-9]\d)"],  # below 1e-5
+    "gradsim": [r"max \|GradSim difference\| = (0\.00e\+00|\d\.\d\de-(0[6-9]|[1-9]\d))\n"],  # below 1e-5
     "sft_throughput": [
         r"ratio padding_free_loss_match = 1\.000",
         r"ratio full_padding_free_loss_match = 1\.000",
