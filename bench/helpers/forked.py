@@ -92,7 +92,7 @@ def run_child(request: dict, own_group: bool) -> None:
     never returns. `own_group`: start a process group, so that stopping it stops whatever it started."""
     if own_group:
         os.setpgid(0, 0)
-    _forget_exit_handlers()
+    _forget_inherited_finalizers()
     _redirect(0, os.devnull, os.O_RDONLY)
     _redirect(1, request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     _redirect(2, request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
@@ -136,13 +136,12 @@ def _run_script(argv: list[str]) -> None:
     exec(code, main.__dict__)
 
 
-def _forget_exit_handlers() -> None:
-    """Drop the exit handlers this process inherited: they are its parent's (a temporary directory's
-    finalizer would delete the parent's folder); the command's own are registered as it runs."""
+def _forget_inherited_finalizers() -> None:
+    """Keep the parent's objects out of this process's exit: their finalizers (a temporary directory's would
+    delete the parent's folder) do not run here. The atexit handlers the imported modules registered stay, as
+    a fresh interpreter registers them too."""
     for finalizer in list(weakref.finalize._registry):  # type: ignore[attr-defined]
         finalizer.atexit = False
-    atexit._clear()
-    atexit.register(weakref.finalize._exitfunc)  # type: ignore[attr-defined]
 
 
 def _redirect(fd: int, path: str, flags: int) -> None:

@@ -40,7 +40,7 @@ def parse(parser: argparse.ArgumentParser, **smallest: Any) -> argparse.Namespac
 
         if not on():  # the script itself, not a process it started
             cache = tempfile.mkdtemp(prefix="lmlab-quick-cache-")
-            atexit.register(shutil.rmtree, cache, ignore_errors=True)
+            atexit.register(_remove_in, os.getpid(), cache)
             os.environ["LMLAB_CACHE"] = cache
         os.environ[ENV], os.environ["OMP_NUM_THREADS"] = "1", "1"
         torch.set_num_threads(1)
@@ -48,6 +48,12 @@ def parse(parser: argparse.ArgumentParser, **smallest: Any) -> argparse.Namespac
         for name, value in smallest.items():
             setattr(args, name, value)
     return args
+
+
+def _remove_in(owner: int, folder: str) -> None:
+    """Remove `folder` at the exit of process `owner` (not of the processes forked from it)."""
+    if os.getpid() == owner:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def on() -> bool:
