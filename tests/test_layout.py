@@ -109,6 +109,20 @@ def test_every_name_on_the_design_card_top_level_exists() -> None:
     ).is_dir()
 
 
+def test_every_package_of_the_project_is_installed() -> None:
+    """pyproject.toml lists every package (a folder with __init__.py) but the tests: an installed lmlab, run
+    from outside the repository, imports them all (runtime imports figures, the entrypoints evaluation)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(path.parent.relative_to(ROOT).parts)
+        for path in tracked_files()
+        if path.name == "__init__.py" and path.parts[len(ROOT.parts)] != "tests"
+    }
+    assert found == listed
+
+
 def test_the_lightning_modules_live_in_lightning_modules() -> None:
     for name, module_class in TASK_MODULES.items():
         assert issubclass(module_class, L.LightningModule)
