@@ -174,10 +174,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("gpu_check.json"))
     parser.add_argument("--steps", type=int, default=30)
     args = quick_mode.parse(parser, steps=3)
-    steps = args.steps
     smol = "model=tiny_llama" if args.quick else "model=smollm2_135m"
     common = [
-        f"trainer.max_steps={steps}",
+        f"trainer.max_steps={args.steps}",
         "trainer.max_epochs=-1",
         "data.batch_size=8",
         "metrics.every_n_steps=1",
