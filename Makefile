@@ -63,6 +63,7 @@ bench: $(STAMP)
 	$(PY) bench/eval_data_parallel.py
 	$(PY) bench/eval_resume.py
 	$(PY) bench/interval_cost.py
+	$(PY) bench/grpo_step.py
 
 $(VLLM_VENV)/.lmlab-installed: pyproject.toml
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)

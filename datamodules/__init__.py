@@ -44,8 +44,9 @@ def build_task(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> Task:
 
 
 def build(cfg: DictConfig, tokenizer: PreTrainedTokenizerBase) -> TextDataModule:
-    """The DataModule that batches `build_task(cfg, tokenizer)` with the run's `data` batching keys."""
-    from datamodules.base import TextDataModule
-
+    """The DataModule that batches `build_task(cfg, tokenizer)` with the run's `data` batching keys: the
+    objective's (`objective.datamodule`: prompts for GRPO, pairs for DPO), else supervised examples."""
     batching = {key: cfg.data[key] for key in BATCHING_KEYS if key in cfg.data}
-    return TextDataModule(build_task(cfg, tokenizer), **batching)
+    target = (cfg.get("objective") or {}).get("datamodule") or {"_target_": "datamodules.base.TextDataModule"}
+    # partial: the task is passed as the object it is, not converted to config
+    return instantiate(target, _partial_=True)(task=build_task(cfg, tokenizer), **batching)

@@ -15,14 +15,25 @@ from datamodules.sampling import EpochSeededSampler
 from datamodules.task import Task
 
 
-def batch_size(batch: dict[str, torch.Tensor]) -> int:
-    """Number of examples in a collated batch, padded or packed (for Lightning's ThroughputMonitor)."""
-    return padding_free.sequences(batch)
+def batch_size(batch: dict[str, torch.Tensor] | list[dict[str, Any]]) -> int:
+    """Number of examples in a collated batch, padded or packed, or of prompts in a batch of prompts (for
+    Lightning's ThroughputMonitor)."""
+    return len(batch) if isinstance(batch, list) else padding_free.sequences(batch)
 
 
-def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
-    """Tokens of a collated batch that are not padding (ThroughputMonitor's items: tokens/s)."""
+def batch_tokens(batch: dict[str, torch.Tensor] | list[dict[str, Any]]) -> int:
+    """Tokens of a collated batch that are not padding, or the prompt tokens of a batch of prompts
+    (ThroughputMonitor's items: tokens/s)."""
+    if isinstance(batch, list):
+        return sum(len(example["prompt_ids"]) for example in batch)
     return int(batch["input_ids"].numel() if padding_free.is_packed(batch) else batch["attention_mask"].sum())
+
+
+def stage_splits(stage: str | None) -> list[str]:
+    """The splits a Trainer stage reads (all three for none)."""
+    return {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(
+        stage or "", ["train", "val", "test"]
+    )
 
 
 class TextDataModule(L.LightningDataModule):
@@ -44,13 +55,11 @@ class TextDataModule(L.LightningDataModule):
         # (epoch, batches done) to continue from, restored from a checkpoint by load_state_dict
         self.resume_position = (0, 0)
         self.train_sampler: EpochSeededSampler | None = None
+        self.batch_repeats = 1  # each training batch comes this many times in a row (EpochSeededSampler)
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenize the splits the Trainer stage needs."""
-        wanted = {"fit": ["train", "val"], "validate": ["val"], "test": ["test"]}.get(
-            stage or "", ["train", "val", "test"]
-        )
-        for split in wanted:
+        for split in stage_splits(stage):
             if split not in self.datasets:
                 self.datasets[split] = self.task.tokenize_all(self.task.records(split), split)
 
@@ -67,6 +76,7 @@ class TextDataModule(L.LightningDataModule):
             start_epoch=epoch,
             start_batch=batch,
             lengths=[len(example["input_ids"]) for example in data] if self.group_by_length else None,
+            repeats=self.batch_repeats,
         )
         self.train_sampler = sampler
         return self._loader(data, self.batch_size, sampler, sampler.loader_generator)
@@ -102,10 +112,14 @@ class TextDataModule(L.LightningDataModule):
             data,
             batch_size=batch_size,
             sampler=sampler,
-            collate_fn=self.task.collate,
+            collate_fn=self.collate,
             num_workers=self.num_workers,
             generator=generator if generator is not None else torch.Generator().manual_seed(self.task.seed),
         )
+
+    def collate(self, examples: list[dict[str, Any]]) -> Any:
+        """A batch of `examples`: the task's collation."""
+        return self.task.collate(examples)
 
     def val_dataloader(self) -> DataLoader:
         return self._eval_loader("val")

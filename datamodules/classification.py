@@ -129,3 +129,11 @@ class ClassificationTask(Task):
 
     def reference(self, record: Mapping[str, Any]) -> str:
         return self.class_names[self.class_index(record)]
+
+    reward_score = "exact_match"
+
+    def score(self, generation: str, reference: str) -> dict[str, Any]:
+        """The generated label (the first line, stripped) and its 0/1 `exact_match` with the reference: what
+        GRPO rewards (evaluation scores labels by likelihood instead)."""
+        predicted = next(iter(generation.strip().splitlines()), "").strip()
+        return {"predicted": predicted, "exact_match": float(predicted == reference)}

@@ -66,6 +66,8 @@ def validate_record(record: Mapping[str, Any]) -> None:
 class GSM8KTask(Task):
     """GSM8K, clean or with injected noise; the prompt template comes from the task config."""
 
+    reward_score = "exact_match_flexible"
+
     def __init__(
         self,
         prompt_template: str,

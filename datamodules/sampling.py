@@ -3,6 +3,7 @@ ranks, resumable mid-epoch."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import torch
@@ -12,7 +13,9 @@ from torch.utils.data import DistributedSampler
 class EpochSeededSampler(DistributedSampler):
     """Shuffles with a permutation fixed by (seed, epoch), optionally groups it by length (`lengths`), shards
     it over `num_replicas` ranks and can start `start_batch` batches into epoch `start_epoch`, so a run
-    resumed mid-epoch sees exactly the batches it had left.
+    resumed mid-epoch sees exactly the batches it had left. With `repeats` > 1 every batch comes that many
+    times in a row (a rank's last batch filled from its first examples, so batches stay whole): GRPO's
+    `num_iterations` optimiser steps on one generation batch.
 
     It subclasses DistributedSampler so Lightning shards nothing a second time; with one replica the order is
     the plain permutation. `len()` is the whole epoch's share, as Lightning's progress counters expect.
@@ -28,10 +31,12 @@ class EpochSeededSampler(DistributedSampler):
         start_epoch: int = 0,
         start_batch: int = 0,
         lengths: list[int] | None = None,
+        repeats: int = 1,
     ) -> None:
         super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.length, self.batch_size, self.lengths = length, batch_size, lengths
         self.start_epoch, self.start_batch = start_epoch, start_batch
+        self.repeats = repeats
         # the DataLoader draws its worker base seed from this generator, reseeded per epoch, not from the
         # global RNG: dropout draws then do not depend on whether a run was interrupted, and worker seeds
         # follow (seed, epoch)
@@ -55,8 +60,27 @@ class EpochSeededSampler(DistributedSampler):
         if self.lengths is not None:
             order = self._grouped_by_length(order)
         shard = order[self.rank : self.total_size : self.num_replicas]
+        if self.repeats > 1:
+            shard = self._repeated(shard)
         skip = self.start_batch * self.batch_size if self.epoch == self.start_epoch else 0
         return iter(shard[skip:])
+
+    def __len__(self) -> int:
+        if self.repeats == 1:
+            return self.num_samples
+        return math.ceil(self.num_samples / self.batch_size) * self.batch_size * self.repeats
+
+    def _repeated(self, shard: list[int]) -> list[int]:
+        """`shard` cut into whole batches (the last one filled from the start), each `repeats` times in a
+        row."""
+        size = self.batch_size
+        whole = shard + shard[: -len(shard) % size]
+        return [
+            i
+            for start in range(0, len(whole), size)
+            for _ in range(self.repeats)
+            for i in whole[start : start + size]
+        ]
 
     def _grouped_by_length(self, order: list[int]) -> list[int]:
         """HF Trainer's `group_by_length`: the shuffled order cut into megabatches of 50 global batches, each

@@ -45,6 +45,9 @@ class Task:
     # how evaluate.py scores this task: the scorer of this name (evaluation/scorers/): "generation" (generate,
     # then `score`) or "classification" (each label's likelihood, or the projection head a run saved)
     evaluation_kind: str = "generation"
+    # the score (a key of `score`'s result) GRPO rewards by default (objective.reward: null); None: the task
+    # has no default reward
+    reward_score: str | None = None
     # token classes the attention analysis can label in this task's inputs (attention_input), in tie-break
     # order; the last one is every unlabelled character. Empty: the task labels none (maps only).
     attention_classes: tuple[str, ...] = ()

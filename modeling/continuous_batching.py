@@ -42,9 +42,11 @@ class ContinuousBatch:
         self.prefix: list[int] = []  # the token ids every prompt starts with, prefilled once into `prefix_kv`
         self.prefix_kv: DynamicCache | None = None
 
-    def run(self, prompts: Sequence[str], requests: list[int], collect: Callable[[int, str], None]) -> None:
-        """Decodes `requests` (prompt indices), handing each completion's full text (before stop-string
-        truncation) to `collect` as its row finishes."""
+    def run(
+        self, prompts: Sequence[str], requests: list[int], collect: Callable[[int, list[int]], None]
+    ) -> None:
+        """Decodes `requests` (prompt indices), handing each completion's token ids (up to and including the
+        token that stopped it) to `collect` as its row finishes."""
         ids = [self.tokenizer(prompt)["input_ids"] for prompt in prompts]
         if self.prefix_cache:
             self._prefill_shared_prefix([ids[i] for i in dict.fromkeys(requests)])
@@ -55,7 +57,7 @@ class ContinuousBatch:
                 self._prefill([ids[i] for i in waiting[:free]], waiting[:free])
                 waiting = waiting[free:]
             for row in self._step():
-                collect(row.index, self.tokenizer.decode(row.new, skip_special_tokens=True))
+                collect(row.index, row.new)
 
     def _prefill_shared_prefix(self, prompts: list[list[int]]) -> None:
         """Prefill the tokens all `prompts` start with (when they are at least MIN_SHARED_PREFIX and every

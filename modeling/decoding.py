@@ -21,17 +21,21 @@ def cache_keyword(model: PreTrainedModel) -> str:
 
 
 class Sampler:
-    """Next-token choice: argmax (as `generate` does greedily), or a draw after temperature and top-p."""
+    """Next-token choice: argmax (as `generate` does greedily), or a draw after temperature and top-p (each
+    applied only where it changes the distribution, as `generate` does: top-p sorts the vocabulary)."""
 
     def __init__(self, do_sample: bool, temperature: float, top_p: float) -> None:
         self.do_sample = do_sample
-        self.warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature), TopPLogitsWarper(top_p)])
+        warpers = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+        self.warpers = LogitsProcessorList([*warpers, *([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])])
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """logits [B, V] float32 -> next token ids [B]."""
+        """logits [B, V] float32 -> next token ids [B]. One draw per row from the inverse of its cumulative
+        distribution (`replacement=True`: the same distribution for one draw, without the exponential variate
+        per vocabulary entry that a draw without replacement makes)."""
         if not self.do_sample:
             return logits.argmax(-1)
-        return torch.multinomial(self.warpers(None, logits).softmax(-1), 1).squeeze(-1)
+        return torch.multinomial(self.warpers(None, logits).softmax(-1), 1, replacement=True).squeeze(-1)
 
 
 @dataclass
@@ -59,6 +63,8 @@ class Stopping:
     def __call__(self, row: Row) -> bool:
         if row.new[-1] in self.eos or len(row.new) >= self.max_new_tokens:
             return True
+        if not self.stop_strings:
+            return False
         text = self.tokenizer.decode(row.new, skip_special_tokens=False)
         return any(stop in text for stop in self.stop_strings)
 

@@ -36,8 +36,9 @@ from modeling.progress import Progress
 
 # called with a prompt's index and its completions (cut at the stop strings) as soon as all are done
 Finished = Callable[[int, list[str]], None]
-# called by a decoder with a prompt's index and one completion's full text, as soon as it is done
-Collect = Callable[[int, str], None]
+# called by a decoder with a prompt's index and one completion's token ids (up to and including the token that
+# stopped it), as soon as it is done
+Collect = Callable[[int, list[int]], None]
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -64,43 +65,108 @@ def generate(
     """`num_samples` completions per prompt, in prompt order, each cut at its first stop string
     (`prefix_cache`: the prefix all prompts share is prefilled once); `on_finished` hears of each prompt
     whose completions are all done, as it happens. Progress is shown as completions finish."""
-    model.eval()
-    tokenizer.padding_side = "left"
     texts: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
     progress = Progress(len(prompts) * num_samples, "completions generated")
 
-    def collect(index: int, text: str) -> None:
-        texts[index].append(truncate_at_stop(text, stop_strings))
+    def collect(index: int, ids: list[int]) -> None:
+        texts[index].append(truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stop_strings))
         progress.advance()
         if on_finished is not None and len(texts[index]) == num_samples:
             on_finished(index, texts[index])
 
     with progress:
-        if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-            _generate_prompt_learning(
-                model,
-                tokenizer,
-                prompts,
-                collect,
-                batch_size,
-                max_new_tokens,
-                stop_strings,
-                do_sample,
-                temperature,
-                top_p,
-                num_samples,
-            )
-        else:
-            sampler = Sampler(do_sample, temperature, top_p)
-            stopping = Stopping(model, tokenizer, max_new_tokens, stop_strings)
-            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-            requests = [i for i in order for _ in range(num_samples)]
-            if batches_continuously(model):
-                decoder = ContinuousBatch(model, tokenizer, batch_size, stopping, sampler, prefix_cache)
-            else:
-                decoder = _SameLengthBatches(model, tokenizer, batch_size, stopping, sampler)
-            decoder.run(prompts, requests, collect)
+        decode(
+            model,
+            tokenizer,
+            prompts,
+            collect,
+            batch_size,
+            max_new_tokens,
+            stop_strings,
+            do_sample,
+            temperature,
+            top_p,
+            num_samples,
+            prefix_cache,
+        )
     return [texts[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def sample_token_ids(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    num_samples: int,
+    batch_size: int = 8,
+    max_new_tokens: int = 256,
+    stop_strings: Sequence[str] = (),
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+) -> list[list[list[int]]]:
+    """`num_samples` sampled completions per prompt as token ids, in prompt order (each up to and including
+    the EOS token or the token that completed a stop string): what a policy-gradient step scores and trains
+    on. The draws come from torch's global RNG on the model's device."""
+    ids: dict[int, list[list[int]]] = {i: [] for i in range(len(prompts))}
+    decode(
+        model,
+        tokenizer,
+        prompts,
+        lambda index, new: ids[index].append(new),
+        batch_size,
+        max_new_tokens,
+        stop_strings,
+        True,
+        temperature,
+        top_p,
+        num_samples,
+        prefix_cache=True,
+    )
+    return [ids[i] for i in range(len(prompts))]
+
+
+def decode(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    collect: Collect,
+    batch_size: int,
+    max_new_tokens: int,
+    stop_strings: Sequence[str],
+    do_sample: bool,
+    temperature: float,
+    top_p: float,
+    num_samples: int,
+    prefix_cache: bool,
+) -> None:
+    """Decode `num_samples` completions of every prompt with the decoder the model allows, handing each
+    one's token ids to `collect` as it finishes (the model is left in eval mode)."""
+    model.eval()
+    tokenizer.padding_side = "left"
+    if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
+        _generate_prompt_learning(
+            model,
+            tokenizer,
+            prompts,
+            collect,
+            batch_size,
+            max_new_tokens,
+            stop_strings,
+            do_sample,
+            temperature,
+            top_p,
+            num_samples,
+        )
+        return
+    sampler = Sampler(do_sample, temperature, top_p)
+    stopping = Stopping(model, tokenizer, max_new_tokens, stop_strings)
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+    requests = [i for i in order for _ in range(num_samples)]
+    if batches_continuously(model):
+        decoder = ContinuousBatch(model, tokenizer, batch_size, stopping, sampler, prefix_cache)
+    else:
+        decoder = _SameLengthBatches(model, tokenizer, batch_size, stopping, sampler)
+    decoder.run(prompts, requests, collect)
 
 
 def batches_continuously(model: PreTrainedModel) -> bool:
@@ -140,15 +206,14 @@ class _SameLengthBatches:
         self.caches = forward_accepts(model, self.cache_key) and forward_accepts(model, "use_cache")
 
     def run(self, prompts: Sequence[str], requests: list[int], collect: Collect) -> None:
-        """Decodes `requests` (prompt indices), handing each completion's full text (before stop-string
-        truncation) to `collect`."""
+        """Decodes `requests` (prompt indices), handing each completion's token ids to `collect`."""
         groups: dict[int, list[int]] = {}
         for index in requests:
             groups.setdefault(len(self.tokenizer(prompts[index])["input_ids"]), []).append(index)
         for group in groups.values():
             for first in range(0, len(group), self.batch_size):
                 for row in self._decode(prompts, group[first : first + self.batch_size]):
-                    collect(row.index, self.tokenizer.decode(row.new, skip_special_tokens=True))
+                    collect(row.index, row.new)
 
     def _decode(self, prompts: Sequence[str], indices: list[int]) -> list[Row]:
         encoded = self.tokenizer([prompts[i] for i in indices], return_tensors="pt")
@@ -206,9 +271,9 @@ def _generate_prompt_learning(
                 pad_token_id=tokenizer.pad_token_id,
                 **sampling,
             )
-            texts = tokenizer.batch_decode(
-                output[:, encoded["input_ids"].shape[1] :], skip_special_tokens=True
-            )
+            new = output[:, encoded["input_ids"].shape[1] :].tolist()  # [B * num_samples, new]
+            ends = {tokenizer.pad_token_id, *Stopping(model, tokenizer, max_new_tokens, ()).eos}
             for row, index in enumerate(indices):
-                for text in texts[row * num_samples : (row + 1) * num_samples]:
-                    collect(index, text)
+                for ids in new[row * num_samples : (row + 1) * num_samples]:
+                    end = next((i for i, token in enumerate(ids) if token in ends), len(ids) - 1)
+                    collect(index, ids[: end + 1])

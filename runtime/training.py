@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 import datamodules
+from datamodules.base import TextDataModule
 from datamodules.task import Task
 from lightning_modules import methods
 from lightning_modules.base import NonFiniteLossError
@@ -50,10 +51,14 @@ def build_trainable_model(
     if datamodule.task.renders_chat:  # as its examples were rendered (a chat template or not), so evaluation
         # and the analyses of its export render prompts the same way under prompt.chat_template=auto
         identity["config"]["chat"] = datamodule.task.chat_style is not None
-    context = MethodContext(cfg.model, tokenizer, datamodule, Path(cfg.paths.output_dir))
+    # an objective beyond SFT batches prompts or pairs (and pads what it builds from them); a method that
+    # initialises from data reads the task's supervised examples
+    own_batches = bool((cfg.get("objective") or {}).get("module"))
+    examples = TextDataModule(datamodule.task, batch_size=cfg.data.batch_size) if own_batches else datamodule
+    context = MethodContext(cfg.model, tokenizer, examples, Path(cfg.paths.output_dir))
     model = methods.build(cfg.method)(model, context)
     setattr(model, model_checks.BASE_IDENTITY_ATTR, identity)  # recorded in every checkpoint and export
-    datamodule.task.padding_free = padding_free(model, datamodule.task)
+    datamodule.task.padding_free = not own_batches and padding_free(model, datamodule.task)
     model.train()  # from_pretrained leaves eval mode (dropout off); training needs train mode
     return model, tokenizer, datamodule, context.metrics
 
@@ -127,6 +132,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "model": cfg.model.name,
             "task": cfg.task.name,
             "method": cfg.method.name,
+            "objective": (cfg.get("objective") or {}).get("name", "sft"),
             "overrides": overrides(),
             "optimized_metric": cfg.optimized_metric,
             "global_step": trainer.global_step,

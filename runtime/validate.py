@@ -118,6 +118,9 @@ def check_config(cfg: DictConfig) -> None:
     from lightning_modules.task_modules import TASK_MODULES, task_module_name
 
     module, method = task_module_name(cfg), cfg.method
+    if (cfg.get("objective") or {}).get("module"):
+        check_objective(cfg)
+        module = "causal_lm"  # what the method must train: the causal LM's own outputs
 
     if module not in TASK_MODULES:
         raise ConfigError(
@@ -125,7 +128,7 @@ def check_config(cfg: DictConfig) -> None:
             f"{sorted(TASK_MODULES)})"
         )
     offered = list(cfg.task.get("modules") or [cfg.task.module])
-    if module not in offered:
+    if module not in offered and not (cfg.get("objective") or {}).get("module"):
         raise ConfigError(
             f"method '{method.name}' trains with the '{module}' module, which task '{cfg.task.name}' "
             f"does not offer (task.modules: {offered}); e.g. method=projection_head needs task=classification"
@@ -160,6 +163,68 @@ def check_config(cfg: DictConfig) -> None:
         raise ConfigError(
             "trainer=debug (fast_dev_run) writes no checkpoints; drop ckpt_path or use another trainer"
         )
+
+
+def check_objective(cfg: DictConfig) -> None:
+    """objective=grpo|dpo: a task with a reward (or preference pairs whose mapped columns the data has),
+    groups of 2 or more completions that divide data.batch_size, known loss and scaling names."""
+    from hydra.utils import get_class
+
+    from datamodules.task import Task
+    from lightning_modules import policy_losses
+
+    objective, task = cfg.objective, get_class(cfg.task.definition._target_)
+    if objective.name == "grpo":
+        if task.score is Task.score or (task.reward_score is None and not objective.reward):
+            raise ConfigError(
+                f"objective=grpo: task '{cfg.task.name}' has no reward (no scorer"
+                + (")" if task.score is Task.score else ", and objective.reward names no score of it)")
+            )
+        group, batch = objective.num_generations, cfg.data.batch_size
+        if not isinstance(group, int) or group < 2:
+            raise ConfigError(
+                f"objective.num_generations={group}: GRPO compares completions within a group of 2 or more"
+            )
+        if batch % group:
+            raise ConfigError(
+                f"data.batch_size={batch} is not divisible by objective.num_generations={group}: the batch "
+                "counts completions, num_generations per prompt"
+            )
+        if objective.num_iterations < 1:
+            raise ConfigError(f"objective.num_iterations={objective.num_iterations}: at least 1")
+        for key, known in (
+            ("loss_type", policy_losses.GRPO_LOSS_TYPES),
+            ("scale_rewards", policy_losses.REWARD_SCALES),
+        ):
+            if objective[key] not in known:
+                raise ConfigError(f"objective.{key}={objective[key]!r}: one of {', '.join(known)}")
+    elif objective.name == "dpo":
+        if not hasattr(task, "tokenize_pairs"):
+            raise ConfigError(
+                f"objective=dpo trains on preference pairs: task '{cfg.task.name}' has none (use "
+                "task=preferences with your file in task.data_files and its columns in task.columns)"
+            )
+        if objective.loss_type not in policy_losses.DPO_LOSS_TYPES:
+            raise ConfigError(
+                f"objective.loss_type={objective.loss_type!r}: one of {policy_losses.DPO_LOSS_TYPES}"
+            )
+        _check_pair_columns(cfg)
+
+
+def _check_pair_columns(cfg: DictConfig) -> None:
+    """The first training record of a preference task holds every mapped column (read before any weights)."""
+    from omegaconf import OmegaConf
+
+    from datamodules.preferences import pair_text
+    from datamodules.sources import load_split
+
+    source = OmegaConf.to_container(cfg.task.definition.source, resolve=True)
+    first = load_split(source | {"max_records": 1}, cfg.task.definition.splits.train, "train")[:1]
+    for record in first:
+        try:
+            pair_text(record, cfg.task.columns)
+        except ValueError as error:
+            raise ConfigError(str(error)) from error
 
 
 def _check_data_and_optim(cfg: DictConfig) -> None:

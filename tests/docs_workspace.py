@@ -9,6 +9,7 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,6 +91,7 @@ SCALE = {
         "analysis.memit.stats.source.kind=bundled",
         "analysis.memit.stats.text_field=question",
     ],
+    "evaluation.preferences": ["limit=2", "generation.num_samples=2", "generation.max_new_tokens=4"],
     "analysis.memit": [
         "analysis.mom2_n_samples=8",
         "analysis.v_num_grad_steps=2",
@@ -108,6 +110,7 @@ HYDRA_ENTRYPOINTS = {
     "analysis.memit",
     "analysis.noise_study",
     "runtime.slurm",
+    "evaluation.preferences",
 }
 
 
@@ -139,6 +142,14 @@ def without_comment(line: str) -> str:
         elif char == "#" and (index == 0 or line[index - 1].isspace()):
             return line[:index]
     return line
+
+
+@dataclass(frozen=True)
+class Step:
+    """A documented command and the promise its page makes (a check of what it left in the workspace)."""
+
+    command: str
+    promise: Callable[[Workspace, subprocess.CompletedProcess], None]
 
 
 @dataclass
@@ -246,6 +257,8 @@ def scale_down(program: str, arguments: list[str], workspace: Workspace) -> list
         extra.append("trainer.val_check_interval=2")
     if program == "train.py":  # this machine's device, where a command or its experiment asks for a GPU
         extra.append("trainer.accelerator=cpu")
+    if "grpo" in values.get("objective", "").split(","):  # completions of a few tokens
+        extra.append("++objective.max_completion_length=8")  # ++: also where a sweep's job is sft
     if "hparams_search" in values:
         extra.append("hydra.sweeper.n_trials=2")
     return extra

@@ -24,7 +24,12 @@ USER_TEXT = [
     ROOT / "bench" / "README.md",
     *sorted((ROOT / "docs").glob("*.md")),
 ]
-CONFIG_NAMES = {"train.py": "train", "evaluate.py": "evaluate", "runtime.slurm": "train"}
+CONFIG_NAMES = {
+    "train.py": "train",
+    "evaluate.py": "evaluate",
+    "runtime.slurm": "train",
+    "evaluation.preferences": "preferences",
+}
 # words a reader of this project knows without a gloss, and names (of models, venues, files, classes)
 PLAIN = {
     "API",
@@ -216,6 +221,7 @@ ENTRYPOINTS = [
     "train.py",
     "evaluate.py",
     *[f"analysis.{k}" for k in ("attention", "gradsim", "ripple", "memit")],
+    "evaluation.preferences",
 ]
 
 
@@ -227,7 +233,7 @@ def test_outputs_table_is_what_the_configs_compose(entrypoint: str) -> None:
     raw = OmegaConf.to_container(cfg, resolve=False)
     assert row["run_dir"] == f"`{pattern(raw['hydra']['run']['dir'], raw)}/`"
     assert row["sweep_dir"] == f"`{pattern(raw['hydra']['sweep']['dir'], raw)}/`"
-    assert row["log"] == f"`{entrypoint.removeprefix('analysis.').removesuffix('.py')}.log`"
+    assert row["log"] == f"`{entrypoint.removesuffix('.py').rsplit('.', 1)[-1]}.log`"
     loggers = sorted(cfg.get("logger") or {})
     documented = [] if row["logger"].startswith("none") else sorted(re.findall(r"`(\w+)`", row["logger"]))
     assert documented == loggers, (row["logger"], loggers)

@@ -1,6 +1,7 @@
 """Every capability that reaches inside a model, on every decoder family of tests/families.py (fourteen that
 transformers builds tiny from config fields, and the remote-code MiniMind stand-in): the structure found in
-the model, the six methods trained two steps then exported and reloaded by `ckpt=`, batched generation,
+the model, the six methods trained two steps then exported and reloaded by `ckpt=`, batched generation (and
+its token ids as the training forward scores them, what GRPO trains on),
 attention maps, GradSim, one MEMIT edit and FSDP's wrap units. The mixture-of-experts and hybrid families
 (tests/families.py MIXTURES) train every method and reload from its export, and the mixtures generate (what
 else they are tested on: tests/test_moe.py). Each family's model is built once and shared."""
@@ -20,9 +21,11 @@ from analysis import gradsim, memit, memit_inputs
 from analysis.attention_maps import AttentionCapture, differential_maps, prefer_eager
 from analysis.memit_sites import KeyReader
 from datamodules.sources import load_split
+from lightning_modules.rollouts import completion_batch
 from modeling import architecture, models
 from modeling.classifier_head import head_scores
-from modeling.generation import batches_continuously, generate
+from modeling.generation import batches_continuously, decode, generate
+from modeling.supervised import supervised_output
 from runtime import saved_run
 from runtime.training import run
 from tests.conftest import compose_config
@@ -117,6 +120,22 @@ def test_batched_generation_equals_a_greedy_decode_one_prompt_at_a_time(family_m
             ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
             out = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
             assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) == text
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES) + sorted(MIXTURES))
+def test_generated_tokens_are_those_the_training_forward_scores(family_model, name: str) -> None:
+    """GRPO trains on the token ids generation drew: the training forward over prompt + completion (right
+    padded, no cache) puts the greedy choice at every completion position."""
+    _, model, tokenizer = family_model(name)
+    drawn: dict[int, list[int]] = {}
+    decode(model, tokenizer, PROMPTS, drawn.__setitem__, 2, 6, (), False, 1.0, 1.0, 1, True)
+    prompts = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
+    batch = completion_batch(prompts, [drawn[i] for i in range(len(PROMPTS))], tokenizer.pad_token_id)
+    with torch.no_grad():
+        output, targets = supervised_output(model, batch)
+    supervised = targets != -100
+    assert int(supervised.sum()) == sum(map(len, drawn.values()))
+    assert torch.equal(output.logits.argmax(-1)[supervised], targets[supervised])
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
