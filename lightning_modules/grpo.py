@@ -119,7 +119,13 @@ class GRPOModule(OptimisedModule):
     def _text(self, ids: list[int]) -> str:
         return truncate_at_stop(self.task.tokenizer.decode(ids, skip_special_tokens=True), self.stop_strings)
 
-    def training_step(self, batch: list[dict[str, Any]], batch_idx: int) -> torch.Tensor:
+    def _shared_step(self, batch: list[dict[str, Any]], stage: str) -> torch.Tensor:
+        """Training: the policy loss of a step (a method's regulariser is added by the base class);
+        validation and test: `evaluate`."""
+        return self.policy_step(batch) if stage == "train" else self.evaluate(batch, stage)
+
+    def policy_step(self, batch: list[dict[str, Any]]) -> torch.Tensor:
+        """GRPO's loss on the current generation batch (sampled from `batch` when the last one is used up)."""
         if self.rollout is None or self.rollout.uses >= self.settings["num_iterations"]:
             self.rollout = self.make_rollout(batch)
         rollout = self.rollout
@@ -147,7 +153,7 @@ class GRPOModule(OptimisedModule):
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, prog_bar=name == "loss")
         return result.loss
 
-    def _shared_step(self, batch: list[dict[str, Any]], stage: str) -> torch.Tensor:
+    def evaluate(self, batch: list[dict[str, Any]], stage: str) -> torch.Tensor:
         """Greedy completions of `batch` (and `val_samples` sampled ones) scored: kept for the epoch's
         means and intervals."""
         settings, texts = self.settings, [p["prompt"] for p in batch]
@@ -175,18 +181,26 @@ class GRPOModule(OptimisedModule):
         self._log_evaluated("test")
 
     def _log_evaluated(self, stage: str) -> None:
+        """The stage's means over every process's prompts, Pass@1 with its Wilson interval where it is 0/1."""
         rows = torch.tensor(self.evaluated.pop(stage, []), dtype=torch.float64).view(-1, 3)
-        if not len(rows):
+        binary = float(set(rows[:, 1].tolist()) <= {0.0, 1.0})
+        # [reward sum, successes, pass@k sum, prompts, all 0/1 on every process]
+        sums = rows[:, :3].nan_to_num().sum(0).tolist()
+        totals = torch.tensor([*sums, len(rows), binary], dtype=torch.float64, device=self.device)
+        if self.trainer.world_size > 1:
+            reduce = self.trainer.strategy.reduce
+            totals = torch.cat([reduce(totals[:4], reduce_op="sum"), reduce(totals[4:], reduce_op="min")])
+        rewards, successes, at_k, n, binary = totals.tolist()
+        if not n:
             return
-        successes = int(rows[:, 1].sum())
-        interval = wilson(successes, len(rows)) if set(rows[:, 1].tolist()) <= {0.0, 1.0} else None
-        metrics = {f"{stage}/reward": rows[:, 0].mean(), f"{stage}/pass@1": rows[:, 1].mean()}
-        if interval is not None:
+        metrics = {f"{stage}/reward": rewards / n, f"{stage}/pass@1": successes / n}
+        if binary:
+            interval = wilson(int(successes), int(n))
             metrics |= {f"{stage}/pass@1_low": interval.low, f"{stage}/pass@1_high": interval.high}
         if self.settings["val_samples"] > 1:
-            metrics[f"{stage}/pass@{self.settings['val_samples']}"] = rows[:, 2].mean()
+            metrics[f"{stage}/pass@{self.settings['val_samples']}"] = at_k / n
         for name, value in metrics.items():
-            self.log(name, float(value), sync_dist=True)
+            self.log(name, value)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Also keep a generation batch that later steps still reuse."""
