@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import string
 import subprocess
 from pathlib import Path
 
@@ -23,9 +24,29 @@ def train(
     return launch("train.py", *(["-m"] if multirun else []), *TINY, "model=tiny_llama", *overrides, env=env)
 
 
+# GRPO: each rank samples and rewards completions of its own prompts (tests/fixtures/letter_task.py's reward)
+GRPO = [
+    "objective=grpo",
+    "task=prompt_response",
+    "task.definition._target_=tests.fixtures.letter_task.LetterShareTask",
+    "objective.reward={letter_share: 1.0}",
+    "objective.num_generations=4",
+    "objective.max_completion_length=8",
+    "data.batch_size=8",
+    "trainer.max_steps=3",
+    "optim.lr=1e-2",
+]
+
+
 @pytest.mark.xdist_group("processes")  # starts several training processes: one such test at a time
-def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(tmp_path: Path) -> None:
+@pytest.mark.parametrize("objective", ["sft", "grpo"])
+def test_ddp_on_two_cpu_processes_keeps_ranks_in_sync(tmp_path: Path, objective: str) -> None:
+    if objective == "grpo":
+        rows = [{"prompt": f"Write letters {i}:", "response": string.ascii_lowercase} for i in range(40)]
+        (tmp_path / "letters.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    data = f"task.data_files={{train: {tmp_path / 'letters.jsonl'}, test: {tmp_path / 'letters.jsonl'}}}"
     train(
+        *([*GRPO, data] if objective == "grpo" else []),
         "trainer=ddp",
         "trainer.accelerator=cpu",
         "trainer.devices=2",

@@ -22,6 +22,7 @@ from runtime.results import logged_rows
 from runtime.training import build_trainable_model, run
 from runtime.validate import ConfigError, check
 from stats.estimates import paired
+from tests.families import overrides
 from tests.test_resume import interrupted_run
 from tests.test_train import final_weights
 
@@ -123,6 +124,20 @@ def test_every_method_trains_under_each_objective(
     )
     assert int((tmp_path / "changed").read_text()) > 0
     assert list(Path(results["final_dir"]).glob("*.safetensors"))  # exported like every run
+
+
+@pytest.mark.parametrize("family", ["minimind", "mixtral", "jamba"])  # remote code, experts, a hybrid
+def test_grpo_trains_a_remote_code_a_mixture_and_a_hybrid_model(
+    tiny_config, tmp_path: Path, minimind_dir: Path, letters: list[str], family: str
+) -> None:
+    model = [o for o in overrides(family, minimind_dir) if not o.startswith("model.memit")]
+    small = ["objective.num_generations=4", "data.batch_size=8", "trainer.max_steps=2"]
+    small.append("test_after_fit=false")
+    cfg = tiny_config(*letters[1:], *model, *small, "method=lora", "optim.lr=1e-2")
+    with open_dict(cfg):
+        cfg.callbacks.change = {"_target_": f"{__name__}.TrainableChange", "path": str(tmp_path / "changed")}
+    assert run(cfg)["global_step"] == 2
+    assert int((tmp_path / "changed").read_text()) > 0
 
 
 def greedy_rewards(module, prompts: list[dict]) -> list[float]:
