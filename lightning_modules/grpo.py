@@ -34,7 +34,8 @@ class Rollout:
 
     batch: dict[str, torch.Tensor]
     advantages: torch.Tensor
-    old_log_probs: torch.Tensor
+    old_log_probs: torch.Tensor | None  # None: one step per generation batch (the ratio's denominator is the
+    # step's own log-probs, detached)
     ref_log_probs: torch.Tensor | None
     uses: int = 0
 
@@ -94,7 +95,7 @@ class GRPOModule(OptimisedModule):
             dtype=torch.float64,
         )
         advantages, flat_group = group_advantages(rewards, self.group_size, settings["scale_rewards"])
-        prompt_ids = [tokenizer(text)["input_ids"] for text in texts for _ in range(self.group_size)]
+        prompt_ids = [p["prompt_ids"] for p in prompts for _ in range(self.group_size)]
         batch = completion_batch(prompt_ids, flat, tokenizer.pad_token_id)
         batch = {name: value.to(self.device) for name, value in batch.items()}
         old = ref = None

@@ -31,15 +31,17 @@ class Reward:
         self.score, self.weights, self.format_weight = score, dict(weights), format_weight
 
     def __call__(self, completion: str, reference: Any) -> tuple[float, dict[str, Any]]:
-        """The reward of `completion` against `reference`, and the scorer's scores."""
+        """The reward of `completion` against `reference`, and the scorer's scores (a score the scorer leaves
+        None for this item, e.g. a dialogue turn without an answer to check, counts 0)."""
         scores = self.score(completion, reference)
-        unknown = sorted(set(self.weights) - {k for k, v in scores.items() if isinstance(v, (int, float))})
+        numeric = {k for k, v in scores.items() if v is None or isinstance(v, (int, float))}
+        unknown = sorted(set(self.weights) - numeric)
         if unknown:
-            numeric = sorted(k for k, v in scores.items() if isinstance(v, (int, float)) and v is not None)
             raise ValueError(
-                f"objective.reward.{unknown[0]}: the task's scorer gives no such number; it scores {numeric}"
+                f"objective.reward.{unknown[0]}: the task's scorer gives no such number; it scores "
+                f"{sorted(numeric)}"
             )
-        reward = sum(weight * float(scores[key]) for key, weight in self.weights.items())
+        reward = sum(weight * float(scores[key] or 0.0) for key, weight in self.weights.items())
         if self.format_weight:
             reward += self.format_weight * float(scores.get("extracted_strict") is not None)
         return reward, scores

@@ -14,8 +14,9 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from datamodules.gsm8k import GSM8KTask
 from lightning_modules.dpo import pair_log_probs
-from lightning_modules.rollouts import ReferencePolicy, completion_batch, completion_log_probs
+from lightning_modules.rollouts import ReferencePolicy, Reward, completion_batch, completion_log_probs
 from lightning_modules.task_modules import task_module_class
 from modeling.generation import generate
 from runtime.results import logged_rows
@@ -83,6 +84,18 @@ def test_dpo_data_without_a_mapped_column_is_refused_naming_the_file_line_and_ke
         "objective=dpo", "task=preferences", f"task.data_files={data}", "task.columns.rejected=worse"
     )
     check(ok, "train")
+
+
+def test_a_reward_weighs_the_task_scores_and_names_an_unknown_one() -> None:
+    def gsm8k(text: str, reference: str) -> dict:
+        return {**GSM8KTask.score(None, text, reference), "answer_correct": None}
+
+    weighted = Reward(gsm8k, {"exact_match_flexible": 1.0, "answer_correct": 2.0}, format_weight=0.5)
+    assert weighted("so it is 12.", "12")[0] == 1.0  # right, not in "#### n" form; None counts 0
+    assert weighted("so it is\n#### 12", "12")[0] == 1.5  # and in the task's answer format
+    assert weighted("#### 13", "12")[0] == 0.5
+    with pytest.raises(ValueError, match=r"objective.reward.rouge_l: .* scores \['answer_correct'"):
+        Reward(gsm8k, {"rouge_l": 1.0})("x", "12")
 
 
 class TrainableChange(L.Callback):
