@@ -24,6 +24,7 @@ position ids, and a model with absolute positions, GPT-2, would see shifted ones
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
@@ -39,6 +40,22 @@ Finished = Callable[[int, list[str]], None]
 # called by a decoder with a prompt's index and one completion's token ids (up to and including the token that
 # stopped it), as soon as it is done
 Collect = Callable[[int, list[int]], None]
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """How completions are decoded: prompts per batch, new tokens at most, stop strings, greedy or sampled
+    (temperature, top-p), completions per prompt, and whether the prefix all prompts share is prefilled
+    once."""
+
+    batch_size: int
+    max_new_tokens: int
+    stop_strings: tuple[str, ...] = ()
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    num_samples: int = 1
+    prefix_cache: bool = True
 
 
 def truncate_at_stop(text: str, stop_strings: Sequence[str]) -> str:
@@ -74,21 +91,18 @@ def generate(
         if on_finished is not None and len(texts[index]) == num_samples:
             on_finished(index, texts[index])
 
+    settings = Decoding(
+        batch_size,
+        max_new_tokens,
+        tuple(stop_strings),
+        do_sample,
+        temperature,
+        top_p,
+        num_samples,
+        prefix_cache,
+    )
     with progress:
-        decode(
-            model,
-            tokenizer,
-            prompts,
-            collect,
-            batch_size,
-            max_new_tokens,
-            stop_strings,
-            do_sample,
-            temperature,
-            top_p,
-            num_samples,
-            prefix_cache,
-        )
+        decode(model, tokenizer, prompts, collect, settings)
     return [texts[i] for i in range(len(prompts))]
 
 
@@ -108,20 +122,10 @@ def sample_token_ids(
     the EOS token or the token that completed a stop string): what a policy-gradient step scores and trains
     on. The draws come from torch's global RNG on the model's device."""
     ids: dict[int, list[list[int]]] = {i: [] for i in range(len(prompts))}
-    decode(
-        model,
-        tokenizer,
-        prompts,
-        lambda index, new: ids[index].append(new),
-        batch_size,
-        max_new_tokens,
-        stop_strings,
-        True,
-        temperature,
-        top_p,
-        num_samples,
-        prefix_cache=True,
+    settings = Decoding(
+        batch_size, max_new_tokens, tuple(stop_strings), True, temperature, top_p, num_samples
     )
+    decode(model, tokenizer, prompts, lambda index, new: ids[index].append(new), settings)
     return [ids[i] for i in range(len(prompts))]
 
 
@@ -130,42 +134,25 @@ def decode(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     collect: Collect,
-    batch_size: int,
-    max_new_tokens: int,
-    stop_strings: Sequence[str],
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-    num_samples: int,
-    prefix_cache: bool,
+    settings: Decoding,
 ) -> None:
     """Decode `num_samples` completions of every prompt with the decoder the model allows, handing each
     one's token ids to `collect` as it finishes (the model is left in eval mode)."""
     model.eval()
     tokenizer.padding_side = "left"
     if getattr(getattr(model, "active_peft_config", None), "is_prompt_learning", False):
-        _generate_prompt_learning(
-            model,
-            tokenizer,
-            prompts,
-            collect,
-            batch_size,
-            max_new_tokens,
-            stop_strings,
-            do_sample,
-            temperature,
-            top_p,
-            num_samples,
-        )
+        _generate_prompt_learning(model, tokenizer, prompts, collect, settings)
         return
-    sampler = Sampler(do_sample, temperature, top_p)
-    stopping = Stopping(model, tokenizer, max_new_tokens, stop_strings)
+    sampler = Sampler(settings.do_sample, settings.temperature, settings.top_p)
+    stopping = Stopping(model, tokenizer, settings.max_new_tokens, settings.stop_strings)
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
-    requests = [i for i in order for _ in range(num_samples)]
+    requests = [i for i in order for _ in range(settings.num_samples)]
     if batches_continuously(model):
-        decoder = ContinuousBatch(model, tokenizer, batch_size, stopping, sampler, prefix_cache)
+        decoder = ContinuousBatch(
+            model, tokenizer, settings.batch_size, stopping, sampler, settings.prefix_cache
+        )
     else:
-        decoder = _SameLengthBatches(model, tokenizer, batch_size, stopping, sampler)
+        decoder = _SameLengthBatches(model, tokenizer, settings.batch_size, stopping, sampler)
     decoder.run(prompts, requests, collect)
 
 
@@ -239,22 +226,17 @@ def _generate_prompt_learning(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[str],
     collect: Collect,
-    batch_size: int,
-    max_new_tokens: int,
-    stop_strings: Sequence[str],
-    do_sample: bool,
-    temperature: float,
-    top_p: float,
-    num_samples: int,
+    settings: Decoding,
 ) -> None:
     """Completions through `model.generate`, in batches of prompts of one token length, each handed to
     `collect`."""
     groups: dict[int, list[int]] = {}
     for index in sorted(range(len(prompts)), key=lambda i: -len(prompts[i])):
         groups.setdefault(len(tokenizer(prompts[index])["input_ids"]), []).append(index)
-    sampling = (
-        {"do_sample": True, "temperature": temperature, "top_p": top_p} if do_sample else {"do_sample": False}
-    )
+    sampling = {"do_sample": settings.do_sample}
+    if settings.do_sample:
+        sampling |= {"temperature": settings.temperature, "top_p": settings.top_p}
+    batch_size, num_samples = settings.batch_size, settings.num_samples
     for group in groups.values():
         for first in range(0, len(group), batch_size):
             indices = group[first : first + batch_size]
@@ -264,15 +246,15 @@ def _generate_prompt_learning(
             # [B * num_samples, prompt + new]
             output = model.generate(
                 **encoded,
-                max_new_tokens=max_new_tokens,
+                max_new_tokens=settings.max_new_tokens,
                 num_return_sequences=num_samples,
-                stop_strings=list(stop_strings) or None,
+                stop_strings=list(settings.stop_strings) or None,
                 tokenizer=tokenizer,
                 pad_token_id=tokenizer.pad_token_id,
                 **sampling,
             )
             new = output[:, encoded["input_ids"].shape[1] :].tolist()  # [B * num_samples, new]
-            ends = {tokenizer.pad_token_id, *Stopping(model, tokenizer, max_new_tokens, ()).eos}
+            ends = {tokenizer.pad_token_id, *Stopping(model, tokenizer, settings.max_new_tokens, ()).eos}
             for row, index in enumerate(indices):
                 for ids in new[row * num_samples : (row + 1) * num_samples]:
                     end = next((i for i, token in enumerate(ids) if token in ends), len(ids) - 1)

@@ -24,7 +24,7 @@ from datamodules.sources import load_split
 from lightning_modules.rollouts import completion_batch
 from modeling import architecture, models
 from modeling.classifier_head import head_scores
-from modeling.generation import batches_continuously, decode, generate
+from modeling.generation import Decoding, batches_continuously, decode, generate
 from modeling.supervised import supervised_output
 from runtime import saved_run
 from runtime.training import run
@@ -128,7 +128,7 @@ def test_generated_tokens_are_those_the_training_forward_scores(family_model, na
     padded, no cache) puts the greedy choice at every completion position."""
     _, model, tokenizer = family_model(name)
     drawn: dict[int, list[int]] = {}
-    decode(model, tokenizer, PROMPTS, drawn.__setitem__, 2, 6, (), False, 1.0, 1.0, 1, True)
+    decode(model, tokenizer, PROMPTS, drawn.__setitem__, Decoding(batch_size=2, max_new_tokens=6))
     prompts = [tokenizer(prompt)["input_ids"] for prompt in PROMPTS]
     batch = completion_batch(prompts, [drawn[i] for i in range(len(PROMPTS))], tokenizer.pad_token_id)
     with torch.no_grad():
