@@ -58,6 +58,7 @@ bench: $(STAMP)
 	$(PY) bench/fault_tolerance.py
 	$(PY) bench/fsdp_vs_ddp.py
 	$(PY) bench/structure_discovery.py
+	$(PY) bench/causal_trace.py
 	$(PY) bench/sft_throughput.py
 	$(PY) bench/eval_prefix_cache.py
 	$(PY) bench/eval_data_parallel.py

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 import datamodules
+from analysis import traced_layers
 from analysis.expert_gradients import RoutedExpertGradients, expert_output_weights, routed_only
 from datamodules.task import Task
 from modeling.architecture import as_sequence, check_layers, mlp_output_modules
@@ -172,6 +173,18 @@ def coupling_stage(
     """Load the model `choice` names (refusing a layer it does not have, for every config key -> layers of
     `layer_keys`) and the task, compute GradSim, write knowledge_pieces.json and coupling_matrix.npy."""
     model, tokenizer = saved_run.load(choice, cfg.paths.cache_dir)
+    task = datamodules.build_task(cfg, tokenizer)
+    if traced_layers.is_traced(cfg):
+        facts = [
+            {key: p[key] for key in ("prompt", "subject", "answer")}
+            for p in task.records(settings.split)[: settings.max_pieces]
+            if p.get("subject")
+        ]
+        memit = cfg.analysis.get("memit", cfg.analysis)
+        window = traced_layers.resolve(cfg, model, tokenizer, facts, run_dir, memit.get("num_layers"))
+        layer_keys = {
+            key: window if value == traced_layers.TRACED else value for key, value in layer_keys.items()
+        }
     for key, layers in layer_keys.items():
         check_layers(model, layers, key)
     if offloaded := [name for name, p in model.named_parameters() if p.device.type == "meta"]:
@@ -181,7 +194,6 @@ def coupling_stage(
             "model on the devices, or set model.device_map=null"
         )
     model.eval()
-    task = datamodules.build_task(cfg, tokenizer)
     pieces, matrix = compute(model, task, settings, cfg.seed)
     clean = [{k: v for k, v in p.items() if k != "_where"} for p in pieces]
     (run_dir / "knowledge_pieces.json").write_text(json.dumps(clean, indent=1, ensure_ascii=False) + "\n")

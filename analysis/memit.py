@@ -48,7 +48,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from analysis import memit_inputs
+from analysis import memit_inputs, traced_layers
 from analysis.memit_inputs import batch, captured_output, flat_templates
 from analysis.memit_sites import KeyReader, expert_deltas
 from analysis.memit_z import subject_position, target_vector
@@ -218,6 +218,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     with start(cfg, job_type="analysis") as session:
         model, tokenizer = saved_run.load(choice, cfg.paths.cache_dir)
         identity = model_checks.base_identity(model, cfg.model)
+        facts = [{"prompt": r["prompt"], "subject": r["subject"]} for r in requests]
+        if traced_layers.is_traced(cfg):
+            traced_layers.resolve(cfg, model, tokenizer, facts, session.run_dir, hparams.get("num_layers"))
         cache = Path(cfg.paths.cache_dir) / "memit_stats" / cfg.model.name
         moments, templates = memit_inputs.prepared(model, tokenizer, hparams, cache, session.run_dir)
         before = target_log_probs(model, tokenizer, requests, hparams.target_prefix)

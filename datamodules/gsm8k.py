@@ -99,7 +99,13 @@ class GSM8KTask(Task):
     def attention_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
         """The prompt (in the chat template where prompts are) and the (start, end, label) character spans of
         its question; template text is OC."""
-        problem = self.problem(record)
+        return self._labelled_prompt(self.problem(record))
+
+    def clean_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
+        """`attention_input` of the same record without the injected noise."""
+        return self._labelled_prompt(annotate(record["question"].strip()))
+
+    def _labelled_prompt(self, problem: NoisyProblem) -> tuple[str, list[tuple[int, int, str]]]:
         prompt, placed = self.chat_prompt(self.prompt_template.format(question=problem.question))
         offset = placed + self.prompt_template.index("{question}")
         return prompt, [(offset + s.start, offset + s.end, s.label) for s in problem.spans]

@@ -130,6 +130,13 @@ class Task:
         character spans of its parts labelled with `attention_classes` (none by default)."""
         return self.prompt_format.prompt(record, []), []
 
+    def clean_input(self, record: Mapping[str, Any]) -> tuple[str, list[tuple[int, int, str]]]:
+        """`attention_input` of the record without the noise the task injects (a noisy task's clean
+        counterpart, which activation patching patches from); a task without noise has none."""
+        raise NotImplementedError(
+            f"{type(self).__name__} injects no noise: its prompts have no clean counterpart"
+        )
+
     def records(self, stage: str) -> list[dict[str, Any]]:
         """Raw records of `stage` (train / val / test), split and subsampled; test falls back to val."""
         if stage == "test" and "test" in self.splits:

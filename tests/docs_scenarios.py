@@ -3,12 +3,13 @@ each with the promise its page makes, and the download commands."""
 
 from __future__ import annotations
 
-from tests import docs_evaluation, docs_first_steps, docs_rl, docs_training
+from tests import docs_causal, docs_evaluation, docs_first_steps, docs_rl, docs_training
 from tests import docs_promises as promise
 from tests.docs_workspace import Step
 
 SCENARIOS: dict[str, list[Step]] = {
     **docs_rl.SCENARIOS,
+    **docs_causal.SCENARIOS,
     "fine_tune_then_evaluate_it": [
         Step(
             "python train.py model=diffllama task=gsm8k_inf method=lora",

@@ -82,6 +82,7 @@ SCALE = {
     "train.py": ["trainer.max_steps=2", "data.max_train_samples=8", "data.val_size=2"],
     "evaluate.py": ["limit=2", "generation.max_new_tokens=4"],
     "analysis.attention": ["analysis.num_problems=2"],
+    "analysis.causal": ["analysis.num_problems=2", "analysis.samples=2", "analysis.max_new_tokens=4"],
     "analysis.gradsim": ["analysis.max_pieces=6"],
     "analysis.ripple": [
         "analysis.num_edits=2",
@@ -105,6 +106,7 @@ HYDRA_ENTRYPOINTS = {
     "train.py",
     "evaluate.py",
     "analysis.attention",
+    "analysis.causal",
     "analysis.gradsim",
     "analysis.ripple",
     "analysis.memit",

@@ -24,6 +24,7 @@ RATIO = re.compile(r"^ratio (\w+) = (\S+) \(goal (>=|<=) [\d.]+\)$", re.M)
 # what each script compares exactly, as it prints it (a pattern that must match)
 EXACT = {
     "attention_memory": [r"same attention rows: True"],
+    "causal_trace": [r"max \|effect difference\| on tiny = \d\.\d\de-(0[5-9]|[1-9]\d)\n"],  # below 1e-4
     "eval_data_parallel": [r"identical completions: (\d+)/\1\n"],
     "eval_prefix_cache": [r"identical completions (\d+)/\1\n"],
     "eval_resume": [r"round 0: 2 appends"],  # one per problem

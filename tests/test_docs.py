@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import docs_evaluation, docs_rl
+from tests import docs_causal, docs_evaluation, docs_rl
 from tests.conftest import ROOT
 from tests.docs_scenarios import DOWNLOADS, SCENARIOS
 from tests.docs_workspace import NOT_HERE, Workspace, documented_commands, scaled
@@ -75,6 +75,7 @@ def workspace(tmp_path: Path, minimind_dir: Path, monkeypatch: pytest.MonkeyPatc
     (tmp_path / "prompts.txt").write_text("Tom has 3 apples.\nThe sky is blue.\n")
     docs_evaluation.write_inputs(tmp_path)
     docs_rl.write_inputs(tmp_path)
+    docs_causal.write_inputs(tmp_path)
     monkeypatch.setenv("LMLAB_CACHE", str(minimind_dir.parent / "lmlab_cache"))  # SmolLM2 dequantised once
     with serving(FakeEndpoint) as judge:  # the user's OpenAI-compatible endpoint
         yield Workspace(tmp_path, minimind_dir, judge)

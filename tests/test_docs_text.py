@@ -220,7 +220,7 @@ def pattern(value: str, raw: dict) -> str:
 ENTRYPOINTS = [
     "train.py",
     "evaluate.py",
-    *[f"analysis.{k}" for k in ("attention", "gradsim", "ripple", "memit")],
+    *[f"analysis.{k}" for k in ("attention", "causal", "gradsim", "ripple", "memit")],
     "evaluation.preferences",
 ]
 

@@ -1,0 +1,122 @@
+"""`python -m analysis.causal` as a user meets it: what a trace of a fact file writes, the inputs it refuses by
+name, and MEMIT on traced layers (`model.memit.layers=traced`): the argmax window of the trace, cached, and an
+edit that runs with it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from omegaconf import open_dict
+
+from analysis import causal, memit, traced_layers
+from tests.conftest import compose_config
+from tests.docs_causal import FACTS
+
+EDIT = [
+    'analysis.requests=[{prompt: "{} plays the sport of", subject: LeBron James, target: football}]',
+    "analysis.mom2_n_samples=8",
+    "analysis.v_num_grad_steps=2",
+    "analysis.stats.source.kind=bundled",
+    "analysis.stats.text_field=question",
+]
+
+
+def _analysis(tmp_path: Path, *overrides: str) -> dict:
+    cfg = compose_config("model=tiny_llama", "task.source=bundled", *overrides, config_name="causal")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path)
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    return causal.analyse(cfg)
+
+
+def test_a_trace_of_a_fact_file_writes_every_effect_with_its_interval(tmp_path: Path) -> None:
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(fact) + "\n" for fact in FACTS))
+    result = _analysis(tmp_path, f"analysis.facts={facts}", "analysis.samples=2", "analysis.window=1")
+    assert result["facts"] == 3 and result["noise_level"] > 0
+    summary = result["summary"]["effect"]
+    assert set(summary) == {"block", "attention", "mlp"}
+    for layer, entry in summary["block"]["last"].items():
+        assert entry["n"] == 3 and entry["low"] <= entry["mean"] <= entry["high"], layer
+        assert entry["holm_low"] <= entry["low"] and entry["method"] == "paired t interval over 3 clusters"
+    rows = [json.loads(line) for line in (tmp_path / "causal_items.jsonl").read_text().splitlines()]
+    assert [len(row["kinds"]["mlp"]["effect"][0]) for row in rows] == [len(row["tokens"]) for row in rows]
+    # the last block's state at the last token is the clean prediction: its effect is the whole gap
+    for row in rows:
+        gap = row["clean"][0] - row["corrupted"][0]
+        assert row["kinds"]["block"]["effect"][-1][-1] == pytest.approx(gap, abs=1e-5)
+    mean_gap = sum(r["kinds"]["block"]["effect"][-1][-1] for r in rows) / 3
+    assert summary["block"]["last"]["1"]["mean"] == pytest.approx(mean_gap, abs=1e-6)
+    assert (tmp_path / "trace.png").stat().st_size > 5000 and (tmp_path / "trace_curves.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["analysis.intervention=ablate"], "analysis.intervention=ablate: expected one of trace, patch"),
+        (["analysis.sites=[mixer]", "analysis.text=Tom is", "analysis.subject=Tom"], "no position mixer"),
+        (["task=hotpotqa", "analysis.intervention=patch"], "HotpotQATask injects no noise"),
+        (["task=gsm8k_inf", "analysis.intervention=trace"], "no record of split 'test' is a fact"),
+        (["analysis.text=Tom is tall", "analysis.subject=Ann"], "subject 'Ann' is not in the prompt"),
+        (["task=gsm8k", "analysis.intervention=knockout"], "no NI \\(noise\\) token to knock out"),
+    ],
+)
+def test_bad_input_is_refused_by_name(tmp_path: Path, overrides: list[str], message: str) -> None:
+    with pytest.raises(Exception, match=message):
+        _analysis(tmp_path, *overrides)
+
+
+def test_a_malformed_fact_file_is_named_by_file_and_line(tmp_path: Path) -> None:
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text(json.dumps(FACTS[0]) + "\n{not json\n")
+    with pytest.raises(ValueError, match=rf"{facts}:2: not a JSON object"):
+        _analysis(tmp_path, f"analysis.facts={facts}")
+    facts.write_text(json.dumps({"prompt": "Tom is"}) + "\n")
+    with pytest.raises(ValueError, match=rf"{facts}:1: a fact needs a prompt and a subject"):
+        _analysis(tmp_path, f"analysis.facts={facts}")
+
+
+def test_the_traced_window_is_the_argmax_of_the_curve() -> None:
+    assert traced_layers.best_window([0.1, 0.5, 0.2, 0.4, 0.9], [0, 1, 2, 3, 4], 2) == [3, 4]
+    assert traced_layers.best_window([0.3, 0.3, 0.1], [2, 5, 7], 1) == [2]  # the earliest of a tie
+    assert traced_layers.best_window([0.3, 0.1], [0, 1], 5) == [0, 1]  # clipped to the layers there are
+
+
+def _edit(tmp_path: Path, *overrides: str) -> dict:
+    cfg = compose_config("model=tiny_llama", *EDIT, *overrides, config_name="memit")
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+    return memit.run(cfg)
+
+
+def test_memit_edits_the_traced_window_of_a_constructed_trace_and_caches_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    traced = []
+
+    def constructed(model, tokenizer, facts, trace):
+        traced.append(facts)
+        return {"layers": [0, 1, 2, 3], "curve": [0.05, 0.4, 0.3, 0.9]}
+
+    monkeypatch.setattr(traced_layers, "mlp_curve", constructed)
+    deeper = ["model.architecture.num_hidden_layers=4", "model.memit.layers=traced", "model.memit.num_layers=2"]
+    result = _edit(tmp_path, *deeper)
+    # the best pair the edit can reach: the last layer (0.9) has no block after it
+    assert result["layers"] == [1, 2]
+    assert result["probability_after"]["value"] > result["probability_before"]["value"]
+    record = json.loads((tmp_path / "run" / "traced_layers.json").read_text())
+    assert (record["layers"], record["curve"], record["facts"]) == ([1, 2], [0.05, 0.4, 0.3, 0.9], 1)
+    assert traced == [[{"prompt": "LeBron James plays the sport of", "subject": "LeBron James"}]]
+    again = _edit(tmp_path, *deeper)
+    assert again["layers"] == [1, 2] and len(traced) == 1  # the second edit read the cached trace
+
+
+def test_memit_traces_the_facts_it_edits(tmp_path: Path) -> None:
+    result = _edit(tmp_path, "model.memit.layers=traced", "model.memit.trace.samples=2")
+    record = json.loads((tmp_path / "run" / "traced_layers.json").read_text())
+    assert record["curve_layers"] == [0, 1] and len(record["curve"]) == 2
+    assert result["layers"] == record["layers"] == [0]  # of two layers, the one with a block after it
+    assert Path(record["trace"]).is_file()
