@@ -12,7 +12,7 @@ both), and lmlab's cost per fact as the model grows.
     ratio trace_vs_transformer_lens = <TransformerLens median s/fact / lmlab's, SmolLM2-135M> (goal >= 2.0)
     ratio trace_vs_transformer_lens_tiny = <the same on the tiny GPT-2> (goal >= 2.0)
 
-    python bench/causal_trace.py [--facts 3] [--samples 3] [--rounds 2]
+    python bench/causal_trace.py [--facts 2] [--samples 3] [--rounds 2]
     python bench/causal_trace.py --quick   # tiny models only, two facts, one round: checks the script
 """
 
@@ -112,7 +112,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--facts", type=int, default=3)
+    parser.add_argument("--facts", type=int, default=2)
     parser.add_argument("--samples", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

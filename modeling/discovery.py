@@ -16,7 +16,8 @@ pass, so a transformers-native family lmlab never named and a remote-code model 
   The forward stops after block 0 when every block holds its mixer, else (a hybrid) it traces every block;
 - MLP output projection: the one linear map outside the mixers from another width back to the block's
   hidden width (the matrix MEMIT edits and GradSim differentiates; a router reads the hidden width, so it is
-  not one; in a mixture of experts, the shared expert's: the dense path beside the routed experts); its
+  not one; in a mixture of experts, the shared expert's: the dense path beside the routed experts, never a
+  routed expert's, which sees only the tokens routed to it even where the probe sent it every one); its
   layout, nn.Linear's [out, in] or Conv1D's [in, out], is read off the widths it was called with;
 - MLP: the outermost module of the block that holds that projection but no mixer (OPT keeps fc1 and
   fc2 directly in its block: its MLP is fc2); a mixture without a dense path: the MoE layer.
@@ -197,7 +198,8 @@ def _find_mlp_output(
             writers.append((name, module, call.input.shape[-1]))
     routed = [layer.experts for layer in expert_layers(block)]
     dense = [entry for entry in writers if not any(_inside(experts, entry[0]) for experts in routed)]
-    writers = dense if routed and dense else writers  # a shared expert: the dense path beside the experts
+    # a shared expert: the dense path beside the experts; a routed expert never (it sees only its tokens)
+    writers = dense if routed else writers
     if len(writers) != 1:
         found = ", ".join(name for name, *_ in writers) or "none"
         unresolved["mlp_output"] = (

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from omegaconf import open_dict
 
-from analysis import causal, memit, traced_layers
+from analysis import causal, gradsim, memit, traced_layers
 from tests.conftest import compose_config
 from tests.docs_causal import FACTS
 
@@ -102,7 +102,11 @@ def test_memit_edits_the_traced_window_of_a_constructed_trace_and_caches_it(
         return {"layers": [0, 1, 2, 3], "curve": [0.05, 0.4, 0.3, 0.9]}
 
     monkeypatch.setattr(traced_layers, "mlp_curve", constructed)
-    deeper = ["model.architecture.num_hidden_layers=4", "model.memit.layers=traced", "model.memit.num_layers=2"]
+    deeper = [
+        "model.architecture.num_hidden_layers=4",
+        "model.memit.layers=traced",
+        "model.memit.num_layers=2",
+    ]
     result = _edit(tmp_path, *deeper)
     # the best pair the edit can reach: the last layer (0.9) has no block after it
     assert result["layers"] == [1, 2]
@@ -120,3 +124,29 @@ def test_memit_traces_the_facts_it_edits(tmp_path: Path) -> None:
     assert record["curve_layers"] == [0, 1] and len(record["curve"]) == 2
     assert result["layers"] == record["layers"] == [0]  # of two layers, the one with a block after it
     assert Path(record["trace"]).is_file()
+
+
+def test_gradsim_reads_the_traced_layers_of_its_own_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    traced = []
+
+    def constructed(model, tokenizer, facts, trace):
+        traced.append(facts)
+        return {"layers": [0, 1, 2, 3], "curve": [0.9, 0.1, 0.2, 0.3]}
+
+    monkeypatch.setattr(traced_layers, "mlp_curve", constructed)
+    cfg = compose_config(
+        "model=tiny_llama",
+        "model.architecture.num_hidden_layers=4",
+        "task.source=bundled",
+        "analysis.max_pieces=4",
+        "model.memit.layers=traced",
+        "model.memit.num_layers=2",
+        config_name="gradsim",
+    )
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
+    result = gradsim.run(cfg)
+    assert [name.split(".")[2] for name in result["layers"]] == ["0", "1"]
+    assert all(fact["subject"] in fact["prompt"] for fact in traced[0]) and 0 < len(traced[0]) <= 4

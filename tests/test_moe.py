@@ -21,6 +21,7 @@ import datamodules
 from analysis import ripple
 from analysis.attention import ANALYSIS_FILE, MAPS_FILE, analyse
 from analysis.expert_gradients import RoutedExpertGradients, expert_blocks, expert_output_weights, routed_only
+from analysis.interventions import Interventions
 from lightning_modules.methods import MethodContext, lora
 from modeling import architecture
 from modeling.experts import ExpertLoad
@@ -29,7 +30,7 @@ from modeling.padding_free import keeps_sequences_apart
 from runtime.strategies import LayerFSDPStrategy
 from tests.conftest import built_model, composed_in, fresh_family
 from tests.families import MIXTURES, REMOTE_CODE, TINY_FIELDS, overrides
-from tests.remote_code import save_tiny_minimind
+from tests.remote_code import fixture_module, save_tiny_minimind
 
 TEXTS = [("Paris is in", "France"), ("2 + 2 is", "4"), ("Ice is very", "cold")]
 
@@ -234,3 +235,28 @@ def test_the_ripple_study_runs_on_a_mixture_without_a_dense_path(minimind_dir: P
     assert any(np.abs(e["delta_log_prob"]).max() > 0 for e in experiments)  # the routed experts were edited
     statistics = json.loads((tmp_path / "run" / "memit_statistics.json").read_text())
     assert sum(statistics["expert_tokens"]["0"]) == 2 * statistics["tokens"]  # top-2 routing recorded
+
+
+def test_a_routed_expert_that_saw_every_probe_token_is_not_taken_for_the_mlp_output() -> None:
+    """Upstream MiniMind's MoE (routed experts only, each called on its tokens, summed with index_add_): where
+    the discovery probe routes every token to one expert, that expert still sees only its tokens on real
+    inputs, so the MLP is the MoE layer and no MLP output projection is found (GradSim differentiates the
+    experts, the causal sites read the MoE layer's output, where every token passes)."""
+    code = fixture_module()
+    torch.manual_seed(0)
+    config = code.MiniMindConfig(vocab_size=259, use_moe=True, n_shared_experts=0, num_experts_per_tok=1)
+    model = code.MiniMindForCausalLM(config).eval()
+    gates = [block.mlp.gate.weight for block in model.model.layers]
+    trained = [gate.detach().clone() for gate in gates]
+    with torch.no_grad():
+        for gate in gates:
+            gate.zero_()  # equal scores: every probe token goes to the first expert
+    found = architecture.structure(model)
+    assert (found.mlp, found.mlp_output) == ("mlp", None) and routed_only(model)
+    with torch.no_grad():
+        for gate, weight in zip(gates, trained, strict=True):
+            gate.copy_(weight)  # real routing: each expert sees a subset of the tokens
+    hooks = Interventions(model, ("mlp",))
+    with hooks.hooked():
+        hooks.run(torch.randint(3, 259, (2, 9)), record={("mlp", 0)})
+    assert hooks.recorded[("mlp", 0)].shape[:2] == (2, 9)
