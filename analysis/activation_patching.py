@@ -13,21 +13,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.causal_inputs import Problem
-from analysis.interventions import Interventions, heads_of
-from stats.estimates import bootstrap
+from analysis.causal_inputs import Problem, answer_token_log_probs
+from analysis.intervened_generation import Greedy
+from analysis.interventions import Interventions
+from analysis.sites import heads_of
+from stats.estimates import bootstrap, paired, verdicts
 
 
 def target_log_prob(logits: torch.Tensor, prompt_length: int, target: torch.Tensor) -> torch.Tensor:
     """log P(target | prompt) of each row of `logits` [B, T, V]: [B]."""
-    start = prompt_length - 1
-    log_probs = logits[:, start : start + len(target)].float().log_softmax(-1)  # [B, A, V]
-    return log_probs.gather(-1, target[None, :, None].expand(len(logits), -1, 1))[..., 0].sum(-1)
+    return answer_token_log_probs(logits, prompt_length, target).sum(-1)
 
 
-def patch_problem(hooks: Interventions, problem: Problem, batch_size: int) -> dict[str, Any]:
+def patch_problem(
+    hooks: Interventions, problem: Problem, batch_size: int, greedy: Greedy | None = None
+) -> dict[str, Any]:
     """The clean and noisy target log-probs of one problem and, per site kind and layer, the noisy run's with
-    the clean run's output patched in at the aligned prompt tokens."""
+    the clean run's output patched in at the aligned prompt tokens; with `greedy`, the generated token ids of
+    the clean, the noisy and every patched run (heads: log-probs only, a generation per head being too
+    dear)."""
     if problem.clean_ids is None or problem.aligned is None:
         raise ValueError(f"problem {problem.id}: no clean prompt to patch from")
     device = hooks.model.device
@@ -47,6 +51,10 @@ def patch_problem(hooks: Interventions, problem: Problem, batch_size: int) -> di
         "aligned": len(source),
         "kinds": {},
     }
+    generated: dict[str, Any] = {}
+    if greedy is not None:
+        generated["clean"] = greedy.run(hooks, problem.clean_ids, 1, {})[0]
+        generated["noisy"] = greedy.run(hooks, problem.prompt_ids, 1, {})[0]
     for kind, modules in hooks.sites.items():
         heads = heads_of(hooks.model) if kind == "head" else 1
         units = [(layer, head) for layer in sorted(modules) for head in range(heads)]
@@ -56,8 +64,14 @@ def patch_problem(hooks: Interventions, problem: Problem, batch_size: int) -> di
             edits = _patching(chunk, kind, heads, source, positions, recorded)
             logits = hooks.run(noisy_ids.repeat(len(chunk), 1), edits=edits)
             patched += target_log_prob(logits, len(problem.prompt_ids), target).tolist()
+            if greedy is not None and kind != "head":
+                generated.setdefault(kind, []).extend(
+                    greedy.run(hooks, problem.prompt_ids, len(chunk), {"edits": edits})
+                )
         names = [f"{layer}.{head}" if kind == "head" else str(layer) for layer, head in units]
         result["kinds"][kind] = {"units": names, "patched": patched}
+    if generated:
+        result["generated"] = generated
     return result
 
 
@@ -94,6 +108,25 @@ def _patching(
             columns.repeat_interleave(len(source), 0),
         )
     return edits
+
+
+def pass_at_1_table(rows: list[dict[str, Any]], confidence: float) -> list[dict[str, Any]]:
+    """Pass@1 of the clean prompts and of each patched unit against the noisy prompts, paired per problem
+    (exact McNemar), Holm-adjusted across the table."""
+    noisy = [r["correct"]["noisy"] for r in rows]
+    pairs = [("clean", [r["correct"]["clean"] for r in rows])]
+    for kind, entry in rows[0]["kinds"].items():
+        if kind in rows[0]["correct"]:
+            pairs += [
+                (f"{kind} {unit}", [r["correct"][kind][i] for r in rows])
+                for i, unit in enumerate(entry["units"])
+            ]
+    comparisons = [paired(values, noisy, None, confidence) for _, values in pairs]
+    judged = verdicts(comparisons, [(name, "noisy") for name, _ in pairs], better="higher")
+    return [
+        {"a": name, "b": "noisy", **comparison.as_dict(), **verdict}
+        for (name, _), comparison, verdict in zip(pairs, comparisons, judged, strict=True)
+    ]
 
 
 def recovered_share(rows: list[dict[str, Any]], kind: str, index: int, settings: Any) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from analysis.allocation import token_classes
@@ -34,6 +35,14 @@ class Problem:
     def tokens_of(self, label: str) -> list[int]:
         """Indices of the prompt tokens of class `label`."""
         return [i for i, c in enumerate(self.classes) if c == label]
+
+
+def answer_token_log_probs(logits: torch.Tensor, prompt_length: int, answer: torch.Tensor) -> torch.Tensor:
+    """log P(answer token j | prompt, answer tokens before j) of each row of `logits` [B, T, V] of a prompt of
+    `prompt_length` tokens followed by `answer` [A]: [B, A]."""
+    start = prompt_length - 1
+    log_probs = logits[:, start : start + len(answer)].float().log_softmax(-1)  # [B, A, V]
+    return log_probs.gather(-1, answer[None, :, None].expand(len(logits), -1, 1))[..., 0]
 
 
 def read_facts(settings: DictConfig) -> list[dict[str, Any]]:

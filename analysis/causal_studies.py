@@ -12,7 +12,9 @@ from omegaconf import DictConfig
 
 from analysis import activation_patching, causal_inputs, causal_trace, knockout, logit_lens
 from analysis.causal_statistics import effect_table
-from analysis.interventions import SITE_KINDS, Interventions, site_modules
+from analysis.intervened_generation import Greedy
+from analysis.interventions import Interventions
+from analysis.sites import SITE_KINDS, site_modules
 from datamodules.task import Task
 from figures import causal as plots
 from modeling.architecture import attention_layers
@@ -112,11 +114,21 @@ def patch(cfg: DictConfig, model: Any, tokenizer: Any, task: Task, run_dir: Path
     settings = cfg.analysis
     problems = _problems(task, settings, clean=True)
     hooks = Interventions(model, site_kinds(model, settings.get("sites")))
+    greedy, decode, score = _generation(settings, task, tokenizer)
     with hooks.hooked():
-        rows = [
-            activation_patching.patch_problem(hooks, p, settings.batch_size)
-            for p in counted(problems, "problems patched")
-        ]
+        rows = []
+        for p in counted(problems, "problems patched"):
+            row = activation_patching.patch_problem(hooks, p, settings.batch_size, greedy)
+            if "generated" in row:  # the clean and noisy run's ids, and a list of them per patched kind
+                generated = row.pop("generated")
+                row["correct"] = {
+                    name: [score(ids, p.reference) for ids in runs]
+                    if name in row["kinds"]
+                    else score(runs, p.reference)
+                    for name, runs in generated.items()
+                }
+                row["generation"] = {name: decode(generated[name]) for name in ("clean", "noisy")}
+            rows.append(row)
     gap = effect_table(
         {"clean - noisy": [r["clean"] - r["noisy"] for r in rows]}, None, cfg.statistics.confidence
     )
@@ -140,7 +152,25 @@ def patch(cfg: DictConfig, model: Any, tokenizer: Any, task: Task, run_dir: Path
         for kind, kind_shares in shares.items()
     }
     summary = {"gap": gap["clean - noisy"], "recovered_share": shares, "recovered_log_prob": effects}
+    if greedy is not None and len(rows) > 1:
+        summary["pass@1"] = activation_patching.pass_at_1_table(rows, cfg.statistics.confidence)
     return {"problems": len(rows), "summary": summary}, rows, figures, headline
+
+
+def _generation(settings: DictConfig, task: Task, tokenizer: Any) -> tuple[Greedy | None, Any, Any]:
+    """The greedy decoder `analysis.generate` asks for (None: log-probs only); the text of a generation's
+    token ids (cut at the evaluation's stop strings); its 0/1 score against a reference by the task's own
+    metric."""
+    stops = list(settings.stop_strings) + list(task.extra_stop_strings)
+
+    def decode(ids: list[int]) -> str:
+        return truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops)
+
+    def score(ids: list[int], reference: str) -> float:
+        return float(task.score(decode(ids), reference)[task.reward_score or "exact_match"])
+
+    greedy = Greedy(settings.max_new_tokens, tokenizer.eos_token_id) if settings.generate else None
+    return greedy, decode, score
 
 
 def run_knockout(cfg: DictConfig, model: Any, tokenizer: Any, task: Task, run_dir: Path) -> Outcome:
@@ -148,26 +178,16 @@ def run_knockout(cfg: DictConfig, model: Any, tokenizer: Any, task: Task, run_di
     settings = cfg.analysis
     problems = _problems(task, settings, clean=False)
     named = knockout.windows(attention_layers(model), settings.knockout_window)
-    rows_per_problem = 1 + 2 * len(named)
-    generate = (
-        knockout.greedy(settings.max_new_tokens, tokenizer.eos_token_id, rows_per_problem)
-        if settings.generate
-        else None
-    )
-    metric = task.reward_score or "exact_match"
-    stops = list(settings.stop_strings) + list(task.extra_stop_strings)
+    greedy, decode, score = _generation(settings, task, tokenizer)
     hooks = Interventions(model, (), knockout=True)
     rows = []
     with hooks.hooked():
         for p in counted(problems, "problems knocked out"):
-            row = knockout.knockout_problem(hooks, p, named, settings.seed, generate)
+            row = knockout.knockout_problem(hooks, p, named, settings.seed, greedy)
             if "generated" in row:
-                texts = {
-                    v: truncate_at_stop(tokenizer.decode(ids, skip_special_tokens=True), stops)
-                    for v, ids in row.pop("generated").items()
-                }
-                row["generation"] = texts
-                row["correct"] = {v: float(task.score(t, p.reference)[metric]) for v, t in texts.items()}
+                generated = row.pop("generated")
+                row["correct"] = {v: score(ids, p.reference) for v, ids in generated.items()}
+                row["generation"] = {v: decode(ids) for v, ids in generated.items()}
             rows.append(row)
     tables = knockout.summarise(rows, cfg.statistics.confidence)
     figures = (
@@ -179,7 +199,11 @@ def run_knockout(cfg: DictConfig, model: Any, tokenizer: Any, task: Task, run_di
         for r in table
         if r["b"] == "plain"
     }
-    result = {"problems": len(rows), "windows": named, "metric": metric if settings.generate else None}
+    result = {
+        "problems": len(rows),
+        "windows": named,
+        "metric": (task.reward_score or "exact_match") if settings.generate else None,
+    }
     return result | {"summary": tables}, rows, figures, headline
 
 

@@ -18,7 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from analysis.interventions import Interventions, Site
+from analysis.causal_inputs import answer_token_log_probs
+from analysis.interventions import Interventions
+from analysis.sites import Site
 from analysis.token_spans import span_tokens, tokens_with_offsets
 from modeling.architecture import input_embeddings
 
@@ -68,10 +70,8 @@ def noise_level(tokenizer: Any, model: torch.nn.Module, facts: Sequence[Fact], s
 
 def answer_scores(logits: torch.Tensor, fact: Fact) -> tuple[torch.Tensor, torch.Tensor]:
     """(P(first answer token), log P(whole answer)) of each row of `logits` [B, T, V]: [B] each."""
-    start = len(fact.prompt_ids) - 1
     answer = torch.tensor(fact.answer_ids, device=logits.device)
-    log_probs = logits[:, start : start + len(answer)].float().log_softmax(-1)  # [B, A, V]
-    per_token = log_probs.gather(-1, answer[None, :, None].expand(len(logits), -1, 1))[..., 0]  # [B, A]
+    per_token = answer_token_log_probs(logits, len(fact.prompt_ids), answer)  # [B, A]
     return per_token[:, 0].exp(), per_token.sum(-1)
 
 

@@ -1,19 +1,11 @@
 """The intervention layer the causal analyses share (analysis/causal.py): read a site's activations, overwrite
 them in chosen batch rows and positions, add noise to input embeddings, and knock out attention edges.
 
-Every intervention is a plain PyTorch hook on a module found by modeling/architecture.py, so it reaches any
-decoder the discovery handles (transformers' families, mixtures, hybrids, remote code), with no per-family
-code. A batch holds variants of one sequence (one row per restored site, per noise draw, per knockout), so
-many interventions run in one forward pass. Site kinds:
-
-- `block`: a decoder block's output (the residual stream after the block);
-- `attention`: the attention module's output (blocks with attention only, in a hybrid);
-- `mlp`: the MLP's output (a mixture of experts' whole MoE layer, which every token passes through);
-- `mixer`: a hybrid's other position mixer (state-space or convolution layer), in the blocks without
-  attention;
-- `head`: the input of the attention's output projection (the last linear map the attention calls that
-  writes the hidden width), whose `num_attention_heads` equal slices are the heads' outputs; an edit may
-  write some columns (one head's slice) and keep the rest.
+Every intervention is a plain PyTorch hook on a site found in the model (analysis/sites.py), so it reaches
+any decoder the discovery handles (transformers' families, mixtures, hybrids, remote code), with no
+per-family code. A batch holds variants of one sequence (one row per restored site, per noise draw, per
+knockout), so many interventions run in one forward pass; an edit of a `head` site may write some columns
+(one head's slice) and keep the rest.
 
 Why hooks rather than nnsight or pyvene (docs/causal.md): both wrap the model in their own tracing or
 configuration objects and address modules by name or type, while lmlab already finds every site by structure;
@@ -31,116 +23,9 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from analysis.attention_maps import SOFTMAXES
-from modeling.architecture import (
-    as_sequence,
-    attention_layers,
-    decoder_blocks,
-    has_submodule,
-    input_embeddings,
-    structure,
-)
-from modeling.discovery import StructureError, bare_model, outermost_linears
-from modeling.probe import probe_forward
-
-SITE_KINDS = ("block", "attention", "mlp", "mixer", "head")
-# the kinds read and written at a module's input rather than its output
-INPUT_KINDS = {"head"}
-OUTPUT_PROJECTION_ATTR = "lmlab_output_projection"
-Site = tuple[str, int]  # (kind, layer)
-# per site: the rows, the positions and the values [n, d] written there, and optionally the columns [n, d]
-# (bool) to write (the others keep their value)
-Edits = Mapping[Site, tuple[torch.Tensor, ...]]
-
-
-def site_modules(model: nn.Module, kind: str) -> dict[int, nn.Module]:
-    """The module of every layer that has a site of `kind`, by layer index; a kind the model lacks is refused
-    by name."""
-    blocks, found = decoder_blocks(model), structure(model)
-    name = type(model).__name__
-    if kind == "block":
-        return dict(enumerate(blocks))
-    if kind == "attention":
-        path = found.part("attention")
-        return {i: blocks[i].get_submodule(path) for i in attention_layers(model)}
-    if kind == "mlp":
-        path = found.part("mlp")
-        return {i: block.get_submodule(path) for i, block in enumerate(blocks) if has_submodule(block, path)}
-    if kind == "mixer":
-        mixers = {i: m for i, m in enumerate(found.mixers) if m is not None and m != found.attention}
-        if not mixers:
-            raise StructureError(
-                f"analysis.sites: {name} has no position mixer besides attention (the `mixer` site is a "
-                "hybrid's state-space or convolution layer); its sites: block, attention, mlp"
-            )
-        return {i: blocks[i].get_submodule(path) for i, path in mixers.items()}
-    if kind == "head":
-        attention = site_modules(model, "attention")
-        path = output_projection(model)
-        return {i: module.get_submodule(path) for i, module in attention.items()}
-    raise StructureError(f"analysis.sites: unknown site kind {kind!r}; the kinds are {', '.join(SITE_KINDS)}")
-
-
-def output_projection(model: nn.Module) -> str:
-    """The path, within an attention module, of its output projection: the last linear map the first
-    attention module calls whose output has the attention's own output width (found once by a forward pass,
-    kept on the model); refused by name where there is none."""
-    bare = bare_model(model)
-    found = getattr(bare, OUTPUT_PROJECTION_ATTR, None)
-    if found is not None:
-        return found
-    attention = next(iter(site_modules(model, "attention").values()))
-    calls: list[tuple[str, int]] = []  # (linear map, output width) in call order; the attention's own last
-    watched = [(name, module) for name, module in outermost_linears(attention)] + [("", attention)]
-    handles = [
-        module.register_forward_hook(lambda m, a, output, name=name: calls.append((name, _width(output))))
-        for name, module in watched
-    ]
-    try:
-        probe_forward(bare, 0)
-    finally:
-        for handle in handles:
-            handle.remove()
-    width = next((out for name, out in calls if name == ""), None)
-    writers = [name for name, out in calls if name and out == width]
-    if not writers:
-        raise StructureError(
-            f"analysis.sites: {type(attention).__name__} calls no linear map that writes its output width, "
-            "so its heads cannot be told apart (the `head` site)"
-        )
-    setattr(bare, OUTPUT_PROJECTION_ATTR, writers[-1])
-    return writers[-1]
-
-
-def _width(output: Any) -> int:
-    return (output[0] if isinstance(output, (tuple, list)) else output).shape[-1]
-
-
-def heads_of(model: nn.Module) -> int:
-    """How many heads the output projection's input is split into: the model's `num_attention_heads`."""
-    config = bare_model(model).config
-    heads = getattr(config, "num_attention_heads", None)
-    if not heads:
-        raise StructureError(f"{type(config).__name__} states no num_attention_heads (the `head` site)")
-    return int(heads)
-
-
-def hidden_of(output: Any, batch: int, length: int) -> torch.Tensor:
-    """The hidden states [B, T, d] in a module's output (a tensor, or the first element of a tuple)."""
-    value = output[0] if isinstance(output, (tuple, list)) else output
-    if not isinstance(value, torch.Tensor):
-        raise StructureError(f"a site's output is {type(value).__name__}, not a tensor of hidden states")
-    return as_sequence(value, batch, length)
-
-
-def with_hidden(output: Any, hidden: torch.Tensor) -> Any:
-    """`output` with its hidden states replaced by `hidden` (in the output's own layout)."""
-    value = output[0] if isinstance(output, (tuple, list)) else output
-    hidden = hidden.view(value.shape)
-    if isinstance(output, tuple):
-        return (hidden, *output[1:])
-    if isinstance(output, list):
-        return [hidden, *output[1:]]
-    return hidden
+from analysis.sites import INPUT_KINDS, Edits, Site, hidden_of, site_modules, with_hidden
+from modeling.architecture import input_embeddings
+from modeling.discovery import StructureError
 
 
 class Interventions:
@@ -189,16 +74,16 @@ class Interventions:
         noise: tuple[torch.Tensor, torch.Tensor] | None = None,
         knockout: Mapping[int, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """The logits [B, T, V] of one forward pass of `input_ids` [B, T] that records the sites in `record`
-        (then in `recorded`, [B, T, d] each), writes `edits`, adds `noise` = (positions [S], values
-        [B, S, d]) to the input embeddings, and blocks attention in layer l where `knockout[l]` [B, T', T']
-        (query, key; T' >= T) is True."""
+        """The logits [B, T, V] of the input tokens in one forward pass of `input_ids` [B, T] that records the
+        sites in `record` (then in `recorded`, [B, T, d] each), writes `edits`, adds `noise` = (positions [S],
+        values [B, S, d]) to the input embeddings, and blocks attention in layer l where `knockout[l]`
+        [B, T', T'] (query, key; T' >= T) is True."""
         self.record, self.recorded = record or set(), {}
         self.edits, self.noise, self.knockout = edits or {}, noise, knockout or {}
         self.shape = tuple(input_ids.shape)
         try:
             with torch.no_grad():
-                return self.model(input_ids=input_ids).logits
+                return self.model(input_ids=input_ids).logits[:, -input_ids.shape[1] :]
         finally:
             self.edits, self.noise, self.knockout = {}, None, {}
             if self._mode is not None:  # the forward failed inside an attention module
@@ -228,15 +113,18 @@ class Interventions:
         return hook
 
     def _visit(self, site: Site, value: Any) -> torch.Tensor | None:
-        """Record the hidden states in `value` where asked; the edited states [B, T, d], or None."""
+        """Record the hidden states in `value` where asked; the edited states [B, T', d], or None. Positions
+        count the input tokens: a prompt-tuned model's virtual tokens, which it puts first, are skipped."""
         if site not in self.record and site not in self.edits:
             return None
-        hidden = hidden_of(value, *self.shape)
+        hidden = hidden_of(value, self.shape[0])
+        virtual = hidden.shape[1] - self.shape[1]
         if site in self.record:
-            self.recorded[site] = hidden.detach().clone()
+            self.recorded[site] = hidden[:, virtual:].detach().clone()
         if site not in self.edits:
             return None
         rows, positions, values, *columns = self.edits[site]
+        positions = positions + virtual
         hidden = hidden.clone()
         values = values.to(hidden.dtype)
         if columns:  # only these columns of each written cell
@@ -247,7 +135,7 @@ class Interventions:
     def _knockout_enter(self, layer: int) -> Callable[..., None]:
         def hook(module: nn.Module, args: Any) -> None:
             if layer in self.knockout:
-                self._mode = _Knockout(self.knockout[layer], type(module).__name__)
+                self._mode = _Knockout(self.knockout[layer], type(module).__name__, self.shape[1])
                 self._mode.__enter__()
 
         return hook
@@ -264,16 +152,21 @@ class Interventions:
 
 
 class _Knockout(TorchFunctionMode):
-    """Active inside one attention call: blocks the (query, key) pairs of `blocked` [B, T, T] in the scores
-    of its softmax over keys, or in the mask of its scaled_dot_product_attention call."""
+    """Active inside one attention call over `length` input tokens: blocks the (query, key) pairs of `blocked`
+    [B, T', T'] (token positions) in the scores of its softmax over keys, or in the mask of its
+    scaled_dot_product_attention call."""
 
-    def __init__(self, blocked: torch.Tensor, module: str) -> None:
+    def __init__(self, blocked: torch.Tensor, module: str, length: int) -> None:
         super().__init__()
-        self.blocked, self.module, self.masked = blocked, module, False
+        self.blocked, self.module, self.length, self.masked = blocked, module, length, False
 
     def _pairs(self, queries: int, keys: int) -> torch.Tensor:
-        # the queries are the last `queries` of the `keys` positions (a KV cache puts earlier keys first)
-        return self.blocked[:, keys - queries : keys, :keys][:, None]  # [B, 1, Q, K]
+        # keys beyond the input tokens are a prompt-tuned model's virtual tokens, first and never blocked;
+        # the queries are the last `queries` of the keys (a KV cache puts earlier keys first)
+        virtual = max(0, keys - self.length)
+        blocked = self.blocked[:, : keys - virtual, : keys - virtual]
+        blocked = torch.nn.functional.pad(blocked, (virtual, 0, virtual, 0))
+        return blocked[:, keys - queries : keys][:, None]  # [B, 1, Q, K]
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})

@@ -8,12 +8,12 @@ any tokens hurts". One batch holds the plain run, each window's knockout and eac
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from analysis.causal_inputs import Problem
+from analysis.causal_inputs import Problem, answer_token_log_probs
+from analysis.intervened_generation import Greedy
 from analysis.interventions import Interventions
 from stats.estimates import paired, verdicts
 
@@ -47,9 +47,9 @@ def knockout_problem(
     problem: Problem,
     named_windows: dict[str, list[int]],
     seed: int,
-    generate: Callable[[Interventions, list[int], Callable[[int], dict]], list[list[int]]] | None,
+    greedy: Greedy | None = None,
 ) -> dict[str, Any]:
-    """The gold target's log-prob (and, with `generate`, the generated token ids) of the plain run, each
+    """The gold target's log-prob (and, with `greedy`, the generated token ids) of the plain run, each
     window's knockout of the noise tokens and each window's control."""
     noise = problem.tokens_of("NI")
     if not noise:
@@ -72,39 +72,19 @@ def knockout_problem(
 
     ids = torch.tensor(problem.prompt_ids + problem.target_ids, device=hooks.model.device)
     logits = hooks.run(ids.repeat(len(variants), 1), knockout=masks(len(ids)))
-    start = len(problem.prompt_ids) - 1
-    target = ids[start + 1 :]
-    log_probs = logits[:, start : start + len(target)].float().log_softmax(-1)
-    scores = log_probs.gather(-1, target[None, :, None].expand(len(variants), -1, 1))[..., 0].sum(-1)
+    target = ids[len(problem.prompt_ids) :]
+    scores = answer_token_log_probs(logits, len(problem.prompt_ids), target).sum(-1)  # [variants]
     result = {
         "id": problem.id,
         "noise_tokens": noise,
         "control_tokens": control,
         "log_prob": dict(zip(variants, scores.tolist(), strict=True)),
     }
-    if generate is not None:
-        result["generated"] = dict(zip(variants, generate(hooks, problem.prompt_ids * 1, masks), strict=True))
+    if greedy is not None:
+        blocked = masks(len(problem.prompt_ids) + greedy.max_new_tokens)
+        generated = greedy.run(hooks, problem.prompt_ids, len(variants), {"knockout": blocked})
+        result["generated"] = dict(zip(variants, generated, strict=True))
     return result
-
-
-def greedy(max_new_tokens: int, stop_token: int | None, rows: int) -> Callable:
-    """A greedy decoder of `rows` variants of one prompt (no KV cache: every step reads the whole sequence,
-    so any model and any mask apply as in the teacher-forced pass): returns each row's new token ids."""
-
-    def run(hooks: Interventions, prompt: list[int], masks: Callable[[int], dict]) -> list[list[int]]:
-        ids = torch.tensor([prompt] * rows, device=hooks.model.device)
-        blocked = masks(len(prompt) + max_new_tokens)
-        done = torch.zeros(rows, dtype=torch.bool, device=ids.device)
-        for _ in range(max_new_tokens):
-            following = hooks.run(ids, knockout=blocked)[:, -1].argmax(-1)  # [rows]
-            ids = torch.cat([ids, following[:, None]], dim=1)
-            done |= following == stop_token if stop_token is not None else done
-            if bool(done.all()):
-                break
-        new = ids[:, len(prompt) :].tolist()
-        return [row[: row.index(stop_token)] if stop_token in row else row for row in new]
-
-    return run
 
 
 def summarise(rows: list[dict[str, Any]], confidence: float) -> dict[str, Any]:

@@ -39,7 +39,9 @@ def lens(hooks: Interventions, prompt_ids: list[int], token: int | None) -> dict
     token = int(final_logits.argmax()) if token is None else token
 
     def substitute(module: nn.Module, args: tuple) -> tuple:
-        return (residuals[:, None].to(args[0].dtype).view(len(layers), 1, -1), *args[1:])
+        hidden = args[0].clone()  # [L, 1, d] (a prompt-tuned model's virtual tokens first)
+        hidden.view(len(layers), -1, hidden.shape[-1])[:, -1] = residuals.to(hidden.dtype)
+        return (hidden, *args[1:])
 
     handle = lens_entry(model).register_forward_pre_hook(substitute)
     try:

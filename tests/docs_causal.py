@@ -51,6 +51,7 @@ def analysis_of(pattern: str, intervention: str, count: int) -> Promise:
             assert (run_dir / "trace.png").stat().st_size > 5000
         elif intervention == "patch":
             _interval(summary["gap"])
+            assert summary["pass@1"][0]["a"] == "clean" and summary["pass@1"][0]["test"] == "exact McNemar"
             for kind in ("block", "attention", "mlp"):
                 assert all(
                     s["method"].startswith("percentile bootstrap")

@@ -11,9 +11,11 @@ from analysis.activation_patching import patch_problem
 from analysis.attention_maps import AttentionCapture
 from analysis.causal_inputs import Problem
 from analysis.causal_trace import Fact, trace_fact
-from analysis.interventions import Interventions, site_modules
+from analysis.intervened_generation import Greedy
+from analysis.interventions import Interventions
 from analysis.knockout import edges, knockout_problem, windows
 from analysis.logit_lens import lens
+from analysis.sites import site_modules
 from modeling.architecture import attention_layers, decoder_blocks
 from modeling.discovery import StructureError
 from tests.families import FAMILIES, MIXTURES
@@ -103,8 +105,11 @@ def test_patching_a_prompt_into_itself_recovers_and_changes_nothing(family_model
     problem = Problem("p", TEXT, ids, [], [7, 8, 9], None, ids, [(i, i) for i in range(len(ids))])
     hooks = Interventions(model, ("block", "mlp", "head"))
     with hooks.hooked():
-        result = patch_problem(hooks, problem, batch_size=3)
+        result = patch_problem(hooks, problem, batch_size=3, greedy=Greedy(3, None))
     assert result["clean"] == result["noisy"]
+    generated = result["generated"]  # greedy continuations under each patch: all the noisy run's
+    assert generated["clean"] == generated["noisy"] and len(generated["noisy"]) == 3
+    assert generated["block"] == [generated["noisy"]] * len(decoder_blocks(model)) and "head" not in generated
     heads = model.config.num_attention_heads
     assert len(result["kinds"]["head"]["units"]) == heads * len(attention_layers(model))
     for entry in result["kinds"].values():
@@ -173,7 +178,7 @@ def test_the_knockout_of_the_copied_token_destroys_the_answer_at_its_layer_only(
     hooks = Interventions(model, (), knockout=True)
     with hooks.hooked():
         # the "noise" is the copied first token; every later position is stopped from reading it
-        result = knockout_problem(hooks, problem, windows(list(range(4)), 1), seed=0, generate=None)
+        result = knockout_problem(hooks, problem, windows(list(range(4)), 1), seed=0)
     scores = result["log_prob"]
     assert scores["plain"] > -0.01  # the model copies the first token
     assert scores[f"knockout/{COPY_LAYER}-{COPY_LAYER}"] < -2.0 and scores["knockout/all"] < -2.0

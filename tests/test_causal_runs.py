@@ -1,6 +1,7 @@
-"""`python -m analysis.causal` as a user meets it: what a trace of a fact file writes, the inputs it refuses by
-name, and MEMIT on traced layers (`model.memit.layers=traced`): the argmax window of the trace, cached, and an
-edit that runs with it."""
+"""`python -m analysis.causal` as a user meets it: what a trace of a fact file writes, the inputs it refuses
+by name, trained exports (LoRA, adapters, prompt tuning) analysed as they load, and MEMIT and GradSim on
+traced layers (`model.memit.layers=traced`): the argmax window of the trace, cached, and an edit that runs
+with it."""
 
 from __future__ import annotations
 
@@ -8,11 +9,17 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import open_dict
 
-from analysis import causal, gradsim, memit, traced_layers
+from analysis import causal, causal_inputs, gradsim, memit, traced_layers
+from analysis.interventions import Interventions
+from analysis.logit_lens import lens
+from datamodules import build_task
+from runtime.training import run as train
 from tests.conftest import compose_config
 from tests.docs_causal import FACTS
+from tests.helpers import load_saved
 
 EDIT = [
     'analysis.requests=[{prompt: "{} plays the sport of", subject: LeBron James, target: football}]',
@@ -150,3 +157,47 @@ def test_gradsim_reads_the_traced_layers_of_its_own_pieces(
     result = gradsim.run(cfg)
     assert [name.split(".")[2] for name in result["layers"]] == ["0", "1"]
     assert all(fact["subject"] in fact["prompt"] for fact in traced[0]) and 0 < len(traced[0]) <= 4
+
+
+@pytest.mark.parametrize("method", ["lora", "adapter", "prompt_tuning"])
+def test_a_trained_export_is_analysed_as_it_loads(tiny_config, tmp_path: Path, method: str) -> None:
+    cfg = tiny_config(
+        f"method={method}", "trainer.max_steps=2", "data.max_train_samples=8", "test_after_fit=false"
+    )
+    train(cfg)
+    analysis = compose_config(
+        f"ckpt={cfg.paths.output_dir}", "task.source=bundled", "analysis.num_problems=2", config_name="causal"
+    )
+    with open_dict(analysis):
+        analysis.paths.output_dir = str(tmp_path / "lens")
+    model, tokenizer = load_saved(analysis)
+    task = build_task(analysis, tokenizer)
+    problem = causal_inputs.problem(task, task.records("test")[0], 0, True)
+    ids = torch.tensor([problem.prompt_ids])
+    with torch.no_grad():
+        own = (
+            model(input_ids=ids).logits[0, -1].float().softmax(-1)
+        )  # a prompt-tuned model's: after its virtual tokens
+    hooks = Interventions(model, ("block",), knockout=True)
+    with hooks.hooked():
+        read = lens(hooks, problem.prompt_ids, problem.target_ids[0])
+        plain = hooks.run(ids)
+        nothing = hooks.run(
+            ids, knockout={layer: torch.zeros(1, 8, 8, dtype=torch.bool) for layer in hooks.attention}
+        )
+        hooks.run(ids, record={("block", 0)})
+        state = hooks.recorded[("block", 0)][0]
+        everywhere = torch.arange(ids.shape[1])
+        noise = (everywhere[:3], torch.randn(1, 3, state.shape[-1]))
+        restored = hooks.run(
+            ids, edits={("block", 0): (torch.zeros_like(everywhere), everywhere, state)}, noise=noise
+        )
+    assert state.shape[0] == ids.shape[1]  # the input tokens' states, virtual tokens left out
+    assert read["probability"][-1] == pytest.approx(float(own[problem.target_ids[0]]), rel=1e-3)
+    assert torch.equal(nothing, plain) and torch.allclose(plain[0, -1].float().softmax(-1), own, atol=1e-6)
+    assert torch.allclose(restored, plain, atol=1e-5)
+    with open_dict(analysis):
+        analysis.analysis.intervention = "knockout"
+        analysis.analysis.max_new_tokens = 3
+    result = causal.analyse(analysis)
+    assert result["summary"]["log_prob"][0]["n"] == 2
