@@ -17,7 +17,7 @@ from analysis.interventions import Interventions
 from analysis.logit_lens import lens
 from datamodules import build_task
 from runtime.training import run as train
-from tests.conftest import compose_config
+from tests.conftest import compose_config, composed_in
 from tests.docs_causal import FACTS
 from tests.helpers import load_saved
 
@@ -31,11 +31,21 @@ EDIT = [
 
 
 def _analysis(tmp_path: Path, *overrides: str) -> dict:
-    cfg = compose_config("model=tiny_llama", "task.source=bundled", *overrides, config_name="causal")
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path)
-        cfg.paths.cache_dir = str(tmp_path / "cache")
-    return causal.analyse(cfg)
+    return causal.analyse(
+        composed_in(tmp_path, "model=tiny_llama", "task.source=bundled", *overrides, config_name="causal")
+    )
+
+
+def _constructed_trace(monkeypatch: pytest.MonkeyPatch, curve: list[float]) -> list[list[dict]]:
+    """Every fact set traced from now on; the trace of each is `curve` over the layers."""
+    traced: list[list[dict]] = []
+
+    def constructed(model, tokenizer, facts, trace):
+        traced.append(facts)
+        return {"layers": list(range(len(curve))), "curve": curve}
+
+    monkeypatch.setattr(traced_layers, "mlp_curve", constructed)
+    return traced
 
 
 def test_a_trace_of_a_fact_file_writes_every_effect_with_its_interval(tmp_path: Path) -> None:
@@ -48,7 +58,7 @@ def test_a_trace_of_a_fact_file_writes_every_effect_with_its_interval(tmp_path: 
     for layer, entry in summary["block"]["last"].items():
         assert entry["n"] == 3 and entry["low"] <= entry["mean"] <= entry["high"], layer
         assert entry["holm_low"] <= entry["low"] and entry["method"] == "paired t interval over 3 clusters"
-    rows = [json.loads(line) for line in (tmp_path / "causal_items.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "causal_items.jsonl").read_text().splitlines()]
     assert [len(row["kinds"]["mlp"]["effect"][0]) for row in rows] == [len(row["tokens"]) for row in rows]
     # the last block's state at the last token is the clean prediction: its effect is the whole gap
     for row in rows:
@@ -56,7 +66,9 @@ def test_a_trace_of_a_fact_file_writes_every_effect_with_its_interval(tmp_path: 
         assert row["kinds"]["block"]["effect"][-1][-1] == pytest.approx(gap, abs=1e-5)
     mean_gap = sum(r["kinds"]["block"]["effect"][-1][-1] for r in rows) / 3
     assert summary["block"]["last"]["1"]["mean"] == pytest.approx(mean_gap, abs=1e-6)
-    assert (tmp_path / "trace.png").stat().st_size > 5000 and (tmp_path / "trace_curves.png").exists()
+    assert (tmp_path / "run" / "trace.png").stat().st_size > 5000 and (
+        tmp_path / "run" / "trace_curves.png"
+    ).exists()
 
 
 @pytest.mark.parametrize(
@@ -92,23 +104,13 @@ def test_the_traced_window_is_the_argmax_of_the_curve() -> None:
 
 
 def _edit(tmp_path: Path, *overrides: str) -> dict:
-    cfg = compose_config("model=tiny_llama", *EDIT, *overrides, config_name="memit")
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(tmp_path / "run")
-        cfg.paths.cache_dir = str(tmp_path / "cache")
-    return memit.run(cfg)
+    return memit.run(composed_in(tmp_path, "model=tiny_llama", *EDIT, *overrides, config_name="memit"))
 
 
 def test_memit_edits_the_traced_window_of_a_constructed_trace_and_caches_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    traced = []
-
-    def constructed(model, tokenizer, facts, trace):
-        traced.append(facts)
-        return {"layers": [0, 1, 2, 3], "curve": [0.05, 0.4, 0.3, 0.9]}
-
-    monkeypatch.setattr(traced_layers, "mlp_curve", constructed)
+    traced = _constructed_trace(monkeypatch, [0.05, 0.4, 0.3, 0.9])
     deeper = [
         "model.architecture.num_hidden_layers=4",
         "model.memit.layers=traced",
@@ -136,14 +138,9 @@ def test_memit_traces_the_facts_it_edits(tmp_path: Path) -> None:
 def test_gradsim_reads_the_traced_layers_of_its_own_pieces(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    traced = []
-
-    def constructed(model, tokenizer, facts, trace):
-        traced.append(facts)
-        return {"layers": [0, 1, 2, 3], "curve": [0.9, 0.1, 0.2, 0.3]}
-
-    monkeypatch.setattr(traced_layers, "mlp_curve", constructed)
-    cfg = compose_config(
+    traced = _constructed_trace(monkeypatch, [0.9, 0.1, 0.2, 0.3])
+    cfg = composed_in(
+        tmp_path,
         "model=tiny_llama",
         "model.architecture.num_hidden_layers=4",
         "task.source=bundled",
@@ -152,8 +149,6 @@ def test_gradsim_reads_the_traced_layers_of_its_own_pieces(
         "model.memit.num_layers=2",
         config_name="gradsim",
     )
-    with open_dict(cfg):
-        cfg.paths.output_dir, cfg.paths.cache_dir = str(tmp_path / "run"), str(tmp_path / "cache")
     result = gradsim.run(cfg)
     assert [name.split(".")[2] for name in result["layers"]] == ["0", "1"]
     assert all(fact["subject"] in fact["prompt"] for fact in traced[0]) and 0 < len(traced[0]) <= 4
@@ -162,7 +157,11 @@ def test_gradsim_reads_the_traced_layers_of_its_own_pieces(
 @pytest.mark.parametrize("method", ["lora", "adapter", "prompt_tuning"])
 def test_a_trained_export_is_analysed_as_it_loads(tiny_config, tmp_path: Path, method: str) -> None:
     cfg = tiny_config(
-        f"method={method}", "trainer.max_steps=2", "data.max_train_samples=8", "test_after_fit=false"
+        "model=tiny_llama",
+        f"method={method}",
+        "trainer.max_steps=2",
+        "data.max_train_samples=8",
+        "test_after_fit=false",
     )
     train(cfg)
     analysis = compose_config(
