@@ -68,7 +68,7 @@ def analyse(cfg: DictConfig) -> dict[str, Any]:
         summary, rows, figures, headline = RUNS[intervention](cfg, model, tokenizer, task, session.run_dir)
         result = {
             "model": cfg.model.name,
-            "task": "text" if free else cfg.task.name,
+            "task": cfg.task.name if task else ("facts" if cfg.analysis.get("facts") else "text"),
             "ckpt": cfg.get("ckpt"),
             "intervention": intervention,
             **summary,

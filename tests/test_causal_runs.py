@@ -52,7 +52,7 @@ def test_a_trace_of_a_fact_file_writes_every_effect_with_its_interval(tmp_path: 
     facts = tmp_path / "facts.jsonl"
     facts.write_text("".join(json.dumps(fact) + "\n" for fact in FACTS))
     result = _analysis(tmp_path, f"analysis.facts={facts}", "analysis.samples=2", "analysis.window=1")
-    assert result["facts"] == 3 and result["noise_level"] > 0
+    assert (result["task"], result["facts"]) == ("facts", 3) and result["noise_level"] > 0
     summary = result["summary"]["effect"]
     assert set(summary) == {"block", "attention", "mlp"}
     for layer, entry in summary["block"]["last"].items():
