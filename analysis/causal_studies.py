@@ -54,7 +54,7 @@ def trace(cfg: DictConfig, model: Any, tokenizer: Any, task: Task | None, run_di
     else:
         facts = causal_inputs.task_facts(task, settings.split, settings.num_problems, cfg.task.name)
     encoded = [causal_trace.encode_fact(tokenizer, f, model, settings.answer_prefix) for f in facts]
-    level = causal_trace.noise_level(tokenizer, model, encoded, settings.noise_scale)
+    level = causal_trace.noise_level(model, encoded, settings.noise_scale)
     # the heads are patched, not traced (ROME traces blocks, MLPs and attention)
     hooks = Interventions(model, site_kinds(model, settings.get("sites"), TRACED_KINDS))
     generator = torch.Generator().manual_seed(settings.seed)

@@ -58,7 +58,7 @@ def encode_fact(tokenizer: Any, fact: dict[str, Any], model: torch.nn.Module, pr
     return Fact(str(fact.get("id", prompt)), ids, list(answer), positions, tokens)
 
 
-def noise_level(tokenizer: Any, model: torch.nn.Module, facts: Sequence[Fact], scale: float) -> float:
+def noise_level(model: torch.nn.Module, facts: Sequence[Fact], scale: float) -> float:
     """`scale` x the standard deviation of the subject tokens' input embeddings over all facts (ROME)."""
     embedding = input_embeddings(model)
     with torch.no_grad():

@@ -42,6 +42,7 @@ class Interventions:
         self.noise: tuple[torch.Tensor, torch.Tensor] | None = None
         self.knockout: Mapping[int, torch.Tensor] = {}
         self.shape = (0, 0)
+        self._mode: _Knockout | None = None  # the knockout of the attention call running now
 
     @contextmanager
     def hooked(self) -> Iterator[Interventions]:
@@ -59,7 +60,6 @@ class Interventions:
                 module.register_forward_pre_hook(self._knockout_enter(layer)),
                 module.register_forward_hook(self._knockout_leave, prepend=True),
             ]
-        self._mode: _Knockout | None = None
         try:
             yield self
         finally:

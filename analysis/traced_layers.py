@@ -105,7 +105,7 @@ def mlp_curve(model: torch.nn.Module, tokenizer: Any, facts: list[dict[str, Any]
     """The MLP sites' indirect effect at the subject's last token, per layer, averaged over `facts`."""
     model.eval()
     encoded = [encode_fact(tokenizer, fact, model, trace.answer_prefix) for fact in facts]
-    level = noise_level(tokenizer, model, encoded, trace.noise_scale)
+    level = noise_level(model, encoded, trace.noise_scale)
     hooks = Interventions(model, ("mlp",))
     generator = torch.Generator().manual_seed(trace.seed)
     with hooks.hooked():

@@ -67,7 +67,7 @@ def side(args: argparse.Namespace) -> None:
         encode_fact(tokenizer, {"prompt": p, "subject": s, "answer": a}, model)
         for p, s, a in (FACTS * 2)[: args.facts + 1]
     ]
-    level = noise_level(tokenizer, model, facts, 3.0)
+    level = noise_level(model, facts, 3.0)
     generator = torch.Generator().manual_seed(0)
     if args.side == "lmlab":
         hooks = Interventions(model, KINDS)

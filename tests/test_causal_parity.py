@@ -30,7 +30,7 @@ def test_the_trace_equals_transformer_lens_one_forward_per_site() -> None:
     )
     reference = transformer_lens_trace.bridge_of(copy.deepcopy(model), tokenizer)
     facts = [encode_fact(tokenizer, fact, model) for fact in FACTS]
-    level = noise_level(tokenizer, model, facts, 3.0)
+    level = noise_level(model, facts, 3.0)
     kinds = ("block", "mlp", "attention")
     hooks = Interventions(model, kinds)
     ours, theirs = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
