@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from analysis.causal_trace import averaged, encode_fact, noise_level, trace_fact
 from analysis.interventions import Interventions
-from modeling.architecture import decoder_blocks, mlp_output_layers
+from modeling.architecture import decoder_blocks, mlp_output_layers, structure
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,12 @@ def resolve(
         cached = mlp_curve(model, tokenizer, facts, trace)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(cached | {"model": identity, "facts": len(facts)}, indent=1) + "\n")
-    # MEMIT's last edited layer needs a block after it (analysis/memit_z.py)
-    editable = set(mlp_output_layers(model)) - {len(decoder_blocks(model)) - 1}
+    # the layers MEMIT edits (those with the dense MLP output projection; all of them in a mixture whose
+    # experts are all routed, which MEMIT edits expert by expert), but the last: an edited layer needs a block
+    # after it (analysis/memit_z.py)
+    depth = len(decoder_blocks(model))
+    dense = mlp_output_layers(model) if structure(model).mlp_output else range(depth)
+    editable = set(dense) - {depth - 1}
     kept = [i for i, layer in enumerate(cached["layers"]) if layer in editable]
     size = num_layers or cfg.model.memit.num_layers
     window = best_window([cached["curve"][i] for i in kept], [cached["layers"][i] for i in kept], size)

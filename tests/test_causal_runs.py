@@ -5,6 +5,7 @@ with it."""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -200,3 +201,16 @@ def test_a_trained_export_is_analysed_as_it_loads(tiny_config, tmp_path: Path, m
         analysis.analysis.max_new_tokens = 3
     result = causal.analyse(analysis)
     assert result["summary"]["log_prob"][0]["n"] == 2
+
+
+def test_a_mixture_of_routed_experts_takes_its_traced_window_from_every_layer_but_the_last(
+    family_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    shared, model, tokenizer = family_model("mixtral")  # no dense MLP output: MEMIT edits the routed experts
+    cfg = copy.deepcopy(shared)  # the family's config stays as other tests find it
+    _constructed_trace(monkeypatch, [0.1, 0.9])
+    with open_dict(cfg):
+        cfg.model.memit.layers, cfg.paths.cache_dir = "traced", str(tmp_path)
+    facts = [{"prompt": "Tom plays the sport of", "subject": "Tom"}]
+    assert traced_layers.resolve(cfg, model, tokenizer, facts, tmp_path, 1) == [0]
+    assert cfg.model.memit.layers == [0]
