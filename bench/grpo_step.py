@@ -1,5 +1,6 @@
 """A GRPO step: lmlab (objective=grpo) against TRL's GRPOTrainer (trl 1.16), the same model, LoRA, group
-size, prompts per step, completion length and sampling.
+size, prompts per step, completion length and sampling; and lmlab with its rollouts sampled by vLLM
+(`objective.generation_backend=vllm`, the side `lmlab_vllm`, skipped where vLLM is not installed).
 
 SmolLM2-135M-Instruct with LoRA (r=8 on every linear map of the blocks, dropout off as both disable it for
 GRPO), GSM8K train problems as zero-shot prompts (`--prompts` per step, `--group` completions each, at most
@@ -8,13 +9,15 @@ GRPO), GSM8K train problems as zero-shot prompts (`--prompts` per step, `--group
 Every side runs in its own fresh process (`--side`), the sides in an order shuffled per round, `--warmup`
 untimed steps then `--steps` timed ones; a step is timed from its start to the end of its optimiser step.
 Each side's median step, quartiles and range are printed, with the split of its median step into generation
-(sampling the completions), scoring (the reward) and the update (everything else: log-probs, loss, backward,
+(sampling the completions; with vLLM also loading the policy's weights into the engine), scoring (the reward)
+and the update (everything else: log-probs, loss, backward,
 optimiser), and the completion tokens it generated per step (the two sides sample different tokens, so the
 lengths differ a little; both stop at EOS or `--length`). The ratio is TRL's median step over lmlab's,
 with the ratio of the medians in each round (the rounds are the independent repeats).
 
     ratio grpo_step_vs_trl = <TRL median step / lmlab median step> (goal >= 1.5)
     ratio grpo_generation_vs_trl = <TRL's median generation time per step / lmlab's> (goal >= 1.0)
+    ratio grpo_step_vllm_vs_trl = <TRL median step / lmlab's with vLLM sampling> (goal >= 1.5)
 
     python bench/grpo_step.py [--steps 4] [--warmup 1] [--rounds 2] [--prompts 2] [--group 8] [--length 64]
     python bench/grpo_step.py --quick   # tiny_llama, two timed steps, one round: checks the script
@@ -23,6 +26,7 @@ with the ratio of the medians in each round (the rounds are the independent repe
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import statistics
 import sys
@@ -41,7 +45,12 @@ from helpers import bench_data, quick  # noqa: E402
 from helpers.bench_config import bench_config, gsm8k_train  # noqa: E402
 from helpers.sides import HFTimes, LightningTimes, StepTimes, print_sides, report, run_rounds  # noqa: E402
 
-SIDES = ["lmlab", "trl"]
+SIDES = ["lmlab", "trl", "lmlab_vllm"]
+# the vLLM side's engine: no CUDA graphs or compilation to warm up, a KV cache sized for the bench's sequences
+VLLM_ENGINE = (
+    "+objective.vllm.engine_args={enforce_eager: true, max_model_len: 1024, "
+    "kv_cache_memory_bytes: 2147483648}"
+)
 PHASES = ("generation", "scoring")
 
 
@@ -68,11 +77,18 @@ class PhaseTimes:
         }
 
 
-def config(args: argparse.Namespace, run_dir: str):
-    model = ["model=tiny_llama"] if quick.on() else ["model=smollm2_135m"]
+def config(args: argparse.Namespace, run_dir: str, *extra: str):
+    # quick: tiny_llama with heads of 64 dimensions (vLLM's CPU attention takes no smaller ones)
+    tiny = [
+        "model=tiny_llama",
+        "model.architecture.hidden_size=128",
+        "model.architecture.num_attention_heads=2",
+    ]
+    model = [*tiny, "model.architecture.num_key_value_heads=1"] if quick.on() else ["model=smollm2_135m"]
     return bench_config(
         [
-            *model, "task=gsm8k", "task.source=bundled", *gsm8k_train(), "method=lora", "method.dropout=0",
+            *model, *extra, "task=gsm8k", "task.source=bundled", *gsm8k_train(), "method=lora",
+            "method.dropout=0",
             "objective=grpo", f"objective.num_generations={args.group}", "objective.num_iterations=1",
             f"objective.max_completion_length={args.length}", "objective.stop_strings=[]",
             f"objective.generation_batch_size={args.prompts * args.group}", "objective.loss_type=dapo",
@@ -84,7 +100,7 @@ def config(args: argparse.Namespace, run_dir: str):
     )  # fmt: skip
 
 
-def lmlab_side(args: argparse.Namespace, run_dir: str) -> None:
+def lmlab_side(args: argparse.Namespace, run_dir: str, vllm: bool = False) -> None:
     import lightning as L
 
     from lightning_modules import grpo
@@ -93,24 +109,34 @@ def lmlab_side(args: argparse.Namespace, run_dir: str) -> None:
     from runtime.session import build_loggers
     from runtime.training import build_trainable_model, build_trainer
 
-    cfg = config(args, run_dir)
+    cfg = config(args, run_dir, *(["objective.generation_backend=vllm", VLLM_ENGINE] if vllm else []))
     L.seed_everything(cfg.seed)
     model, _, datamodule, _ = build_trainable_model(cfg)
     steps = StepTimes(args.warmup)
     phases = PhaseTimes(steps)
-    sample = phases.timed("generation", grpo.sample_token_ids)
+    owner, name = (grpo.VLLMPolicySampler, "sample") if vllm else (grpo, "sample_token_ids")
+    sample = phases.timed("generation", getattr(owner, name))
 
     def counted(*arguments: Any, **kwargs: Any) -> Any:
         completions = sample(*arguments, **kwargs)
         phases.tokens[steps.step] += sum(len(ids) for group in completions for ids in group)
         return completions
 
-    grpo.sample_token_ids = counted
+    setattr(owner, name, counted)
+    grpo.VLLMPolicySampler.sync = phases.timed("generation", grpo.VLLMPolicySampler.sync)
     Reward.__call__ = phases.timed("scoring", Reward.__call__)
     trainer = build_trainer(cfg, model, build_loggers(cfg, "train", None))
     trainer.callbacks.append(LightningTimes(steps))
     trainer.fit(task_module_class("grpo").from_config(model, cfg, datamodule.task), datamodule=datamodule)
     report(args.out, step_times=steps.times, **phases.per_step())
+
+
+def lmlab_vllm_side(args: argparse.Namespace, run_dir: str) -> None:
+    """lmlab's step with the rollouts sampled by a vLLM engine in the process."""
+    if importlib.util.find_spec("vllm") is None:
+        report(args.out, skipped="vLLM is not installed (pip install 'lmlab[vllm]')", step_times=[])
+        return
+    lmlab_side(args, run_dir, vllm=True)
 
 
 def trl_side(args: argparse.Namespace, run_dir: str) -> None:
@@ -204,7 +230,7 @@ def main() -> None:
     bench_data.announce("GSM8K")
     if args.side:  # one side, in this fresh process
         with tempfile.TemporaryDirectory() as run_dir:
-            {"lmlab": lmlab_side, "trl": trl_side}[args.side](args, run_dir)
+            {"lmlab": lmlab_side, "trl": trl_side, "lmlab_vllm": lmlab_vllm_side}[args.side](args, run_dir)
         return
     shared = ["--steps", str(args.steps), "--warmup", str(args.warmup), "--prompts", str(args.prompts)]
     shared += ["--group", str(args.group), "--length", str(args.length)]
@@ -221,6 +247,8 @@ def main() -> None:
     print(f"ratio grpo_step_vs_trl = {ratio:.3f} (goal >= 1.5)")
     sampled = generation["trl"] / generation["lmlab"] if "trl" in generation else math.nan
     print(f"ratio grpo_generation_vs_trl = {sampled:.3f} (goal >= 1.0)")
+    served = medians["trl"] / medians["lmlab_vllm"] if {"trl", "lmlab_vllm"} <= set(medians) else math.nan
+    print(f"ratio grpo_step_vllm_vs_trl = {served:.3f} (goal >= 1.5)")
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 
 from modeling import models
 from modeling.generation import truncate_at_stop
+from modeling.vllm_policy import INSTALL_HINT
 from runtime.saved_run import ADAPTER_CONFIG, METHOD_FILE, RunModel
 
 SUPPORTED_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)  # vLLM's accepted max_lora_rank values
@@ -50,8 +51,7 @@ def check(cfg: DictConfig, evaluation_kind: str) -> None:
         )
     if importlib.util.find_spec("vllm") is None:
         raise ModuleNotFoundError(
-            "generation.backend=vllm needs vLLM, which is not installed: pip install 'lmlab[vllm]' "
-            "(see docs/scaling.md for the versions that install beside lmlab's torch and transformers)"
+            f"generation.backend=vllm needs vLLM, which is not installed: {INSTALL_HINT}"
         )
 
 

@@ -1,5 +1,6 @@
 """GRPO (Shao et al. 2024, DeepSeekMath) as a LightningModule: per prompt a group of sampled completions from
-the current policy (lmlab's own batched generation with a KV cache), rewards from the task's scorer,
+the current policy (lmlab's own batched generation with a KV cache, or a vLLM engine in the process that gets
+the policy's weights before each generation batch: modeling/vllm_policy.py), rewards from the task's scorer,
 group-relative advantages, and the clipped importance-ratio loss with an optional KL penalty to the reference
 policy (lightning_modules/policy_losses.py, TRL's definitions). One training batch is one generation batch of
 prompts; with `num_iterations` > 1 the DataModule repeats it and its completions, old log-probs and
@@ -21,6 +22,7 @@ from lightning_modules.base import OptimisedModule, module_settings
 from lightning_modules.policy_losses import group_advantages, grpo_loss
 from lightning_modules.rollouts import ReferencePolicy, Reward, completion_batch, completion_log_probs
 from modeling.generation import generate, sample_token_ids, truncate_at_stop
+from modeling.vllm_policy import VLLMPolicySampler
 from stats.estimates import wilson
 from stats.sampled import pass_at_k
 
@@ -54,10 +56,14 @@ class GRPOModule(OptimisedModule):
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.0,
         metrics_every_n_steps: int = 1,
+        trust_remote_code: bool = False,
     ) -> None:
         super().__init__(model, lr, weight_decay, betas, warmup_ratio, metrics_every_n_steps)
         self.model, self.task, self.reward = model, task, reward
-        self.settings = objective
+        self.settings, self.trust_remote_code = objective, trust_remote_code
+        self.sampler: VLLMPolicySampler | None = (
+            None  # objective.generation_backend=vllm: started at fit start
+        )
         self.group_size = int(objective["num_generations"])
         self.stop_strings = task.prompt_format.stop_strings(list(objective["stop_strings"]))
         if objective["disable_dropout"]:
@@ -75,18 +81,39 @@ class GRPOModule(OptimisedModule):
         weights = objective["reward"] or {task.reward_score: 1.0}
         return cls(
             model, task, Reward(task.prompt_format.score, weights, objective["format_reward"]), objective,
-            **module_settings(cfg),
+            **module_settings(cfg), trust_remote_code=bool(cfg.model.get("trust_remote_code")),
         )  # fmt: skip
+
+    def on_fit_start(self) -> None:
+        """Start the vLLM engine that samples the rollouts (objective.generation_backend=vllm)."""
+        super().on_fit_start()
+        if self.settings["generation_backend"] != "vllm" or self.sampler is not None:
+            return
+        if self.trainer.world_size > 1:
+            raise ValueError(
+                f"objective.generation_backend=vllm runs one engine in one training process, not "
+                f"{self.trainer.world_size}: train on one device or use objective.generation_backend=lmlab"
+            )
+        self.sampler = VLLMPolicySampler(
+            self.model, self.task.tokenizer, self.settings["vllm"], self.trust_remote_code
+        )
 
     def make_rollout(self, prompts: list[dict[str, Any]]) -> Rollout:
         """Sample `num_generations` completions per prompt, score them, and fix their advantages and the
         sampling policy's log-probs."""
         settings, tokenizer = self.settings, self.task.tokenizer
-        texts = [p["prompt"] for p in prompts]
-        completions = sample_token_ids(
-            self.model, tokenizer, texts, self.group_size, settings["generation_batch_size"],
-            settings["max_completion_length"], self.stop_strings, settings["temperature"], settings["top_p"],
-        )  # fmt: skip
+        if self.sampler is not None:
+            self.sampler.sync(self.model, prompts[0]["prompt_ids"])
+            completions = self.sampler.sample(
+                [p["prompt_ids"] for p in prompts], self.group_size, settings["max_completion_length"],
+                self.stop_strings, settings["temperature"], settings["top_p"],
+            )  # fmt: skip
+        else:
+            completions = sample_token_ids(
+                self.model, tokenizer, [p["prompt"] for p in prompts], self.group_size,
+                settings["generation_batch_size"], settings["max_completion_length"], self.stop_strings,
+                settings["temperature"], settings["top_p"],
+            )  # fmt: skip
         self.model.train()
         flat = [ids for group in completions for ids in group]  # [N] = prompts x G, each prompt's together
         references = [p["reference"] for p in prompts for _ in range(self.group_size)]

@@ -24,7 +24,7 @@ class ConfigError(ValueError):
 
 
 ACCELERATORS = ("auto", "cpu", "cuda")  # evaluate.py's `accelerator`
-BACKENDS = ("lmlab", "vllm")  # evaluate.py's `generation.backend`
+BACKENDS = ("lmlab", "vllm")  # evaluate.py's `generation.backend`, GRPO's `objective.generation_backend`
 
 
 def check(cfg: DictConfig, job_type: str) -> None:
@@ -198,6 +198,7 @@ def check_objective(cfg: DictConfig) -> None:
         ):
             if objective[key] not in known:
                 raise ConfigError(f"objective.{key}={objective[key]!r}: one of {', '.join(known)}")
+        _check_sampling_backend(cfg)
     elif objective.name == "dpo":
         if not hasattr(task, "tokenize_pairs"):
             raise ConfigError(
@@ -209,6 +210,28 @@ def check_objective(cfg: DictConfig) -> None:
                 f"objective.loss_type={objective.loss_type!r}: one of {policy_losses.DPO_LOSS_TYPES}"
             )
         _check_pair_columns(cfg)
+
+
+def _check_sampling_backend(cfg: DictConfig) -> None:
+    """objective.generation_backend: lmlab, or vllm where vLLM is installed and the base is not quantized."""
+    import importlib.util
+
+    from modeling.vllm_policy import INSTALL_HINT
+
+    backend = cfg.objective.generation_backend
+    if backend not in BACKENDS:
+        raise ConfigError(f"objective.generation_backend={backend!r}: one of {', '.join(BACKENDS)}")
+    if backend != "vllm":
+        return
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(
+            f"objective.generation_backend=vllm needs vLLM, which is not installed: {INSTALL_HINT}"
+        )
+    if cfg.model.get("quantization"):
+        raise ConfigError(
+            f"model.quantization={cfg.model.quantization} with objective.generation_backend=vllm: the engine "
+            "would need the quantized base and the adapter separately; use objective.generation_backend=lmlab"
+        )
 
 
 def _check_pair_columns(cfg: DictConfig) -> None:

@@ -10,7 +10,7 @@ import os
 import shlex
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,18 @@ def only_run(directory: Path) -> Any:
 
     (run_file,) = find_run_files(directory)
     return read_run(run_file, wait=60)
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The vLLM stand-in (tests/fixtures/vllm_stand_in) importable as `vllm` for one test; yields the file
+    its engines, requests, reloads and answers are logged to."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fixtures" / "vllm_stand_in"))
+    log = tmp_path / "vllm_requests.jsonl"
+    monkeypatch.setenv("VLLM_STAND_IN_LOG", str(log))
+    yield log
+    for name in [name for name in sys.modules if name == "vllm" or name.startswith("vllm.")]:
+        del sys.modules[name]
 
 
 @pytest.fixture(scope="session")

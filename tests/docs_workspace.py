@@ -37,6 +37,11 @@ NOT_HERE = {
     "python evaluate.py model=llama2_70b task=gsm8k generation.backend=vllm "
     "generation.vllm.tensor_parallel_size=4": VLLM,
     "python evaluate.py task=gsm8k ckpt=<run dir> generation.backend=vllm": VLLM,
+    "python train.py objective=grpo task=gsm8k method=lora objective.generation_backend=vllm "
+    "objective.vllm.gpu_memory_utilization=0.3": (
+        "needs vLLM, which does not install beside this environment's transformers; GRPO's vLLM sampling "
+        "runs against a stand-in for vLLM's API in tests/test_grpo_vllm.py"
+    ),
     "make test": "the command that runs this suite",
     "make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu": NETWORK,
     "make test TORCH=torch==2.6.0 TORCH_INDEX=https://download.pytorch.org/whl/cu124": NETWORK,

@@ -8,8 +8,6 @@ where vLLM is installed."""
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,20 +17,7 @@ from evaluation import evaluate, vllm_backend
 from runtime import saved_run
 from runtime.training import run as train
 from runtime.validate import ConfigError, check
-from tests.conftest import ROOT, TINY, built_model, compose_config
-
-STAND_IN = ROOT / "tests" / "fixtures" / "vllm_stand_in"
-
-
-@pytest.fixture
-def stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """The stand-in importable as `vllm` for one test; yields the file its requests are logged to."""
-    monkeypatch.syspath_prepend(str(STAND_IN))
-    log = tmp_path / "vllm_requests.jsonl"
-    monkeypatch.setenv("VLLM_STAND_IN_LOG", str(log))
-    yield log
-    for name in [name for name in sys.modules if name == "vllm" or name.startswith("vllm.")]:
-        del sys.modules[name]
+from tests.conftest import TINY, built_model, compose_config
 
 
 def evaluated(run_dir: Path, *overrides: str) -> list[dict]:
@@ -46,7 +31,9 @@ def evaluated(run_dir: Path, *overrides: str) -> list[dict]:
 
 
 def requests(log: Path) -> list[dict]:
-    return [json.loads(line) for line in log.read_text().splitlines()]
+    """The engines and requests the stand-in logged (not its answers)."""
+    entries = [json.loads(line) for line in log.read_text().splitlines()]
+    return [entry for entry in entries if "completions" not in entry]
 
 
 def test_vllm_predictions_equal_lmlab_and_the_engine_gets_lmlab_inputs(
