@@ -106,10 +106,14 @@ def test_a_policy_vllm_cannot_serve_is_refused_by_key(
         VLLMPolicySampler(model, tokenizer, SETTINGS)
 
 
-def test_refusals_before_any_weights_load(tiny_config, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_refusals_before_any_weights_load(
+    tiny_config, stand_in: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = tiny_config("objective=grpo", "objective.generation_backend=sglang")
     with pytest.raises(ConfigError, match=r"objective\.generation_backend='sglang': one of lmlab, vllm"):
         check(cfg, "train")
+    with pytest.raises(ConfigError, match=r"model\.quantization=nf4 with objective\.generation_backend=vllm"):
+        check(tiny_config("objective=grpo", *VLLM, "model.quantization=nf4"), "train")
     monkeypatch.setattr("importlib.util.find_spec", lambda name, *args: None)
     with pytest.raises(ConfigError, match=r"needs vLLM, which is not installed: pip install 'lmlab\[vllm\]'"):
         check(tiny_config("objective=grpo", *VLLM), "train")

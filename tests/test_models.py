@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -215,10 +216,12 @@ def test_lora_target_override_wins() -> None:
     assert wrapped == {"q_proj", "v_proj"}
 
 
-def test_embedded_smollm2_is_dequantised_once_and_reloaded_from_safetensors(tmp_path, monkeypatch) -> None:
-    cfg = compose_config("model=smollm2_135m").model
-    model, tokenizer = models.build(cfg, cache_dir=tmp_path)
-    cached = tmp_path / "gguf" / "SmolLM2-135M-Instruct.Q4_1"
+def test_embedded_smollm2_is_dequantised_once_and_reloaded_from_safetensors(monkeypatch) -> None:
+    # the configured cache the suite's other SmolLM2 runs share: whichever builds first dequantises (a second
+    # conversion here would cost the suite half a minute and show nothing more)
+    cfg = compose_config("model=smollm2_135m")
+    model, tokenizer = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
+    cached = Path(cfg.paths.cache_dir) / "gguf" / "SmolLM2-135M-Instruct.Q4_1"
     assert (cached / "model.safetensors").exists()
     assert "quantization_config" not in json.loads((cached / "config.json").read_text())
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
@@ -227,7 +230,7 @@ def test_embedded_smollm2_is_dequantised_once_and_reloaded_from_safetensors(tmp_
         raise AssertionError("the safetensors cache was not reused")
 
     monkeypatch.setattr(models, "_convert_gguf", no_second_conversion)
-    again, _ = models.build(cfg, cache_dir=tmp_path)
+    again, _ = models.build(cfg.model, cache_dir=cfg.paths.cache_dir)
     ids = tokenizer("Question: 2+3?", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.equal(model.eval()(ids).logits, again.eval()(ids).logits)
