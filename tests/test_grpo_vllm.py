@@ -1,7 +1,7 @@
 """GRPO's rollouts sampled by a vLLM engine (`objective.generation_backend=vllm`, modeling/vllm_policy.py):
 the weights handed to the engine are what `save_pretrained` writes for the merged policy, on every family, and
 leave the training model bit-for-bit as it was; the engine's model gives the policy's logits; a run samples
-every generation batch from the engine with the current weights and resumes exactly after an interruption;
+every generation batch from the engine with the current weights (its exact resume: tests/test_objectives.py);
 what vLLM cannot serve is refused by key. vLLM does not install here: the engine is the stand-in of
 tests/fixtures/vllm_stand_in, which loads weights by checkpoint name and refuses unknown or missing ones."""
 
@@ -25,8 +25,6 @@ from tests.families import FAMILIES, MIXTURES, overrides
 from tests.helpers import lm_logits
 from tests.test_lora_variants import variant_config
 from tests.test_objectives import GRPO_SMALL, LETTERS, letters  # noqa: F401 (a fixture)
-from tests.test_resume import interrupted_run
-from tests.test_train import final_weights
 
 VLLM = ["objective.generation_backend=vllm", "+objective.vllm.engine_args.enforce_eager=true"]
 SETTINGS = {"dtype": None, "gpu_memory_utilization": 0.3, "engine_args": {}, "check_tolerance": None}
@@ -143,33 +141,6 @@ def test_a_run_samples_every_generation_batch_from_the_engine_with_the_current_w
                if "train/completion_length" in r}  # fmt: skip
     sampled = [sum(len(c) for group in answer for c in group) / 4 for answer in answers]
     assert sorted(lengths) == [0, 1, 2] and [lengths[step] for step in sorted(lengths)] == sampled
-
-
-def test_a_vllm_sampled_run_interrupted_mid_epoch_resumes_to_the_same_losses(
-    tiny_config,
-    tmp_path: Path,
-    stand_in: Path,
-    letters: list[str],  # noqa: F811
-) -> None:
-    overrides = [
-        *letters, *GRPO_SMALL, *VLLM, "method=lora", "objective.disable_dropout=false", "method.dropout=0.1",
-        "objective.num_iterations=2", "data.max_train_samples=8", "trainer.max_epochs=2", "optim.lr=1e-2",
-        "callbacks.last_checkpoint.every_n_train_steps=3", "test_after_fit=false", "data.max_eval_samples=2",
-    ]  # fmt: skip
-    # 8 prompts, 2 a step, each generation batch twice: 8 steps an epoch; the run stops before step 5 of 16
-    straight = run(tiny_config(*overrides, run_dir=tmp_path / "straight"))
-    last = interrupted_run(tiny_config, overrides, tmp_path / "interrupted", 5)
-    resumed = run(tiny_config(*overrides, f"ckpt_path={last}", run_dir=tmp_path / "resumed"))
-    assert resumed["global_step"] == straight["global_step"] == 16
-
-    def losses(run_dir: Path) -> dict[int, float]:
-        return {int(r["step"]): r["train/loss"] for r in logged_rows(run_dir) if "train/loss" in r}
-
-    first, again = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
-    assert len({round(loss, 6) for loss in first.values()}) > 3  # the rewards vary: a loss to compare
-    assert sorted(again) == list(range(3, 16)) and all(again[step] == first[step] for step in again)
-    a, b = final_weights(straight), final_weights(resumed)
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_more_than_one_training_process_is_refused(tiny_config, stand_in: Path, letters: list[str]) -> None:  # noqa: F811

@@ -1,7 +1,8 @@
 """objective=grpo|dpo (docs/rl.md): refused before any weights load where it cannot run; composes with every
 method; GRPO raises a reward a few steps can raise, with a verdict from the paired test; DPO raises the
 chosen-over-rejected margin; a GRPO run interrupted mid-epoch, between two steps on one generation batch,
-resumes to the same losses and weights; the reference policy is the model as training starts."""
+resumes to the same losses and weights (its rollouts sampled by lmlab or by a vLLM engine); the reference
+policy is the model as training starts."""
 
 from __future__ import annotations
 
@@ -199,11 +200,15 @@ def test_dpo_raises_the_margin_of_the_chosen_responses(tiny_config) -> None:
     assert comparison.low > 0, margins
 
 
+@pytest.mark.parametrize("backend", ["lmlab", "vllm"])  # vllm: the stand-in engine (tests/test_grpo_vllm.py)
 def test_a_grpo_run_interrupted_mid_epoch_between_reuses_resumes_to_the_same_losses(
-    tiny_config, tmp_path: Path, letters: list[str]
+    tiny_config, tmp_path: Path, letters: list[str], backend: str, request: pytest.FixtureRequest
 ) -> None:
+    if backend == "vllm":
+        request.getfixturevalue("stand_in")
     overrides = [
-        *letters, *GRPO_SMALL, "objective.num_iterations=2", "objective.disable_dropout=false", "method=lora",
+        *letters, *GRPO_SMALL, f"objective.generation_backend={backend}", "objective.num_iterations=2",
+        "objective.disable_dropout=false", "method=lora",
         "method.dropout=0.1", "data.max_train_samples=12", "trainer.max_epochs=2", "optim.lr=1e-2",
         "callbacks.last_checkpoint.every_n_train_steps=3", "test_after_fit=false", "data.max_eval_samples=2",
     ]  # fmt: skip
