@@ -61,9 +61,8 @@ class GRPOModule(OptimisedModule):
         super().__init__(model, lr, weight_decay, betas, warmup_ratio, metrics_every_n_steps)
         self.model, self.task, self.reward = model, task, reward
         self.settings, self.trust_remote_code = objective, trust_remote_code
-        self.sampler: VLLMPolicySampler | None = (
-            None  # objective.generation_backend=vllm: started at fit start
-        )
+        # objective.generation_backend=vllm: the engine, started at fit start
+        self.sampler: VLLMPolicySampler | None = None
         self.group_size = int(objective["num_generations"])
         self.stop_strings = task.prompt_format.stop_strings(list(objective["stop_strings"]))
         if objective["disable_dropout"]:

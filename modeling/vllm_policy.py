@@ -8,6 +8,7 @@ RNG, which checkpoints keep: a resumed run draws the same seeds."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
@@ -136,22 +137,25 @@ class VLLMPolicySampler:
             **dict(settings["engine_args"] or {}),
         )
         self.checked = False  # whether the engine has been seen to compute the policy
+        self.device_type = base.device.type
         # the largest mean log-prob difference accepted: float32 kernels agree closely, 16-bit ones less
         self.tolerance = settings["check_tolerance"] or (1e-2 if base.dtype == torch.float32 else 0.1)
 
     def sync(self, model: PreTrainedModel, probe_ids: list[int]) -> None:
         """Load the policy's current weights into the engine and drop its cached prefixes; after the first
         load, check on `probe_ids` that the engine computes the policy's log-probs."""
-        weights = checkpoint_weights(model)
-        if self.output_name is not None:
-            weights[self.output_name] = base_model(model).get_output_embeddings().weight.detach()
-        self.engine.collective_rpc(
-            "reload_weights", kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True}
-        )
-        self.engine.reset_prefix_cache()
-        if self.checked:
-            return
-        difference, tolerance = self.difference(model, probe_ids), self.tolerance
+        with self.own_precision():
+            weights = checkpoint_weights(model)
+            if self.output_name is not None:
+                weights[self.output_name] = base_model(model).get_output_embeddings().weight.detach()
+            self.engine.collective_rpc(
+                "reload_weights",
+                kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True},
+            )
+            self.engine.reset_prefix_cache()
+            if self.checked:
+                return
+            difference, tolerance = self.difference(model, probe_ids), self.tolerance
         if not difference <= tolerance:
             base = base_model(model)
             raise RuntimeError(
@@ -161,6 +165,11 @@ class VLLMPolicySampler:
                 "place; use objective.generation_backend=lmlab"
             )
         self.checked = True
+
+    def own_precision(self) -> contextlib.AbstractContextManager:
+        """Autocast off: a mixed-precision training step runs in autocast, which would otherwise reach the
+        adapter merges, the engine's forward (it runs in this thread) and the check's policy forward."""
+        return torch.autocast(self.device_type, enabled=False)
 
     def difference(self, model: PreTrainedModel, probe_ids: list[int]) -> float:
         """Mean absolute difference between the engine's and the policy's log-probs of each token of
@@ -202,5 +211,6 @@ class VLLMPolicySampler:
             for seed in seeds
         ]  # fmt: skip
         prompts = [{"prompt_token_ids": list(ids)} for ids in prompt_ids]
-        results = self.engine.generate(prompts, params, use_tqdm=False)
+        with self.own_precision():
+            results = self.engine.generate(prompts, params, use_tqdm=False)
         return [[list(completion.token_ids) for completion in result.outputs] for result in results]

@@ -89,6 +89,20 @@ def test_an_engine_that_does_not_compute_the_policy_after_a_reload_is_refused(
         sampler.sync(model, tokenizer("Write letters 3:")["input_ids"])
 
 
+def test_the_check_compares_the_policy_in_its_own_precision_under_mixed_precision(
+    tmp_path: Path, stand_in: Path
+) -> None:
+    """A mixed-precision training step runs in autocast; neither the adapter merge, the engine (in this
+    thread) nor the check's forward of the float32 policy may run in bf16 (sharp logits make it show)."""
+    model, tokenizer = trained_adapter(variant_config(tmp_path, "method=lora"))
+    with torch.no_grad():
+        model.get_base_model().model.norm.weight.mul_(16)  # bf16 anywhere: 0.02 off; float32: 1e-6
+    sampler = VLLMPolicySampler(model, tokenizer, SETTINGS)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sampler.sync(model, tokenizer("Write letters 3:")["input_ids"])
+    assert sampler.checked
+
+
 @pytest.mark.parametrize(
     ("method", "message"),
     [
