@@ -16,17 +16,13 @@ from collections.abc import Collection, Sequence
 from typing import Any
 
 import torch
-from peft import PeftModel
 from peft.tuners.tuners_utils import BaseTunerLayer
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.core_model_loading import revert_weight_conversion
 
+from modeling.architecture import bare_model
+
 INSTALL_HINT = "pip install 'lmlab[vllm]' (docs/scaling.md lists the versions that install beside lmlab's)"
-
-
-def base_model(model: PreTrainedModel) -> PreTrainedModel:
-    """The transformers model under a peft wrapper (the model itself when it has none)."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
 def merged_layer_weights(chain: list[BaseTunerLayer]) -> dict[str, torch.Tensor]:
@@ -55,7 +51,7 @@ def _inside(name: str, modules: Collection[str]) -> bool:
 def checkpoint_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The policy's weights under the names its checkpoint uses (what `save_pretrained` writes, vLLM
     loads): a peft adapter merged into copies of the layers it tunes, every other tensor as it is."""
-    base = base_model(model)
+    base = bare_model(model)
     tuned = {name: layer for name, layer in base.named_modules() if isinstance(layer, BaseTunerLayer)}
     outermost = {name for name in tuned if not _inside(name, tuned)}
     weights = {
@@ -77,7 +73,7 @@ def check_servable(model: PreTrainedModel) -> None:
             f"{key}: {config.peft_type.value} prepends trained virtual tokens to every input, which vLLM "
             "cannot serve; use objective.generation_backend=lmlab"
         )
-    base = base_model(model)
+    base = bare_model(model)
     with torch.device("meta"):
         plain = type(base)(base.config)
     expected = revert_weight_conversion(plain, dict(plain.named_parameters()))
@@ -114,7 +110,7 @@ class VLLMPolicySampler:
                 f"objective.generation_backend=vllm needs vLLM: {INSTALL_HINT}"
             ) from error
         check_servable(model)
-        base = base_model(model)
+        base = bare_model(model)
         self.folder = tempfile.TemporaryDirectory(prefix="lmlab-vllm-policy-")
         config = copy.deepcopy(base.config)
         config.architectures = [type(base).__name__]  # a model built from config names none
@@ -147,7 +143,7 @@ class VLLMPolicySampler:
         with self.own_precision():
             weights = checkpoint_weights(model)
             if self.output_name is not None:
-                weights[self.output_name] = base_model(model).get_output_embeddings().weight.detach()
+                weights[self.output_name] = bare_model(model).get_output_embeddings().weight.detach()
             self.engine.collective_rpc(
                 "reload_weights",
                 kwargs={"weights_iterator": iter(weights.items()), "is_checkpoint_format": True},
@@ -157,7 +153,7 @@ class VLLMPolicySampler:
                 return
             difference, tolerance = self.difference(model, probe_ids), self.tolerance
         if not difference <= tolerance:
-            base = base_model(model)
+            base = bare_model(model)
             raise RuntimeError(
                 "objective.generation_backend=vllm: after loading the policy's weights, the engine's "
                 f"log-probs of a prompt differ from the policy's by {difference:.3g} on average (tolerance "
