@@ -19,7 +19,10 @@ packed rows with the model's own loss (full logits, the dense packed mask) and f
     ratio padding_free_loss_match = <share of the first 6 batches whose loss packed equals padded to 1e-5,
                                      same weights> (goal >= 1.0)
     ratio padded_vs_padding_free = <lmlab padded / lmlab padding-free> (goal >= 0.95 x the FLOP ceiling:
-                                     the padded steps' FLOPs over the padding-free ones')
+                                     the median over the timed steps of a step's padded FLOPs over its
+                                     padding-free FLOPs)
+    ratio padding_free_share_of_ceiling = <median over the paired steps of (padded / padding-free time) /
+                                     (padded / padding-free FLOPs) of that step> (goal >= 0.95)
 
 and the same with a `full_` prefix for full fine-tuning.
 
@@ -42,7 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from helpers import bench_data, quick  # noqa: E402
 from helpers.sft_sides import SIDES  # noqa: E402
-from helpers.sides import paired_ratio, print_sides, run_rounds  # noqa: E402
+from helpers.sides import paired_ratio, paired_ratios, print_sides, run_rounds, summary  # noqa: E402
 
 PARTS = {"lora": "", "full": "full_"}
 TIMED = ["padding_free", "padded", "hf_trainer", "trl", "trl_padding_free", "torch_loop"]
@@ -84,11 +87,13 @@ def main() -> None:
             for side in ("hf_trainer", "padded", "torch_loop", "trl", "trl_padding_free")
             if side in reports and "padding_free" in reports
         }
-        flops = match["flops"]
-        shares = ", ".join(f"{side} {count / flops['padding_free']:.3f}" for side, count in flops.items())
+        flops = match["flops"]  # per timed step, each side
+        shares = ", ".join(
+            f"{side} {sum(steps) / sum(flops['padding_free']):.3f}" for side, steps in flops.items()
+        )
         print(f"{part}: FLOPs of the timed steps against lmlab padding-free's (the most that doing only")
         print(f"  the useful work can gain): {shares}")
-        ceiling = flops["padded"] / flops["padding_free"]
+        ceiling, share = flop_ceiling(reports, flops, part)
         trl_sides = [side for side in ("trl", "trl_padding_free") if side in vs_fast]
         # nan where the TRL sides ran but TRL is not installed (each said why above)
         trl = min((vs_fast[s] for s in trl_sides if vs_fast[s]), default=math.nan if trl_sides else None)
@@ -98,6 +103,7 @@ def main() -> None:
             (f"{prefix}lmlab_vs_torch_loop", vs_fast.get("torch_loop"), ">=", 1.0),
             (f"{prefix}padding_free_loss_match", match["share"], ">=", 1.0),
             (f"{prefix}padded_vs_padding_free", vs_fast.get("padded"), ">=", round(0.95 * ceiling, 3)),
+            (f"{prefix}padding_free_share_of_ceiling", share, ">=", 0.95),
         ]
         if {"hf_trainer", "padded"} <= set(reports):
             wanted.append(
@@ -106,6 +112,32 @@ def main() -> None:
         ratios += [ratio for ratio in wanted if ratio[1] is not None]
     for name, value, direction, goal in ratios:
         print(f"ratio {name} = {value:.3f} (goal {direction} {goal})")
+
+
+def flop_ceiling(
+    reports: dict[str, list], flops: dict[str, list[int]], part: str
+) -> tuple[float, float | None]:
+    """(The median over the timed steps of padded / padding-free FLOPs, the median over the paired steps of
+    each step's time ratio over its FLOP ratio: the share of its ceiling the padding-free step earns; None
+    unless both lmlab sides ran). A step's ratio is set against its own batch's ceiling: batches differ in
+    padding, and a median of per-step ratios is not the ratio of the summed FLOPs."""
+    ceilings = [padded / free for padded, free in zip(flops["padded"], flops["padding_free"], strict=True)]
+    median, first, third = summary(ceilings)
+    summed = sum(flops["padded"]) / sum(flops["padding_free"])
+    print(
+        f"{part}: FLOP ceiling padded / padding-free per step: median {median:.3f} (quartiles "
+        f"{first:.3f}..{third:.3f}; summed over the steps {summed:.3f})"
+    )
+    if "padded" not in reports or "padding_free" not in reports:
+        return median, None
+    times = paired_ratios(reports, "padded", "padding_free")  # rounds one after another, steps in order
+    shares = [ratio / ceilings[step % len(ceilings)] for step, ratio in enumerate(times)]
+    share, first, third = summary(shares)
+    print(
+        f"  padding-free's share of its ceiling, paired per step: median {share:.3f} (quartiles "
+        f"{first:.3f}..{third:.3f})"
+    )
+    return median, share
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """What every lmlab LightningModule shares: AdamW + warmup/cosine, the gradient-norm log, gradients freed
-right after each optimiser step, frozen-base checkpoints."""
+right after each optimiser step, a trained tied embedding's gradient sent sparse (modeling/tied_embedding.py),
+frozen-base checkpoints."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from transformers import get_cosine_schedule_with_warmup
 from lightning_modules.methods import LR_RATIO_ATTR, training_hooks
 from modeling.flops import flop_counts
 from modeling.model_checks import BASE_IDENTITY_ATTR, ModelLoadError, check_same_base
+from modeling.tied_embedding import dense_gradient, sparse_tied_gradient
 
 # the training checkpoint's entry for the state of a method that acts during training (TrainingHooks)
 METHOD_STATE_KEY = "method_state"
@@ -82,6 +84,10 @@ class OptimisedModule(L.LightningModule):
     weights when the backbone is frozen (a LoRA checkpoint is the LoRA weights). Training metrics beyond the
     loss (and the gradient norm) are computed on every `metrics_every_n_steps`-th optimiser step only."""
 
+    # whether every training step's loss reads the backbone's output layer (a tied embedding's gradient can
+    # then be sent sparse: modeling/tied_embedding.py)
+    loss_reads_output_layer = True
+
     def __init__(
         self,
         backbone: torch.nn.Module,
@@ -105,6 +111,7 @@ class OptimisedModule(L.LightningModule):
         self.allow_base_mismatch = False
         # what the last step's `batch_flops` reads (its batch, ...): set by each step, read only if asked
         self.counted: tuple[Any, ...] | None = None
+        self.sparse_embedding = False  # whether fit start switched a tied embedding's gradient to sparse
 
     def setup(self, stage: str) -> None:
         """Read what the backbone's FLOPs per token depend on (`flop_counts`, for `flops_per_batch`), before
@@ -220,11 +227,15 @@ class OptimisedModule(L.LightningModule):
         optimizer.zero_grad(set_to_none=True)
 
     def on_fit_start(self) -> None:
-        """Tell the method how many optimiser steps training takes (AdaLoRA's budget schedule)."""
+        """Tell the method how many optimiser steps training takes (AdaLoRA's budget schedule); send a trained
+        tied embedding's gradient sparse where the loss reads the output layer."""
         training_hooks(self.model).on_fit_start(max(1, int(self.trainer.estimated_stepping_batches)))
+        self.sparse_embedding = self.loss_reads_output_layer and sparse_tied_gradient(self.model)
 
     def on_fit_end(self) -> None:
         """Let the method write what it reports (AdaLoRA's final rank map) into its run dir."""
+        if self.sparse_embedding:
+            dense_gradient(self.model)
         if self.trainer.is_global_zero:
             training_hooks(self.model).on_fit_end()
 

@@ -23,6 +23,8 @@ from modeling.flops import classifier_batch_flops
 class ClassifierModule(OptimisedModule):
     """Cross-entropy training of a SequenceClassifier; accuracy, macro F1 and confusion matrix per stage."""
 
+    loss_reads_output_layer = False  # the head reads hidden states
+
     def __init__(
         self,
         model: PreTrainedModel,

@@ -17,6 +17,7 @@ from tests.docs_workspace import Workspace
 
 def merged_export(workspace: Workspace, result: subprocess.CompletedProcess) -> None:
     merged = workspace.root / "merged"
+    assert not list(workspace.root.glob("*.log")), "the export wrote a log into the working directory"
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= {
         path.name for path in merged.iterdir()
     }

@@ -75,8 +75,11 @@ def test_fsdp_on_two_cpu_processes_trains_like_ddp_and_exports_what_it_trained(
     """FSDP (one unit per decoder layer, activation checkpointing, gloo) and DDP on the same seed and data:
     the same loss at every step. Tolerance 1e-5 relative: the two reduce gradients in a different order
     (reduce-scatter of shards vs all-reduce of buckets), which changes float32 sums in the last bits, nothing
-    more."""
+    more. Full fine-tuning trains a tied embedding, whose gradient is sent sparse (modeling/tied_embedding.py)
+    under both strategies."""
+    tied = ["+model.architecture.tie_word_embeddings=true"] if method == "full" else []
     common = [
+        *tied,
         "trainer.accelerator=cpu",
         "trainer.devices=2",
         "trainer.precision=32-true",
@@ -111,10 +114,14 @@ def test_fsdp_on_two_cpu_processes_trains_like_ddp_and_exports_what_it_trained(
     assert max((ddp[k] - fsdp[k]).abs().max().item() for k in ddp) < 1e-5
     # final/ is what a single-device run exports: evaluate.py's model from it has the logits of the unsharded
     # model carrying the weights FSDP trained (the base rebuilt with the run's seed, then last.ckpt)
-    assert_export_matches_checkpoint(tmp_path / "fsdp", method, fsdp)
+    if tied:  # one weight, trained as one
+        assert torch.equal(fsdp["model.lm_head.weight"], fsdp["model.model.embed_tokens.weight"])
+    assert_export_matches_checkpoint(tmp_path / "fsdp", method, fsdp, *tied)
 
 
-def assert_export_matches_checkpoint(run_dir: Path, method: str, trained: dict[str, torch.Tensor]) -> None:
+def assert_export_matches_checkpoint(
+    run_dir: Path, method: str, trained: dict[str, torch.Tensor], *model_overrides: str
+) -> None:
     import lightning as L
     from omegaconf import open_dict
 
@@ -124,8 +131,8 @@ def assert_export_matches_checkpoint(run_dir: Path, method: str, trained: dict[s
     from tests.helpers import load_saved
 
     assert (run_dir / "final" / ("adapter_config.json" if method == "lora" else "model.safetensors")).exists()
-    evaluate_cfg = compose_config("model=tiny_llama", f"ckpt={run_dir}", config_name="evaluate")
-    train_cfg = compose_config(*TINY, "model=tiny_llama", f"method={method}")
+    evaluate_cfg = compose_config(f"ckpt={run_dir}", config_name="evaluate")  # the run's own model
+    train_cfg = compose_config(*TINY, "model=tiny_llama", *model_overrides, f"method={method}")
     for cfg in (evaluate_cfg, train_cfg):
         with open_dict(cfg):
             cfg.paths.output_dir = str(run_dir.parent / "reference")

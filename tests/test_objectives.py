@@ -178,7 +178,10 @@ def test_grpo_raises_the_validation_reward_with_a_paired_verdict(tiny_config, le
 
 
 def test_dpo_raises_the_margin_of_the_chosen_responses(tiny_config) -> None:
-    cfg = tiny_config("model=tiny_llama", "objective=dpo", "task=preferences", "method=full", "optim.lr=1e-3")
+    tied = "+model.architecture.tie_word_embeddings=true"  # its gradient sent sparse: test_tied_embedding.py
+    cfg = tiny_config(
+        "model=tiny_llama", tied, "objective=dpo", "task=preferences", "method=full", "optim.lr=1e-3"
+    )
     with open_dict(cfg):
         cfg.trainer.max_steps, cfg.test_after_fit = 6, False
     L.seed_everything(cfg.seed)
@@ -190,6 +193,7 @@ def test_dpo_raises_the_margin_of_the_chosen_responses(tiny_config) -> None:
         enable_model_summary=False, limit_val_batches=0,
     )  # fmt: skip
     trainer.fit(module, datamodule=datamodule)
+    assert module.sparse_embedding
     examples = datamodule.datasets["train"]
     batch = datamodule.collate(examples)
     with torch.no_grad():

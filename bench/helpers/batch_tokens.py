@@ -24,21 +24,23 @@ def supervised_per_timed_step(batches: list[dict], warmup: int) -> float:
     return sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in timed) / len(timed)
 
 
-def side_flops(model: nn.Module, padded: list[dict], packed: list[dict]) -> dict[str, int]:
-    """Training FLOPs (forward and backward) each side spends on the same steps, `padded[i]` holding the
-    examples of `packed[i]`: lmlab padding-free (real tokens, each example's own attention, the output layer
-    at the kept positions), lmlab padded (every padded position, kept positions in each row), HF Trainer
-    (every padded position, the output layer at all of them) and the hand loop (packed rows attended as one
-    sequence, the output layer at every position)."""
+def side_flops(model: nn.Module, padded: list[dict], packed: list[dict]) -> dict[str, list[int]]:
+    """Training FLOPs (forward and backward) each side spends on each of the same steps, `padded[i]`
+    holding the examples of `packed[i]`: lmlab padding-free (real tokens, each example's own attention, the
+    output layer at the kept positions), lmlab padded (every padded position, kept positions in each row),
+    HF Trainer (every padded position, the output layer at all of them) and the hand loop (packed rows
+    attended as one sequence, the output layer at every position)."""
     counts = flop_counts(model)
-    totals = dict.fromkeys(["padding_free", "padded", "hf_trainer", "torch_loop"], 0)
+    steps: dict[str, list[int]] = {
+        side: [] for side in ("padding_free", "padded", "hf_trainer", "torch_loop")
+    }
     for rows, row in zip(padded, packed, strict=True):
         batch, width = rows["input_ids"].shape  # [B, T]
         square = [width] * batch
         kept = len(kept_positions(row["labels"]))
-        totals["padding_free"] += batch_flops(counts, example_lengths(row), kept, True)
-        totals["padded"] += batch_flops(counts, square, batch * len(kept_positions(rows["labels"])), True)
-        totals["hf_trainer"] += batch_flops(counts, square, batch * width, True)
+        steps["padding_free"].append(batch_flops(counts, example_lengths(row), kept, True))
+        steps["padded"].append(batch_flops(counts, square, batch * len(kept_positions(rows["labels"])), True))
+        steps["hf_trainer"].append(batch_flops(counts, square, batch * width, True))
         rows_packed, length = row["input_ids"].shape  # [R, N]
-        totals["torch_loop"] += batch_flops(counts, [length] * rows_packed, rows_packed * length, True)
-    return totals
+        steps["torch_loop"].append(batch_flops(counts, [length] * rows_packed, rows_packed * length, True))
+    return steps
