@@ -58,10 +58,14 @@ class TextDataModule(L.LightningDataModule):
         self.batch_repeats = 1  # each training batch comes this many times in a row (EpochSeededSampler)
 
     def setup(self, stage: str | None = None) -> None:
-        """Tokenize the splits the Trainer stage needs."""
+        """Prepare the examples of the splits the Trainer stage needs, each split once."""
         for split in stage_splits(stage):
             if split not in self.datasets:
-                self.datasets[split] = self.task.tokenize_all(self.task.records(split), split)
+                self.datasets[split] = self.examples(split)
+
+    def examples(self, split: str) -> list[Any]:
+        """The examples of `split` as this DataModule batches them: the task's tokenized records."""
+        return self.task.tokenize_all(self.task.records(split), split)
 
     def train_dataloader(self) -> DataLoader:
         data = self.datasets["train"]

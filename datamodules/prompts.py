@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from datamodules.base import TextDataModule, stage_splits
+from datamodules.base import TextDataModule
 from datamodules.task import Task
 
 
@@ -23,19 +23,17 @@ class PromptDataModule(TextDataModule):
         self.batch_size = self.batch_size // num_generations  # prompts per step
         self.batch_repeats = num_iterations
 
-    def setup(self, stage: str | None = None) -> None:
-        """The prompts of the splits the Trainer stage needs."""
+    def examples(self, split: str) -> list[dict[str, Any]]:
+        """The prompts of `split`, their token ids and references."""
         prompts = self.task.prompt_format
-        for split in stage_splits(stage):
-            if split not in self.datasets:
-                self.datasets[split] = [
-                    {
-                        "prompt": (text := prompts.prompt(record, [])),
-                        "prompt_ids": self.task.tokenizer(text)["input_ids"],
-                        "reference": prompts.reference(record),
-                    }
-                    for record in self.task.records(split)
-                ]
+        return [
+            {
+                "prompt": (text := prompts.prompt(record, [])),
+                "prompt_ids": self.task.tokenizer(text)["input_ids"],
+                "reference": prompts.reference(record),
+            }
+            for record in self.task.records(split)
+        ]
 
     def collate(self, examples: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The prompts as they are: GRPO samples completions for them and builds its own batch."""
@@ -47,10 +45,9 @@ class PairDataModule(TextDataModule):
     (labels on the response), collated as one right-padded batch [2B, T] of the B chosen then the B
     rejected, with each pair's `index` [B] (its cached reference log-probs)."""
 
-    def setup(self, stage: str | None = None) -> None:
-        for split in stage_splits(stage):
-            if split not in self.datasets:
-                self.datasets[split] = self.task.tokenize_pairs(self.task.records(split), split)
+    def examples(self, split: str) -> list[dict[str, Any]]:
+        """The preference pairs of `split`, each tokenized as prompt + chosen and prompt + rejected."""
+        return self.task.tokenize_pairs(self.task.records(split), split)
 
     def collate(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rows = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]

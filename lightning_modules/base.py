@@ -98,12 +98,8 @@ class OptimisedModule(L.LightningModule):
         metrics_every_n_steps: int = 1,
     ) -> None:
         super().__init__()
-        self.lr, self.weight_decay, self.betas, self.warmup_ratio = (
-            lr,
-            weight_decay,
-            tuple(betas),
-            warmup_ratio,
-        )
+        self.lr, self.weight_decay, self.warmup_ratio = lr, weight_decay, warmup_ratio
+        self.betas = tuple(betas)
         self.metrics_every_n_steps = metrics_every_n_steps
         self.base_is_frozen = any(not p.requires_grad for p in backbone.parameters())
         self.strict_loading = not self.base_is_frozen

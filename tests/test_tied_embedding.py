@@ -27,14 +27,19 @@ TEXT = "Tom has 3 apples and eats one. How many apples are left? Tom has 2 apple
 
 @contextmanager
 def tied(model: torch.nn.Module) -> Iterator[None]:
-    """`model` with its output layer sharing the input embedding's weight, its own weight restored after."""
+    """`model` (shared with other tests) with its output layer sharing the input embedding's weight and every
+    weight trainable; its own output weight and trainable flags restored after."""
     output = model.get_output_embeddings()
-    own = output.weight
+    own, trainable = output.weight, {p: p.requires_grad for p in model.parameters()}
     output.weight = model.get_input_embeddings().weight
+    model.requires_grad_(True)
     try:
-        yield
+        with torch.enable_grad():
+            yield
     finally:
         output.weight = own
+        for parameter, flag in trainable.items():
+            parameter.requires_grad_(flag)
 
 
 def gradients(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
