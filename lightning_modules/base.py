@@ -229,7 +229,8 @@ class OptimisedModule(L.LightningModule):
         self.sparse_embedding = self.loss_reads_output_layer and sparse_tied_gradient(self.model)
 
     def on_fit_end(self) -> None:
-        """Let the method write what it reports (AdaLoRA's final rank map) into its run dir."""
+        """Send a tied embedding's gradient dense again; let the method write what it reports (AdaLoRA's
+        final rank map) into its run dir."""
         if self.sparse_embedding:
             dense_gradient(self.model)
         if self.trainer.is_global_zero:
